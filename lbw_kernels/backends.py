@@ -1,0 +1,222 @@
+"""Backend interface, registry and selection.
+
+A backend does the passes over memory of one ``step()``; it never decides policy (the
+controller is :func:`lbw_kernels.reference.guard_decide`, shared by all). Every backend takes
+the same inputs: lists of tensors grouped as :class:`GroupTensors`, and 0-dim views of the
+guard state (``scale``, ``skip``) that it reads on the device.
+
+``"auto"`` picks, for the parameters' device, the available backend with the highest
+priority: ``cuda`` > ``triton`` > ``cpp`` > ``reference``. A backend that is not built or
+cannot import says why (``python -m lbw_kernels info`` prints it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+@dataclass
+class GroupTensors:
+    """The tensors of one param group that take part in a call (their ``.grad`` is set).
+
+    ``lr`` is the group's scheduled learning rate (float or 0-dim tensor), before the guard's
+    scale. States: ``exp_avgs``/``exp_avg_sqs`` shaped like params (fp32 for fp16/bf16 params),
+    ``steps`` 0-dim float32 on the params' device.
+    """
+
+    params: List[Tensor]
+    grads: List[Tensor]
+    exp_avgs: List[Tensor]
+    exp_avg_sqs: List[Tensor]
+    steps: List[Tensor]
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+
+
+class Backend:
+    """The passes over memory. Subclasses implement the three methods below.
+
+    Telemetry covers the non-empty gradients of all groups, in group order, as
+    ``[T, 3]`` partials ``(sum g^2, sum g, nonfinite flag)`` in ``partials_dtype`` (the guard
+    state's dtype); see :func:`lbw_kernels.reference.telemetry_partials`.
+    """
+
+    name = "?"
+    #: higher wins under backend="auto"
+    priority = 0
+
+    def supports(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def telemetry(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
+        """Exact gate's first pass: partials of ``grads`` (all non-empty)."""
+        raise NotImplementedError
+
+    def adamw_(
+        self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor]
+    ) -> None:
+        """Rule 5 on every group with ``lr * scale``; nothing changes when ``skip`` is non-zero."""
+        raise NotImplementedError
+
+    def adamw_telemetry_(
+        self,
+        groups: Sequence[GroupTensors],
+        *,
+        scale: Tensor,
+        mask_nonfinite: bool,
+        partials_dtype: torch.dtype,
+    ) -> Tensor:
+        """single_pass: rule 5 (elements with non-finite grads masked when ``mask_nonfinite``)
+        and the partials of the gradients as read, in the order of :meth:`telemetry`."""
+        raise NotImplementedError
+
+
+def split_by_dtype(group: GroupTensors) -> List[GroupTensors]:
+    """Sub-groups whose params share one dtype (kernels and foreach ops want one dtype)."""
+    dtypes = {p.dtype for p in group.params}
+    if len(dtypes) <= 1:
+        return [group]
+    out = []
+    for dtype in sorted(dtypes, key=str):
+        idx = [i for i, p in enumerate(group.params) if p.dtype == dtype]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        out.append(
+            GroupTensors(
+                pick(group.params), pick(group.grads), pick(group.exp_avgs),
+                pick(group.exp_avg_sqs), pick(group.steps), group.lr, group.beta1,
+                group.beta2, group.eps, group.weight_decay, group.maximize,
+            )
+        )
+    return out
+
+
+def nonempty_grads(groups: Sequence[GroupTensors]) -> List[Tensor]:
+    """The gradients telemetry covers: every group's, in order, zero-element tensors left out."""
+    return [g for group in groups for g in group.grads if g.numel() > 0]
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch (foreach ops): any device, any dtype; the spec every kernel is tested against."""
+
+    name = "reference"
+    priority = 0
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def telemetry(self, grads, partials_dtype):
+        return reference.telemetry_partials(grads, partials_dtype)
+
+    def adamw_(self, groups, *, scale, skip):
+        for group in groups:
+            lr = scale * group.lr
+            for part in split_by_dtype(group):
+                reference.adamw_(
+                    part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                    lr=lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
+                    weight_decay=part.weight_decay, maximize=part.maximize, skip=skip,
+                )
+
+    def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):
+        # The reference reads the gradients twice; the kernels fuse both into one pass.
+        partials = reference.telemetry_partials(nonempty_grads(groups), partials_dtype)
+        for group in groups:
+            lr = scale * group.lr
+            for part in split_by_dtype(group):
+                reference.adamw_(
+                    part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                    lr=lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
+                    weight_decay=part.weight_decay, maximize=part.maximize,
+                    mask_nonfinite=mask_nonfinite,
+                )
+        return partials
+
+
+# ---------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------
+_FACTORIES: Dict[str, Callable[[], Backend]] = {"reference": ReferenceBackend}
+# Optional backends: module path and class name, imported on first use so that importing
+# lbw_kernels never needs a compiler, Triton or a GPU.
+_OPTIONAL: Dict[str, tuple] = {}
+_INSTANCES: Dict[str, Backend] = {}
+_ERRORS: Dict[str, str] = {}
+
+BACKEND_NAMES = ("reference", "triton", "cpp", "cuda")
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Add (or replace) a backend; ``factory()`` may raise ImportError/RuntimeError with the
+    reason the backend is unavailable."""
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+    _ERRORS.pop(name, None)
+
+
+def register_lazy_backend(name: str, module: str, attr: str) -> None:
+    def factory():
+        return getattr(importlib.import_module(module), attr)()
+
+    register_backend(name, factory)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises RuntimeError saying why when it is unavailable."""
+    if name in _INSTANCES:
+        return _INSTANCES[name]
+    if name not in _FACTORIES:
+        if name in BACKEND_NAMES:
+            raise RuntimeError(f"backend {name!r} is not built in this version of lbw_kernels")
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {name!r}")
+    if name in _ERRORS:
+        raise RuntimeError(f"backend {name!r} is unavailable: {_ERRORS[name]}")
+    try:
+        backend = _FACTORIES[name]()
+    except (ImportError, RuntimeError, OSError) as err:
+        _ERRORS[name] = f"{type(err).__name__}: {err}"
+        raise RuntimeError(f"backend {name!r} is unavailable: {_ERRORS[name]}") from err
+    _INSTANCES[name] = backend
+    return backend
+
+
+def availability() -> Dict[str, Optional[str]]:
+    """Every known backend name -> None when available, else the reason it is not."""
+    out: Dict[str, Optional[str]] = {}
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+            out[name] = None
+        except RuntimeError as err:
+            out[name] = str(err)
+    return out
+
+
+def select_backend(name: str, device: torch.device) -> Backend:
+    """Resolve ``name`` ("auto" or a backend name) for parameters on ``device``."""
+    device = torch.device(device)
+    if name != "auto":
+        backend = get_backend(name)
+        if not backend.supports(device):
+            raise ValueError(f"backend {name!r} does not run on device {device}")
+        return backend
+    best: Optional[Backend] = None
+    for candidate in list(_FACTORIES):
+        try:
+            backend = get_backend(candidate)
+        except RuntimeError:
+            continue
+        if backend.supports(device) and (best is None or backend.priority > best.priority):
+            best = backend
+    assert best is not None  # the reference supports every device
+    return best

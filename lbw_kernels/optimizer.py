@@ -1,0 +1,327 @@
+"""GuardedAdamW: AdamW under the Learn-by-Wire guard, as a ``torch.optim.Optimizer``.
+
+The optimizer owns the bookkeeping: param groups, per-parameter AdamW state (same names,
+shapes and dtypes as ``torch.optim.AdamW``), the guard's state vector and the call count.
+The work of a call goes to a backend (``backends.py``) and the decisions to the shared
+controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .backends import Backend, GroupTensors, get_backend, nonempty_grads, select_backend
+from .validation import (
+    check_grad,
+    check_group_hyperparameters,
+    check_guard_config,
+    check_params,
+)
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+class GuardedAdamW(torch.optim.Optimizer):
+    r"""AdamW whose learning rate a bounded guard scales from gradient telemetry.
+
+    A drop-in replacement for ``torch.optim.AdamW``: same per-group hyper-parameters
+    (``lr, betas, eps, weight_decay, maximize``), same per-parameter state
+    (``step, exp_avg, exp_avg_sq``), so AdamW checkpoints load. On top, every call:
+
+    1. skips the whole call if a gradient holds NaN/Inf (``skip_nonfinite``);
+    2. on calls 1, f, 2f, ... (``stats_freq``) reads telemetry: per tensor the mean square
+       ``mean(g^2)``, its max over tensors (or mean: ``use_max_rms=False``), and the signed
+       mean of all gradient elements;
+    3. compares it with its EMA (``ema_decay``) and the sign with the previous one;
+    4. scales the learning rate: x0.7 on a spike (ratio > ``spike_threshold``), x0.85 on
+       stress or a sign flip (ratio > ``stress_threshold``), else ``+recovery_fast`` towards 1;
+       never below ``min_scale``.
+
+    ``gate="exact"`` decides before updating (one extra read of the gradients);
+    ``gate="single_pass"`` updates with the scale decided so far while reading the telemetry,
+    so its decision applies from the next call. ``backend`` picks who does the passes over
+    memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
+    ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
+
+    ``Guard`` is the same class, under the published package's name.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        auto_enabled: bool = True,
+        stress_threshold: float = 1.1,
+        spike_threshold: float = 1.5,
+        min_scale: float = 0.1,
+        recovery_fast: float = 0.01,
+        use_max_rms: bool = True,
+        stats_freq: int = 10,
+        ema_decay: float = 0.85,
+        skip_nonfinite: bool = True,
+        gate: str = "exact",
+        backend: str = "auto",
+        maximize: bool = False,
+    ):
+        config = ref.GuardConfig(
+            auto_enabled=auto_enabled,
+            stress_threshold=stress_threshold,
+            spike_threshold=spike_threshold,
+            min_scale=min_scale,
+            recovery_fast=recovery_fast,
+            use_max_rms=use_max_rms,
+            stats_freq=stats_freq,
+            ema_decay=ema_decay,
+            skip_nonfinite=skip_nonfinite,
+        )
+        check_guard_config(config, gate)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if backend != "auto":
+            try:
+                get_backend(backend)
+            except RuntimeError as err:
+                raise ValueError(f"backend={backend!r}: {err}") from err
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        check_group_hyperparameters(defaults)
+        self.guard_config = config
+        self.gate = gate
+        self.backend = backend
+        super().__init__(params, defaults)  # validates each group through add_param_group
+        device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+        self._guard = ref.new_guard_state(device)
+        self._calls = 0
+        self._backends: Dict[torch.device, Backend] = {}
+        self._numels: tuple = ((), None)  # (numels of the telemetry tensors, that as a tensor)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        candidate = {**self.defaults, **group}
+        check_group_hyperparameters(candidate)
+        existing = [p for g in self.param_groups for p in g["params"]]
+        check_params(existing + group["params"], "params")
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ step
+    def _backend_for(self, device: torch.device) -> Backend:
+        if device not in self._backends:
+            self._backends[device] = select_backend(self.backend, device)
+        return self._backends[device]
+
+    def _collect(self) -> List[GroupTensors]:
+        """The groups' tensors that take part in this call; checks every gradient before any
+        state is created, so a bad one leaves the optimizer as it was."""
+        with_grad = []
+        for gi, group in enumerate(self.param_groups):
+            ps = [p for p in group["params"] if p.grad is not None]
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_grad(p, gi, pi)
+            with_grad.append(ps)
+        out = []
+        for group, ps in zip(self.param_groups, with_grad):
+            if not ps:
+                continue
+            states = [self._state_for(p) for p in ps]
+            beta1, beta2 = group["betas"]
+            out.append(
+                GroupTensors(
+                    params=ps,
+                    grads=[p.grad for p in ps],
+                    exp_avgs=[s["exp_avg"] for s in states],
+                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    steps=[s["step"] for s in states],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    maximize=group["maximize"],
+                )
+            )
+        return out
+
+    def _state_for(self, p: Tensor) -> Dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            dtype = ref.state_tensor_dtype(p.dtype)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    def _numels_tensor(self, grads: List[Tensor]) -> Tensor:
+        # Cached: rebuilding it would copy host -> device every call.
+        key = tuple(g.numel() for g in grads)
+        if self._numels[0] != key or self._numels[1].device != self._guard.device:
+            self._numels = (key, torch.tensor(key, dtype=self._guard.dtype).to(self._guard.device))
+        return self._numels[1]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self._collect()
+        self._calls += 1
+        if not groups:
+            return loss
+        device = groups[0].params[0].device
+        if self._guard.device != device:  # the model was moved after construction
+            self._guard = self._guard.to(device)
+        backend = self._backend_for(device)
+        cfg = self.guard_config
+        grads = nonempty_grads(groups)
+        analyze = bool(grads) and cfg.is_telemetry_call(self._calls)
+        check_finite = bool(grads) and cfg.skip_nonfinite
+        guard = self._guard
+        scale = guard[ref.SCALE]
+
+        summary = None
+        if self.gate == "exact":
+            if analyze or check_finite:
+                partials = backend.telemetry(grads, guard.dtype)
+                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
+            guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+            backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
+        else:  # single_pass: update with the scale decided so far, decide for the next call
+            if analyze or check_finite:
+                partials = backend.adamw_telemetry_(
+                    groups, scale=scale, mask_nonfinite=check_finite, partials_dtype=guard.dtype
+                )
+                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
+            else:
+                backend.adamw_(groups, scale=scale, skip=None)
+            guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+        return loss
+
+    # ------------------------------------------------------------------ telemetry
+    def telemetry(self) -> Dict[str, Any]:
+        """The guard's state as Python numbers. The one method that waits for the device.
+
+        ``step``: calls so far; ``scale``: the current learning-rate multiplier; ``regime``:
+        of the latest call that decided (None before any); ``grad_ms``, ``ratio``,
+        ``signed_mean``, ``grad_norm``: of the latest call whose telemetry reached the analyzer
+        (NaN before any); ``skipped_steps``: calls skipped for non-finite gradients.
+        """
+        v = self._guard.tolist()
+        return {
+            "step": self._calls,
+            "scale": v[ref.SCALE],
+            "regime": ref.REGIMES[int(v[ref.REGIME])],
+            "grad_ms": v[ref.GRAD_MS],
+            "ratio": v[ref.RATIO],
+            "signed_mean": v[ref.SIGNED_MEAN],
+            "grad_norm": v[ref.GRAD_NORM],
+            "skipped_steps": int(v[ref.SKIPPED]),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state and call count."""
+        out = super().state_dict()
+        out["guard"] = {
+            "state": self._guard.clone(),
+            "calls": self._calls,
+            "config": asdict(self.guard_config),
+            "gate": self.gate,
+        }
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a GuardedAdamW or torch.optim.AdamW state_dict (the latter starts a fresh guard).
+
+        Everything is checked before anything is changed: a state_dict of another model
+        (other group sizes or state shapes), AMSGrad state, or a malformed guard entry raises
+        ValueError and leaves the optimizer as it was.
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state, guard, calls = self._checked_state(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        self._guard, self._calls = guard, calls
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _checked_state(self, state_dict: Dict[str, Any]):
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry")
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}: it is from another model"
+            )
+        id_map = {}
+        groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param_groups[{gi}] has {len(saved['params'])} params, this "
+                    f"optimizer's {len(group['params'])}: it is from another model"
+                )
+            if saved.get("amsgrad", False):
+                raise ValueError(f"state_dict param_groups[{gi}] uses amsgrad, which GuardedAdamW does not")
+            id_map.update(zip(saved["params"], group["params"]))
+            new_group = {**self.defaults, **saved, "params": group["params"]}
+            check_group_hyperparameters(new_group)
+            groups.append(new_group)
+
+        state: Dict[Tensor, Dict[str, Any]] = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
+            p = id_map[pid]
+            keys = set(saved)
+            if keys != set(_STATE_KEYS):
+                raise ValueError(
+                    f"state_dict state[{pid!r}] has keys {sorted(keys)}, expected {sorted(_STATE_KEYS)}"
+                )
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(saved[key].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state_dict state[{pid!r}][{key!r}] has shape {tuple(saved[key].shape)}, "
+                        f"the param {tuple(p.shape)}: it is from another model"
+                    )
+            dtype = ref.state_tensor_dtype(p.dtype)
+            state[p] = {
+                "step": torch.as_tensor(saved["step"]).to(p.device, torch.float32, copy=True).reshape(()),
+                "exp_avg": saved["exp_avg"].to(p.device, dtype, copy=True),
+                "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
+            }
+
+        guard_entry = state_dict.get("guard")
+        if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
+            return groups, state, ref.new_guard_state(self._guard.device), 0
+        saved_guard, calls = guard_entry.get("state"), guard_entry.get("calls")
+        if not isinstance(saved_guard, Tensor) or saved_guard.numel() != ref.STATE_SIZE:
+            raise ValueError(f"state_dict['guard']['state'] must be a tensor of {ref.STATE_SIZE} values")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"state_dict['guard']['calls'] must be an int >= 0, got {calls!r}")
+        guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
+        return groups, state, guard, calls
+
+
+Guard = GuardedAdamW

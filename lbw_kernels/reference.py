@@ -1,0 +1,278 @@
+"""The guard, in plain PyTorch: telemetry, controller and guarded AdamW update.
+
+This file is the specification (``DESIGN.md``, rules 1-6, from the published
+Learn-by-Wire Guard eval rules, arXiv 2605.19008) and the fallback backend that
+runs on any device. Every kernel backend is tested against it.
+
+The pieces, in the order one ``step()`` uses them:
+
+* :func:`telemetry_partials` - per gradient tensor ``(sum g^2, sum g, non-finite flag)``
+  accumulated in float64: the only thing a backend has to reduce over memory.
+* :func:`summarize` - partials -> ``(x, signed_mean, grad_norm, nonfinite)``, where ``x`` is
+  the max (or mean) over tensors of the per-tensor mean square ``grad_ms``.
+* :func:`guard_decide` - the analyzer and controller (rules 1-4) as branch-free tensor math
+  on a small state vector, so ``step()`` never waits for the device.
+* :func:`adamw_` - AdamW exactly as ``torch.optim.AdamW`` computes it (rule 5), with the
+  guard's learning rate and the two ways of leaving elements untouched: the exact gate's
+  whole-call skip and single_pass's per-element non-finite mask (rule 6).
+
+All inputs are lists of tensors; nothing here loops over elements in Python or syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# Guard state: one small vector per optimizer, living on the parameters' device.
+# Slots are named so every backend and the optimizer read the same layout.
+# ---------------------------------------------------------------------------------------
+SCALE = 0  # the learning-rate multiplier in [min_scale, 1]
+EMA = 1  # EMA of the telemetry statistic x
+PREV_SIGN = 2  # signed mean of the previous analysed call (0 before the first)
+ANALYZED = 3  # how many calls reached the analyzer (0 -> the next one starts the EMA)
+SKIPPED = 4  # calls skipped because a gradient was non-finite
+REGIME = 5  # code of the regime of the latest call that decided (see REGIMES)
+SKIP = 6  # 1 when the current call is skipped (read by the exact gate's update)
+GRAD_MS = 7  # x of the latest analysed call (max or mean over tensors of mean(g^2))
+RATIO = 8  # x / (ema + 1e-12) of the latest analysed call
+SIGNED_MEAN = 9  # sum(g) / numel over all tensors, latest analysed call
+GRAD_NORM = 10  # global L2 norm of the gradients, latest analysed call
+STATE_SIZE = 11
+
+REGIMES = (None, "calm", "oscillation", "spike", "nonfinite")
+CALM, OSCILLATION, SPIKE, NONFINITE = 1, 2, 3, 4
+
+# The published analyzer divides by (ema + 1e-12) so a zero gradient stream cannot divide by 0.
+RATIO_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Optimizer-wide guard hyper-parameters (same names and defaults as the published ``Guard``)."""
+
+    auto_enabled: bool = True
+    stress_threshold: float = 1.1
+    spike_threshold: float = 1.5
+    min_scale: float = 0.1
+    recovery_fast: float = 0.01
+    use_max_rms: bool = True
+    stats_freq: int = 10
+    ema_decay: float = 0.85
+    skip_nonfinite: bool = True
+
+    def is_telemetry_call(self, call: int) -> bool:
+        """Rule 2's schedule: calls 1, f, 2f, ... (counted from 1) read telemetry."""
+        return self.auto_enabled and (call == 1 or call % self.stats_freq == 0)
+
+
+def state_dtype(device: torch.device) -> torch.dtype:
+    """Guard state and telemetry are float64 wherever the device has it (MPS does not)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def new_guard_state(device: torch.device) -> Tensor:
+    state = torch.zeros(STATE_SIZE, dtype=state_dtype(device), device=device)
+    state[SCALE] = 1.0
+    state[GRAD_MS:] = float("nan")  # nothing measured yet
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Telemetry
+# ---------------------------------------------------------------------------------------
+def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per tensor ``(sum g^2, sum g, nonfinite)`` as a ``[len(grads), 3]`` tensor of ``dtype``.
+
+    ``nonfinite`` is 1.0 when the tensor holds a NaN or Inf, else 0.0. It is read off the
+    float64 sum: a float64 sum of finite fp32/bf16/fp16 values cannot overflow, so the sum is
+    non-finite exactly when an element is (float64 gradients would need |sum| > 1.8e308).
+    Grads must be non-empty tensors; the optimizer leaves zero-element ones out.
+    """
+    sumsq = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).square()
+    sums = torch.stack([g.sum(dtype=dtype) for g in grads])
+    nonfinite = (~torch.isfinite(sums)).to(dtype)
+    return torch.stack([sumsq, sums, nonfinite], dim=1)
+
+
+def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool) -> Tensor:
+    """Partials ``[T, 3]`` and element counts ``[T]`` -> ``[x, signed_mean, grad_norm, nonfinite]``.
+
+    ``x`` is ``max_i mean(g_i^2)`` (``use_max_rms``) or the mean over tensors of it; the
+    published sensor calls it ``grad_rms`` although it is a mean square.
+    """
+    sumsq, sums, nonfinite = partials.unbind(1)
+    grad_ms = sumsq / numels
+    x = grad_ms.amax() if use_max_rms else grad_ms.mean()
+    signed_mean = sums.sum() / numels.sum()
+    return torch.stack([x, signed_mean, sumsq.sum().sqrt(), nonfinite.sum()])
+
+
+# ---------------------------------------------------------------------------------------
+# Analyzer + controller (rules 1-4)
+# ---------------------------------------------------------------------------------------
+def guard_decide(
+    state: Tensor,
+    summary: Optional[Tensor],
+    *,
+    analyze: bool,
+    check_finite: bool,
+    cfg: GuardConfig,
+) -> Tensor:
+    """Return the guard state after one call; ``state`` itself is not modified.
+
+    ``analyze`` (a telemetry call with the guard on) and ``check_finite`` (``skip_nonfinite``)
+    are host-side facts of the call; everything that depends on the gradients is chosen with
+    ``torch.where``. ``summary`` is :func:`summarize`'s output (None when neither flag is set).
+    """
+    new = list(state.unbind())
+    if not (analyze or check_finite):
+        new[SKIP] = torch.zeros_like(new[SKIP])
+        return torch.stack(new)
+    x, sign, norm, nonfinite_count = summary.to(state.dtype).unbind()
+    nonfinite = (nonfinite_count > 0) if check_finite else torch.zeros_like(x, dtype=torch.bool)
+    scale = new[SCALE]
+
+    if analyze:
+        # Analyzer: the EMA is updated before the ratio, and starts at x on its first call.
+        prev_ema, prev_sign = new[EMA], new[PREV_SIGN]
+        first = new[ANALYZED] == 0
+        ema = torch.where(first, x, cfg.ema_decay * prev_ema + (1.0 - cfg.ema_decay) * x)
+        ratio = x / (ema + RATIO_EPS)
+        # A flip needs one strictly positive and one strictly negative sign; prev_sign is 0
+        # before the first analysed call, so that call never flips.
+        flip = ((prev_sign > 0) & (sign < 0)) | ((prev_sign < 0) & (sign > 0))
+        spike = ratio > cfg.spike_threshold
+        oscillation = ~spike & ((ratio > cfg.stress_threshold) | flip)
+        decided_scale = torch.where(
+            spike,
+            (0.7 * scale).clamp_min(cfg.min_scale),
+            torch.where(
+                oscillation,
+                (0.85 * scale).clamp_min(cfg.min_scale),
+                (scale + cfg.recovery_fast).clamp_max(1.0),
+            ),
+        )
+        regime = torch.where(spike, SPIKE, torch.where(oscillation, OSCILLATION, CALM)).to(x.dtype)
+        # Rule 1 comes first: a non-finite call leaves the EMA and sign history as they were.
+        ok = ~nonfinite
+        for slot, value in (
+            (EMA, ema),
+            (PREV_SIGN, sign),
+            (GRAD_MS, x),
+            (RATIO, ratio),
+            (SIGNED_MEAN, sign),
+            (GRAD_NORM, norm),
+            (SCALE, decided_scale),
+            (REGIME, regime),
+        ):
+            new[slot] = torch.where(ok, value, new[slot])
+        new[ANALYZED] = new[ANALYZED] + ok.to(x.dtype)
+
+    if check_finite:
+        skipped_scale = (0.7 * scale).clamp_min(cfg.min_scale) if cfg.auto_enabled else scale
+        new[SCALE] = torch.where(nonfinite, skipped_scale, new[SCALE])
+        new[REGIME] = torch.where(nonfinite, torch.full_like(x, NONFINITE), new[REGIME])
+        new[SKIPPED] = new[SKIPPED] + nonfinite.to(x.dtype)
+    new[SKIP] = nonfinite.to(x.dtype)
+    return torch.stack(new)
+
+
+# ---------------------------------------------------------------------------------------
+# Guarded AdamW update (rules 5, 6)
+# ---------------------------------------------------------------------------------------
+def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Float64 params are updated in float64; fp32, bf16 and fp16 params in fp32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def state_tensor_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """exp_avg / exp_avg_sq dtype: the param's, except fp32 for bf16/fp16 params."""
+    return math_dtype(param_dtype)
+
+
+@torch.no_grad()
+def adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    skip: Optional[Tensor] = None,
+    mask_nonfinite: bool = False,
+) -> None:
+    """One AdamW step, in place, as ``torch.optim.AdamW`` computes it (decoupled decay)::
+
+        p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
+        p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps),   bc = 1 - beta**step
+
+    ``lr`` is a 0-dim tensor: the group's learning rate times the guard's scale.
+    ``skip`` (0-dim, non-zero = skip) is the exact gate's rule 1: when set, no p, m, v or step
+    changes. ``mask_nonfinite`` is single_pass's rule 6: an element whose gradient is NaN/Inf
+    keeps its p, m, v while the others update and the step count advances.
+    Params share one dtype (fp16, bf16, fp32 or fp64); ``exp_avg``/``exp_avg_sq`` are fp32 for
+    fp16/bf16 params, and the math runs in fp32 (fp64 for fp64 params). ``steps`` are 0-dim
+    float32 tensors, one per param, advanced here.
+    """
+    if not params:
+        return
+    md = math_dtype(params[0].dtype)
+    low_precision = params[0].dtype != md
+    p = [x.to(md) for x in params] if low_precision else list(params)
+    g = [x.to(md) for x in grads]
+    if maximize:
+        g = torch._foreach_neg(g)
+
+    # Which elements update: all (None), all-or-nothing (exact gate) or the finite ones.
+    if skip is not None:
+        apply = [(skip == 0)] * len(p)
+    elif mask_nonfinite:
+        apply = [torch.isfinite(x) for x in g]
+    else:
+        apply = None
+    if apply is not None:
+        # Zeros where nothing applies make the identity coefficients below exact (NaN*0 is NaN).
+        g = [torch.where(a, x, 0) for a, x in zip(apply, g)]
+
+    advance = 1.0 if skip is None else (skip == 0).to(torch.float32)
+    torch._foreach_add_(list(steps), advance)
+    # Per-tensor coefficients are computed in lr's dtype (float64 but on MPS), as
+    # torch.optim.AdamW computes them in Python floats, then rounded once to the math dtype.
+    # A skipped first call leaves step at 0; clamping keeps the unused coefficients finite.
+    step = torch.stack(list(steps)).to(lr.dtype).clamp_min(1)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt().to(md)
+    step_size = (-lr / bias_correction1).to(md).unbind()
+    decay = (1 - lr * weight_decay).to(md)
+    one = torch.ones((), dtype=md, device=lr.device)
+
+    def where_applied(value, identity):
+        if apply is None:
+            return [value] * len(p)
+        return [torch.where(a, value, identity) for a in apply]
+
+    torch._foreach_mul_(p, where_applied(decay, one))
+    torch._foreach_lerp_(list(exp_avgs), g, where_applied(one * (1 - beta1), 0 * one))
+    torch._foreach_mul_(list(exp_avg_sqs), where_applied(one * beta2, one))
+    torch._foreach_addcmul_(list(exp_avg_sqs), g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
+    torch._foreach_add_(denom, eps)
+    if apply is None:
+        update = torch._foreach_mul(list(exp_avgs), list(step_size))
+    else:
+        update = [m * torch.where(a, s, 0 * one) for m, a, s in zip(exp_avgs, apply, step_size)]
+    torch._foreach_addcdiv_(p, update, denom)
+    if low_precision:
+        torch._foreach_copy_(list(params), p)
