@@ -1,0 +1,96 @@
+"""``lbw-kernels`` / ``python -m lbw_kernels``: info | verify (and the commands other modules add).
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` that registers it and
+sets ``func``; this file only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import List, Optional
+
+# Subcommands provided by other modules: (module, attribute holding add_parser).
+_COMMAND_MODULES: List[str] = []
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .backends import availability
+
+    print(f"lbw_kernels {__version__}")
+    print(f"python      {platform.python_version()} ({sys.executable})")
+    print(f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton      {triton.__version__}")
+    except ImportError:
+        print("triton      not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"device      cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        print("device      cpu only (no CUDA device visible)")
+    print(f"cpu threads {torch.get_num_threads()}")
+    print("backends:")
+    for name, reason in availability().items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    # Triton kernels run on CPU tensors through its interpreter; it must be on before the
+    # kernels are first imported.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .backends import BACKEND_NAMES, availability, get_backend
+    from .verify import verify_backend
+
+    status = availability()
+    names = args.backend or [n for n in BACKEND_NAMES if status[n] is None]
+    failed = False
+    for name in names:
+        if status.get(name) is not None:
+            print(f"{name:<10} SKIPPED   {status[name]}")
+            continue
+        backend = get_backend(name)
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        for device in devices:
+            if not backend.supports(device):
+                continue
+            failures = verify_backend(backend, device=device, seeds=args.seeds)
+            verdict = "OK" if not failures else f"FAILED ({len(failures)} mismatches)"
+            print(f"{name:<10} {str(device):<6} {verdict}")
+            for f in failures[: args.show]:
+                print(f"    {f}")
+            failed |= bool(failures)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbw-kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, devices, and which backends are built (and why not)")
+    p.set_defaults(func=_info)
+    p = sub.add_parser(
+        "verify", help="check every available backend against the float64 reference; non-zero exit on a mismatch"
+    )
+    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="random problems per dtype (default 3)")
+    p.add_argument("--show", type=int, default=5, help="mismatches printed per backend (default 5)")
+    p.set_defaults(func=_verify)
+    for module in _COMMAND_MODULES:
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

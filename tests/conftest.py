@@ -1,0 +1,24 @@
+"""Test-wide setup: CPU-only machines run Triton kernels through its interpreter.
+
+TRITON_INTERPRET must be set before a kernel is decorated (Triton reads it in @triton.jit),
+so it is set here, before any test module imports lbw_kernels.triton_kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.gpu`` skip, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
