@@ -1,0 +1,73 @@
+"""With the guard off, GuardedAdamW is torch.optim.AdamW (DESIGN.md rule 5)."""
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+
+# float64: the same math in another rounding order; float32: a few ulps over 50 steps.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def model_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7, 3), (5,), (1,), (33, 4), (0,), (2, 3, 4)]
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+
+
+def groups_of(params, maximize):
+    return [
+        {"params": params[:2], "lr": 3e-2, "weight_decay": 0.1},
+        {"params": params[2:4], "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0, "maximize": maximize},
+        {"params": params[4:], "lr": 1e-2},
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_guard_off_equals_torch_adamw_over_50_steps(dtype, gate, maximize):
+    ours, theirs = model_params(dtype), model_params(dtype)
+    opt = GuardedAdamW(groups_of(ours, maximize), lr=1e-3, weight_decay=0.05, auto_enabled=False, gate=gate)
+    ref = torch.optim.AdamW(groups_of(theirs, maximize), lr=1e-3, weight_decay=0.05, foreach=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=7, gamma=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen, dtype=dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
+    for a, b in zip(ours, theirs):
+        sa, sb = opt.state[a], ref.state[b]
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
+        assert sa["step"].item() == sb["step"].item() == 50
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 3e-2 * 0.5**7
+
+
+def test_guard_scale_multiplies_the_scheduled_lr():
+    """With the guard on, each call's update is AdamW's with lr = scheduled lr x scale."""
+    dtype = torch.float64
+    ours, theirs = model_params(dtype)[:2], model_params(dtype)[:2]
+    opt = GuardedAdamW(ours, lr=1e-2, stats_freq=1)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    gen = torch.Generator().manual_seed(2)
+    for k in range(12):
+        amp = 20.0 if k in (4, 5, 9) else 1.0  # spikes make the scale drop
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, generator=gen, dtype=dtype) * amp
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()  # exact gate: this call's decision applies to this call
+        ref.param_groups[0]["lr"] = 1e-2 / (1 + k) * opt.telemetry()["scale"]
+        ref.step()
+        sched.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert opt.telemetry()["scale"] < 1.0

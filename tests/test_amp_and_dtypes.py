@@ -1,0 +1,66 @@
+"""Mixed precision: GradScaler's unscale_/step around GuardedAdamW; fp16/bf16 params with fp32
+state and fp32 math."""
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.reference import adamw_
+
+
+def test_grad_scaler_unscale_then_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    opt = GuardedAdamW(model.parameters(), lr=1e-2, stats_freq=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    # telemetry saw unscaled gradients: the norm is the model's, not 1024x it
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert opt.telemetry()["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+
+
+def test_grad_scaler_skips_inf_steps_without_calling_step():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(p.sum() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(3)) and opt.telemetry()["step"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_low_precision_params_keep_fp32_state_and_round_once(dtype, gate):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4097, generator=gen).to(dtype)
+    opt = GuardedAdamW([p], lr=1e-2, gate=gate, stats_freq=1)
+    master = p.float()  # fp32 copy of the bf16/fp16 value the optimizer starts from
+    m, v, step = torch.zeros(4097), torch.zeros(4097), torch.zeros(())
+    for _ in range(5):
+        g = torch.randn(4097, generator=gen).to(dtype)
+        p.grad = g
+        scale_before = opt.telemetry()["scale"]
+        opt.step()
+        scale = opt.telemetry()["scale"] if gate == "exact" else scale_before
+        # the same update in fp32, starting from the bf16/fp16 value, rounded once at the end
+        start = master.to(dtype).float()
+        adamw_([start], [g.float()], [m], [v], [step], lr=torch.tensor(1e-2 * scale, dtype=torch.float64),
+               beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+        master = start
+        assert torch.equal(p, master.to(dtype))
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(state["exp_avg"], m) and torch.equal(state["exp_avg_sq"], v)

@@ -1,0 +1,130 @@
+"""The guard's controller on scripted gradient streams (DESIGN.md rules 2-4), expected values
+derived by hand from the rules. Gradients ``a * ones`` give mean square ``a^2`` and sign ``a``."""
+
+import math
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from streams import constant_grads, run
+
+
+def make(numel=4, **kw):
+    p = torch.zeros(numel, dtype=torch.float64)
+    kw.setdefault("stats_freq", 1)
+    return p, GuardedAdamW([p], lr=1e-3, **kw)
+
+
+def test_spike_flip_calm_sequence_by_hand():
+    p, opt = make()
+    amplitudes = [1, 1, 2, -1, -1, -1]
+    got = run(opt, [p], constant_grads(amplitudes), record=("scale", "regime", "grad_ms", "ratio", "signed_mean"))
+    # call 1: ema = x = 1, ratio = 1/(1+1e-12) -> calm, scale min(1, 1.01) = 1
+    # call 2: ema = .85*1 + .15*1 = 1 -> calm, 1
+    # call 3: x = 4, ema = .85 + .6 = 1.45, ratio 2.7586 > 1.5 -> spike, 0.7
+    # call 4: x = 1, ema = .85*1.45 + .15 = 1.3825, ratio .7233; sign 2 -> -1 flips -> oscillation, .7*.85
+    # call 5: ema = .85*1.3825 + .15 = 1.325125, ratio .7546, no flip -> calm, .595 + .01
+    # call 6: ema = .85*1.325125 + .15 = 1.27635625 -> calm, .605 + .01
+    emas = [1.0, 1.0, 1.45, 1.3825, 1.325125, 1.27635625]
+    xs = [1, 1, 4, 1, 1, 1]
+    assert [r for _, r, *_ in got] == ["calm", "calm", "spike", "oscillation", "calm", "calm"]
+    scales = [1.0, 1.0, 0.7, 0.7 * 0.85, 0.7 * 0.85 + 0.01, 0.7 * 0.85 + 0.02]
+    for (scale, _, grad_ms, ratio, signed_mean), s, e, x, a in zip(got, scales, emas, xs, amplitudes):
+        assert scale == pytest.approx(s, rel=1e-14)
+        assert grad_ms == pytest.approx(x, rel=1e-14)
+        assert ratio == pytest.approx(x / (e + 1e-12), rel=1e-14)
+        assert signed_mean == a
+
+
+def test_stress_between_thresholds_is_oscillation():
+    p, opt = make()
+    # x = 1 then 1.44: ema = .85 + .15*1.44 = 1.066, ratio 1.3508: > 1.1, < 1.5, same sign
+    # -> oscillation, scale .85
+    got = run(opt, [p], constant_grads([1, 1.2]))
+    assert got[1][1] == "oscillation"
+    assert got[1][0] == pytest.approx(0.85)
+
+
+def test_min_scale_floor_then_recovery_to_one():
+    p, opt = make(min_scale=0.1)
+    # x multiplies by 100 each call: every ratio after the first is far above 1.5.
+    spikes = [10.0**k for k in range(9)]
+    got = run(opt, [p], constant_grads(spikes))
+    expected = [1.0] + [max(0.1, 0.7**k) for k in range(1, 9)]
+    assert [s for s, _ in got] == pytest.approx(expected, rel=1e-14)
+    assert [r for _, r in got][1:] == ["spike"] * 8
+    assert got[-1][0] == 0.1  # 0.7**7 = 0.082 < 0.1: clamped exactly to the floor
+    # Tiny gradients now: ratio << 1, no sign change -> calm, +0.01 per call, capped at 1.
+    calm = run(opt, [p], constant_grads([1e-6] * 95))
+    assert all(r == "calm" for _, r in calm)
+    scales = [s for s, _ in calm]
+    assert scales[0] == pytest.approx(0.11)
+    assert scales[44] == pytest.approx(0.55)
+    assert max(scales) == 1.0 and scales[-1] == 1.0  # min(1, .) hits 1 exactly and stays
+
+
+def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f():
+    p, opt = make(stats_freq=4)
+    # Growing gradients: every telemetry call after the first is a spike.
+    stream = constant_grads([2.0**k for k in range(13)])
+    got = run(opt, [p], stream, record=("scale", "regime", "grad_ms"))
+    decided = {1: 1.0, 4: 0.7, 8: 0.49, 12: 0.343}
+    scale = None
+    for call, (s, regime, grad_ms) in enumerate(got, start=1):
+        if call in decided:
+            scale = decided[call]
+            assert grad_ms == pytest.approx(4.0 ** (call - 1), rel=1e-14)  # this very call's
+        assert s == pytest.approx(scale, rel=1e-14), call
+    assert [r for _, r, _ in got] == ["calm"] * 3 + ["spike"] * 10
+
+
+def test_use_max_rms_false_averages_tensor_mean_squares():
+    # Tensor A: mean square 1 then 50; tensor B: 100 both times.
+    a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    stream = [
+        [torch.full((3,), 1.0, dtype=torch.float64), torch.full((5,), 10.0, dtype=torch.float64)],
+        [torch.full((3,), math.sqrt(50), dtype=torch.float64), torch.full((5,), 10.0, dtype=torch.float64)],
+    ]
+    by_max = run(GuardedAdamW([a, b], stats_freq=1), [a, b], stream, record=("grad_ms", "regime"))
+    a2, b2 = a.clone().zero_(), b.clone().zero_()
+    by_mean = run(GuardedAdamW([a2, b2], stats_freq=1, use_max_rms=False), [a2, b2], stream, record=("grad_ms", "regime"))
+    # (sum g^2 is read off a float64 norm, squared: equal to ~1 ulp)
+    assert [r for _, r in by_max] == ["calm", "calm"]
+    assert [x for x, _ in by_max] == pytest.approx([100.0, 100.0], rel=1e-14)
+    # mean: 50.5 then 75; ema = .85*50.5 + .15*75 = 54.175, ratio 1.3844 -> oscillation
+    assert by_mean[0][0] == pytest.approx(50.5, rel=1e-14) and by_mean[0][1] == "calm"
+    assert by_mean[1][0] == pytest.approx(75.0, rel=1e-14)
+    assert by_mean[1][1] == "oscillation"
+
+
+@pytest.mark.parametrize("use_max_rms", [True, False])
+def test_zero_element_tensors_take_no_part(use_max_rms):
+    stream = [[torch.full((4,), a, dtype=torch.float64)] for a in (1.0, 1.0, 3.0, -1.0, 0.5)]
+    p = torch.zeros(4, dtype=torch.float64)
+    plain = run(GuardedAdamW([p], stats_freq=1, use_max_rms=use_max_rms), [p], stream,
+                record=("scale", "regime", "grad_ms", "signed_mean"))
+    q, empty = torch.zeros(4, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    with_empty = run(
+        GuardedAdamW([q, empty], stats_freq=1, use_max_rms=use_max_rms), [q, empty],
+        [[g, torch.zeros(0, dtype=torch.float64)] for (g,) in stream],
+        record=("scale", "regime", "grad_ms", "signed_mean"),
+    )
+    assert with_empty == plain
+    assert torch.equal(p, q)
+
+
+def test_params_without_grad_take_no_part():
+    p, q = torch.zeros(4, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    opt = GuardedAdamW([p, q], stats_freq=1)
+    run(opt, [p, q], [[torch.full((4,), 2.0, dtype=torch.float64), None]])
+    assert opt.telemetry()["grad_ms"] == pytest.approx(4.0, rel=1e-14)
+    assert torch.equal(q, torch.ones(6, dtype=torch.float64))
+    assert q not in opt.state or not opt.state[q]
+
+
+def test_auto_disabled_never_changes_scale():
+    p, opt = make(auto_enabled=False)
+    got = run(opt, [p], constant_grads([1, 100, -1000, 1]))
+    assert [s for s, _ in got] == [1.0] * 4
+    assert [r for _, r in got] == [None] * 4  # no call decided anything

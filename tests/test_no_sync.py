@@ -1,0 +1,50 @@
+"""step() never waits for the device: every host-reading Tensor method raises while it runs."""
+
+import contextlib
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from streams import random_stream
+
+SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside step(): a host sync")
+
+        return raiser
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, forbid(name))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_patch_catches_a_sync():
+    with host_reads_forbidden(), pytest.raises(AssertionError, match="host sync"):
+        bool(torch.ones(()) > 0)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_never_reads_device_values(gate, dtype):
+    shapes = [(5, 4), (0,), (9,)]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    opt = GuardedAdamW([{"params": params[:2]}, {"params": params[2:], "lr": torch.tensor(0.01)}],
+                       stats_freq=2, gate=gate)
+    for grads in random_stream(6, shapes, dtype=dtype, spikes=(3,), nan_at=(4,)):
+        for q, g in zip(params, grads):
+            q.grad = g
+        with host_reads_forbidden():
+            opt.step()
+    assert opt.telemetry()["skipped_steps"] == 1

@@ -1,0 +1,139 @@
+"""Checkpoints: bitwise round trip, AdamW -> GuardedAdamW migration, another model refused."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from streams import random_stream, run
+
+SHAPES = [(6, 5), (17,), (3,)]
+
+
+def model(dtype=torch.float64, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+
+
+def groups(params):
+    return [{"params": params[:1]}, {"params": params[1:], "lr": 3e-3, "weight_decay": 0.0}]
+
+
+def through_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_continue_is_bitwise_identical(gate, dtype):
+    stream = random_stream(20, SHAPES, seed=1, dtype=dtype, spikes=(4, 12), flips=(8,), nan_at=(6, 15))
+    kw = dict(lr=1e-2, stats_freq=3, gate=gate)
+    params = model(dtype)
+    opt = GuardedAdamW(groups(params), **kw)
+    run(opt, params, stream[:9])
+    saved_params = through_bytes([p.clone() for p in params])
+    saved = through_bytes(opt.state_dict())
+    straight = run(opt, params, stream[9:], record=("scale", "regime", "grad_ms", "skipped_steps", "step"))
+
+    resumed_params = [p.clone() for p in saved_params]
+    opt2 = GuardedAdamW(groups(resumed_params), **kw)
+    opt2.load_state_dict(saved)
+    resumed = run(opt2, resumed_params, stream[9:], record=("scale", "regime", "grad_ms", "skipped_steps", "step"))
+    assert resumed == straight
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    for a, b in zip(params, resumed_params):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[a][key], opt2.state[b][key])
+            assert opt2.state[b][key].dtype == opt.state[a][key].dtype  # bf16 params keep fp32 state
+
+
+def test_loaded_state_does_not_alias_the_dict():
+    params = model()
+    opt = GuardedAdamW(params)
+    run(opt, params, random_stream(2, SHAPES))
+    sd = opt.state_dict()
+    keep = copy.deepcopy(sd)
+    opt2 = GuardedAdamW(model())
+    opt2.load_state_dict(sd)
+    run(opt2, opt2.param_groups[0]["params"], random_stream(2, SHAPES, seed=9))
+    assert torch.equal(sd["state"][0]["exp_avg"], keep["state"][0]["exp_avg"])
+    assert torch.equal(sd["guard"]["state"], keep["guard"]["state"])
+
+
+def test_torch_adamw_checkpoint_migrates_and_training_continues():
+    stream = random_stream(10, SHAPES, seed=2)
+    theirs = model()
+    adamw = torch.optim.AdamW(groups(theirs), lr=1e-2)
+    for grads in stream[:5]:
+        run_adamw(adamw, theirs, grads)
+    checkpoint = through_bytes(adamw.state_dict())
+    ours = [p.clone() for p in theirs]
+    for grads in stream[5:]:
+        run_adamw(adamw, theirs, grads)
+
+    opt = GuardedAdamW(groups(ours), lr=1e-2, auto_enabled=False)
+    opt.load_state_dict(checkpoint)
+    assert opt.telemetry()["step"] == 0 and opt.telemetry()["scale"] == 1.0  # a fresh guard
+    run(opt, ours, stream[5:])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert opt.param_groups[1]["lr"] == 3e-3
+    assert all(opt.state[p]["step"].item() == 10 for p in ours)
+
+    # with the guard on, the migrated optimizer trains and reads telemetry from call 1
+    guarded = GuardedAdamW(groups([p.clone() for p in ours]), lr=1e-2)
+    guarded.load_state_dict(checkpoint)
+    run(guarded, guarded.param_groups[0]["params"] + guarded.param_groups[1]["params"], stream[:2])
+    assert guarded.telemetry()["regime"] == "calm"
+
+
+def run_adamw(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+
+
+def _refused(opt, state_dict, match):
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["guard"]["state"], before["guard"]["state"])
+    for k in before["state"]:
+        for key in before["state"][k]:
+            assert torch.equal(after["state"][k][key], before["state"][k][key])
+
+
+def test_state_dict_of_another_model_is_refused_and_nothing_changes():
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(3, SHAPES))
+
+    other_shapes = model(shapes=[(6, 5), (16,), (3,)])
+    other = GuardedAdamW(groups(other_shapes))
+    run(other, other_shapes, random_stream(2, [(6, 5), (16,), (3,)]))
+    _refused(opt, other.state_dict(), "another model")
+
+    fewer = GuardedAdamW(model()[:2])
+    run(fewer, fewer.param_groups[0]["params"], random_stream(1, SHAPES[:2]))
+    _refused(opt, fewer.state_dict(), "param groups")
+
+    regrouped = model()
+    regroup = GuardedAdamW([{"params": regrouped[:2]}, {"params": regrouped[2:]}])
+    _refused(opt, regroup.state_dict(), "another model")
+
+    ams = model()
+    amsgrad = torch.optim.AdamW(groups(ams), amsgrad=True)
+    run_adamw(amsgrad, ams, random_stream(1, SHAPES)[0])
+    _refused(opt, amsgrad.state_dict(), "amsgrad")
+
+    broken = opt.state_dict()
+    broken["guard"] = {"state": torch.zeros(3), "calls": 1}
+    _refused(opt, broken, "guard")

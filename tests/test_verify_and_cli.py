@@ -1,0 +1,88 @@
+"""The verify harness catches wrong backends; `info` and `verify` run from the command line."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lbw_kernels import cli
+from lbw_kernels.backends import ReferenceBackend, register_backend, _FACTORIES, _INSTANCES
+from lbw_kernels.verify import check_backend, verify_backend
+
+
+def test_reference_passes_its_own_suite():
+    assert verify_backend(ReferenceBackend(), seeds=1) == []
+
+
+class LrOff(ReferenceBackend):
+    name = "lr_off"
+
+    def adamw_(self, groups, *, scale, skip):
+        super().adamw_(groups, scale=scale * 1.0001, skip=skip)
+
+
+class IgnoresSkip(ReferenceBackend):
+    name = "ignores_skip"
+
+    def adamw_(self, groups, *, scale, skip):
+        super().adamw_(groups, scale=scale, skip=None)
+
+
+class IgnoresMask(ReferenceBackend):
+    name = "ignores_mask"
+
+    def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):
+        return super().adamw_telemetry_(groups, scale=scale, mask_nonfinite=False, partials_dtype=partials_dtype)
+
+
+class LeavesLastElement(ReferenceBackend):
+    name = "leaves_last"
+
+    def adamw_(self, groups, *, scale, skip):
+        saved = [(p, p.view(-1)[-1:].clone()) for g in groups for p in g.params if p.numel() > 1]
+        super().adamw_(groups, scale=scale, skip=skip)
+        for p, last in saved:
+            p.view(-1)[-1:] = last
+
+
+class WrongSign(ReferenceBackend):
+    name = "wrong_sign"
+
+    def telemetry(self, grads, partials_dtype):
+        out = super().telemetry(grads, partials_dtype)
+        out[:, 1] = out[:, 1].abs()
+        return out
+
+
+@pytest.mark.parametrize("backend", [LrOff, IgnoresSkip, LeavesLastElement, WrongSign])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_harness_catches_wrong_backends(backend, dtype):
+    assert check_backend(backend(), dtype=dtype)
+
+
+def test_harness_catches_an_unmasked_nan():
+    assert check_backend(IgnoresMask(), nonfinite_at=(0, 2, float("nan")))
+
+
+def test_verify_command_fails_on_a_mismatch(capsys):
+    register_backend("lr_off", LrOff)
+    try:
+        assert cli.main(["verify", "--backend", "lr_off", "--seeds", "1"]) == 1
+        assert "FAILED" in capsys.readouterr().out
+        assert cli.main(["verify", "--backend", "reference", "--seeds", "1"]) == 0
+    finally:
+        _FACTORIES.pop("lr_off")
+        _INSTANCES.pop("lr_off", None)
+
+
+def test_info_and_verify_from_the_shell():
+    info = subprocess.run([sys.executable, "-m", "lbw_kernels", "info"], capture_output=True, text=True, check=True)
+    for line in ("torch", "backends:", "reference  available"):
+        assert line in info.stdout
+    verify = subprocess.run(
+        [sys.executable, "-m", "lbw_kernels", "verify", "--backend", "reference", "--seeds", "1"],
+        capture_output=True, text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "reference  cpu    OK" in verify.stdout
