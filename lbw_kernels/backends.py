@@ -171,6 +171,10 @@ def register_lazy_backend(name: str, module: str, attr: str) -> None:
     register_backend(name, factory)
 
 
+register_lazy_backend("cpp", "lbw_kernels.cpp_backend", "CppBackend")
+register_lazy_backend("cuda", "lbw_kernels.cpp_backend", "CudaBackend")
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises RuntimeError saying why when it is unavailable."""
     if name in _INSTANCES:

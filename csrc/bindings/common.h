@@ -1,0 +1,116 @@
+// Shared by the torch-facing bindings: argument checks, the chunk-table cache and the
+// test-only switch that poisons freshly allocated outputs with NaN.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "../guard_math.h"
+
+namespace lbw {
+
+// When on, outputs and workspaces the ops allocate are filled with NaN before a kernel writes
+// them, so a row or chunk slot that no kernel wrote shows up as NaN in the tests.
+std::atomic<bool>& poison_outputs();
+
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  if (poison_outputs().load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+inline DType dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      TORCH_CHECK(false, "lbw: ", what, " must be float32, float64, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+inline int64_t count_nonempty(at::TensorList ts) {
+  int64_t n = 0;
+  for (const auto& t : ts) n += t.numel() > 0;
+  return n;
+}
+
+// The tensors of one update call: one param dtype, states in the math dtype, all dense and
+// contiguous on `device_type`, steps 0-dim float32 on the same device.
+inline void check_update_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList steps,
+                              at::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "lbw: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ",
+              n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
+  if (n == 0) return;
+  const auto pdtype = params[0].scalar_type();
+  dtype_code(params[0], "params");
+  const auto sdtype = pdtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto device = params[0].device();
+  TORCH_CHECK(device.type() == device_type, "lbw: params must be on ", device_type, ", got ", device);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor* ts[4] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
+    const char* names[4] = {"params", "grads", "exp_avgs", "exp_avg_sqs"};
+    for (int k = 0; k < 4; ++k) {
+      const at::Tensor& t = *ts[k];
+      TORCH_CHECK(t.device() == device, "lbw: ", names[k], "[", i, "] is on ", t.device(),
+                  ", params[0] on ", device);
+      TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "lbw: ", names[k], "[", i,
+                  "] must be dense and contiguous");
+      TORCH_CHECK(t.numel() == params[i].numel(), "lbw: ", names[k], "[", i, "] has ", t.numel(),
+                  " elements, params[", i, "] ", params[i].numel());
+      const auto want = k < 2 ? pdtype : sdtype;
+      TORCH_CHECK(t.scalar_type() == want, "lbw: ", names[k], "[", i, "] must be ", want, ", got ",
+                  t.scalar_type());
+    }
+    TORCH_CHECK(steps[i].device() == device && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "lbw: steps[", i, "] must be a 0-dim float32 tensor on ", device);
+  }
+}
+
+inline void check_grads(at::TensorList grads, at::DeviceType device_type) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.device().type() == device_type && g.device() == grads[0].device(), "lbw: grads[", i,
+                "] is on ", g.device(), ", expected ", grads[0].device());
+    TORCH_CHECK(g.layout() == at::kStrided && g.is_contiguous(), "lbw: grads[", i,
+                "] must be dense and contiguous");
+    dtype_code(g, "grads");
+  }
+}
+
+// A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and
+// dtypes on CUDA). Rebuilt only when the key changes, i.e. when storage changes. Table is a
+// shared_ptr, so an entry evicted by another thread stays alive while a caller uses it.
+template <class Key, class Table>
+class TableCache {
+ public:
+  template <class Build>
+  Table get(const Key& key, Build&& build) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == key) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recent first
+        return entries_.front().second;
+      }
+    }
+    entries_.emplace_front(key, build());
+    if (entries_.size() > kCapacity) entries_.pop_back();
+    return entries_.front().second;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 16;
+  std::mutex mutex_;
+  std::list<std::pair<Key, Table>> entries_;
+};
+
+}  // namespace lbw

@@ -1,0 +1,212 @@
+"""The C++/CUDA backend: ``backend="cpp"`` (CPU) and ``backend="cuda"`` (NVIDIA GPUs).
+
+Both call the ops of the compiled extension ``lbw_kernels._C`` (``torch.ops.lbw.*``, schemas
+in ``csrc/bindings/ops.cpp``): one multi-tensor kernel pass per (param group, param dtype),
+the per-element math of ``csrc/guard_math.h`` (shared by the CPU and CUDA kernels), telemetry
+accumulated in float64 with a fixed partition into chunks, so it is bitwise repeatable for any
+number of threads.
+
+fp64 params run through the same kernels in float64. Tensors the kernels do not take
+(non-contiguous or sparse layouts) go to the reference implementation for their group, which
+computes the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import Backend, GroupTensors, split_by_dtype
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.lbw.*)
+except ImportError as err:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "lbw_kernels._C (the C++/CUDA extension) is not built: install with "
+        "`pip install --no-build-isolation -e .` and a C++ compiler (LBW_SKIP_BUILD unset); "
+        f"import failed with: {err}"
+    ) from err
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, for torch.compile and FakeTensor tracing.
+# ---------------------------------------------------------------------------------------
+def _rows(tensors: Sequence[Tensor]) -> int:
+    return sum(1 for t in tensors if t.numel() > 0)
+
+
+@torch.library.register_fake("lbw::telemetry")
+def _telemetry_fake(grads):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((_rows(grads), 3), dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("lbw::adamw_")
+def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
+                weight_decay, maximize, skip):
+    return None
+
+
+@torch.library.register_fake("lbw::adamw_telemetry_")
+def _adamw_telemetry_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2,
+                          eps, weight_decay, maximize, mask_nonfinite):
+    return torch.empty((_rows(grads), 3), dtype=torch.float64, device=lr_scale.device)
+
+
+@contextlib.contextmanager
+def poisoned_outputs(on: bool = True):
+    """Test mode: outputs and workspaces the ops allocate start as NaN, so a row that no kernel
+    writes shows up (the flash-linear-attention habit of poisoning fresh allocations)."""
+    old = _C._set_poison_outputs(on)
+    try:
+        yield
+    finally:
+        _C._set_poison_outputs(old)
+
+
+def _kernel_ok(part: GroupTensors) -> bool:
+    """Whether the kernels take this one-dtype sub-group (dense, contiguous, supported dtype)."""
+    if part.params[0].dtype not in _KERNEL_DTYPES:
+        return False
+    return all(
+        t.layout == torch.strided and t.is_contiguous()
+        for ts in (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs)
+        for t in ts
+    )
+
+
+class CppBackend(Backend):
+    """Multi-tensor C++ kernels on CPU (at::parallel_for, one fused loop per chunk)."""
+
+    name = "cpp"
+    priority = 10
+    device_type = "cpu"
+
+    def __init__(self) -> None:
+        # (device, lengths of the sub-groups' non-empty rows) -> index restoring group order,
+        # for the rare group whose params mix dtypes.
+        self._orders: Dict[Tuple, Tensor] = {}
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == self.device_type
+
+    # ----------------------------------------------------------------- passes
+    def telemetry(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
+        grads = list(grads)
+        if not grads or not all(
+            g.layout == torch.strided and g.is_contiguous() and g.dtype in _KERNEL_DTYPES for g in grads
+        ):
+            return reference.telemetry_partials(grads, partials_dtype) if grads else torch.zeros(
+                (0, 3), dtype=partials_dtype
+            )
+        return self._as(torch.ops.lbw.telemetry(grads), partials_dtype)
+
+    def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor]) -> None:
+        for group in groups:
+            lr_scale, lr = self._lr(scale, group.lr)
+            for part in split_by_dtype(group):
+                if not part.params:
+                    continue
+                if _kernel_ok(part):
+                    torch.ops.lbw.adamw_(
+                        part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                        lr_scale, lr, part.beta1, part.beta2, part.eps, part.weight_decay,
+                        part.maximize, skip,
+                    )
+                else:
+                    reference.adamw_(
+                        part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                        lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
+                        weight_decay=part.weight_decay, maximize=part.maximize, skip=skip,
+                    )
+
+    def adamw_telemetry_(
+        self,
+        groups: Sequence[GroupTensors],
+        *,
+        scale: Tensor,
+        mask_nonfinite: bool,
+        partials_dtype: torch.dtype,
+    ) -> Tensor:
+        rows: List[Tensor] = []
+        for group in groups:
+            lr_scale, lr = self._lr(scale, group.lr)
+            parts = split_by_dtype(group)
+            got = [self._update_telemetry(part, lr_scale, lr, mask_nonfinite) for part in parts]
+            rows.append(got[0] if len(parts) == 1 else self._group_order(group, parts, got))
+        out = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return self._as(out, partials_dtype)
+
+    # ----------------------------------------------------------------- helpers
+    def _update_telemetry(self, part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Tensor:
+        if part.params and _kernel_ok(part):
+            return torch.ops.lbw.adamw_telemetry_(
+                part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                lr_scale, lr, part.beta1, part.beta2, part.eps, part.weight_decay,
+                part.maximize, mask,
+            )
+        grads = [g for g in part.grads if g.numel() > 0]
+        rows = (
+            reference.telemetry_partials(grads, torch.float64)
+            if grads
+            else torch.zeros((0, 3), dtype=torch.float64, device=lr_scale.device)
+        )
+        if part.params:
+            reference.adamw_(
+                part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
+                lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
+                weight_decay=part.weight_decay, maximize=part.maximize, mask_nonfinite=mask,
+            )
+        return rows
+
+    def _group_order(self, group: GroupTensors, parts: List[GroupTensors], got: List[Tensor]) -> Tensor:
+        """Rows of a group split by dtype, back in the group's order (split_by_dtype groups
+        tensors by dtype, telemetry wants them as listed). The index is cached per layout."""
+        dtypes = tuple(g.dtype for g in group.grads if g.numel() > 0)
+        key = (group.params[0].device, dtypes)
+        index = self._orders.get(key)
+        if index is None:
+            order = sorted(set(dtypes), key=str)  # split_by_dtype's order
+            position = {}
+            for dt in order:
+                position[dt] = [i for i, d in enumerate(dtypes) if d == dt]
+            concatenated = [i for dt in order for i in position[dt]]
+            inverse = [0] * len(concatenated)
+            for row, i in enumerate(concatenated):
+                inverse[i] = row
+            index = torch.tensor(inverse, dtype=torch.long).to(key[0])
+            self._orders[key] = index
+        return torch.cat(got).index_select(0, index)
+
+    @staticmethod
+    def _lr(scale: Tensor, lr) -> Tuple[Tensor, float]:
+        """(lr_scale tensor, lr float) with lr_t = lr * lr_scale, as the reference's scale * lr."""
+        if isinstance(lr, Tensor):
+            return (scale * lr).to(torch.float64), 1.0
+        return scale if scale.dtype == torch.float64 else scale.to(torch.float64), float(lr)
+
+    @staticmethod
+    def _as(partials: Tensor, dtype: torch.dtype) -> Tensor:
+        return partials if partials.dtype == dtype else partials.to(dtype)
+
+
+class CudaBackend(CppBackend):
+    """Multi-tensor CUDA kernels: a device-side chunk table, one launch per pass."""
+
+    name = "cuda"
+    priority = 30
+    device_type = "cuda"
+
+    def __init__(self) -> None:
+        if not getattr(_C, "WITH_CUDA", 0):
+            raise RuntimeError(
+                "lbw_kernels._C was not built with CUDA kernels (built against a torch without "
+                "CUDA, or nvcc not found; rebuild with FORCE_CUDA=1 on a CUDA machine)"
+            )
+        super().__init__()
