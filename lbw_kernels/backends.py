@@ -173,6 +173,7 @@ def register_lazy_backend(name: str, module: str, attr: str) -> None:
 
 register_lazy_backend("cpp", "lbw_kernels.cpp_backend", "CppBackend")
 register_lazy_backend("cuda", "lbw_kernels.cpp_backend", "CudaBackend")
+register_lazy_backend("triton", "lbw_kernels.triton_kernels.backend", "TritonBackend")
 
 
 def get_backend(name: str) -> Backend:

@@ -1,0 +1,70 @@
+"""``TritonBackend``: the guard's passes over memory as Triton kernels (``backend="triton"``).
+
+Per ``step()``, for all groups together (one launch per param dtype, not per tensor):
+
+* exact gate: telemetry (chunk partials + per-tensor reduction: 2 launches), then the
+  coefficient launch and the update launch (32 B per fp32 parameter over both passes);
+* single_pass: the coefficient launch, the update launch that also accumulates telemetry,
+  and the reduction (28 B per fp32 parameter).
+
+Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
+launcher syncs with the host, allocates per parameter, or branches on device values, so a
+step can be captured in a CUDA graph (after one warm-up call has built the plans).
+fp64 params are updated by the reference (``lbw_kernels.reference.adamw_``), their telemetry
+still read by the kernel. Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lbw_kernels.backends import Backend
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:  # the registry reports this as the reason the backend is unavailable
+    raise ImportError(f"triton is not installed ({err}); pip install 'lbw-kernels[triton]'") from err
+
+from . import ops
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 20
+
+    def supports(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return True
+        return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def auto_selectable(self, device: torch.device) -> bool:
+        # The interpreter only emulates a GPU (and slowly): CPU runs it when asked by name.
+        return torch.device(device).type == "cuda"
+
+    def auto_selectable(self, device: torch.device) -> bool:
+        # The interpreter is for testing: on CPU, backend="auto" picks cpp or the reference.
+        return torch.device(device).type == "cuda"
+
+    def telemetry(self, grads, partials_dtype):
+        if _compiling():
+            return torch.ops.lbw_triton.telemetry(list(grads), partials_dtype)
+        return ops.telemetry_impl(grads, partials_dtype)
+
+    def adamw_(self, groups, *, scale, skip):
+        if _compiling():
+            return torch.ops.lbw_triton.adamw_(**ops.flatten(groups), scale=scale, skip=skip)
+        ops.adamw_impl(groups, scale, skip)
+
+    def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):
+        if _compiling():
+            return torch.ops.lbw_triton.adamw_telemetry_(
+                **ops.flatten(groups), scale=scale, mask_nonfinite=mask_nonfinite, partials_dtype=partials_dtype
+            )
+        return ops.adamw_telemetry_impl(groups, scale, mask_nonfinite, partials_dtype)

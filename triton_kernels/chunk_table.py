@@ -1,0 +1,292 @@
+"""Device-side chunk tables: which memory one launch visits, built once per storage layout.
+
+A *plan* turns lists of tensors into small int64 tables of raw addresses, so one launch per
+dtype covers every tensor of every group (the multi-tensor-apply idea of apex/torch foreach,
+with the table kept on the device between calls). Tables are keyed by the tensors' storage
+(``data_ptr``), sizes, dtypes and the group hyper-parameters; a plan is rebuilt only when one
+of those changes (grads set to None and reallocated elsewhere, params or states replaced,
+groups edited). Plans hold addresses, never the tensors themselves: holding a gradient would
+keep its memory alive after the user drops it.
+
+Telemetry rows are numbered in the order of :func:`lbw_kernels.backends.nonempty_grads`;
+each non-empty gradient owns ``ceil(numel / chunk)`` consecutive chunk rows of the partials
+workspace, so the per-tensor reduction reads a contiguous range in a fixed order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from operator import methodcaller
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .pointers import DTYPE_CODES, FP64
+
+# Columns of the per-tensor table of an update plan (int64).
+P, G, M, V, STEP, NUMEL, GROUP = range(7)
+TENSOR_COLS = 8
+# Columns of the per-group hyper-parameter table (float64); LR is read through LR_PTRS.
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, SIGN = range(6)
+GROUP_COLS = 8
+# Per-tensor AdamW coefficients (float32), written by the coefficient kernel each call.
+COEF_COLS = 16
+
+_ptr = methodcaller("data_ptr")
+_numel = methodcaller("numel")
+
+
+@dataclass
+class ChunkList:
+    """Chunks of the tensors of one dtype: rows of ``table`` are one program each.
+
+    Update lists: ``(tensor row, first element, partial row)``. Telemetry-only lists:
+    ``(gradient address, numel, first element, partial row)``.
+    """
+
+    code: int
+    table: Tensor
+    n_chunks: int
+    aligned: bool  # every address a multiple of 16 bytes (enables vector access)
+
+
+@dataclass
+class TelemetryLayout:
+    n_tensors: int  # non-empty gradients
+    n_chunks: int
+    first_chunk: Tensor  # [n_tensors + 1] int64: tensor t owns partial rows [first[t], first[t+1])
+    workspace: Tensor  # [n_chunks, 2] float64 per-chunk (sum g^2, sum g)
+    lists: List[ChunkList]  # telemetry-only passes (the exact gate; fp64 grads in single_pass)
+    keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
+
+
+@dataclass
+class UpdatePlan:
+    tensors: Tensor  # [N, TENSOR_COLS] int64
+    n_tensors: int
+    hyper: Tensor  # [n_groups, GROUP_COLS] float64
+    lr_ptrs: Tensor  # [n_groups] int64: where each group's lr (float64) is read
+    lr_floats: List[Optional[float]]  # float lr last written to hyper (None: a tensor lr)
+    lr_copies: List[int]  # groups whose tensor lr is copied into hyper each call
+    coefs: Tensor  # [N, COEF_COLS] float32
+    updates: List[ChunkList]
+    telemetry: TelemetryLayout
+    delegated: List[Tuple[int, List[int]]]  # (group, tensor indices) updated by the reference
+    keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
+
+
+def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:
+    host = torch.tensor(list(rows), dtype=dtype).reshape(-1, cols) if rows else torch.zeros((0, cols), dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    # Pinned + non_blocking: the upload does not wait for the device (rebuilds stay sync-free);
+    # the pinned source must outlive the copy, so the plan keeps it.
+    host = host.pin_memory()
+    keep.append(host)
+    return host.to(device, non_blocking=True)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense(t)
+
+
+def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
+    for t in tensors:
+        if not _dense(t):
+            raise ValueError(f"the Triton backend needs dense tensors; {what} has strides {t.stride()}")
+    if len({t.stride() for t in tensors}) > 1:
+        raise ValueError(f"the Triton backend needs {what} (param, grad, exp_avg, exp_avg_sq) to share strides")
+
+
+def _chunk_starts(numel: int, chunk: int) -> range:
+    return range(0, numel, chunk)
+
+
+# ---------------------------------------------------------------------------------------
+# Cache keys: the only per-call Python work proportional to the number of tensors.
+# ---------------------------------------------------------------------------------------
+def telemetry_key(grads: Sequence[Tensor], chunk: int) -> tuple:
+    return ("telemetry", chunk, tuple(map(_ptr, grads)), tuple(map(_numel, grads)), tuple(g.dtype for g in grads))
+
+
+def update_key(groups: Sequence[Any], chunk: int) -> tuple:
+    parts: List[Any] = ["update", chunk]
+    for g in groups:
+        lr = g.lr
+        lr_key = ("tensor", lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, Tensor) else "float"
+        parts.append(
+            (
+                lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize,
+                tuple(map(_ptr, g.params)), tuple(map(_ptr, g.grads)), tuple(map(_ptr, g.exp_avgs)),
+                tuple(map(_ptr, g.exp_avg_sqs)), tuple(map(_ptr, g.steps)),
+                tuple(map(_numel, g.params)), tuple(p.dtype for p in g.params),
+            )
+        )
+    return tuple(parts)
+
+
+class PlanCache:
+    """The most recent plans (an exact-gate optimizer alternates two: telemetry and update)."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._plans: "OrderedDict[tuple, Any]" = OrderedDict()
+        self.builds = 0  # how many plans were built (tests check reuse and rebuilds)
+
+    def get(self, key: tuple, build) -> Any:
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build()
+            self.builds += 1
+            self._plans[key] = plan
+            if len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# Builders (run once per layout; plain Python loops are fine here)
+# ---------------------------------------------------------------------------------------
+def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list) -> Tuple[List[int], Tensor, Tensor]:
+    first = [0]
+    for n in numels:
+        first.append(first[-1] + -(-n // chunk))
+    first_t = _upload([[f] for f in first], 1, torch.int64, device, keep).reshape(-1)
+    workspace = torch.empty((first[-1], 2), dtype=torch.float64, device=device)
+    return first, first_t, workspace
+
+
+def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, bool], device, keep) -> List[ChunkList]:
+    return [
+        ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), aligned_by_code[code])
+        for code, rows in sorted(rows_by_code.items())
+        if rows
+    ]
+
+
+def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -> TelemetryLayout:
+    """Layout of the exact gate's telemetry pass over ``grads`` (all non-empty)."""
+    keep: list = []
+    first, first_t, workspace = _layout([g.numel() for g in grads], chunk, device, keep)
+    rows: Dict[int, list] = {}
+    aligned: Dict[int, bool] = {}
+    for t, g in enumerate(grads):
+        code = _code(g.dtype, "gradient")
+        _check_dense([g], f"gradient {t}")
+        addr = g.data_ptr()
+        aligned[code] = aligned.get(code, True) and addr % 16 == 0
+        for c, start in enumerate(_chunk_starts(g.numel(), chunk)):
+            rows.setdefault(code, []).append((addr, g.numel(), start, first[t] + c))
+    return TelemetryLayout(len(grads), first[-1], first_t, workspace, _telemetry_lists(rows, aligned, device, keep), keep)
+
+
+def _code(dtype: torch.dtype, what: str) -> int:
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"the Triton backend supports fp32, bf16, fp16 and fp64 {what}s, got {dtype}")
+    return DTYPE_CODES[dtype]
+
+
+def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> UpdatePlan:
+    """Plan of one guarded-AdamW pass over ``groups`` (``GroupTensors``), telemetry included.
+
+    fp64 params are *delegated*: listed for the reference update, their gradients still read
+    by the telemetry kernel so the partials keep the order of ``nonempty_grads``.
+    """
+    keep: list = []
+    tensor_rows, group_rows = [], []
+    update_rows: Dict[int, list] = {}
+    update_aligned: Dict[int, bool] = {}
+    tel_rows: Dict[int, list] = {}
+    tel_aligned: Dict[int, bool] = {}
+    delegated: List[Tuple[int, List[int]]] = []
+    numels = [g.numel() for group in groups for g in group.grads if g.numel() > 0]
+    first, first_t, workspace = _layout(numels, chunk, device, keep)
+    tel = 0
+    for gi, group in enumerate(groups):
+        lr = group.lr
+        group_rows.append(
+            (0.0 if isinstance(lr, Tensor) else float(lr), group.beta1, group.beta2, group.eps,
+             group.weight_decay, -1.0 if group.maximize else 1.0, 0.0, 0.0)
+        )
+        fp64_idx = []
+        for ti, (p, g, m, v, s) in enumerate(zip(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps)):
+            code = _code(p.dtype, "param")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise TypeError(f"group {gi} param {ti}: grad {g.dtype}{tuple(g.shape)} does not match param {p.dtype}{tuple(p.shape)}")
+            n = p.numel()
+            if code == FP64:
+                fp64_idx.append(ti)
+                if n > 0:  # its telemetry still comes from the kernel
+                    tel_aligned[FP64] = tel_aligned.get(FP64, True) and g.data_ptr() % 16 == 0
+                    for c, start in enumerate(_chunk_starts(n, chunk)):
+                        tel_rows.setdefault(FP64, []).append((g.data_ptr(), n, start, first[tel] + c))
+                    tel += 1
+                continue
+            if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32 or s.numel() != 1:
+                raise TypeError(f"group {gi} param {ti}: exp_avg/exp_avg_sq must be fp32 and step a float32 scalar")
+            _check_dense([p, g, m, v], f"group {gi} param {ti}")
+            row = len(tensor_rows)
+            tensor_rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), n, gi, 0))
+            addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+            update_aligned[code] = update_aligned.get(code, True) and all(a % 16 == 0 for a in addrs)
+            if n > 0:
+                for c, start in enumerate(_chunk_starts(n, chunk)):
+                    update_rows.setdefault(code, []).append((row, start, first[tel] + c))
+                tel += 1
+        if fp64_idx:
+            delegated.append((gi, fp64_idx))
+
+    hyper = _upload(group_rows, GROUP_COLS, torch.float64, device, keep)
+    lr_ptrs, lr_floats, lr_copies = [], [], []
+    for gi, group in enumerate(groups):
+        lr = group.lr
+        slot = hyper.data_ptr() + gi * GROUP_COLS * hyper.element_size()
+        if not isinstance(lr, Tensor):
+            lr_ptrs.append(slot)
+            lr_floats.append(float(lr))
+        elif lr.dtype == torch.float64 and lr.device == device and lr.numel() == 1:
+            lr_ptrs.append(lr.data_ptr())  # read in place: a scheduler's fill_ is seen on the device
+            lr_floats.append(None)
+        else:
+            lr_ptrs.append(slot)  # other dtype/device: copied into the slot each call
+            lr_floats.append(None)
+            lr_copies.append(gi)
+    telemetry = TelemetryLayout(len(numels), first[-1], first_t, workspace, _telemetry_lists(tel_rows, tel_aligned, device, keep))
+    updates = [
+        ChunkList(code, _upload(rows, 3, torch.int64, device, keep), len(rows), update_aligned[code])
+        for code, rows in sorted(update_rows.items())
+    ]
+    return UpdatePlan(
+        tensors=_upload(tensor_rows, TENSOR_COLS, torch.int64, device, keep),
+        n_tensors=len(tensor_rows),
+        hyper=hyper,
+        lr_ptrs=_upload([[a] for a in lr_ptrs], 1, torch.int64, device, keep).reshape(-1),
+        lr_floats=lr_floats,
+        lr_copies=lr_copies,
+        coefs=torch.empty((len(tensor_rows), COEF_COLS), dtype=torch.float32, device=device),
+        updates=updates,
+        telemetry=telemetry,
+        delegated=delegated,
+        keep=keep,
+    )
+
+
+def refresh_lr(plan: UpdatePlan, groups: Sequence[Any]) -> None:
+    """Bring the device copy of each group's lr up to date: a changed float lr is written
+    with ``fill_`` (a kernel with the value as argument: no host sync), a tensor lr that is
+    not read in place is copied device to device. One small launch per changed group."""
+    for gi, last in enumerate(plan.lr_floats):
+        if last is not None:
+            lr = float(groups[gi].lr)
+            if lr != last:
+                plan.hyper[gi, LR].fill_(lr)
+                plan.lr_floats[gi] = lr
+    for gi in plan.lr_copies:
+        plan.hyper[gi, LR].copy_(groups[gi].lr.reshape(()), non_blocking=True)

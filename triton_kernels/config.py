@@ -1,0 +1,49 @@
+"""Launch geometry and test switches for the Triton kernels.
+
+Every pass is memory-bound (AdamW: 28 B read+written per fp32 parameter, 2 flops per byte),
+so the geometry is chosen to keep enough bytes in flight, not for arithmetic:
+
+* ``BLOCK`` elements per loop iteration of one program. 2048 with 8 warps is 8 fp32 per
+  thread: two 16-byte vector loads per stream (p, g, m, v), i.e. 8 independent 16-byte loads
+  in flight per thread, while the fp64 telemetry accumulators (2 x 8 doubles) still leave
+  registers for 2-3 resident programs per SM on an H100.
+* ``CHUNK`` elements per program (a multiple of ``BLOCK``). 16 blocks = 32768 elements: a
+  1.1B-parameter model is ~34k programs (tail of the last wave < 1%), a 65536-element tensor
+  is 2 programs (2000 such tensors fill an H100's 132 SMs many times over), and the per-chunk
+  telemetry workspace is 16 B per 32768 parameters (0.002% of the traffic).
+* Under ``TRITON_INTERPRET=1`` (CPU tests) each program runs as Python, so programs and loop
+  iterations cost far more than elements: small blocks and chunks keep test problems quick
+  while still giving multi-chunk tensors and multi-iteration loops (4097 = 2 chunks + a tail).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Geometry:
+    block: int  # elements per loop iteration (power of two)
+    chunk: int  # elements per program (multiple of block)
+    num_warps: int
+    reduce_block: int  # chunk partials read per iteration by the per-tensor reduction
+    tensors_per_program: int  # per-tensor coefficient kernel: tensors per program
+
+
+GPU = Geometry(block=2048, chunk=32768, num_warps=8, reduce_block=256, tensors_per_program=256)
+INTERPRETER = Geometry(block=1024, chunk=2048, num_warps=4, reduce_block=64, tensors_per_program=64)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def geometry() -> Geometry:
+    return INTERPRETER if interpreting() else GPU
+
+
+def poison_enabled() -> bool:
+    """``LBW_POISON=1``: fill every workspace and output with NaN before each launch, so a row
+    a kernel forgot to write shows up as NaN in the result (tests set it; off in production)."""
+    return os.environ.get("LBW_POISON") == "1"

@@ -1,0 +1,168 @@
+"""Guarded AdamW: one launch per param dtype over every tensor of every group.
+
+Per element, in float32 (the math ``torch.optim.AdamW`` and
+:func:`lbw_kernels.reference.adamw_` do; DESIGN.md rule 5), with the per-tensor coefficients
+of :mod:`.coefficients` (``c``) and ``g`` the gradient, negated when maximizing::
+
+    p  = p * c.decay                                   decay = 1 - lr*scale*wd
+    m  = lerp(m, g, 1 - beta1)                         torch.lerp's two-sided formula
+    v  = v * beta2 + (1 - beta2) * g * g
+    p  = p + (m * c.step_size) / (sqrt(v) / c.bc2_sqrt + eps)   step_size = -lr*scale/bc1
+
+Leaving elements untouched (rules 1 and 6): the exact gate's ``skip`` turns every store off
+(``c.apply = 0``; uniform, so stores stay vectorised); single_pass's ``MASK_NONFINITE`` keeps
+the old p, m, v of an element whose gradient is NaN/Inf (selected, then stored unmasked).
+With ``TELEMETRY`` the same gradient loads also feed the float64 telemetry accumulators,
+written per chunk like :mod:`.telemetry` does (single_pass: one read of each gradient).
+
+Shapes/dtypes: params and grads fp32, bf16 or fp16 (one dtype per launch, ``P_CODE``);
+exp_avg/exp_avg_sq fp32; all dense, sharing strides. fp64 params never reach this kernel:
+the backend delegates them to the reference (their math dtype is fp64).
+Memory traffic per fp32 element: read p, g, m, v and write p, m, v = 28 bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
+from .coefficients import adamw_coefficients_
+from .config import geometry
+from .pointers import FP32, as_pointer
+from .telemetry import accumulate_telemetry
+
+
+@triton.jit
+def _adamw_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
+    step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+    acc_sq, acc_sum,
+    EVEN: tl.constexpr, TELEMETRY: tl.constexpr, MASK_NONFINITE: tl.constexpr, HAS_SKIP: tl.constexpr,
+):
+    """One block of elements; ``EVEN`` blocks are whole (no bounds mask: vector access)."""
+    if EVEN:
+        p_raw = tl.load(p_ptr + offs)
+        g_raw = tl.load(g_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    else:
+        p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        g_raw = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    if TELEMETRY:
+        acc_sq, acc_sum = accumulate_telemetry(g_raw, acc_sq, acc_sum)
+    p = p_raw.to(tl.float32)
+    g = g_raw.to(tl.float32) * sign
+    # torch.lerp: self + w*(end - self) for w < 0.5, else end - (end - self)*(1 - w).
+    m_new = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
+    v_new = v * beta2 + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
+    p_new = p * decay + tl.div_rn(m_new * step_size, denom)
+    if MASK_NONFINITE:
+        finite = g * 0.0 == 0.0  # false exactly for NaN and +-Inf
+        p_new = tl.where(finite, p_new, p)
+        m_new = tl.where(finite, m_new, m)
+        v_new = tl.where(finite, v_new, v)
+    p_out = p_new.to(p_ptr.dtype.element_ty)
+    if EVEN:
+        if HAS_SKIP:
+            write = (tl.zeros_like(offs).to(tl.float32) + apply) != 0.0  # uniform per program
+            tl.store(p_ptr + offs, p_out, mask=write)
+            tl.store(m_ptr + offs, m_new, mask=write)
+            tl.store(v_ptr + offs, v_new, mask=write)
+        else:
+            tl.store(p_ptr + offs, p_out)
+            tl.store(m_ptr + offs, m_new)
+            tl.store(v_ptr + offs, v_new)
+    else:
+        write = mask
+        if HAS_SKIP:
+            write = mask & ((tl.zeros_like(offs).to(tl.float32) + apply) != 0.0)
+        tl.store(p_ptr + offs, p_out, mask=write)
+        tl.store(m_ptr + offs, m_new, mask=write)
+        tl.store(v_ptr + offs, v_new, mask=write)
+    return acc_sq, acc_sum
+
+
+@triton.jit
+def _guarded_adamw_kernel(
+    chunks,  # [C, 3] int64: tensor row, first element, telemetry workspace row
+    tensors,  # [N, TENSOR_COLS] int64: p, g, m, v, step addresses, numel, group
+    coefs,  # [N, COEF_COLS] float32 from the coefficient kernel
+    workspace,  # [*, 2] float64 chunk telemetry (written when TELEMETRY)
+    P_CODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    TELEMETRY: tl.constexpr,
+    MASK_NONFINITE: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    TENSOR_COLS_: tl.constexpr,
+    COEF_COLS_: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = chunks + pid * 3
+    t = tl.load(row)
+    start = tl.multiple_of(tl.load(row + 1), CHUNK)
+    trow = tensors + t * TENSOR_COLS_
+    p_ptr = as_pointer(tl.load(trow + 0), P_CODE, ALIGNED) + start
+    g_ptr = as_pointer(tl.load(trow + 1), P_CODE, ALIGNED) + start
+    m_ptr = as_pointer(tl.load(trow + 2), 0, ALIGNED) + start
+    v_ptr = as_pointer(tl.load(trow + 3), 0, ALIGNED) + start
+    n = tl.minimum(tl.load(trow + 5) - start, CHUNK)
+    crow = coefs + t * COEF_COLS_
+    step_size = tl.load(crow + 0)
+    bc2_sqrt = tl.load(crow + 1)
+    decay = tl.load(crow + 2)
+    one_minus_beta1 = tl.load(crow + 3)
+    beta2 = tl.load(crow + 4)
+    one_minus_beta2 = tl.load(crow + 5)
+    eps = tl.load(crow + 6)
+    sign = tl.load(crow + 7)
+    apply = tl.load(crow + 8)
+
+    offs = tl.arange(0, BLOCK)
+    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    n_full = n // BLOCK
+    for i in range(0, n_full):
+        acc_sq, acc_sum = _adamw_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, i * BLOCK + offs, None,
+            step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+            acc_sq, acc_sum, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+        )
+    tail = n_full * BLOCK + offs
+    if n_full * BLOCK < n:
+        acc_sq, acc_sum = _adamw_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, tail, tail < n,
+            step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+            acc_sq, acc_sum, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+        )
+    if TELEMETRY:
+        out = tl.load(row + 2)
+        tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))
+        tl.store(workspace + out * 2 + 1, tl.sum(acc_sum, axis=0))
+
+
+def guarded_adamw_(
+    plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], telemetry: bool, mask_nonfinite: bool
+) -> None:
+    """Rule 5 over every non-fp64 tensor of ``plan``: the coefficient launch, then one update
+    launch per param dtype (with ``telemetry``, chunk partials into ``plan.telemetry``)."""
+    adamw_coefficients_(plan, scale, skip)
+    geo = geometry()
+    for lst in plan.updates:
+        _guarded_adamw_kernel[(lst.n_chunks,)](
+            lst.table, plan.tensors, plan.coefs, plan.telemetry.workspace,
+            P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=telemetry, MASK_NONFINITE=mask_nonfinite,
+            HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
+            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps,
+        )
+
+
+assert FP32 == 0  # exp_avg / exp_avg_sq pointers above use code 0

@@ -1,0 +1,182 @@
+"""The backend's three passes, as plain functions and as ``torch.library`` custom ops.
+
+``*_impl`` functions find (or build) the plan for their tensors and launch the kernels; the
+eager backend calls them directly. Under ``torch.compile`` the backend calls the custom ops
+``lbw_triton::telemetry / adamw_ / adamw_telemetry_`` instead: same implementation, but the
+compiler sees an op with a schema that names every tensor it mutates (params, exp_avg,
+exp_avg_sq, steps) and a fake implementation for shapes. ``wrap_triton`` alone would not do:
+the kernels reach the tensors through addresses in a table, so the compiler could not see
+which tensors they write. Eager skips the dispatcher because boxing thousands of tensors per
+call costs host time comparable to the whole update of small models.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lbw_kernels import reference
+from lbw_kernels.backends import GroupTensors
+
+from .chunk_table import PlanCache, build_telemetry, build_update, refresh_lr, telemetry_key, update_key
+from .config import geometry
+from .guarded_adamw import guarded_adamw_
+from .telemetry import poison_workspace_, reduce_partials, telemetry_chunks_, telemetry_partials
+
+#: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py).
+PLANS = PlanCache(capacity=8)
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
+    """``[T, 3]`` partials of ``grads`` (non-empty): the exact gate's telemetry pass."""
+    if not grads:
+        return torch.zeros((0, 3), dtype=partials_dtype)
+    device = grads[0].device
+    chunk = geometry().chunk
+    layout = PLANS.get((device,) + telemetry_key(grads, chunk), lambda: build_telemetry(grads, chunk, device))
+    with _on_device(device):
+        return telemetry_partials(layout, partials_dtype)
+
+
+def _delegate(plan, groups: Sequence[GroupTensors], scale: Tensor, **kwargs) -> None:
+    """fp64 params: their math dtype is fp64, which the kernels do not do; the reference
+    updates them (one foreach chain per group), reading scale/skip on the device too."""
+    for gi, idx in plan.delegated:
+        g = groups[gi]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        reference.adamw_(
+            pick(g.params), pick(g.grads), pick(g.exp_avgs), pick(g.exp_avg_sqs), pick(g.steps),
+            lr=scale * g.lr, beta1=g.beta1, beta2=g.beta2, eps=g.eps,
+            weight_decay=g.weight_decay, maximize=g.maximize, **kwargs,
+        )
+
+
+def _update_plan(groups: Sequence[GroupTensors]):
+    device = groups[0].params[0].device
+    chunk = geometry().chunk
+    plan = PLANS.get((device,) + update_key(groups, chunk), lambda: build_update(groups, chunk, device))
+    refresh_lr(plan, groups)
+    return plan, device
+
+
+def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor]) -> None:
+    """Rule 5 on every group with ``lr * scale``; nothing (not even a step) when ``skip != 0``."""
+    if not groups:
+        return
+    plan, device = _update_plan(groups)
+    with _on_device(device):
+        guarded_adamw_(plan, scale=scale, skip=skip, telemetry=False, mask_nonfinite=False)
+    _delegate(plan, groups, scale, skip=skip)
+
+
+def adamw_telemetry_impl(
+    groups: Sequence[GroupTensors], scale: Tensor, mask_nonfinite: bool, partials_dtype: torch.dtype
+) -> Tensor:
+    """single_pass: rule 5 and the partials of the gradients it reads, in one launch per dtype."""
+    if not groups:
+        return torch.zeros((0, 3), dtype=partials_dtype)
+    plan, device = _update_plan(groups)
+    with _on_device(device):
+        poison_workspace_(plan.telemetry)
+        guarded_adamw_(plan, scale=scale, skip=None, telemetry=True, mask_nonfinite=mask_nonfinite)
+        telemetry_chunks_(plan.telemetry)  # fp64 gradients (delegated params) only
+        partials = reduce_partials(plan.telemetry, partials_dtype)
+    _delegate(plan, groups, scale, mask_nonfinite=mask_nonfinite)
+    return partials
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library custom ops (what torch.compile sees)
+# ---------------------------------------------------------------------------------------
+def flatten(groups: Sequence[GroupTensors]) -> dict:
+    """GroupTensors -> the flat arguments of the custom ops."""
+    return dict(
+        params=[p for g in groups for p in g.params],
+        grads=[x for g in groups for x in g.grads],
+        exp_avgs=[x for g in groups for x in g.exp_avgs],
+        exp_avg_sqs=[x for g in groups for x in g.exp_avg_sqs],
+        steps=[x for g in groups for x in g.steps],
+        group_sizes=[len(g.params) for g in groups],
+        lr_floats=[0.0 if isinstance(g.lr, Tensor) else float(g.lr) for g in groups],
+        lr_tensors=[g.lr if isinstance(g.lr, Tensor) else None for g in groups],
+        beta1s=[float(g.beta1) for g in groups],
+        beta2s=[float(g.beta2) for g in groups],
+        epss=[float(g.eps) for g in groups],
+        weight_decays=[float(g.weight_decay) for g in groups],
+        maximizes=[bool(g.maximize) for g in groups],
+    )
+
+
+def _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
+               beta1s, beta2s, epss, weight_decays, maximizes) -> List[GroupTensors]:
+    out, at = [], 0
+    for i, n in enumerate(group_sizes):
+        sl = slice(at, at + n)
+        at += n
+        lr = lr_tensors[i] if lr_tensors[i] is not None else lr_floats[i]
+        out.append(GroupTensors(params[sl], grads[sl], exp_avgs[sl], exp_avg_sqs[sl], steps[sl], lr,
+                                beta1s[i], beta2s[i], epss[i], weight_decays[i], maximizes[i]))
+    return out
+
+
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "steps")
+
+
+@torch.library.custom_op("lbw_triton::telemetry", mutates_args=())
+def telemetry_op(grads: List[Tensor], partials_dtype: torch.dtype) -> Tensor:
+    return telemetry_impl(grads, partials_dtype)
+
+
+@telemetry_op.register_fake
+def _(grads, partials_dtype):
+    return grads[0].new_empty((len(grads), 3), dtype=partials_dtype)
+
+
+@torch.library.custom_op("lbw_triton::adamw_", mutates_args=_MUTATED)
+def adamw_op(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    steps: List[Tensor], group_sizes: List[int], lr_floats: List[float], lr_tensors: List[Optional[Tensor]],
+    beta1s: List[float], beta2s: List[float], epss: List[float], weight_decays: List[float],
+    maximizes: List[bool], scale: Tensor, skip: Optional[Tensor],
+) -> None:
+    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
+                        beta1s, beta2s, epss, weight_decays, maximizes)
+    adamw_impl(groups, scale, skip)
+
+
+@adamw_op.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+@torch.library.custom_op("lbw_triton::adamw_telemetry_", mutates_args=_MUTATED)
+def adamw_telemetry_op(
+    params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+    steps: List[Tensor], group_sizes: List[int], lr_floats: List[float], lr_tensors: List[Optional[Tensor]],
+    beta1s: List[float], beta2s: List[float], epss: List[float], weight_decays: List[float],
+    maximizes: List[bool], scale: Tensor, mask_nonfinite: bool, partials_dtype: torch.dtype,
+) -> Tensor:
+    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
+                        beta1s, beta2s, epss, weight_decays, maximizes)
+    return adamw_telemetry_impl(groups, scale, mask_nonfinite, partials_dtype)
+
+
+@adamw_telemetry_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors, beta1s, beta2s,
+      epss, weight_decays, maximizes, scale, mask_nonfinite, partials_dtype):
+    n = sum(1 for g in grads if g.numel() > 0)
+    return scale.new_empty((n, 3), dtype=partials_dtype)

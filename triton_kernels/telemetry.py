@@ -1,0 +1,125 @@
+"""Telemetry partials: per gradient tensor ``(sum g^2, sum g, nonfinite)`` in float64.
+
+Two deterministic stages, no atomics, so the same gradients give bitwise the same partials:
+
+1. :func:`_telemetry_chunks_kernel` - one program per chunk of ``CHUNK`` elements writes the
+   chunk's ``(sum g^2, sum g)`` (float64; per-lane accumulators then a fixed tree) into its
+   own row of a workspace. The fused AdamW kernel writes the same rows when it reads the
+   gradients for the update (single_pass).
+2. :func:`_reduce_partials_kernel` - one program per tensor adds its chunk rows in order and
+   derives the non-finite flag from the float64 sum, exactly like
+   :func:`lbw_kernels.reference.telemetry_partials`.
+
+Math: ``sumsq_t = sum_i float64(g_ti)^2``, ``sum_t = sum_i float64(g_ti)``,
+``nonfinite_t = 1.0 if sum_t is NaN or +-Inf else 0.0`` (a float64 sum of fp32/bf16/fp16
+values overflows only if an element is non-finite).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .chunk_table import TelemetryLayout
+from .config import geometry, poison_enabled
+from .pointers import as_pointer
+
+
+@triton.jit
+def accumulate_telemetry(g_raw, acc_sq, acc_sum):
+    """Add one block of gradient values (any float dtype; masked lanes loaded as 0)."""
+    g64 = g_raw.to(tl.float64)
+    return acc_sq + g64 * g64, acc_sum + g64
+
+
+@triton.jit
+def _telemetry_chunks_kernel(
+    chunks,  # [C, 4] int64: gradient address, numel, first element, workspace row
+    workspace,  # [*, 2] float64
+    G_CODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = chunks + pid * 4
+    numel = tl.load(row + 1)
+    start = tl.multiple_of(tl.load(row + 2), CHUNK)
+    out = tl.load(row + 3)
+    g_ptr = as_pointer(tl.load(row), G_CODE, ALIGNED) + start
+    n = tl.minimum(numel - start, CHUNK)
+    offs = tl.arange(0, BLOCK)
+    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    # Full blocks unmasked (vectorised), then one masked tail.
+    n_full = n // BLOCK
+    for i in range(0, n_full):
+        acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + i * BLOCK + offs), acc_sq, acc_sum)
+    tail = n_full * BLOCK + offs
+    acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + tail, mask=tail < n, other=0.0), acc_sq, acc_sum)
+    tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))
+    tl.store(workspace + out * 2 + 1, tl.sum(acc_sum, axis=0))
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    workspace,  # [C, 2] float64 chunk partials
+    first_chunk,  # [T + 1] int64
+    out,  # [T, 3] partials (float64 or float32)
+    RBLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    c0 = tl.load(first_chunk + t)
+    c1 = tl.load(first_chunk + t + 1)
+    offs = tl.arange(0, RBLOCK)
+    acc_sq = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc_sum = tl.zeros([RBLOCK], dtype=tl.float64)
+    for c in range(c0, c1, RBLOCK):
+        rows = c + offs
+        mask = rows < c1
+        acc_sq += tl.load(workspace + rows * 2, mask=mask, other=0.0)
+        acc_sum += tl.load(workspace + rows * 2 + 1, mask=mask, other=0.0)
+    sumsq = tl.sum(acc_sq, axis=0)
+    total = tl.sum(acc_sum, axis=0)
+    # s * 0 is 0 for finite s and NaN for NaN/Inf (no fast-math here, so it is not folded).
+    nonfinite = tl.where(total * 0.0 == 0.0, 0.0, 1.0).to(tl.float64)
+    dt = out.dtype.element_ty
+    tl.store(out + t * 3, sumsq.to(dt))
+    tl.store(out + t * 3 + 1, total.to(dt))
+    tl.store(out + t * 3 + 2, nonfinite.to(dt))
+
+
+def telemetry_chunks_(layout: TelemetryLayout) -> None:
+    """Launch the telemetry-only pass of every chunk list in ``layout`` (one launch per dtype)."""
+    geo = geometry()
+    for lst in layout.lists:
+        _telemetry_chunks_kernel[(lst.n_chunks,)](
+            lst.table, layout.workspace, G_CODE=lst.code, ALIGNED=lst.aligned,
+            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps,
+        )
+
+
+def reduce_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Tensor:
+    """Chunk partials -> ``[T, 3]`` partials (fresh tensor, O(T)) in ``partials_dtype``."""
+    out = torch.empty((layout.n_tensors, 3), dtype=partials_dtype, device=layout.workspace.device)
+    if poison_enabled():
+        out.fill_(float("nan"))
+    if layout.n_tensors:
+        _reduce_partials_kernel[(layout.n_tensors,)](
+            layout.workspace, layout.first_chunk, out, RBLOCK=geometry().reduce_block, num_warps=1
+        )
+    return out
+
+
+def poison_workspace_(layout: TelemetryLayout) -> None:
+    if poison_enabled():
+        layout.workspace.fill_(float("nan"))
+
+
+def telemetry_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Tensor:
+    """The exact gate's telemetry: two launches (chunks per dtype, then the reduction)."""
+    poison_workspace_(layout)
+    telemetry_chunks_(layout)
+    return reduce_partials(layout, partials_dtype)
