@@ -1,0 +1,508 @@
+"""Optimizer-step throughput: our backends beside torch's AdamW and the published procedure.
+
+The one benchmark implementation: ``lbw-kernels bench`` and the pytest-benchmark suites in
+``bench/`` both build their rows here, so there is no second copy to drift.
+
+What is timed is one ``optimizer.step()`` over fp32 parameters laid out like a real model
+(gradients already present, as after ``backward()``). Every row of a table runs in the same
+process, on the same tensors, beside its baselines:
+
+* ``torch AdamW foreach`` / ``torch AdamW fused`` / ``clip_grad_norm_ + fused``;
+* ``published``: the published guard procedure (:mod:`lbw_kernels.published`);
+* ``GuardedAdamW`` for every available backend x gate (exact, single_pass) x stats_freq.
+
+Columns: ``ms`` (median; on CUDA of CUDA-event timings after warm-up, on CPU of
+``time.perf_counter``), ``GB/s`` (the row's nominal bytes per parameter / time), ``x floor``
+(time over the floor: 28 B per parameter, or 32 B where the gradients must be read once more
+before the update, over the copy bandwidth measured in the same run), peak memory (CUDA only)
+and the ratio to torch fused AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Shape = Tuple[int, ...]
+
+FLOOR_BYTES_UPDATE = 28  # fp32 AdamW: read p, g, m, v; write p, m, v
+FLOOR_BYTES_GATED = 32  # the same plus one more read of g before the update
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts: lists of parameter shapes of real models
+# ---------------------------------------------------------------------------------------
+def llama_shapes(vocab: int, hidden: int, inter: int, layers: int, kv_dim: int) -> List[Shape]:
+    """Llama-style decoder: embedding, per layer q/k/v/o, gate/up/down and two RMSNorms,
+    final norm and an untied lm_head (TinyLlama-1.1B: 201 tensors)."""
+    shapes: List[Shape] = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden)]
+        shapes += [(inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    return shapes + [(hidden,), (vocab, hidden)]
+
+
+def gpt2_shapes(vocab: int = 50257, ctx: int = 1024, d: int = 768, layers: int = 12) -> List[Shape]:
+    """GPT-2 (HF layout, tied lm_head): wte, wpe, 12 tensors per block, ln_f (124M: 148 tensors)."""
+    shapes: List[Shape] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]
+        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+LAYOUTS: Dict[str, Callable[[], List[Shape]]] = {
+    # TinyLlama-1.1B: 32000 vocab, 2048 hidden, 5632 MLP, 22 layers, 4 KV heads of 64.
+    "tinyllama-1.1b": lambda: llama_shapes(32000, 2048, 5632, 22, 256),
+    "gpt2-124m": lambda: gpt2_shapes(),
+    "2000x65536": lambda: [(65536,)] * 2000,
+    # GPT-2's 148 tensors, widths scaled so a CPU step takes tens of milliseconds.
+    "gpt2-30m": lambda: gpt2_shapes(d=320),
+    "gpt2-quick": lambda: gpt2_shapes(d=128),
+    # For tests: a handful of small tensors, odd sizes included.
+    "tiny": lambda: [(1,), (3,), (4097,), (33, 65), (64, 64), (0,)],
+}
+FULL_LAYOUTS = ("tinyllama-1.1b", "gpt2-124m", "2000x65536")
+
+
+def layout_numel(shapes: Sequence[Shape]) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows: one optimizer configuration each
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One thing to time. ``make(params)`` returns the step function to time.
+
+    ``bytes_per_param`` is what the row's algorithm must move at least: 28 B for AdamW, 32 B
+    when the gradients are read once more before the update (exact gate, clip_grad_norm_,
+    the published procedure on telemetry calls)."""
+
+    name: str
+    kind: str  # "baseline" | "published" | "guard"
+    bytes_per_param: int  # the floor's bytes: 28, or 32 where g is read again before the update
+    make: Callable[[List[torch.Tensor]], Callable[[], None]]
+    backend: Optional[str] = None
+    gate: Optional[str] = None
+    stats_freq: Optional[int] = None
+
+
+def _torch_adamw(fused: bool, clip: bool):
+    def make(params):
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused, foreach=not fused)
+
+        def step():
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+
+        step.optimizer = opt
+        return step
+
+    return make
+
+
+def _published(stats_freq: int):
+    def make(params):
+        from .published import PublishedGuardAdamW
+
+        opt = PublishedGuardAdamW(params, lr=1e-4, weight_decay=0.01, stats_freq=stats_freq)
+        step = opt.step
+        return step
+
+    return make
+
+
+def _guarded(backend: str, gate: str, stats_freq: int):
+    def make(params):
+        from .optimizer import GuardedAdamW
+
+        opt = GuardedAdamW(
+            params, lr=1e-4, weight_decay=0.01, stats_freq=stats_freq, gate=gate, backend=backend
+        )
+        return opt.step
+
+    return make
+
+
+def usable_backends(device: torch.device, include: Optional[Sequence[str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """Backends that ``availability()`` reports and that run on ``device``; and why others are left out.
+
+    Triton on a CPU device runs through its interpreter (a correctness tool, orders of
+    magnitude slower): left out unless named in ``include``.
+    """
+    from .backends import availability, get_backend
+
+    names, skipped = [], {}
+    for name, reason in availability().items():
+        if include and name not in include:
+            continue
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        if not get_backend(name).supports(device):
+            skipped[name] = f"does not run on {device.type}"
+            continue
+        if name == "triton" and device.type == "cpu" and not (include and "triton" in include):
+            skipped[name] = "on CPU Triton runs through its interpreter (correctness only); --backend triton to time it anyway"
+            continue
+        names.append(name)
+    return names, skipped
+
+
+def build_rows(
+    backends: Sequence[str],
+    gates: Sequence[str] = ("exact", "single_pass"),
+    stats_freqs: Sequence[int] = (1, 10),
+) -> List[Row]:
+    rows = [
+        Row("torch AdamW foreach", "baseline", FLOOR_BYTES_UPDATE, _torch_adamw(False, False)),
+        Row("torch AdamW fused", "baseline", FLOOR_BYTES_UPDATE, _torch_adamw(True, False)),
+        Row("clip_grad_norm_ + fused", "baseline", FLOOR_BYTES_GATED, _torch_adamw(True, True)),
+    ]
+    for sf in stats_freqs:
+        # The published procedure reads g once more on telemetry calls only.
+        nominal = FLOOR_BYTES_GATED if sf == 1 else FLOOR_BYTES_UPDATE
+        rows.append(Row(f"published sf={sf}", "published", nominal, _published(sf), stats_freq=sf))
+    for backend in backends:
+        for gate in gates:
+            for sf in stats_freqs:
+                # exact reads g before every update (the finite check runs every call).
+                nominal = FLOOR_BYTES_GATED if gate == "exact" else FLOOR_BYTES_UPDATE
+                rows.append(
+                    Row(
+                        f"guard {backend} {gate} sf={sf}", "guard", nominal,
+                        _guarded(backend, gate, sf), backend=backend, gate=gate, stats_freq=sf,
+                    )
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, reps: int, budget_s: float) -> List[float]:
+    """Milliseconds per call after ``warmup`` calls: CUDA events on CUDA, perf_counter on CPU.
+
+    Stops early (at least 3 timed calls) when ``budget_s`` seconds of timing are spent.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - start_all > budget_s:
+            break
+    return times
+
+
+def copy_bandwidth(device: torch.device, numel: int, warmup: int = 3, reps: int = 10) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on fp32 tensors of ``numel`` elements (read + write)."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_fn(lambda: dst.copy_(src), device, warmup, reps, budget_s=5.0))
+    return 2 * 4 * numel / (ms * 1e-3)
+
+
+def make_params(shapes: Sequence[Shape], device: torch.device, seed: int = 0) -> List[torch.Tensor]:
+    """fp32 parameters with gradients set; gradients scaled to a global norm of 0.5 so that
+    ``clip_grad_norm_(1.0)`` computes its scaling but leaves values unchanged between rows."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = max(layout_numel(shapes), 1)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, device=device, generator=gen) * 0.02
+        p.grad = torch.randn(s, device=device, generator=gen) * (0.5 / math.sqrt(total))
+        params.append(p)
+    return params
+
+
+@dataclass
+class Result:
+    name: str
+    kind: str
+    backend: Optional[str]
+    gate: Optional[str]
+    stats_freq: Optional[int]
+    bytes_per_param: float
+    ms: Optional[float] = None
+    ms_all: List[float] = field(default_factory=list)
+    gbps: Optional[float] = None
+    x_floor: Optional[float] = None
+    floor_ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    step_extra_mib: Optional[float] = None
+    vs_fused: Optional[float] = None
+    error: Optional[str] = None
+
+
+def run_row(row: Row, params: List[torch.Tensor], device: torch.device, warmup: int, reps: int, budget_s: float) -> Result:
+    res = Result(row.name, row.kind, row.backend, row.gate, row.stats_freq, row.bytes_per_param)
+    try:
+        step = row.make(params)
+        step()  # first call: allocates state (and compiles kernels) outside the measurement
+        _sync(device)
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        res.ms_all = time_fn(step, device, warmup, reps, budget_s)
+        res.ms = statistics.median(res.ms_all)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            res.peak_mib = peak / 2**20
+            res.step_extra_mib = (peak - base) / 2**20
+    except Exception as err:  # one broken backend must not lose the other rows
+        res.error = f"{type(err).__name__}: {err}"
+    finally:
+        step = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# A whole table
+# ---------------------------------------------------------------------------------------
+def environment(device: torch.device) -> Dict[str, object]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo", encoding="utf-8"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_layout(
+    layout: str,
+    device: torch.device,
+    rows: Sequence[Row],
+    warmup: int,
+    reps: int,
+    budget_s: float,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Dict[str, object]:
+    """Time every row on one layout; the copy bandwidth is measured in the same run."""
+    shapes = LAYOUTS[layout]()
+    numel = layout_numel(shapes)
+    params = make_params(shapes, device)
+    bandwidth = copy_bandwidth(device, max(numel, 1 << 24))
+    results: List[Result] = []
+    for row in rows:
+        if progress:
+            progress(f"{layout}: {row.name}")
+        res = run_row(row, params, device, warmup, reps, budget_s)
+        if res.ms is not None:
+            res.floor_ms = row.bytes_per_param * numel / bandwidth * 1e3
+            res.x_floor = res.ms / res.floor_ms
+            res.gbps = row.bytes_per_param * numel / (res.ms * 1e-3) / 1e9
+        results.append(res)
+    fused = next((r.ms for r in results if r.name == "torch AdamW fused" and r.ms), None)
+    for r in results:
+        if fused and r.ms:
+            r.vs_fused = r.ms / fused
+    del params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "layout": layout,
+        "tensors": len(shapes),
+        "params": numel,
+        "copy_gbps": bandwidth / 1e9,
+        "floor_ms_28B": FLOOR_BYTES_UPDATE * numel / bandwidth * 1e3,
+        "floor_ms_32B": FLOOR_BYTES_GATED * numel / bandwidth * 1e3,
+        "rows": [asdict(r) for r in results],
+    }
+
+
+def format_table(table: Dict[str, object]) -> str:
+    head = (
+        f"{table['layout']}: {table['tensors']} tensors, {table['params'] / 1e6:.1f}M params; "
+        f"copy {table['copy_gbps']:.1f} GB/s; floor {table['floor_ms_28B']:.2f} ms (28 B) / "
+        f"{table['floor_ms_32B']:.2f} ms (32 B)"
+    )
+    lines = [head, f"{'row':<34} {'ms':>9} {'GB/s':>8} {'x floor':>8} {'vs fused':>9} {'peak MiB':>9}"]
+    for r in table["rows"]:
+        if r["ms"] is None:
+            lines.append(f"{r['name']:<34} ERROR {r['error']}")
+            continue
+        peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
+        vs = f"{r['vs_fused']:8.2f}x" if r["vs_fused"] else f"{'-':>9}"
+        lines.append(f"{r['name']:<34} {r['ms']:9.2f} {r['gbps']:8.1f} {r['x_floor']:8.2f} {vs} {peak}")
+    return "\n".join(lines)
+
+
+def plot_tables(tables: Sequence[Dict[str, object]], path: Path, title: str) -> None:
+    """A horizontal bar chart of ms per row, one panel per layout, floors drawn as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(tables)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 0.32 * max(len(t["rows"]) for t in tables) + 1.8), squeeze=False)
+    colors = {"baseline": "tab:gray", "published": "tab:red", "guard": "tab:blue"}
+    for ax, table in zip(axes[0], tables):
+        rows = [r for r in table["rows"] if r["ms"] is not None]
+        names = [r["name"] for r in rows][::-1]
+        ms = [r["ms"] for r in rows][::-1]
+        ax.barh(names, ms, color=[colors[r["kind"]] for r in rows][::-1])
+        ax.axvline(table["floor_ms_28B"], color="k", ls="--", lw=1, label="floor 28 B")
+        ax.axvline(table["floor_ms_32B"], color="k", ls=":", lw=1, label="floor 32 B")
+        ax.set_xlabel("ms per step (median)")
+        ax.set_title(f"{table['layout']} ({table['params'] / 1e6:.0f}M params)")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(
+    layouts: Sequence[str],
+    device: torch.device,
+    backends: Optional[Sequence[str]] = None,
+    gates: Sequence[str] = ("exact", "single_pass"),
+    stats_freqs: Sequence[int] = (1, 10),
+    warmup: int = 3,
+    reps: int = 20,
+    budget_s: float = 3.0,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Dict[str, object]:
+    names, skipped = usable_backends(device, backends)
+    rows = build_rows(names, gates, stats_freqs)
+    tables = [bench_layout(layout, device, rows, warmup, reps, budget_s, progress) for layout in layouts]
+    notes = []
+    if device.type != "cuda":
+        notes.append("CPU: ms is the median of time.perf_counter per step; peak memory not measured on CPU")
+    return {
+        "environment": environment(device),
+        "backends": names,
+        "skipped_backends": skipped,
+        "settings": {"warmup": warmup, "reps": reps, "budget_s_per_row": budget_s},
+        "notes": notes,
+        "tables": tables,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+def default_layouts(device: torch.device, quick: bool) -> List[str]:
+    if device.type == "cuda":
+        return ["gpt2-124m"] if quick else list(FULL_LAYOUTS)
+    return ["gpt2-quick"] if quick else ["gpt2-30m"]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time one optimizer step: our backends beside torch AdamW and the published procedure",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--quick", action="store_true", help="one small layout, fewer repetitions (CPU: gpt2-quick, CUDA: gpt2-124m)")
+    p.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout to time (repeatable); default: by device")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--backend", action="append", help="only this backend (repeatable); default: every available one")
+    p.add_argument("--gate", action="append", choices=["exact", "single_pass"], help="default: both")
+    p.add_argument("--stats-freq", action="append", type=int, help="default: 1 and 10")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--budget", type=float, default=None, help="seconds of timing per row at most")
+    p.add_argument("--out", default="lbw-runs/bench", help="folder for bench.json and bench.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layouts = args.layout or default_layouts(device, args.quick)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (10 if args.quick else 20)
+    budget = args.budget if args.budget is not None else (2.0 if args.quick else 4.0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(
+        layouts, device, backends=args.backend, gates=args.gate or ("exact", "single_pass"),
+        stats_freqs=args.stats_freq or (1, 10), warmup=warmup, reps=reps, budget_s=budget,
+        progress=lambda msg: print(f"  timing {msg}", flush=True),
+    )
+    env = report["environment"]
+    print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, commit {str(env['git_commit'])[:10]}")
+    for name, why in report["skipped_backends"].items():
+        print(f"  backend {name} left out: {why}")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    for table in report["tables"]:
+        print()
+        print(format_table(table))
+    json_path = out / "bench.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {json_path}")
+    if not args.no_plot:
+        png = out / "bench.png"
+        plot_tables(report["tables"], png, f"{env['device_name']} - torch {env['torch']}")
+        print(f"wrote {png}")
+    failed = [r["name"] for t in report["tables"] for r in t["rows"] if r["error"]]
+    if failed:
+        print(f"rows that failed: {', '.join(failed)}")
+    return 1 if failed else 0

@@ -1,0 +1,90 @@
+"""`lbw-kernels bench` smoke test, the layouts, and the published-procedure baseline."""
+
+import json
+import math
+
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.bench import LAYOUTS, build_rows, layout_numel, usable_backends
+from lbw_kernels.cli import main
+from lbw_kernels.published import PublishedGuardAdamW
+
+
+def test_layouts_have_the_real_tensor_counts():
+    tiny_llama, gpt2 = LAYOUTS["tinyllama-1.1b"](), LAYOUTS["gpt2-124m"]()
+    assert len(tiny_llama) == 201 and 1.09e9 < layout_numel(tiny_llama) < 1.11e9
+    assert len(gpt2) == 148 and 124.0e6 < layout_numel(gpt2) < 124.7e6
+    assert LAYOUTS["2000x65536"]() == [(65536,)] * 2000
+    assert len(LAYOUTS["gpt2-30m"]()) == 148 and 25e6 < layout_numel(LAYOUTS["gpt2-30m"]()) < 35e6
+
+
+def test_rows_cover_baselines_and_every_backend_gate_and_stats_freq():
+    names = [r.name for r in build_rows(["reference", "cpp"])]
+    for base in ("torch AdamW foreach", "torch AdamW fused", "clip_grad_norm_ + fused", "published sf=1"):
+        assert base in names
+    for backend in ("reference", "cpp"):
+        for gate, floor in (("exact", 32), ("single_pass", 28)):
+            for sf in (1, 10):
+                row = next(r for r in build_rows([backend]) if r.name == f"guard {backend} {gate} sf={sf}")
+                assert row.bytes_per_param == floor
+
+
+def test_triton_not_timed_through_the_interpreter_on_cpu():
+    names, skipped = usable_backends(torch.device("cpu"))
+    assert "reference" in names and "triton" not in names
+
+
+def test_bench_command_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference",
+               "--warmup", "1", "--reps", "3", "--budget", "0.2", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    env = report["environment"]
+    for key in ("device_name", "torch", "triton", "git_commit", "date"):
+        assert key in env
+    (table,) = report["tables"]
+    assert table["layout"] == "tiny" and table["copy_gbps"] > 0
+    rows = {r["name"]: r for r in table["rows"]}
+    assert len(rows) == 3 + 2 + 4  # torch baselines, published x stats_freq, gate x stats_freq
+    for r in rows.values():
+        assert r["error"] is None, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["x_floor"] > 0 and math.isfinite(r["vs_fused"])
+    assert rows["torch AdamW fused"]["vs_fused"] == 1.0
+    assert "guard reference single_pass sf=10" in rows
+    assert (out / "bench.png").stat().st_size > 1000
+    assert "x floor" in capsys.readouterr().out
+
+
+def _grads(shapes, k, gen):
+    gs = [torch.randn(s, generator=gen) + (0.3 if k % 3 == 0 else -0.2) for s in shapes]
+    if k in (5, 6):  # a burst: spike, then oscillation
+        gs = [g * 10 for g in gs]
+    if k == 12:
+        gs[3][7] = float("nan")  # a skipped call
+    return gs
+
+
+def test_published_procedure_equals_guard_reference_exact_sf1():
+    """Same guard, computed the slow way: decisions and parameters agree step by step."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3,), (17, 5), (0,), (4097,), (1,)]
+    pa = [torch.randn(s, generator=gen) for s in shapes]
+    pb = [p.clone() for p in pa]
+    pub = PublishedGuardAdamW(pa, lr=1e-2, weight_decay=0.1, stats_freq=1)
+    ours = GuardedAdamW(pb, lr=1e-2, weight_decay=0.1, stats_freq=1, gate="exact", backend="reference")
+    regimes = set()
+    for k in range(30):
+        for p, q, g in zip(pa, pb, _grads(shapes, k, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        pub.step()
+        ours.step()
+        t = ours.telemetry()
+        regimes.add(t["regime"])
+        assert pub.regime == t["regime"], (k, pub.regime, t)
+        assert math.isclose(pub.scale, t["scale"], rel_tol=1e-12)
+        assert pub.skipped_steps == t["skipped_steps"]
+        for p, q in zip(pa, pb):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert {"calm", "spike", "oscillation", "nonfinite"} <= regimes
