@@ -59,6 +59,12 @@ class Backend:
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
 
+    def auto_selectable(self, device: torch.device) -> bool:
+        """Whether backend="auto" may pick this backend for ``device``: a backend that only
+        emulates a device (Triton's interpreter on CPU) runs when asked for by name, never by
+        default."""
+        return self.supports(device)
+
     def telemetry(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
         """Exact gate's first pass: partials of ``grads`` (all non-empty)."""
         raise NotImplementedError
@@ -221,7 +227,7 @@ def select_backend(name: str, device: torch.device) -> Backend:
             backend = get_backend(candidate)
         except RuntimeError:
             continue
-        if backend.supports(device) and (best is None or backend.priority > best.priority):
+        if backend.auto_selectable(device) and (best is None or backend.priority > best.priority):
             best = backend
     assert best is not None  # the reference supports every device
     return best

@@ -266,13 +266,13 @@ def adamw_(
     torch._foreach_lerp_(list(exp_avgs), g, where_applied(one * (1 - beta1), 0 * one))
     torch._foreach_mul_(list(exp_avg_sqs), where_applied(one * beta2, one))
     torch._foreach_addcmul_(list(exp_avg_sqs), g, g, value=1 - beta2)
+    # p += m / denom with denom = (sqrt(v)/sqrt(bc2) + eps) / step_size (step_size < 0):
+    # folding the step size into denom needs no temporary the size of m. Where nothing
+    # applies, eps is replaced by inf: m / inf = 0 leaves p exactly as it was.
     denom = torch._foreach_sqrt(list(exp_avg_sqs))
     torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
-    torch._foreach_add_(denom, eps)
-    if apply is None:
-        update = torch._foreach_mul(list(exp_avgs), list(step_size))
-    else:
-        update = [m * torch.where(a, s, 0 * one) for m, a, s in zip(exp_avgs, apply, step_size)]
-    torch._foreach_addcdiv_(p, update, denom)
+    torch._foreach_add_(denom, where_applied(one * eps, one * float("inf")))
+    torch._foreach_div_(denom, list(step_size))
+    torch._foreach_addcdiv_(p, list(exp_avgs), denom)
     if low_precision:
         torch._foreach_copy_(list(params), p)

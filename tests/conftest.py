@@ -22,3 +22,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Backends that run on CPU tensors here; the optimizer's semantics tests run on each of them.
+# One that is not built shows up as a skip with the reason, not as a silent omission.
+CPU_BACKENDS = ("reference", "cpp", "triton")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    from lbw_kernels.backends import availability, get_backend
+
+    reason = availability()[request.param]
+    if reason is not None:
+        pytest.skip(reason)
+    if not get_backend(request.param).supports(torch.device("cpu")):
+        pytest.skip(f"backend {request.param!r} does not run on CPU tensors here")
+    return request.param

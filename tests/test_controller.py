@@ -10,14 +10,14 @@ from lbw_kernels import GuardedAdamW
 from streams import constant_grads, run
 
 
-def make(numel=4, **kw):
+def make(backend, numel=4, **kw):
     p = torch.zeros(numel, dtype=torch.float64)
     kw.setdefault("stats_freq", 1)
-    return p, GuardedAdamW([p], lr=1e-3, **kw)
+    return p, GuardedAdamW([p], lr=1e-3, backend=backend, **kw)
 
 
-def test_spike_flip_calm_sequence_by_hand():
-    p, opt = make()
+def test_spike_flip_calm_sequence_by_hand(backend):
+    p, opt = make(backend, )
     amplitudes = [1, 1, 2, -1, -1, -1]
     got = run(opt, [p], constant_grads(amplitudes), record=("scale", "regime", "grad_ms", "ratio", "signed_mean"))
     # call 1: ema = x = 1, ratio = 1/(1+1e-12) -> calm, scale min(1, 1.01) = 1
@@ -37,8 +37,8 @@ def test_spike_flip_calm_sequence_by_hand():
         assert signed_mean == a
 
 
-def test_stress_between_thresholds_is_oscillation():
-    p, opt = make()
+def test_stress_between_thresholds_is_oscillation(backend):
+    p, opt = make(backend, )
     # x = 1 then 1.44: ema = .85 + .15*1.44 = 1.066, ratio 1.3508: > 1.1, < 1.5, same sign
     # -> oscillation, scale .85
     got = run(opt, [p], constant_grads([1, 1.2]))
@@ -46,8 +46,8 @@ def test_stress_between_thresholds_is_oscillation():
     assert got[1][0] == pytest.approx(0.85)
 
 
-def test_min_scale_floor_then_recovery_to_one():
-    p, opt = make(min_scale=0.1)
+def test_min_scale_floor_then_recovery_to_one(backend):
+    p, opt = make(backend, min_scale=0.1)
     # x multiplies by 100 each call: every ratio after the first is far above 1.5.
     spikes = [10.0**k for k in range(9)]
     got = run(opt, [p], constant_grads(spikes))
@@ -64,8 +64,8 @@ def test_min_scale_floor_then_recovery_to_one():
     assert max(scales) == 1.0 and scales[-1] == 1.0  # min(1, .) hits 1 exactly and stays
 
 
-def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f():
-    p, opt = make(stats_freq=4)
+def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f(backend):
+    p, opt = make(backend, stats_freq=4)
     # Growing gradients: every telemetry call after the first is a spike.
     stream = constant_grads([2.0**k for k in range(13)])
     got = run(opt, [p], stream, record=("scale", "regime", "grad_ms"))
@@ -79,16 +79,16 @@ def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f():
     assert [r for _, r, _ in got] == ["calm"] * 3 + ["spike"] * 10
 
 
-def test_use_max_rms_false_averages_tensor_mean_squares():
+def test_use_max_rms_false_averages_tensor_mean_squares(backend):
     # Tensor A: mean square 1 then 50; tensor B: 100 both times.
     a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
     stream = [
         [torch.full((3,), 1.0, dtype=torch.float64), torch.full((5,), 10.0, dtype=torch.float64)],
         [torch.full((3,), math.sqrt(50), dtype=torch.float64), torch.full((5,), 10.0, dtype=torch.float64)],
     ]
-    by_max = run(GuardedAdamW([a, b], stats_freq=1), [a, b], stream, record=("grad_ms", "regime"))
+    by_max = run(GuardedAdamW([a, b], stats_freq=1, backend=backend), [a, b], stream, record=("grad_ms", "regime"))
     a2, b2 = a.clone().zero_(), b.clone().zero_()
-    by_mean = run(GuardedAdamW([a2, b2], stats_freq=1, use_max_rms=False), [a2, b2], stream, record=("grad_ms", "regime"))
+    by_mean = run(GuardedAdamW([a2, b2], stats_freq=1, use_max_rms=False, backend=backend), [a2, b2], stream, record=("grad_ms", "regime"))
     # (sum g^2 is read off a float64 norm, squared: equal to ~1 ulp)
     assert [r for _, r in by_max] == ["calm", "calm"]
     assert [x for x, _ in by_max] == pytest.approx([100.0, 100.0], rel=1e-14)
@@ -99,14 +99,14 @@ def test_use_max_rms_false_averages_tensor_mean_squares():
 
 
 @pytest.mark.parametrize("use_max_rms", [True, False])
-def test_zero_element_tensors_take_no_part(use_max_rms):
+def test_zero_element_tensors_take_no_part(use_max_rms, backend):
     stream = [[torch.full((4,), a, dtype=torch.float64)] for a in (1.0, 1.0, 3.0, -1.0, 0.5)]
     p = torch.zeros(4, dtype=torch.float64)
-    plain = run(GuardedAdamW([p], stats_freq=1, use_max_rms=use_max_rms), [p], stream,
+    plain = run(GuardedAdamW([p], stats_freq=1, use_max_rms=use_max_rms, backend=backend), [p], stream,
                 record=("scale", "regime", "grad_ms", "signed_mean"))
     q, empty = torch.zeros(4, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     with_empty = run(
-        GuardedAdamW([q, empty], stats_freq=1, use_max_rms=use_max_rms), [q, empty],
+        GuardedAdamW([q, empty], stats_freq=1, use_max_rms=use_max_rms, backend=backend), [q, empty],
         [[g, torch.zeros(0, dtype=torch.float64)] for (g,) in stream],
         record=("scale", "regime", "grad_ms", "signed_mean"),
     )
@@ -114,17 +114,17 @@ def test_zero_element_tensors_take_no_part(use_max_rms):
     assert torch.equal(p, q)
 
 
-def test_params_without_grad_take_no_part():
+def test_params_without_grad_take_no_part(backend):
     p, q = torch.zeros(4, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
-    opt = GuardedAdamW([p, q], stats_freq=1)
+    opt = GuardedAdamW([p, q], stats_freq=1, backend=backend)
     run(opt, [p, q], [[torch.full((4,), 2.0, dtype=torch.float64), None]])
     assert opt.telemetry()["grad_ms"] == pytest.approx(4.0, rel=1e-14)
     assert torch.equal(q, torch.ones(6, dtype=torch.float64))
     assert q not in opt.state or not opt.state[q]
 
 
-def test_auto_disabled_never_changes_scale():
-    p, opt = make(auto_enabled=False)
+def test_auto_disabled_never_changes_scale(backend):
+    p, opt = make(backend, auto_enabled=False)
     got = run(opt, [p], constant_grads([1, 100, -1000, 1]))
     assert [s for s, _ in got] == [1.0] * 4
     assert [r for _, r in got] == [None] * 4  # no call decided anything

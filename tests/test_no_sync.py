@@ -37,11 +37,11 @@ def test_the_patch_catches_a_sync():
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_never_reads_device_values(gate, dtype):
+def test_step_never_reads_device_values(gate, dtype, backend):
     shapes = [(5, 4), (0,), (9,)]
     params = [torch.randn(s).to(dtype) for s in shapes]
     opt = GuardedAdamW([{"params": params[:2]}, {"params": params[2:], "lr": torch.tensor(0.01)}],
-                       stats_freq=2, gate=gate)
+                       stats_freq=2, gate=gate, backend=backend)
     for grads in random_stream(6, shapes, dtype=dtype, spikes=(3,), nan_at=(4,)):
         for q, g in zip(params, grads):
             q.grad = g

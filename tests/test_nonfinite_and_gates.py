@@ -11,10 +11,10 @@ from streams import random_stream, run
 SHAPES = [(6, 5), (17,), (3,)]
 
 
-def fresh(dtype=torch.float64, **kw):
+def fresh(backend, dtype=torch.float64, **kw):
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
-    return params, GuardedAdamW(params, lr=1e-2, **kw)
+    return params, GuardedAdamW(params, lr=1e-2, backend=backend, **kw)
 
 
 def snapshot(opt, params):
@@ -28,8 +28,8 @@ def feed(params, grads):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("call", [1, 4])  # 1: a telemetry call; 4: not one (stats_freq=10)
-def test_exact_gate_skips_the_whole_call(bad, call):
-    params, opt = fresh(stats_freq=10)
+def test_exact_gate_skips_the_whole_call(bad, call, backend):
+    params, opt = fresh(backend, stats_freq=10)
     stream = random_stream(6, SHAPES, seed=3)
     stream[call - 1][1][5] = bad
     for k, grads in enumerate(stream, start=1):
@@ -56,8 +56,8 @@ def test_exact_gate_skips_the_whole_call(bad, call):
     assert opt.telemetry()["skipped_steps"] == 1 and opt.telemetry()["step"] == 6
 
 
-def test_skip_nonfinite_false_lets_nan_through_like_adamw():
-    params, opt = fresh(skip_nonfinite=False, auto_enabled=False)
+def test_skip_nonfinite_false_lets_nan_through_like_adamw(backend):
+    params, opt = fresh(backend, skip_nonfinite=False, auto_enabled=False)
     grads = random_stream(1, SHAPES)[0]
     grads[0][0, 0] = float("nan")
     feed(params, grads)
@@ -67,9 +67,9 @@ def test_skip_nonfinite_false_lets_nan_through_like_adamw():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("call", [1, 3])
-def test_single_pass_masks_only_the_bad_element(bad, call):
-    params, opt = fresh(stats_freq=10, gate="single_pass")
-    twins, twin_opt = fresh(stats_freq=10, gate="single_pass", skip_nonfinite=False)
+def test_single_pass_masks_only_the_bad_element(bad, call, backend):
+    params, opt = fresh(backend, stats_freq=10, gate="single_pass")
+    twins, twin_opt = fresh(backend, stats_freq=10, gate="single_pass", skip_nonfinite=False)
     stream = random_stream(3, SHAPES, seed=4)
     for k, grads in enumerate(stream, start=1):
         scale_before = opt.telemetry()["scale"]
@@ -102,13 +102,13 @@ def test_single_pass_masks_only_the_bad_element(bad, call):
         assert t["scale"] == pytest.approx(max(0.1, 0.7 * scale_before))  # applies from the next call
 
 
-def test_single_pass_applies_each_decision_one_call_later():
+def test_single_pass_applies_each_decision_one_call_later(backend):
     """Same stream, both gates: the scale trajectories are identical, and single_pass's call k
     updates with the scale exact decided at call k-1 (rule 6)."""
     stream = random_stream(14, SHAPES, seed=5, spikes=(3, 4, 9), flips=(6,), nan_at=(11,))
     runs = {}
     for gate in ("exact", "single_pass"):
-        params, opt = fresh(stats_freq=1, gate=gate)
+        params, opt = fresh(backend, stats_freq=1, gate=gate)
         runs[gate] = (params, run(opt, params, stream))
     assert runs["exact"][1] == runs["single_pass"][1]
     scales = [s for s, _ in runs["exact"][1]]
@@ -129,7 +129,7 @@ def test_single_pass_applies_each_decision_one_call_later():
             ref.param_groups[0]["lr"] = 1e-2 * s
             ref.step()
         if gate == "single_pass":
-            params, opt = fresh(stats_freq=1, gate=gate)
+            params, opt = fresh(backend, stats_freq=1, gate=gate)
             run(opt, params, stream[:10])
         else:
             params = runs[gate][0]

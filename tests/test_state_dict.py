@@ -30,9 +30,9 @@ def through_bytes(obj):
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_load_continue_is_bitwise_identical(gate, dtype):
+def test_save_load_continue_is_bitwise_identical(gate, dtype, backend):
     stream = random_stream(20, SHAPES, seed=1, dtype=dtype, spikes=(4, 12), flips=(8,), nan_at=(6, 15))
-    kw = dict(lr=1e-2, stats_freq=3, gate=gate)
+    kw = dict(lr=1e-2, stats_freq=3, gate=gate, backend=backend)
     params = model(dtype)
     opt = GuardedAdamW(groups(params), **kw)
     run(opt, params, stream[:9])
