@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 # Subcommands provided by other modules: (module, attribute holding add_parser).
-_COMMAND_MODULES: List[str] = []
+_COMMAND_MODULES: List[str] = ["lbw_kernels.bench", "lbw_kernels.stress"]
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -1,0 +1,89 @@
+"""PNGs of a stress report: validation loss vs LR per arm, loss curves at the highest LR, and
+the guard's scale over time at the highest LR. One set per mode."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List
+
+LN256 = math.log(256)
+
+
+def _smooth(xs: List[float], k: int = 10) -> List[float]:
+    out, acc = [], []
+    for x in xs:
+        acc.append(x if math.isfinite(x) else float("nan"))
+        acc = acc[-k:]
+        finite = [a for a in acc if math.isfinite(a)]
+        out.append(sum(finite) / len(finite) if finite else float("nan"))
+    return out
+
+
+def plot_all(report: Dict, out: Path) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    env = report["environment"]
+    caption = f"{report['model']['params'] / 1e6:.2f}M-param byte transformer, {env['device_name']}"
+    written = []
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        rs = [r for r in runs if r["mode"] == mode]
+        arms = list(dict.fromkeys(r["arm"] for r in rs))
+        top = max(r["lr"] for r in rs)
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for arm in arms:
+            pts = sorted((r["lr"], r["final_val_loss"], r["diverged"]) for r in rs if r["arm"] == arm)
+            ys = [min(y, 2 * LN256) if math.isfinite(y) else 2 * LN256 for _, y, _ in pts]
+            line, = ax.plot([x for x, _, _ in pts], ys, marker="o", label=arm)
+            div = [(x, y) for (x, _, d), y in zip(pts, ys) if d]
+            if div:
+                ax.scatter(*zip(*div), marker="x", s=80, color=line.get_color(), zorder=3)
+        ax.axhline(LN256, color="k", ls=":", lw=1, label="ln 256 (diverged above)")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("final validation loss (nats/byte)")
+        ax.set_title(f"{mode}: validation loss vs LR (x = diverged)\n{caption}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"val_loss_vs_lr_{mode}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for r in rs:
+            if r["lr"] == top:
+                ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
+        ax.axhline(LN256, color="k", ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (10-step mean)")
+        ax.set_title(f"{mode}: loss curves at peak LR {top:.1e}\n{caption}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"loss_curves_{mode}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        guard = [r for r in rs if r["scale"]]
+        if guard:
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for r in guard:
+                if r["lr"] == top:
+                    ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("step")
+            ax.set_ylabel("guard scale (LR multiplier)")
+            ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e}\n{caption}", fontsize=9)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out / f"guard_scale_{mode}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written

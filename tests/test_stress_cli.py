@@ -1,0 +1,81 @@
+"""`lbw-kernels stress` smoke tests: tiny model, a few steps, a corpus written here."""
+
+import json
+import math
+
+import pytest
+
+from lbw_kernels.cli import main
+
+TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--ctx", "16", "--batch", "4",
+        "--val-windows", "4", "--eval-every", "3", "--no-progress"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("def f(x):\n    return x * 2 + 1\n" * 200)
+    return path
+
+
+def read_report(out):
+    return json.loads((out / "stress.json").read_text())
+
+
+def test_finetune_writes_json_pngs_and_flags_divergence(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    argv = ["stress", "--corpus", str(corpus), "--steps", "6", "--base-steps", "4",
+            "--lrs", "1e-3,1e4", "--arms", "adamw,adamw+clip,guard-exact,guard-single_pass",
+            "--out", str(out), *TINY]
+    assert main(argv) == 0
+    report = read_report(out)
+    for key in ("environment", "model", "settings", "corpus", "base_model", "runs"):
+        assert key in report
+    assert report["environment"]["device_name"] and report["environment"]["torch"]
+    runs = {(r["arm"], r["lr"]): r for r in report["runs"]}
+    assert len(runs) == 8
+    for r in report["runs"]:
+        for key in ("final_val_loss", "val_ppl", "diverged", "spikes", "wall_s", "train_loss", "regimes", "scale"):
+            assert key in r
+    # An absurd learning rate must be flagged, a sane one not.
+    for arm in ("adamw", "adamw+clip", "guard-exact", "guard-single_pass"):
+        assert runs[(arm, 1e4)]["diverged"], arm
+        assert not runs[(arm, 1e-3)]["diverged"], arm
+        assert math.isfinite(runs[(arm, 1e-3)]["final_val_loss"])
+    guard = runs[("guard-exact", 1e-3)]
+    assert len(guard["scale"]) == guard["steps_done"] == 6
+    assert sum(guard["regimes"].values()) == 6 and guard["guard_backend"]
+    assert runs[("adamw", 1e-3)]["scale"] == []
+    for name in ("val_loss_vs_lr_finetune", "loss_curves_finetune", "guard_scale_finetune"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "validation perplexity" in text and "YES" in text
+    assert report["base_model"]["cached"] is False
+
+    # A second run with the same base config reuses the cached base model.
+    assert main(argv[:-len(TINY)] + TINY + ["--no-plot"]) == 0
+    assert read_report(out)["base_model"]["cached"] is True
+
+
+def test_pretrain_mode(tmp_path, corpus):
+    out = tmp_path / "pre"
+    argv = ["stress", "--mode", "pretrain", "--corpus", str(corpus), "--steps", "3",
+            "--lrs", "1e-3", "--arms", "adamw,guard-exact-sf10", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    report = read_report(out)
+    assert report["base_model"] is None
+    assert {r["mode"] for r in report["runs"]} == {"pretrain"}
+    assert (out / "val_loss_vs_lr_pretrain.png").exists()
+    sf10 = next(r for r in report["runs"] if r["arm"] == "guard-exact-sf10")
+    assert sum(sf10["regimes"].values()) == 1  # telemetry on call 1 only, within 3 steps
+
+
+def test_missing_corpus_names_path(tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    with pytest.raises(SystemExit, match="no-such-corpus"):
+        main(["stress", "--corpus", str(missing), "--out", str(tmp_path / "o"), *TINY])
+
+
+def test_unknown_arm_is_an_error(tmp_path, corpus):
+    with pytest.raises(SystemExit, match="nope"):
+        main(["stress", "--corpus", str(corpus), "--arms", "adamw,nope", "--out", str(tmp_path / "o"), *TINY])
