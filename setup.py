@@ -40,8 +40,16 @@ def ext_modules():
     if shutil.which(cxx) is None:
         return skip(f"no C++ compiler ({cxx!r} not found)")
     root = Path(__file__).parent
-    sources = ["csrc/bindings/ops.cpp", "csrc/bindings/ops_cpu.cpp"]
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    sources = [
+        "csrc/bindings/ops.cpp",
+        "csrc/bindings/ops_cpu.cpp",
+        "csrc/cpu/dispatch.cpp",
+        "csrc/cpu/kernels_default.cpp",
+        "csrc/cpu/kernels_avx2.cpp",
+    ]
+    # -ffp-contract=off: the kernels place their fused multiply-adds explicitly (guard_math.h),
+    # so every instruction set rounds the same way and telemetry is bitwise repeatable.
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     define_macros = []
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"

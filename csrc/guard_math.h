@@ -15,7 +15,9 @@
 #include <cuda_fp16.h>
 #define LBW_HD __host__ __device__ __forceinline__
 #else
-#define LBW_HD inline
+// static: every translation unit keeps its own copy, so the CPU kernels compiled once per
+// instruction set (csrc/cpu/kernels_*.cpp) never share a function across ISAs.
+#define LBW_HD static inline
 #endif
 
 namespace lbw {
@@ -137,6 +139,23 @@ LBW_HD double sqrt_(double x) {
 #endif
 }
 
+// Fused multiply-add, rounded once: torch's CPU and CUDA kernels use it for lerp and addcmul,
+// so the reference (run through those kernels) rounds this way too.
+LBW_HD float fma_(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+LBW_HD double fma_(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
 // True for finite values; NaN and +-Inf give x - x = NaN. Branch free, so loops vectorise.
 template <class M>
 LBW_HD bool is_finite(M x) { return (x - x) == M(0); }
@@ -177,13 +196,14 @@ LBW_HD AdamWCoeffs<M> adamw_coeffs(double lr, double beta1, double beta2, double
 // One element, in place:
 //   p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
 //   p += step_size * m / (sqrt(v)/sqrt(bc2) + eps)
-// The operation order follows the reference's foreach ops (torch's lerp picks its formula by
-// the weight), so the kernels round the way the reference rounds in the same precision.
+// The operation order and the fused multiply-adds follow torch's kernels for the reference's
+// ops (lerp picks its formula by the weight and rounds once; addcmul is fma(value*a, b, self)),
+// so in the same precision the kernels round the way the reference and torch.optim.AdamW do.
 template <class M>
 LBW_HD void adamw_element(M& p, M g, M& m, M& v, const AdamWCoeffs<M>& c) {
   p = p * c.decay;
-  m = c.w1 < M(0.5) ? m + c.w1 * (g - m) : g - (g - m) * (M(1) - c.w1);
-  v = v * c.beta2 + c.w2 * g * g;
+  m = c.w1 < M(0.5) ? fma_(c.w1, g - m, m) : fma_(-(g - m), M(1) - c.w1, g);
+  v = fma_(c.w2 * g, g, v * c.beta2);
   const M denom = sqrt_(v) / c.bc2_sqrt + c.eps;
   p = p + (m * c.step_size) / denom;
 }

@@ -7,6 +7,8 @@
 #include <optional>
 
 #include "../cpu/multi_tensor_cpu.h"
+
+#include <functional>
 #include "common.h"
 
 namespace lbw {
@@ -26,12 +28,9 @@ TablePtr chunk_table(at::TensorList ts) {
   });
 }
 
-struct AtenFor {
-  template <class F>
-  void operator()(int64_t begin, int64_t end, int64_t grain, const F& f) const {
-    at::parallel_for(begin, end, grain, f);
-  }
-};
+void aten_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(begin, end, 1, body);
+}
 
 double scalar_of(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "lbw: ", what, " must be a 0-dim CPU tensor");
@@ -46,13 +45,13 @@ at::Tensor telemetry_cpu(at::TensorList grads) {
   at::Tensor ws = new_output({table->nchunks(), 2}, opts);
   std::vector<cpu::GradRef> refs;
   for (const auto& g : grads) refs.push_back({g.data_ptr(), dtype_code(g, "grads")});
-  cpu::telemetry(*table, refs.data(), ws.data_ptr<double>(), out.data_ptr<double>(), AtenFor{});
+  cpu::kernels().telemetry(*table, refs.data(), ws.data_ptr<double>(), out.data_ptr<double>(), &aten_for);
   return out;
 }
 
 template <class P>
-void run_update(const cpu::ChunkTable& table, at::TensorList params, at::TensorList grads,
-                at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+void run_update(cpu::AdamWFn<P> kernel, const cpu::ChunkTable& table, at::TensorList params,
+                at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 const std::vector<AdamWCoeffs<typename math_type<P>::type>>& coeffs, bool maximize,
                 bool telemetry, bool mask, double* ws, double* out) {
   using M = typename math_type<P>::type;
@@ -61,12 +60,7 @@ void run_update(const cpu::ChunkTable& table, at::TensorList params, at::TensorL
   for (size_t i = 0; i < params.size(); ++i)
     refs.push_back({static_cast<P*>(params[i].data_ptr()), static_cast<const P*>(grads[i].data_ptr()),
                     exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>()});
-  if (!telemetry)
-    cpu::adamw<false, false>(table, refs.data(), coeffs.data(), maximize, ws, out, AtenFor{});
-  else if (mask)
-    cpu::adamw<true, true>(table, refs.data(), coeffs.data(), maximize, ws, out, AtenFor{});
-  else
-    cpu::adamw<false, true>(table, refs.data(), coeffs.data(), maximize, ws, out, AtenFor{});
+  kernel(table, refs.data(), coeffs.data(), maximize, mask, telemetry, ws, out, &aten_for);
 }
 
 // Advances every step by one and returns the per-tensor coefficients for the new counts.
@@ -100,22 +94,22 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
   double* outp = telemetry ? out.data_ptr<double>() : nullptr;
   switch (dtype_code(params[0], "params")) {
     case DType::f32:
-      run_update<float>(*table, params, grads, exp_avgs, exp_avg_sqs,
+      run_update<float>(cpu::kernels().adamw_f32, *table, params, grads, exp_avgs, exp_avg_sqs,
                         advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
                         telemetry, mask, wsp, outp);
       break;
     case DType::f64:
-      run_update<double>(*table, params, grads, exp_avgs, exp_avg_sqs,
+      run_update<double>(cpu::kernels().adamw_f64, *table, params, grads, exp_avgs, exp_avg_sqs,
                          advance_steps<double>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
                          telemetry, mask, wsp, outp);
       break;
     case DType::bf16:
-      run_update<bf16_t>(*table, params, grads, exp_avgs, exp_avg_sqs,
+      run_update<bf16_t>(cpu::kernels().adamw_bf16, *table, params, grads, exp_avgs, exp_avg_sqs,
                          advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
                          telemetry, mask, wsp, outp);
       break;
     case DType::f16:
-      run_update<f16_t>(*table, params, grads, exp_avgs, exp_avg_sqs,
+      run_update<f16_t>(cpu::kernels().adamw_f16, *table, params, grads, exp_avgs, exp_avg_sqs,
                         advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
                         telemetry, mask, wsp, outp);
       break;

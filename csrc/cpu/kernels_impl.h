@@ -1,52 +1,15 @@
-// Multi-tensor CPU kernels: telemetry, the AdamW update, and the two fused (single_pass).
-//
-// Torch-free: the caller passes raw pointers and a parallel-for (at::parallel_for in the
-// extension, a serial loop in the C++ tests). Work is a FIXED partition of every tensor into
-// chunks of kChunk elements, independent of the thread count; each chunk reduces into its own
-// slot with kLanes fixed accumulators, and chunks combine per tensor in index order, so the
-// telemetry is bitwise the same for any number of threads.
-#pragma once
+// The bodies of the CPU kernels declared in multi_tensor_cpu.h. Included once per
+// instruction set by kernels_<isa>.cpp with LBW_CPU_KERNELS_FN naming the table it defines;
+// everything here is static (internal linkage) so the copies never mix.
+#include "multi_tensor_cpu.h"
 
-#include <cstdint>
-#include <vector>
-
-#include "../guard_math.h"
+#ifndef LBW_CPU_KERNELS_FN
+#error "define LBW_CPU_KERNELS_FN before including kernels_impl.h"
+#endif
 
 namespace lbw {
 namespace cpu {
-
-// 16K elements: p, g, m, v of an fp32 chunk are 256 KiB, which stays in L2 while one fused
-// loop reads and writes them.
-constexpr int64_t kChunk = 16384;
-constexpr int kLanes = 8;
-
-struct Chunk {
-  int32_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// The chunk table depends on the element counts only. first[t]..first[t+1] are tensor t's
-// chunks; a zero-element tensor has none.
-struct ChunkTable {
-  std::vector<int64_t> numels;
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first;
-
-  void build(const std::vector<int64_t>& sizes) {
-    numels = sizes;
-    chunks.clear();
-    first.assign(sizes.size() + 1, 0);
-    for (size_t t = 0; t < sizes.size(); ++t) {
-      first[t] = int64_t(chunks.size());
-      for (int64_t b = 0; b < sizes[t]; b += kChunk)
-        chunks.push_back(Chunk{int32_t(t), b, b + kChunk < sizes[t] ? b + kChunk : sizes[t]});
-    }
-    first[sizes.size()] = int64_t(chunks.size());
-  }
-  int64_t ntensors() const { return int64_t(numels.size()); }
-  int64_t nchunks() const { return int64_t(chunks.size()); }
-};
+namespace {
 
 // Fixed-order sum of the lanes (a pairwise tree), the same on every machine.
 inline double sum_lanes(const double* x) {
@@ -55,7 +18,7 @@ inline double sum_lanes(const double* x) {
 }
 
 // Chunk partials -> one [sumsq, sum, nonfinite] row per non-empty tensor, in tensor order.
-inline void combine_partials(const ChunkTable& table, const double* ws, double* out) {
+void combine_partials(const ChunkTable& table, const double* ws, double* out) {
   int64_t row = 0;
   for (int64_t t = 0; t < table.ntensors(); ++t) {
     if (table.first[t] == table.first[t + 1]) continue;
@@ -83,18 +46,9 @@ void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
   out2[1] = sum_lanes(s);
 }
 
-struct GradRef {
-  const void* data;
-  DType dtype;
-};
-
-// Exact gate's first pass: `out` gets one row per non-empty gradient; `ws` holds 2 doubles
-// per chunk. Gradients may mix dtypes (each chunk dispatches on its tensor's).
-template <class ParallelFor>
-void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double* out,
-               ParallelFor&& parallel_for) {
+void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf) {
   const Chunk* chunks = table.chunks.data();
-  parallel_for(int64_t(0), table.nchunks(), int64_t(1), [&](int64_t cb, int64_t ce) {
+  pf(0, table.nchunks(), [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& k = chunks[c];
       const GradRef& g = grads[k.tensor];
@@ -110,20 +64,12 @@ void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double
   combine_partials(table, ws, out);
 }
 
-template <class P>
-struct UpdateRef {
-  using M = typename math_type<P>::type;
-  P* p;
-  const P* g;
-  M* m;
-  M* v;
-};
-
-// One chunk of the update. MASK: single_pass's per-element non-finite mask; TEL: also
-// accumulate the partials of the gradients as read (before maximize's sign flip).
+// One chunk of the update, in one fused loop over p, g, m, v. MASK: single_pass's
+// per-element non-finite mask; TEL: also accumulate the partials of the gradients as read
+// (before maximize's sign flip).
 template <bool MASK, bool TEL, class P, class M>
-void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
-                  M* __restrict__ v, int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
+void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
+                  int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
   double sq[kLanes] = {}, s[kLanes] = {};
   auto one = [&](int64_t i, int j) {
     const M gi = load_as<M>(g[i]);
@@ -148,34 +94,42 @@ void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
   }
 }
 
-// The update of tensors sharing param dtype P, with per-tensor coefficients (their step
-// counts differ). `ws` (2 doubles per chunk) and `out` (3 per non-empty tensor) are used when
-// TEL. Zero-element tensors have no chunks.
-template <bool MASK, bool TEL, class P, class ParallelFor>
-void adamw(const ChunkTable& table, const UpdateRef<P>* ts,
-           const AdamWCoeffs<typename math_type<P>::type>* coeffs, bool maximize, double* ws,
-           double* out, ParallelFor&& parallel_for) {
+template <bool MASK, bool TEL, class P>
+void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
+                const AdamWCoeffs<typename math_type<P>::type>* coeffs, bool maximize, double* ws,
+                double* out, ParallelFor pf) {
   using M = typename math_type<P>::type;
   const Chunk* chunks = table.chunks.data();
   const M sign = maximize ? M(-1) : M(1);
-  parallel_for(int64_t(0), table.nchunks(), int64_t(1), [&](int64_t cb, int64_t ce) {
+  pf(0, table.nchunks(), [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& k = chunks[c];
       const UpdateRef<P>& t = ts[k.tensor];
-      update_chunk<MASK, TEL>(t.p + k.begin, t.g + k.begin, t.m + k.begin, t.v + k.begin,
-                              k.end - k.begin, coeffs[k.tensor], sign, TEL ? ws + 2 * c : nullptr);
+      update_chunk<MASK, TEL>(t.p + k.begin, t.g + k.begin, t.m + k.begin, t.v + k.begin, k.end - k.begin,
+                              coeffs[k.tensor], sign, TEL ? ws + 2 * c : nullptr);
     }
   });
   if (TEL) combine_partials(table, ws, out);
 }
 
-// Serial parallel-for, for builds without torch (the C++ tests).
-struct SerialFor {
-  template <class F>
-  void operator()(int64_t begin, int64_t end, int64_t, const F& f) const {
-    if (begin < end) f(begin, end);
-  }
-};
+template <class P>
+void adamw(const ChunkTable& table, const UpdateRef<P>* ts, const AdamWCoeffs<typename math_type<P>::type>* coeffs,
+           bool maximize, bool mask, bool telemetry, double* ws, double* out, ParallelFor pf) {
+  if (!telemetry)
+    adamw_pass<false, false>(table, ts, coeffs, maximize, ws, out, pf);
+  else if (mask)
+    adamw_pass<true, true>(table, ts, coeffs, maximize, ws, out, pf);
+  else
+    adamw_pass<false, true>(table, ts, coeffs, maximize, ws, out, pf);
+}
+
+}  // namespace
+
+const Kernels& LBW_CPU_KERNELS_FN() {
+  static const Kernels table = {LBW_CPU_ISA_NAME, &telemetry, &adamw<float>, &adamw<double>,
+                                &adamw<bf16_t>, &adamw<f16_t>};
+  return table;
+}
 
 }  // namespace cpu
 }  // namespace lbw

@@ -1,0 +1,49 @@
+// Chunk tables and the choice of instruction set (compiled for the baseline ISA only).
+#include <cstdlib>
+#include <cstring>
+
+#include "multi_tensor_cpu.h"
+
+namespace lbw {
+namespace cpu {
+
+void ChunkTable::build(const std::vector<int64_t>& sizes) {
+  numels = sizes;
+  chunks.clear();
+  first.assign(sizes.size() + 1, 0);
+  for (size_t t = 0; t < sizes.size(); ++t) {
+    first[t] = int64_t(chunks.size());
+    for (int64_t b = 0; b < sizes[t]; b += kChunk)
+      chunks.push_back(Chunk{int32_t(t), b, b + kChunk < sizes[t] ? b + kChunk : sizes[t]});
+  }
+  first[sizes.size()] = int64_t(chunks.size());
+}
+
+int64_t ChunkTable::nonempty() const {
+  int64_t n = 0;
+  for (int64_t x : numels) n += x > 0;
+  return n;
+}
+
+void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body) {
+  if (begin < end) body(begin, end);
+}
+
+static const Kernels& pick() {
+  const char* forced = std::getenv("LBW_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "default") == 0) return kernels_default();
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return *kernels_avx2();
+#endif
+  return kernels_default();
+}
+
+const Kernels& kernels() {
+  static const Kernels& chosen = pick();
+  return chosen;
+}
+
+}  // namespace cpu
+}  // namespace lbw

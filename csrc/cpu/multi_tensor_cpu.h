@@ -1,0 +1,89 @@
+// Multi-tensor CPU kernels: telemetry, the AdamW update, and the two fused (single_pass).
+//
+// Torch-free: callers pass raw pointers and a parallel-for (at::parallel_for in the
+// extension, a serial loop in the C++ tests). Work is a FIXED partition of every tensor into
+// chunks of kChunk elements, independent of the thread count; each chunk reduces into its own
+// slot with kLanes fixed accumulators, and chunks combine per tensor in index order, so the
+// telemetry is bitwise the same for any number of threads (and on every instruction set:
+// the kernels are built with -ffp-contract=off and explicit fused multiply-adds).
+//
+// The kernels are compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp)
+// and kernels() picks one when first called.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "../guard_math.h"
+
+namespace lbw {
+namespace cpu {
+
+// 16K elements: p, g, m, v of an fp32 chunk are 256 KiB, which stays in L2 while one fused
+// loop reads and writes them.
+constexpr int64_t kChunk = 16384;
+constexpr int kLanes = 8;
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// The chunk table depends on the element counts only. first[t]..first[t+1] are tensor t's
+// chunks; a zero-element tensor has none.
+struct ChunkTable {
+  std::vector<int64_t> numels;
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first;
+
+  void build(const std::vector<int64_t>& sizes);
+  int64_t ntensors() const { return int64_t(numels.size()); }
+  int64_t nchunks() const { return int64_t(chunks.size()); }
+  int64_t nonempty() const;
+};
+
+struct GradRef {
+  const void* data;
+  DType dtype;
+};
+
+template <class P>
+struct UpdateRef {
+  using M = typename math_type<P>::type;
+  P* p;
+  const P* g;
+  M* m;
+  M* v;
+};
+
+// parallel_for(begin, end, body): run body over sub-ranges of [begin, end), in any order.
+using ParallelFor = void (*)(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body);
+void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body);
+
+// Entry points of one instruction set.
+//  telemetry: `out` gets (sum g^2, sum g, nonfinite) per non-empty gradient; grads may mix dtypes.
+//  adamw_*: rule 5 on tensors of one param dtype with per-tensor coefficients; with `telemetry`
+//    also the rows of the grads as read; `mask`: single_pass's non-finite mask.
+//  `ws` holds 2 doubles per chunk (only read/written when telemetry is computed).
+template <class P>
+using AdamWFn = void (*)(const ChunkTable& table, const UpdateRef<P>* ts,
+                         const AdamWCoeffs<typename math_type<P>::type>* coeffs, bool maximize,
+                         bool mask, bool telemetry, double* ws, double* out, ParallelFor pf);
+struct Kernels {
+  const char* isa;
+  void (*telemetry)(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf);
+  AdamWFn<float> adamw_f32;
+  AdamWFn<double> adamw_f64;
+  AdamWFn<bf16_t> adamw_bf16;
+  AdamWFn<f16_t> adamw_f16;
+};
+
+const Kernels& kernels_default();
+const Kernels* kernels_avx2();  // nullptr where not compiled (not x86-64 GCC/Clang)
+// The best kernels this CPU runs; LBW_CPU_ISA=default in the environment forces the baseline.
+const Kernels& kernels();
+
+}  // namespace cpu
+}  // namespace lbw
