@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import platform
@@ -141,8 +142,8 @@ def _guarded(backend: str, gate: str, stats_freq: int):
 def usable_backends(device: torch.device, include: Optional[Sequence[str]] = None) -> Tuple[List[str], Dict[str, str]]:
     """Backends that ``availability()`` reports and that run on ``device``; and why others are left out.
 
-    Triton on a CPU device runs through its interpreter (a correctness tool, orders of
-    magnitude slower): left out unless named in ``include``.
+    A backend that only emulates the device (Triton's interpreter on CPU: a correctness tool,
+    orders of magnitude slower) is timed only when named in ``include``.
     """
     from .backends import availability, get_backend
 
@@ -153,11 +154,13 @@ def usable_backends(device: torch.device, include: Optional[Sequence[str]] = Non
         if reason is not None:
             skipped[name] = reason
             continue
-        if not get_backend(name).supports(device):
+        backend = get_backend(name)
+        if not backend.supports(device):
             skipped[name] = f"does not run on {device.type}"
             continue
-        if name == "triton" and device.type == "cpu" and not (include and "triton" in include):
-            skipped[name] = "on CPU Triton runs through its interpreter (correctness only); --backend triton to time it anyway"
+        selectable = getattr(backend, "auto_selectable", backend.supports)(device)
+        if not selectable and not (include and name in include):
+            skipped[name] = f"only emulated on {device.type} (correctness tool); --backend {name} to time it anyway"
             continue
         names.append(name)
     return names, skipped
@@ -284,7 +287,8 @@ def run_row(row: Row, params: List[torch.Tensor], device: torch.device, warmup: 
     except Exception as err:  # one broken backend must not lose the other rows
         res.error = f"{type(err).__name__}: {err}"
     finally:
-        step = None
+        step = None  # drops the optimizer and its state before the next row allocates its own
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return res
@@ -344,7 +348,8 @@ def bench_layout(
     shapes = LAYOUTS[layout]()
     numel = layout_numel(shapes)
     params = make_params(shapes, device)
-    bandwidth = copy_bandwidth(device, max(numel, 1 << 24))
+    # At least 64 MiB (past the caches), at most 1 GiB (enough to saturate any memory system).
+    bandwidth = copy_bandwidth(device, min(max(numel, 1 << 24), 1 << 28))
     results: List[Result] = []
     for row in rows:
         if progress:

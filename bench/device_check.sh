@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
+# install (builds the C++/CUDA extension), info, GPU tests, verify, then the benchmarks on the
+# three full layouts. Everything lands in the output folder: one log per phase, bench JSON+PNG
+# per layout, and summary.txt with each phase's exit status and time.
+#
+#   bash bench/device_check.sh [OUTPUT_FOLDER]      # default: $OUT, else ./device-check
+#
+# Each phase runs under its own time limit, and all of them under LBW_CHECK_BUDGET seconds
+# (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
+# recorded and the next one runs. The exit status is non-zero when any phase failed.
+# Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick".
+set -u
+
+OUT_DIR="${1:-${OUT:-./device-check}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "$0")/.."
+
+BUDGET="${LBW_CHECK_BUDGET:-450}"
+START=$(date +%s)
+SUMMARY="$OUT_DIR/summary.txt"
+FAILED=0
+: >"$SUMMARY"
+
+# phase NAME LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S seconds (less when the
+# overall budget is nearly spent), output to NAME.log, one line in summary.txt.
+phase() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
+    ((limit > left)) && limit=$left
+    if ((limit < 10)); then
+        echo "$name SKIPPED (overall budget of ${BUDGET}s spent)" | tee -a "$SUMMARY"
+        FAILED=1
+        return
+    fi
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    local verdict=ok
+    ((rc == 124 || rc == 137)) && verdict="TIMED OUT"
+    ((rc != 0 && rc != 124 && rc != 137)) && verdict=FAILED
+    # pytest's 5: nothing collected (no GPU-marked tests yet): recorded, not a failure.
+    if [[ $rc == 5 && $name == tests_* ]]; then verdict="NO TESTS COLLECTED"; rc=0; fi
+    ((rc != 0)) && FAILED=1
+    echo "$name $verdict rc=$rc $(($(date +%s) - t0))s (limit ${limit}s)" | tee -a "$SUMMARY"
+}
+
+# Build only for this GPU's architecture unless told otherwise: half the nvcc time.
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    TORCH_CUDA_ARCH_LIST="$(python -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null || true)"
+    [[ -n "$TORCH_CUDA_ARCH_LIST" ]] && export TORCH_CUDA_ARCH_LIST
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export FORCE_CUDA="${FORCE_CUDA:-1}"
+
+{
+    echo "date      $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit    $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')"
+    echo "gpu       $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo none)"
+    echo "arch list ${TORCH_CUDA_ARCH_LIST:-unset}"
+} | tee "$OUT_DIR/machine.txt"
+
+if [[ "${LBW_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
+    echo "install SKIPPED (LBW_CHECK_SKIP_INSTALL=1)" | tee -a "$SUMMARY"
+else
+    phase install 200 pip install --no-build-isolation --no-deps -v -e .
+fi
+phase info 30 python -m lbw_kernels info
+phase tests_gpu 100 python -m pytest -m gpu tests -q -rs
+phase verify 60 python -m lbw_kernels verify
+# One process per layout, so a failure or timeout in one keeps the others' JSON.
+for layout in ${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536}; do
+    phase "bench_$layout" 75 python -m lbw_kernels bench --layout "$layout" --reps 15 --budget 1.5 \
+        --out "$OUT_DIR/bench-$layout"
+done
+# The same JSON under the names bench/results/ keeps (<device>-<layout>-<date>.json).
+python - "$OUT_DIR" <<'PY' || true
+import json, re, shutil, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for src in sorted(out.glob("bench-*/bench.json")):
+    rep = json.loads(src.read_text())
+    dev = re.sub(r"[^a-z0-9]+", "-", rep["environment"]["device_name"].lower()).strip("-")
+    date = rep["environment"]["date"][:10].replace("-", "")
+    (out / "results").mkdir(exist_ok=True)
+    for table in rep["tables"]:
+        dst = out / "results" / f"{dev}-{table['layout']}-{date}.json"
+        shutil.copyfile(src, dst)
+        print(f"results: {dst}")
+PY
+# The rest of tests/ (CPU parts, Triton and C++ against the reference on this machine) with
+# whatever time is left; the GPU-marked tests already ran above.
+phase tests_rest 150 python -m pytest -m "not gpu" tests -q -rs
+
+echo "total $(($(date +%s) - START))s" | tee -a "$SUMMARY"
+exit $FAILED
