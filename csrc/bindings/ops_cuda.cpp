@@ -1,0 +1,189 @@
+// CUDA implementations of the lbw ops: argument checks, the device-side chunk table (cached,
+// rebuilt only when the tensors' storage changes), workspaces, then the launchers in
+// csrc/cuda. Nothing here waits for the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "../cuda/multi_tensor_cuda.cuh"
+#include "common.h"
+
+namespace lbw {
+namespace {
+
+using cuda::ChunkEntry;
+using cuda::TensorEntry;
+
+// A chunk table on the device, and the pinned host copy it was uploaded from (kept alive:
+// the copy is asynchronous, and a CUDA graph that captured it replays from it).
+struct DeviceTable {
+  at::Tensor host;
+  at::Tensor device;
+  int64_t ntensors = 0;
+  int64_t nchunks = 0;
+  const TensorEntry* tensors() const { return reinterpret_cast<const TensorEntry*>(device.data_ptr()); }
+  const ChunkEntry* chunks() const {
+    return reinterpret_cast<const ChunkEntry*>(static_cast<const uint8_t*>(device.data_ptr()) +
+                                               ntensors * sizeof(TensorEntry));
+  }
+};
+using TablePtr = std::shared_ptr<const DeviceTable>;
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device) {
+  std::vector<ChunkEntry> chunks;
+  int64_t row = 0;
+  for (size_t t = 0; t < entries.size(); ++t) {
+    TensorEntry& e = entries[t];
+    e.first_chunk = int64_t(chunks.size());
+    for (int64_t b = 0; b < e.numel; b += cuda::kChunk) chunks.push_back(ChunkEntry{int64_t(t), b});
+    e.nchunks = int64_t(chunks.size()) - e.first_chunk;
+    e.row = e.numel > 0 ? row++ : -1;
+  }
+  auto table = std::make_shared<DeviceTable>();
+  table->ntensors = int64_t(entries.size());
+  table->nchunks = int64_t(chunks.size());
+  const int64_t bytes = cuda::table_bytes(table->ntensors, table->nchunks);
+  table->host = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* h = table->host.data_ptr<uint8_t>();
+  std::memcpy(h, entries.data(), entries.size() * sizeof(TensorEntry));
+  std::memcpy(h + entries.size() * sizeof(TensorEntry), chunks.data(), chunks.size() * sizeof(ChunkEntry));
+  table->device = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
+  table->device.copy_(table->host, /*non_blocking=*/true);
+  return table;
+}
+
+// Key: every pointer, size and dtype the table holds.
+std::vector<int64_t> key_of(const std::vector<TensorEntry>& entries, const at::Device& device) {
+  std::vector<int64_t> key{device.index()};
+  for (const auto& e : entries) {
+    for (const void* p : {static_cast<const void*>(e.p), e.g, static_cast<const void*>(e.m),
+                          static_cast<const void*>(e.v), static_cast<const void*>(e.step)})
+      key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
+    key.push_back(e.numel);
+    key.push_back(e.dtype);
+  }
+  return key;
+}
+
+TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device) {
+  static TableCache<std::vector<int64_t>, TablePtr> cache;
+  return cache.get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
+}
+
+void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
+
+at::Tensor telemetry_cuda(at::TensorList grads) {
+  check_grads(grads, at::kCUDA);
+  const auto device = grads.empty() ? at::Device(at::kCUDA) : grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor out = new_output({count_nonempty(grads), 3}, opts);
+  if (grads.empty()) return out;
+  std::vector<TensorEntry> entries;
+  for (const auto& g : grads) {
+    TensorEntry e{};
+    e.g = g.data_ptr();
+    e.numel = g.numel();
+    e.dtype = int32_t(dtype_code(g, "grads"));
+    e.aligned = aligned16(e.g);
+    entries.push_back(e);
+  }
+  const TablePtr table = table_for(std::move(entries), device);
+  at::Tensor ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
+  check_launch(cuda::launch_telemetry(table->tensors(), table->ntensors, table->chunks(), table->nchunks,
+                                      ws.data_ptr<double>(), out.data_ptr<double>(),
+                                      c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  return out;
+}
+
+const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device() == device && t.scalar_type() == at::kDouble, "lbw: ", what,
+              " must be a 0-dim float64 tensor on ", device, ", got ", t.scalar_type(), " on ", t.device());
+  return t.data_ptr<double>();
+}
+
+std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                      at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale,
+                                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                                      bool maximize, const std::optional<at::Tensor>& skip, bool telemetry,
+                                      bool mask) {
+  check_update_args(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCUDA);
+  const auto device = params.empty() ? lr_scale.device() : params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor out;
+  if (telemetry) out = new_output({count_nonempty(grads), 3}, opts);
+  if (params.empty()) return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+
+  cuda::AdamWArgs args{};
+  args.param_dtype = dtype_code(params[0], "params");
+  args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.maximize = maximize;
+  args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
+  args.mask_nonfinite = mask;
+  args.telemetry = telemetry;
+
+  std::vector<TensorEntry> entries;
+  for (size_t i = 0; i < params.size(); ++i) {
+    TensorEntry e{};
+    e.p = params[i].data_ptr();
+    e.g = grads[i].data_ptr();
+    e.m = exp_avgs[i].data_ptr();
+    e.v = exp_avg_sqs[i].data_ptr();
+    e.step = steps[i].data_ptr<float>();
+    e.numel = params[i].numel();
+    e.dtype = int32_t(args.param_dtype);
+    e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
+    entries.push_back(e);
+  }
+  const TablePtr table = table_for(std::move(entries), device);
+  // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
+  const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
+  at::Tensor coeffs = new_output({coeff_doubles}, opts);
+  at::Tensor ws;
+  if (telemetry) ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
+  check_launch(cuda::launch_adamw(args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
+                                  reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
+                                  telemetry ? ws.data_ptr<double>() : nullptr,
+                                  telemetry ? out.data_ptr<double>() : nullptr,
+                                  c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+}
+
+void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool maximize, const std::optional<at::Tensor>& skip) {
+  update_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize,
+              skip, false, false);
+}
+
+at::Tensor adamw_telemetry_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale,
+                                double lr, double beta1, double beta2, double eps, double weight_decay,
+                                bool maximize, bool mask_nonfinite) {
+  return *update_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay,
+                      maximize, std::nullopt, true, mask_nonfinite);
+}
+
+}  // namespace
+}  // namespace lbw
+
+TORCH_LIBRARY_IMPL(lbw, CUDA, m) {
+  m.impl("telemetry", &lbw::telemetry_cuda);
+  m.impl("adamw_", &lbw::adamw_cuda);
+  m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cuda);
+}
