@@ -56,6 +56,7 @@ class ChunkList:
 class TelemetryLayout:
     n_tensors: int  # non-empty gradients
     n_chunks: int
+    max_chunks: int  # most chunk rows of one tensor (the reduction's loop bound)
     first_chunk: Tensor  # [n_tensors + 1] int64: tensor t owns partial rows [first[t], first[t+1])
     workspace: Tensor  # [n_chunks, 2] float64 per-chunk (sum g^2, sum g)
     lists: List[ChunkList]  # telemetry-only passes (the exact gate; fp64 grads in single_pass)
@@ -163,6 +164,10 @@ def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list)
     return first, first_t, workspace
 
 
+def _max_gap(first: List[int]) -> int:
+    return max((b - a for a, b in zip(first, first[1:])), default=0)
+
+
 def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, bool], device, keep) -> List[ChunkList]:
     return [
         ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), aligned_by_code[code])
@@ -184,7 +189,9 @@ def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -
         aligned[code] = aligned.get(code, True) and addr % 16 == 0
         for c, start in enumerate(_chunk_starts(g.numel(), chunk)):
             rows.setdefault(code, []).append((addr, g.numel(), start, first[t] + c))
-    return TelemetryLayout(len(grads), first[-1], first_t, workspace, _telemetry_lists(rows, aligned, device, keep), keep)
+    return TelemetryLayout(
+        len(grads), first[-1], _max_gap(first), first_t, workspace, _telemetry_lists(rows, aligned, device, keep), keep
+    )
 
 
 def _code(dtype: torch.dtype, what: str) -> int:
@@ -258,7 +265,9 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             lr_ptrs.append(slot)  # other dtype/device: copied into the slot each call
             lr_floats.append(None)
             lr_copies.append(gi)
-    telemetry = TelemetryLayout(len(numels), first[-1], first_t, workspace, _telemetry_lists(tel_rows, tel_aligned, device, keep))
+    telemetry = TelemetryLayout(
+        len(numels), first[-1], _max_gap(first), first_t, workspace, _telemetry_lists(tel_rows, tel_aligned, device, keep), keep
+    )
     updates = [
         ChunkList(code, _upload(rows, 3, torch.int64, device, keep), len(rows), update_aligned[code])
         for code, rows in sorted(update_rows.items())

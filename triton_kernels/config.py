@@ -12,8 +12,9 @@ so the geometry is chosen to keep enough bytes in flight, not for arithmetic:
   is 2 programs (2000 such tensors fill an H100's 132 SMs many times over), and the per-chunk
   telemetry workspace is 16 B per 32768 parameters (0.002% of the traffic).
 * Under ``TRITON_INTERPRET=1`` (CPU tests) each program runs as Python, so programs and loop
-  iterations cost far more than elements: small blocks and chunks keep test problems quick
-  while still giving multi-chunk tensors and multi-iteration loops (4097 = 2 chunks + a tail).
+  iterations cost far more than elements: few, small programs keep test problems quick while
+  still giving multi-chunk tensors and multi-iteration loops (4097 = a chunk of two whole
+  blocks + a chunk with a 1-element tail).
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ class Geometry:
     block: int  # elements per loop iteration (power of two)
     chunk: int  # elements per program (multiple of block)
     num_warps: int
-    reduce_block: int  # chunk partials read per iteration by the per-tensor reduction
+    reduce_tensors: int  # telemetry reduction: tensors per program
+    reduce_block: int  # telemetry reduction: chunk rows per tensor per iteration
+    reduce_warps: int
     tensors_per_program: int  # per-tensor coefficient kernel: tensors per program
 
 
-GPU = Geometry(block=2048, chunk=32768, num_warps=8, reduce_block=256, tensors_per_program=256)
-INTERPRETER = Geometry(block=1024, chunk=2048, num_warps=4, reduce_block=64, tensors_per_program=64)
+# The reduction reads 16 B per chunk (~0.1% of the update's traffic): one tensor per program
+# with 256 rows per iteration covers a 65M-element embedding (2000 chunks) in 8 iterations.
+GPU = Geometry(block=2048, chunk=32768, num_warps=8, reduce_tensors=1, reduce_block=256, reduce_warps=4,
+               tensors_per_program=256)
+INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_tensors=64, reduce_block=4, reduce_warps=4,
+                       tensors_per_program=64)
 
 
 def interpreting() -> bool:

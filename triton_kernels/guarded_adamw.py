@@ -32,7 +32,7 @@ from torch import Tensor
 from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
 from .config import geometry
-from .pointers import FP32, as_pointer
+from .pointers import BF16, FP32, as_pointer, round_to_bf16
 from .telemetry import accumulate_telemetry
 
 
@@ -41,7 +41,8 @@ def _adamw_block(
     p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
     step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
     acc_sq, acc_sum,
-    EVEN: tl.constexpr, TELEMETRY: tl.constexpr, MASK_NONFINITE: tl.constexpr, HAS_SKIP: tl.constexpr,
+    P_CODE: tl.constexpr, EVEN: tl.constexpr, TELEMETRY: tl.constexpr, MASK_NONFINITE: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """One block of elements; ``EVEN`` blocks are whole (no bounds mask: vector access)."""
     if EVEN:
@@ -68,7 +69,10 @@ def _adamw_block(
         p_new = tl.where(finite, p_new, p)
         m_new = tl.where(finite, m_new, m)
         v_new = tl.where(finite, v_new, v)
-    p_out = p_new.to(p_ptr.dtype.element_ty)
+    if P_CODE == 1:  # BF16
+        p_out = round_to_bf16(p_new)
+    else:
+        p_out = p_new.to(p_ptr.dtype.element_ty)
     if EVEN:
         if HAS_SKIP:
             write = (tl.zeros_like(offs).to(tl.float32) + apply) != 0.0  # uniform per program
@@ -134,14 +138,14 @@ def _guarded_adamw_kernel(
         acc_sq, acc_sum = _adamw_block(
             p_ptr, g_ptr, m_ptr, v_ptr, i * BLOCK + offs, None,
             step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-            acc_sq, acc_sum, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+            acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
         )
     tail = n_full * BLOCK + offs
     if n_full * BLOCK < n:
         acc_sq, acc_sum = _adamw_block(
             p_ptr, g_ptr, m_ptr, v_ptr, tail, tail < n,
             step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-            acc_sq, acc_sum, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+            acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
         )
     if TELEMETRY:
         out = tl.load(row + 2)
@@ -165,4 +169,4 @@ def guarded_adamw_(
         )
 
 
-assert FP32 == 0  # exp_avg / exp_avg_sq pointers above use code 0
+assert (FP32, BF16) == (0, 1)  # codes used by number in the kernels above

@@ -34,3 +34,16 @@ def as_pointer(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 -> bfloat16, rounding to nearest even (what ``Tensor.to(torch.bfloat16)`` does).
+
+    Written out on integers because Triton's interpreter truncates in ``.to(tl.bfloat16)``
+    (GPUs round to nearest even, so this is the same result there, for a few integer ops).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    # NaN: rounding could carry into the exponent or sign; keep its top bits, set the quiet bit.
+    rounded = tl.where(x == x, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, (bits >> 16) | 0x40)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -6,7 +6,7 @@ Two deterministic stages, no atomics, so the same gradients give bitwise the sam
    chunk's ``(sum g^2, sum g)`` (float64; per-lane accumulators then a fixed tree) into its
    own row of a workspace. The fused AdamW kernel writes the same rows when it reads the
    gradients for the update (single_pass).
-2. :func:`_reduce_partials_kernel` - one program per tensor adds its chunk rows in order and
+2. :func:`_reduce_partials_kernel` - each tensor's chunk rows are added in a fixed order and
    derives the non-finite flag from the float64 sum, exactly like
    :func:`lbw_kernels.reference.telemetry_partials`.
 
@@ -68,27 +68,32 @@ def _reduce_partials_kernel(
     workspace,  # [C, 2] float64 chunk partials
     first_chunk,  # [T + 1] int64
     out,  # [T, 3] partials (float64 or float32)
-    RBLOCK: tl.constexpr,
+    n_tensors,
+    max_chunks,  # most chunks any one tensor has (host-known, fixed per plan)
+    TENSORS: tl.constexpr,  # tensors per program
+    RBLOCK: tl.constexpr,  # chunk rows per tensor per iteration
 ):
-    t = tl.program_id(0).to(tl.int64)
-    c0 = tl.load(first_chunk + t)
-    c1 = tl.load(first_chunk + t + 1)
+    t = tl.program_id(0).to(tl.int64) * TENSORS + tl.arange(0, TENSORS)
+    live = t < n_tensors
+    c0 = tl.load(first_chunk + t, mask=live, other=0)
+    c1 = tl.load(first_chunk + t + 1, mask=live, other=0)
     offs = tl.arange(0, RBLOCK)
-    acc_sq = tl.zeros([RBLOCK], dtype=tl.float64)
-    acc_sum = tl.zeros([RBLOCK], dtype=tl.float64)
-    for c in range(c0, c1, RBLOCK):
-        rows = c + offs
-        mask = rows < c1
+    acc_sq = tl.zeros([TENSORS, RBLOCK], dtype=tl.float64)
+    acc_sum = tl.zeros([TENSORS, RBLOCK], dtype=tl.float64)
+    # Every tensor's rows are added in the same fixed order: lane j takes rows j, j+RBLOCK, ...
+    for c in range(0, max_chunks, RBLOCK):
+        rows = c0[:, None] + c + offs[None, :]
+        mask = rows < c1[:, None]
         acc_sq += tl.load(workspace + rows * 2, mask=mask, other=0.0)
         acc_sum += tl.load(workspace + rows * 2 + 1, mask=mask, other=0.0)
-    sumsq = tl.sum(acc_sq, axis=0)
-    total = tl.sum(acc_sum, axis=0)
+    sumsq = tl.sum(acc_sq, axis=1)
+    total = tl.sum(acc_sum, axis=1)
     # s * 0 is 0 for finite s and NaN for NaN/Inf (no fast-math here, so it is not folded).
     nonfinite = tl.where(total * 0.0 == 0.0, 0.0, 1.0).to(tl.float64)
     dt = out.dtype.element_ty
-    tl.store(out + t * 3, sumsq.to(dt))
-    tl.store(out + t * 3 + 1, total.to(dt))
-    tl.store(out + t * 3 + 2, nonfinite.to(dt))
+    tl.store(out + t * 3, sumsq.to(dt), mask=live)
+    tl.store(out + t * 3 + 1, total.to(dt), mask=live)
+    tl.store(out + t * 3 + 2, nonfinite.to(dt), mask=live)
 
 
 def telemetry_chunks_(layout: TelemetryLayout) -> None:
@@ -107,8 +112,10 @@ def reduce_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Ten
     if poison_enabled():
         out.fill_(float("nan"))
     if layout.n_tensors:
-        _reduce_partials_kernel[(layout.n_tensors,)](
-            layout.workspace, layout.first_chunk, out, RBLOCK=geometry().reduce_block, num_warps=1
+        geo = geometry()
+        _reduce_partials_kernel[(triton.cdiv(layout.n_tensors, geo.reduce_tensors),)](
+            layout.workspace, layout.first_chunk, out, layout.n_tensors, layout.max_chunks,
+            TENSORS=geo.reduce_tensors, RBLOCK=geo.reduce_block, num_warps=geo.reduce_warps,
         )
     return out
 

@@ -1,0 +1,413 @@
+"""The Triton backend against the reference.
+
+CPU: kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without
+CUDA), with every workspace and output poisoned with NaN before each launch (LBW_POISON=1),
+so a row a kernel forgot to write fails. Sizes stay small: the interpreter runs each program
+as Python. GPU tests (``@pytest.mark.gpu``) repeat the checks on CUDA and add torch.compile,
+CUDA-graph capture and no-sync checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.backends import GroupTensors, ReferenceBackend, get_backend, nonempty_grads
+from lbw_kernels.verify import (
+    ODD_SIZES,
+    PARAM_TOLERANCES,
+    PARTIALS_TOLERANCE,
+    check_backend,
+    clone_problem,
+    make_problem,
+    verify_backend,
+    worst,
+)
+from streams import random_stream
+
+triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# 300 tensors of mixed sizes (some multi-chunk, some a single element).
+MANY = tuple((int(n),) for n in torch.randint(1, 2500, (300,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("LBW_POISON", "1")
+
+
+@pytest.fixture
+def triton_backend():
+    backend = get_backend("triton")
+    if not backend.supports(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    return backend
+
+
+def _ops():
+    from lbw_kernels.triton_kernels import ops
+
+    return ops
+
+
+def assert_no_mismatch(failures):
+    assert not failures, "\n".join(str(f) for f in failures[:10])
+
+
+# ---------------------------------------------------------------------------------------
+# Backend vs reference (the verify harness: telemetry, exact gate with/without skip,
+# single_pass masked/unmasked), on random problems with odd sizes and a 0-element tensor
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_random_problem_each_dtype(triton_backend, dtype):
+    assert (0,) in ODD_SIZES and (4097,) in ODD_SIZES
+    assert_no_mismatch(check_backend(triton_backend, seed=int(torch.randint(0, 1000, ())), dtype=dtype))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planted_nonfinite(triton_backend, value, dtype):
+    # (group 0, tensor 2) is the 4097-element tensor (3 chunks): the bad element is mid-tensor.
+    assert_no_mismatch(check_backend(triton_backend, seed=5, dtype=dtype, nonfinite_at=(0, 2, value)))
+
+
+def test_300_tensors_of_mixed_sizes(triton_backend):
+    assert_no_mismatch(check_backend(triton_backend, seed=21, shapes=MANY))
+
+
+def test_sizes_around_block_and_chunk(triton_backend):
+    from lbw_kernels.triton_kernels.config import geometry
+
+    geo = geometry()
+    shapes = [(n,) for n in (1, 3, geo.block - 1, geo.block, geo.block + 1, geo.chunk, geo.chunk + 1, 2 * geo.chunk + 5)]
+    assert_no_mismatch(check_backend(triton_backend, seed=8, shapes=shapes))
+
+
+def test_mixed_dtypes_in_one_group_keep_telemetry_order(triton_backend):
+    """fp32, fp64 (delegated to the reference), bf16 and fp16 params in one group, an empty one
+    between them: partials stay in nonempty_grads order and every tensor updates."""
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float16, torch.float64]
+    sizes = [5, 2100, 0, 4097, 33, 7]
+
+    def problem():
+        g = torch.Generator().manual_seed(4)
+        ps = [torch.rand(n, generator=g, dtype=torch.float64).to(dt) for n, dt in zip(sizes, dtypes)]
+        gs = [(torch.rand(n, generator=g, dtype=torch.float64) - 0.5).to(dt) for n, dt in zip(sizes, dtypes)]
+        st = [torch.float64 if dt == torch.float64 else torch.float32 for dt in dtypes]
+        ms = [torch.rand(n, generator=g, dtype=torch.float64).to(s) * 0.1 for n, s in zip(sizes, st)]
+        vs = [torch.rand(n, generator=g, dtype=torch.float64).to(s) * 0.01 for n, s in zip(sizes, st)]
+        steps = [torch.tensor(3.0) for _ in sizes]
+        return [GroupTensors(ps, gs, ms, vs, steps, 0.01, 0.9, 0.99, 1e-8, 0.1, False)]
+
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    got_groups, want_groups = problem(), problem()
+    got = triton_backend.adamw_telemetry_(got_groups, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    want = ReferenceBackend().adamw_telemetry_(want_groups, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    assert got.shape == (5, 3)
+    assert worst(got, want, *PARTIALS_TOLERANCE) is None
+    for a, b in zip(got_groups[0].params, want_groups[0].params):
+        assert worst(a, b, *PARAM_TOLERANCES[a.dtype]) is None, a.dtype
+    assert [s.item() for s in got_groups[0].steps] == [4.0] * len(sizes)
+
+
+# ---------------------------------------------------------------------------------------
+# Determinism, poison, cache
+# ---------------------------------------------------------------------------------------
+def test_telemetry_is_bitwise_repeatable(triton_backend):
+    problem = make_problem(2, MANY[:60] + ((4097,),))
+    grads = nonempty_grads(problem)
+    first = triton_backend.telemetry(grads, torch.float64)
+    second = triton_backend.telemetry(grads, torch.float64)
+    assert torch.equal(first, second)
+    # The fused pass gives bitwise the same partials on identical inputs too.
+    a, b = clone_problem(problem), clone_problem(problem)
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    pa = triton_backend.adamw_telemetry_(a, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    pb = triton_backend.adamw_telemetry_(b, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    assert torch.equal(pa, pb) and torch.equal(pa, first)
+
+
+def test_a_missing_chunk_is_caught_by_the_poison(triton_backend):
+    """A plan whose chunk table lost a row leaves a NaN partial (the harness fails it)."""
+    from lbw_kernels.triton_kernels.chunk_table import telemetry_key
+    from lbw_kernels.triton_kernels.config import geometry
+
+    ops = _ops()
+    grads = [torch.randn(4097), torch.randn(3)]
+    good = triton_backend.telemetry(grads, torch.float64)
+    assert torch.isfinite(good).all()
+    layout = ops.PLANS.get((grads[0].device,) + telemetry_key(grads, geometry().chunk), None)
+    layout.lists[0].n_chunks -= 1  # the last chunk (of the 3-element tensor) is never launched
+    try:
+        bad = triton_backend.telemetry(grads, torch.float64)
+    finally:
+        ops.PLANS.clear()
+    assert torch.isfinite(bad[0]).all() and torch.isnan(bad[1, :2]).all()
+    assert worst(bad, good, *PARTIALS_TOLERANCE) is not None
+
+
+def test_wrong_learning_rate_is_caught(triton_backend, monkeypatch):
+    """The harness is sensitive: a 1e-4 relative error in lr fails fp32."""
+    ops = _ops()
+    real = ops.adamw_impl
+    monkeypatch.setattr(ops, "adamw_impl", lambda groups, scale, skip: real(groups, scale * (1 + 1e-4), skip))
+    failures = check_backend(triton_backend, seed=1)
+    assert any("adamw_ skip=0" in f.what and "params" in f.what for f in failures)
+
+
+def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="single_pass")
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate="single_pass")
+    ops = _ops()
+
+    def step(grads):
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+
+    grads = [torch.randn(p.shape) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for q, g in zip(ref_params, grads):
+        q.grad = g.clone()
+    ref.step()
+    builds = ops.PLANS.builds
+    for _ in range(2):  # same grad tensors, refilled in place: no rebuild
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape))
+        for p, q in zip(params, ref_params):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert ops.PLANS.builds == builds
+    keep = params[1].grad  # hold the old storage so the new grad cannot reuse its address
+    params[1].grad = None
+    step([torch.randn(p.shape) for p in params])  # reallocated grads: new addresses
+    assert ops.PLANS.builds == builds + 1
+    params[2].grad = None  # a param without grad leaves the plan (and its step stays)
+    ref_params[2].grad = None
+    opt.step()
+    ref.step()
+    assert ops.PLANS.builds == builds + 2
+    del keep
+    for p, q in zip(params, ref_params):
+        assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer level: GuardedAdamW(backend="triton") vs backend="reference"
+# ---------------------------------------------------------------------------------------
+def _stream_run(gate, backend, stream, shapes, dtype, lr):
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64).to(dtype)) for s in shapes]
+    groups = [{"params": params[::2]}, {"params": params[1::2], "lr": lr * 0.5, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
+    opt = GuardedAdamW(groups, lr=lr, backend=backend, gate=gate, stats_freq=1, weight_decay=0.05)
+    trajectory = []
+    for grads in stream:
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype).clone()
+        opt.step()
+        t = opt.telemetry()
+        trajectory.append((t["scale"], t["regime"], t["skipped_steps"]))
+    return params, trajectory
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_optimizer_matches_reference_on_a_scripted_stream(triton_backend, gate):
+    shapes = [(7,), (4097,), (3,), (0,), (33, 5)]
+    stream = random_stream(12, shapes, seed=3, spikes=(4, 9), flips=(6, 7), nan_at=(8,))
+    got_p, got_t = _stream_run(gate, "triton", stream, shapes, torch.float32, 0.05)
+    want_p, want_t = _stream_run(gate, "reference", stream, shapes, torch.float32, 0.05)
+    assert [r for _, r, _ in got_t] == [r for _, r, _ in want_t]
+    assert {r for _, r, _ in want_t} >= {"spike", "oscillation", "nonfinite"}, want_t
+    for (gs, _, gk), (ws, _, wk) in zip(got_t, want_t):
+        assert abs(gs - ws) <= 1e-12 and gk == wk
+    for a, b in zip(got_p, want_p):
+        # 12 steps of rounding differences, each within one step's tolerance.
+        assert worst(a, b, *(12 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+def test_optimizer_bf16_params_and_tensor_lr(triton_backend):
+    """bf16 params (fp32 states), lr a 0-dim tensor changed in place between calls."""
+    shapes = [(5,), (2049,)]
+    stream = random_stream(4, shapes, seed=9)
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
+        lr = torch.tensor(0.01, dtype=torch.float64)
+        opt = GuardedAdamW(params, lr=lr, backend=backend, stats_freq=1)
+        for k, grads in enumerate(stream):
+            lr.fill_(0.01 / (k + 1))
+            for p, g in zip(params, grads):
+                p.grad = g.to(torch.bfloat16)
+            opt.step()
+        out[backend] = params
+    for a, b in zip(out["triton"], out["reference"]):
+        assert worst(a, b, *(2 * x for x in PARAM_TOLERANCES[torch.bfloat16])) is None
+
+
+def test_changing_float_lr_is_seen(triton_backend):
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = GuardedAdamW([p], lr=0.1, weight_decay=0.0, backend="triton", auto_enabled=False)
+    p.grad = torch.ones(10)
+    opt.step()
+    after_one = p.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    p.grad = torch.ones(10)
+    opt.step()
+    assert torch.equal(p.detach(), after_one)
+    assert abs(after_one[0].item() - 0.9) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library custom ops (what torch.compile sees)
+# ---------------------------------------------------------------------------------------
+def test_custom_ops_pass_opcheck(triton_backend):
+    ops = _ops()
+    problem = make_problem(6, ((5,), (3,), (0,)), n_groups=1)
+    args = ops.flatten(problem)
+    scale = torch.tensor(0.9, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.lbw_triton.adamw_telemetry_.default,
+        (), dict(args, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.lbw_triton.adamw_.default, (), dict(args, scale=scale, skip=torch.tensor(0.0, dtype=torch.float64)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.lbw_triton.telemetry.default, (nonempty_grads(problem), torch.float64),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------
+def _model(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10)).to(device, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_verify_backend():
+    assert_no_mismatch(verify_backend(get_backend("triton"), device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_optimizer_matches_reference(gate):
+    shapes = [(7,), (70001,), (3,), (0,), (333, 65)]
+    stream = [[g.cuda() for g in grads] for grads in random_stream(12, shapes, seed=3, spikes=(4, 9), flips=(6, 7), nan_at=(8,))]
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        opt = GuardedAdamW(params, lr=0.05, backend=backend, gate=gate, stats_freq=1)
+        traj = []
+        for grads in stream:
+            for p, g in zip(params, grads):
+                p.grad = g.float().clone()
+            opt.step()
+            traj.append(opt.telemetry()["regime"])
+        out[backend] = (params, traj)
+    assert out["triton"][1] == out["reference"][1]
+    for a, b in zip(out["triton"][0], out["reference"][0]):
+        assert worst(a, b, *(12 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_step_never_syncs(gate):
+    model = _model("cuda")
+    opt = GuardedAdamW(model.parameters(), lr=1e-3, backend="triton", gate=gate, stats_freq=1)
+    x = torch.randn(32, 64, device="cuda")
+    model(x).square().mean().backward()
+    opt.step()  # warm-up: compiles kernels, builds and uploads the plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_captured_step_replays_like_eager(gate):
+    model = _model("cuda")
+    twin = copy.deepcopy(model)
+    opt = GuardedAdamW(model.parameters(), lr=1e-2, backend="triton", gate=gate, stats_freq=1)
+    twin_opt = GuardedAdamW(twin.parameters(), lr=1e-2, backend="triton", gate=gate, stats_freq=1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k == 3 else 1) for p in model.parameters()] for k in range(6)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    # Warm up on a side stream (plans built, kernels compiled), as CUDA graphs require.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p, g in zip(model.parameters(), grads[0]):
+            p.grad.copy_(g)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, g in zip(twin.parameters(), grads[0]):
+        p.grad = g.clone()
+    twin_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    # Replays: call count is host state, so use stats_freq=1 (every call analyses) in both.
+    for k in range(1, 6):
+        for p, g in zip(model.parameters(), grads[k]):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(twin.parameters(), grads[k]):
+            p.grad = g.clone()
+        twin_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert opt._guard[0].item() == pytest.approx(twin_opt._guard[0].item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_compiled_training_step_runs(gate):
+    model = _model("cuda")
+    twin = copy.deepcopy(model)
+    opt = GuardedAdamW(model.parameters(), lr=1e-2, backend="triton", gate=gate)
+    twin_opt = GuardedAdamW(twin.parameters(), lr=1e-2, backend="triton", gate=gate)
+    x = torch.randn(32, 64, device="cuda")
+
+    def train_step(m, o):
+        o.zero_grad(set_to_none=False)
+        loss = m(x).square().mean()
+        loss.backward()
+        o.step()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for _ in range(4):
+        compiled(model, opt)
+        train_step(twin, twin_opt)
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
