@@ -43,7 +43,8 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
             div = [(x, y) for (x, _, d), y in zip(pts, ys) if d]
             if div:
                 ax.scatter(*zip(*div), marker="x", s=80, color=line.get_color(), zorder=3)
-        ax.axhline(LN256, color="k", ls=":", lw=1, label="ln 256 (diverged above)")
+        if any(r["diverged"] or r["final_val_loss"] > 0.8 * LN256 for r in rs):
+            ax.axhline(LN256, color="k", ls=":", lw=1, label="ln 256 (diverged above)")
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("final validation loss (nats/byte)")
@@ -59,7 +60,6 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         for r in rs:
             if r["lr"] == top:
                 ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
-        ax.axhline(LN256, color="k", ls=":", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (10-step mean)")
         ax.set_title(f"{mode}: loss curves at peak LR {top:.1e}\n{caption}", fontsize=9)
