@@ -29,7 +29,7 @@ def test_finetune_writes_json_pngs_and_flags_divergence(tmp_path, corpus, capsys
             "--out", str(out), *TINY]
     assert main(argv) == 0
     report = read_report(out)
-    for key in ("environment", "model", "settings", "corpus", "base_model", "runs"):
+    for key in ("environment", "model", "settings", "corpus", "base_models", "runs"):
         assert key in report
     assert report["environment"]["device_name"] and report["environment"]["torch"]
     runs = {(r["arm"], r["lr"]): r for r in report["runs"]}
@@ -50,24 +50,26 @@ def test_finetune_writes_json_pngs_and_flags_divergence(tmp_path, corpus, capsys
         assert (out / f"{name}.png").stat().st_size > 1000
     text = capsys.readouterr().out
     assert "validation perplexity" in text and "YES" in text
-    assert report["base_model"]["cached"] is False
+    assert [b["cached"] for b in report["base_models"]] == [False]
 
     # A second run with the same base config reuses the cached base model.
     assert main(argv[:-len(TINY)] + TINY + ["--no-plot"]) == 0
-    assert read_report(out)["base_model"]["cached"] is True
+    assert [b["cached"] for b in read_report(out)["base_models"]] == [True]
 
 
-def test_pretrain_mode(tmp_path, corpus):
+def test_pretrain_mode_two_seeds(tmp_path, corpus, capsys):
     out = tmp_path / "pre"
-    argv = ["stress", "--mode", "pretrain", "--corpus", str(corpus), "--steps", "3",
+    argv = ["stress", "--mode", "pretrain", "--corpus", str(corpus), "--steps", "3", "--seeds", "0,1",
             "--lrs", "1e-3", "--arms", "adamw,guard-exact-sf10", "--out", str(out), *TINY]
     assert main(argv) == 0
     report = read_report(out)
-    assert report["base_model"] is None
+    assert report["base_models"] == []
     assert {r["mode"] for r in report["runs"]} == {"pretrain"}
     assert (out / "val_loss_vs_lr_pretrain.png").exists()
+    assert len(report["runs"]) == 4 and {r["seed"] for r in report["runs"]} == {0, 1}
     sf10 = next(r for r in report["runs"] if r["arm"] == "guard-exact-sf10")
     assert sum(sf10["regimes"].values()) == 1  # telemetry on call 1 only, within 3 steps
+    assert "mean over 2 seeds" in capsys.readouterr().out
 
 
 def test_missing_corpus_names_path(tmp_path):

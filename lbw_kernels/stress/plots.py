@@ -34,13 +34,22 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         rs = [r for r in runs if r["mode"] == mode]
         arms = list(dict.fromkeys(r["arm"] for r in rs))
         top = max(r["lr"] for r in rs)
+        first_seed = rs[0]["seed"]
+        at_top = [r for r in rs if r["lr"] == top and r["seed"] == first_seed]  # curves: one seed
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        clipped = lambda y: min(y, 2 * LN256) if math.isfinite(y) else 2 * LN256  # noqa: E731
         for arm in arms:
-            pts = sorted((r["lr"], r["final_val_loss"], r["diverged"]) for r in rs if r["arm"] == arm)
-            ys = [min(y, 2 * LN256) if math.isfinite(y) else 2 * LN256 for _, y, _ in pts]
-            line, = ax.plot([x for x, _, _ in pts], ys, marker="o", label=arm)
-            div = [(x, y) for (x, _, d), y in zip(pts, ys) if d]
+            mine = [r for r in rs if r["arm"] == arm]
+            lrs = sorted({r["lr"] for r in mine})
+            # The mean over seeds as the line; each seed as a faint point when there are several.
+            ys = [sum(clipped(r["final_val_loss"]) for r in mine if r["lr"] == lr)
+                  / sum(1 for r in mine if r["lr"] == lr) for lr in lrs]
+            line, = ax.plot(lrs, ys, marker="o", label=arm)
+            if len({r["seed"] for r in mine}) > 1:
+                ax.scatter([r["lr"] for r in mine], [clipped(r["final_val_loss"]) for r in mine],
+                           s=12, alpha=0.35, color=line.get_color())
+            div = [(r["lr"], clipped(r["final_val_loss"])) for r in mine if r["diverged"]]
             if div:
                 ax.scatter(*zip(*div), marker="x", s=80, color=line.get_color(), zorder=3)
         if any(r["diverged"] or r["final_val_loss"] > 0.8 * LN256 for r in rs):
@@ -57,12 +66,11 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         written.append(path)
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for r in rs:
-            if r["lr"] == top:
-                ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
+        for r in at_top:
+            ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (10-step mean)")
-        ax.set_title(f"{mode}: loss curves at peak LR {top:.1e}\n{caption}", fontsize=9)
+        ax.set_title(f"{mode}: loss curves at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"loss_curves_{mode}.png"
@@ -70,16 +78,15 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         plt.close(fig)
         written.append(path)
 
-        guard = [r for r in rs if r["scale"]]
+        guard = [r for r in at_top if r["scale"]]
         if guard:
             fig, ax = plt.subplots(figsize=(6.5, 4.2))
             for r in guard:
-                if r["lr"] == top:
-                    ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2)
+                ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2)
             ax.set_ylim(0, 1.05)
             ax.set_xlabel("step")
             ax.set_ylabel("guard scale (LR multiplier)")
-            ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e}\n{caption}", fontsize=9)
+            ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
             ax.legend(fontsize=8)
             fig.tight_layout()
             path = out / f"guard_scale_{mode}.png"

@@ -70,6 +70,7 @@ class RunResult:
     mode: str
     arm: str
     lr: float
+    seed: int
     final_val_loss: float
     val_ppl: float
     diverged: bool
@@ -145,6 +146,7 @@ def train(
     s: TrainSettings,
     device: torch.device,
     mode: str,
+    seed: int = 0,
     bar=None,
 ) -> RunResult:
     """Train ``model`` in place with one arm at one peak LR; stop early once it has diverged."""
@@ -197,7 +199,7 @@ def train(
     wall = time.perf_counter() - start
     diverged = not math.isfinite(final) or final > LN256
     return RunResult(
-        mode=mode, arm=arm, lr=peak_lr,
+        mode=mode, arm=arm, lr=peak_lr, seed=seed,
         final_val_loss=final,
         val_ppl=math.exp(final) if math.isfinite(final) and final < 700 else float("inf"),
         diverged=diverged,
@@ -228,13 +230,13 @@ def base_model(
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if bar is not None:
             bar.update(s.steps)
-        return saved["state_dict"], {"cached": True, "path": str(path), **saved["info"]}
+        return saved["state_dict"], {"cached": True, "path": str(path), "seed": seed, **saved["info"]}
     torch.manual_seed(seed)
     model = ByteTransformer(cfg).to(device)
     offsets = batch_offsets(len(corpus.train), cfg.ctx, s.batch, s.steps, seed + 1000)
     val_offs = val_offsets(len(corpus.val), cfg.ctx, 64)
-    res = train(model, "adamw", base_lr, corpus, offsets, val_offs, s, device, "base", bar)
-    info = {"lr": base_lr, "steps": s.steps, "val_loss": res.final_val_loss, "wall_s": res.wall_s, "key": key}
+    res = train(model, "adamw", base_lr, corpus, offsets, val_offs, s, device, "base", seed, bar)
+    info = {"lr": base_lr, "steps": s.steps, "seed": seed, "val_loss": res.final_val_loss, "wall_s": res.wall_s, "key": key}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "info": info}, path)
@@ -245,31 +247,42 @@ def base_model(
 # The command
 # ---------------------------------------------------------------------------------------
 def format_table(runs: Sequence[RunResult]) -> str:
-    lines = [f"{'mode':<9} {'arm':<18} {'lr':>8} {'val loss':>9} {'val ppl':>9} {'div':>4} "
+    lines = [f"{'mode':<9} {'arm':<18} {'lr':>8} {'seed':>4} {'val loss':>9} {'val ppl':>9} {'div':>4} "
              f"{'spikes':>6} {'wall s':>7} {'min scale':>9}  regimes"]
     for r in runs:
         ms = f"{r.min_scale_seen:9.3f}" if r.min_scale_seen is not None else f"{'-':>9}"
         reg = " ".join(f"{k}={v}" for k, v in sorted(r.regimes.items())) or "-"
         lines.append(
-            f"{r.mode:<9} {r.arm:<18} {r.lr:8.1e} {r.final_val_loss:9.4f} {r.val_ppl:9.3f} "
+            f"{r.mode:<9} {r.arm:<18} {r.lr:8.1e} {r.seed:4d} {r.final_val_loss:9.4f} {r.val_ppl:9.3f} "
             f"{'YES' if r.diverged else 'no':>4} {r.spikes:6d} {r.wall_s:7.1f} {ms}  {reg}"
         )
     return "\n".join(lines)
 
 
 def format_pivot(runs: Sequence[RunResult]) -> str:
-    """Validation perplexity, arms x learning rates (D = diverged), per mode."""
+    """Validation perplexity, arms x learning rates, per mode: the mean over seeds (with the
+    spread, max - min, when there are several); D = diverged in at least one seed."""
     out = []
+    n_seeds = len({r.seed for r in runs})
     for mode in dict.fromkeys(r.mode for r in runs):
         rs = [r for r in runs if r.mode == mode]
         lrs = sorted({r.lr for r in rs})
-        out.append(f"[{mode}] validation perplexity (D = diverged)")
-        out.append(f"{'arm':<18}" + "".join(f"{lr:>12.1e}" for lr in lrs))
+        what = f"mean over {n_seeds} seeds (spread)" if n_seeds > 1 else "one seed"
+        out.append(f"[{mode}] validation perplexity, {what}; D = diverged")
+        width = 18 if n_seeds > 1 else 12
+        out.append(f"{'arm':<18}" + "".join(f"{lr:>{width}.1e}" for lr in lrs))
         for arm in dict.fromkeys(r.arm for r in rs):
             cells = []
             for lr in lrs:
-                r = next((x for x in rs if x.arm == arm and x.lr == lr), None)
-                cells.append(f"{'':>12}" if r is None else f"{r.val_ppl:>11.3f}{'D' if r.diverged else ' '}")
+                cell = [x for x in rs if x.arm == arm and x.lr == lr]
+                if not cell:
+                    cells.append(" " * width)
+                    continue
+                ppl = [x.val_ppl for x in cell]
+                text = f"{sum(ppl) / len(ppl):.3f}"
+                if n_seeds > 1:
+                    text += f" ({max(ppl) - min(ppl):.2f})"
+                cells.append(f"{text:>{width - 1}}{'D' if any(x.diverged for x in cell) else ' '}")
             out.append(f"{arm:<18}" + "".join(cells))
     return "\n".join(out)
 
@@ -306,7 +319,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spike-factor", type=float, default=1.2,
                    help="a spike: train loss above this x the median of the previous 20 steps")
     p.add_argument("--backend", default="auto", help="GuardedAdamW backend for the guard arms")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0",
+                   help="comma list of seeds; each seeds the init, the base model and the batch order (default 0)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python stdlib's sources)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -329,6 +343,7 @@ def main(args: argparse.Namespace) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     lrs = _floats(args.lrs) if args.lrs else [args.base_lr * m for m in DEFAULT_LR_MULTS]
     modes = ["pretrain", "finetune"] if args.mode == "both" else [args.mode]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -354,30 +369,31 @@ def main(args: argparse.Namespace) -> int:
           f"corpus {corpus.source}: {len(corpus.train) / 1e6:.2f} MB train, {len(corpus.val) / 1e6:.2f} MB val "
           f"(disjoint files); arms {arms}; peak LRs {lrs}; {settings.steps} steps of {settings.batch}x{cfg.ctx} bytes")
 
-    total = len(modes) * len(arms) * len(lrs) * settings.steps
+    total = len(modes) * len(seeds) * len(arms) * len(lrs) * settings.steps
     if "finetune" in modes:
-        total += base_settings.steps
+        total += len(seeds) * base_settings.steps
     bar = tqdm(total=total, desc="stress", unit="step", disable=args.no_progress, dynamic_ncols=True)
     runs: List[RunResult] = []
-    base_info = None
     started = time.perf_counter()
+    base_infos = []
     for mode in modes:
-        init_state = None
-        if mode == "finetune":
-            bar.set_postfix_str("base model")
-            init_state, base_info = base_model(cfg, corpus, base_settings, args.base_lr, args.seed, device, out, bar)
-        else:
-            torch.manual_seed(args.seed)
-            init_state = {k: v.clone() for k, v in ByteTransformer(cfg).state_dict().items()}
-        offsets = batch_offsets(len(corpus.train), cfg.ctx, settings.batch, settings.steps, args.seed)
-        for lr in lrs:
-            for arm in arms:
-                bar.set_postfix_str(f"{mode} {arm} lr={lr:.1e}")
-                model = ByteTransformer(cfg)
-                model.load_state_dict(init_state)
-                model.to(device)
-                torch.manual_seed(args.seed)  # dropout-free, but keeps any randomness aligned
-                runs.append(train(model, arm, lr, corpus, offsets, val_offs, settings, device, mode, bar))
+        for seed in seeds:
+            if mode == "finetune":
+                bar.set_postfix_str(f"base model seed {seed}")
+                init_state, info = base_model(cfg, corpus, base_settings, args.base_lr, seed, device, out, bar)
+                base_infos.append(info)
+            else:
+                torch.manual_seed(seed)
+                init_state = {k: v.clone() for k, v in ByteTransformer(cfg).state_dict().items()}
+            offsets = batch_offsets(len(corpus.train), cfg.ctx, settings.batch, settings.steps, seed)
+            for lr in lrs:
+                for arm in arms:
+                    bar.set_postfix_str(f"{mode} seed {seed} {arm} lr={lr:.1e}")
+                    model = ByteTransformer(cfg)
+                    model.load_state_dict(init_state)
+                    model.to(device)
+                    torch.manual_seed(seed)  # dropout-free, but keeps any randomness aligned
+                    runs.append(train(model, arm, lr, corpus, offsets, val_offs, settings, device, mode, seed, bar))
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -386,19 +402,19 @@ def main(args: argparse.Namespace) -> int:
         "command_args": {k: v for k, v in vars(args).items() if k != "func"},
         "model": {**asdict(cfg), "params": n_params},
         "settings": {**asdict(settings), "base_steps": base_settings.steps, "base_lr": args.base_lr,
-                     "lrs": lrs, "arms": arms, "modes": modes, "seed": args.seed,
+                     "lrs": lrs, "arms": arms, "modes": modes, "seeds": seeds,
                      "val_windows": len(val_offs), "diverged_if_val_loss_above": LN256},
         "corpus": {"source": corpus.source, "train_bytes": len(corpus.train), "val_bytes": len(corpus.val),
                    "train_files": len(corpus.train_files), "val_files": len(corpus.val_files),
                    "fingerprint": corpus.fingerprint},
-        "base_model": base_info,
+        "base_models": base_infos,
         "total_wall_s": elapsed,
         "runs": [asdict(r) for r in runs],
     }
     print()
-    if base_info:
-        print(f"finetune base model: AdamW lr={base_info['lr']:.1e}, {base_info['steps']} steps, "
-              f"val loss {base_info['val_loss']:.4f} ({'cached' if base_info['cached'] else 'trained'}: {base_info['path']})")
+    for info in base_infos:
+        print(f"finetune base model (seed {info['seed']}): AdamW lr={info['lr']:.1e}, {info['steps']} steps, "
+              f"val loss {info['val_loss']:.4f} ({'cached' if info['cached'] else 'trained'}: {info['path']})")
     print(format_table(runs))
     print()
     print(format_pivot(runs))
