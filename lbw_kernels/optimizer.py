@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .backends import Backend, GroupTensors, get_backend, nonempty_grads, select_backend
+from .distributed import ShardedTelemetry
 from .validation import (
     check_grad,
     check_group_hyperparameters,
@@ -104,6 +105,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._calls = 0
         self._backends: Dict[torch.device, Backend] = {}
         self._numels: tuple = ((), None)  # (numels of the telemetry tensors, that as a tensor)
+        self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -189,7 +191,11 @@ class GuardedAdamW(torch.optim.Optimizer):
             self._guard = self._guard.to(device)
         backend = self._backend_for(device)
         cfg = self.guard_config
+        # Rows of the telemetry: gradients of global numel > 0 (a DTensor's numel is global), so
+        # every rank has the same rows; backends work on the local shards (distributed.py).
         grads = nonempty_grads(groups)
+        groups = self._sharded.local_groups(groups)
+        local_grads = nonempty_grads(groups)
         analyze = bool(grads) and cfg.is_telemetry_call(self._calls)
         check_finite = bool(grads) and cfg.skip_nonfinite
         guard = self._guard
@@ -198,18 +204,22 @@ class GuardedAdamW(torch.optim.Optimizer):
         summary = None
         if self.gate == "exact":
             if analyze or check_finite:
-                partials = backend.telemetry(grads, guard.dtype)
+                partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
+                partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
-            if analyze or check_finite:
+            if (analyze or check_finite) and local_grads:
                 partials = backend.adamw_telemetry_(
                     groups, scale=scale, mask_nonfinite=check_finite, partials_dtype=guard.dtype
                 )
-                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
-            else:
+            else:  # no telemetry, or none of the telemetry tensors has elements on this rank
                 backend.adamw_(groups, scale=scale, skip=None)
+                partials = None
+            if analyze or check_finite:
+                partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
+                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
         return loss
 

@@ -1,0 +1,229 @@
+"""Telemetry across ranks: the same guard decisions on every rank under DDP and FSDP2.
+
+The guard decides from per-tensor partials ``(sum g^2, sum g, nonfinite)`` (see
+:func:`lbw_kernels.reference.telemetry_partials`). Those are sums, so the partials of a
+sharded gradient are the sums of its shards' partials:
+
+* **DTensor params** (FSDP2's ``fully_shard``, ``distribute_tensor`` with ``Shard``
+  placements): each rank computes the partials of its local shards, scatters them into a
+  ``[T, 3]`` tensor whose rows are the tensors of *global* numel > 0 (the same ``T`` on every
+  rank, even where a local shard is empty), and one ``all_reduce(SUM)`` of that small tensor
+  over the mesh gives every rank the partials of the unsharded gradients. Every rank then runs
+  the controller on identical numbers, with the global numels. The all_reduce happens on every
+  ``step()`` that computes telemetry or the finite check: every call when
+  ``skip_nonfinite=True`` (the default), else the telemetry calls (1, f, 2f, ...). It is
+  enqueued like any collective: no host sync on NCCL.
+* A row whose gradient is ``Replicate`` on a mesh dim holds the same numbers on every rank of
+  that dim; ranks whose coordinate on such a dim is not 0 contribute zeros, so the sum counts
+  it once, exactly (no division). Plain tensors next to DTensors are taken to be replicated
+  over the whole mesh (counted from the rank at coordinate 0 everywhere).
+* ``Partial`` gradients (not yet reduced) are refused: their partials are not sums of shards.
+* **DDP** (plain replicated params whose gradients DDP has already averaged): every rank holds
+  the same gradients, so the same decisions follow with no communication at all.
+
+The update runs on the local shards (params, grads, ``exp_avg``, ``exp_avg_sq``) through
+whichever backend applies: backends take plain tensors.
+
+Checkpoints (``torch.distributed.checkpoint``): ``opt.state_dict()`` holds DTensor states for
+DTensor params and a top-level ``"guard"`` entry; ``dcp.save({"optim": opt.state_dict()})``
+saves it. To load, a fresh optimizer needs its states allocated to serve as the template:
+:func:`init_state_` does that without a step. ``get_optimizer_state_dict`` from
+``torch.distributed.checkpoint.state_dict`` is not the way: it keeps only ``"state"`` and
+``"param_groups"`` (the guard is lost) and, on an optimizer without state, runs a step with
+zero gradients, which counts as a guard call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends import GroupTensors
+
+try:  # torch.distributed may be built without DTensor (some macOS / mobile builds)
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = Partial = Replicate = None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    # Under no_grad, to_local() is the DTensor's own storage (or a view of it): updating it
+    # in place updates the DTensor.
+    return t.to_local() if is_dtensor(t) else t
+
+
+class ShardedTelemetry:
+    """Per-optimizer helper: the local view of a call's tensors and the reduction of its partials.
+
+    :meth:`local_groups` returns the groups with every DTensor replaced by its local shard
+    (the groups themselves when nothing is a DTensor) and records the call's row layout;
+    :meth:`reduce_partials_` turns the local partials into the global ``[T, 3]`` partials.
+    The layout (row index, replicate mask, process group) is cached and rebuilt only when the
+    tensors' shapes or placements change.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._layout: Optional[_Layout] = None
+        self.active = False  # whether this call's tensors include a DTensor
+
+    def local_groups(self, groups: Sequence[GroupTensors]) -> List[GroupTensors]:
+        self.active = any(is_dtensor(p) for group in groups for p in group.params)
+        if not self.active:
+            return list(groups)
+        key = _layout_key(groups)
+        if key != self._key:
+            self._layout = _Layout.build(groups)
+            self._key = key
+        return [
+            replace(
+                group,
+                params=[_local(t) for t in group.params],
+                grads=[_local(t) for t in group.grads],
+                exp_avgs=[_local(t) for t in group.exp_avgs],
+                exp_avg_sqs=[_local(t) for t in group.exp_avg_sqs],
+            )
+            for group in groups
+        ]
+
+    def reduce_partials_(self, partials: Optional[Tensor], *, dtype: torch.dtype, device) -> Tensor:
+        """Local partials (rows: the locally non-empty gradients, in order; None when there are
+        none) -> the partials of the whole gradients ``[T, 3]``, the same on every rank.
+
+        One ``all_reduce`` when the call's tensors include a DTensor; otherwise ``partials``
+        as given (DDP, one process: nothing to reduce).
+        """
+        if not self.active:
+            return partials
+        layout = self._layout
+        full = layout.scatter(partials, dtype, torch.device(device))
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=layout.group)
+        return full
+
+
+def _layout_key(groups: Sequence[GroupTensors]) -> tuple:
+    return tuple(
+        (g.numel(), _local(g).numel(), getattr(g, "placements", None), getattr(g, "device_mesh", None),
+         getattr(p, "placements", None))
+        for group in groups
+        for p, g in zip(group.params, group.grads)
+    )
+
+
+class _Layout:
+    """Rows of the global partials (gradients of global numel > 0, in group order), which of
+    them are non-empty here (``index``), which this rank counts (``keep``), and over which
+    process group they are summed."""
+
+    def __init__(self, rows: int, index: Optional[Tensor], keep: Optional[Tensor], group):
+        self.rows, self.index, self.keep, self.group = rows, index, keep, group
+        self._cache = {}
+
+    @staticmethod
+    def build(groups: Sequence[GroupTensors]) -> "_Layout":
+        mesh = None
+        for gi, group in enumerate(groups):
+            for pi, (p, g) in enumerate(zip(group.params, group.grads)):
+                if not (is_dtensor(p) or is_dtensor(g)):
+                    continue
+                where = f"param {pi} of the call's group {gi}"
+                if not (is_dtensor(p) and is_dtensor(g)):
+                    raise TypeError(f"{where}: param and grad must both be DTensors or both plain tensors")
+                if any(isinstance(pl, Partial) for pl in g.placements):
+                    raise ValueError(
+                        f"{where}: its grad has placements {g.placements}, with Partial (not yet "
+                        "reduced across ranks); GuardedAdamW needs Shard or Replicate gradients: "
+                        "reduce them first (e.g. grad.redistribute(placements=param.placements))"
+                    )
+                if tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+                    raise ValueError(
+                        f"{where}: grad placements {g.placements} on {g.device_mesh} differ from "
+                        f"the param's {p.placements} on {p.device_mesh}; the update runs on local "
+                        "shards, which must line up"
+                    )
+                if mesh is None:
+                    mesh = p.device_mesh
+                elif p.device_mesh != mesh:
+                    raise ValueError(
+                        f"{where} lives on {p.device_mesh}, another param on {mesh}: one "
+                        "GuardedAdamW takes one decision per call, so its DTensor params share one mesh"
+                    )
+        coordinate = mesh.get_coordinate()
+        if coordinate is None:
+            raise ValueError(f"this rank is not in the params' mesh {mesh}")
+        group = _mesh_group(mesh)
+
+        rows, local_rows, keep = 0, [], []
+        for group_tensors in groups:
+            for g in group_tensors.grads:
+                if g.numel() == 0:  # global numel: no row anywhere
+                    continue
+                if _local(g).numel() > 0:
+                    local_rows.append(rows)
+                placements = g.placements if is_dtensor(g) else [Replicate()] * mesh.ndim
+                keep.append(all(
+                    coordinate[d] == 0 for d, pl in enumerate(placements) if isinstance(pl, Replicate)
+                ))
+                rows += 1
+        index = None if len(local_rows) == rows else torch.tensor(local_rows, dtype=torch.long)
+        keep_t = None if all(keep) else torch.tensor(keep, dtype=torch.bool).reshape(-1, 1)
+        return _Layout(rows, index, keep_t, group)
+
+    def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
+        # Cached per device: a host -> device copy every call would be a sync on some devices.
+        key = (name, device)
+        if key not in self._cache:
+            self._cache[key] = t.to(device)
+        return self._cache[key]
+
+    def scatter(self, partials: Optional[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The local partials in their global rows, zeros elsewhere and in rows this rank does not count."""
+        if partials is not None:
+            device = partials.device
+        if partials is not None and self.index is None:
+            full = partials.to(dtype)
+        else:
+            full = torch.zeros((self.rows, 3), dtype=dtype, device=device)
+            if partials is not None and partials.shape[0] > 0:
+                full.index_copy_(0, self._on("index", self.index, device), partials.to(dtype))
+        if self.keep is not None:
+            # where, not a product: a NaN row times 0 would still be NaN
+            full = torch.where(self._on("keep", self.keep, device), full, torch.zeros((), dtype=dtype, device=device))
+        return full
+
+
+def _mesh_group(mesh):
+    """The process group spanning the whole mesh: one all_reduce covers every mesh dim."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    raise NotImplementedError(
+        f"a {mesh.ndim}-D mesh over {mesh.size()} of {dist.get_world_size()} ranks: GuardedAdamW "
+        "reduces telemetry over one process group; use a 1-D mesh or a mesh over all ranks"
+    )
+
+
+def init_state_(optimizer) -> None:
+    """Allocate zero AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) for every param of a
+    GuardedAdamW, without a step: DTensor params get DTensor states of the same placements.
+
+    Use it on a fresh optimizer before ``dcp.load`` so that ``optimizer.state_dict()`` is a
+    template with every tensor in place::
+
+        init_state_(opt)
+        sd = {"optim": opt.state_dict()}
+        dcp.load(sd, checkpoint_id=path)
+        opt.load_state_dict(sd["optim"])
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer._state_for(p)

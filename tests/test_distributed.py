@@ -1,0 +1,401 @@
+"""Distributed: the same guard decisions on every rank (DTensor / FSDP2 / DDP), equal to one process.
+
+Two CPU worker processes run each test in its own gloo group (127.0.0.1, a free port); each runs the
+sharded optimizer and, beside it, the unsharded one on the whole gradients, and asserts
+telemetry, skip counts and parameters equal (float64; 1e-12: sums of shards add in another
+order than the sum of the whole tensor, so the last bits may differ). Workers also compare
+their trajectories with each other's, bitwise. The process group is destroyed even on failure.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import socket
+import traceback
+from datetime import timedelta
+from typing import Callable, List
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.backends import availability
+from streams import random_stream  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+WORLD = 2
+RECORD = ("scale", "regime", "skipped_steps", "grad_ms", "ratio", "signed_mean", "grad_norm", "step")
+# (6,5), (17,): uneven shards; (1,): rank 1's shard is empty; (0,): no telemetry row at all;
+# (4,4) is Replicate: counted once.
+SHAPES = [(6, 5), (17,), (1,), (0,), (3,), (4, 4)]
+REPLICATED = 5
+
+
+def cpu_backends() -> List[str]:
+    return [b for b in ("reference", "cpp") if availability()[b] is None]
+
+
+# ------------------------------------------------------------------------------ harness
+# Two worker processes serve the whole module (starting a Python with torch costs seconds);
+# each test gets its own gloo process group on a fresh port, destroyed even when it fails.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, tasks, results) -> None:
+    torch.set_num_threads(1)
+    while (task := tasks.get()) is not None:
+        fn, args, port = task
+        try:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                timeout=timedelta(seconds=30),
+            )
+            try:
+                fn(rank, *args)
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+            results.put((rank, None))
+        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+            results.put((rank, traceback.format_exc()))
+
+
+class Ranks:
+    """``run(fn, *args)`` calls ``fn(rank, *args)`` on every rank inside a fresh process group."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.tasks = [ctx.Queue() for _ in range(WORLD)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, args=(r, self.tasks[r], self.results), daemon=True)
+                      for r in range(WORLD)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable, *args, timeout: float = 120) -> None:
+        port = _free_port()
+        for q in self.tasks:
+            q.put((fn, args, port))
+        errors = []
+        for _ in range(WORLD):
+            try:
+                rank, err = self.results.get(timeout=timeout)
+            except queue.Empty:
+                self.close()
+                pytest.fail(f"a rank did not finish {fn.__name__} within {timeout} s")
+            if err is not None:
+                errors.append(f"rank {rank}:\n{err}")
+        if errors:
+            pytest.fail("\n".join(errors), pytrace=False)
+
+    def close(self) -> None:
+        for q, p in zip(self.tasks, self.procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pool = Ranks()
+    yield pool
+    pool.close()
+
+
+def shard(t, mesh, placements):
+    """``t`` (the same on every rank) as a DTensor, each rank cutting its own shard: no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.clone(), mesh, placements, src_data_rank=None)
+
+
+def same_on_every_rank(value) -> None:
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, value)
+    assert all(repr(g) == repr(gathered[0]) for g in gathered), gathered
+
+
+def assert_close_records(ours, theirs) -> None:
+    assert len(ours) == len(theirs)
+    for k, (a, b) in enumerate(zip(ours, theirs), start=1):
+        for name, x, y in zip(RECORD, a, b):
+            if isinstance(x, float) and isinstance(y, float):
+                assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12), (
+                    f"call {k}: {name} {x} vs {y}"
+                )
+            else:
+                assert x == y, f"call {k}: {name} {x!r} vs {y!r}"
+
+
+def telemetry_row(opt) -> tuple:
+    t = opt.telemetry()
+    return tuple(t[k] for k in RECORD)
+
+
+def counting_all_reduce():
+    """Wrap dist.all_reduce; return the list its calls are appended to and an undo function."""
+    calls, original = [], dist.all_reduce
+
+    def wrapped(tensor, *a, **kw):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *a, **kw)
+
+    dist.all_reduce = wrapped
+    return calls, lambda: setattr(dist, "all_reduce", original)
+
+
+# ------------------------------------------------------------------------------ DTensor
+def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    sharded = [shard(p, mesh, placements_of(i)) for i, p in enumerate(full)]
+    kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend)
+    opt = GuardedAdamW(sharded, **kw)
+    ref = GuardedAdamW(full, **kw)
+    ours, theirs = [], []
+    calls, undo = counting_all_reduce()
+    try:
+        for grads in stream:
+            for p, q, g in zip(sharded, full, grads):
+                p.grad = shard(g, mesh, p.placements)
+                q.grad = g.clone()
+            opt.step()
+            ref.step()
+            ours.append(telemetry_row(opt))
+            theirs.append(telemetry_row(ref))
+    finally:
+        undo()
+    # skip_nonfinite=True: one all_reduce of [T, 3] per call, T = tensors of global numel > 0
+    rows = sum(1 for s in SHAPES if math.prod(s) > 0)
+    assert calls == [(rows, 3)] * len(stream)
+    assert_close_records(ours, theirs)
+    for p, q in zip(sharded, full):
+        torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key].full_tensor(), ref.state[q][key], rtol=1e-12, atol=1e-12)
+    same_on_every_rank(ours)
+    same_on_every_rank([p.full_tensor().tolist() for p in sharded])
+    return ours
+
+
+def _sharded_worker(rank, backends):
+    from torch.distributed.tensor import Replicate, Shard
+
+    def placements_of(i):
+        return [Replicate()] if i == REPLICATED else [Shard(0)]
+
+    # Call 3, 4, 9 spike, 6 flips; NaN at element 0 of (6, 5): on rank 0's shard only (call 11),
+    # and at the last element of (17,): on rank 1's shard only (call 13).
+    stream = random_stream(14, SHAPES, seed=5, spikes=(3, 4, 9), flips=(6,), nan_at=(11,))
+    stream[12][1][-1] = float("nan")
+    for backend in backends:
+        for gate in ("exact", "single_pass"):
+            for stats_freq in (1, 3):
+                ours = _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of)
+                regimes = [r[1] for r in ours]
+                assert regimes[10] == regimes[12] == "nonfinite" and ours[-1][2] == 2, regimes
+                if stats_freq == 1:  # the stream reaches every regime, so the test cannot pass by accident
+                    assert {"spike", "oscillation", "calm"} <= set(regimes), regimes
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_sharded_decisions_equal_unsharded(ranks, backend):
+    """Shard(0) DTensors (uneven, one empty local shard, one Replicate, a 0-element tensor) on
+    spike/flip/NaN streams, both gates: same telemetry, skips and params as one process; a NaN
+    on either rank's shard only makes every rank skip."""
+    ranks.run(_sharded_worker, [backend])
+
+
+def _refusals_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    p = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(0)])
+    opt = GuardedAdamW([p], backend="reference")
+    p.grad = DTensor.from_local(torch.ones(4, 3, dtype=torch.float64), mesh, [Partial()])
+    with pytest.raises(ValueError, match="Partial"):
+        opt.step()
+    p.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(1)])
+    with pytest.raises(ValueError, match="placements"):
+        opt.step()
+    assert torch.equal(p.full_tensor(), torch.ones(4, 3, dtype=torch.float64))
+    assert opt.state[p]["step"].item() == 0 if opt.state[p] else True
+
+
+def test_partial_or_mismatched_grads_are_refused(ranks):
+    ranks.run(_refusals_worker)
+
+
+# ------------------------------------------------------------------------------ FSDP2
+def _mlp():
+    torch.manual_seed(0)
+    # Linear(7, 1)'s bias has one element: under 2-way FSDP rank 1's shard of it is empty.
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).double()
+
+
+def _batches(calls):
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for k in range(1, calls + 1):
+        x = torch.randn(WORLD, 4, 5, generator=gen, dtype=torch.float64)
+        y = torch.randn(WORLD, 4, 1, generator=gen, dtype=torch.float64)
+        if k in (3, 7):
+            x = x * 30  # a spike
+        if k == 5:
+            x[1, 0, 0] = float("nan")  # rank 1's data only: every gradient is NaN after the reduction
+        out.append((x, y))
+    return out
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _fsdp2_worker(rank, backend, gate):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model, ref_model = _mlp(), _mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+    opt = GuardedAdamW(model.parameters(), **kw)
+    ref = GuardedAdamW(ref_model.parameters(), **kw)
+    ours, theirs = [], []
+    for x, y in _batches(9):
+        opt.zero_grad()
+        _loss(model, x[rank], y[rank]).backward()  # FSDP2 averages over ranks
+        opt.step()
+        ours.append(telemetry_row(opt))
+        ref.zero_grad()
+        (sum(_loss(ref_model, x[r], y[r]) for r in range(WORLD)) / WORLD).backward()
+        ref.step()
+        theirs.append(telemetry_row(ref))
+    assert any(p.to_local().numel() == 0 for p in model.parameters()) == (rank == 1)
+    assert_close_records(ours, theirs)
+    assert [r[1] for r in ours][4] == "nonfinite" and "spike" in [r[1] for r in ours]
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12)
+    same_on_every_rank(ours)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_fsdp2_fully_shard_matches_one_process(ranks, gate):
+    """fully_shard on CPU/gloo, real backward on each rank's half of the batch: the decisions and
+    parameters equal one process training on the whole batch."""
+    ranks.run(_fsdp2_worker, cpu_backends()[-1], gate)
+
+
+# ------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank, backend):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, ref_model = DDP(_mlp()), _mlp()
+    kw = dict(lr=1e-2, stats_freq=1, backend=backend)
+    opt = GuardedAdamW(model.parameters(), **kw)
+    ref = GuardedAdamW(ref_model.parameters(), **kw)
+    ours, theirs = [], []
+    calls, undo = counting_all_reduce()
+    try:
+        for x, y in _batches(9):
+            opt.zero_grad()
+            _loss(model, x[rank], y[rank]).backward()  # DDP averages the gradients
+            calls.clear()
+            opt.step()
+            assert calls == []  # the optimizer adds no communication under DDP
+            ours.append(telemetry_row(opt))
+            ref.zero_grad()
+            (sum(_loss(ref_model, x[r], y[r]) for r in range(WORLD)) / WORLD).backward()
+            ref.step()
+            theirs.append(telemetry_row(ref))
+    finally:
+        undo()
+    same_on_every_rank(ours)
+    same_on_every_rank([p.tolist() for p in model.parameters()])
+    assert_close_records(ours, theirs)
+    assert [r[1] for r in ours][4] == "nonfinite"
+
+
+def test_ddp_decisions_identical_on_every_rank(ranks):
+    ranks.run(_ddp_worker, cpu_backends()[-1])
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _dcp_worker(rank, path, backend):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from lbw_kernels.distributed import init_state_
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    placements = [[Replicate()] if i == REPLICATED else [Shard(0)] for i in range(len(SHAPES))]
+
+    def model(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [distribute_tensor(torch.randn(s, generator=gen, dtype=torch.float64), mesh, pl)
+                for s, pl in zip(SHAPES, placements)]
+
+    def run(opt, params, stream):
+        out = []
+        for grads in stream:
+            for p, g in zip(params, grads):
+                p.grad = shard(g, mesh, p.placements)
+            opt.step()
+            out.append(telemetry_row(opt))
+        return out
+
+    stream = random_stream(16, SHAPES, seed=1, spikes=(4, 12), flips=(8,), nan_at=(6, 14))
+    kw = dict(lr=1e-2, stats_freq=3, backend=backend)
+    params = model(0)
+    opt = GuardedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], **kw)
+    run(opt, params, stream[:8])
+    dcp.save({"params": dict(enumerate(params)), "optim": opt.state_dict()}, checkpoint_id=path)
+    straight = run(opt, params, stream[8:])
+
+    fresh = model(1)  # other values: the load must overwrite them
+    opt2 = GuardedAdamW([{"params": fresh[:2]}, {"params": fresh[2:], "weight_decay": 0.0}], **kw)
+    init_state_(opt2)
+    assert opt2.telemetry()["step"] == 0 and all(opt2.state[p]["step"].item() == 0 for p in fresh)
+    template = {"params": dict(enumerate(fresh)), "optim": opt2.state_dict()}
+    dcp.load(template, checkpoint_id=path)
+    opt2.load_state_dict(template["optim"])
+    assert opt2.telemetry()["step"] == 8 and opt2.telemetry()["skipped_steps"] == 1
+    resumed = run(opt2, fresh, stream[8:])
+    assert resumed == straight
+    assert [r[1] for r in straight].count("nonfinite") == 1
+    for a, b in zip(params, fresh):
+        assert torch.equal(a.to_local(), b.to_local())
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            x, y = opt.state[a][key], opt2.state[b][key]
+            assert type(x) is type(y) and torch.equal(_local(x), _local(y)), key
+    assert torch.equal(opt.state_dict()["guard"]["state"], opt2.state_dict()["guard"]["state"])
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def test_dcp_save_load_continue_identically(ranks, tmp_path):
+    """dcp.save of opt.state_dict() (DTensor states + the guard entry) on 2 ranks; a fresh
+    optimizer with init_state_ as the template loads it and continues bitwise identically."""
+    ranks.run(_dcp_worker, str(tmp_path / "ckpt"), cpu_backends()[-1])
