@@ -1,0 +1,340 @@
+"""The C++ backend (``backend="cpp"``) and, on a GPU, the CUDA one, against the reference.
+
+Kernel-level checks go through ``lbw_kernels.verify`` (the same checks ``lbw-kernels verify``
+runs): fresh random non-zero problems, odd sizes (1, 3, 4097, a 0-element tensor), 300
+tensors, both gates, every dtype, planted NaN/Inf, outputs poisoned with NaN before the
+kernels write them. Optimizer-level checks feed GuardedAdamW a scripted gradient stream.
+Everything skips, with the reason, when the extension is not built.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.backends import GroupTensors, ReferenceBackend, availability, get_backend
+from lbw_kernels.verify import ODD_SIZES, check_backend, clone_problem, make_problem, verify_backend, worst
+from streams import random_stream, run
+
+_reason = availability()["cpp"]
+pytestmark = pytest.mark.skipif(_reason is not None, reason=f"C++ extension not built: {_reason}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+MANY = tuple((int(n),) for n in torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.fixture
+def cpp():
+    return get_backend("cpp")
+
+
+@pytest.fixture
+def poisoned():
+    from lbw_kernels.cpp_backend import poisoned_outputs
+
+    with poisoned_outputs():
+        yield
+
+
+def _assert_no_mismatch(failures):
+    assert not failures, "\n".join(str(f) for f in failures[:10])
+
+
+# --------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_reference(cpp, poisoned, dtype, seed):
+    _assert_no_mismatch(check_backend(cpp, seed=seed, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((1,),), ((3,),), ((4097,),), ((0,), (5,)), ((16384,), (16385,), (40000,)), MANY],
+    ids=["1", "3", "4097", "empty+5", "chunk-edges", "300-tensors"],
+)
+def test_sizes(cpp, poisoned, shapes):
+    _assert_no_mismatch(check_backend(cpp, seed=3, shapes=shapes))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_planted(cpp, poisoned, bad, dtype):
+    _assert_no_mismatch(check_backend(cpp, seed=4, dtype=dtype, nonfinite_at=(1, 2, bad)))
+    grads = [g for g in make_problem(4, dtype=dtype, nonfinite_at=(1, 2, bad))[1].grads if g.numel()]
+    assert len(grads) == 2  # group 1 holds (3,), (0,), (2, 3, 5); the last one got the value
+    assert cpp.telemetry(grads, torch.float64)[:, 2].tolist() == [0.0, 1.0]
+
+
+def test_verify_suite(cpp):
+    _assert_no_mismatch(verify_backend(cpp, seeds=1))
+
+
+def test_contiguous_problems_never_touch_the_reference(cpp, monkeypatch):
+    """The kernels do the work: the reference fallback is not what makes the checks pass."""
+    import lbw_kernels.cpp_backend as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cpp backend fell back to the reference")
+
+    monkeypatch.setattr(module.reference, "adamw_", refuse)
+    monkeypatch.setattr(module.reference, "telemetry_partials", refuse)
+    problem = make_problem(0, dtype=torch.bfloat16)
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    cpp.telemetry([g for group in problem for g in group.grads if g.numel()], torch.float64)
+    cpp.adamw_(problem, scale=scale, skip=torch.tensor(0.0, dtype=torch.float64))
+    cpp.adamw_telemetry_(problem, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+
+
+def test_harness_catches_a_wrong_kernel(cpp):
+    """The checks can fail: a backend whose update uses lr*1.0001 or drops a row is caught."""
+
+    class WrongLr(type(cpp)):
+        def adamw_(self, groups, *, scale, skip):
+            super().adamw_(groups, scale=scale * 1.0001, skip=skip)
+
+    class DropsRow(type(cpp)):
+        def telemetry(self, grads, partials_dtype):
+            out = super().telemetry(grads, partials_dtype)
+            return torch.cat([out[:-1], torch.zeros_like(out[-1:])])
+
+    assert any("adamw_ skip=0" in f.what for f in check_backend(WrongLr(), seed=0))
+    assert any("telemetry" in f.what for f in check_backend(DropsRow(), seed=0))
+
+
+def test_poisoned_outputs_are_nan_until_written():
+    from lbw_kernels import _C
+    from lbw_kernels.cpp_backend import poisoned_outputs
+
+    with poisoned_outputs():
+        assert _C._set_poison_outputs(True) is True  # the mode is on inside the context
+        rows = torch.ops.lbw.telemetry([torch.ones(3), torch.ones(0), torch.full((5,), 2.0)])
+    assert _C._set_poison_outputs(False) is False
+    assert rows.tolist() == [[3.0, 3.0, 0.0], [20.0, 10.0, 0.0]]  # one row per non-empty grad
+
+
+def test_telemetry_bitwise_repeatable_across_thread_counts(cpp):
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(n, generator=gen) * 3 for n in (1, 4097, 300_001, 16384 * 7 + 1)]
+    grads.append(torch.randn(50_000, generator=gen).to(torch.bfloat16))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            results.append(cpp.telemetry(grads, torch.float64))
+            problem = make_problem(2, shapes=((300_001,), (70_000,), (5,)))
+            results.append(cpp.adamw_telemetry_(problem, scale=torch.tensor(0.5, dtype=torch.float64),
+                                                mask_nonfinite=True, partials_dtype=torch.float64))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[2::2]:
+        assert torch.equal(r, results[0])
+    for r in results[3::2]:
+        assert torch.equal(r, results[1])
+
+
+def test_mixed_dtypes_in_one_group_keep_telemetry_order(cpp):
+    """A group whose params mix dtypes is split per dtype; rows come back in group order."""
+    gen = torch.Generator().manual_seed(6)
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64, torch.bfloat16]
+    sizes = [7, 0, 4097, 3, 11]
+
+    def group():
+        params = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(sizes, dtypes)]
+        sdt = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
+        return GroupTensors(
+            params=params,
+            grads=[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params],
+            exp_avgs=[torch.zeros(p.shape, dtype=d) for p, d in zip(params, sdt)],
+            exp_avg_sqs=[torch.zeros(p.shape, dtype=d) for p, d in zip(params, sdt)],
+            steps=[torch.tensor(0.0) for _ in params],
+            lr=torch.tensor(1e-2), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False,
+        )
+
+    g = group()
+    scale = torch.tensor(0.9, dtype=torch.float64)
+    got = cpp.adamw_telemetry_([g], scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    want = ReferenceBackend().telemetry([x for x in g.grads if x.numel()], torch.float64)
+    assert worst(got, want, 1e-10, 1e-9) is None
+
+
+def test_non_contiguous_params_fall_back_to_the_reference(cpp):
+    problem = make_problem(8, shapes=((6, 5), (9,)), n_groups=1)
+    group = problem[0]
+    group.params[0] = group.params[0].t()  # a transposed view: not contiguous
+    group.grads[0] = group.grads[0].t()
+    group.exp_avgs[0] = group.exp_avgs[0].t()
+    group.exp_avg_sqs[0] = group.exp_avg_sqs[0].t()
+    actual, expected = clone_problem(problem), clone_problem(problem)
+    assert not actual[0].params[0].is_contiguous()
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    cpp.adamw_(actual, scale=scale, skip=None)
+    ReferenceBackend().adamw_(expected, scale=scale, skip=None)
+    for x, y in zip(actual[0].params, expected[0].params):
+        assert worst(x, y, 2.5e-7, 2.5e-7) is None
+
+
+def test_bad_arguments_raise_clear_errors():
+    p = torch.zeros(4)
+    s = torch.tensor(0.0)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="same length"):
+        torch.ops.lbw.adamw_([p], [p], [p], [p, p], [s], one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="exp_avgs\\[0\\] must be Float"):
+        torch.ops.lbw.adamw_([p], [p], [p.double()], [p], [s], one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        q = torch.zeros(4, 4)
+        torch.ops.lbw.telemetry([q.t()])
+    with pytest.raises(RuntimeError, match="grads must be float32"):
+        torch.ops.lbw.telemetry([torch.zeros(3, dtype=torch.int32)])
+
+
+# --------------------------------------------------------------------------- optimizer
+def _stream_run(backend, gate, dtype=torch.float32):
+    shapes = [(33, 17), (4097,), (1,), (0,), (5, 3)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    groups = [
+        {"params": params[:2], "weight_decay": 0.1},
+        {"params": params[2:], "lr": torch.tensor(3e-3), "betas": (0.8, 0.99), "maximize": True},
+    ]
+    opt = GuardedAdamW(groups, lr=1e-2, backend=backend, gate=gate, stats_freq=3)
+    stream = random_stream(24, shapes, seed=1, dtype=dtype, spikes=(5, 14), flips=(8, 9, 17), nan_at=(11,))
+    record = run(opt, params, stream, record=("scale", "regime", "skipped_steps", "grad_ms", "signed_mean"))
+    return params, opt, record
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_optimizer_matches_reference_over_a_scripted_stream(gate):
+    params, opt, got = _stream_run("cpp", gate)
+    ref_params, ref_opt, want = _stream_run("reference", gate)
+    regimes = [r[1] for r in want]
+    assert {"spike", "oscillation", "nonfinite", "calm"} <= set(regimes)  # the stream exercises all
+    for (s, r, k, ms, sm), (s2, r2, k2, ms2, sm2) in zip(got, want):
+        assert (r, k) == (r2, k2)
+        assert s == pytest.approx(s2, rel=1e-12)
+        assert ms == pytest.approx(ms2, rel=1e-9, nan_ok=True)
+        assert sm == pytest.approx(sm2, rel=1e-9, abs=1e-15, nan_ok=True)
+    for a, b in zip(params, ref_params):
+        # 24 fp32 steps: a few ulps of drift; the states too
+        assert worst(a, b, 2e-6, 2e-6) is None
+    for a, b in zip(params, ref_params):
+        sa, sb = opt.state[a], ref_opt.state[b]
+        assert torch.equal(sa["step"], sb["step"])
+        assert worst(sa["exp_avg"], sb["exp_avg"], 1e-6, 1e-5) is None
+
+
+def test_auto_picks_cpp_on_cpu():
+    opt = GuardedAdamW([torch.zeros(3, requires_grad=True)])
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    assert opt._backend_for(torch.device("cpu")).name in ("cpp", "triton")  # highest priority wins
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.fixture
+def cuda_backend():
+    reason = availability()["cuda"]
+    if reason is not None:
+        pytest.skip(reason)
+    return get_backend("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_cuda_matches_reference(cuda_backend, poisoned, dtype):
+    for seed in (0, 1):
+        _assert_no_mismatch(check_backend(cuda_backend, seed=seed, dtype=dtype, device="cuda"))
+    _assert_no_mismatch(check_backend(cuda_backend, seed=2, shapes=MANY, device="cuda"))
+    _assert_no_mismatch(check_backend(cuda_backend, seed=3, device="cuda", nonfinite_at=(0, 2, float("nan"))))
+    _assert_no_mismatch(check_backend(cuda_backend, seed=3, shapes=((1 << 20) + 3, (65536,), (65537,)), device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_telemetry_bitwise_repeatable(cuda_backend):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(n, device="cuda", generator=gen) for n in (3, 1 << 20, 65537)]
+    first = cuda_backend.telemetry(grads, torch.float64)
+    for _ in range(3):
+        assert torch.equal(cuda_backend.telemetry(grads, torch.float64), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_matches_triton(cuda_backend, dtype):
+    reason = availability()["triton"]
+    if reason is not None:
+        pytest.skip(reason)
+    triton = get_backend("triton")
+    problem = make_problem(5, shapes=ODD_SIZES + ((1 << 20) + 1,), dtype=dtype, device="cuda")
+    scale = torch.tensor(0.6, dtype=torch.float64, device="cuda")
+    a, b = clone_problem(problem), clone_problem(problem)
+    pa = cuda_backend.adamw_telemetry_(a, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    pb = triton.adamw_telemetry_(b, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    assert worst(pa, pb, 1e-10, 1e-9) is None
+    from lbw_kernels.verify import PARAM_TOLERANCES
+
+    for ga, gb in zip(a, b):
+        for x, y in zip(ga.params, gb.params):
+            assert worst(x, y, *(2 * t for t in PARAM_TOLERANCES[dtype])) is None
+
+
+def _gpu_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 257), torch.nn.GELU(), torch.nn.Linear(257, 3)).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_cuda_step_never_syncs(cuda_backend, gate):
+    model = _gpu_model()
+    opt = GuardedAdamW(model.parameters(), lr=1e-3, backend="cuda", gate=gate, stats_freq=1)
+    model(torch.randn(32, 64, device="cuda")).square().mean().backward()
+    opt.step()  # warm-up: chunk tables built and uploaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate):
+    model = _gpu_model()
+    twin = copy.deepcopy(model)
+    opt = GuardedAdamW(model.parameters(), lr=1e-2, backend="cuda", gate=gate, stats_freq=1)
+    twin_opt = GuardedAdamW(twin.parameters(), lr=1e-2, backend="cuda", gate=gate, stats_freq=1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k == 3 else 1)
+              for p in model.parameters()] for k in range(6)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p, g in zip(model.parameters(), grads[0]):
+            p.grad.copy_(g)
+        opt.step()  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(side)
+    for p, g in zip(twin.parameters(), grads[0]):
+        p.grad = g.clone()
+    twin_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(1, 6):
+        for p, g in zip(model.parameters(), grads[k]):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(twin.parameters(), grads[k]):
+            p.grad = g.clone()
+        twin_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt._guard, twin_opt._guard)
