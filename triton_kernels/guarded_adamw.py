@@ -133,20 +133,22 @@ def _guarded_adamw_kernel(
     offs = tl.arange(0, BLOCK)
     acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
     acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
-    n_full = n // BLOCK
-    for i in range(0, n_full):
-        acc_sq, acc_sum = _adamw_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, i * BLOCK + offs, None,
-            step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-            acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
-        )
-    tail = n_full * BLOCK + offs
-    if n_full * BLOCK < n:
-        acc_sq, acc_sum = _adamw_block(
-            p_ptr, g_ptr, m_ptr, v_ptr, tail, tail < n,
-            step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-            acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
-        )
+    # Whole blocks unmasked (vector loads/stores), the last partial one masked. The trip count
+    # is a constant (never a value read from memory) and the branch is uniform per program.
+    for i in range(0, CHUNK // BLOCK):
+        lo = i * BLOCK
+        if lo + BLOCK <= n:
+            acc_sq, acc_sum = _adamw_block(
+                p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, None,
+                step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+                acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+            )
+        elif lo < n:
+            acc_sq, acc_sum = _adamw_block(
+                p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, lo + offs < n,
+                step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+                acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+            )
     if TELEMETRY:
         out = tl.load(row + 2)
         tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))

@@ -53,12 +53,16 @@ def _telemetry_chunks_kernel(
     offs = tl.arange(0, BLOCK)
     acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
     acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
-    # Full blocks unmasked (vectorised), then one masked tail.
-    n_full = n // BLOCK
-    for i in range(0, n_full):
-        acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + i * BLOCK + offs), acc_sq, acc_sum)
-    tail = n_full * BLOCK + offs
-    acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + tail, mask=tail < n, other=0.0), acc_sq, acc_sum)
+    # Whole blocks unmasked (vectorised), the last partial one masked. The trip count is a
+    # constant (the loop bound never comes from memory) and the branch is uniform per program.
+    for i in range(0, CHUNK // BLOCK):
+        lo = i * BLOCK
+        if lo + BLOCK <= n:
+            acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + lo + offs), acc_sq, acc_sum)
+        elif lo < n:
+            acc_sq, acc_sum = accumulate_telemetry(
+                tl.load(g_ptr + lo + offs, mask=lo + offs < n, other=0.0), acc_sq, acc_sum
+            )
     tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))
     tl.store(workspace + out * 2 + 1, tl.sum(acc_sum, axis=0))
 
@@ -69,7 +73,7 @@ def _reduce_partials_kernel(
     first_chunk,  # [T + 1] int64
     out,  # [T, 3] partials (float64 or float32)
     n_tensors,
-    max_chunks,  # most chunks any one tensor has (host-known, fixed per plan)
+    ITERS: tl.constexpr,  # >= ceil(most chunks of one tensor / RBLOCK), a power of two
     TENSORS: tl.constexpr,  # tensors per program
     RBLOCK: tl.constexpr,  # chunk rows per tensor per iteration
 ):
@@ -81,8 +85,8 @@ def _reduce_partials_kernel(
     acc_sq = tl.zeros([TENSORS, RBLOCK], dtype=tl.float64)
     acc_sum = tl.zeros([TENSORS, RBLOCK], dtype=tl.float64)
     # Every tensor's rows are added in the same fixed order: lane j takes rows j, j+RBLOCK, ...
-    for c in range(0, max_chunks, RBLOCK):
-        rows = c0[:, None] + c + offs[None, :]
+    for i in range(0, ITERS):
+        rows = c0[:, None] + i * RBLOCK + offs[None, :]
         mask = rows < c1[:, None]
         acc_sq += tl.load(workspace + rows * 2, mask=mask, other=0.0)
         acc_sum += tl.load(workspace + rows * 2 + 1, mask=mask, other=0.0)
@@ -114,7 +118,9 @@ def reduce_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Ten
     if layout.n_tensors:
         geo = geometry()
         _reduce_partials_kernel[(triton.cdiv(layout.n_tensors, geo.reduce_tensors),)](
-            layout.workspace, layout.first_chunk, out, layout.n_tensors, layout.max_chunks,
+            layout.workspace, layout.first_chunk, out, layout.n_tensors,
+            # A power of two: few specialisations across layouts; surplus iterations are masked.
+            ITERS=triton.next_power_of_2(triton.cdiv(layout.max_chunks, geo.reduce_block)),
             TENSORS=geo.reduce_tensors, RBLOCK=geo.reduce_block, num_warps=geo.reduce_warps,
         )
     return out
