@@ -35,6 +35,7 @@ zero gradients, which counts as a guard call.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import List, Optional, Sequence
 
@@ -44,14 +45,12 @@ from torch import Tensor
 
 from .backends import GroupTensors
 
-try:  # torch.distributed may be built without DTensor (some macOS / mobile builds)
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = Partial = Replicate = None
-
 
 def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No tensor is a DTensor until torch.distributed.tensor is imported; checking sys.modules
+    # keeps that import (most of a second) out of `import lbw_kernels` and out of step().
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -129,6 +128,8 @@ class _Layout:
 
     @staticmethod
     def build(groups: Sequence[GroupTensors]) -> "_Layout":
+        from torch.distributed.tensor import Partial, Replicate
+
         mesh = None
         for gi, group in enumerate(groups):
             for pi, (p, g) in enumerate(zip(group.params, group.grads)):
