@@ -75,7 +75,9 @@ class ShardedTelemetry:
         self.active = False  # whether this call's tensors include a DTensor
 
     def local_groups(self, groups: Sequence[GroupTensors]) -> List[GroupTensors]:
-        self.active = any(is_dtensor(p) for group in groups for p in group.params)
+        self.active = any(
+            is_dtensor(p) or is_dtensor(g) for group in groups for p, g in zip(group.params, group.grads)
+        )
         if not self.active:
             return list(groups)
         key = _layout_key(groups)
