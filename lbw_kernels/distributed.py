@@ -74,10 +74,10 @@ class ShardedTelemetry:
         self._layout: Optional[_Layout] = None
         self.active = False  # whether this call's tensors include a DTensor
 
-    def local_groups(self, groups: Sequence[GroupTensors]) -> List[GroupTensors]:
-        self.active = any(
-            is_dtensor(p) or is_dtensor(g) for group in groups for p, g in zip(group.params, group.grads)
-        )
+    def local_groups(self, groups: Sequence[GroupTensors], has_dtensor: bool) -> List[GroupTensors]:
+        """``has_dtensor``: whether any param or grad of the call is a DTensor (the optimizer's
+        step plan knows it without walking the tensors every call)."""
+        self.active = has_dtensor
         if not self.active:
             return list(groups)
         key = _layout_key(groups)

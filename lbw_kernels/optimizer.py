@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .backends import Backend, GroupTensors, get_backend, nonempty_grads, select_backend
+from .backends import Backend, get_backend, nonempty_grads, select_backend
 from .distributed import ShardedTelemetry
+from .step_plan import StepPlan, check_grads_cheaply, presence_key
 from .validation import (
-    check_grad,
     check_group_hyperparameters,
     check_guard_config,
     check_params,
@@ -104,7 +104,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._guard = ref.new_guard_state(device)
         self._calls = 0
         self._backends: Dict[torch.device, Backend] = {}
-        self._numels: tuple = ((), None)  # (numels of the telemetry tensors, that as a tensor)
+        self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
 
     # ------------------------------------------------------------------ param groups
@@ -119,45 +119,13 @@ class GuardedAdamW(torch.optim.Optimizer):
         existing = [p for g in self.param_groups for p in g["params"]]
         check_params(existing + group["params"], "params")
         super().add_param_group(group)
+        self._plan = None
 
     # ------------------------------------------------------------------ step
     def _backend_for(self, device: torch.device) -> Backend:
         if device not in self._backends:
             self._backends[device] = select_backend(self.backend, device)
         return self._backends[device]
-
-    def _collect(self) -> List[GroupTensors]:
-        """The groups' tensors that take part in this call; checks every gradient before any
-        state is created, so a bad one leaves the optimizer as it was."""
-        with_grad = []
-        for gi, group in enumerate(self.param_groups):
-            ps = [p for p in group["params"] if p.grad is not None]
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    check_grad(p, gi, pi)
-            with_grad.append(ps)
-        out = []
-        for group, ps in zip(self.param_groups, with_grad):
-            if not ps:
-                continue
-            states = [self._state_for(p) for p in ps]
-            beta1, beta2 = group["betas"]
-            out.append(
-                GroupTensors(
-                    params=ps,
-                    grads=[p.grad for p in ps],
-                    exp_avgs=[s["exp_avg"] for s in states],
-                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
-                    steps=[s["step"] for s in states],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                )
-            )
-        return out
 
     def _state_for(self, p: Tensor) -> Dict[str, Tensor]:
         state = self.state[p]
@@ -168,12 +136,12 @@ class GuardedAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
-    def _numels_tensor(self, grads: List[Tensor]) -> Tensor:
-        # Cached: rebuilding it would copy host -> device every call.
-        key = tuple(g.numel() for g in grads)
-        if self._numels[0] != key or self._numels[1].device != self._guard.device:
-            self._numels = (key, torch.tensor(key, dtype=self._guard.dtype).to(self._guard.device))
-        return self._numels[1]
+    def _plan_for(self, grads_per_group) -> StepPlan:
+        key = presence_key(self.param_groups, grads_per_group)
+        if self._plan is None or self._plan.key != key:
+            numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
+            self._plan = StepPlan(key, self.param_groups, grads_per_group, self._state_for, numels)
+        return self._plan
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -182,22 +150,26 @@ class GuardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self._collect()
+        grads_per_group = [[p.grad for p in group["params"]] for group in self.param_groups]
+        check_grads_cheaply(self.param_groups, grads_per_group)
+        plan = self._plan_for(grads_per_group)
         self._calls += 1
-        if not groups:
+        if not plan.groups:
             return loss
-        device = groups[0].params[0].device
-        if self._guard.device != device:  # the model was moved after construction
+        device = plan.groups[0].params[0].device
+        if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
+            self._plan = None
+            plan = self._plan_for(grads_per_group)
         backend = self._backend_for(device)
         cfg = self.guard_config
-        # Rows of the telemetry: gradients of global numel > 0 (a DTensor's numel is global), so
-        # every rank has the same rows; backends work on the local shards (distributed.py).
-        grads = nonempty_grads(groups)
-        groups = self._sharded.local_groups(groups)
+        groups = plan.group_tensors(self.param_groups, grads_per_group)
+        # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
+        # rank has the same rows; backends work on the local shards (distributed.py).
+        analyze = plan.telemetry_rows > 0 and cfg.is_telemetry_call(self._calls)
+        check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
+        groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = nonempty_grads(groups)
-        analyze = bool(grads) and cfg.is_telemetry_call(self._calls)
-        check_finite = bool(grads) and cfg.skip_nonfinite
         guard = self._guard
         scale = guard[ref.SCALE]
 
@@ -206,7 +178,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             if analyze or check_finite:
                 partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
+                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
@@ -219,7 +191,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 partials = None
             if analyze or check_finite:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, self._numels_tensor(grads), cfg.use_max_rms)
+                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
         return loss
 
@@ -270,7 +242,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 state_dict = result
         groups, state, guard, calls = self._checked_state(state_dict)
         self.__setstate__({"state": state, "param_groups": groups})
-        self._guard, self._calls = guard, calls
+        self._guard, self._calls, self._plan = guard, calls, None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

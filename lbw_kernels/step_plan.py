@@ -1,0 +1,117 @@
+"""Which tensors take part in a call, and their AdamW state: built once, reused every call.
+
+Walking every parameter in Python each call (validating it, looking up its state, counting its
+elements) costs milliseconds on a model of a few thousand tensors: more than the fused update
+itself. A :class:`StepPlan` holds what does not change from call to call while the same
+parameters have gradients: the per-group lists of params and states, the telemetry rows and
+their element counts (on the device). A call only gathers the ``.grad`` of each param and checks
+them cheaply; the plan is rebuilt when which params have a gradient changes, when a group is
+added, or when state is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import GroupTensors
+from .distributed import is_dtensor
+from .validation import check_grad
+
+
+@dataclass
+class _GroupPlan:
+    group_index: int
+    positions: Optional[List[int]]  # params (by position) with a grad; None: all of them
+    params: List[Tensor]
+    exp_avgs: List[Tensor]
+    exp_avg_sqs: List[Tensor]
+    steps: List[Tensor]
+    telemetry_rows: List[int]  # positions in `params` of tensors with elements (global numel)
+
+
+def presence_key(param_groups: Sequence[dict], grads_per_group: Sequence[List[Optional[Tensor]]]) -> tuple:
+    """What a plan depends on: each group's params list, and which of them have a grad."""
+    key = []
+    for group, grads in zip(param_groups, grads_per_group):
+        # `None in grads` would compare tensors with ==; identity checks are ~400x cheaper.
+        missing = any(g is None for g in grads)
+        key.append((id(group["params"]), len(grads), tuple(g is not None for g in grads) if missing else None))
+    return tuple(key)
+
+
+class StepPlan:
+    def __init__(
+        self,
+        key: tuple,
+        param_groups: Sequence[dict],
+        grads_per_group: Sequence[List[Optional[Tensor]]],
+        state_for: Callable[[Tensor], Dict[str, Tensor]],
+        device_numels: Callable[[List[int]], Tensor],
+    ):
+        """Checks every gradient first (so a bad one leaves no state behind), then creates the
+        state of params that have none."""
+        for gi, grads in enumerate(grads_per_group):
+            for pi, (p, g) in enumerate(zip(param_groups[gi]["params"], grads)):
+                if g is not None:
+                    check_grad(p, gi, pi)
+        self.key = key
+        self.groups: List[_GroupPlan] = []
+        numels: List[int] = []
+        for gi, (group, grads) in enumerate(zip(param_groups, grads_per_group)):
+            positions = [i for i, g in enumerate(grads) if g is not None]
+            if not positions:
+                continue
+            params = [group["params"][i] for i in positions]
+            states = [state_for(p) for p in params]
+            rows = [i for i, p in enumerate(params) if p.numel() > 0]  # a DTensor's numel is global
+            numels += [params[i].numel() for i in rows]
+            self.groups.append(
+                _GroupPlan(
+                    group_index=gi,
+                    positions=None if len(positions) == len(grads) else positions,
+                    params=params,
+                    exp_avgs=[s["exp_avg"] for s in states],
+                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    steps=[s["step"] for s in states],
+                    telemetry_rows=rows,
+                )
+            )
+        self.telemetry_rows = len(numels)
+        self.numels = device_numels(numels) if numels else None
+        self.device = self.groups[0].params[0].device if self.groups else None
+        self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
+            is_dtensor(g) for grads in grads_per_group for g in grads if g is not None
+        )
+
+    def group_tensors(self, param_groups: Sequence[dict], grads_per_group) -> List[GroupTensors]:
+        """This call's GroupTensors: the plan's lists, this call's grads and hyper-parameters."""
+        out = []
+        for gp in self.groups:
+            group, grads = param_groups[gp.group_index], grads_per_group[gp.group_index]
+            if gp.positions is not None:
+                grads = [grads[i] for i in gp.positions]
+            beta1, beta2 = group["betas"]
+            out.append(
+                GroupTensors(
+                    params=gp.params, grads=grads, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
+                    steps=gp.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                )
+            )
+        return out
+
+
+def check_grads_cheaply(param_groups: Sequence[dict], grads_per_group) -> None:
+    """Every call: dense, real gradients (torch itself refuses a .grad of another shape or
+    device). One pass over the grads' (layout, dtype); the full check names the culprit."""
+    kinds = {(g.layout, g.dtype) for grads in grads_per_group for g in grads if g is not None}
+    if all(layout == torch.strided and not dtype.is_complex for layout, dtype in kinds):
+        return
+    for gi, grads in enumerate(grads_per_group):
+        for pi, (p, g) in enumerate(zip(param_groups[gi]["params"], grads)):
+            if g is not None:
+                check_grad(p, gi, pi)
