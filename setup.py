@@ -49,7 +49,9 @@ def ext_modules():
     ]
     # -ffp-contract=off: the kernels place their fused multiply-adds explicitly (guard_math.h),
     # so every instruction set rounds the same way and telemetry is bitwise repeatable.
-    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    # -fno-trapping-math lets the masked loops compute both sides of a select (no FP traps
+    # are enabled in torch); values are unchanged.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     define_macros = []
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"

@@ -57,10 +57,11 @@ LBW_HD float bits_float(uint32_t u) {
 LBW_HD float to_float(bf16_t x) { return bits_float(uint32_t(x.bits) << 16); }
 
 LBW_HD bf16_t bf16_from_float(float x) {
-  uint32_t u = float_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round half to even on the dropped 16 bits
-  return bf16_t{uint16_t(u >> 16)};
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // half to even
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  // a select, not a branch, so loops over bf16 vectorise
+  return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 LBW_HD float to_float(f16_t x) {

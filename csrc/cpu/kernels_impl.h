@@ -1,6 +1,8 @@
 // The bodies of the CPU kernels declared in multi_tensor_cpu.h. Included once per
 // instruction set by kernels_<isa>.cpp with LBW_CPU_KERNELS_FN naming the table it defines;
 // everything here is static (internal linkage) so the copies never mix.
+#include <cstring>
+
 #include "multi_tensor_cpu.h"
 
 #ifndef LBW_CPU_KERNELS_FN
@@ -13,8 +15,11 @@ namespace {
 
 // Fixed-order sum of the lanes (a pairwise tree), the same on every machine.
 inline double sum_lanes(const double* x) {
-  static_assert(kLanes == 8, "tree below assumes 8 lanes");
-  return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+  double y[kLanes / 2];
+  for (int j = 0; j < kLanes / 2; ++j) y[j] = x[j] + x[j + kLanes / 2];
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) y[j] = y[j] + y[j + w];
+  return y[0];
 }
 
 // Chunk partials -> one [sumsq, sum, nonfinite] row per non-empty tensor, in tensor order.
@@ -34,16 +39,72 @@ void combine_partials(const ChunkTable& table, const double* ws, double* out) {
   }
 }
 
+// Four doubles, as one AVX2 register (two SSE2 registers on the baseline build): the lanes
+// of the telemetry sums are written out so that the compiler cannot reorder them, and every
+// instruction set adds the same numbers in the same order.
+typedef double d4 __attribute__((vector_size(32)));
+typedef float f4 __attribute__((vector_size(16)));
+typedef uint32_t u4 __attribute__((vector_size(16)));
+typedef uint16_t h4 __attribute__((vector_size(8)));
+
+inline d4 load4(const float* g) {
+  f4 x;
+  std::memcpy(&x, g, sizeof(x));
+  return __builtin_convertvector(x, d4);
+}
+inline d4 load4(const double* g) {
+  d4 x;
+  std::memcpy(&x, g, sizeof(x));
+  return x;
+}
+inline d4 load4(const bf16_t* g) {
+  h4 x;
+  std::memcpy(&x, g, sizeof(x));
+  const u4 bits = __builtin_convertvector(x, u4) << 16;
+  f4 f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return __builtin_convertvector(f, d4);
+}
+inline d4 load4(const f16_t* g) {
+  return d4{double(to_float(g[0])), double(to_float(g[1])), double(to_float(g[2])), double(to_float(g[3]))};
+}
+
+// Telemetry lanes: kLanes doubles of sum g^2 and of sum g, as four accumulators of four
+// lanes each (four independent chains keep the adders busy). Element i + j of a block goes to
+// lane j, tail element j to lane j; the lanes then add up in a fixed tree.
+struct Lanes {
+  static_assert(kLanes == 16, "four d4 accumulators");
+  d4 sq[4] = {}, s[4] = {};
+
+  // Adds one block of kLanes elements; returns whether all of them are finite.
+  template <class G>
+  bool block(const G* g) {
+    d4 zero = {};
+    for (int a = 0; a < 4; ++a) {
+      const d4 x = load4(g + 4 * a);
+      sq[a] += x * x;
+      s[a] += x;
+      zero += x - x;  // stays 0 unless an element is NaN or Inf
+    }
+    return (zero[0] + zero[1]) + (zero[2] + zero[3]) == 0.0;
+  }
+  template <class G>
+  void finish(const G* tail, int64_t n, double* out2) const {
+    double sql[kLanes], sl[kLanes];
+    std::memcpy(sql, sq, sizeof(sql));
+    std::memcpy(sl, s, sizeof(sl));
+    for (int64_t j = 0; j < n; ++j) accumulate(sql[j], sl[j], load_as<double>(tail[j]));
+    out2[0] = sum_lanes(sql);
+    out2[1] = sum_lanes(sl);
+  }
+};
+
 template <class G>
 void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
-  double sq[kLanes] = {}, s[kLanes] = {};
+  Lanes lanes;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) accumulate(sq[j], s[j], load_as<double>(g[i + j]));
-  }
-  for (int j = 0; i < n; ++i, ++j) accumulate(sq[j], s[j], load_as<double>(g[i]));
-  out2[0] = sum_lanes(sq);
-  out2[1] = sum_lanes(s);
+  for (; i + kLanes <= n; i += kLanes) lanes.block(g + i);
+  lanes.finish(g + i, n - i, out2);
 }
 
 void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf) {
@@ -64,34 +125,43 @@ void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double
   combine_partials(table, ws, out);
 }
 
-// One chunk of the update, in one fused loop over p, g, m, v. MASK: single_pass's
-// per-element non-finite mask; TEL: also accumulate the partials of the gradients as read
-// (before maximize's sign flip).
-template <bool MASK, bool TEL, class P, class M>
-void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
-                  int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
-  double sq[kLanes] = {}, s[kLanes] = {};
-  auto one = [&](int64_t i, int j) {
-    const M gi = load_as<M>(g[i]);
-    if (TEL) accumulate(sq[j], s[j], load_as<double>(g[i]));
+template <bool MASK, class P, class M>
+inline void update_elements(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
+                            int64_t n, const AdamWCoeffs<M>& c, M sign) {
+  for (int64_t i = 0; i < n; ++i) {
     M pi = load_as<M>(p[i]), mi = m[i], vi = v[i];
     if (MASK)
-      adamw_element_masked(pi, gi * sign, mi, vi, c);
+      adamw_element_masked(pi, load_as<M>(g[i]) * sign, mi, vi, c);
     else
-      adamw_element(pi, gi * sign, mi, vi, c);
+      adamw_element(pi, load_as<M>(g[i]) * sign, mi, vi, c);
     store_from(p[i], pi);
     m[i] = mi;
     v[i] = vi;
-  };
+  }
+}
+
+// One chunk of the update in one fused loop over p, g, m, v (MASK: single_pass's per-element
+// non-finite mask). TEL: the loop also sums the gradients as read (before maximize's sign
+// flip) into the telemetry lanes; that work hides behind the update's divisions and square
+// roots, and gives the same bits as the telemetry pass.
+template <bool MASK, bool TEL, class P, class M>
+void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
+                  int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
+  if (!TEL) {
+    update_elements<MASK>(p, g, m, v, n, c, sign);
+    return;
+  }
+  Lanes lanes;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) one(i + j, j);
+    // With the mask on, only a block holding a NaN/Inf takes the masked (slower) loop.
+    if (lanes.block(g + i) || !MASK)
+      update_elements<false>(p + i, g + i, m + i, v + i, kLanes, c, sign);
+    else
+      update_elements<MASK>(p + i, g + i, m + i, v + i, kLanes, c, sign);
   }
-  for (int j = 0; i < n; ++i, ++j) one(i, j);
-  if (TEL) {
-    out2[0] = sum_lanes(sq);
-    out2[1] = sum_lanes(s);
-  }
+  lanes.finish(g + i, n - i, out2);
+  update_elements<MASK>(p + i, g + i, m + i, v + i, n - i, c, sign);
 }
 
 template <bool MASK, bool TEL, class P>

@@ -23,7 +23,7 @@ namespace cpu {
 // 16K elements: p, g, m, v of an fp32 chunk are 256 KiB, which stays in L2 while one fused
 // loop reads and writes them.
 constexpr int64_t kChunk = 16384;
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;
 
 struct Chunk {
   int32_t tensor;
