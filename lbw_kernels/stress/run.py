@@ -323,7 +323,8 @@ def add_parser(subparsers) -> None:
                    help="comma list of seeds; each seeds the init, the base model and the batch order (default 0)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python stdlib's sources)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for --quick on CPU, else torch's default)")
     p.add_argument("--out", default="lbw-runs/stress", help="folder for stress.json, PNGs and the cached base model")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -347,8 +348,14 @@ def main(args: argparse.Namespace) -> int:
     lrs = _floats(args.lrs) if args.lrs else [args.base_lr * m for m in DEFAULT_LR_MULTS]
     modes = ["pretrain", "finetune"] if args.mode == "both" else [args.mode]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if threads is None and device.type == "cpu" and args.preset == "quick":
+        # The quick model is too small to gain from intra-op threads, and on a shared machine
+        # each parallel op waits for a descheduled thread: measured on 2 busy cores, 1 thread
+        # took 146-169 s for the quick grid, 2 threads 711 s.
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -401,6 +408,7 @@ def main(args: argparse.Namespace) -> int:
         "environment": environment(device),
         "command_args": {k: v for k, v in vars(args).items() if k != "func"},
         "model": {**asdict(cfg), "params": n_params},
+        "cpu_threads": torch.get_num_threads(),
         "settings": {**asdict(settings), "base_steps": base_settings.steps, "base_lr": args.base_lr,
                      "lrs": lrs, "arms": arms, "modes": modes, "seeds": seeds,
                      "val_windows": len(val_offs), "diverged_if_val_loss_above": LN256},
