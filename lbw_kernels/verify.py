@@ -109,9 +109,9 @@ def clone_problem(groups: Sequence[GroupTensors], dtype: Optional[torch.dtype] =
     ]
 
 
-def worst(actual: Tensor, expected: Tensor, atol: float, rtol: float) -> Optional[str]:
-    """None when ``|actual - expected| <= atol + rtol*|expected|`` everywhere (NaN matches NaN),
-    else a description of the worst element."""
+def worst(actual: Tensor, expected: Tensor, atol: float | Tensor, rtol: float) -> Optional[str]:
+    """None when ``|actual - expected| <= atol + rtol*|expected|`` everywhere (NaN matches NaN;
+    ``atol`` may be a per-element float64 CPU tensor), else a description of the worst element."""
     a = actual.detach().to("cpu", torch.float64).reshape(-1)
     e = expected.detach().to("cpu", torch.float64).reshape(-1)
     if a.shape != e.shape:
@@ -124,7 +124,8 @@ def worst(actual: Tensor, expected: Tensor, atol: float, rtol: float) -> Optiona
     if a.numel() == 0 or excess.max() <= 0:
         return None
     i = int(excess.argmax())
-    return f"worst element {i}: got {a[i].item()!r}, expected {e[i].item()!r} (|diff| {diff[i].item():.3g}, atol {atol}, rtol {rtol})"
+    bound = atol[i].item() if isinstance(atol, Tensor) else atol
+    return f"worst element {i}: got {a[i].item()!r}, expected {e[i].item()!r} (|diff| {diff[i].item():.3g}, atol {bound:.3g}, rtol {rtol})"
 
 
 def compare_groups(actual, expected, dtype, what: str) -> List[Mismatch]:
@@ -189,9 +190,76 @@ def check_backend(
     return failures
 
 
+# Multi-step runs compare a backend with the reference in the SAME dtype: both round the param
+# once per step, so they differ only where fp32 math ordering flips a rounding, by one ulp that
+# may persist: two ulps of slack. A store that truncates instead of rounding drifts one way by
+# ~half an ulp per step and leaves this band within 12 steps (a single step cannot show it).
+STREAM_ULPS = 2.0
+LR = 3e-2
+STREAM_SHAPES = ((1,), (3,), (4097,), (0,), (33, 65))
+
+
+def check_optimizer_stream(
+    name: str, dtype: torch.dtype, device: str | torch.device = "cpu", calls: int = 12, seed: int = 0
+) -> List[Mismatch]:
+    """``GuardedAdamW(backend=name)`` against ``backend="reference"`` over ``calls`` calls of a
+    stream with a spike, a sign flip and a NaN, for both gates: same regimes and skips, scale
+    within 1e-12, params within :data:`STREAM_ULPS` ulps of ``dtype`` (float64: 1e-12)."""
+    from .optimizer import GuardedAdamW
+
+    gen = torch.Generator().manual_seed(seed)
+    start = [torch.rand(s, generator=gen, dtype=torch.float64).mul(2).sub(1) for s in STREAM_SHAPES]
+    stream = []
+    for k in range(calls):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in STREAM_SHAPES]
+        if k == 2:
+            grads = [g * 30 for g in grads]  # spike
+        if k == 4:
+            grads = [g - 2 for g in grads]  # the signed mean flips
+        if k == 6:
+            grads[2][5] = float("nan")
+        stream.append([g.to(dtype).to(device) for g in grads])
+    failures: List[Mismatch] = []
+    for gate in ("exact", "single_pass"):
+        runs = {}
+        for backend in (name, "reference"):
+            params = [p.to(dtype).to(device) for p in start]
+            opt = GuardedAdamW(params, lr=LR, weight_decay=0.1, stats_freq=1, gate=gate, backend=backend)
+            trace = []
+            for grads in stream:
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.step()
+                t = opt.telemetry()
+                trace.append((t["regime"], t["skipped_steps"], t["scale"]))
+            runs[backend] = (params, trace)
+        (params, trace), (want_params, want_trace) = runs[name], runs["reference"]
+        what = f"{calls}-call stream, gate={gate}"
+        if [t[:2] for t in trace] != [t[:2] for t in want_trace]:
+            failures.append(Mismatch(f"{what} regimes/skips", f"got {trace}, expected {want_trace}"))
+        for k, (t, w) in enumerate(zip(trace, want_trace)):
+            if abs(t[2] - w[2]) > 1e-12:
+                failures.append(Mismatch(f"{what} scale after call {k + 1}", f"got {t[2]!r}, expected {w[2]!r}"))
+                break
+        for i, (x, y) in enumerate(zip(params, want_params)):
+            if dtype == torch.float64:
+                atol, rtol = 1e-12, 1e-12
+            else:
+                # An ulp where the element has been (a value that shrank from 0.5 to 0.01
+                # carries the rounding of 0.5; torch.finfo.eps is the spacing at 1), plus an ulp
+                # of the updates themselves (at most lr per call), whose fp32 math may differ.
+                seen = torch.maximum(start[i].abs(), y.detach().cpu().double().abs()) + LR * calls
+                atol, rtol = (STREAM_ULPS * torch.finfo(dtype).eps * seen).reshape(-1), 0.0
+            msg = worst(x, y, atol, rtol)
+            if msg:
+                failures.append(Mismatch(f"{what} params[{i}] {tuple(x.shape)}", msg))
+    return failures
+
+
 def verify_backend(backend: Backend, device: str | torch.device = "cpu", seeds: int = 3) -> List[Mismatch]:
     """The suite ``python -m lbw_kernels verify`` runs per backend: several seeds, every dtype,
-    a planted NaN and an Inf, many small tensors."""
+    a planted NaN and an Inf, many small tensors; then multi-step optimizer runs against the
+    reference in the same dtype."""
     failures: List[Mismatch] = []
     many = tuple((int(n),) for n in torch.randint(1, 3000, (300,), generator=torch.Generator().manual_seed(7)))
     cases = []
@@ -205,4 +273,8 @@ def verify_backend(backend: Backend, device: str | torch.device = "cpu", seeds: 
         for m in check_backend(backend, device=device, **case):
             label = ", ".join(f"{k}={v}" for k, v in case.items() if k != "shapes")
             failures.append(Mismatch(f"[{backend.name} {label}] {m.what}", m.worst))
+    if backend.name != "reference":
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for m in check_optimizer_stream(backend.name, dtype, device=device):
+                failures.append(Mismatch(f"[{backend.name} dtype={dtype}] {m.what}", m.worst))
     return failures

@@ -86,3 +86,35 @@ def test_info_and_verify_from_the_shell():
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "reference  cpu    OK" in verify.stdout
+
+
+class TruncatingBf16(ReferenceBackend):
+    """Stores bf16 params by truncating the fp32 result instead of rounding it: off by under
+    one ulp per step, invisible in a single step, a drift over several."""
+
+    name = "truncating"
+
+    def adamw_(self, groups, *, scale, skip):
+        for group in groups:
+            wide = [p.float() for p in group.params]
+            narrow = group.params
+            group.params = wide
+            super().adamw_([group], scale=scale, skip=skip)
+            group.params = narrow
+            for p, w in zip(narrow, wide):
+                p.copy_((w.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
+
+
+def test_multi_step_stream_catches_truncating_bf16_stores():
+    from lbw_kernels.verify import check_backend, check_optimizer_stream
+
+    register_backend("truncating", TruncatingBf16)
+    try:
+        assert check_optimizer_stream("reference", torch.bfloat16) == []
+        one_step = [m for m in check_backend(TruncatingBf16(), dtype=torch.bfloat16) if "adamw_ skip=0" in m.what]
+        assert one_step == []  # a single step stays within one ulp
+        mismatches = [m for m in check_optimizer_stream("truncating", torch.bfloat16) if "gate=exact" in m.what]
+        assert any("params" in m.what for m in mismatches)
+    finally:
+        _FACTORIES.pop("truncating")
+        _INSTANCES.pop("truncating", None)
