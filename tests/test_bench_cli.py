@@ -38,7 +38,7 @@ def test_triton_not_timed_through_the_interpreter_on_cpu():
 def test_bench_command_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "b"
     rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference",
-               "--warmup", "1", "--reps", "3", "--budget", "0.2", "--out", str(out)])
+               "--warmup", "1", "--reps", "3", "--budget", "0.2", "--rounds", "2", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "bench.json").read_text())
     env = report["environment"]
@@ -50,6 +50,7 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert len(rows) == 3 + 2 + 4  # torch baselines, published x stats_freq, gate x stats_freq
     for r in rows.values():
         assert r["error"] is None, r
+        assert len(r["ms_all"]) >= 6 and r["ms_min"] <= r["ms"]  # two rounds pooled
         assert r["ms"] > 0 and r["gbps"] > 0 and r["x_floor"] > 0 and math.isfinite(r["vs_fused"])
     assert rows["torch AdamW fused"]["vs_fused"] == 1.0
     assert "guard reference single_pass sf=10" in rows
