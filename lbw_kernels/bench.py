@@ -386,7 +386,6 @@ def bench_layout(
             res.floor_ms = row.bytes_per_param * numel / bandwidth * 1e3
             res.x_floor = res.ms / res.floor_ms
             res.gbps = row.bytes_per_param * numel / (res.ms * 1e-3) / 1e9
-        results.append(res)
     fused = next((r.ms for r in results if r.name == "torch AdamW fused" and r.ms), None)
     for r in results:
         if fused and r.ms:

@@ -47,7 +47,7 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     (table,) = report["tables"]
     assert table["layout"] == "tiny" and table["copy_gbps"] > 0
     rows = {r["name"]: r for r in table["rows"]}
-    assert len(rows) == 3 + 2 + 4  # torch baselines, published x stats_freq, gate x stats_freq
+    assert len(table["rows"]) == len(rows) == 3 + 2 + 4  # torch baselines, published x stats_freq, gate x stats_freq
     for r in rows.values():
         assert r["error"] is None, r
         assert len(r["ms_all"]) >= 6 and r["ms_min"] <= r["ms"]  # two rounds pooled
