@@ -35,7 +35,7 @@ def test_finetune_writes_json_pngs_and_flags_divergence(tmp_path, corpus, capsys
     runs = {(r["arm"], r["lr"]): r for r in report["runs"]}
     assert len(runs) == 8
     for r in report["runs"]:
-        for key in ("final_val_loss", "val_ppl", "diverged", "spikes", "wall_s", "train_loss", "regimes", "scale"):
+        for key in ("final_val_loss", "val_ppl", "diverged", "spikes", "max_train_loss", "wall_s", "train_loss", "regimes", "scale"):
             assert key in r
     # An absurd learning rate must be flagged, a sane one not.
     for arm in ("adamw", "adamw+clip", "guard-exact", "guard-single_pass"):

@@ -75,6 +75,7 @@ class RunResult:
     val_ppl: float
     diverged: bool
     spikes: int
+    max_train_loss: float  # the worst training loss seen: how far a run blew up before recovering
     wall_s: float
     steps_done: int
     train_loss: List[float]
@@ -122,15 +123,16 @@ def evaluate(model: ByteTransformer, data: torch.Tensor, offsets: torch.Tensor, 
     return total / count
 
 
-def count_spikes(losses: Sequence[float], factor: float, window: int = 20) -> int:
+def count_spikes(losses: Sequence[float], factor: float, window: int = 20, min_history: int = 5) -> int:
     """Steps whose training loss is non-finite or above ``factor`` x the median of the previous
-    ``window`` steps (counted from step ``window`` on)."""
+    ``window`` steps (fewer at the start, but at least ``min_history``: a fine-tuning run that
+    blows up in its first steps must count, and that is where high learning rates hit)."""
     spikes = 0
     for i, loss in enumerate(losses):
         if not math.isfinite(loss):
             spikes += 1
-        elif i >= window:
-            prev = sorted(x for x in losses[i - window : i] if math.isfinite(x))
+        elif i >= min_history:
+            prev = sorted(x for x in losses[max(0, i - window) : i] if math.isfinite(x))
             if prev and loss > factor * prev[len(prev) // 2]:
                 spikes += 1
     return spikes
@@ -204,6 +206,7 @@ def train(
         val_ppl=math.exp(final) if math.isfinite(final) and final < 700 else float("inf"),
         diverged=diverged,
         spikes=count_spikes(train_loss, s.spike_factor),
+        max_train_loss=max((x for x in train_loss if math.isfinite(x)), default=float("nan")),
         wall_s=wall, steps_done=step + 1, train_loss=train_loss, val_curve=val_curve,
         guard_backend=guard_backend, regimes=regimes, scale=scale,
         min_scale_seen=min(scale) if scale else None, skipped_steps=skipped,
@@ -248,13 +251,13 @@ def base_model(
 # ---------------------------------------------------------------------------------------
 def format_table(runs: Sequence[RunResult]) -> str:
     lines = [f"{'mode':<9} {'arm':<18} {'lr':>8} {'seed':>4} {'val loss':>9} {'val ppl':>9} {'div':>4} "
-             f"{'spikes':>6} {'wall s':>7} {'min scale':>9}  regimes"]
+             f"{'spikes':>6} {'max loss':>8} {'wall s':>7} {'min scale':>9}  regimes"]
     for r in runs:
         ms = f"{r.min_scale_seen:9.3f}" if r.min_scale_seen is not None else f"{'-':>9}"
         reg = " ".join(f"{k}={v}" for k, v in sorted(r.regimes.items())) or "-"
         lines.append(
             f"{r.mode:<9} {r.arm:<18} {r.lr:8.1e} {r.seed:4d} {r.final_val_loss:9.4f} {r.val_ppl:9.3f} "
-            f"{'YES' if r.diverged else 'no':>4} {r.spikes:6d} {r.wall_s:7.1f} {ms}  {reg}"
+            f"{'YES' if r.diverged else 'no':>4} {r.spikes:6d} {r.max_train_loss:8.3f} {r.wall_s:7.1f} {ms}  {reg}"
         )
     return "\n".join(lines)
 
