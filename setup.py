@@ -46,6 +46,7 @@ def ext_modules():
         "csrc/cpu/dispatch.cpp",
         "csrc/cpu/kernels_default.cpp",
         "csrc/cpu/kernels_avx2.cpp",
+        "csrc/cpu/kernels_avx512.cpp",
     ]
     # -ffp-contract=off: the kernels place their fused multiply-adds explicitly (guard_math.h),
     # so every instruction set rounds the same way and telemetry is bitwise repeatable.

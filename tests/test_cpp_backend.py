@@ -338,3 +338,33 @@ def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate):
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(opt._guard, twin_opt._guard)
+
+
+_ISA_SCRIPT = """
+import torch, lbw_kernels.cpp_backend
+from lbw_kernels.backends import get_backend
+from lbw_kernels.verify import make_problem
+cpp = get_backend("cpp")
+problem = make_problem(3, shapes=((40_000,), (4097,), (3,), (1,)), nonfinite_at=(0, 1, float("nan")))
+rows = cpp.telemetry([g for grp in problem for g in grp.grads], torch.float64)
+rows2 = cpp.adamw_telemetry_(problem, scale=torch.tensor(0.5, dtype=torch.float64), mask_nonfinite=True,
+                             partials_dtype=torch.float64)
+out = torch.cat([rows.flatten(), rows2.flatten()] + [p.double().flatten() for grp in problem for p in grp.params])
+print(out.numpy().tobytes().hex())
+"""
+
+
+def test_every_instruction_set_gives_the_same_bits():
+    """LBW_CPU_ISA caps the kernels the extension picks; baseline, AVX2 and AVX-512 builds
+    (where this CPU runs them) must agree bit for bit, telemetry and update alike."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for isa in ("default", "avx2", "avx512"):
+        env = dict(os.environ, LBW_CPU_ISA=isa, OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[isa] = res.stdout.strip()
+    assert outs["default"] and outs["avx2"] == outs["default"] and outs["avx512"] == outs["default"]

@@ -30,12 +30,19 @@ void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, in
 }
 
 static const Kernels& pick() {
-  const char* forced = std::getenv("LBW_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "default") == 0) return kernels_default();
+  const char* cap = std::getenv("LBW_CPU_ISA");
+  const bool allow_avx2 = cap == nullptr || std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "avx512") == 0;
+  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (kernels_avx2() != nullptr && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return *kernels_avx2();
+  const bool fma = __builtin_cpu_supports("fma");
+  if (allow_avx512 && kernels_avx512() != nullptr && fma && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return *kernels_avx512();
+  if (allow_avx2 && kernels_avx2() != nullptr && fma && __builtin_cpu_supports("avx2")) return *kernels_avx2();
+#else
+  (void)allow_avx2;
+  (void)allow_avx512;
 #endif
   return kernels_default();
 }

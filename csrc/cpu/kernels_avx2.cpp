@@ -4,7 +4,10 @@
 #include "multi_tensor_cpu.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 #if defined(__clang__)
@@ -15,6 +18,7 @@
 #endif
 #define LBW_CPU_KERNELS_FN kernels_avx2_table
 #define LBW_CPU_ISA_NAME "avx2"
+#define LBW_CPU_AVX2 1
 #include "kernels_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

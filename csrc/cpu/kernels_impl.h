@@ -48,9 +48,13 @@ typedef uint32_t u4 __attribute__((vector_size(16)));
 typedef uint16_t h4 __attribute__((vector_size(8)));
 
 inline d4 load4(const float* g) {
+#if defined(LBW_CPU_AVX2)
+  return d4(_mm256_cvtps_pd(_mm_loadu_ps(g)));  // one instruction for 4 floats -> 4 doubles
+#else
   f4 x;
   std::memcpy(&x, g, sizeof(x));
   return __builtin_convertvector(x, d4);
+#endif
 }
 inline d4 load4(const double* g) {
   d4 x;
@@ -69,24 +73,49 @@ inline d4 load4(const f16_t* g) {
   return d4{double(to_float(g[0])), double(to_float(g[1])), double(to_float(g[2])), double(to_float(g[3]))};
 }
 
-// Telemetry lanes: kLanes doubles of sum g^2 and of sum g, as four accumulators of four
-// lanes each (four independent chains keep the adders busy). Element i + j of a block goes to
-// lane j, tail element j to lane j; the lanes then add up in a fixed tree.
-struct Lanes {
-  static_assert(kLanes == 16, "four d4 accumulators");
-  d4 sq[4] = {}, s[4] = {};
+// The widest double vector the build's instruction set has (8 doubles with AVX-512, else 4).
+#if defined(LBW_CPU_AVX512)
+typedef double dv __attribute__((vector_size(64)));
+inline dv loadv(const float* g) { return dv(_mm512_cvtps_pd(_mm256_loadu_ps(g))); }
+#else
+typedef d4 dv;
+inline dv loadv(const float* g) { return load4(g); }
+#endif
+constexpr int kWidth = int(sizeof(dv) / sizeof(double));
+template <class G>
+inline dv loadv(const G* g) {
+  dv x;
+  for (int h = 0; h < kWidth / 4; ++h) {
+    const d4 part = load4(g + 4 * h);
+    std::memcpy(reinterpret_cast<char*>(&x) + sizeof(d4) * h, &part, sizeof(d4));
+  }
+  return x;
+}
 
-  // Adds one block of kLanes elements; returns whether all of them are finite.
-  template <class G>
+// Telemetry lanes: kLanes doubles of sum g^2 and of sum g, held in vectors of kWidth lanes
+// (several independent chains keep the adders busy). Element i + j of a block goes to lane j,
+// tail element j to lane j, whatever the vector width; the lanes then add up in a fixed tree,
+// so every instruction set gives the same bits.
+struct Lanes {
+  static constexpr int kVecs = kLanes / kWidth;
+  dv sq[kVecs] = {}, s[kVecs] = {};
+
+  // Adds one block of kLanes elements; with CHECK, returns whether all of them are finite.
+  template <bool CHECK, class G>
   bool block(const G* g) {
-    d4 zero = {};
-    for (int a = 0; a < 4; ++a) {
-      const d4 x = load4(g + 4 * a);
+    dv zero = {};
+    for (int a = 0; a < kVecs; ++a) {
+      const dv x = loadv(g + kWidth * a);
       sq[a] += x * x;
       s[a] += x;
-      zero += x - x;  // stays 0 unless an element is NaN or Inf
+      if (CHECK) zero += x - x;  // stays 0 unless an element is NaN or Inf
     }
-    return (zero[0] + zero[1]) + (zero[2] + zero[3]) == 0.0;
+    if (!CHECK) return true;
+    double z[kWidth];
+    std::memcpy(z, &zero, sizeof(z));
+    double total = 0.0;
+    for (int j = 0; j < kWidth; ++j) total += z[j];
+    return total == 0.0;
   }
   template <class G>
   void finish(const G* tail, int64_t n, double* out2) const {
@@ -103,7 +132,7 @@ template <class G>
 void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
   Lanes lanes;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) lanes.block(g + i);
+  for (; i + kLanes <= n; i += kLanes) lanes.block<false>(g + i);
   lanes.finish(g + i, n - i, out2);
 }
 
@@ -155,7 +184,7 @@ void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     // With the mask on, only a block holding a NaN/Inf takes the masked (slower) loop.
-    if (lanes.block(g + i) || !MASK)
+    if (lanes.block<MASK>(g + i) || !MASK)
       update_elements<false>(p + i, g + i, m + i, v + i, kLanes, c, sign);
     else
       update_elements<MASK>(p + i, g + i, m + i, v + i, kLanes, c, sign);

@@ -7,8 +7,8 @@
 // telemetry is bitwise the same for any number of threads (and on every instruction set:
 // the kernels are built with -ffp-contract=off and explicit fused multiply-adds).
 //
-// The kernels are compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp)
-// and kernels() picks one when first called.
+// The kernels are compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp) and kernels() picks the best the CPU runs when first called.
 #pragma once
 
 #include <cstdint>
@@ -81,8 +81,10 @@ struct Kernels {
 };
 
 const Kernels& kernels_default();
-const Kernels* kernels_avx2();  // nullptr where not compiled (not x86-64 GCC/Clang)
-// The best kernels this CPU runs; LBW_CPU_ISA=default in the environment forces the baseline.
+const Kernels* kernels_avx2();    // nullptr where not compiled (not x86-64 GCC/Clang)
+const Kernels* kernels_avx512();  // idem
+// The best kernels this CPU runs; LBW_CPU_ISA=default|avx2|avx512 in the environment caps
+// the choice (default: the baseline build).
 const Kernels& kernels();
 
 }  // namespace cpu

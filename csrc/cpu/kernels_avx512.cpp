@@ -1,0 +1,43 @@
+// The CPU kernels again, for AVX-512 (F, VL, DQ) + FMA (chosen at run time by kernels() when
+// the CPU has them). Everything the kernels define has internal linkage (static), so nothing
+// compiled here for AVX-512 can be picked by the linker for another path.
+#include "multi_tensor_cpu.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+// GCC 12's _mm512_cvtps_pd starts from an undefined vector, which it then warns about.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define LBW_CPU_KERNELS_FN kernels_avx512_table
+#define LBW_CPU_ISA_NAME "avx512"
+#define LBW_CPU_AVX2 1
+#define LBW_CPU_AVX512 1
+#include "kernels_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace lbw {
+namespace cpu {
+const Kernels* kernels_avx512() { return &kernels_avx512_table(); }
+}  // namespace cpu
+}  // namespace lbw
+#else
+namespace lbw {
+namespace cpu {
+const Kernels* kernels_avx512() { return nullptr; }
+}  // namespace cpu
+}  // namespace lbw
+#endif
