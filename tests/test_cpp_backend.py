@@ -350,7 +350,7 @@ rows = cpp.telemetry([g for grp in problem for g in grp.grads], torch.float64)
 rows2 = cpp.adamw_telemetry_(problem, scale=torch.tensor(0.5, dtype=torch.float64), mask_nonfinite=True,
                              partials_dtype=torch.float64)
 out = torch.cat([rows.flatten(), rows2.flatten()] + [p.double().flatten() for grp in problem for p in grp.params])
-print(out.numpy().tobytes().hex())
+print(lbw_kernels._C._cpu_isa(), out.numpy().tobytes().hex())
 """
 
 
@@ -366,5 +366,7 @@ def test_every_instruction_set_gives_the_same_bits():
         env = dict(os.environ, LBW_CPU_ISA=isa, OMP_NUM_THREADS="1")
         res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
-        outs[isa] = res.stdout.strip()
-    assert outs["default"] and outs["avx2"] == outs["default"] and outs["avx512"] == outs["default"]
+        used, bits = res.stdout.split()
+        outs[used] = bits
+    assert "default" in outs  # the cap works: the baseline kernels ran
+    assert all(bits == outs["default"] for bits in outs.values()), f"differ: {sorted(outs)}"

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../cpu/multi_tensor_cpu.h"
 #include "common.h"
 
 namespace lbw {
@@ -37,7 +38,11 @@ static PyObject* set_poison_outputs(PyObject*, PyObject* arg) {
   return PyBool_FromLong(old);
 }
 
+static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw::cpu::kernels().isa); }
+
 static PyMethodDef methods[] = {
+    {"_cpu_isa", cpu_isa, METH_NOARGS,
+     "Instruction set of the CPU kernels in use (default, avx2 or avx512; LBW_CPU_ISA caps it)."},
     {"_set_poison_outputs", set_poison_outputs, METH_O,
      "Test mode: fill outputs the ops allocate with NaN before the kernels write them. "
      "Returns the previous setting."},
