@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -74,9 +75,25 @@ std::vector<int64_t> key_of(const std::vector<TensorEntry>& entries, const at::D
   return key;
 }
 
-TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device) {
+// A CUDA graph captured with a table keeps its device pointer: such tables must outlive any
+// eviction from the cache, so tables used while the stream captures are kept for good.
+void keep_if_capturing(const TablePtr& table, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive) {
+    static std::mutex mutex;
+    static std::vector<TablePtr> kept;
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& t : kept)
+      if (t == table) return;
+    kept.push_back(table);
+  }
+}
+
+TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, cudaStream_t stream) {
   static TableCache<std::vector<int64_t>, TablePtr> cache;
-  return cache.get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
+  TablePtr table = cache.get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
+  keep_if_capturing(table, stream);
+  return table;
 }
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
@@ -97,11 +114,11 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
     e.aligned = aligned16(e.g);
     entries.push_back(e);
   }
-  const TablePtr table = table_for(std::move(entries), device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const TablePtr table = table_for(std::move(entries), device, stream);
   at::Tensor ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
   check_launch(cuda::launch_telemetry(table->tensors(), table->ntensors, table->chunks(), table->nchunks,
-                                      ws.data_ptr<double>(), out.data_ptr<double>(),
-                                      c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+                                      ws.data_ptr<double>(), out.data_ptr<double>(), stream));
   return out;
 }
 
@@ -150,7 +167,8 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
     e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
     entries.push_back(e);
   }
-  const TablePtr table = table_for(std::move(entries), device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const TablePtr table = table_for(std::move(entries), device, stream);
   // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
   const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
   at::Tensor coeffs = new_output({coeff_doubles}, opts);
@@ -159,8 +177,7 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   check_launch(cuda::launch_adamw(args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                   reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
                                   telemetry ? ws.data_ptr<double>() : nullptr,
-                                  telemetry ? out.data_ptr<double>() : nullptr,
-                                  c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+                                  telemetry ? out.data_ptr<double>() : nullptr, stream));
   return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
 }
 
