@@ -10,7 +10,7 @@ from setuptools import setup
 
 # triton_kernels/ is installed as lbw_kernels.triton_kernels: a top-level `triton_kernels`
 # would shadow the package of that name that triton publishes.
-PACKAGES = ["lbw_kernels", "lbw_kernels.triton_kernels"]
+PACKAGES = ["lbw_kernels", "lbw_kernels.stress", "lbw_kernels.triton_kernels"]
 PACKAGE_DIR = {"lbw_kernels.triton_kernels": "triton_kernels"}
 
 
