@@ -55,6 +55,9 @@ class Backend:
     name = "?"
     #: higher wins under backend="auto"
     priority = 0
+    #: whether telemetry sums accumulate in float64 whatever the gradient dtype (the kernels
+    #: do; the reference accumulates in the gradients' precision): verify's tolerance follows
+    telemetry_in_float64 = True
 
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -117,6 +120,7 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     priority = 0
+    telemetry_in_float64 = False
 
     def supports(self, device: torch.device) -> bool:
         return True

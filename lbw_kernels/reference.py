@@ -6,8 +6,8 @@ runs on any device. Every kernel backend is tested against it.
 
 The pieces, in the order one ``step()`` uses them:
 
-* :func:`telemetry_partials` - per gradient tensor ``(sum g^2, sum g, non-finite flag)``
-  accumulated in float64: the only thing a backend has to reduce over memory.
+* :func:`telemetry_partials` - per gradient tensor ``(sum g^2, sum g, non-finite flag)``:
+  the only thing a backend has to reduce over memory.
 * :func:`summarize` - partials -> ``(x, signed_mean, grad_norm, nonfinite)``, where ``x`` is
   the max (or mean) over tensors of the per-tensor mean square ``grad_ms``.
 * :func:`guard_decide` - the analyzer and controller (rules 1-4) as branch-free tensor math
@@ -22,7 +22,7 @@ All inputs are lists of tensors; nothing here loops over elements in Python or s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -85,17 +85,35 @@ def new_guard_state(device: torch.device) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Telemetry
 # ---------------------------------------------------------------------------------------
+def _sums(g: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(sum g^2, sum g) of one gradient, read twice, never copied. fp32/fp64 accumulate in their
+    own dtype: asking CPU torch for a float64 sum of fp32 materialises a float64 copy of every
+    gradient (2.7x the cost of a foreach AdamW step). ``dot`` is ~20x more accurate than
+    ``vector_norm`` on fp32 CPU tensors of millions of elements; fp16/bf16 accumulate in fp32."""
+    if g.dtype in (torch.float32, torch.float64):
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat).to(dtype), g.sum().to(dtype)
+    return (
+        torch.linalg.vector_norm(g, dtype=torch.float32).to(dtype).square(),
+        g.sum(dtype=torch.float32).to(dtype),
+    )
+
+
 def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
     """Per tensor ``(sum g^2, sum g, nonfinite)`` as a ``[len(grads), 3]`` tensor of ``dtype``.
 
-    ``nonfinite`` is 1.0 when the tensor holds a NaN or Inf, else 0.0. It is read off the
-    float64 sum: a float64 sum of finite fp32/bf16/fp16 values cannot overflow, so the sum is
-    non-finite exactly when an element is (float64 gradients would need |sum| > 1.8e308).
+    ``nonfinite`` is 1.0 when the tensor holds a NaN or Inf, else 0.0: a NaN or Inf makes one of
+    the sums non-finite. (So do finite fp32 gradients whose sum of squares exceeds 3.4e38: such
+    a call is skipped as if a gradient were Inf. The kernels count non-finite elements.)
+    Sums accumulate in the gradients' precision (fp32 for fp16/bf16): relative error ~1e-6 on
+    fp32 tensors of millions of elements, none on float64. The kernel backends accumulate in
+    float64 and are verified against this function run on float64 copies.
     Grads must be non-empty tensors; the optimizer leaves zero-element ones out.
     """
-    sumsq = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).square()
-    sums = torch.stack([g.sum(dtype=dtype) for g in grads])
-    nonfinite = (~torch.isfinite(sums)).to(dtype)
+    pairs = [_sums(g, dtype) for g in grads]
+    sumsq = torch.stack([q for q, _ in pairs])
+    sums = torch.stack([s for _, s in pairs])
+    nonfinite = (~torch.isfinite(sums) | ~torch.isfinite(sumsq)).to(dtype)
     return torch.stack([sumsq, sums, nonfinite], dim=1)
 
 

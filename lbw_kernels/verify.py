@@ -35,6 +35,10 @@ EXP_AVG_SQ_TOLERANCE = {torch.float64: (1e-15, 1e-12), "fp32": (1e-12, 4e-7)}
 # Telemetry partials are float64 sums of the same gradient values (every backend accumulates
 # in float64): they differ only by summation order, ~1e-13 relative for these sizes.
 PARTIALS_TOLERANCE = (1e-10, 1e-9)
+# A backend that sums fp32/bf16/fp16 gradients in fp32 (the reference: torch's own reductions)
+# is within ~1e-6 relative on sums of squares and ~4e-5 absolute on the signed sums of these
+# problems (measured: 1.5e-7 / 8e-7 relative, 4.1e-5 absolute at worst): 4x that.
+PARTIALS_TOLERANCE_FP32_SUMS = (2e-4, 4e-6)
 
 ODD_SIZES = ((1,), (3,), (4097,), (0,), (33, 65), (2, 3, 5), (1000,))
 
@@ -162,9 +166,14 @@ def check_backend(
     failures: List[Mismatch] = []
 
     # Telemetry partials.
+    partials_tol = (
+        PARTIALS_TOLERANCE
+        if backend.telemetry_in_float64 or dtype == torch.float64
+        else PARTIALS_TOLERANCE_FP32_SUMS
+    )
     got = backend.telemetry(nonempty_grads(clone_problem(problem)), pdtype)
     want = reference.telemetry(nonempty_grads(clone_problem(problem, torch.float64)), pdtype)
-    msg = worst(got, want, *PARTIALS_TOLERANCE)
+    msg = worst(got, want, *partials_tol)
     if msg:
         failures.append(Mismatch("telemetry partials", msg))
 
@@ -183,7 +192,7 @@ def check_backend(
         actual, expected = clone_problem(problem), clone_problem(problem, torch.float64)
         got = backend.adamw_telemetry_(actual, scale=scale, mask_nonfinite=mask, partials_dtype=pdtype)
         want = reference.adamw_telemetry_(expected, scale=scale, mask_nonfinite=mask, partials_dtype=pdtype)
-        msg = worst(got, want, *PARTIALS_TOLERANCE)
+        msg = worst(got, want, *partials_tol)
         if msg:
             failures.append(Mismatch(f"adamw_telemetry_ mask={mask} partials", msg))
         failures += compare_groups(actual, expected, dtype, f"adamw_telemetry_ mask={mask}")

@@ -20,7 +20,7 @@ from lbw_kernels.backends import GroupTensors, ReferenceBackend, get_backend, no
 from lbw_kernels.verify import (
     ODD_SIZES,
     PARAM_TOLERANCES,
-    PARTIALS_TOLERANCE,
+    PARTIALS_TOLERANCE, PARTIALS_TOLERANCE_FP32_SUMS,
     check_backend,
     clone_problem,
     make_problem,
@@ -112,7 +112,7 @@ def test_mixed_dtypes_in_one_group_keep_telemetry_order(triton_backend):
     got = triton_backend.adamw_telemetry_(got_groups, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
     want = ReferenceBackend().adamw_telemetry_(want_groups, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
     assert got.shape == (5, 3)
-    assert worst(got, want, *PARTIALS_TOLERANCE) is None
+    assert worst(got, want, *PARTIALS_TOLERANCE_FP32_SUMS) is None  # the reference sums fp32 in fp32
     for a, b in zip(got_groups[0].params, want_groups[0].params):
         assert worst(a, b, *PARAM_TOLERANCES[a.dtype]) is None, a.dtype
     assert [s.item() for s in got_groups[0].steps] == [4.0] * len(sizes)
