@@ -37,6 +37,12 @@ def _info(args: argparse.Namespace) -> int:
     else:
         print("device      cpu only (no CUDA device visible)")
     print(f"cpu threads {torch.get_num_threads()}")
+    try:
+        from . import _C
+
+        print(f"extension   lbw_kernels._C: CPU kernels {_C._cpu_isa()}, CUDA kernels {'built' if _C.WITH_CUDA else 'not built'}")
+    except ImportError as err:
+        print(f"extension   lbw_kernels._C not built ({err})")
     print("backends:")
     for name, reason in availability().items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")

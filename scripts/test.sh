@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up, then run the whole CPU test suite (Triton kernels through its
-# interpreter, the C++ extension as built here; GPU tests skip with their reason).
+# The test command: set up, build and run the torch-free C++ core's ctest and compile the CUDA
+# kernels with nvcc where it exists (.ci/csrc.sh), then the whole CPU test suite (Triton
+# kernels through its interpreter, the C++ extension as built here; GPU tests skip with
+# their reason).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
+bash .ci/csrc.sh
 "$PY" -m pytest -q tests "$@"
