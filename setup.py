@@ -53,6 +53,13 @@ def ext_modules():
     # -fno-trapping-math lets the masked loops compute both sides of a select (no FP traps
     # are enabled in torch); values are unchanged.
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel`
+        # is dropped and every kernel runs on one thread. The link resolves to the libgomp.so.1
+        # torch already loaded (same soname), so there is one OpenMP runtime.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -72,6 +79,7 @@ def ext_modules():
         include_dirs=[str(root / "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
         py_limited_api=False,
     )
     print(f"lbw-kernels: building the C++ extension ({'CPU + CUDA ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else 'CPU only'})", file=sys.stderr)
