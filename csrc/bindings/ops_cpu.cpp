@@ -28,8 +28,9 @@ TablePtr chunk_table(at::TensorList ts) {
   });
 }
 
+// Over element ranges (see cpu::ParallelFor): calls under two chunks of work stay on one thread.
 void aten_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body) {
-  at::parallel_for(begin, end, 1, body);
+  at::parallel_for(begin, end, cpu::kChunk, body);
 }
 
 double scalar_of(const at::Tensor& t, const char* what) {

@@ -1,4 +1,5 @@
 // Chunk tables and the choice of instruction set (compiled for the baseline ISA only).
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -17,6 +18,13 @@ void ChunkTable::build(const std::vector<int64_t>& sizes) {
       chunks.push_back(Chunk{int32_t(t), b, b + kChunk < sizes[t] ? b + kChunk : sizes[t]});
   }
   first[sizes.size()] = int64_t(chunks.size());
+  start.resize(chunks.size() + 1);
+  int64_t offset = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    start[c] = offset;
+    offset += chunks[c].end - chunks[c].begin;
+  }
+  start[chunks.size()] = offset;
 }
 
 int64_t ChunkTable::nonempty() const {

@@ -1,6 +1,7 @@
 // The bodies of the CPU kernels declared in multi_tensor_cpu.h. Included once per
 // instruction set by kernels_<isa>.cpp with LBW_CPU_KERNELS_FN naming the table it defines;
 // everything here is static (internal linkage) so the copies never mix.
+#include <algorithm>
 #include <cstring>
 
 #include "multi_tensor_cpu.h"
@@ -20,6 +21,17 @@ inline double sum_lanes(const double* x) {
   for (int w = kLanes / 4; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) y[j] = y[j] + y[j + w];
   return y[0];
+}
+
+// Runs f(c) for every chunk, threads splitting the chunks by element count: pf hands out
+// element ranges and each range runs the chunks that start in it.
+template <class F>
+void for_chunks(const ChunkTable& table, ParallelFor pf, const F& f) {
+  const int64_t* start = table.start.data();
+  const int64_t n = table.nchunks();
+  pf(0, table.total(), [&](int64_t eb, int64_t ee) {
+    for (int64_t c = std::lower_bound(start, start + n, eb) - start; c < n && start[c] < ee; ++c) f(c);
+  });
 }
 
 // Chunk partials -> one [sumsq, sum, nonfinite] row per non-empty tensor, in tensor order.
@@ -151,17 +163,15 @@ void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
 
 void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf) {
   const Chunk* chunks = table.chunks.data();
-  pf(0, table.nchunks(), [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const Chunk& k = chunks[c];
-      const GradRef& g = grads[k.tensor];
-      const int64_t n = k.end - k.begin;
-      switch (g.dtype) {
-        case DType::f32: reduce_chunk(static_cast<const float*>(g.data) + k.begin, n, ws + 2 * c); break;
-        case DType::f64: reduce_chunk(static_cast<const double*>(g.data) + k.begin, n, ws + 2 * c); break;
-        case DType::bf16: reduce_chunk(static_cast<const bf16_t*>(g.data) + k.begin, n, ws + 2 * c); break;
-        case DType::f16: reduce_chunk(static_cast<const f16_t*>(g.data) + k.begin, n, ws + 2 * c); break;
-      }
+  for_chunks(table, pf, [&](int64_t c) {
+    const Chunk& k = chunks[c];
+    const GradRef& g = grads[k.tensor];
+    const int64_t n = k.end - k.begin;
+    switch (g.dtype) {
+      case DType::f32: reduce_chunk(static_cast<const float*>(g.data) + k.begin, n, ws + 2 * c); break;
+      case DType::f64: reduce_chunk(static_cast<const double*>(g.data) + k.begin, n, ws + 2 * c); break;
+      case DType::bf16: reduce_chunk(static_cast<const bf16_t*>(g.data) + k.begin, n, ws + 2 * c); break;
+      case DType::f16: reduce_chunk(static_cast<const f16_t*>(g.data) + k.begin, n, ws + 2 * c); break;
     }
   });
   combine_partials(table, ws, out);
@@ -213,13 +223,11 @@ void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
   using M = typename math_type<P>::type;
   const Chunk* chunks = table.chunks.data();
   const M sign = maximize ? M(-1) : M(1);
-  pf(0, table.nchunks(), [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const Chunk& k = chunks[c];
-      const UpdateRef<P>& t = ts[k.tensor];
-      update_chunk<MASK, TEL>(t.p + k.begin, t.g + k.begin, t.m + k.begin, t.v + k.begin, k.end - k.begin,
-                              coeffs[k.tensor], sign, TEL ? ws + 2 * c : nullptr);
-    }
+  for_chunks(table, pf, [&](int64_t c) {
+    const Chunk& k = chunks[c];
+    const UpdateRef<P>& t = ts[k.tensor];
+    update_chunk<MASK, TEL>(t.p + k.begin, t.g + k.begin, t.m + k.begin, t.v + k.begin, k.end - k.begin,
+                            coeffs[k.tensor], sign, TEL ? ws + 2 * c : nullptr);
   });
   if (TEL) combine_partials(table, ws, out);
 }

@@ -32,15 +32,19 @@ struct Chunk {
 };
 
 // The chunk table depends on the element counts only. first[t]..first[t+1] are tensor t's
-// chunks; a zero-element tensor has none.
+// chunks; a zero-element tensor has none. start[c] is chunk c's first element counted over all
+// tensors (start[nchunks] the total): the kernels hand threads ranges of elements, not of
+// chunks, so that threads get equal work when chunk sizes differ (many small tensors).
 struct ChunkTable {
   std::vector<int64_t> numels;
   std::vector<Chunk> chunks;
   std::vector<int64_t> first;
+  std::vector<int64_t> start;
 
   void build(const std::vector<int64_t>& sizes);
   int64_t ntensors() const { return int64_t(numels.size()); }
   int64_t nchunks() const { return int64_t(chunks.size()); }
+  int64_t total() const { return start.empty() ? 0 : start.back(); }
   int64_t nonempty() const;
 };
 
@@ -58,7 +62,9 @@ struct UpdateRef {
   M* v;
 };
 
-// parallel_for(begin, end, body): run body over sub-ranges of [begin, end), in any order.
+// parallel_for(begin, end, body): run body over sub-ranges of [begin, end), in any order. The
+// kernels call it over element ranges [0, table.total()); a chunk is run by the sub-range that
+// holds its first element, so the chunks and their partials do not depend on the split.
 using ParallelFor = void (*)(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body);
 void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body);
 
