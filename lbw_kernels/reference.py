@@ -287,7 +287,12 @@ def adamw_(
     # p += m / denom with denom = (sqrt(v)/sqrt(bc2) + eps) / step_size (step_size < 0):
     # folding the step size into denom needs no temporary the size of m. Where nothing
     # applies, eps is replaced by inf: m / inf = 0 leaves p exactly as it was.
-    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    if apply is not None:
+        # The zeroed gradients are ours and no longer needed: reuse them for denom (one fresh
+        # buffer per tensor per call instead of two; CPU torch page-faults fresh ones in).
+        denom = [torch.sqrt(v, out=buf) for v, buf in zip(exp_avg_sqs, g)]
+    else:
+        denom = torch._foreach_sqrt(list(exp_avg_sqs))
     torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
     torch._foreach_add_(denom, where_applied(one * eps, one * float("inf")))
     torch._foreach_div_(denom, list(step_size))
