@@ -48,10 +48,6 @@ class TritonBackend(Backend):
         # The interpreter only emulates a GPU (and slowly): CPU runs it when asked by name.
         return torch.device(device).type == "cuda"
 
-    def auto_selectable(self, device: torch.device) -> bool:
-        # The interpreter is for testing: on CPU, backend="auto" picks cpp or the reference.
-        return torch.device(device).type == "cuda"
-
     def telemetry(self, grads, partials_dtype):
         if _compiling():
             return torch.ops.lbw_triton.telemetry(list(grads), partials_dtype)
