@@ -20,6 +20,15 @@ def _smooth(xs: List[float], k: int = 10) -> List[float]:
     return out
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(report: Dict, out: Path) -> List[Path]:
     import matplotlib
 
@@ -59,11 +68,7 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         ax.set_ylabel("final validation loss (nats/byte)")
         ax.set_title(f"{mode}: validation loss vs LR (x = diverged)\n{caption}", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"val_loss_vs_lr_{mode}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"val_loss_vs_lr_{mode}.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for r in at_top:
@@ -72,11 +77,7 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         ax.set_ylabel("training loss (10-step mean)")
         ax.set_title(f"{mode}: loss curves at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"loss_curves_{mode}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"loss_curves_{mode}.png"))
 
         guard = [r for r in at_top if r["scale"]]
         if guard:
@@ -88,9 +89,5 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
             ax.set_ylabel("guard scale (LR multiplier)")
             ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"guard_scale_{mode}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, out / f"guard_scale_{mode}.png"))
     return written
