@@ -90,6 +90,10 @@ for src in sorted(out.glob("bench-*/bench.json")):
         shutil.copyfile(src, dst)
         print(f"results: {dst}")
 PY
+# The torch-free CUDA kernels' own test binary (csrc/tests), built with nvcc and run on the GPU.
+phase csrc_cuda_test 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}" \
+    && ctest --test-dir build/gpu --output-on-failure'
 # The rest of tests/ (CPU parts, Triton and C++ against the reference on this machine) with
 # whatever time is left; the GPU-marked tests already ran above.
 phase tests_rest 150 python -m pytest -m "not gpu" tests -q -rs
