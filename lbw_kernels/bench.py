@@ -127,12 +127,13 @@ def _published(stats_freq: int):
     return make
 
 
-def _guarded(backend: str, gate: str, stats_freq: int):
+def _guarded(backend: str, gate: str, stats_freq: int, skip_nonfinite: bool = True):
     def make(params):
         from .optimizer import GuardedAdamW
 
         opt = GuardedAdamW(
-            params, lr=1e-4, weight_decay=0.01, stats_freq=stats_freq, gate=gate, backend=backend
+            params, lr=1e-4, weight_decay=0.01, stats_freq=stats_freq, gate=gate, backend=backend,
+            skip_nonfinite=skip_nonfinite,
         )
         return opt.step
 
@@ -191,6 +192,16 @@ def build_rows(
                         _guarded(backend, gate, sf), backend=backend, gate=gate, stats_freq=sf,
                     )
                 )
+                if gate == "exact" and sf > 1:
+                    # Without the finite check, calls between telemetry calls are AdamW alone
+                    # (28 B): what stats_freq > 1 can save, and what rule 1 costs.
+                    rows.append(
+                        Row(
+                            f"guard {backend} exact sf={sf} skip_nonfinite=False", "guard", FLOOR_BYTES_UPDATE,
+                            _guarded(backend, gate, sf, skip_nonfinite=False), backend=backend, gate=gate,
+                            stats_freq=sf,
+                        )
+                    )
     return rows
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import reference as ref
 from .backends import Backend, get_backend, nonempty_grads, select_backend
 from .distributed import ShardedTelemetry
+from .policies import resolve_policy
 from .step_plan import StepPlan, check_grads_cheaply, presence_key
 from .validation import (
     check_group_hyperparameters,
@@ -47,7 +48,10 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     ``gate="exact"`` decides before updating (one extra read of the gradients);
     ``gate="single_pass"`` updates with the scale decided so far while reading the telemetry,
-    so its decision applies from the next call. ``backend`` picks who does the passes over
+    so its decision applies from the next call. ``policy`` picks the analyzer and controller:
+    ``"lbw"`` (the published rules above, the default) or ``"zscore"``
+    (:class:`lbw_kernels.policies.ZScorePolicy`: acts on gradient-norm outliers measured
+    against the run's own noise; pass an instance to change its options). ``backend`` picks who does the passes over
     memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
     ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
 
@@ -74,6 +78,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         gate: str = "exact",
         backend: str = "auto",
         maximize: bool = False,
+        policy="lbw",
     ):
         config = ref.GuardConfig(
             auto_enabled=auto_enabled,
@@ -85,6 +90,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             stats_freq=stats_freq,
             ema_decay=ema_decay,
             skip_nonfinite=skip_nonfinite,
+            policy=resolve_policy(policy),
         )
         check_guard_config(config, gate)
         if not isinstance(backend, str):
@@ -101,7 +107,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.backend = backend
         super().__init__(params, defaults)  # validates each group through add_param_group
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
-        self._guard = ref.new_guard_state(device)
+        self._guard = ref.new_guard_state(device, config.policy)
         self._calls = 0
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
@@ -202,10 +208,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         ``step``: calls so far; ``scale``: the current learning-rate multiplier; ``regime``:
         of the latest call that decided (None before any); ``grad_ms``, ``ratio``,
         ``signed_mean``, ``grad_norm``: of the latest call whose telemetry reached the analyzer
-        (NaN before any); ``skipped_steps``: calls skipped for non-finite gradients.
+        (NaN before any); ``skipped_steps``: calls skipped for non-finite gradients; the
+        ``policy``'s name, and its own state (``"zscore"``: ``z``, ``log_norm_mean``,
+        ``log_norm_sd``). ``ratio`` is the published analyzer's: NaN under other policies.
         """
+        policy = self.guard_config.policy
         v = self._guard.tolist()
         return {
+            "policy": policy.name,
             "step": self._calls,
             "scale": v[ref.SCALE],
             "regime": ref.REGIMES[int(v[ref.REGIME])],
@@ -214,6 +224,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             "signed_mean": v[ref.SIGNED_MEAN],
             "grad_norm": v[ref.GRAD_NORM],
             "skipped_steps": int(v[ref.SKIPPED]),
+            **policy.telemetry(self._guard),
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -224,6 +235,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             "state": self._guard.clone(),
             "calls": self._calls,
             "config": asdict(self.guard_config),
+            "policy": self.guard_config.policy.name,
             "gate": self.gate,
         }
         return out
@@ -295,11 +307,19 @@ class GuardedAdamW(torch.optim.Optimizer):
             }
 
         guard_entry = state_dict.get("guard")
+        policy = self.guard_config.policy
         if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
-            return groups, state, ref.new_guard_state(self._guard.device), 0
+            return groups, state, ref.new_guard_state(self._guard.device, policy), 0
         saved_guard, calls = guard_entry.get("state"), guard_entry.get("calls")
-        if not isinstance(saved_guard, Tensor) or saved_guard.numel() != ref.STATE_SIZE:
-            raise ValueError(f"state_dict['guard']['state'] must be a tensor of {ref.STATE_SIZE} values")
+        saved_policy = guard_entry.get("policy", "lbw")  # checkpoints from before policies: lbw
+        if saved_policy != policy.name:
+            raise ValueError(
+                f"state_dict['guard'] is of policy {saved_policy!r}, this optimizer's policy is "
+                f"{policy.name!r}: construct GuardedAdamW with policy={saved_policy!r} to load it"
+            )
+        size = ref.state_size(policy)
+        if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
+            raise ValueError(f"state_dict['guard']['state'] must be a tensor of {size} values")
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             raise ValueError(f"state_dict['guard']['calls'] must be an int >= 0, got {calls!r}")
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)

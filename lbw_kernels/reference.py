@@ -21,8 +21,8 @@ All inputs are lists of tensors; nothing here loops over elements in Python or s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -42,10 +42,10 @@ GRAD_MS = 7  # x of the latest analysed call (max or mean over tensors of mean(g
 RATIO = 8  # x / (ema + 1e-12) of the latest analysed call
 SIGNED_MEAN = 9  # sum(g) / numel over all tensors, latest analysed call
 GRAD_NORM = 10  # global L2 norm of the gradients, latest analysed call
-STATE_SIZE = 11
+STATE_SIZE = 11  # the shared slots; a policy appends its own (policy.extra_slots)
 
-REGIMES = (None, "calm", "oscillation", "spike", "nonfinite")
-CALM, OSCILLATION, SPIKE, NONFINITE = 1, 2, 3, 4
+REGIMES = (None, "calm", "oscillation", "spike", "nonfinite", "stress")
+CALM, OSCILLATION, SPIKE, NONFINITE, STRESS = 1, 2, 3, 4, 5  # STRESS: policies.ZScorePolicy
 
 # The published analyzer divides by (ema + 1e-12) so a zero gradient stream cannot divide by 0.
 RATIO_EPS = 1e-12
@@ -64,6 +64,9 @@ class GuardConfig:
     stats_freq: int = 10
     ema_decay: float = 0.85
     skip_nonfinite: bool = True
+    # Who reads the telemetry and moves the scale: LBWPolicy (the published rules above) or
+    # one of lbw_kernels.policies. Rule 1 (non-finite calls) is the same for all.
+    policy: Any = field(default_factory=lambda: LBWPolicy())
 
     def is_telemetry_call(self, call: int) -> bool:
         """Rule 2's schedule: calls 1, f, 2f, ... (counted from 1) read telemetry."""
@@ -75,10 +78,15 @@ def state_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def new_guard_state(device: torch.device) -> Tensor:
-    state = torch.zeros(STATE_SIZE, dtype=state_dtype(device), device=device)
+def state_size(policy) -> int:
+    return STATE_SIZE + len(policy.extra_slots)
+
+
+def new_guard_state(device: torch.device, policy=None) -> Tensor:
+    size = STATE_SIZE if policy is None else state_size(policy)
+    state = torch.zeros(size, dtype=state_dtype(device), device=device)
     state[SCALE] = 1.0
-    state[GRAD_MS:] = float("nan")  # nothing measured yet
+    state[GRAD_MS:STATE_SIZE] = float("nan")  # nothing measured yet; a policy's own slots start at 0
     return state
 
 
@@ -133,32 +141,23 @@ def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Analyzer + controller (rules 1-4)
 # ---------------------------------------------------------------------------------------
-def guard_decide(
-    state: Tensor,
-    summary: Optional[Tensor],
-    *,
-    analyze: bool,
-    check_finite: bool,
-    cfg: GuardConfig,
-) -> Tensor:
-    """Return the guard state after one call; ``state`` itself is not modified.
+@dataclass(frozen=True)
+class LBWPolicy:
+    """The published analyzer and controller (rules 3-4); its thresholds live in GuardConfig
+    under the published names. ``policy="lbw"``, the default."""
 
-    ``analyze`` (a telemetry call with the guard on) and ``check_finite`` (``skip_nonfinite``)
-    are host-side facts of the call; everything that depends on the gradients is chosen with
-    ``torch.where``. ``summary`` is :func:`summarize`'s output (None when neither flag is set).
-    """
-    new = list(state.unbind())
-    if not (analyze or check_finite):
-        new[SKIP] = torch.zeros_like(new[SKIP])
-        return torch.stack(new)
-    x, sign, norm, nonfinite_count = summary.to(state.dtype).unbind()
-    nonfinite = (nonfinite_count > 0) if check_finite else torch.zeros_like(x, dtype=torch.bool)
-    scale = new[SCALE]
+    name = "lbw"
+    extra_slots = ()  # uses the shared slots only
 
-    if analyze:
+    def telemetry(self, state: Tensor) -> dict:
+        return {}
+
+    def analyze(self, state: Sequence[Tensor], x: Tensor, sign: Tensor, norm: Tensor, cfg: "GuardConfig"):
+        """Rules 3-4 on one finite telemetry reading -> ({slot: new value}, regime code)."""
+        scale = state[SCALE]
         # Analyzer: the EMA is updated before the ratio, and starts at x on its first call.
-        prev_ema, prev_sign = new[EMA], new[PREV_SIGN]
-        first = new[ANALYZED] == 0
+        prev_ema, prev_sign = state[EMA], state[PREV_SIGN]
+        first = state[ANALYZED] == 0
         ema = torch.where(first, x, cfg.ema_decay * prev_ema + (1.0 - cfg.ema_decay) * x)
         ratio = x / (ema + RATIO_EPS)
         # A flip needs one strictly positive and one strictly negative sign; prev_sign is 0
@@ -176,16 +175,41 @@ def guard_decide(
             ),
         )
         regime = torch.where(spike, SPIKE, torch.where(oscillation, OSCILLATION, CALM)).to(x.dtype)
-        # Rule 1 comes first: a non-finite call leaves the EMA and sign history as they were.
+        return {EMA: ema, PREV_SIGN: sign, RATIO: ratio, SCALE: decided_scale}, regime
+
+
+def guard_decide(
+    state: Tensor,
+    summary: Optional[Tensor],
+    *,
+    analyze: bool,
+    check_finite: bool,
+    cfg: GuardConfig,
+) -> Tensor:
+    """Return the guard state after one call; ``state`` itself is not modified.
+
+    ``analyze`` (a telemetry call with the guard on) and ``check_finite`` (``skip_nonfinite``)
+    are host-side facts of the call; everything that depends on the gradients is chosen with
+    ``torch.where``. ``summary`` is :func:`summarize`'s output (None when neither flag is set).
+    The policy (``cfg.policy``) decides a finite call; rule 1 is the same for every policy.
+    """
+    new = list(state.unbind())
+    if not (analyze or check_finite):
+        new[SKIP] = torch.zeros_like(new[SKIP])
+        return torch.stack(new)
+    x, sign, norm, nonfinite_count = summary.to(state.dtype).unbind()
+    nonfinite = (nonfinite_count > 0) if check_finite else torch.zeros_like(x, dtype=torch.bool)
+    scale = new[SCALE]
+
+    if analyze:
+        decided, regime = cfg.policy.analyze(new, x, sign, norm, cfg)
+        # Rule 1 comes first: a non-finite call leaves the policy's history as it was.
         ok = ~nonfinite
         for slot, value in (
-            (EMA, ema),
-            (PREV_SIGN, sign),
             (GRAD_MS, x),
-            (RATIO, ratio),
             (SIGNED_MEAN, sign),
             (GRAD_NORM, norm),
-            (SCALE, decided_scale),
+            *decided.items(),
             (REGIME, regime),
         ):
             new[slot] = torch.where(ok, value, new[slot])

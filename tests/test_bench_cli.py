@@ -28,6 +28,9 @@ def test_rows_cover_baselines_and_every_backend_gate_and_stats_freq():
             for sf in (1, 10):
                 row = next(r for r in build_rows([backend]) if r.name == f"guard {backend} {gate} sf={sf}")
                 assert row.bytes_per_param == floor
+        # exact without the finite check: AdamW alone between telemetry calls (28 B)
+        row = next(r for r in build_rows([backend]) if r.name == f"guard {backend} exact sf=10 skip_nonfinite=False")
+        assert row.bytes_per_param == 28
 
 
 def test_triton_not_timed_through_the_interpreter_on_cpu():
@@ -47,7 +50,8 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     (table,) = report["tables"]
     assert table["layout"] == "tiny" and table["copy_gbps"] > 0
     rows = {r["name"]: r for r in table["rows"]}
-    assert len(table["rows"]) == len(rows) == 3 + 2 + 4  # torch baselines, published x stats_freq, gate x stats_freq
+    # torch baselines, published x stats_freq, gate x stats_freq, exact sf=10 without finite check
+    assert len(table["rows"]) == len(rows) == 3 + 2 + 4 + 1
     for r in rows.values():
         assert r["error"] is None, r
         assert len(r["ms_all"]) >= 6 and r["ms_min"] <= r["ms"]  # two rounds pooled

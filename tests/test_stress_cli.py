@@ -81,3 +81,25 @@ def test_missing_corpus_names_path(tmp_path):
 def test_unknown_arm_is_an_error(tmp_path, corpus):
     with pytest.raises(SystemExit, match="nope"):
         main(["stress", "--corpus", str(corpus), "--arms", "adamw,nope", "--out", str(tmp_path / "o"), *TINY])
+
+
+def test_trace_policy_arms_and_targets(tmp_path, corpus, capsys):
+    out = tmp_path / "tr"
+    arms = "adamw,adamw+clip,adamw+zclip,guard-exact,zscore-exact,zscore-single_pass"
+    argv = ["stress", "--mode", "pretrain", "--corpus", str(corpus), "--steps", "4", "--lrs", "1e-3,1e-2,3e-2",
+            "--arms", arms, "--trace", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    report = read_report(out)
+    for r in report["runs"]:
+        tel = r["telemetry"]
+        assert sorted(tel) == ["grad_ms", "grad_norm", "signed_mean"]
+        assert all(len(v) == r["steps_done"] == 4 for v in tel.values())
+        assert all(math.isfinite(x) and x > 0 for x in tel["grad_norm"] + tel["grad_ms"])
+        if r["arm"].startswith("zscore"):
+            assert set(r["regimes"]) <= {"calm", "stress", "spike"} and r["scale"]
+    # Every arm starts from the same weights and batch: the first step's gradient is the same.
+    firsts = {r["telemetry"]["grad_norm"][0] for r in report["runs"]}
+    assert max(firsts) == pytest.approx(min(firsts), rel=1e-12)
+    assert {t["arm"] for t in report["targets"]} == set(arms.split(","))
+    assert (out / "grad_norm_trace_pretrain.png").stat().st_size > 1000
+    assert "targets (mean val loss over seeds)" in capsys.readouterr().out

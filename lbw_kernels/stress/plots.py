@@ -1,5 +1,6 @@
-"""PNGs of a stress report: validation loss vs LR per arm, loss curves at the highest LR, and
-the guard's scale over time at the highest LR. One set per mode."""
+"""PNGs of a stress report: validation loss vs LR per arm, loss curves at the highest LR, the
+guard's scale over time at the highest LR, and (with ``--trace``) AdamW's gradient norm over
+time at every LR: the traces the guard policies were designed from. One set per mode."""
 
 from __future__ import annotations
 
@@ -90,4 +91,17 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
             ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
             ax.legend(fontsize=8)
             written.append(_save(fig, out / f"guard_scale_{mode}.png"))
+
+        traced = [r for r in rs if r["arm"] == "adamw" and r["seed"] == first_seed and r.get("telemetry")]
+        if traced:
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for r in sorted(traced, key=lambda r: r["lr"]):
+                norms = r["telemetry"]["grad_norm"]
+                ax.plot(range(1, len(norms) + 1), norms, label=f"lr {r['lr']:.1e}", lw=0.9)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("global gradient norm (before clipping)")
+            ax.set_title(f"{mode}: AdamW's gradient norm per step (seed {first_seed})\n{caption}", fontsize=9)
+            ax.legend(fontsize=8)
+            written.append(_save(fig, out / f"grad_norm_trace_{mode}.png"))
     return written

@@ -28,17 +28,24 @@ import torch
 
 from .corpus import Corpus, batch_offsets, load_corpus, val_offsets, windows
 from .model import ByteTransformer, ModelConfig
+from .targets import format_targets, policy_targets
+from .zclip import ZClip
 
 LN256 = math.log(256)
 
 # Arm name -> (optimizer kind, options). All guard arms read telemetry every call
-# (stats_freq=1) but the one named -sf10, which runs the published default.
+# (stats_freq=1) but the one named -sf10, which runs the published default. guard-* arms run
+# the published rules (policy "lbw"), zscore-* arms lbw_kernels.policies.ZScorePolicy;
+# adamw+clip is clip_grad_norm_(1.0), adamw+zclip the adaptive clipping of zclip.py.
 ARMS: Dict[str, dict] = {
     "adamw": {"kind": "adamw", "clip": None},
     "adamw+clip": {"kind": "adamw", "clip": 1.0},
+    "adamw+zclip": {"kind": "adamw", "zclip": True},
     "guard-exact": {"kind": "guard", "gate": "exact", "stats_freq": 1},
     "guard-single_pass": {"kind": "guard", "gate": "single_pass", "stats_freq": 1},
     "guard-exact-sf10": {"kind": "guard", "gate": "exact", "stats_freq": 10},
+    "zscore-exact": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": "zscore"},
+    "zscore-single_pass": {"kind": "guard", "gate": "single_pass", "stats_freq": 1, "policy": "zscore"},
 }
 DEFAULT_ARMS = ("adamw", "adamw+clip", "guard-exact", "guard-single_pass", "guard-exact-sf10")
 
@@ -63,6 +70,7 @@ class TrainSettings:
     eval_every: int
     spike_factor: float
     backend: str
+    trace: bool = False
 
 
 @dataclass
@@ -85,6 +93,10 @@ class RunResult:
     scale: List[float] = field(default_factory=list)
     min_scale_seen: Optional[float] = None
     skipped_steps: int = 0
+    # --trace: the raw gradients' telemetry every step (before any clipping), whatever the arm:
+    # grad_ms (max over tensors of mean g^2), signed_mean, grad_norm; the input policies are
+    # designed from.
+    telemetry: Dict[str, List[float]] = field(default_factory=dict)
 
 
 def lr_at(step: int, peak: float, s: TrainSettings) -> float:
@@ -106,8 +118,21 @@ def make_optimizer(arm: str, params, lr: float, s: TrainSettings):
 
     return GuardedAdamW(
         params, lr=lr, weight_decay=s.weight_decay, gate=spec["gate"],
-        stats_freq=spec["stats_freq"], backend=s.backend,
+        stats_freq=spec["stats_freq"], backend=s.backend, policy=spec.get("policy", "lbw"),
     )
+
+
+@torch.no_grad()
+def record_telemetry(params, out: Dict[str, List[float]]) -> None:
+    """Append this step's gradient telemetry (the reference's sums, float64) to ``out``."""
+    from .. import reference as ref
+
+    grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+    numels = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
+    partials = ref.telemetry_partials([g.double() for g in grads], torch.float64)
+    x, signed_mean, grad_norm, _ = ref.summarize(partials, numels, use_max_rms=True).tolist()
+    for key, value in (("grad_ms", x), ("signed_mean", signed_mean), ("grad_norm", grad_norm)):
+        out.setdefault(key, []).append(value)
 
 
 @torch.no_grad()
@@ -155,6 +180,7 @@ def train(
     spec = ARMS[arm]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(arm, params, peak_lr, s)
+    zclip = ZClip() if spec.get("zclip") else None
     is_guard = spec["kind"] == "guard"
     guard_backend = None
     if is_guard:
@@ -165,6 +191,7 @@ def train(
     val_curve: List[List[float]] = []
     scale: List[float] = []
     regimes: Dict[str, int] = {}
+    telemetry: Dict[str, List[float]] = {}
     skipped = 0
     bad_streak = 0
     start = time.perf_counter()
@@ -176,8 +203,12 @@ def train(
         loss = model.loss(x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if s.trace:
+            record_telemetry(params, telemetry)
         if spec.get("clip"):
             torch.nn.utils.clip_grad_norm_(params, spec["clip"])
+        if zclip is not None:
+            zclip.clip_(params)
         opt.step()
         value = loss.item()
         train_loss.append(value)
@@ -209,7 +240,7 @@ def train(
         max_train_loss=max((x for x in train_loss if math.isfinite(x)), default=float("nan")),
         wall_s=wall, steps_done=step + 1, train_loss=train_loss, val_curve=val_curve,
         guard_backend=guard_backend, regimes=regimes, scale=scale,
-        min_scale_seen=min(scale) if scale else None, skipped_steps=skipped,
+        min_scale_seen=min(scale) if scale else None, skipped_steps=skipped, telemetry=telemetry,
     )
 
 
@@ -329,6 +360,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for --quick on CPU, else torch's default)")
     p.add_argument("--out", default="lbw-runs/stress", help="folder for stress.json, PNGs and the cached base model")
+    p.add_argument("--trace", action="store_true",
+                   help="record every arm's gradient telemetry each step (grad_ms, signed_mean, grad_norm) in stress.json")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
@@ -370,9 +403,9 @@ def main(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         steps=preset["steps"], batch=preset["batch"], warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, eval_every=preset["eval_every"],
-        spike_factor=args.spike_factor, backend=args.backend,
+        spike_factor=args.spike_factor, backend=args.backend, trace=args.trace,
     )
-    base_settings = TrainSettings(**{**asdict(settings), "steps": preset["base_steps"]})
+    base_settings = TrainSettings(**{**asdict(settings), "steps": preset["base_steps"], "trace": False})
     val_offs = val_offsets(len(corpus.val), cfg.ctx, preset["val_windows"])
     n_params = ByteTransformer(cfg).num_params()
     print(f"stress: {n_params / 1e6:.2f}M-param byte transformer {asdict(cfg)} on {device}; "
@@ -429,6 +462,10 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(runs))
     print()
     print(format_pivot(runs))
+    targets = policy_targets(report["runs"])
+    report["targets"] = targets
+    print()
+    print(format_targets(targets))
     json_path = out / "stress.json"
     json_path.write_text(json.dumps(report, indent=1, allow_nan=True))
     print(f"\ntotal {elapsed:.0f} s; wrote {json_path}")

@@ -1,0 +1,84 @@
+"""The policy issue's yardstick, computed from a stress report (mean validation loss over seeds).
+
+Per mode: the best AdamW learning rate ``lr*`` of the grid; then per arm
+* at ``lr*``: the loss relative to AdamW's (target for a guard: within +1%, "no harm");
+* at ``10 lr*`` and ``30 lr*`` (when the grid has them, within 5%): the share of AdamW's excess
+  loss over its ``lr*`` loss that the arm removes (target: >= 50%), and whether the arm is no
+  worse than ``clip_grad_norm_(1.0)`` there;
+* in finetune mode, whether the arm is no worse than the published rules (``guard-exact``) at
+  every learning rate of the grid.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+
+def mean_losses(runs: Sequence[dict]) -> Dict[tuple, float]:
+    cells = defaultdict(list)
+    for r in runs:
+        cells[(r["mode"], r["arm"], r["lr"])].append(r["final_val_loss"])
+    return {k: sum(v) / len(v) for k, v in cells.items()}
+
+
+def _lr_near(lrs: Sequence[float], target: float) -> Optional[float]:
+    close = [lr for lr in lrs if abs(lr / target - 1) < 0.05]
+    return close[0] if close else None
+
+
+def policy_targets(runs: Sequence[dict]) -> List[dict]:
+    """One row per (mode, arm): the numbers above; None where the grid lacks what is needed."""
+    loss = mean_losses(runs)
+    rows = []
+    for mode in dict.fromkeys(r["mode"] for r in runs):
+        lrs = sorted({lr for (m, a, lr) in loss if m == mode and a == "adamw"})
+        if not lrs:
+            continue
+        best = min(lrs, key=lambda lr: loss[(mode, "adamw", lr)])
+        base = loss[(mode, "adamw", best)]
+        for arm in dict.fromkeys(a for (m, a, _) in loss if m == mode):
+            row = {"mode": mode, "arm": arm, "best_lr": best,
+                   "at_best_vs_adamw": loss[(mode, arm, best)] / base - 1 if (mode, arm, best) in loss else None}
+            for mult in (10, 30):
+                lr = _lr_near(lrs, mult * best)
+                key = f"x{mult}"
+                if lr is None or (mode, arm, lr) not in loss:
+                    row[key] = None
+                    continue
+                excess = loss[(mode, "adamw", lr)] - base
+                clip = loss.get((mode, "adamw+clip", lr))
+                row[key] = {
+                    "lr": lr,
+                    "loss": loss[(mode, arm, lr)],
+                    "excess_removed": (loss[(mode, "adamw", lr)] - loss[(mode, arm, lr)]) / excess if excess > 0 else None,
+                    "no_worse_than_clip": None if clip is None else loss[(mode, arm, lr)] <= clip,
+                }
+            published = [lr for lr in lrs if (mode, "guard-exact", lr) in loss and (mode, arm, lr) in loss]
+            row["no_worse_than_published_everywhere"] = (
+                all(loss[(mode, arm, lr)] <= loss[(mode, "guard-exact", lr)] for lr in published) if published else None
+            )
+            rows.append(row)
+    return rows
+
+
+def format_targets(rows: Sequence[dict]) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:+.1f}%"
+
+    lines = ["targets (mean val loss over seeds): at lr* vs AdamW (<= +1%); share of AdamW's excess "
+             "removed at 10x / 30x lr* (>= 50%), c = no worse than clip; P = no worse than guard-exact at every LR"]
+    lines.append(f"{'mode':<9} {'arm':<20} {'lr*':>8} {'at lr*':>8} {'10x':>10} {'30x':>10}  P")
+    for r in rows:
+        cells = []
+        for key in ("x10", "x30"):
+            c = r[key]
+            if c is None or c["excess_removed"] is None:
+                cells.append(f"{'-':>10}")
+            else:
+                flag = "c" if c["no_worse_than_clip"] else " "
+                cells.append(f"{100 * c['excess_removed']:>8.0f}%{flag}")
+        p = {True: "yes", False: "no", None: "-"}[r["no_worse_than_published_everywhere"]]
+        lines.append(f"{r['mode']:<9} {r['arm']:<20} {r['best_lr']:8.1e} {pct(r['at_best_vs_adamw']):>8} "
+                     f"{cells[0]} {cells[1]}  {p}")
+    return "\n".join(lines)
