@@ -34,25 +34,27 @@ LAST_HOT = ref.STATE_SIZE + 3  # analysed-call number (from 1) of the latest hot
 
 @dataclass(frozen=True)
 class ZScorePolicy:
-    """Act on persistent gradient-norm outliers, measured against the run's own noise
+    """Act on corroborated gradient-norm outliers, measured against the run's own noise
     (``policy="zscore"``).
 
     Per telemetry call, with ``s = ln(global gradient norm)`` and an EMA mean and variance of
     ``s`` over earlier calls (``ema_decay``), ``z = (s - mean) / max(sd, sd_floor)``. A call with
     ``z > z_threshold`` is *hot*. Then:
 
-    * hot, and the last ``persistence`` calls all hot -> ``"spike"``: the scale is cut by
-      ``exp(-cut_per_z * (z - z_threshold))``, by at most ``max_cut`` (the further out, the harder);
-    * hot, not yet persistent -> ``"stress"``: the scale holds;
+    * hot, and another hot call within the last ``window`` calls (``window=0``: always) ->
+      ``"spike"``: the scale is cut by ``exp(-cut_per_z * (z - z_threshold))``, by at most
+      ``max_cut`` per call (the further out, the harder);
+    * hot, uncorroborated -> ``"stress"``: the scale holds;
     * otherwise -> ``"calm"``: the scale grows by ``(1 + growth)``, capped at 1;
 
     never below ``min_scale``. Why each piece (the evidence is in docs/policies.md):
 
     * ``ln`` of the norm: spikes are multiplicative, and a z-score of ``ln`` does not depend on
       the model's size or the loss's scale.
-    * ``persistence=2``: at a good learning rate single-call spikes of 8x the usual norm happen
-      and are harmless (AdamW recovers by itself); at 10-30x the learning rate the norm stays
-      high for several calls. Acting on the first call cost ~1-3% loss at a good LR.
+    * ``window=1`` (two hot calls in a row): fine-tuning at a good learning rate, lone spikes of
+      7x the usual norm happen and are harmless (AdamW recovers by itself); at 10-30x the
+      learning rate the norm stays high for several calls. Acting on the first hot call cost
+      1-3% loss at a good LR on one of two tuning seeds; wider windows, the same.
     * winsorising: the statistics see ``s`` clipped at ``mean + z_threshold * sd``, so a spike
       does not teach them that spikes are normal.
     * ``sd_floor`` (in nats of the norm: 0.25 is a 28% change) keeps the first calls, whose

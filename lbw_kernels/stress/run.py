@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .corpus import Corpus, batch_offsets, load_corpus, val_offsets, windows
+from ..policies import ZScorePolicy
 from .model import ByteTransformer, ModelConfig
 from .targets import format_targets, policy_targets
 from .zclip import ZClip
@@ -46,6 +47,8 @@ ARMS: Dict[str, dict] = {
     "guard-exact-sf10": {"kind": "guard", "gate": "exact", "stats_freq": 10},
     "zscore-exact": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": "zscore"},
     "zscore-single_pass": {"kind": "guard", "gate": "single_pass", "stats_freq": 1, "policy": "zscore"},
+    # window=0: acts on the first hot call, uncorroborated (the trade-off in docs/policies.md)
+    "zscore-exact-w0": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": ZScorePolicy(window=0)},
 }
 DEFAULT_ARMS = ("adamw", "adamw+clip", "guard-exact", "guard-single_pass", "guard-exact-sf10")
 
