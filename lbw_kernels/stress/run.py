@@ -50,7 +50,7 @@ ARMS: Dict[str, dict] = {
     # window=0: acts on the first hot call, uncorroborated (the trade-off in docs/policies.md)
     "zscore-exact-w0": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": ZScorePolicy(window=0)},
 }
-DEFAULT_ARMS = ("adamw", "adamw+clip", "guard-exact", "guard-single_pass", "guard-exact-sf10")
+DEFAULT_ARMS = ("adamw", "adamw+clip", "guard-exact", "guard-single_pass", "guard-exact-sf10", "zscore-exact")
 
 # Presets: --quick (the default) fits 5 minutes on 2 CPU cores with margin; --full is larger.
 PRESETS = {
