@@ -175,7 +175,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         analyze = plan.telemetry_rows > 0 and cfg.is_telemetry_call(self._calls)
         check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
-        local_grads = nonempty_grads(groups)
+        if plan.all_nonempty and not plan.has_dtensor:  # local shards may be empty: ask them
+            local_grads = [g for group in groups for g in group.grads]
+        else:
+            local_grads = nonempty_grads(groups)
         guard = self._guard
         scale = guard[ref.SCALE]
 

@@ -22,7 +22,7 @@ from .distributed import is_dtensor
 from .validation import check_grad
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: GroupTensors.plan
 class _GroupPlan:
     group_index: int
     positions: Optional[List[int]]  # params (by position) with a grad; None: all of them
@@ -81,6 +81,9 @@ class StepPlan:
                 )
             )
         self.telemetry_rows = len(numels)
+        # Every param with a grad has elements (the usual case): telemetry covers all grads, and
+        # a call need not ask each one for its numel.
+        self.all_nonempty = self.telemetry_rows == sum(len(gp.params) for gp in self.groups)
         self.numels = device_numels(numels) if numels else None
         self.device = self.groups[0].params[0].device if self.groups else None
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
@@ -99,7 +102,7 @@ class StepPlan:
                 GroupTensors(
                     params=gp.params, grads=grads, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
                     steps=gp.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], plan=gp,
                 )
             )
         return out

@@ -208,6 +208,51 @@ def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
 
 
+def test_plan_follows_swapped_params_and_loaded_state_and_holds_nothing_alive(triton_backend):
+    """The optimizer's step plan stands for the states' addresses in the cache key; swapped
+    param storage (p.data = ...) and loaded state must still rebuild, and the cache must not
+    keep a dropped optimizer's tensors alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 4097)]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="single_pass", stats_freq=1)
+    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate="single_pass", stats_freq=1)
+    ops = _ops()
+
+    def step():  # the same grad tensors every call, refilled: only what the test changes moves
+        for p, q in zip(params, ref_params):
+            if p.grad is None:
+                p.grad = torch.empty(p.shape)
+            p.grad.copy_(torch.randn(p.shape))
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+
+    step()
+    step()
+    builds = ops.PLANS.builds
+    keep = params[0].data
+    params[0].data = params[0].data.clone()  # new storage, same Parameter object
+    step()
+    assert ops.PLANS.builds == builds + 1
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)  # fresh state tensors: the old addresses are gone
+    ref.load_state_dict(copy.deepcopy(ref.state_dict()))
+    step()
+    assert ops.PLANS.builds == builds + 2
+    for p, q in zip(params, ref_params):
+        assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
+    del keep
+
+    alive = weakref.ref(opt.state[params[1]]["exp_avg"])
+    del opt, saved
+    gc.collect()
+    assert alive() is None
+
+
 # ---------------------------------------------------------------------------------------
 # Optimizer level: GuardedAdamW(backend="triton") vs backend="reference"
 # ---------------------------------------------------------------------------------------
