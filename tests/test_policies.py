@@ -31,6 +31,7 @@ def zscore_by_hand(norms, pol: ZScorePolicy, min_scale=0.1):
             mean += (1 - pol.ema_decay) * delta
             var = pol.ema_decay * (var + (1 - pol.ema_decay) * delta * delta)
         corroborated = pol.window == 0 or (last_hot is not None and call - last_hot <= pol.window)
+        corroborated = corroborated or (pol.stay_alert and scale < 1.0)
         if hot:
             last_hot = call
         if hot and corroborated:
@@ -59,12 +60,13 @@ def bursty_norms(calls, seed):
 POLICIES = [
     ZScorePolicy(),
     ZScorePolicy(window=0, growth=0.05, sd_floor=0.1),
-    ZScorePolicy(window=6, cut_per_z=2.0, max_cut=0.5, ema_decay=0.5),
+    ZScorePolicy(window=6, cut_per_z=2.0, max_cut=0.5, ema_decay=0.5, stay_alert=False),
+    ZScorePolicy(stay_alert=False),
 ]
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-@pytest.mark.parametrize("pol", POLICIES, ids=["default", "at-once", "wide-window"])
+@pytest.mark.parametrize("pol", POLICIES, ids=["default", "at-once", "wide-window", "not-alert"])
 def test_zscore_matches_its_rules_by_hand(pol, gate, backend):
     norms = bursty_norms(80, seed=1)
     p = torch.zeros(NUMEL, dtype=torch.float64)
@@ -185,6 +187,7 @@ def test_zscore_checkpoint_round_trip_and_cross_policy_refusal():
         (lambda: ZScorePolicy(growth=-0.1), ValueError, "growth"),
         (lambda: ZScorePolicy(window=-1), ValueError, "window"),
         (lambda: ZScorePolicy(window=1.5), TypeError, "window"),
+        (lambda: ZScorePolicy(stay_alert=1), TypeError, "stay_alert"),
         (lambda: ZScorePolicy(ema_decay="0.9"), TypeError, "ema_decay"),
         (lambda: ZScorePolicy(z_threshold=float("nan")), ValueError, "z_threshold"),
     ],
