@@ -51,8 +51,8 @@ class GuardedAdamW(torch.optim.Optimizer):
     so its decision applies from the next call. ``policy`` picks the analyzer and controller:
     ``"lbw"`` (the published rules above, the default) or ``"zscore"``
     (:class:`lbw_kernels.policies.ZScorePolicy`: acts on gradient-norm outliers measured
-    against the run's own noise; pass an instance to change its options). ``backend`` picks who does the passes over
-    memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
+    against the run's own noise; pass an instance to change its options).
+    ``backend`` picks who does the passes over memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
     ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
 
     ``Guard`` is the same class, under the published package's name.
@@ -213,7 +213,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         ``signed_mean``, ``grad_norm``: of the latest call whose telemetry reached the analyzer
         (NaN before any); ``skipped_steps``: calls skipped for non-finite gradients; the
         ``policy``'s name, and its own state (``"zscore"``: ``z``, ``log_norm_mean``,
-        ``log_norm_sd``). ``ratio`` is the published analyzer's: NaN under other policies.
+        ``log_norm_sd``, ``last_hot_call``). ``ratio`` is the published analyzer's: NaN under other policies.
         """
         policy = self.guard_config.policy
         v = self._guard.tolist()

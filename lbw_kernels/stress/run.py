@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .corpus import Corpus, batch_offsets, load_corpus, val_offsets, windows
 from ..policies import ZScorePolicy
+from .corpus import Corpus, batch_offsets, load_corpus, val_offsets, windows
 from .model import ByteTransformer, ModelConfig
 from .targets import format_targets, policy_targets
 from .zclip import ZClip
