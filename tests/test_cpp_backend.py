@@ -7,7 +7,6 @@ kernels write them. Optimizer-level checks feed GuardedAdamW a scripted gradient
 Everything skips, with the reason, when the extension is not built.
 """
 
-import copy
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import GroupTensors, ReferenceBackend, availability, get_backend
 from lbw_kernels.verify import ODD_SIZES, check_backend, clone_problem, make_problem, verify_backend, worst
+from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs
 from streams import random_stream, run
 
 _reason = availability()["cpp"]
@@ -288,58 +288,18 @@ def _gpu_model():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_cuda_step_never_syncs(cuda_backend, gate):
-    model = _gpu_model()
-    opt = GuardedAdamW(model.parameters(), lr=1e-3, backend="cuda", gate=gate, stats_freq=1)
-    model(torch.randn(32, 64, device="cuda")).square().mean().backward()
-    opt.step()  # warm-up: chunk tables built and uploaded
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+def test_gpu_cuda_step_never_syncs(cuda_backend, gate, policy):
+    assert_step_never_syncs(_gpu_model(), backend="cuda", gate=gate, policy=policy)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate):
-    model = _gpu_model()
-    twin = copy.deepcopy(model)
-    opt = GuardedAdamW(model.parameters(), lr=1e-2, backend="cuda", gate=gate, stats_freq=1)
-    twin_opt = GuardedAdamW(twin.parameters(), lr=1e-2, backend="cuda", gate=gate, stats_freq=1)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k == 3 else 1)
-              for p in model.parameters()] for k in range(6)]
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for p, g in zip(model.parameters(), grads[0]):
-            p.grad.copy_(g)
-        opt.step()  # warm-up on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(side)
-    for p, g in zip(twin.parameters(), grads[0]):
-        p.grad = g.clone()
-    twin_opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for k in range(1, 6):
-        for p, g in zip(model.parameters(), grads[k]):
-            p.grad.copy_(g)
-        graph.replay()
-        for p, g in zip(twin.parameters(), grads[k]):
-            p.grad = g.clone()
-        twin_opt.step()
-    torch.cuda.synchronize()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(opt._guard, twin_opt._guard)
+def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate, policy):
+    # Same kernels, same inputs: bitwise.
+    assert_graph_replay_matches_eager(_gpu_model(), rtol=0, atol=0, backend="cuda", gate=gate, policy=policy)
 
 
 _ISA_SCRIPT = """

@@ -27,6 +27,7 @@ from lbw_kernels.verify import (
     verify_backend,
     worst,
 )
+from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs
 from streams import random_stream
 
 triton = pytest.importorskip("triton")
@@ -443,62 +444,14 @@ def test_gpu_optimizer_matches_reference(gate):
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_step_never_syncs(gate, policy):
-    model = _model("cuda")
-    opt = GuardedAdamW(model.parameters(), lr=1e-3, backend="triton", gate=gate, stats_freq=1, policy=policy)
-    x = torch.randn(32, 64, device="cuda")
-    model(x).square().mean().backward()
-    opt.step()  # warm-up: compiles kernels, builds and uploads the plans
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(next(model.parameters())).all()
+    assert_step_never_syncs(_model("cuda"), backend="triton", gate=gate, policy=policy)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_captured_step_replays_like_eager(gate, policy):
-    model = _model("cuda")
-    twin = copy.deepcopy(model)
-    kw = dict(lr=1e-2, backend="triton", gate=gate, stats_freq=1, policy=policy)
-    opt = GuardedAdamW(model.parameters(), **kw)
-    twin_opt = GuardedAdamW(twin.parameters(), **kw)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    # Calls 3 and 4 spike: two hot calls in a row, so the zscore policy cuts too.
-    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k in (3, 4) else 1) for p in model.parameters()] for k in range(6)]
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    # Warm up on a side stream (plans built, kernels compiled), as CUDA graphs require.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for p, g in zip(model.parameters(), grads[0]):
-            p.grad.copy_(g)
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    for p, g in zip(twin.parameters(), grads[0]):
-        p.grad = g.clone()
-    twin_opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    # Replays: call count is host state, so use stats_freq=1 (every call analyses) in both.
-    for k in range(1, 6):
-        for p, g in zip(model.parameters(), grads[k]):
-            p.grad.copy_(g)
-        graph.replay()
-        for p, g in zip(twin.parameters(), grads[k]):
-            p.grad = g.clone()
-        twin_opt.step()
-    torch.cuda.synchronize()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(opt._guard, twin_opt._guard, rtol=1e-9, atol=1e-12, equal_nan=True)
-    assert opt.telemetry()["scale"] < 1  # the spikes moved the scale, so the test sees the controller
+    assert_graph_replay_matches_eager(_model("cuda"), rtol=1e-6, atol=1e-7, backend="triton", gate=gate, policy=policy)
 
 
 @pytest.mark.gpu
