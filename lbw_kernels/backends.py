@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,13 +29,6 @@ class GroupTensors:
     ``lr`` is the group's scheduled learning rate (float or 0-dim tensor), before the guard's
     scale. States: ``exp_avgs``/``exp_avg_sqs`` shaped like params (fp32 for fp16/bf16 params),
     ``steps`` 0-dim float32 on the params' device.
-
-    ``plan``, when not None, is an object whose identity vouches that ``params``, ``exp_avgs``,
-    ``exp_avg_sqs`` and ``steps`` are the same tensor objects as in every other call carrying
-    it, and that the states' storage has not changed (the optimizer's per-group step plan:
-    rebuilt when params gain or lose grads, groups are added or state is loaded). Backends
-    that cache device-side tables may then skip re-reading the states' addresses each call;
-    params' storage can still change (``p.data = ...``), so their addresses are still checked.
     """
 
     params: List[Tensor]
@@ -49,7 +42,6 @@ class GroupTensors:
     eps: float
     weight_decay: float
     maximize: bool
-    plan: Any = None
 
 
 class Backend:

@@ -91,7 +91,6 @@ class ShardedTelemetry:
                 grads=[_local(t) for t in group.grads],
                 exp_avgs=[_local(t) for t in group.exp_avgs],
                 exp_avg_sqs=[_local(t) for t in group.exp_avg_sqs],
-                plan=None,  # fresh local views: the plan vouches for the global tensors only
             )
             for group in groups
         ]

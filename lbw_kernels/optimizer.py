@@ -247,8 +247,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         """Load a GuardedAdamW or torch.optim.AdamW state_dict (the latter starts a fresh guard).
 
         Everything is checked before anything is changed: a state_dict of another model
-        (other group sizes or state shapes), AMSGrad state, or a malformed guard entry raises
-        ValueError and leaves the optimizer as it was.
+        (other group sizes or state shapes), AMSGrad state, a malformed guard entry or one of
+        another policy raises ValueError and leaves the optimizer as it was. The guard's
+        hyper-parameters and the policy's options stay this optimizer's (the checkpoint's are
+        kept in ``state_dict()["guard"]["config"]`` for reference); its state is loaded.
         """
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -22,7 +22,7 @@ from .distributed import is_dtensor
 from .validation import check_grad
 
 
-@dataclass(eq=False)  # compared and hashed by identity: GroupTensors.plan
+@dataclass
 class _GroupPlan:
     group_index: int
     positions: Optional[List[int]]  # params (by position) with a grad; None: all of them
@@ -102,7 +102,7 @@ class StepPlan:
                 GroupTensors(
                     params=gp.params, grads=grads, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
                     steps=gp.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"], plan=gp,
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
                 )
             )
         return out

@@ -1,6 +1,7 @@
 """Guard policies: ``policy="zscore"`` against a plain-Python model of its rules, its bounds,
 rule 1 under it, checkpoints and bad input; ``"lbw"`` stays the published rules, bit for bit."""
 
+import copy
 import math
 import random
 
@@ -18,18 +19,22 @@ NUMEL = 4  # constant gradients a * ones(4) have global norm 2|a|
 
 def zscore_by_hand(norms, pol: ZScorePolicy, min_scale=0.1):
     """ZScorePolicy's docstring, one Python float at a time: (scale, regime, z) per call."""
-    scale, mean, var, last_hot, out = 1.0, None, 0.0, None, []
+    scale, mean, var, seen, last_hot, out = 1.0, 0.0, 0.0, 0, None, []
     for call, norm in enumerate(norms, start=1):
-        s = math.log(norm)
-        if mean is None:  # the first call starts the statistics
-            mean, z, hot = s, 0.0, False
-        else:
-            sd = max(math.sqrt(var), pol.sd_floor)
-            z = (s - mean) / sd
-            hot = z > pol.z_threshold
-            delta = min(s, mean + pol.z_threshold * sd) - mean
-            mean += (1 - pol.ema_decay) * delta
-            var = pol.ema_decay * (var + (1 - pol.ema_decay) * delta * delta)
+        z, hot = 0.0, False
+        if norm > 0:  # a zero norm is not seen: statistics, scale and history stay
+            s = math.log(norm)
+            if seen == 0:  # the first non-zero norm starts the statistics
+                mean = s
+            else:
+                sd = max(math.sqrt(var), pol.sd_floor)
+                z = (s - mean) / sd
+                hot = z > pol.z_threshold
+                band = pol.z_threshold * sd
+                delta = min(max(s, mean - band), mean + band) - mean
+                mean += (1 - pol.ema_decay) * delta
+                var = pol.ema_decay * (var + (1 - pol.ema_decay) * delta * delta)
+            seen += 1
         corroborated = pol.window == 0 or (last_hot is not None and call - last_hot <= pol.window)
         corroborated = corroborated or (pol.stay_alert and scale < 1.0)
         if hot:
@@ -40,20 +45,22 @@ def zscore_by_hand(norms, pol: ZScorePolicy, min_scale=0.1):
         elif hot:
             regime = "stress"
         else:
-            scale = min(1.0, scale * (1 + pol.growth))
+            if norm > 0:
+                scale = min(1.0, scale * (1 + pol.growth))
             regime = "calm"
         out.append((scale, regime, z))
     return out
 
 
 def bursty_norms(calls, seed):
-    """Log-normal noise around a drifting level, with single-call spikes and multi-call bursts."""
+    """Log-normal noise around a drifting level, with single-call spikes and multi-call bursts,
+    a zero norm first and mid-way, and one near-zero norm."""
     rng = random.Random(seed)
     norms, level = [], 1.0
     for k in range(calls):
         level *= math.exp(rng.gauss(0, 0.02))
-        burst = 8.0 if k % 23 in (10, 11, 12) else 6.0 if k % 17 == 5 else 1.0
-        norms.append(level * burst * math.exp(rng.gauss(0, 0.2)))
+        burst = 8.0 if k % 23 in (10, 11, 12) else 6.0 if k % 17 == 5 else 1e-3 if k == 50 else 1.0
+        norms.append(0.0 if k in (0, 30) else level * burst * math.exp(rng.gauss(0, 0.2)))
     return norms
 
 
@@ -81,6 +88,18 @@ def test_zscore_matches_its_rules_by_hand(pol, gate, backend):
     # window > 0; window=0 acts at once).
     regimes = {r for _, r, _ in want}
     assert regimes == {"calm", "spike"} | ({"stress"} if pol.window > 0 else set())
+
+
+def test_zero_and_tiny_norms_do_not_blind_the_policy():
+    # A zero first call, then a zero and a 1000x-too-small norm mid-way: the statistics must not
+    # take them in, so a later 10x burst is still an outlier and is cut.
+    amplitudes = [0.0] + [1.0, 1.1, 0.9, 1.05] * 5 + [0.0, 1e-3] + [1.0, 0.95, 1.1] * 3 + [10.0, 10.0]
+    p = torch.zeros(NUMEL, dtype=torch.float64)
+    opt = GuardedAdamW([p], stats_freq=1, policy="zscore", backend="reference")
+    got = run(opt, [p], constant_grads(amplitudes, NUMEL), record=("scale", "regime", "log_norm_sd"))
+    assert [r for _, r, _ in got[:-2]] == ["calm"] * (len(amplitudes) - 2)
+    assert all(sd < 0.5 for _, _, sd in got)
+    assert [r for _, r, _ in got[-2:]] == ["stress", "spike"] and got[-1][0] <= 0.25
 
 
 def test_zscore_scale_stays_bounded_and_moves_boundedly_per_call():
@@ -141,12 +160,16 @@ def test_zscore_step_never_reads_device_values(gate, backend):
     params = [torch.zeros(6, 5), torch.zeros(11)]
     opt = GuardedAdamW(params, stats_freq=1, policy="zscore", gate=gate, backend=backend)
     stream = random_stream(8, [(6, 5), (11,)], seed=2, dtype=torch.float32, spikes=(4, 5), nan_at=(7,))
+    regimes = []
     for grads in stream:
         for p, g in zip(params, grads):
             p.grad = g
         with host_reads_forbidden():
             opt.step()
-    assert opt.telemetry()["regime"] == "spike" or opt.telemetry()["skipped_steps"] == 1
+        regimes.append(opt.telemetry()["regime"])
+    # the device-side decisions still happened: the spikes at calls 4-5 cut, call 7 skipped
+    # (single_pass decides on the same calls; its cut applies from the next one)
+    assert regimes[3:5] == ["stress", "spike"] and regimes[6] == "nonfinite", regimes
 
 
 def test_zscore_checkpoint_round_trip_and_cross_policy_refusal():
@@ -154,14 +177,15 @@ def test_zscore_checkpoint_round_trip_and_cross_policy_refusal():
     params = [torch.zeros(4, 3, dtype=torch.float64)]
     opt = GuardedAdamW(params, stats_freq=1, policy="zscore", backend="reference")
     run(opt, params, stream[:8])
-    saved = opt.state_dict()
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [p.clone() for p in params]
     assert saved["guard"]["policy"] == "zscore"
+    assert opt.telemetry()["scale"] < 1  # the spikes at calls 6-7 cut: the loaded state matters
     straight = run(opt, params, stream[8:], record=("scale", "z", "log_norm_mean"))
 
-    resumed = [torch.zeros(4, 3, dtype=torch.float64)]
+    resumed = [saved_params[0].clone()]
     opt2 = GuardedAdamW(resumed, stats_freq=1, policy="zscore", backend="reference")
-    run(opt2, resumed, stream[:8])  # same params, so the continuation matches
-    opt2.load_state_dict(saved)
+    opt2.load_state_dict(saved)  # a fresh optimizer: everything it continues with is loaded
     assert run(opt2, resumed, stream[8:], record=("scale", "z", "log_norm_mean")) == straight
 
     lbw = GuardedAdamW([torch.zeros(4, 3, dtype=torch.float64)], stats_freq=1, backend="reference")

@@ -209,10 +209,10 @@ def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
 
 
-def test_plan_follows_swapped_params_and_loaded_state_and_holds_nothing_alive(triton_backend):
-    """The optimizer's step plan stands for the states' addresses in the cache key; swapped
-    param storage (p.data = ...) and loaded state must still rebuild, and the cache must not
-    keep a dropped optimizer's tensors alive."""
+def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend):
+    """Swapped param or state storage (``.data = ...``: state offload) and loaded state rebuild
+    the plan even when the grads stay put, and the cache keeps no dropped optimizer's tensors
+    alive."""
     import gc
     import weakref
 
@@ -239,14 +239,19 @@ def test_plan_follows_swapped_params_and_loaded_state_and_holds_nothing_alive(tr
     params[0].data = params[0].data.clone()  # new storage, same Parameter object
     step()
     assert ops.PLANS.builds == builds + 1
+    state = opt.state[params[1]]
+    keep_state = state["exp_avg_sq"].data
+    state["exp_avg_sq"].data = state["exp_avg_sq"].data.clone()  # offloaded and back
+    step()
+    assert ops.PLANS.builds == builds + 2
     saved = copy.deepcopy(opt.state_dict())
     opt.load_state_dict(saved)  # fresh state tensors: the old addresses are gone
     ref.load_state_dict(copy.deepcopy(ref.state_dict()))
     step()
-    assert ops.PLANS.builds == builds + 2
+    assert ops.PLANS.builds == builds + 3
     for p, q in zip(params, ref_params):
         assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
-    del keep
+    del keep, keep_state
 
     alive = weakref.ref(opt.state[params[1]]["exp_avg"])
     del opt, saved

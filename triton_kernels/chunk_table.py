@@ -5,10 +5,8 @@ dtype covers every tensor of every group (the multi-tensor-apply idea of apex/to
 with the table kept on the device between calls). Tables are keyed by the tensors' storage
 (``data_ptr``), sizes, dtypes and the group hyper-parameters; a plan is rebuilt only when one
 of those changes (grads set to None and reallocated elsewhere, params or states replaced,
-groups edited). Where the optimizer's step plan vouches for the states
-(``GroupTensors.plan``), a weak reference to it stands for the states' addresses. Plans hold
-addresses, never the tensors themselves: holding a gradient would keep its memory alive after
-the user drops it.
+groups edited). Plans hold addresses, never the tensors themselves: holding a gradient would
+keep its memory alive after the user drops it.
 
 Telemetry rows are numbered in the order of :func:`lbw_kernels.backends.nonempty_grads`;
 each non-empty gradient owns ``ceil(numel / chunk)`` consecutive chunk rows of the partials
@@ -17,7 +15,6 @@ workspace, so the per-tensor reduction reads a contiguous range in a fixed order
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import methodcaller
@@ -116,25 +113,21 @@ def telemetry_key(grads: Sequence[Tensor], chunk: int) -> tuple:
 
 
 def update_key(groups: Sequence[Any], chunk: int) -> tuple:
+    # Every tensor's address, every call (~2 ms for 2000 tensors on a slow host): optimizer
+    # state can be moved behind the optimizer's back (state offload through `.data`), and a
+    # stale table would write through a freed address.
     parts: List[Any] = ["update", chunk]
     for g in groups:
         lr = g.lr
         lr_key = ("tensor", lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, Tensor) else "float"
-        hyper = (lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize)
-        # Grads are new tensors every backward; params' storage can be swapped (p.data = ...).
-        moving = (
-            tuple(map(_ptr, g.params)), tuple(map(_ptr, g.grads)),
-            tuple(map(_numel, g.params)), tuple(p.dtype for p in g.params),
+        parts.append(
+            (
+                lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize,
+                tuple(map(_ptr, g.params)), tuple(map(_ptr, g.grads)), tuple(map(_ptr, g.exp_avgs)),
+                tuple(map(_ptr, g.exp_avg_sqs)), tuple(map(_ptr, g.steps)),
+                tuple(map(_numel, g.params)), tuple(p.dtype for p in g.params),
+            )
         )
-        plan = getattr(g, "plan", None)
-        if plan is not None:
-            # The optimizer's step plan vouches for the states (same objects, same storage):
-            # their 3 x T addresses need not be read every call (~1 ms for 2000 tensors). A weak
-            # reference: the cache must not keep an optimizer's params and states alive.
-            parts.append((hyper, weakref.ref(plan), moving))
-        else:
-            states = (tuple(map(_ptr, g.exp_avgs)), tuple(map(_ptr, g.exp_avg_sqs)), tuple(map(_ptr, g.steps)))
-            parts.append((hyper, moving, states))
     return tuple(parts)
 
 
