@@ -21,9 +21,14 @@ def _smooth(xs: List[float], k: int = 10) -> List[float]:
     return out
 
 
-def _save(fig, path: Path) -> Path:
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, title, legend; then save and close."""
     import matplotlib.pyplot as plt
 
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -65,20 +70,16 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         if any(r["diverged"] or r["final_val_loss"] > 0.8 * LN256 for r in rs):
             ax.axhline(LN256, color="k", ls=":", lw=1, label="ln 256 (diverged above)")
         ax.set_xscale("log")
-        ax.set_xlabel("peak learning rate")
-        ax.set_ylabel("final validation loss (nats/byte)")
-        ax.set_title(f"{mode}: validation loss vs LR (x = diverged)\n{caption}", fontsize=9)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / f"val_loss_vs_lr_{mode}.png"))
+        written.append(_finish(fig, ax, "peak learning rate", "final validation loss (nats/byte)",
+                               f"{mode}: validation loss vs LR (x = diverged)\n{caption}",
+                               out / f"val_loss_vs_lr_{mode}.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for r in at_top:
             ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (10-step mean)")
-        ax.set_title(f"{mode}: loss curves at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / f"loss_curves_{mode}.png"))
+        written.append(_finish(fig, ax, "step", "training loss (10-step mean)",
+                               f"{mode}: loss curves at peak LR {top:.1e} (seed {first_seed})\n{caption}",
+                               out / f"loss_curves_{mode}.png"))
 
         guard = [r for r in at_top if r["scale"]]
         if guard:
@@ -86,11 +87,9 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
             for r in guard:
                 ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2)
             ax.set_ylim(0, 1.05)
-            ax.set_xlabel("step")
-            ax.set_ylabel("guard scale (LR multiplier)")
-            ax.set_title(f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}", fontsize=9)
-            ax.legend(fontsize=8)
-            written.append(_save(fig, out / f"guard_scale_{mode}.png"))
+            written.append(_finish(fig, ax, "step", "guard scale (LR multiplier)",
+                                   f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}",
+                                   out / f"guard_scale_{mode}.png"))
 
         traced = [r for r in rs if r["arm"] == "adamw" and r["seed"] == first_seed and r.get("telemetry")]
         if traced:
@@ -99,9 +98,7 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
                 norms = r["telemetry"]["grad_norm"]
                 ax.plot(range(1, len(norms) + 1), norms, label=f"lr {r['lr']:.1e}", lw=0.9)
             ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel("global gradient norm (before clipping)")
-            ax.set_title(f"{mode}: AdamW's gradient norm per step (seed {first_seed})\n{caption}", fontsize=9)
-            ax.legend(fontsize=8)
-            written.append(_save(fig, out / f"grad_norm_trace_{mode}.png"))
+            written.append(_finish(fig, ax, "step", "global gradient norm (before clipping)",
+                                   f"{mode}: AdamW's gradient norm per step (seed {first_seed})\n{caption}",
+                                   out / f"grad_norm_trace_{mode}.png"))
     return written
