@@ -60,3 +60,28 @@ def test_fake_shapes_under_fake_tensor_mode():
         assert torch.ops.lbw.telemetry(grads).shape == (2, 3)
         args = _update_args("cpu")
         assert torch.ops.lbw.adamw_telemetry_(*args, True).shape == (2, 3)
+
+
+def test_layout_key_reads_address_numel_and_dtype_of_each_tensor():
+    from lbw_kernels import _C
+
+    base = torch.zeros(10)
+    tensors = [torch.randn(4, 3), torch.zeros(0), torch.ones(5, dtype=torch.bfloat16), base[2:], torch.tensor(1.0)]
+    key = _C._layout_key(tensors)
+    assert key[0::3] == tuple(t.data_ptr() for t in tensors)
+    assert key[1::3] == (12, 0, 5, 8, 1)
+    codes = key[2::3]
+    assert codes[0] == codes[3] == codes[4] != codes[2]  # float32 x3, bfloat16
+    assert _C._layout_key(()) == ()
+    with pytest.raises(TypeError, match="item 1 is not a tensor"):
+        _C._layout_key([base, 3.0])
+
+
+def test_triton_plan_keys_use_the_extension():
+    pytest.importorskip("triton")
+    from lbw_kernels import _C
+    from lbw_kernels.triton_kernels import chunk_table
+
+    assert chunk_table.layout_key is _C._layout_key
+    a, b = torch.zeros(3), torch.zeros(3)
+    assert chunk_table.telemetry_key([a], 64) != chunk_table.telemetry_key([b], 64)  # another address

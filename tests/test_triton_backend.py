@@ -209,12 +209,18 @@ def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
 
 
-def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend):
+@pytest.mark.parametrize("keys", ["as installed", "python"])
+def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend, keys, monkeypatch):
     """Swapped param or state storage (``.data = ...``: state offload) and loaded state rebuild
     the plan even when the grads stay put, and the cache keeps no dropped optimizer's tensors
-    alive."""
+    alive; with the cache keys read by the C++ extension (when built) and by Python."""
     import gc
     import weakref
+
+    from lbw_kernels.triton_kernels import chunk_table
+
+    if keys == "python":
+        monkeypatch.setattr(chunk_table, "layout_key", chunk_table._layout_key_python)
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 4097)]

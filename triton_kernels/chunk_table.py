@@ -38,6 +38,24 @@ _ptr = methodcaller("data_ptr")
 _numel = methodcaller("numel")
 
 
+def _layout_key_python(tensors: Sequence[Tensor]) -> tuple:
+    return tuple(map(_ptr, tensors)) + tuple(map(_numel, tensors)) + tuple(t.dtype for t in tensors)
+
+
+def _layout_key_function():
+    """(address, numel, dtype) of every tensor as one tuple: from the C++ extension when it is
+    built (one call: ~0.05 ms for 2000 tensors instead of ~0.75 ms of Python), else in Python.
+    Either way every call reads every tensor's address: a table must never outlive its memory."""
+    try:
+        from lbw_kernels._C import _layout_key
+    except ImportError:  # the extension is optional; so is its attribute in an older build
+        return _layout_key_python
+    return _layout_key
+
+
+layout_key = _layout_key_function()
+
+
 @dataclass
 class ChunkList:
     """Chunks of the tensors of one dtype: rows of ``table`` are one program each.
@@ -109,13 +127,12 @@ def _chunk_starts(numel: int, chunk: int) -> range:
 # Cache keys: the only per-call Python work proportional to the number of tensors.
 # ---------------------------------------------------------------------------------------
 def telemetry_key(grads: Sequence[Tensor], chunk: int) -> tuple:
-    return ("telemetry", chunk, tuple(map(_ptr, grads)), tuple(map(_numel, grads)), tuple(g.dtype for g in grads))
+    return ("telemetry", chunk, layout_key(grads))
 
 
 def update_key(groups: Sequence[Any], chunk: int) -> tuple:
-    # Every tensor's address, every call (~2 ms for 2000 tensors on a slow host): optimizer
-    # state can be moved behind the optimizer's back (state offload through `.data`), and a
-    # stale table would write through a freed address.
+    # Every tensor's address, every call: optimizer state can be moved behind the optimizer's
+    # back (state offload through `.data`), and a stale table would write through freed memory.
     parts: List[Any] = ["update", chunk]
     for g in groups:
         lr = g.lr
@@ -123,9 +140,8 @@ def update_key(groups: Sequence[Any], chunk: int) -> tuple:
         parts.append(
             (
                 lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize,
-                tuple(map(_ptr, g.params)), tuple(map(_ptr, g.grads)), tuple(map(_ptr, g.exp_avgs)),
-                tuple(map(_ptr, g.exp_avg_sqs)), tuple(map(_ptr, g.steps)),
-                tuple(map(_numel, g.params)), tuple(p.dtype for p in g.params),
+                layout_key(g.params), layout_key(g.grads), layout_key(g.exp_avgs),
+                layout_key(g.exp_avg_sqs), layout_key(g.steps),
             )
         )
     return tuple(parts)
