@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .backends import Backend, get_backend, nonempty_grads, select_backend
+from .backends import Backend, get_backend, select_backend
 from .distributed import ShardedTelemetry
 from .policies import resolve_policy
 from .step_plan import StepPlan, check_grads_cheaply, presence_key
@@ -175,10 +175,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         analyze = plan.telemetry_rows > 0 and cfg.is_telemetry_call(self._calls)
         check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
-        if plan.all_nonempty and not plan.has_dtensor:  # local shards may be empty: ask them
-            local_grads = [g for group in groups for g in group.grads]
-        else:
-            local_grads = nonempty_grads(groups)
+        local_grads = plan.telemetry_grads(groups)
         guard = self._guard
         scale = guard[ref.SCALE]
 

@@ -82,9 +82,8 @@ def state_size(policy) -> int:
     return STATE_SIZE + len(policy.extra_slots)
 
 
-def new_guard_state(device: torch.device, policy=None) -> Tensor:
-    size = STATE_SIZE if policy is None else state_size(policy)
-    state = torch.zeros(size, dtype=state_dtype(device), device=device)
+def new_guard_state(device: torch.device, policy) -> Tensor:
+    state = torch.zeros(state_size(policy), dtype=state_dtype(device), device=device)
     state[SCALE] = 1.0
     state[GRAD_MS:STATE_SIZE] = float("nan")  # nothing measured yet; a policy's own slots start at 0
     return state

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backends import GroupTensors
+from .backends import GroupTensors, nonempty_grads
 from .distributed import is_dtensor
 from .validation import check_grad
 
@@ -89,6 +89,14 @@ class StepPlan:
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None
         )
+
+    def telemetry_grads(self, groups: Sequence[GroupTensors]) -> List[Tensor]:
+        """The gradients telemetry reads, in row order (``nonempty_grads``). When the plan knows
+        every one has elements and none is a local shard (which may be empty on this rank), the
+        grads themselves, without asking each for its numel."""
+        if self.all_nonempty and not self.has_dtensor:
+            return [g for group in groups for g in group.grads]
+        return nonempty_grads(groups)
 
     def group_tensors(self, param_groups: Sequence[dict], grads_per_group) -> List[GroupTensors]:
         """This call's GroupTensors: the plan's lists, this call's grads and hyper-parameters."""
