@@ -82,6 +82,6 @@ def test_triton_plan_keys_use_the_extension():
     from lbw_kernels import _C
     from lbw_kernels.triton_kernels import chunk_table
 
-    assert chunk_table.layout_key is _C._layout_key
+    assert chunk_table.layout_key is chunk_table.address_key is _C._layout_key
     a, b = torch.zeros(3), torch.zeros(3)
     assert chunk_table.telemetry_key([a], 64) != chunk_table.telemetry_key([b], 64)  # another address

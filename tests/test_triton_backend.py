@@ -221,6 +221,7 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
 
     if keys == "python":
         monkeypatch.setattr(chunk_table, "layout_key", chunk_table._layout_key_python)
+        monkeypatch.setattr(chunk_table, "address_key", chunk_table._address_key_python)
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 4097)]
