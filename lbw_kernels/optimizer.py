@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +28,11 @@ from .validation import (
 )
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def stream_is_capturing(device: torch.device) -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class GuardedAdamW(torch.optim.Optimizer):
@@ -108,7 +113,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)  # validates each group through add_param_group
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
         self._guard = ref.new_guard_state(device, config.policy)
-        self._calls = 0
+        self._calls = 0  # host copy of the CALLS slot for eager scheduling (replays do not advance it)
+        self._schedule_on_device = False  # set for good once a step is captured in a CUDA graph
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
@@ -161,6 +167,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         plan = self._plan_for(grads_per_group)
         self._calls += 1
         if not plan.groups:
+            self._guard[ref.CALLS] += 1
             return loss
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
@@ -172,34 +179,48 @@ class GuardedAdamW(torch.optim.Optimizer):
         groups = plan.group_tensors(self.param_groups, grads_per_group)
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
-        analyze = plan.telemetry_rows > 0 and cfg.is_telemetry_call(self._calls)
+        guard = self._guard
+        analyze = plan.telemetry_rows > 0 and self._telemetry_due(device, guard)
         check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
+        measure = isinstance(analyze, Tensor) or analyze or check_finite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = plan.telemetry_grads(groups)
-        guard = self._guard
         scale = guard[ref.SCALE]
 
         summary = None
         if self.gate == "exact":
-            if analyze or check_finite:
+            if measure:
                 partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
-            if (analyze or check_finite) and local_grads:
+            if measure and local_grads:
                 partials = backend.adamw_telemetry_(
                     groups, scale=scale, mask_nonfinite=check_finite, partials_dtype=guard.dtype
                 )
             else:  # no telemetry, or none of the telemetry tensors has elements on this rank
                 backend.adamw_(groups, scale=scale, skip=None)
                 partials = None
-            if analyze or check_finite:
+            if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
         return loss
+
+    def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
+        """Rule 2's schedule for this call: a host bool, or, once a step has been captured in a
+        CUDA graph (whose replays repeat the captured call's launches), a device bool read from
+        the guard's call count; the captured step then measures every call (no extra pass for
+        the exact gate with the finite check, none for single_pass) and the schedule picks which
+        calls the policy sees."""
+        cfg = self.guard_config
+        if cfg.auto_enabled and cfg.stats_freq > 1:
+            self._schedule_on_device = self._schedule_on_device or stream_is_capturing(device)
+            if self._schedule_on_device:
+                return cfg.telemetry_due(guard[ref.CALLS])
+        return cfg.is_telemetry_call(self._calls)
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self) -> Dict[str, Any]:
@@ -216,7 +237,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         v = self._guard.tolist()
         return {
             "policy": policy.name,
-            "step": self._calls,
+            "step": int(v[ref.CALLS]),
             "scale": v[ref.SCALE],
             "regime": ref.REGIMES[int(v[ref.REGIME])],
             "grad_ms": v[ref.GRAD_MS],
@@ -229,11 +250,10 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state and call count."""
+        """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state (call count included)."""
         out = super().state_dict()
         out["guard"] = {
             "state": self._guard.clone(),
-            "calls": self._calls,
             "config": asdict(self.guard_config),
             "policy": self.guard_config.policy.name,
             "gate": self.gate,
@@ -257,6 +277,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         groups, state, guard, calls = self._checked_state(state_dict)
         self.__setstate__({"state": state, "param_groups": groups})
         self._guard, self._calls, self._plan = guard, calls, None
+        self._schedule_on_device = False
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -312,7 +333,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         policy = self.guard_config.policy
         if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
             return groups, state, ref.new_guard_state(self._guard.device, policy), 0
-        saved_guard, calls = guard_entry.get("state"), guard_entry.get("calls")
+        saved_guard = guard_entry.get("state")
         saved_policy = guard_entry.get("policy", "lbw")  # checkpoints from before policies: lbw
         if saved_policy != policy.name:
             raise ValueError(
@@ -322,10 +343,11 @@ class GuardedAdamW(torch.optim.Optimizer):
         size = ref.state_size(policy)
         if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
             raise ValueError(f"state_dict['guard']['state'] must be a tensor of {size} values")
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"state_dict['guard']['calls'] must be an int >= 0, got {calls!r}")
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
-        return groups, state, guard, calls
+        calls = float(guard[ref.CALLS])  # loading a checkpoint may wait for the device
+        if not (calls >= 0 and calls == int(calls)):
+            raise ValueError(f"state_dict['guard']['state'] holds a call count of {calls!r}: not an int >= 0")
+        return groups, state, guard, int(calls)
 
 
 Guard = GuardedAdamW

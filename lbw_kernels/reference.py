@@ -22,7 +22,7 @@ All inputs are lists of tensors; nothing here loops over elements in Python or s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -42,7 +42,8 @@ GRAD_MS = 7  # x of the latest analysed call (max or mean over tensors of mean(g
 RATIO = 8  # x / (ema + 1e-12) of the latest analysed call
 SIGNED_MEAN = 9  # sum(g) / numel over all tensors, latest analysed call
 GRAD_NORM = 10  # global L2 norm of the gradients, latest analysed call
-STATE_SIZE = 11  # the shared slots; a policy appends its own (policy.extra_slots)
+CALLS = 11  # step() calls so far: a CUDA graph replays device work only, so the count lives here
+STATE_SIZE = 12  # the shared slots; a policy appends its own (policy.extra_slots)
 
 REGIMES = (None, "calm", "oscillation", "spike", "nonfinite", "stress")
 CALM, OSCILLATION, SPIKE, NONFINITE, STRESS = 1, 2, 3, 4, 5  # STRESS: policies.ZScorePolicy
@@ -72,6 +73,14 @@ class GuardConfig:
         """Rule 2's schedule: calls 1, f, 2f, ... (counted from 1) read telemetry."""
         return self.auto_enabled and (call == 1 or call % self.stats_freq == 0)
 
+    def telemetry_due(self, calls_before: Tensor) -> Tensor:
+        """:meth:`is_telemetry_call` for the call after ``calls_before`` (the ``CALLS`` slot),
+        decided on the device: a captured CUDA graph replays the host's choice of one call, so
+        a captured step reads telemetry every call and lets this decide whether it counts."""
+        call = calls_before + 1
+        due = (call == 1) | (torch.fmod(call, self.stats_freq) == 0)
+        return due & self.auto_enabled
+
 
 def state_dtype(device: torch.device) -> torch.dtype:
     """Guard state and telemetry are float64 wherever the device has it (MPS does not)."""
@@ -85,7 +94,7 @@ def state_size(policy) -> int:
 def new_guard_state(device: torch.device, policy) -> Tensor:
     state = torch.zeros(state_size(policy), dtype=state_dtype(device), device=device)
     state[SCALE] = 1.0
-    state[GRAD_MS:STATE_SIZE] = float("nan")  # nothing measured yet; a policy's own slots start at 0
+    state[GRAD_MS : GRAD_NORM + 1] = float("nan")  # nothing measured yet; CALLS and a policy's own slots start at 0
     return state
 
 
@@ -181,29 +190,33 @@ def guard_decide(
     state: Tensor,
     summary: Optional[Tensor],
     *,
-    analyze: bool,
+    analyze: Union[bool, Tensor],
     check_finite: bool,
     cfg: GuardConfig,
 ) -> Tensor:
     """Return the guard state after one call; ``state`` itself is not modified.
 
     ``analyze`` (a telemetry call with the guard on) and ``check_finite`` (``skip_nonfinite``)
-    are host-side facts of the call; everything that depends on the gradients is chosen with
-    ``torch.where``. ``summary`` is :func:`summarize`'s output (None when neither flag is set).
-    The policy (``cfg.policy``) decides a finite call; rule 1 is the same for every policy.
+    are facts of the call, known on the host; ``analyze`` may instead be a device bool
+    (:meth:`GuardConfig.telemetry_due`, for captured steps). Everything that depends on the
+    gradients is chosen with ``torch.where``. ``summary`` is :func:`summarize`'s output (None
+    when neither flag is set). The policy (``cfg.policy``) decides a finite call; rule 1 is the
+    same for every policy.
     """
     new = list(state.unbind())
-    if not (analyze or check_finite):
+    new[CALLS] = new[CALLS] + 1
+    analyze_on_device = isinstance(analyze, Tensor)
+    if not (analyze_on_device or analyze or check_finite):
         new[SKIP] = torch.zeros_like(new[SKIP])
         return torch.stack(new)
     x, sign, norm, nonfinite_count = summary.to(state.dtype).unbind()
     nonfinite = (nonfinite_count > 0) if check_finite else torch.zeros_like(x, dtype=torch.bool)
     scale = new[SCALE]
 
-    if analyze:
+    if analyze_on_device or analyze:
         decided, regime = cfg.policy.analyze(new, x, sign, norm, cfg)
         # Rule 1 comes first: a non-finite call leaves the policy's history as it was.
-        ok = ~nonfinite
+        ok = ~nonfinite & analyze if analyze_on_device else ~nonfinite
         for slot, value in (
             (GRAD_MS, x),
             (SIGNED_MEAN, sign),

@@ -25,16 +25,20 @@ def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def assert_graph_replay_matches_eager(model: torch.nn.Module, *, rtol: float, atol: float, **opt_kwargs) -> None:
-    """Capture one step, replay it on 5 more gradient sets, and compare with a twin optimizer
-    stepping eagerly. stats_freq=1: the call count is host state, which replays do not advance.
-    Calls 3 and 4 spike (two hot calls in a row), so every policy moves the scale."""
+def assert_graph_replay_matches_eager(
+    model: torch.nn.Module, *, rtol: float, atol: float, stats_freq: int = 1, **opt_kwargs
+) -> None:
+    """Capture one step, replay it on 5 more gradient sets (calls 2-6), and compare with a twin
+    optimizer stepping eagerly. With stats_freq > 1 the replays must follow rule 2's schedule
+    (read from the guard's call count on the device), not repeat the captured call's choice.
+    The last two telemetry calls spike (two hot calls in a row), so every policy moves the scale."""
+    kw = dict(lr=1e-2, stats_freq=stats_freq, **opt_kwargs)
+    spikes = [c for c in range(2, 7) if c % stats_freq == 0][-2:]
     twin = copy.deepcopy(model)
-    kw = dict(lr=1e-2, stats_freq=1, **opt_kwargs)
     opt = GuardedAdamW(model.parameters(), **kw)
     twin_opt = GuardedAdamW(twin.parameters(), **kw)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k in (3, 4) else 1)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k + 1 in spikes else 1)
               for p in model.parameters()] for k in range(6)]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

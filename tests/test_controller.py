@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+import lbw_kernels.optimizer as optimizer_module
 from lbw_kernels import GuardedAdamW
-from streams import constant_grads, run
+from streams import constant_grads, random_stream, run
 
 
 def make(backend, numel=4, **kw):
@@ -77,6 +78,33 @@ def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f(backend):
             assert grad_ms == pytest.approx(4.0 ** (call - 1), rel=1e-14)  # this very call's
         assert s == pytest.approx(scale, rel=1e-14), call
     assert [r for _, r, _ in got] == ["calm"] * 3 + ["spike"] * 10
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
+def test_schedule_read_from_the_device_matches_the_host_schedule(gate, policy, backend, monkeypatch):
+    """A step captured in a CUDA graph replays one call's launches, so once a step is captured
+    the optimizer reads rule 2's schedule from the guard's CALLS slot and measures every call.
+    Here the capture is simulated on the first call: the decisions must be bitwise the host's,
+    spikes, a flip and a NaN call included, and the mode must stay on afterwards."""
+    shapes = [(7, 3), (5,)]
+    stream = random_stream(14, shapes, seed=3, spikes=(5, 6, 9), flips=(10,), nan_at=(8,))
+    record = ("scale", "regime", "grad_ms", "signed_mean", "skipped_steps", "step")
+    kw = dict(lr=1e-2, stats_freq=3, gate=gate, policy=policy, backend=backend)
+    host_params = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    on_host = run(GuardedAdamW(host_params, **kw), host_params, stream, record=record)
+
+    device_params = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    opt = GuardedAdamW(device_params, **kw)
+    captures = iter([True])
+    monkeypatch.setattr(optimizer_module, "stream_is_capturing", lambda device: next(captures, False))
+    on_device = run(opt, device_params, stream, record=record)
+    assert opt._schedule_on_device  # stays on once a step was captured
+    assert on_device == on_host
+    assert [r for _, r, *_ in on_device].count("nonfinite") == 1
+    assert {r for _, r, *_ in on_device} - {"calm", "nonfinite"}, "the stream must move the policy"
+    for a, b in zip(device_params, host_params):
+        assert torch.equal(a, b)
 
 
 def test_use_max_rms_false_averages_tensor_mean_squares(backend):

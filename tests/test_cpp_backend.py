@@ -297,9 +297,12 @@ def test_gpu_cuda_step_never_syncs(cuda_backend, gate, policy):
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate, policy):
+@pytest.mark.parametrize("stats_freq", [1, 3])
+def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate, policy, stats_freq):
     # Same kernels, same inputs: bitwise.
-    assert_graph_replay_matches_eager(_gpu_model(), rtol=0, atol=0, backend="cuda", gate=gate, policy=policy)
+    assert_graph_replay_matches_eager(
+        _gpu_model(), rtol=0, atol=0, stats_freq=stats_freq, backend="cuda", gate=gate, policy=policy
+    )
 
 
 _ISA_SCRIPT = """

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lbw_kernels import GuardedAdamW
+from lbw_kernels import reference as ref
 from streams import random_stream, run
 
 SHAPES = [(6, 5), (17,), (3,)]
@@ -135,5 +136,10 @@ def test_state_dict_of_another_model_is_refused_and_nothing_changes():
     _refused(opt, amsgrad.state_dict(), "amsgrad")
 
     broken = opt.state_dict()
-    broken["guard"] = {"state": torch.zeros(3), "calls": 1}
+    broken["guard"] = {"state": torch.zeros(3)}
     _refused(opt, broken, "guard")
+
+    for count in (-1.0, 2.5, float("nan")):
+        bad_count = opt.state_dict()
+        bad_count["guard"]["state"][ref.CALLS] = count
+        _refused(opt, bad_count, "call count")

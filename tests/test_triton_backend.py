@@ -462,8 +462,11 @@ def test_gpu_step_never_syncs(gate, policy):
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_captured_step_replays_like_eager(gate, policy):
-    assert_graph_replay_matches_eager(_model("cuda"), rtol=1e-6, atol=1e-7, backend="triton", gate=gate, policy=policy)
+@pytest.mark.parametrize("stats_freq", [1, 3])
+def test_gpu_captured_step_replays_like_eager(gate, policy, stats_freq):
+    assert_graph_replay_matches_eager(
+        _model("cuda"), rtol=1e-6, atol=1e-7, stats_freq=stats_freq, backend="triton", gate=gate, policy=policy
+    )
 
 
 @pytest.mark.gpu
