@@ -90,6 +90,29 @@ def test_zscore_matches_its_rules_by_hand(pol, gate, backend):
     assert regimes == {"calm", "spike"} | ({"stress"} if pol.window > 0 else set())
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_zscore_at_stats_freq_3_decides_on_the_telemetry_calls_alone(gate, backend):
+    """With stats_freq=3 the policy sees calls 1, 3, 6, ... as if their norms were its whole
+    stream ("two hot calls in a row" counts telemetry calls); other calls keep the scale."""
+    rng = random.Random(4)
+    # quiet noise; 7-call bursts (two telemetry calls, 3 apart) and 2-call ones (at most one)
+    norms = [math.exp(rng.gauss(0, 0.15)) * (20.0 if k % 40 in range(20, 27) else 9.0 if k % 40 in (5, 6) else 1.0)
+             for k in range(120)]
+    telemetry_calls = [k for k in range(1, 121) if k == 1 or k % 3 == 0]
+    want = zscore_by_hand([norms[k - 1] for k in telemetry_calls], ZScorePolicy())
+    p = torch.zeros(NUMEL, dtype=torch.float64)
+    opt = GuardedAdamW([p], lr=1e-3, stats_freq=3, policy="zscore", gate=gate, backend=backend)
+    got = run(opt, [p], constant_grads([n / 2 for n in norms], NUMEL), record=("scale", "regime", "z"))
+    decided = dict(zip(telemetry_calls, want))
+    scale = 1.0
+    for call, (g_scale, g_regime, g_z) in enumerate(got, start=1):
+        if call in decided:
+            scale, regime, z = decided[call]
+            assert g_regime == regime and g_z == pytest.approx(z, rel=1e-12, abs=1e-12), call
+        assert g_scale == pytest.approx(scale, rel=1e-12), call
+    assert {r for _, r, _ in want} == {"calm", "stress", "spike"}
+
+
 def test_zero_and_tiny_norms_do_not_blind_the_policy():
     # A zero first call, then a zero and a 1000x-too-small norm mid-way: the statistics must not
     # take them in, so a later 10x burst is still an outlier and is cut.
