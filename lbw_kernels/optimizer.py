@@ -22,6 +22,7 @@ from .distributed import ShardedTelemetry
 from .policies import resolve_policy
 from .step_plan import StepPlan, check_grads_cheaply, presence_key
 from .validation import (
+    check_adamw_switches,
     check_group_hyperparameters,
     check_guard_config,
     check_params,
@@ -60,6 +61,11 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``backend`` picks who does the passes over memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
     ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
 
+    ``amsgrad``, ``foreach``, ``capturable``, ``differentiable``, ``fused``: torch.optim.AdamW's
+    switches, taken so that a call written for it works unchanged. ``backend`` chooses the
+    implementation here (``foreach`` and ``fused`` are ignored), every step can be captured in
+    a CUDA graph, and ``amsgrad=True`` or ``differentiable=True`` raise ValueError.
+
     ``Guard`` is the same class, under the published package's name.
     """
 
@@ -70,6 +76,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         betas: tuple = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        amsgrad: bool = False,
         *,
         auto_enabled: bool = True,
         stress_threshold: float = 1.1,
@@ -84,7 +91,12 @@ class GuardedAdamW(torch.optim.Optimizer):
         backend: str = "auto",
         maximize: bool = False,
         policy="lbw",
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
     ):
+        check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused)
         config = ref.GuardConfig(
             auto_enabled=auto_enabled,
             stress_threshold=stress_threshold,

@@ -46,6 +46,23 @@ def check_group_hyperparameters(group: Dict[str, Any]) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if not isinstance(group["maximize"], bool):
         raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+    if group.get("amsgrad", False):
+        raise ValueError("amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only")
+
+
+def check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused) -> None:
+    """torch.optim.AdamW's implementation switches, taken so that a call written for it works
+    unchanged; the two that change what is computed must be off."""
+    for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None or a bool, got {type(value).__name__}")
+    if amsgrad:
+        raise ValueError("amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported: the guarded step updates in place without autograd")
 
 
 def check_guard_config(cfg: GuardConfig, gate: str) -> None:

@@ -79,3 +79,33 @@ def test_guard_scale_multiplies_the_scheduled_lr(backend):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     assert opt.telemetry()["scale"] < 1.0
+
+
+def test_every_torch_adamw_argument_is_taken_and_the_switches_change_nothing():
+    """A call written for torch.optim.AdamW works unchanged, positional amsgrad included; its
+    implementation switches (foreach, fused, capturable) leave the steps bitwise as they were.
+    A keyword torch adds later fails here first."""
+    import inspect
+
+    torch_args = {
+        name: param.default
+        for name, param in inspect.signature(torch.optim.AdamW.__init__).parameters.items()
+        if name not in ("self", "params")
+    }
+    params = model_params(torch.float64)
+    GuardedAdamW(params, **torch_args)
+    GuardedAdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.01, False)  # AdamW's positional order
+
+    runs = []
+    for switches in ({}, dict(foreach=False, fused=True, capturable=True), dict(foreach=True, fused=False)):
+        ps = model_params(torch.float64)
+        opt = GuardedAdamW(ps, lr=1e-2, stats_freq=1, **switches)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for q in ps:
+                q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            opt.step()
+        runs.append((ps, opt.telemetry()))
+    for ps, t in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(ps, runs[0][0]))
+        assert t == runs[0][1]

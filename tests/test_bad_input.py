@@ -33,6 +33,11 @@ def p(*shape, **kw):
         (dict(lr="big"), TypeError, "lr"),
         (dict(maximize=1), TypeError, "maximize"),
         (dict(auto_enabled="yes"), TypeError, "auto_enabled"),
+        (dict(amsgrad=True), ValueError, "amsgrad"),
+        (dict(differentiable=True), ValueError, "differentiable"),
+        (dict(fused="yes"), TypeError, "fused"),
+        (dict(foreach=1), TypeError, "foreach"),
+        (dict(capturable=None), TypeError, "capturable"),
     ],
 )
 def test_bad_hyperparameters(kwargs, error, name):
@@ -47,6 +52,9 @@ def test_bad_group_hyperparameter_adds_no_group():
     assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match="betas"):
         GuardedAdamW([{"params": [p()]}, {"params": [p()], "betas": (0.9, 1.0)}])
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.add_param_group({"params": [p()], "amsgrad": True})
+    assert len(opt.param_groups) == 1
 
 
 def test_bad_params():
