@@ -68,7 +68,7 @@ else
     phase install 200 pip install --no-build-isolation --no-deps -v -e .
 fi
 phase info 30 python -m lbw_kernels info
-phase tests_gpu 100 python -m pytest -m gpu tests -q -rs
+phase tests_gpu 150 python -m pytest -m gpu tests -q -rs
 phase verify 60 python -m lbw_kernels verify
 # One process per layout, so a failure or timeout in one keeps the others' JSON.
 for layout in ${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536}; do
