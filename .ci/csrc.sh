@@ -45,6 +45,14 @@ if [[ -n "$cuda_include" && -n "$torch_include" ]] && command -v "${CXX:-g++}" >
   "${CXX:-g++}" -std=c++20 -fsyntax-only -Wall -DLBW_WITH_CUDA -DUSE_CUDA -isystem "$shim" \
     -isystem "$torch_include" -isystem "$torch_include/torch/csrc/api/include" -isystem "$cuda_include" \
     -Icsrc csrc/bindings/ops_cuda.cpp
+  if command -v nvcc >/dev/null; then
+    # and the kernels once more with the flags torch's CUDAExtension gives nvcc (no implicit
+    # half/bfloat16 conversions or operators): setup.py builds them that way on a GPU machine
+    echo "== csrc: CUDA kernels compiled with torch's extension nvcc flags (sm_90, not run)"
+    read -ra torch_nvcc_flags < <(python3 -c 'import torch.utils.cpp_extension as e; print(" ".join(e.COMMON_NVCC_FLAGS))')
+    nvcc -c csrc/cuda/multi_tensor_cuda.cu "${torch_nvcc_flags[@]}" -std=c++20 -O3 -lineinfo \
+      -gencode arch=compute_90,code=sm_90 -DLBW_WITH_CUDA -Icsrc -o build/ci-cuda-bindings/multi_tensor_cuda.o
+  fi
 else
   echo "== csrc: CUDA toolkit headers or torch not found; CUDA bindings compile check SKIPPED"
 fi
