@@ -384,37 +384,26 @@ def test_compiled_step_calls_the_custom_ops_and_matches_eager(triton_backend, ga
         assert torch.equal(a, b)
 
 
-_PTX_CHECK = """
-import re, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from lbw_kernels.triton_kernels.guarded_adamw import _guarded_adamw_kernel as k
-from lbw_kernels.triton_kernels.config import GPU
-names = k.arg_names
-sig = {n: {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"}.get(n, "constexpr") for n in names}
-consts = dict(P_CODE=0, ALIGNED=True, TELEMETRY=True, MASK_NONFINITE=True, HAS_SKIP=False, TENSOR_COLS_=8,
-              COEF_COLS_=16, CHUNK=GPU.chunk, BLOCK=GPU.block)
-src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-                attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": GPU.num_warps}).asm["ptx"]
-print(len(re.findall(r"ld\\.global\\.v4\\.b32", ptx)), len(re.findall(r"st\\.global\\.v4\\.b32", ptx)))
-"""
-
-
-def test_update_kernel_compiles_for_h100_with_vector_access():
-    """Without a GPU: compile the single_pass update for sm_90 with the GPU geometry (ptxas ships
-    with triton) and check the whole-block path moves 16 bytes per access: 8 fp32 per thread
-    = 2 vector loads for each of p, g, m, v and 2 vector stores for each of p, m, v."""
+def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
+    """Without a GPU: every specialisation the backend launches (tests/triton_aot.py) compiles
+    for sm_80 and sm_90 with the GPU geometry (triton ships ptxas), and the fp32 single_pass
+    update moves 16 bytes per access: 8 fp32 per thread = 2 vector loads for each of p, g, m, v
+    and 2 vector stores for each of p, m, v."""
     import subprocess
     import sys
 
+    from triton_aot import variants
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    run = subprocess.run([sys.executable, script, "80", "90"], env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
         pytest.skip("no ptxas")
     assert run.returncode == 0, run.stderr[-3000:]
-    loads, stores = map(int, run.stdout.split()[-2:])
-    assert (loads, stores) == (8, 6)
+    lines = run.stdout.splitlines()
+    assert sum(line.startswith("compiled ") for line in lines) == 2 * len(list(variants())) >= 40
+    loads, stores = map(int, lines[-1].split()[-2:])
+    assert lines[-1].startswith("vector-access") and (loads, stores) == (8, 6)
 
 
 # ---------------------------------------------------------------------------------------

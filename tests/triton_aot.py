@@ -1,0 +1,92 @@
+"""Compile every Triton kernel specialisation the triton backend launches for NVIDIA GPUs,
+without a GPU (triton ships ptxas): GPU-only code generation errors, which the interpreter
+used by the CPU tests never meets, show up in CI. A script, because the tests run with
+TRITON_INTERPRET=1, under which nothing compiles:
+
+    python tests/triton_aot.py [ARCH ...]     # default: 80 90
+
+prints one line per compiled variant, then ``vector-access LOADS STORES``: the 16-byte global
+loads and stores in the sm_90 PTX of the fp32 single_pass update (tests/test_triton_backend.py
+checks both).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lbw_kernels.triton_kernels import coefficients, guarded_adamw, telemetry
+from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS
+from lbw_kernels.triton_kernels.config import GPU
+from lbw_kernels.triton_kernels.pointers import BF16, FP16, FP32, FP64
+
+CODE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", FP64: "fp64"}
+# (TELEMETRY, MASK_NONFINITE, HAS_SKIP) of each way optimizer.step() launches the update
+UPDATE_MODES = {
+    "exact": (False, False, True),
+    "exact skip_nonfinite=False": (False, False, False),
+    "single_pass": (True, True, False),
+    "single_pass skip_nonfinite=False": (True, False, False),
+}
+
+
+def variants():
+    """(name, kernel, typed args, constexprs, num_warps) for every launch the backend makes."""
+    for code in (FP32, BF16, FP16, FP64):
+        for aligned in (True, False) if code == FP32 else (True,):
+            yield (f"telemetry {CODE_NAMES[code]} aligned={aligned}", telemetry._telemetry_chunks_kernel,
+                   {"chunks": "*i64", "workspace": "*fp64"},
+                   dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block), GPU.num_warps)
+    for out in ("fp64", "fp32"):
+        yield (f"reduce partials -> {out}", telemetry._reduce_partials_kernel,
+               {"workspace": "*fp64", "first_chunk": "*i64", "out": f"*{out}", "n_tensors": "i32"},
+               dict(ITERS=8, TENSORS=GPU.reduce_tensors, RBLOCK=GPU.reduce_block), GPU.reduce_warps)
+    for has_skip in (True, False):
+        yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
+               {"tensors": "*i64", "hyper": "*fp64", "lr_ptrs": "*i64", "scale_ptr": "*fp64",
+                "skip_ptr": "*fp64", "coefs": "*fp32", "n_tensors": "i32"},
+               dict(HAS_SKIP=has_skip, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
+                    BLOCK_T=GPU.tensors_per_program), 4)
+    for code in (FP32, BF16, FP16):
+        for mode, (tel, mask, skip) in UPDATE_MODES.items():
+            for aligned in (True, False) if (code, mode) == (FP32, "single_pass") else (True,):
+                yield (f"update {CODE_NAMES[code]} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
+                       {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"},
+                       dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
+                            TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block),
+                       GPU.num_warps)
+
+
+def compile_ptx(kernel, typed, consts, arch: int, num_warps: int) -> str:
+    names = kernel.arg_names
+    signature = {n: typed.get(n, "constexpr") for n in names}
+    missing = set(names) - set(typed) - set(consts)
+    if missing:
+        raise TypeError(f"{kernel.__name__}: no type or value for {sorted(missing)}")
+    src = ASTSource(
+        fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()},
+        # table and workspace pointers come from torch allocations: 16-byte aligned
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n, t in typed.items() if t.startswith("*")},
+    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+
+def main(archs) -> int:
+    vector = None
+    for arch in archs:
+        for name, kernel, typed, consts, warps in variants():
+            ptx = compile_ptx(kernel, typed, consts, arch, warps)
+            print(f"compiled sm_{arch} {name}", flush=True)
+            if arch == 90 and name == "update fp32 single_pass aligned=True":
+                vector = (len(re.findall(r"ld\.global\.v4\.b32", ptx)), len(re.findall(r"st\.global\.v4\.b32", ptx)))
+    if vector is not None:
+        print("vector-access", *vector)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90]))
