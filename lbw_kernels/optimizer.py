@@ -8,6 +8,7 @@ controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import asdict
@@ -137,11 +138,16 @@ class GuardedAdamW(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
         params = group.get("params")
+        if isinstance(params, set):
+            raise TypeError("params must be an ordered collection (a list), not a set: its order changes between runs")
         group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
         candidate = {**self.defaults, **group}
         check_group_hyperparameters(candidate)
         existing = [p for g in self.param_groups for p in g["params"]]
-        check_params(existing + group["params"], "params")
+        # (name, tensor) pairs, as model.named_parameters() gives: torch keeps the names
+        # (param_groups[i]["param_names"]); the checks look at the tensors
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
+        check_params(existing + tensors, "params")
         super().add_param_group(group)
         self._plan = None
 
@@ -177,9 +183,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         grads_per_group = [[p.grad for p in group["params"]] for group in self.param_groups]
         check_grads_cheaply(self.param_groups, grads_per_group)
         plan = self._plan_for(grads_per_group)
-        self._calls += 1
+        call = self._calls + 1  # counted (host and CALLS slot) only once the call decides
         if not plan.groups:
             self._guard[ref.CALLS] += 1
+            self._calls = call
             return loss
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
@@ -192,7 +199,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard
-        analyze = plan.telemetry_rows > 0 and self._telemetry_due(device, guard)
+        analyze = plan.telemetry_rows > 0 and self._telemetry_due(call, device, guard)
         check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
         measure = isinstance(analyze, Tensor) or analyze or check_finite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
@@ -219,9 +226,10 @@ class GuardedAdamW(torch.optim.Optimizer):
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+        self._calls = call
         return loss
 
-    def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
+    def _telemetry_due(self, call: int, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
         """Rule 2's schedule for this call: a host bool, or, once a step has been captured in a
         CUDA graph (whose replays repeat the captured call's launches), a device bool read from
         the guard's call count; the captured step then measures every call (no extra pass for
@@ -232,7 +240,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             self._schedule_on_device = self._schedule_on_device or stream_is_capturing(device)
             if self._schedule_on_device:
                 return cfg.telemetry_due(guard[ref.CALLS])
-        return cfg.is_telemetry_call(self._calls)
+        return cfg.is_telemetry_call(call)
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self) -> Dict[str, Any]:
@@ -353,11 +361,18 @@ class GuardedAdamW(torch.optim.Optimizer):
                 f"{policy.name!r}: construct GuardedAdamW with policy={saved_policy!r} to load it"
             )
         size = ref.state_size(policy)
+        old_calls = guard_entry.get("calls")
+        if isinstance(saved_guard, Tensor) and saved_guard.numel() == size - 1 and old_calls is not None:
+            # a checkpoint from before the call count moved into the state (then: "calls")
+            if isinstance(old_calls, bool) or not isinstance(old_calls, int) or old_calls < 0:
+                raise ValueError(f"state_dict['guard']['calls'] must be an int >= 0, got {old_calls!r}")
+            flat = saved_guard.detach().reshape(-1)
+            saved_guard = torch.cat([flat[: ref.CALLS], flat.new_tensor([old_calls]), flat[ref.CALLS :]])
         if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
             raise ValueError(f"state_dict['guard']['state'] must be a tensor of {size} values")
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
         calls = float(guard[ref.CALLS])  # loading a checkpoint may wait for the device
-        if not (calls >= 0 and calls == int(calls)):
+        if not (math.isfinite(calls) and calls >= 0 and calls == int(calls)):
             raise ValueError(f"state_dict['guard']['state'] holds a call count of {calls!r}: not an int >= 0")
         return groups, state, guard, int(calls)
 

@@ -43,6 +43,7 @@ RATIO = 8  # x / (ema + 1e-12) of the latest analysed call
 SIGNED_MEAN = 9  # sum(g) / numel over all tensors, latest analysed call
 GRAD_NORM = 10  # global L2 norm of the gradients, latest analysed call
 CALLS = 11  # step() calls so far: a CUDA graph replays device work only, so the count lives here
+# (exact up to 2^53 calls in float64; on MPS, whose state is float32, up to 2^24 = 16.7M)
 STATE_SIZE = 12  # the shared slots; a policy appends its own (policy.extra_slots)
 
 REGIMES = (None, "calm", "oscillation", "spike", "nonfinite", "stress")

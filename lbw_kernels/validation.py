@@ -11,6 +11,7 @@ from .reference import GuardConfig
 
 SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATES = ("exact", "single_pass")
+AMSGRAD_REFUSED = "amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only"
 
 
 def _number(name: str, value: Any) -> float:
@@ -47,7 +48,7 @@ def check_group_hyperparameters(group: Dict[str, Any]) -> None:
     if not isinstance(group["maximize"], bool):
         raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
     if group.get("amsgrad", False):
-        raise ValueError("amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only")
+        raise ValueError(AMSGRAD_REFUSED)
 
 
 def check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused) -> None:
@@ -60,7 +61,7 @@ def check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused) ->
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be None or a bool, got {type(value).__name__}")
     if amsgrad:
-        raise ValueError("amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only")
+        raise ValueError(AMSGRAD_REFUSED)
     if differentiable:
         raise ValueError("differentiable=True is not supported: the guarded step updates in place without autograd")
 

@@ -95,6 +95,10 @@ def test_every_torch_adamw_argument_is_taken_and_the_switches_change_nothing():
     params = model_params(torch.float64)
     GuardedAdamW(params, **torch_args)
     GuardedAdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.01, False)  # AdamW's positional order
+    named = [(f"w{i}", p) for i, p in enumerate(params)]  # as model.named_parameters() gives
+    assert GuardedAdamW(named).param_groups[0]["param_names"] == torch.optim.AdamW(named).param_groups[0]["param_names"]
+    with pytest.raises(TypeError, match="set"):
+        GuardedAdamW([{"params": set(params)}])  # as torch refuses it
 
     runs = []
     for switches in ({}, dict(foreach=False, fused=True, capturable=True), dict(foreach=True, fused=False)):

@@ -80,17 +80,49 @@ def test_stats_freq_schedule_reads_telemetry_on_calls_1_f_2f(backend):
     assert [r for _, r, _ in got] == ["calm"] * 3 + ["spike"] * 10
 
 
+def test_a_call_that_raises_before_deciding_is_not_counted(monkeypatch):
+    """The host count (eager schedule) and the CALLS slot (checkpoints, telemetry()) advance
+    together, only once a call decides: after a failed call the next one is still call 1."""
+    p = torch.zeros(4, dtype=torch.float64)
+    opt = GuardedAdamW([p], stats_freq=3, backend="reference")
+    backend = opt._backend_for(p.device)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(backend, "telemetry", out_of_memory)
+    p.grad = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step()
+    monkeypatch.undo()
+    assert opt.telemetry()["step"] == 0 and torch.equal(p, torch.zeros(4, dtype=torch.float64))
+    opt.step()
+    assert opt.telemetry()["step"] == 1 and opt.telemetry()["regime"] == "calm"  # call 1 reads telemetry
+
+
+def test_device_schedule_is_the_host_schedule():
+    cfg = optimizer_module.ref.GuardConfig
+    for f in (1, 2, 3, 10):
+        host = [cfg(stats_freq=f).is_telemetry_call(k) for k in range(1, 61)]
+        device = cfg(stats_freq=f).telemetry_due(torch.arange(60, dtype=torch.float64))
+        assert device.tolist() == host
+        assert not cfg(stats_freq=f, auto_enabled=False).telemetry_due(torch.arange(60.0)).any()
+
+
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
-def test_schedule_read_from_the_device_matches_the_host_schedule(gate, policy, backend, monkeypatch):
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_schedule_read_from_the_device_matches_the_host_schedule(gate, policy, skip_nonfinite, backend, monkeypatch):
     """A step captured in a CUDA graph replays one call's launches, so once a step is captured
     the optimizer reads rule 2's schedule from the guard's CALLS slot and measures every call.
     Here the capture is simulated on the first call: the decisions must be bitwise the host's,
-    spikes, a flip and a NaN call included, and the mode must stay on afterwards."""
+    spikes, a flip, a call without gradients and (with the finite check) a NaN call included,
+    and the mode must stay on afterwards."""
     shapes = [(7, 3), (5,)]
-    stream = random_stream(14, shapes, seed=3, spikes=(5, 6, 9), flips=(10,), nan_at=(8,))
+    stream = random_stream(14, shapes, seed=3, spikes=(5, 6, 9), flips=(10,), nan_at=(8,) if skip_nonfinite else ())
+    stream[3] = [None, None]  # call 4: no gradients, still a call
     record = ("scale", "regime", "grad_ms", "signed_mean", "skipped_steps", "step")
-    kw = dict(lr=1e-2, stats_freq=3, gate=gate, policy=policy, backend=backend)
+    kw = dict(lr=1e-2, stats_freq=3, gate=gate, policy=policy, backend=backend, skip_nonfinite=skip_nonfinite)
     host_params = [torch.ones(s, dtype=torch.float64) for s in shapes]
     on_host = run(GuardedAdamW(host_params, **kw), host_params, stream, record=record)
 
@@ -101,7 +133,8 @@ def test_schedule_read_from_the_device_matches_the_host_schedule(gate, policy, b
     on_device = run(opt, device_params, stream, record=record)
     assert opt._schedule_on_device  # stays on once a step was captured
     assert on_device == on_host
-    assert [r for _, r, *_ in on_device].count("nonfinite") == 1
+    assert [r for _, r, *_ in on_device].count("nonfinite") == (1 if skip_nonfinite else 0)
+    assert on_device[-1][-1] == 14  # telemetry()["step"]: every call counted
     assert {r for _, r, *_ in on_device} - {"calm", "nonfinite"}, "the stream must move the policy"
     for a, b in zip(device_params, host_params):
         assert torch.equal(a, b)

@@ -54,6 +54,31 @@ def test_save_load_continue_is_bitwise_identical(gate, dtype, backend):
             assert opt2.state[b][key].dtype == opt.state[a][key].dtype  # bf16 params keep fp32 state
 
 
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
+def test_checkpoint_from_before_the_call_count_slot_loads(policy):
+    """Checkpoints written before the call count moved into the guard state kept it in
+    ["guard"]["calls"] and had one slot fewer (the policy's slots one lower): they load, and
+    training continues as if never interrupted."""
+    stream = random_stream(14, SHAPES, seed=4, spikes=(5, 6, 11), nan_at=(9,))
+    kw = dict(lr=1e-2, stats_freq=3, policy=policy)
+    params = model()
+    opt = GuardedAdamW(groups(params), **kw)
+    run(opt, params, stream[:7])
+    saved = through_bytes(opt.state_dict())
+    saved_params = [p.clone() for p in params]
+    straight = run(opt, params, stream[7:], record=("scale", "regime", "grad_ms", "step"))
+
+    state = saved["guard"]["state"]
+    saved["guard"] = {**saved["guard"], "state": torch.cat([state[: ref.CALLS], state[ref.CALLS + 1 :]]),
+                      "calls": int(state[ref.CALLS])}
+    opt2 = GuardedAdamW(groups(saved_params), **kw)
+    opt2.load_state_dict(saved)
+    assert opt2.telemetry()["step"] == 7
+    assert run(opt2, saved_params, stream[7:], record=("scale", "regime", "grad_ms", "step")) == straight
+    assert all(torch.equal(a, b) for a, b in zip(params, saved_params))
+    torch.testing.assert_close(opt2._guard, opt._guard, rtol=0, atol=0, equal_nan=True)  # bitwise; unused slots NaN
+
+
 def test_loaded_state_does_not_alias_the_dict():
     params = model()
     opt = GuardedAdamW(params)
@@ -139,7 +164,7 @@ def test_state_dict_of_another_model_is_refused_and_nothing_changes():
     broken["guard"] = {"state": torch.zeros(3)}
     _refused(opt, broken, "guard")
 
-    for count in (-1.0, 2.5, float("nan")):
+    for count in (-1.0, 2.5, float("nan"), float("inf")):
         bad_count = opt.state_dict()
         bad_count["guard"]["state"][ref.CALLS] = count
         _refused(opt, bad_count, "call count")

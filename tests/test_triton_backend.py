@@ -387,7 +387,7 @@ def test_compiled_step_calls_the_custom_ops_and_matches_eager(triton_backend, ga
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
     """Without a GPU: every specialisation the backend launches (tests/triton_aot.py) compiles
     for sm_80 and sm_90 with the GPU geometry (triton ships ptxas), and the fp32 single_pass
-    update moves 16 bytes per access: 8 fp32 per thread = 2 vector loads for each of p, g, m, v
+    update has no fused multiply-adds and moves 16 bytes per access: 8 fp32 per thread = 2 vector loads for each of p, g, m, v
     and 2 vector stores for each of p, m, v."""
     import subprocess
     import sys
@@ -404,6 +404,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
     assert sum(line.startswith("compiled ") for line in lines) == 2 * len(list(variants())) >= 40
     loads, stores = map(int, lines[-1].split()[-2:])
     assert lines[-1].startswith("vector-access") and (loads, stores) == (8, 6)
+    assert lines[-2] == "fma-instructions 0"  # no contraction: rounds like the reference
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ TRITON_INTERPRET=1, under which nothing compiles:
 
     python tests/triton_aot.py [ARCH ...]     # default: 80 90
 
-prints one line per compiled variant, then ``vector-access LOADS STORES``: the 16-byte global
-loads and stores in the sm_90 PTX of the fp32 single_pass update (tests/test_triton_backend.py
-checks both).
+prints one line per compiled variant, then for the sm_90 PTX of the fp32 single_pass update
+``fma-instructions N`` (0: config.COMPILE_OPTIONS turns contraction off) and ``vector-access
+LOADS STORES`` (16-byte global loads and stores); tests/test_triton_backend.py checks all three.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from lbw_kernels.triton_kernels import coefficients, guarded_adamw, telemetry
 from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS
-from lbw_kernels.triton_kernels.config import GPU
+from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU
 from lbw_kernels.triton_kernels.pointers import BF16, FP16, FP32, FP64
 
 CODE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", FP64: "fp64"}
@@ -37,14 +37,15 @@ UPDATE_MODES = {
 def variants():
     """(name, kernel, typed args, constexprs, num_warps) for every launch the backend makes."""
     for code in (FP32, BF16, FP16, FP64):
-        for aligned in (True, False) if code == FP32 else (True,):
+        for aligned in (True, False):
             yield (f"telemetry {CODE_NAMES[code]} aligned={aligned}", telemetry._telemetry_chunks_kernel,
                    {"chunks": "*i64", "workspace": "*fp64"},
                    dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block), GPU.num_warps)
     for out in ("fp64", "fp32"):
-        yield (f"reduce partials -> {out}", telemetry._reduce_partials_kernel,
-               {"workspace": "*fp64", "first_chunk": "*i64", "out": f"*{out}", "n_tensors": "i32"},
-               dict(ITERS=8, TENSORS=GPU.reduce_tensors, RBLOCK=GPU.reduce_block), GPU.reduce_warps)
+        for iters in (1, 8):  # a power of two: a loop's trip count
+            yield (f"reduce partials -> {out} iters={iters}", telemetry._reduce_partials_kernel,
+                   {"workspace": "*fp64", "first_chunk": "*i64", "out": f"*{out}", "n_tensors": "i32"},
+                   dict(ITERS=iters, TENSORS=GPU.reduce_tensors, RBLOCK=GPU.reduce_block), GPU.reduce_warps)
     for has_skip in (True, False):
         yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
                {"tensors": "*i64", "hyper": "*fp64", "lr_ptrs": "*i64", "scale_ptr": "*fp64",
@@ -53,7 +54,7 @@ def variants():
                     BLOCK_T=GPU.tensors_per_program), 4)
     for code in (FP32, BF16, FP16):
         for mode, (tel, mask, skip) in UPDATE_MODES.items():
-            for aligned in (True, False) if (code, mode) == (FP32, "single_pass") else (True,):
+            for aligned in (True, False):
                 yield (f"update {CODE_NAMES[code]} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
                        {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"},
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
@@ -72,7 +73,8 @@ def compile_ptx(kernel, typed, consts, arch: int, num_warps: int) -> str:
         # table and workspace pointers come from torch allocations: 16-byte aligned
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n, t in typed.items() if t.startswith("*")},
     )
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
+    options = {"num_warps": num_warps, **COMPILE_OPTIONS}  # as the launches pass them
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
 
 def main(archs) -> int:
@@ -83,7 +85,9 @@ def main(archs) -> int:
             print(f"compiled sm_{arch} {name}", flush=True)
             if arch == 90 and name == "update fp32 single_pass aligned=True":
                 vector = (len(re.findall(r"ld\.global\.v4\.b32", ptx)), len(re.findall(r"st\.global\.v4\.b32", ptx)))
+                fused = len(re.findall(r"\bfma\.", ptx))
     if vector is not None:
+        print("fma-instructions", fused)
         print("vector-access", *vector)
     return 0
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunk_table import BETA1, BETA2, COEF_COLS, EPS, GROUP, GROUP_COLS, SIGN, STEP, TENSOR_COLS, WEIGHT_DECAY, UpdatePlan
-from .config import geometry, poison_enabled
+from .config import COMPILE_OPTIONS, geometry, poison_enabled
 
 # Columns of the coefficient rows (float32).
 STEP_SIZE, BC2_SQRT, DECAY, ONE_MINUS_BETA1, BETA2_C, ONE_MINUS_BETA2, EPS_C, SIGN_C, APPLY = range(9)
@@ -90,7 +90,7 @@ def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None) ->
     _adamw_coefficients_kernel[(triton.cdiv(plan.n_tensors, geo.tensors_per_program),)](
         plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale if skip is None else skip, plan.coefs,
         plan.n_tensors, HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS,
-        COEF_COLS_=COEF_COLS, BLOCK_T=geo.tensors_per_program, num_warps=4,
+        COEF_COLS_=COEF_COLS, BLOCK_T=geo.tensors_per_program, num_warps=4, **COMPILE_OPTIONS,
     )
 
 

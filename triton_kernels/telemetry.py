@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunk_table import TelemetryLayout
-from .config import geometry, poison_enabled
+from .config import COMPILE_OPTIONS, geometry, poison_enabled
 from .pointers import as_pointer
 
 
@@ -106,7 +106,7 @@ def telemetry_chunks_(layout: TelemetryLayout) -> None:
     for lst in layout.lists:
         _telemetry_chunks_kernel[(lst.n_chunks,)](
             lst.table, layout.workspace, G_CODE=lst.code, ALIGNED=lst.aligned,
-            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps,
+            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps, **COMPILE_OPTIONS,
         )
 
 
@@ -121,7 +121,7 @@ def reduce_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Ten
             layout.workspace, layout.first_chunk, out, layout.n_tensors,
             # A power of two: few specialisations across layouts; surplus iterations are masked.
             ITERS=triton.next_power_of_2(triton.cdiv(layout.max_chunks, geo.reduce_block)),
-            TENSORS=geo.reduce_tensors, RBLOCK=geo.reduce_block, num_warps=geo.reduce_warps,
+            TENSORS=geo.reduce_tensors, RBLOCK=geo.reduce_block, num_warps=geo.reduce_warps, **COMPILE_OPTIONS,
         )
     return out
 

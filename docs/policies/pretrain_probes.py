@@ -56,7 +56,7 @@ class NoiseThermostat:
 
 def run(probe, seed, lr):
     probe, *options = probe.split(":")
-    start, growth = (float(v) for v in options) if options else (0.1, 1.1)
+    start, growth = [float(v) for v in options] + [0.1, 1.1][len(options):]
     P = R.PRESETS["quick"]
     corpus = load_corpus(None, P["max_train_bytes"], P["max_val_bytes"])
     cfg = ModelConfig(P["d_model"], P["layers"], P["heads"], P["ctx"])
@@ -74,7 +74,8 @@ def run(probe, seed, lr):
         loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        hot = detector.hot(math.log(torch.stack([p.grad.double().norm() for p in params]).norm().item()))
+        norm = torch.stack([p.grad.double().norm() for p in params]).norm().item()
+        hot = norm > 0 and detector.hot(math.log(norm))  # a zero norm: nothing to measure
         acted += hot
         if probe == "slow-start":
             scale = max(0.1, scale * 0.5) if hot else min(1.0, scale * growth)
