@@ -42,10 +42,10 @@ INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_tensors=64, r
                        tensors_per_program=64)
 
 
-# Compile options of every launch. No floating-point contraction (a*b+c kept as two roundings,
-# no FMA): the kernels then round like the float64-verified reference does op by op, and the
-# numbers do not change with Triton's default, which 3.9 announces will flip in 3.10. The
-# kernels are memory-bound: the extra instructions cost nothing measurable.
+# Compile options of every launch. No floating-point contraction (a*b+c rounded twice, no
+# FMA): the GPU then computes what the CPU tests verify, since the interpreter (numpy) does not
+# contract either, and the numbers do not change with Triton's default, which 3.9 announces will
+# flip in 3.10. The kernels are memory-bound: the extra instructions cost nothing measurable.
 COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
