@@ -45,7 +45,8 @@ INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_tensors=64, r
 # Compile options of every launch. No floating-point contraction (a*b+c rounded twice, no
 # FMA): the GPU then computes what the CPU tests verify, since the interpreter (numpy) does not
 # contract either, and the numbers do not change with Triton's default, which 3.9 announces will
-# flip in 3.10. The kernels are memory-bound: the extra instructions cost nothing measurable.
+# flip in 3.10. The kernels move ~28 B per ~15 flops, so the extra instructions should hide
+# behind memory (not yet measured on a GPU).
 COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
