@@ -30,6 +30,20 @@ from .validation import (
 )
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+# The guard's state and policy name also ride in the state of the first param that has state
+# (where torch.optim.LBFGS keeps its optimizer-wide state): torch.distributed.checkpoint's
+# get_optimizer_state_dict, which FSDP2 trainers use, keeps only "state" and "param_groups".
+# The policy name goes as a uint8 tensor of its ASCII bytes: flattening (flatten_optimizer_
+# state_dict=True) takes tensors and numbers only.
+_GUARD_IN_PARAM_STATE = ("lbw_guard", "lbw_guard_policy")
+
+
+def _policy_tag(name: str) -> Tensor:
+    return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
+
+
+def _policy_name(tag: Any) -> Any:
+    return bytes(tag.tolist()).decode("ascii", "replace") if isinstance(tag, Tensor) else tag
 
 
 def stream_is_capturing(device: torch.device) -> bool:
@@ -126,6 +140,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)  # validates each group through add_param_group
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
         self._guard = ref.new_guard_state(device, config.policy)
+        self._guard_holder: Optional[Tensor] = None  # the param whose state carries the guard
+        self._policy_tag = _policy_tag(config.policy.name)
         self._calls = 0  # host copy of the CALLS slot for eager scheduling (replays do not advance it)
         self._schedule_on_device = False  # set for good once a step is captured in a CUDA graph
         self._backends: Dict[torch.device, Backend] = {}
@@ -164,7 +180,21 @@ class GuardedAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            self._attach_guard()
         return state
+
+    def _attach_guard(self) -> None:
+        """Keep ``_GUARD_IN_PARAM_STATE`` in the first param state, and there only: the guard
+        tensor itself (so it is always current) and its policy's tag. torch's unflattening of
+        optimizer state dicts keeps only the keys the live state has, hence live entries.
+        Runs when a param state is created and when the guard tensor is replaced."""
+        first = next((p for g in self.param_groups for p in g["params"] if self.state.get(p)), None)
+        if self._guard_holder is not None and self._guard_holder is not first:
+            for key in _GUARD_IN_PARAM_STATE:
+                self.state.get(self._guard_holder, {}).pop(key, None)
+        self._guard_holder = first
+        if first is not None:
+            self.state[first].update(zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
 
     def _plan_for(self, grads_per_group) -> StepPlan:
         key = presence_key(self.param_groups, grads_per_group)
@@ -191,6 +221,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
+            self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads_per_group)
         backend = self._backend_for(device)
@@ -270,14 +301,15 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state (call count included)."""
-        out = super().state_dict()
-        out["guard"] = {
-            "state": self._guard.clone(),
-            "config": asdict(self.guard_config),
-            "policy": self.guard_config.policy.name,
-            "gate": self.gate,
-        }
+        """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state (call count
+        included), policy, options and gate. The guard's state and policy name are also in the
+        first param state, as in ``opt.state`` (``"lbw_guard"``; ``"lbw_guard_policy"``, the
+        name's ASCII bytes as a uint8 tensor), so checkpoints made through
+        torch.distributed.checkpoint.state_dict.get_optimizer_state_dict, which keeps only
+        ``"state"`` and ``"param_groups"``, resume the guard too."""
+        out = super().state_dict()  # the first param state carries the guard (_attach_guard)
+        out["guard"] = {"state": self._guard.clone(), "config": asdict(self.guard_config),
+                        "policy": self.guard_config.policy.name, "gate": self.gate}
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -297,6 +329,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         groups, state, guard, calls = self._checked_state(state_dict)
         self.__setstate__({"state": state, "param_groups": groups})
         self._guard, self._calls, self._plan = guard, calls, None
+        self._attach_guard()
         self._schedule_on_device = False
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -327,11 +360,15 @@ class GuardedAdamW(torch.optim.Optimizer):
             groups.append(new_group)
 
         state: Dict[Tensor, Dict[str, Any]] = defaultdict(dict)
+        guard_in_param_state = None
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
             p = id_map[pid]
-            keys = set(saved)
+            if _GUARD_IN_PARAM_STATE[0] in saved and guard_in_param_state is None:
+                guard_in_param_state = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
+                                        "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1], "lbw"))}
+            keys = set(saved) - set(_GUARD_IN_PARAM_STATE)
             if keys != set(_STATE_KEYS):
                 raise ValueError(
                     f"state_dict state[{pid!r}] has keys {sorted(keys)}, expected {sorted(_STATE_KEYS)}"
@@ -349,7 +386,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
             }
 
-        guard_entry = state_dict.get("guard")
+        guard_entry = state_dict.get("guard", guard_in_param_state)
         policy = self.guard_config.policy
         if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
             return groups, state, ref.new_guard_state(self._guard.device, policy), 0

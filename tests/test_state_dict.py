@@ -55,6 +55,43 @@ def test_save_load_continue_is_bitwise_identical(gate, dtype, backend):
 
 
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
+def test_state_and_param_groups_alone_resume_the_guard(policy):
+    """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict keeps only "state" and
+    "param_groups": the guard's copy in the first param state resumes it, policy checked."""
+    stream = random_stream(12, SHAPES, seed=6, spikes=(4, 5, 10))
+    kw = dict(lr=1e-2, stats_freq=2, policy=policy)
+    params = model()
+    opt = GuardedAdamW(groups(params), **kw)
+    run(opt, params, stream[:6])
+    saved = through_bytes({k: v for k, v in opt.state_dict().items() if k in ("state", "param_groups")})
+    saved_params = [p.clone() for p in params]
+    straight = run(opt, params, stream[6:], record=("scale", "regime", "grad_ms", "step"))
+    opt2 = GuardedAdamW(groups(saved_params), **kw)
+    opt2.load_state_dict(saved)
+    assert run(opt2, saved_params, stream[6:], record=("scale", "regime", "grad_ms", "step")) == straight
+    holders = [p for p in saved_params if "lbw_guard" in opt2.state[p]]
+    assert holders == [saved_params[0]] and opt2.state[holders[0]]["lbw_guard"] is opt2._guard
+    other = GuardedAdamW(groups(model()), policy="zscore" if policy == "lbw" else "lbw")
+    with pytest.raises(ValueError, match="policy"):
+        other.load_state_dict(saved)
+
+
+def test_guarded_checkpoint_loads_into_torch_adamw():
+    params = model()
+    opt = GuardedAdamW(groups(params), lr=1e-2, auto_enabled=False)
+    run(opt, params, random_stream(3, SHAPES, seed=8))
+    theirs = [p.clone() for p in params]
+    adamw = torch.optim.AdamW(groups(theirs), lr=1e-2)
+    adamw.load_state_dict(through_bytes(opt.state_dict()))
+    stream = random_stream(2, SHAPES, seed=9)
+    run(opt, params, stream)
+    for grads in stream:
+        run_adamw(adamw, theirs, grads)
+    for a, b in zip(params, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
 def test_checkpoint_from_before_the_call_count_slot_loads(policy):
     """Checkpoints written before the call count moved into the guard state kept it in
     ["guard"]["calls"] and had one slot fewer (the policy's slots one lower): they load, and
@@ -133,8 +170,9 @@ def _refused(opt, state_dict, match):
     assert after["param_groups"] == before["param_groups"]
     assert torch.equal(after["guard"]["state"], before["guard"]["state"])
     for k in before["state"]:
-        for key in before["state"][k]:
-            assert torch.equal(after["state"][k][key], before["state"][k][key])
+        for key, value in before["state"][k].items():
+            same = torch.equal(after["state"][k][key], value) if isinstance(value, torch.Tensor) else after["state"][k][key] == value
+            assert same, (k, key)
 
 
 def test_state_dict_of_another_model_is_refused_and_nothing_changes():
