@@ -28,10 +28,11 @@ whichever backend applies: backends take plain tensors.
 Checkpoints (``torch.distributed.checkpoint``): ``opt.state_dict()`` holds DTensor states for
 DTensor params and a top-level ``"guard"`` entry; ``dcp.save({"optim": opt.state_dict()})``
 saves it. To load, a fresh optimizer needs its states allocated to serve as the template:
-:func:`init_state_` does that without a step. ``get_optimizer_state_dict`` from
-``torch.distributed.checkpoint.state_dict`` is not the way: it keeps only ``"state"`` and
-``"param_groups"`` (the guard is lost) and, on an optimizer without state, runs a step with
-zero gradients, which counts as a guard call.
+:func:`init_state_` does that without a step. ``get_/set_optimizer_state_dict`` from
+``torch.distributed.checkpoint.state_dict`` work too: they keep only ``"state"`` and
+``"param_groups"``, so the guard also rides in the first param's state (GuardedAdamW.state_dict);
+on an optimizer without state they run a step with zero gradients, which counts as a guard
+call until a load overwrites it.
 """
 
 from __future__ import annotations

@@ -42,8 +42,21 @@ def _policy_tag(name: str) -> Tensor:
     return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
 
 
-def _policy_name(tag: Any) -> Any:
-    return bytes(tag.tolist()).decode("ascii", "replace") if isinstance(tag, Tensor) else tag
+def _policy_name(tag: Any) -> Optional[str]:
+    """The policy name of a tag, or None when it is not one of ours: torch.optim.AdamW's
+    load_state_dict casts every state tensor but ``step`` to the param's dtype, so a guard
+    entry that went through another optimizer comes back with a float tag (and a stale guard)."""
+    if not (isinstance(tag, Tensor) and tag.dtype == torch.uint8 and tag.dim() == 1):
+        return None
+    codes = tag.tolist()
+    return bytes(codes).decode("ascii") if all(0 < c < 128 for c in codes) else None
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Two guard states hold the same values (NaN slots equal)."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().double().nan_to_num(7.25), b.detach().cpu().double().nan_to_num(7.25))
 
 
 def stream_is_capturing(device: torch.device) -> bool:
@@ -180,14 +193,14 @@ class GuardedAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            self._attach_guard()
         return state
 
     def _attach_guard(self) -> None:
         """Keep ``_GUARD_IN_PARAM_STATE`` in the first param state, and there only: the guard
-        tensor itself (so it is always current) and its policy's tag. torch's unflattening of
-        optimizer state dicts keeps only the keys the live state has, hence live entries.
-        Runs when a param state is created and when the guard tensor is replaced."""
+        tensor itself and its policy's tag. torch's unflattening of optimizer state dicts keeps
+        only the keys the live state has, hence live entries. Runs when a step plan is built
+        (new states appear only then), in ``state_dict()`` (states may have been edited) and
+        when the guard tensor is replaced; the scan stops at the first param with state."""
         first = next((p for g in self.param_groups for p in g["params"] if self.state.get(p)), None)
         if self._guard_holder is not None and self._guard_holder is not first:
             for key in _GUARD_IN_PARAM_STATE:
@@ -201,6 +214,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if self._plan is None or self._plan.key != key:
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
             self._plan = StepPlan(key, self.param_groups, grads_per_group, self._state_for, numels)
+            self._attach_guard()
         return self._plan
 
     @torch.no_grad()
@@ -307,9 +321,15 @@ class GuardedAdamW(torch.optim.Optimizer):
         name's ASCII bytes as a uint8 tensor), so checkpoints made through
         torch.distributed.checkpoint.state_dict.get_optimizer_state_dict, which keeps only
         ``"state"`` and ``"param_groups"``, resume the guard too."""
-        out = super().state_dict()  # the first param state carries the guard (_attach_guard)
-        out["guard"] = {"state": self._guard.clone(), "config": asdict(self.guard_config),
+        self._attach_guard()
+        out = super().state_dict()
+        guard = self._guard.clone()  # both copies: this call's values, not the live tensor
+        out["guard"] = {"state": guard, "config": asdict(self.guard_config),
                         "policy": self.guard_config.policy.name, "gate": self.gate}
+        for pid, entry in out["state"].items():
+            if _GUARD_IN_PARAM_STATE[0] in entry:  # a new dict: the packed ones are this optimizer's
+                out["state"][pid] = {**entry, _GUARD_IN_PARAM_STATE[0]: guard}
+                break
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -365,9 +385,12 @@ class GuardedAdamW(torch.optim.Optimizer):
             if pid not in id_map:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
             p = id_map[pid]
-            if _GUARD_IN_PARAM_STATE[0] in saved and guard_in_param_state is None:
+            if _GUARD_IN_PARAM_STATE[0] in saved:
+                if guard_in_param_state is not None:
+                    raise ValueError(f"state_dict state[{pid!r}] holds a second '{_GUARD_IN_PARAM_STATE[0]}' entry")
                 guard_in_param_state = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
-                                        "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1], "lbw"))}
+                                        "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1])),
+                                        "where": f"state_dict['state'][{pid!r}]['{_GUARD_IN_PARAM_STATE[0]}']"}
             keys = set(saved) - set(_GUARD_IN_PARAM_STATE)
             if keys != set(_STATE_KEYS):
                 raise ValueError(
@@ -386,15 +409,22 @@ class GuardedAdamW(torch.optim.Optimizer):
                 "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
             }
 
-        guard_entry = state_dict.get("guard", guard_in_param_state)
+        guard_entry = state_dict.get("guard")
         policy = self.guard_config.policy
+        if guard_entry is None and guard_in_param_state is not None and guard_in_param_state["policy"] is None:
+            guard_in_param_state = None  # cast by another optimizer's load: stale, start fresh
+        if guard_entry is None:
+            guard_entry = guard_in_param_state
+        elif guard_in_param_state is not None and not _same_values(guard_entry.get("state"), guard_in_param_state["state"]):
+            raise ValueError(f"state_dict['guard']['state'] and {guard_in_param_state['where']} differ")
         if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
             return groups, state, ref.new_guard_state(self._guard.device, policy), 0
+        where = guard_entry.get("where", "state_dict['guard']['state']")
         saved_guard = guard_entry.get("state")
         saved_policy = guard_entry.get("policy", "lbw")  # checkpoints from before policies: lbw
         if saved_policy != policy.name:
             raise ValueError(
-                f"state_dict['guard'] is of policy {saved_policy!r}, this optimizer's policy is "
+                f"{where} is of policy {saved_policy!r}, this optimizer's policy is "
                 f"{policy.name!r}: construct GuardedAdamW with policy={saved_policy!r} to load it"
             )
         size = ref.state_size(policy)
@@ -406,11 +436,11 @@ class GuardedAdamW(torch.optim.Optimizer):
             flat = saved_guard.detach().reshape(-1)
             saved_guard = torch.cat([flat[: ref.CALLS], flat.new_tensor([old_calls]), flat[ref.CALLS :]])
         if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
-            raise ValueError(f"state_dict['guard']['state'] must be a tensor of {size} values")
+            raise ValueError(f"{where} must be a tensor of {size} values")
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
         calls = float(guard[ref.CALLS])  # loading a checkpoint may wait for the device
         if not (math.isfinite(calls) and calls >= 0 and calls == int(calls)):
-            raise ValueError(f"state_dict['guard']['state'] holds a call count of {calls!r}: not an int >= 0")
+            raise ValueError(f"{where} holds a call count of {calls!r}: not an int >= 0")
         return groups, state, guard, int(calls)
 
 

@@ -89,6 +89,44 @@ def test_guarded_checkpoint_loads_into_torch_adamw():
         run_adamw(adamw, theirs, grads)
     for a, b in zip(params, theirs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # and back: AdamW's load cast the guard copy (and its policy tag) to the params' dtype and
+    # its steps went on without it, so the guard starts fresh instead of resuming a stale one
+    back = GuardedAdamW(groups([p.clone() for p in theirs]), lr=1e-2)
+    back.load_state_dict(through_bytes(adamw.state_dict()))
+    assert back.telemetry()["step"] == 0 and back.telemetry()["scale"] == 1.0
+    assert back.state[back.param_groups[0]["params"][0]]["step"].item() == 5
+
+
+def test_guard_rides_in_the_first_param_state_with_state():
+    """The first param (group order) whose state exists carries the guard, whatever order the
+    states were created in; the entry moves with it and is in one state only."""
+    params = model()
+    opt = GuardedAdamW(groups(params), lr=1e-2)
+    holders = lambda: [i for i, p in enumerate(params) if "lbw_guard" in opt.state.get(p, {})]  # noqa: E731
+    run(opt, params, [[None, torch.ones(17, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]])
+    assert holders() == [1]
+    run(opt, params, random_stream(1, SHAPES))
+    assert holders() == [0] and opt.state[params[0]]["lbw_guard"] is opt._guard
+    extra = torch.zeros(4, dtype=torch.float64)
+    opt.add_param_group({"params": [extra]})
+    run(opt, params + [extra], random_stream(1, SHAPES + [(4,)]))
+    assert holders() == [0]
+    del opt.state[params[0]]  # a user resetting one param's moments
+    sd = opt.state_dict()
+    assert holders() == [1] and [k for k, v in sd["state"].items() if "lbw_guard" in v] == [1]
+    assert torch.equal(sd["state"][1]["lbw_guard"], sd["guard"]["state"])
+
+
+def test_disagreeing_guard_copies_are_refused():
+    params = model()
+    opt = GuardedAdamW(groups(params), lr=1e-2)
+    run(opt, params, random_stream(2, SHAPES))
+    edited = opt.state_dict()
+    edited["state"][0] = {**edited["state"][0], "lbw_guard": edited["state"][0]["lbw_guard"] + 1}
+    _refused(opt, edited, "differ")
+    twice = opt.state_dict()
+    twice["state"][1] = {**twice["state"][1], "lbw_guard": twice["state"][0]["lbw_guard"]}
+    _refused(opt, twice, "second")
 
 
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
@@ -108,6 +146,8 @@ def test_checkpoint_from_before_the_call_count_slot_loads(policy):
     state = saved["guard"]["state"]
     saved["guard"] = {**saved["guard"], "state": torch.cat([state[: ref.CALLS], state[ref.CALLS + 1 :]]),
                       "calls": int(state[ref.CALLS])}
+    for entry in saved["state"].values():  # nor did params' states carry the guard then
+        entry.pop("lbw_guard", None), entry.pop("lbw_guard_policy", None)
     opt2 = GuardedAdamW(groups(saved_params), **kw)
     opt2.load_state_dict(saved)
     assert opt2.telemetry()["step"] == 7
