@@ -161,6 +161,21 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
 
+    # ------------------------------------------------------------------ copy / pickle
+    # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
+    # attributes go with them. Caches (backends, step plan, sharding layout) are rebuilt.
+    _PICKLED = ("guard_config", "gate", "backend", "_guard", "_guard_holder", "_policy_tag", "_calls",
+                "_schedule_on_device")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)  # (load_state_dict passes state and param_groups only)
+        self.__dict__.setdefault("_backends", {})
+        self.__dict__.setdefault("_plan", None)
+        self.__dict__.setdefault("_sharded", ShardedTelemetry())
+
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not isinstance(param_group, dict):

@@ -97,6 +97,25 @@ def test_guarded_checkpoint_loads_into_torch_adamw():
     assert back.state[back.param_groups[0]["params"][0]]["step"].item() == 5
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_continues_like_the_original(how):
+    import pickle
+
+    params = model()
+    opt = GuardedAdamW(groups(params), lr=1e-2, stats_freq=2, policy="zscore")
+    stream = random_stream(8, SHAPES, seed=3, spikes=(3, 4))
+    run(opt, params, stream[:4])
+    if how == "deepcopy":
+        opt2 = copy.deepcopy(opt)
+        params2 = [p for g in opt2.param_groups for p in g["params"]]
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    assert opt2._guard is not opt._guard and opt2.state[params2[0]]["lbw_guard"] is opt2._guard
+    record = ("scale", "regime", "grad_ms", "step")
+    assert run(opt2, params2, stream[4:], record=record) == run(opt, params, stream[4:], record=record)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
 def test_guard_rides_in_the_first_param_state_with_state():
     """The first param (group order) whose state exists carries the guard, whatever order the
     states were created in; the entry moves with it and is in one state only."""
