@@ -159,6 +159,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._schedule_on_device = False  # set for good once a step is captured in a CUDA graph
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
+        self._state_seen = (None, 0)  # (id, len) of self.state when the plan was built
         self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
 
     # ------------------------------------------------------------------ copy / pickle
@@ -174,6 +175,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         super().__setstate__(state)  # (load_state_dict passes state and param_groups only)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_plan", None)
+        self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("_sharded", ShardedTelemetry())
 
     # ------------------------------------------------------------------ param groups
@@ -226,10 +228,14 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     def _plan_for(self, grads_per_group) -> StepPlan:
         key = presence_key(self.param_groups, grads_per_group)
-        if self._plan is None or self._plan.key != key:
+        # The plan holds the state dicts: a cleared, replaced or shrunk ``self.state`` (an
+        # optimizer reset, ``del opt.state[p]``) must rebuild it, creating fresh states as
+        # torch.optim.AdamW would. (Tensors swapped inside a state dict are not noticed.)
+        if self._plan is None or self._plan.key != key or self._state_seen != (id(self.state), len(self.state)):
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
             self._plan = StepPlan(key, self.param_groups, grads_per_group, self._state_for, numels)
             self._attach_guard()
+            self._state_seen = (id(self.state), len(self.state))
         return self._plan
 
     @torch.no_grad()

@@ -113,3 +113,26 @@ def test_every_torch_adamw_argument_is_taken_and_the_switches_change_nothing():
     for ps, t in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(ps, runs[0][0]))
         assert t == runs[0][1]
+
+
+@pytest.mark.parametrize("reset", ["clear", "del one"])
+def test_reset_state_starts_fresh_moments_as_torch_adamw_does(reset, backend):
+    """``opt.state.clear()`` (an optimizer reset) or ``del opt.state[p]``: the next step creates
+    fresh state for those params, as torch.optim.AdamW does; the cached step plan must notice."""
+    ours, theirs = model_params(torch.float64), model_params(torch.float64)
+    opt = GuardedAdamW(ours, lr=1e-2, auto_enabled=False, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(2)
+    for k in range(6):
+        if k == 3:
+            for o, ps in ((opt, ours), (ref, theirs)):
+                o.state.clear() if reset == "clear" else o.state.pop(ps[0])
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ours]
+        for ps, o in ((ours, opt), (theirs, ref)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(ours, theirs):
+        close(a, b, TOL[torch.float64])
+    assert [opt.state[p]["step"].item() for p in ours if p.numel()] == [ref.state[q]["step"].item() for q in theirs if q.numel()]
+    assert len(opt.state_dict()["state"]) == len(ref.state_dict()["state"])
