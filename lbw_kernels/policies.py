@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from .validation import _number
 
 # ZScorePolicy's own slots, appended to the shared ones.
 LOG_NORM_MEAN = ref.STATE_SIZE  # EMA of ln(grad norm)
@@ -88,12 +89,7 @@ class ZScorePolicy:
 
     def __post_init__(self):
         def number(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"ZScorePolicy.{name} must be a number, got {type(value).__name__}")
-            if math.isnan(value):
-                raise ValueError(f"ZScorePolicy.{name} must not be NaN")
-            return float(value)
+            return _number(f"ZScorePolicy.{name}", getattr(self, name))
 
         if not 0.0 < number("ema_decay") < 1.0:
             raise ValueError(f"ZScorePolicy.ema_decay must be in (0, 1), got {self.ema_decay}")
