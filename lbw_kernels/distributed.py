@@ -79,7 +79,8 @@ class ShardedTelemetry:
     def local_groups(self, groups: Sequence[GroupTensors], has_dtensor: bool) -> List[GroupTensors]:
         """``has_dtensor``: whether any param or grad of the call is a DTensor (the optimizer's
         step plan knows it without walking the tensors every call)."""
-        self.active = has_dtensor
+        if self.active != has_dtensor:  # written only on a change: a compiled step traces no write
+            self.active = has_dtensor
         if not self.active:
             return list(groups)
         key = _layout_key(groups)

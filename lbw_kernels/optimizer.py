@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -238,6 +238,33 @@ class GuardedAdamW(torch.optim.Optimizer):
             self._state_seen = (id(self.state), len(self.state))
         return self._plan
 
+    # Host bookkeeping runs eagerly under torch.compile (a graph break on each side of the
+    # launches): dynamo installs no guards on an optimizer's attributes, so a plan, a call
+    # count or a schedule read while tracing would be baked into the graph and replayed
+    # (a compiled step with stats_freq=10 analysed every call); and torch 2.11's dynamo
+    # fails on attribute writes to an optimizer passed into a compiled function.
+    @torch.compiler.disable
+    def _prepare(self, grads_per_group) -> Tuple[StepPlan, Optional[Backend]]:
+        """The call's validated plan and its backend (None when no param has a gradient),
+        with the guard moved to the params' device if they moved since construction."""
+        check_grads_cheaply(self.param_groups, grads_per_group)
+        plan = self._plan_for(grads_per_group)
+        if not plan.groups:
+            return plan, None
+        device = plan.groups[0].params[0].device
+        if device != plan.device or device != self._guard.device:  # moved after construction
+            self._guard = self._guard.to(device)
+            self._attach_guard()
+            self._plan = None
+            plan = self._plan_for(grads_per_group)
+        return plan, self._backend_for(device)
+
+    @torch.compiler.disable
+    def _count_call(self) -> None:
+        """Advance the host call count, once the call has decided (the CALLS slot moves with
+        it); a call that raised is not counted."""
+        self._calls += 1
+
     @torch.no_grad()
     def step(self, closure=None):
         """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device."""
@@ -246,26 +273,18 @@ class GuardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads_per_group = [[p.grad for p in group["params"]] for group in self.param_groups]
-        check_grads_cheaply(self.param_groups, grads_per_group)
-        plan = self._plan_for(grads_per_group)
-        call = self._calls + 1  # counted (host and CALLS slot) only once the call decides
-        if not plan.groups:
+        plan, backend = self._prepare(grads_per_group)
+        if backend is None:
             self._guard[ref.CALLS] += 1
-            self._calls = call
+            self._count_call()
             return loss
-        device = plan.groups[0].params[0].device
-        if device != plan.device or device != self._guard.device:  # moved after construction
-            self._guard = self._guard.to(device)
-            self._attach_guard()
-            self._plan = None
-            plan = self._plan_for(grads_per_group)
-        backend = self._backend_for(device)
+        device = plan.device
         cfg = self.guard_config
         groups = plan.group_tensors(self.param_groups, grads_per_group)
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard
-        analyze = plan.telemetry_rows > 0 and self._telemetry_due(call, device, guard)
+        analyze = plan.telemetry_rows > 0 and self._telemetry_due(device, guard)
         check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
         measure = isinstance(analyze, Tensor) or analyze or check_finite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
@@ -292,21 +311,25 @@ class GuardedAdamW(torch.optim.Optimizer):
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
             guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
-        self._calls = call
+        self._count_call()
         return loss
 
-    def _telemetry_due(self, call: int, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
-        """Rule 2's schedule for this call: a host bool, or, once a step has been captured in a
-        CUDA graph (whose replays repeat the captured call's launches), a device bool read from
-        the guard's call count; the captured step then measures every call (no extra pass for
-        the exact gate with the finite check, none for single_pass) and the schedule picks which
-        calls the policy sees."""
+    def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
+        """Rule 2's schedule for this call: a host bool, or a device bool read from the guard's
+        call count once a step has been captured in a CUDA graph (whose replays repeat the
+        captured call's launches) and while torch.compile traces (a compiled graph is replayed
+        too, and mode="reduce-overhead" captures it). The step then measures every call (no
+        extra pass for the exact gate with the finite check, none for single_pass) and the
+        schedule picks which calls the policy sees."""
         cfg = self.guard_config
-        if cfg.auto_enabled and cfg.stats_freq > 1:
-            self._schedule_on_device = self._schedule_on_device or stream_is_capturing(device)
-            if self._schedule_on_device:
-                return cfg.telemetry_due(guard[ref.CALLS])
-        return cfg.is_telemetry_call(call)
+        if not (cfg.auto_enabled and cfg.stats_freq > 1):
+            return cfg.auto_enabled  # every call or none: no schedule to follow
+        if torch.compiler.is_compiling():
+            return cfg.telemetry_due(guard[ref.CALLS])
+        self._schedule_on_device = self._schedule_on_device or stream_is_capturing(device)
+        if self._schedule_on_device:
+            return cfg.telemetry_due(guard[ref.CALLS])
+        return cfg.is_telemetry_call(self._calls + 1)
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self) -> Dict[str, Any]:

@@ -140,6 +140,37 @@ def test_schedule_read_from_the_device_matches_the_host_schedule(gate, policy, s
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_compiled_step_follows_the_schedule_like_eager(gate, backend):
+    """torch.compile bakes what it traces of the host into the graph (dynamo guards no optimizer
+    attribute), so the call count, the plan and rule 2's schedule must not be read while tracing:
+    a compiled step with stats_freq > 1 analysed every call before. Compiled calls must decide
+    bitwise as eager ones, a call without gradients and a NaN call included, without compiling
+    anew for every call."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(7, 3), (5,)]
+    stream = random_stream(11, shapes, seed=4, spikes=(5, 6, 9), flips=(10,), nan_at=(8,))
+    stream[3] = [None, None]
+    record = ("scale", "regime", "grad_ms", "signed_mean", "skipped_steps", "step")
+    kw = dict(lr=1e-2, stats_freq=3, gate=gate, backend=backend)
+    eager_params = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    eager = run(GuardedAdamW(eager_params, **kw), eager_params, stream, record=record)
+
+    torch._dynamo.reset()
+    counters.clear()
+    params = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    opt = GuardedAdamW(params, **kw)
+    opt.step = torch.compile(opt.step, backend="aot_eager")
+    compiled = run(opt, params, stream, record=record)
+    assert compiled == eager
+    assert {r for _, r, *_ in eager} - {"calm", "nonfinite"}, "the stream must move the policy"
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)
+    # graphs: the step with gradients and the one without, not one per call
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
 def test_use_max_rms_false_averages_tensor_mean_squares(backend):
     # Tensor A: mean square 1 then 50; tensor B: 100 both times.
     a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
