@@ -81,17 +81,20 @@ void keep_if_capturing(const TablePtr& table, cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive) {
     static std::mutex mutex;
-    static std::vector<TablePtr> kept;
+    static auto* kept = new std::vector<TablePtr>();  // leaked on purpose: see table_for
     std::lock_guard<std::mutex> lock(mutex);
-    for (const auto& t : kept)
+    for (const auto& t : *kept)
       if (t == table) return;
-    kept.push_back(table);
+    kept->push_back(table);
   }
 }
 
 TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, cudaStream_t stream) {
-  static TableCache<std::vector<int64_t>, TablePtr> cache;
-  TablePtr table = cache.get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
+  // Leaked on purpose, as torch leaks its own device caches: a static destructor would free
+  // these CUDA tensors at exit, after the CUDA runtime and torch's allocator are torn down
+  // (seen: a segfault at exit of every process that had used the CUDA backend).
+  static auto* cache = new TableCache<std::vector<int64_t>, TablePtr>();
+  TablePtr table = cache->get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
   keep_if_capturing(table, stream);
   return table;
 }
