@@ -482,3 +482,18 @@ def test_gpu_compiled_training_step_runs(gate):
     torch.cuda.synchronize()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_geometry_override_for_tuning_runs(monkeypatch):
+    from lbw_kernels.triton_kernels import config
+
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    monkeypatch.setenv("LBW_TRITON_GEOMETRY", "block=1024, num_warps=4")
+    geo = config.geometry()
+    assert (geo.block, geo.num_warps, geo.chunk) == (1024, 4, config.GPU.chunk)
+    for bad in ("block=1000", "chunk=3000", "warps=4", "block=-2", "num_warps=3"):
+        monkeypatch.setenv("LBW_TRITON_GEOMETRY", bad)
+        with pytest.raises(ValueError, match="LBW_TRITON_GEOMETRY"):
+            config.geometry()
+    monkeypatch.delenv("LBW_TRITON_GEOMETRY")
+    assert config.geometry() == config.GPU

@@ -19,8 +19,9 @@ so the geometry is chosen to keep enough bytes in flight, not for arithmetic:
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=8)
+def _overridden(base: Geometry, spec: str) -> Geometry:
+    """``base`` with the ``name=value`` pairs of ``spec`` (comma-separated) applied, checked."""
+    names = {f.name for f in fields(Geometry)}
+    values = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in names or not value.strip().isdigit() or int(value) <= 0:
+            raise ValueError(
+                f"LBW_TRITON_GEOMETRY: {item!r} is not name=positive int with name one of {sorted(names)}"
+            )
+        values[name] = int(value)
+    geo = replace(base, **values)
+    if geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1):
+        raise ValueError(
+            f"LBW_TRITON_GEOMETRY: block and num_warps must be powers of two and chunk a multiple of block, got {geo}"
+        )
+    return geo
+
+
 def geometry() -> Geometry:
-    return INTERPRETER if interpreting() else GPU
+    """The geometry launches use. ``LBW_TRITON_GEOMETRY="block=1024,num_warps=4"`` overrides
+    fields of the GPU geometry, for tuning runs (bench/device_check.sh compares a few)."""
+    if interpreting():
+        return INTERPRETER
+    spec = os.environ.get("LBW_TRITON_GEOMETRY")
+    return _overridden(GPU, spec) if spec else GPU
 
 
 def poison_enabled() -> bool:
