@@ -93,6 +93,8 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FORCE_CUDA="${FORCE_CUDA:-1}"
+# A crash prints the Python stack of every thread (segfaults at exit were seen once).
+export PYTHONFAULTHANDLER=1
 
 {
     echo "date      $(date -u +%Y-%m-%dT%H:%M:%SZ)"

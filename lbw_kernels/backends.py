@@ -42,6 +42,9 @@ class GroupTensors:
     eps: float
     weight_decay: float
     maximize: bool
+    # The params' distinct dtypes when the caller knows them (the step plan, once per plan):
+    # saves a pass over the params per call in split_by_dtype.
+    param_dtypes: Optional[frozenset] = None
 
 
 class Backend:
@@ -93,7 +96,7 @@ class Backend:
 
 def split_by_dtype(group: GroupTensors) -> List[GroupTensors]:
     """Sub-groups whose params share one dtype (kernels and foreach ops want one dtype)."""
-    dtypes = {p.dtype for p in group.params}
+    dtypes = group.param_dtypes if group.param_dtypes is not None else {p.dtype for p in group.params}
     if len(dtypes) <= 1:
         return [group]
     out = []

@@ -21,7 +21,7 @@ from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .distributed import ShardedTelemetry
 from .policies import resolve_policy
-from .step_plan import StepPlan, check_grads_cheaply, presence_key
+from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
     check_adamw_switches,
     check_group_hyperparameters,
@@ -226,14 +226,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         if first is not None:
             self.state[first].update(zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
 
-    def _plan_for(self, grads_per_group) -> StepPlan:
-        key = presence_key(self.param_groups, grads_per_group)
+    def _plan_for(self, grads: CallGrads) -> StepPlan:
+        key = presence_key(self.param_groups, grads)
         # The plan holds the state dicts: a cleared, replaced or shrunk ``self.state`` (an
         # optimizer reset, ``del opt.state[p]``) must rebuild it, creating fresh states as
         # torch.optim.AdamW would. (Tensors swapped inside a state dict are not noticed.)
         if self._plan is None or self._plan.key != key or self._state_seen != (id(self.state), len(self.state)):
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
-            self._plan = StepPlan(key, self.param_groups, grads_per_group, self._state_for, numels)
+            self._plan = StepPlan(key, self.param_groups, grads.per_group, self._state_for, numels)
             self._attach_guard()
             self._state_seen = (id(self.state), len(self.state))
         return self._plan
@@ -244,20 +244,21 @@ class GuardedAdamW(torch.optim.Optimizer):
     # (a compiled step with stats_freq=10 analysed every call); and torch 2.11's dynamo
     # fails on attribute writes to an optimizer passed into a compiled function.
     @torch.compiler.disable
-    def _prepare(self, grads_per_group) -> Tuple[StepPlan, Optional[Backend]]:
-        """The call's validated plan and its backend (None when no param has a gradient),
-        with the guard moved to the params' device if they moved since construction."""
-        check_grads_cheaply(self.param_groups, grads_per_group)
-        plan = self._plan_for(grads_per_group)
+    def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]]]:
+        """The call's gradients, its validated plan and its backend (None when no param has a
+        gradient), with the guard moved to the params' device if they moved since construction."""
+        grads = gather_grads(self.param_groups)
+        check_grads_cheaply(self.param_groups, grads)
+        plan = self._plan_for(grads)
         if not plan.groups:
-            return plan, None
+            return plan, None, grads.per_group
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
-            plan = self._plan_for(grads_per_group)
-        return plan, self._backend_for(device)
+            plan = self._plan_for(grads)
+        return plan, self._backend_for(device), grads.per_group
 
     @torch.compiler.disable
     def _count_call(self) -> None:
@@ -272,8 +273,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads_per_group = [[p.grad for p in group["params"]] for group in self.param_groups]
-        plan, backend = self._prepare(grads_per_group)
+        plan, backend, grads_per_group = self._prepare()
         if backend is None:
             self._guard[ref.CALLS] += 1
             self._count_call()

@@ -6,6 +6,7 @@ import torch
 
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.reference import adamw_
+from lbw_kernels.verify import PARAM_TOLERANCES, worst
 
 
 def test_grad_scaler_unscale_then_step():
@@ -64,3 +65,29 @@ def test_low_precision_params_keep_fp32_state_and_round_once(dtype, gate):
     state = opt.state[p]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     assert torch.equal(state["exp_avg"], m) and torch.equal(state["exp_avg_sq"], v)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_param_cast_after_the_plan_was_built_keeps_stepping(gate, backend):
+    """``p.data = p.data.to(bf16)`` (what ``module.to(dtype)`` does) on one param of a group
+    after the first steps: the step plan recorded one param dtype, so the kernels must notice
+    the mixed group (it then goes to the reference) rather than fail or misread the param.
+    Compared with the reference backend on the same sequence (fp32 state throughout), within
+    the tolerances verify documents (x 5 steps)."""
+    def trajectory(name):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(5, generator=gen), torch.randn(33, generator=gen), torch.randn(7, generator=gen)]
+        opt = GuardedAdamW(params, lr=1e-2, gate=gate, stats_freq=1, backend=name)
+        for k in range(5):
+            if k == 2:
+                params[1].data = params[1].data.to(torch.bfloat16)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        return params
+
+    got, want = trajectory(backend), trajectory("reference")
+    assert got[1].dtype == torch.bfloat16
+    for a, b in zip(got, want):
+        atol, rtol = PARAM_TOLERANCES[b.dtype]
+        assert worst(a, b, 5 * atol, 5 * rtol) is None, worst(a, b, 5 * atol, 5 * rtol)

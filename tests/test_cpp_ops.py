@@ -1,6 +1,8 @@
 """torch.library.opcheck on the lbw ops (schemas, fake impls, aliasing, dispatch), on CPU and,
 with a GPU, on CUDA. Skips with the reason when the C++ extension is not built."""
 
+import array
+
 import pytest
 import torch
 
@@ -68,11 +70,13 @@ def test_layout_key_reads_address_numel_and_dtype_of_each_tensor():
     base = torch.zeros(10)
     tensors = [torch.randn(4, 3), torch.zeros(0), torch.ones(5, dtype=torch.bfloat16), base[2:], torch.tensor(1.0)]
     key = _C._layout_key(tensors)
-    assert key[0::3] == tuple(t.data_ptr() for t in tensors)
-    assert key[1::3] == (12, 0, 5, 8, 1)
-    codes = key[2::3]
+    assert isinstance(key, bytes)  # int64s packed: hashed and compared at memory speed
+    values = array.array("q", key).tolist()
+    assert values[0::3] == [t.data_ptr() for t in tensors]
+    assert values[1::3] == [12, 0, 5, 8, 1]
+    codes = values[2::3]
     assert codes[0] == codes[3] == codes[4] != codes[2]  # float32 x3, bfloat16
-    assert _C._layout_key(()) == ()
+    assert _C._layout_key(()) == b""
     with pytest.raises(TypeError, match="item 1 is not a tensor"):
         _C._layout_key([base, 3.0])
 
@@ -85,3 +89,103 @@ def test_triton_plan_keys_use_the_extension():
     assert chunk_table.layout_key is chunk_table.address_key is _C._layout_key
     a, b = torch.zeros(3), torch.zeros(3)
     assert chunk_table.telemetry_key([a], 64) != chunk_table.telemetry_key([b], 64)  # another address
+
+
+# ---------------------------------------------------------------------------------------
+# The eager entry points in _C (the backend's path outside torch.compile)
+# ---------------------------------------------------------------------------------------
+def _clone_args(args):
+    return [[t.clone() for t in a] if isinstance(a, list) else a for a in args]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_entries_compute_what_the_ops_compute(device, dtype):
+    """_C._adamw_ / _adamw_telemetry_ / _telemetry skip torch.ops' argument parsing only: the
+    same kernels, so bitwise the same outputs and the same in-place updates."""
+    from lbw_kernels import _C
+
+    skip = torch.tensor(0.0, dtype=torch.float64, device=device)
+    for op, entry, last in (
+        (torch.ops.lbw.adamw_, _C._adamw_, skip),
+        (torch.ops.lbw.adamw_, _C._adamw_, None),
+        (torch.ops.lbw.adamw_telemetry_, _C._adamw_telemetry_, True),
+    ):
+        a, b = _update_args(device, dtype), _update_args(device, dtype)
+        out_op, out_entry = op(*a, last), entry(*b, last)
+        assert (out_op is None) == (out_entry is None)
+        if out_op is not None:
+            assert torch.equal(out_op, out_entry)
+        for xs, ys in zip(a[:5], b[:5]):
+            assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+    grads = _update_args(device, dtype)[1]
+    assert torch.equal(torch.ops.lbw.telemetry(grads), _C._telemetry(grads))
+
+
+def test_eager_entries_raise_what_the_ops_raise_and_change_nothing():
+    from lbw_kernels import _C
+
+    args = _update_args("cpu")
+    before = _clone_args(args)
+    short = list(args)
+    short[3] = short[3][:2]  # exp_avg_sqs one short
+    for call in (torch.ops.lbw.adamw_, _C._adamw_):
+        with pytest.raises(RuntimeError, match="must have the same length, got 3, 3, 3, 2, 3"):
+            call(*short, None)
+    for xs, ys in zip(args[:5], before[:5]):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+    with pytest.raises(TypeError, match=r"grads\[1\] is not a tensor"):
+        _C._adamw_(args[0], [args[1][0], 2.0, args[1][2]], *args[2:], None)
+    with pytest.raises(TypeError, match="lr_scale is not a tensor"):
+        _C._adamw_telemetry_(*args[:5], 0.7, *args[6:], True)
+
+
+def test_gather_grads_reads_each_grad_once_with_the_flags():
+    from lbw_kernels import _C
+
+    class Tagged(torch.Tensor):  # a subclass: its .grad is read through getattr
+        pass
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
+    a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
+    per_group, missing, dense_real = _C._gather_grads([[a, b, c], [c, d]])
+    assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
+    assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
+    assert missing == (True, False) and dense_real is True
+    b.grad = torch.ones(3).to_sparse()
+    assert _C._gather_grads([[a, b]])[2] is False
+    b.grad = None
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    z.grad = torch.ones(3, dtype=torch.complex64)
+    assert _C._gather_grads([[a, z]])[1:] == ((False,), False)
+    with pytest.raises(TypeError, match="must be a sequence"):
+        _C._gather_grads([3])
+    with pytest.raises(AttributeError, match="grad"):
+        _C._gather_grads([[a, 1.0]])
+
+
+def test_kernel_ready_checks_layout_contiguity_dtype_and_uniformity():
+    from lbw_kernels import _C
+
+    x, y = torch.zeros(4, 4), torch.zeros(3, dtype=torch.bfloat16)
+    assert _C._kernel_ready(True, [x, x], [y]) and _C._kernel_ready(False, [x, y])
+    assert not _C._kernel_ready(True, [x, y])  # two dtypes in one list
+    assert not _C._kernel_ready(False, [x.t()])  # not contiguous
+    assert not _C._kernel_ready(False, [torch.zeros(3, dtype=torch.int32)])
+    assert not _C._kernel_ready(False, [x.to_sparse()])
+    assert _C._kernel_ready(True) and _C._kernel_ready(True, [])
+
+
+def test_gather_grads_in_cpp_matches_the_python_fallback():
+    from lbw_kernels import step_plan
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 1, 4)]
+    params[0].grad, params[2].grad = torch.ones(3), torch.ones(4)
+    groups = [{"params": params[:2]}, {"params": params[2:]}, {"params": []}]
+    fast, slow = step_plan.gather_grads(groups), step_plan._gather_grads_python(groups)
+    assert fast.missing == slow.missing == (True, False, False)
+    assert fast.dense_real is slow.dense_real is True
+    assert all(a is b for x, y in zip(fast.per_group, slow.per_group) for a, b in zip(x, y))
+    params[2].grad = torch.ones(4).to_sparse()
+    assert step_plan.gather_grads(groups).dense_real is step_plan._gather_grads_python(groups).dense_real is False

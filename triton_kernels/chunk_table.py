@@ -49,8 +49,9 @@ def _address_key_python(tensors: Sequence[Tensor]) -> tuple:
 def _key_functions():
     """``(layout_key, address_key)``: (address, numel, dtype) of every tensor, and addresses
     only (for lists whose sizes and dtypes follow the params': grads, AdamW states). From the
-    C++ extension when it is built (one call reads all three: ~0.05 ms for 2000 tensors against
-    ~0.75 ms of Python), else in Python. Either way every call reads every tensor's address:
+    C++ extension when it is built (one call reads all three into one bytes object: ~0.05 ms
+    for 2000 tensors against ~0.75 ms of Python, and a bytes key hashes and compares at memory
+    speed), else in Python. Either way every call reads every tensor's address:
     a table must never outlive its memory."""
     try:
         from lbw_kernels._C import _layout_key
