@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, the torch-free CUDA test binary, verify. Everything lands in the output folder:
-# one log per phase, bench JSON+PNG per layout, results/ (the JSON under the names
-# bench/results/ keeps) and summary.txt with each phase's exit status and time.
+# GPU tests, Triton geometry candidates, the torch-free CUDA test binary, verify. Everything
+# lands in the output folder: one log per phase, bench JSON+PNG per layout, results/ (the JSON
+# under the names bench/results/ keeps), tune-N/ and summary.txt with each phase's exit
+# status and time.
 #
 #   bash bench/device_check.sh [OUTPUT_FOLDER]      # default: $OUT, else ./device-check
 #
@@ -11,7 +12,8 @@
 # (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
 # recorded and the next one runs. The exit status is non-zero when any phase failed.
 # Order: the timing targets come before the long test phase, so a hanging test cannot cost
-# the numbers; every phase's output is kept either way.
+# the numbers; then the other layouts, Triton geometry candidates, the CUDA test binary and
+# verify. Every phase's output is kept either way.
 # LBW_CHECK_ARCHIVE=FILE.tgz: after every phase, the whole folder is packed into FILE (and
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
@@ -125,6 +127,16 @@ for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
 collect_results
+# Triton launch geometry candidates (LBW_TRITON_GEOMETRY, see triton_kernels/config.py) on the
+# first layout, triton rows beside the baselines of the same process: the evidence for the
+# default geometry. Output in tune-N/ (not results/); LBW_CHECK_TUNE="" skips them.
+i=0
+for geo in ${LBW_CHECK_TUNE-block=1024,num_warps=4 chunk=65536 block=4096,chunk=65536,num_warps=16}; do
+    i=$((i + 1))
+    echo "tune_$i LBW_TRITON_GEOMETRY=$geo" >>"$OUT_DIR/tune.txt"
+    phase "tune_$i" 45 env LBW_TRITON_GEOMETRY="$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
+        --backend triton --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
+done
 # The torch-free CUDA kernels' own test binary (csrc/tests), built with nvcc and run on the GPU.
 phase csrc_cuda_test 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}" \
