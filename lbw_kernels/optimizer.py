@@ -59,6 +59,12 @@ def _same_values(a: Any, b: Any) -> bool:
     return torch.equal(a.detach().cpu().double().nan_to_num(7.25), b.detach().cpu().double().nan_to_num(7.25))
 
 
+# torch.compiler.disable, applied lazily: decorating with it imports torch._dynamo (~1 s, and
+# triton with it, before the CLI can turn on Triton's interpreter) when this module is imported;
+# torch's own optimizers use torch._disable_dynamo, which imports it at the first call.
+_run_eagerly = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
 def stream_is_capturing(device: torch.device) -> bool:
     """True while the current CUDA stream is being captured into a graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -243,7 +249,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     # count or a schedule read while tracing would be baked into the graph and replayed
     # (a compiled step with stats_freq=10 analysed every call); and torch 2.11's dynamo
     # fails on attribute writes to an optimizer passed into a compiled function.
-    @torch.compiler.disable
+    @_run_eagerly
     def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]]]:
         """The call's gradients, its validated plan and its backend (None when no param has a
         gradient), with the guard moved to the params' device if they moved since construction."""
@@ -260,7 +266,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             plan = self._plan_for(grads)
         return plan, self._backend_for(device), grads.per_group
 
-    @torch.compiler.disable
+    @_run_eagerly
     def _count_call(self) -> None:
         """Advance the host call count, once the call has decided (the CALLS slot moves with
         it); a call that raised is not counted."""
