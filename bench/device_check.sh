@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, Triton geometry candidates, the torch-free CUDA test binary, verify. Everything
+# GPU tests, Triton geometry candidates, a host-time profile, the torch-free CUDA test binary,
+# verify. Everything
 # lands in the output folder: one log per phase, bench JSON+PNG per layout, results/ (the JSON
 # under the names bench/results/ keeps), tune-N/ and summary.txt with each phase's exit
 # status and time.
@@ -18,6 +19,8 @@
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
 # Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick".
+# LBW_COMMIT=<sha>: the commit to record where the checkout's .git is not its tree's (the
+# device tool's copy of a working tree kept the session's first .git).
 set -u
 
 OUT_DIR="${1:-${OUT:-./device-check}}"
@@ -100,7 +103,7 @@ export PYTHONFAULTHANDLER=1
 
 {
     echo "date      $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit    $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')"
+    echo "commit    ${LBW_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')}"
     echo "gpu       $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo none)"
     echo "arch list ${TORCH_CUDA_ARCH_LIST:-unset}"
 } | tee "$OUT_DIR/machine.txt"
@@ -131,12 +134,15 @@ collect_results
 # first layout, triton rows beside the baselines of the same process: the evidence for the
 # default geometry. Output in tune-N/ (not results/); LBW_CHECK_TUNE="" skips them.
 i=0
-for geo in ${LBW_CHECK_TUNE-block=1024,num_warps=4 chunk=65536 block=4096,chunk=65536,num_warps=16}; do
+for geo in ${LBW_CHECK_TUNE-block=2048,num_warps=8 block=1024,num_warps=8 block=1024,chunk=16384,num_warps=4}; do
     i=$((i + 1))
     echo "tune_$i LBW_TRITON_GEOMETRY=$geo" >>"$OUT_DIR/tune.txt"
     phase "tune_$i" 45 env LBW_TRITON_GEOMETRY="$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
         --backend triton --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
 done
+# Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
+# torch.profiler op/launch counts per step.
+phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12
 # The torch-free CUDA kernels' own test binary (csrc/tests), built with nvcc and run on the GPU.
 phase csrc_cuda_test 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}" \

@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -324,8 +325,11 @@ def environment(device: torch.device) -> Dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # LBW_COMMIT: what to record where the checkout's git metadata is not its tree's (a working
+    # tree copied to a lent GPU machine kept an older .git).
+    commit = os.environ.get("LBW_COMMIT") or None
     try:
-        commit = subprocess.run(
+        commit = commit or subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip() or None

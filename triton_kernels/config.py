@@ -3,11 +3,14 @@
 Every pass is memory-bound (AdamW: 28 B read+written per fp32 parameter, 2 flops per byte),
 so the geometry is chosen to keep enough bytes in flight, not for arithmetic:
 
-* ``BLOCK`` elements per loop iteration of one program. 2048 with 8 warps is 8 fp32 per
+* ``BLOCK`` elements per loop iteration of one program. 1024 with 4 warps is 8 fp32 per
   thread: two 16-byte vector loads per stream (p, g, m, v), i.e. 8 independent 16-byte loads
-  in flight per thread, while the fp64 telemetry accumulators (2 x 8 doubles) still leave
-  registers for 2-3 resident programs per SM on an H100.
-* ``CHUNK`` elements per program (a multiple of ``BLOCK``). 16 blocks = 32768 elements: a
+  in flight per thread. Measured on an H200 (TinyLlama layout, same process as torch fused
+  AdamW at 9.3 ms; bench/results/nvidia-h200-triton-geometry-20261126.json): 2048 x 8 warps
+  took 9.58 ms for single_pass and 9.13 ms for exact, 1024 x 4 warps 8.09 and 8.88 ms; 4096 x
+  16 warps with 65536-element chunks 8.21 and 8.99 ms. (Why 2048 x 8 loses, not measured: a
+  guess is the occupancy its fp64 telemetry accumulators cost.)
+* ``CHUNK`` elements per program (a multiple of ``BLOCK``). 32 blocks = 32768 elements: a
   1.1B-parameter model is ~34k programs (tail of the last wave < 1%), a 65536-element tensor
   is 2 programs (2000 such tensors fill an H100's 132 SMs many times over), and the per-chunk
   telemetry workspace is 16 B per 32768 parameters (0.002% of the traffic).
@@ -37,7 +40,7 @@ class Geometry:
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): one tensor per program
 # with 256 rows per iteration covers a 65M-element embedding (2000 chunks) in 8 iterations.
-GPU = Geometry(block=2048, chunk=32768, num_warps=8, reduce_tensors=1, reduce_block=256, reduce_warps=4,
+GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_tensors=1, reduce_block=256, reduce_warps=4,
                tensors_per_program=256)
 INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_tensors=64, reduce_block=4, reduce_warps=4,
                        tensors_per_program=64)

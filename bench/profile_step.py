@@ -1,0 +1,77 @@
+"""Where the host time of one guarded step goes: cProfile's top functions and torch.profiler's
+operator and kernel-launch counts per step, for one layout and backend.
+
+With many small tensors (2000 x 65536) a step is host-bound: the GPU waits for launches and a
+CUDA-event timing measures the host. This says which Python functions and aten ops the time
+goes to, so host-side work can be cut where it is.
+
+    python bench/profile_step.py --layout 2000x65536 --backend cuda --gate exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.bench import LAYOUTS, make_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layout", default="2000x65536", choices=sorted(LAYOUTS))
+    ap.add_argument("--backend", action="append", help="repeatable; default: cuda and triton (cpp on CPU)")
+    ap.add_argument("--gate", action="append", choices=["exact", "single_pass"])
+    ap.add_argument("--stats-freq", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = args.backend or (["cuda", "triton"] if device.type == "cuda" else ["cpp"])
+    params = make_params(LAYOUTS[args.layout](), device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for backend in backends:
+        for gate in args.gate or ["exact", "single_pass"]:
+            opt = GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend=backend, gate=gate,
+                               stats_freq=args.stats_freq)
+            for _ in range(3):
+                opt.step()
+            sync()
+            # host time alone: launches queue up, the device is not waited for inside the loop
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                opt.step()
+            host_ms = (time.perf_counter() - t0) / args.steps * 1e3
+            sync()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.steps):
+                opt.step()
+            prof.disable()
+            sync()
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as tp:
+                for _ in range(args.steps):
+                    opt.step()
+                sync()
+            events = tp.key_averages()
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+            aten = sum(e.count for e in events if e.key.startswith("aten::"))
+            print(f"\n=== {args.layout} {backend} {gate} sf={args.stats_freq}: host {host_ms:.3f} ms/step, "
+                  f"{aten / args.steps:.0f} aten ops and {launches / args.steps:.0f} kernel launches per step")
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+            print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+            del opt
+
+
+if __name__ == "__main__":
+    main()
