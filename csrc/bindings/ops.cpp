@@ -156,25 +156,43 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
 // ops leave version counters alone). torch.compile keeps calling torch.ops.lbw.*.
 namespace {
 
-// Tensors of a Python sequence; false with a TypeError naming `what` otherwise.
-bool unpack_tensors(PyObject* obj, const char* what, std::vector<at::Tensor>& out) {
-  PyObject* seq = PySequence_Fast(obj, what);
-  if (seq == nullptr) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
-  out.clear();
-  out.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_Check(items[i])) {
-      PyErr_Format(PyExc_TypeError, "lbw: %s[%zd] is not a tensor", what, i);
-      Py_DECREF(seq);
-      return false;
-    }
-    out.push_back(THPVariable_Unpack(items[i]));
+// The tensors of a Python sequence, borrowed: no reference-count traffic (owning copies cost
+// an atomic increment and decrement each, ~0.2 ms per update call of 5 x 2000 tensors). A
+// tuple copy of the sequence holds the Python objects, and so the tensors, for as long as the
+// borrows live, even if the caller's list changes while the GIL is released.
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  ~BorrowedTensors() {
+    for (auto& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    Py_XDECREF(items_);
   }
-  Py_DECREF(seq);
-  return true;
-}
+
+  // false with a TypeError naming `what` when obj is not a sequence of tensors.
+  bool unpack(PyObject* obj, const char* what) {
+    items_ = PySequence_Tuple(obj);
+    if (items_ == nullptr) return false;
+    const Py_ssize_t n = PyTuple_GET_SIZE(items_);
+    tensors_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(items_, i);
+      if (!THPVariable_Check(item)) {
+        PyErr_Format(PyExc_TypeError, "lbw: %s[%zd] is not a tensor", what, i);
+        return false;
+      }
+      tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
+    }
+    return true;
+  }
+
+  at::TensorList list() const { return tensors_; }
+
+ private:
+  PyObject* items_ = nullptr;
+  std::vector<at::Tensor> tensors_;
+};
 
 bool unpack_tensor(PyObject* obj, const char* what, at::Tensor& out) {
   if (!THPVariable_Check(obj)) {
@@ -208,7 +226,7 @@ bool run_released(Body&& body) {
 // The update ops' leading arguments: params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale,
 // lr, beta1, beta2, eps, weight_decay, maximize, then one op-specific argument.
 struct UpdateArgs {
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, steps;
   at::Tensor lr_scale;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   int maximize = 0;
@@ -220,9 +238,9 @@ struct UpdateArgs {
     if (!PyArg_ParseTuple(args, format.c_str(), &p, &g, &m, &v, &s, &scale, &lr, &beta1, &beta2, &eps,
                           &weight_decay, &maximize, &last))
       return false;
-    return unpack_tensors(p, "params", params) && unpack_tensors(g, "grads", grads) &&
-           unpack_tensors(m, "exp_avgs", exp_avgs) && unpack_tensors(v, "exp_avg_sqs", exp_avg_sqs) &&
-           unpack_tensors(s, "steps", steps) && unpack_tensor(scale, "lr_scale", lr_scale);
+    return params.unpack(p, "params") && grads.unpack(g, "grads") && exp_avgs.unpack(m, "exp_avgs") &&
+           exp_avg_sqs.unpack(v, "exp_avg_sqs") && steps.unpack(s, "steps") &&
+           unpack_tensor(scale, "lr_scale", lr_scale);
   }
 };
 
@@ -241,8 +259,8 @@ PyObject* call_adamw(PyObject*, PyObject* args) {
                                    const at::Tensor&, double, double, double, double, double, bool,
                                    const std::optional<at::Tensor>&)>();
   if (!run_released([&] {
-        op.call(a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.steps, a.lr_scale, a.lr, a.beta1, a.beta2,
-                a.eps, a.weight_decay, a.maximize != 0, skip);
+        op.call(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
+                a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip);
       }))
     return nullptr;
   Py_RETURN_NONE;
@@ -260,20 +278,20 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
                                          double, bool, bool)>();
   at::Tensor out;
   if (!run_released([&] {
-        out = op.call(a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.steps, a.lr_scale, a.lr, a.beta1,
-                      a.beta2, a.eps, a.weight_decay, a.maximize != 0, mask != 0);
+        out = op.call(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
+                      a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, mask != 0);
       }))
     return nullptr;
   return THPVariable_Wrap(std::move(out));
 }
 
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
-  std::vector<at::Tensor> grads;
-  if (!unpack_tensors(arg, "grads", grads)) return nullptr;
+  BorrowedTensors grads;
+  if (!grads.unpack(arg, "grads")) return nullptr;
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lbw::telemetry", "").typed<at::Tensor(at::TensorList)>();
   at::Tensor out;
-  if (!run_released([&] { out = op.call(grads); })) return nullptr;
+  if (!run_released([&] { out = op.call(grads.list()); })) return nullptr;
   return THPVariable_Wrap(std::move(out));
 }
 
