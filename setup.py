@@ -66,7 +66,7 @@ def ext_modules():
     with_cuda = force_cuda or (torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc))
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += ["csrc/bindings/ops_cuda.cpp", "csrc/cuda/multi_tensor_cuda.cu"]
+        sources += ["csrc/bindings/ops_cuda.cpp", "csrc/cuda/multi_tensor_cuda.cu", "csrc/cuda/controller_cuda.cu"]
         define_macros.append(("LBW_WITH_CUDA", None))
         make = cpp_extension.CUDAExtension
         # --fmad=false: nvcc's counterpart of -ffp-contract=off; the CUDA kernels then round

@@ -51,8 +51,10 @@ if [[ -n "$cuda_include" && -n "$torch_include" ]] && command -v "${CXX:-g++}" >
     # no implicit half/bfloat16 conversions or operators under these flags
     echo "== csrc: CUDA kernels compiled with torch's extension nvcc flags (sm_90, not run)"
     read -ra torch_nvcc_flags < <("$PY" -c 'import torch.utils.cpp_extension as e; print(" ".join(e.COMMON_NVCC_FLAGS))')
-    nvcc -c csrc/cuda/multi_tensor_cuda.cu "${torch_nvcc_flags[@]}" -std=c++20 -O3 -lineinfo --fmad=false \
-      -gencode arch=compute_90,code=sm_90 -DLBW_WITH_CUDA -Icsrc -o "$out/multi_tensor_cuda.o"
+    for cu in multi_tensor_cuda controller_cuda; do
+      nvcc -c "csrc/cuda/$cu.cu" "${torch_nvcc_flags[@]}" -std=c++20 -O3 -lineinfo --fmad=false \
+        -gencode arch=compute_90,code=sm_90 -DLBW_WITH_CUDA -Icsrc -o "$out/$cu.o"
+    done
   fi
 else
   echo "== csrc: CUDA toolkit headers or torch not found; CUDA bindings compile check SKIPPED"

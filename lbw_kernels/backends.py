@@ -94,6 +94,20 @@ class Backend:
         raise NotImplementedError
 
 
+    def guard_decide_(
+        self,
+        guard: Tensor,
+        summary: Optional[Tensor],
+        *,
+        analyze: "bool | Tensor",
+        check_finite: bool,
+        cfg: "reference.GuardConfig",
+    ) -> None:
+        """Rules 1-4 for one call, in place on ``guard``: :func:`reference.guard_decide`'s
+        tensor ops unless a backend has a fused controller kernel for ``cfg``'s policy."""
+        guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+
+
 def split_by_dtype(group: GroupTensors) -> List[GroupTensors]:
     """Sub-groups whose params share one dtype (kernels and foreach ops want one dtype)."""
     dtypes = group.param_dtypes if group.param_dtypes is not None else {p.dtype for p in group.params}

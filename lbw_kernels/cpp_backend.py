@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
+from .controller_op import fused_guard_decide_
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lbw.*)
@@ -45,6 +46,11 @@ def _rows(tensors: Sequence[Tensor]) -> int:
 def _telemetry_fake(grads):
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((_rows(grads), 3), dtype=torch.float64, device=device)
+
+
+@torch.library.register_fake("lbw::guard_decide_")
+def _guard_decide_fake(guard, summary, analyze, analyze_host, check_finite, config):
+    return None
 
 
 @torch.library.register_fake("lbw::adamw_")
@@ -203,6 +209,10 @@ class CppBackend(Backend):
             index = torch.tensor(inverse, dtype=torch.long).to(key[0])
             self._orders[key] = index
         return torch.cat(got).index_select(0, index)
+
+    def guard_decide_(self, guard, summary, *, analyze, check_finite, cfg) -> None:
+        if not fused_guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg):
+            super().guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
 
     @staticmethod
     def _lr(scale: Tensor, lr) -> Tuple[Tensor, float]:

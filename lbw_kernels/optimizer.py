@@ -303,7 +303,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
-            guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+            backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
@@ -316,7 +316,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
                 summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
-            guard.copy_(ref.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+            backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
         self._count_call()
         return loss
 

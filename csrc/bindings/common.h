@@ -7,8 +7,10 @@
 #include <atomic>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <vector>
 
+#include "../guard_controller.h"
 #include "../guard_math.h"
 
 namespace lbw {
@@ -85,6 +87,34 @@ inline void check_grads(at::TensorList grads, at::DeviceType device_type) {
                 "] must be dense and contiguous");
     dtype_code(g, "grads");
   }
+}
+
+// The guard_decide_ arguments on `device_type`; returns how rule 2's decision is given.
+inline controller::Analyze check_decide_args(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
+                                             const std::optional<at::Tensor>& analyze, bool analyze_host,
+                                             bool check_finite, at::ArrayRef<double> config,
+                                             at::DeviceType device_type) {
+  using namespace controller;
+  TORCH_CHECK(config.size() == size_t(CONFIG_SIZE), "lbw: config must hold ", int(CONFIG_SIZE), " numbers, got ",
+              config.size());
+  const double policy = config[POLICY];
+  TORCH_CHECK(policy == POLICY_LBW || policy == POLICY_ZSCORE, "lbw: config[POLICY] must be 0 (lbw) or 1 (zscore), got ",
+              policy);
+  const int64_t slots = policy == POLICY_ZSCORE ? ZSCORE_STATE_SIZE : STATE_SIZE;
+  TORCH_CHECK(guard.device().type() == device_type && guard.scalar_type() == at::kDouble && guard.dim() == 1 &&
+                  guard.is_contiguous() && guard.numel() == slots,
+              "lbw: guard must be a contiguous float64 vector of ", slots, " slots on ", device_type, ", got ",
+              guard.scalar_type(), " ", guard.sizes(), " on ", guard.device());
+  const Analyze mode = analyze.has_value() ? Analyze::on_device : analyze_host ? Analyze::yes : Analyze::no;
+  if (analyze.has_value())
+    TORCH_CHECK(analyze->device() == guard.device() && analyze->scalar_type() == at::kBool && analyze->numel() == 1,
+                "lbw: analyze must be a one-element bool tensor on ", guard.device());
+  if (mode != Analyze::no || check_finite)
+    TORCH_CHECK(summary.has_value() && summary->device() == guard.device() && summary->scalar_type() == at::kDouble &&
+                    summary->is_contiguous() && summary->numel() == 4,
+                "lbw: summary must be 4 contiguous float64 values on ", guard.device(),
+                " when telemetry or the finite check is due");
+  return mode;
 }
 
 // A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and

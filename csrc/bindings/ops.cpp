@@ -36,6 +36,13 @@ TORCH_LIBRARY(lbw, m) {
       "adamw_telemetry_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr_scale, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool maximize, bool mask_nonfinite) -> Tensor");
+  // Rules 1-4 for one call, in place on the guard state (reference.guard_decide with the
+  // policy's analyze; csrc/guard_controller.h). summary: summarize()'s 4 values (None when
+  // neither telemetry nor the finite check is due); analyze: a device bool deciding rule 2 on
+  // the device, else analyze_host; config: the numbers of guard_controller.h's Config.
+  m.def(
+      "guard_decide_(Tensor(a!) guard, Tensor? summary, Tensor? analyze, bool analyze_host, "
+      "bool check_finite, float[] config) -> ()");
 }
 
 static PyObject* set_poison_outputs(PyObject*, PyObject* arg) {

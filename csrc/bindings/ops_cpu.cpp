@@ -139,6 +139,25 @@ at::Tensor adamw_telemetry_cpu(at::TensorList params, at::TensorList grads, at::
                      weight_decay, maximize, true, mask_nonfinite);
 }
 
+// exp, log and sqrt exactly as the reference computes them on CPU: torch's own kernels on a
+// 0-dim tensor (a few microseconds, three per zscore call), not the C library's, which
+// differ in the last bit (exp on ~5% of inputs).
+struct TorchCpuMath {
+  static double exp(double x) { return at::exp(at::scalar_tensor(x, at::kDouble)).item<double>(); }
+  static double log(double x) { return at::log(at::scalar_tensor(x, at::kDouble)).item<double>(); }
+  static double sqrt(double x) { return at::sqrt(at::scalar_tensor(x, at::kDouble)).item<double>(); }
+};
+
+void guard_decide_cpu(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
+                      const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
+                      at::ArrayRef<double> config) {
+  const auto mode = check_decide_args(guard, summary, analyze, analyze_host, check_finite, config, at::kCPU);
+  const bool flag = mode == controller::Analyze::on_device && *analyze->data_ptr<bool>();
+  controller::guard_decide<TorchCpuMath>(guard.data_ptr<double>(), int(guard.numel()),
+                           summary.has_value() ? summary->data_ptr<double>() : nullptr, mode, flag, check_finite,
+                           config.data());
+}
+
 }  // namespace
 }  // namespace lbw
 
@@ -146,4 +165,5 @@ TORCH_LIBRARY_IMPL(lbw, CPU, m) {
   m.impl("telemetry", &lbw::telemetry_cpu);
   m.impl("adamw_", &lbw::adamw_cpu);
   m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cpu);
+  m.impl("guard_decide_", &lbw::guard_decide_cpu);
 }

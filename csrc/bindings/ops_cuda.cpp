@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cuda/controller_cuda.cuh"
 #include "../cuda/multi_tensor_cuda.cuh"
 #include "common.h"
 
@@ -199,6 +200,20 @@ at::Tensor adamw_telemetry_cuda(at::TensorList params, at::TensorList grads, at:
                       maximize, std::nullopt, true, mask_nonfinite);
 }
 
+void guard_decide_cuda(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
+                       const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
+                       at::ArrayRef<double> config) {
+  const auto mode = check_decide_args(guard, summary, analyze, analyze_host, check_finite, config, at::kCUDA);
+  const c10::cuda::CUDAGuard device_guard(guard.device());
+  cuda::ControllerConfig values{};
+  std::copy(config.begin(), config.end(), values.values);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(guard.device().index()).stream();
+  check_launch(cuda::launch_guard_decide(guard.data_ptr<double>(), int(guard.numel()),
+                                         summary.has_value() ? summary->data_ptr<double>() : nullptr, mode,
+                                         analyze.has_value() ? analyze->data_ptr<bool>() : nullptr, check_finite,
+                                         values, stream));
+}
+
 }  // namespace
 }  // namespace lbw
 
@@ -206,4 +221,5 @@ TORCH_LIBRARY_IMPL(lbw, CUDA, m) {
   m.impl("telemetry", &lbw::telemetry_cuda);
   m.impl("adamw_", &lbw::adamw_cuda);
   m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cuda);
+  m.impl("guard_decide_", &lbw::guard_decide_cuda);
 }
