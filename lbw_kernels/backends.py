@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .controller_op import fused_guard_decide_
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Backend:
     #: whether telemetry sums accumulate in float64 whatever the gradient dtype (the kernels
     #: do; the reference accumulates in the gradients' precision): verify's tolerance follows
     telemetry_in_float64 = True
+    #: whether rules 1-4 may run as the extension's controller kernel (bitwise the reference's
+    #: ops, one launch instead of ~60); the reference backend runs the ops it is checked against
+    fused_controller = True
 
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -103,8 +107,13 @@ class Backend:
         check_finite: bool,
         cfg: "reference.GuardConfig",
     ) -> None:
-        """Rules 1-4 for one call, in place on ``guard``: :func:`reference.guard_decide`'s
-        tensor ops unless a backend has a fused controller kernel for ``cfg``'s policy."""
+        """Rules 1-4 for one call, in place on ``guard``: the C++ extension's controller kernel
+        for a backend with ``fused_controller`` when it applies (controller_op.py), else
+        :func:`reference.guard_decide`'s tensor ops."""
+        if self.fused_controller and fused_guard_decide_(
+            guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg
+        ):
+            return
         guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
 
 
@@ -138,6 +147,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
     telemetry_in_float64 = False
+    fused_controller = False
 
     def supports(self, device: torch.device) -> bool:
         return True

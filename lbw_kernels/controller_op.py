@@ -5,8 +5,9 @@ csrc/guard_controller.h): rules 1-4 for one call in one launch, bitwise the refe
 Why: the reference runs the controller as ~60 tiny torch ops per call. On a GPU each is a
 kernel launch, and with thousands of parameter tensors they were most of a step's host time
 (H200, 2000 x 65,536: ~2.2 ms per step, bench/results/nvidia-h200-profile-host-*.txt). The
-kernel backends (``cpp``, ``cuda``, ``triton``) call :func:`fused_guard_decide_`; the
-reference backend keeps the tensor ops (it is what the kernel is tested against).
+kernel backends (``cpp``, ``cuda``, ``triton``: ``Backend.fused_controller``) call
+:func:`fused_guard_decide_`; the reference backend keeps the tensor ops (it is what the
+kernel is tested against).
 """
 
 from __future__ import annotations
@@ -69,6 +70,5 @@ def fused_guard_decide_(
     if config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices():
         return False
     on_device = analyze if isinstance(analyze, Tensor) else None
-    torch.ops.lbw.guard_decide_(guard, summary, on_device, on_device is None and bool(analyze), check_finite,
-                                list(config))
+    torch.ops.lbw.guard_decide_(guard, summary, on_device, on_device is None and bool(analyze), check_finite, config)
     return True

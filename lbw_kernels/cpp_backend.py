@@ -21,7 +21,6 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
-from .controller_op import fused_guard_decide_
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lbw.*)
@@ -209,10 +208,6 @@ class CppBackend(Backend):
             index = torch.tensor(inverse, dtype=torch.long).to(key[0])
             self._orders[key] = index
         return torch.cat(got).index_select(0, index)
-
-    def guard_decide_(self, guard, summary, *, analyze, check_finite, cfg) -> None:
-        if not fused_guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg):
-            super().guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
 
     @staticmethod
     def _lr(scale: Tensor, lr) -> Tuple[Tensor, float]:

@@ -21,7 +21,6 @@ import os
 import torch
 
 from lbw_kernels.backends import Backend
-from lbw_kernels.controller_op import fused_guard_decide_
 
 try:
     import triton  # noqa: F401
@@ -65,9 +64,3 @@ class TritonBackend(Backend):
                 **ops.flatten(groups), scale=scale, mask_nonfinite=mask_nonfinite, partials_dtype=partials_dtype
             )
         return ops.adamw_telemetry_impl(groups, scale, mask_nonfinite, partials_dtype)
-
-    def guard_decide_(self, guard, summary, *, analyze, check_finite, cfg):
-        # The C++ extension's controller kernel when it is built (one launch instead of ~60);
-        # a Triton-only install runs the reference's ops.
-        if not fused_guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg):
-            super().guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)

@@ -9,7 +9,6 @@
 
 #include <exception>
 #include <optional>
-#include <string>
 
 #include "../cpu/multi_tensor_cpu.h"
 #include "common.h"
@@ -239,10 +238,10 @@ struct UpdateArgs {
   int maximize = 0;
   PyObject* last = nullptr;
 
-  bool parse(PyObject* args, const char* fname) {
+  // `format`: "OOOOOOdddddpO:<function name>" (the name is PyArg's for its error messages).
+  bool parse(PyObject* args, const char* format) {
     PyObject *p, *g, *m, *v, *s, *scale;
-    std::string format = std::string("OOOOOOdddddpO:") + fname;
-    if (!PyArg_ParseTuple(args, format.c_str(), &p, &g, &m, &v, &s, &scale, &lr, &beta1, &beta2, &eps,
+    if (!PyArg_ParseTuple(args, format, &p, &g, &m, &v, &s, &scale, &lr, &beta1, &beta2, &eps,
                           &weight_decay, &maximize, &last))
       return false;
     return params.unpack(p, "params") && grads.unpack(g, "grads") && exp_avgs.unpack(m, "exp_avgs") &&
@@ -253,7 +252,7 @@ struct UpdateArgs {
 
 PyObject* call_adamw(PyObject*, PyObject* args) {
   UpdateArgs a;
-  if (!a.parse(args, "_adamw_")) return nullptr;
+  if (!a.parse(args, "OOOOOOdddddpO:_adamw_")) return nullptr;
   std::optional<at::Tensor> skip;
   if (a.last != Py_None) {
     at::Tensor t;
@@ -275,7 +274,7 @@ PyObject* call_adamw(PyObject*, PyObject* args) {
 
 PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
   UpdateArgs a;
-  if (!a.parse(args, "_adamw_telemetry_")) return nullptr;
+  if (!a.parse(args, "OOOOOOdddddpO:_adamw_telemetry_")) return nullptr;
   const int mask = PyObject_IsTrue(a.last);
   if (mask < 0) return nullptr;
   static auto op = c10::Dispatcher::singleton()
