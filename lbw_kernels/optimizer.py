@@ -9,7 +9,6 @@ controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from copy import deepcopy
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -20,6 +19,7 @@ from torch import Tensor
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .distributed import ShardedTelemetry
+from .optimizer_state import OptimizerState
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
@@ -157,6 +157,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.gate = gate
         self.backend = backend
         super().__init__(params, defaults)  # validates each group through add_param_group
+        self.state = OptimizerState()
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
         self._guard = ref.new_guard_state(device, config.policy)
         self._guard_holder: Optional[Tensor] = None  # the param whose state carries the guard
@@ -165,7 +166,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._schedule_on_device = False  # set for good once a step is captured in a CUDA graph
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
-        self._state_seen = (None, 0)  # (id, len) of self.state when the plan was built
+        self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
         self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
 
     # ------------------------------------------------------------------ copy / pickle
@@ -179,6 +180,8 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # (load_state_dict passes state and param_groups only)
+        if not isinstance(self.state, OptimizerState):
+            self.state = OptimizerState(self.state)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
@@ -210,7 +213,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         return self._backends[device]
 
     def _state_for(self, p: Tensor) -> Dict[str, Tensor]:
-        state = self.state[p]
+        state = self.state.adopt_entry(p)
         if not state:
             dtype = ref.state_tensor_dtype(p.dtype)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -227,21 +230,24 @@ class GuardedAdamW(torch.optim.Optimizer):
         first = next((p for g in self.param_groups for p in g["params"] if self.state.get(p)), None)
         if self._guard_holder is not None and self._guard_holder is not first:
             for key in _GUARD_IN_PARAM_STATE:
-                self.state.get(self._guard_holder, {}).pop(key, None)
+                dict.pop(self.state.get(self._guard_holder, {}), key, None)
         self._guard_holder = first
-        if first is not None:
-            self.state[first].update(zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
+        if first is not None:  # (dict's own update: the guard's entries are not the plan's business)
+            dict.update(self.state[first], zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
 
     def _plan_for(self, grads: CallGrads) -> StepPlan:
         key = presence_key(self.param_groups, grads)
-        # The plan holds the state dicts: a cleared, replaced or shrunk ``self.state`` (an
-        # optimizer reset, ``del opt.state[p]``) must rebuild it, creating fresh states as
-        # torch.optim.AdamW would. (Tensors swapped inside a state dict are not noticed.)
-        if self._plan is None or self._plan.key != key or self._state_seen != (id(self.state), len(self.state)):
+        # The plan holds the state tensors: any edit of ``self.state`` (an optimizer reset,
+        # ``del opt.state[p]``, a tensor or a param's dict replaced: optimizer_state.py) or a
+        # new ``self.state`` must rebuild it, creating fresh states as torch.optim.AdamW would.
+        if not isinstance(self.state, OptimizerState):  # assigned from outside
+            self.state = OptimizerState(self.state)
+        seen_state, seen_edits = self._state_seen
+        if self._plan is None or self._plan.key != key or seen_state is not self.state or seen_edits != self.state.edits:
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
             self._plan = StepPlan(key, self.param_groups, grads.per_group, self._state_for, numels)
             self._attach_guard()
-            self._state_seen = (id(self.state), len(self.state))
+            self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
         return self._plan
 
     # Host bookkeeping runs eagerly under torch.compile (a graph break on each side of the
@@ -376,9 +382,11 @@ class GuardedAdamW(torch.optim.Optimizer):
         guard = self._guard.clone()  # both copies: this call's values, not the live tensor
         out["guard"] = {"state": guard, "config": asdict(self.guard_config),
                         "policy": self.guard_config.policy.name, "gate": self.gate}
-        for pid, entry in out["state"].items():
-            if _GUARD_IN_PARAM_STATE[0] in entry:  # a new dict: the packed ones are this optimizer's
-                out["state"][pid] = {**entry, _GUARD_IN_PARAM_STATE[0]: guard}
+        # Plain dicts (torch.load(weights_only=True) takes nothing else), with the same tensors.
+        out["state"] = {pid: dict(entry) if isinstance(entry, dict) else entry for pid, entry in out["state"].items()}
+        for entry in out["state"].values():
+            if _GUARD_IN_PARAM_STATE[0] in entry:
+                entry[_GUARD_IN_PARAM_STATE[0]] = guard
                 break
         return out
 
@@ -429,7 +437,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             check_group_hyperparameters(new_group)
             groups.append(new_group)
 
-        state: Dict[Tensor, Dict[str, Any]] = defaultdict(dict)
+        state = OptimizerState()
         guard_in_param_state = None
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
@@ -453,11 +461,11 @@ class GuardedAdamW(torch.optim.Optimizer):
                         f"the param {tuple(p.shape)}: it is from another model"
                     )
             dtype = ref.state_tensor_dtype(p.dtype)
-            state[p] = {
+            state[p] = state.adopt({
                 "step": torch.as_tensor(saved["step"]).to(p.device, torch.float32, copy=True).reshape(()),
                 "exp_avg": saved["exp_avg"].to(p.device, dtype, copy=True),
                 "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
-            }
+            })
 
         guard_entry = state_dict.get("guard")
         policy = self.guard_config.policy

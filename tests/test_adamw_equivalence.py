@@ -115,18 +115,46 @@ def test_every_torch_adamw_argument_is_taken_and_the_switches_change_nothing():
         assert t == runs[0][1]
 
 
-@pytest.mark.parametrize("reset", ["clear", "del one"])
+def _edit_state(opt, params, how, gen_seed):
+    """One edit of ``opt.state`` as resets, checkpoint loaders and ZeRO make them; drawn from
+    ``gen_seed`` so both optimizers get the same values."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    p = params[3]
+    if how == "clear":
+        opt.state.clear()
+    elif how == "del one":
+        opt.state.pop(params[0])
+    elif how == "new moment":  # a tensor replaced inside a param's dict
+        opt.state[p]["exp_avg"] = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    elif how == "new step":
+        opt.state[p]["step"] = torch.tensor(40.0)
+    elif how == "new dict":  # ZeroRedundancyOptimizer.load_state_dict: state[p] = {...}, then an entry
+        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items() if k in ("step", "exp_avg", "exp_avg_sq")}
+        opt.state[p]["exp_avg_sq"] = torch.rand(p.shape, generator=gen, dtype=p.dtype)
+    elif how == "new state":  # the whole mapping assigned (plain dicts, same tensors but one)
+        from collections import defaultdict
+
+        fresh = defaultdict(dict, {k: dict(v) for k, v in opt.state.items()})
+        fresh[p]["exp_avg"] = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.state = fresh
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("reset", ["clear", "del one", "new moment", "new step", "new dict", "new state"])
 def test_reset_state_starts_fresh_moments_as_torch_adamw_does(reset, backend):
-    """``opt.state.clear()`` (an optimizer reset) or ``del opt.state[p]``: the next step creates
-    fresh state for those params, as torch.optim.AdamW does; the cached step plan must notice."""
+    """``opt.state.clear()`` (an optimizer reset), ``del opt.state[p]``, or new tensors or dicts
+    put into the state: the next step uses what the state holds, as torch.optim.AdamW does; the
+    cached step plan must notice (optimizer_state.py). Edits after the first plan and again
+    after the second, so a plan built from adopted (copied) dicts is checked too."""
     ours, theirs = model_params(torch.float64), model_params(torch.float64)
     opt = GuardedAdamW(ours, lr=1e-2, auto_enabled=False, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
     gen = torch.Generator().manual_seed(2)
-    for k in range(6):
-        if k == 3:
+    for k in range(8):
+        if k in (3, 5):
             for o, ps in ((opt, ours), (ref, theirs)):
-                o.state.clear() if reset == "clear" else o.state.pop(ps[0])
+                _edit_state(o, ps, reset, gen_seed=k)
         grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ours]
         for ps, o in ((ours, opt), (theirs, ref)):
             for p, g in zip(ps, grads):

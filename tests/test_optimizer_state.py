@@ -1,0 +1,84 @@
+"""GuardedAdamW.state counts structural edits so the cached step plan is rebuilt exactly when
+the state holds other tensors (lbw_kernels/optimizer_state.py). That the steps then match
+torch.optim.AdamW is test_adamw_equivalence.py's reset test; these pin down which edits
+rebuild the plan and which must not (a rebuild per call would cost milliseconds)."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+
+
+def stepped(backend="cpp"):
+    params = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(5, dtype=torch.float64)
+    opt = GuardedAdamW(params, lr=1e-2, backend=backend)
+    opt.step()
+    return opt, params
+
+
+EDITS = {
+    "setitem": lambda st, p: st[p].__setitem__("exp_avg", torch.zeros(5, dtype=torch.float64)),
+    "delitem then step recreates": lambda st, p: st.__delitem__(p),
+    "pop": lambda st, p: st.pop(p),
+    "popitem (the last param's state)": lambda st, p: st.popitem(),
+    "clear one": lambda st, p: st[p].clear(),
+    "update": lambda st, p: st[p].update(step=torch.tensor(7.0)),
+    "setdefault of a missing key": lambda st, p: (dict.pop(st[p], "exp_avg_sq"), st[p].setdefault("exp_avg_sq", torch.ones(5, dtype=torch.float64))),
+    "ior": lambda st, p: st[p].__ior__({"exp_avg": torch.ones(5, dtype=torch.float64)}),
+    "replace a dict": lambda st, p: st.__setitem__(p, dict(st[p])),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_every_structural_edit_rebuilds_the_plan(edit):
+    opt, params = stepped()
+    plan = opt._plan
+    EDITS[edit](opt.state, params[1])
+    opt.step()
+    assert opt._plan is not plan
+
+
+def test_in_place_changes_state_dict_and_reads_keep_the_plan():
+    opt, params = stepped()
+    plan = opt._plan
+    opt.state[params[0]]["exp_avg"].zero_()
+    opt.state_dict()  # moves nothing (the guard's entry is not an edit)
+    _ = [opt.state[p]["step"] for p in params]
+    opt.step()
+    assert opt._plan is plan
+
+
+def test_a_shallow_copy_does_not_take_the_entries_away():
+    """A copy adopts copies of the per-param dicts: edits through the optimizer's own state
+    still reach its counter."""
+    opt, params = stepped()
+    snapshot = copy.copy(opt.state)
+    assert snapshot[params[0]]["exp_avg"] is opt.state[params[0]]["exp_avg"]
+    plan = opt._plan
+    opt.state[params[0]]["exp_avg"] = torch.zeros(5, dtype=torch.float64)
+    opt.step()
+    assert opt._plan is not plan
+
+
+def test_state_dict_holds_plain_dicts_and_pickles_round_trip():
+    opt, params = stepped()
+    sd = opt.state_dict()
+    assert all(type(entry) is dict for entry in sd["state"].values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    plan_free = opt2._plan is None
+    opt2.step()
+    assert plan_free and type(opt2.state).__name__ == "OptimizerState"
+    opt2.state[params2[0]]["exp_avg"] = torch.zeros(5, dtype=torch.float64)
+    plan = opt2._plan
+    opt2.step()
+    assert opt2._plan is not plan
