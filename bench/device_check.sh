@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, Triton geometry candidates, a host-time profile, the torch-free CUDA test binary,
+# GPU tests, launch geometry candidates, a host-time profile, the torch-free CUDA test binary,
 # verify. Everything lands in the output folder: one log per phase, bench JSON+PNG per layout,
 # results/ (the JSON under the names bench/results/ keeps), tune-N/ and summary.txt with each
 # phase's exit status and time.
@@ -12,8 +12,7 @@
 # (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
 # recorded and the next one runs. The exit status is non-zero when any phase failed.
 # Order: the timing targets come before the long test phase, so a hanging test cannot cost
-# the numbers; then the other layouts, Triton geometry candidates, the CUDA test binary and
-# verify. Every phase's output is kept either way.
+# the numbers; then the other layouts, geometry candidates, the CUDA test binary and verify. Every phase's output is kept either way.
 # LBW_CHECK_ARCHIVE=FILE.tgz: after every phase, the whole folder is packed into FILE (and
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
@@ -129,15 +128,21 @@ for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
 collect_results
-# Triton launch geometry candidates (LBW_TRITON_GEOMETRY, see triton_kernels/config.py) on the
-# first layout, triton rows beside the baselines of the same process: the evidence for the
-# default geometry. Output in tune-N/ (not results/); LBW_CHECK_TUNE="" skips them.
+# Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
+# triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
+# baselines of the same process: the evidence for the defaults. Each entry is
+# BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
+# skips them. (Triton's candidates of the last run are in
+# bench/results/nvidia-h200-triton-geometry-20261126.json; its default stands.)
 i=0
-for geo in ${LBW_CHECK_TUNE-block=2048,num_warps=8 block=1024,num_warps=8 block=1024,chunk=16384,num_warps=4}; do
+for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 cuda:threads=256,ilp=4 cuda:threads=256,ilp=2,chunk=32768}; do
     i=$((i + 1))
-    echo "tune_$i LBW_TRITON_GEOMETRY=$geo" >>"$OUT_DIR/tune.txt"
-    phase "tune_$i" 45 env LBW_TRITON_GEOMETRY="$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
-        --backend triton --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
+    backend=${entry%%:*}
+    geo=${entry#*:}
+    var=LBW_$(echo "$backend" | tr a-z A-Z)_GEOMETRY
+    echo "tune_$i $backend $var=$geo" >>"$OUT_DIR/tune.txt"
+    phase "tune_$i" 45 env "$var=$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
+        --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
 done
 # Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
 # torch.profiler op/launch counts per step.

@@ -356,6 +356,9 @@ def environment(device: torch.device) -> Dict[str, object]:
         "python": platform.python_version(),
         "git_commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # launch geometries overridden for a tuning run (None: the defaults)
+        "cuda_geometry": os.environ.get("LBW_CUDA_GEOMETRY") or None,
+        "triton_geometry": os.environ.get("LBW_TRITON_GEOMETRY") or None,
     }
 
 

@@ -14,6 +14,7 @@ computes the same thing.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
+from .validation import parse_int_overrides
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lbw.*)
@@ -73,6 +75,39 @@ def poisoned_outputs(on: bool = True):
         yield
     finally:
         _C._set_poison_outputs(old)
+
+
+CUDA_GEOMETRY_FIELDS = ("threads", "ilp", "chunk")
+
+
+@contextlib.contextmanager
+def cuda_geometry(**fields: int):
+    """Run the CUDA kernels with another launch geometry (csrc/cuda/geometry.h: ``threads``,
+    ``ilp``, ``chunk``; fields not given keep their value), for tests and tuning; ValueError
+    for a geometry that has no kernels."""
+    unknown = set(fields) - set(CUDA_GEOMETRY_FIELDS)
+    if unknown:
+        raise TypeError(f"cuda_geometry() takes {CUDA_GEOMETRY_FIELDS}, got {sorted(unknown)}")
+    current = dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry()))
+    old = _C._cuda_geometry(*({**current, **fields}[k] for k in CUDA_GEOMETRY_FIELDS))
+    try:
+        yield
+    finally:
+        _C._cuda_geometry(*old)
+
+
+def _apply_cuda_geometry_override() -> None:
+    """``LBW_CUDA_GEOMETRY="threads=256,ilp=4,chunk=32768"``: fields of the default geometry
+    replaced for this process, for tuning runs (bench/device_check.sh times a few)."""
+    spec = os.environ.get("LBW_CUDA_GEOMETRY")
+    if not spec:
+        return
+    fields = parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)
+    current = dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry()))
+    try:
+        _C._cuda_geometry(*({**current, **fields}[k] for k in CUDA_GEOMETRY_FIELDS))
+    except ValueError as err:
+        raise ValueError(f"LBW_CUDA_GEOMETRY={spec!r}: {err}") from None
 
 
 class _EagerOps:
@@ -234,4 +269,5 @@ class CudaBackend(CppBackend):
                 "lbw_kernels._C was not built with CUDA kernels (built against a torch without "
                 "CUDA, or nvcc not found; rebuild with FORCE_CUDA=1 on a CUDA machine)"
             )
+        _apply_cuda_geometry_override()
         super().__init__()

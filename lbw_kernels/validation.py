@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable
+from typing import Any, Collection, Dict, Iterable
 
 import torch
 
@@ -125,3 +125,17 @@ def check_grad(p: torch.Tensor, group_index: int, param_index: int) -> None:
         raise ValueError(f"{where} has shape {tuple(g.shape)}, its param {tuple(p.shape)}")
     if g.device != p.device:
         raise ValueError(f"{where} is on {g.device}, its param on {p.device}")
+
+
+def parse_int_overrides(variable: str, spec: str, names: Collection[str]) -> Dict[str, int]:
+    """The ``name=value`` pairs of a tuning variable's ``spec`` (comma-separated; e.g.
+    ``LBW_CUDA_GEOMETRY="threads=256,ilp=4"``) as positive ints; ValueError naming the variable
+    for anything else."""
+    values = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in names or not value.isdigit() or int(value) <= 0:
+            raise ValueError(f"{variable}: {item!r} is not name=positive int with name one of {sorted(names)}")
+        values[name] = int(value)
+    return values

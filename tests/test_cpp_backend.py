@@ -303,6 +303,60 @@ def test_gpu_cuda_update_has_the_cpu_kernels_bits(cuda_backend, dtype):
                 assert torch.equal(x.cpu(), y), name
 
 
+# Launch geometries with kernels besides the default (csrc/cuda/geometry.h), each with a
+# chunk small enough that the problems below cross chunk edges.
+OTHER_CUDA_GEOMETRIES = [dict(threads=512, ilp=2, chunk=8192), dict(threads=256, ilp=2, chunk=1 << 20),
+                         dict(threads=256, ilp=4, chunk=4096)]
+
+
+def test_cuda_geometry_is_set_checked_and_restored(monkeypatch):
+    """The geometry switch lives in every build (the CUDA launches read it): set, restored,
+    and a geometry without kernels or a malformed LBW_CUDA_GEOMETRY refused by name."""
+    from lbw_kernels import _C
+    from lbw_kernels.cpp_backend import _apply_cuda_geometry_override, cuda_geometry
+
+    default = _C._cuda_geometry()
+    assert default == (512, 1, 65536)
+    with cuda_geometry(threads=256, ilp=4):
+        assert _C._cuda_geometry() == (256, 4, 65536)
+    assert _C._cuda_geometry() == default
+    for bad in (dict(ilp=4), dict(threads=1024), dict(chunk=3000), dict(chunk=1 << 21)):
+        with pytest.raises(ValueError, match="has no kernels"):
+            with cuda_geometry(**bad):
+                pass
+        assert _C._cuda_geometry() == default
+    with pytest.raises(TypeError, match="threads"):
+        with cuda_geometry(warps=4):
+            pass
+    for spec, match in (("threads=256,ilp=3", "has no kernels"), ("warps=4", "name=positive int"), ("ilp=x", "name=positive int")):
+        monkeypatch.setenv("LBW_CUDA_GEOMETRY", spec)
+        with pytest.raises(ValueError, match="LBW_CUDA_GEOMETRY"):
+            _apply_cuda_geometry_override()
+        assert _C._cuda_geometry() == default
+    monkeypatch.setenv("LBW_CUDA_GEOMETRY", "threads=256, ilp=2")
+    try:
+        _apply_cuda_geometry_override()
+        assert _C._cuda_geometry() == (256, 2, 65536)
+    finally:
+        _C._cuda_geometry(*default)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geometry", OTHER_CUDA_GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gpu_cuda_other_geometries_match_reference(cuda_backend, poisoned, geometry, dtype):
+    """Every geometry bench/device_check.sh may time (LBW_CUDA_GEOMETRY) computes the same
+    thing: chunk edges, odd sizes, planted NaN, both gates (check_backend)."""
+    from lbw_kernels.cpp_backend import cuda_geometry
+
+    chunk = geometry["chunk"]
+    with cuda_geometry(**geometry):
+        _assert_no_mismatch(check_backend(cuda_backend, seed=4, dtype=dtype, device="cuda"))
+        _assert_no_mismatch(check_backend(cuda_backend, seed=5, dtype=dtype, device="cuda",
+                                          shapes=((2 * chunk + 9,), (chunk,), (chunk - 1,), (1,)),
+                                          nonfinite_at=(0, 0, float("inf"))))  # (mid-tensor: 2nd chunk)
+
+
 def _gpu_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(64, 257), torch.nn.GELU(), torch.nn.Linear(257, 3)).cuda()

@@ -26,6 +26,8 @@ import functools
 import os
 from dataclasses import dataclass, fields, replace
 
+from lbw_kernels.validation import parse_int_overrides
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -61,16 +63,7 @@ def interpreting() -> bool:
 @functools.lru_cache(maxsize=8)
 def _overridden(base: Geometry, spec: str) -> Geometry:
     """``base`` with the ``name=value`` pairs of ``spec`` (comma-separated) applied, checked."""
-    names = {f.name for f in fields(Geometry)}
-    values = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, value = item.partition("=")
-        if name not in names or not value.strip().isdigit() or int(value) <= 0:
-            raise ValueError(
-                f"LBW_TRITON_GEOMETRY: {item!r} is not name=positive int with name one of {sorted(names)}"
-            )
-        values[name] = int(value)
-    geo = replace(base, **values)
+    geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
     if geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1):
         raise ValueError(
             f"LBW_TRITON_GEOMETRY: block and num_warps must be powers of two and chunk a multiple of block, got {geo}"

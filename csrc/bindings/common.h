@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cuda/geometry.h"
 #include "../guard_controller.h"
 #include "../guard_math.h"
 
@@ -18,6 +19,10 @@ namespace lbw {
 // When on, outputs and workspaces the ops allocate are filled with NaN before a kernel writes
 // them, so a row or chunk slot that no kernel wrote shows up as NaN in the tests.
 std::atomic<bool>& poison_outputs();
+
+// The CUDA kernels' launch geometry for this process (csrc/cuda/geometry.h): set from Python
+// (_C._cuda_geometry, LBW_CUDA_GEOMETRY) between steps, read by every CUDA launch.
+cuda::Geometry& cuda_geometry();
 
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);

@@ -40,13 +40,13 @@ using TablePtr = std::shared_ptr<const DeviceTable>;
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device) {
+TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int64_t chunk) {
   std::vector<ChunkEntry> chunks;
   int64_t row = 0;
   for (size_t t = 0; t < entries.size(); ++t) {
     TensorEntry& e = entries[t];
     e.first_chunk = int64_t(chunks.size());
-    for (int64_t b = 0; b < e.numel; b += cuda::kChunk) chunks.push_back(ChunkEntry{int64_t(t), b});
+    for (int64_t b = 0; b < e.numel; b += chunk) chunks.push_back(ChunkEntry{int64_t(t), b});
     e.nchunks = int64_t(chunks.size()) - e.first_chunk;
     e.row = e.numel > 0 ? row++ : -1;
   }
@@ -63,9 +63,9 @@ TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device) {
   return table;
 }
 
-// Key: every pointer, size and dtype the table holds.
-std::vector<int64_t> key_of(const std::vector<TensorEntry>& entries, const at::Device& device) {
-  std::vector<int64_t> key{device.index()};
+// Key: the chunk size, and every pointer, size and dtype the table holds.
+std::vector<int64_t> key_of(const std::vector<TensorEntry>& entries, const at::Device& device, int64_t chunk) {
+  std::vector<int64_t> key{device.index(), chunk};
   for (const auto& e : entries) {
     for (const void* p : {static_cast<const void*>(e.p), e.g, static_cast<const void*>(e.m),
                           static_cast<const void*>(e.v), static_cast<const void*>(e.step)})
@@ -90,12 +90,13 @@ void keep_if_capturing(const TablePtr& table, cudaStream_t stream) {
   }
 }
 
-TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, cudaStream_t stream) {
+TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, int64_t chunk, cudaStream_t stream) {
   // Leaked on purpose, as torch leaks its own device caches: a static destructor would free
   // these CUDA tensors at exit, after the CUDA runtime and torch's allocator are torn down
   // (seen: a segfault at exit of every process that had used the CUDA backend).
   static auto* cache = new TableCache<std::vector<int64_t>, TablePtr>();
-  TablePtr table = cache->get(key_of(entries, device), [&] { return upload(std::move(entries), device); });
+  TablePtr table =
+      cache->get(key_of(entries, device, chunk), [&] { return upload(std::move(entries), device, chunk); });
   keep_if_capturing(table, stream);
   return table;
 }
@@ -119,9 +120,10 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
     entries.push_back(e);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const TablePtr table = table_for(std::move(entries), device, stream);
+  const cuda::Geometry geo = cuda_geometry();
+  const TablePtr table = table_for(std::move(entries), device, geo.chunk, stream);
   at::Tensor ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
-  check_launch(cuda::launch_telemetry(table->tensors(), table->ntensors, table->chunks(), table->nchunks,
+  check_launch(cuda::launch_telemetry(geo, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                       ws.data_ptr<double>(), out.data_ptr<double>(), stream));
   return out;
 }
@@ -172,13 +174,14 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
     entries.push_back(e);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const TablePtr table = table_for(std::move(entries), device, stream);
+  const cuda::Geometry geo = cuda_geometry();
+  const TablePtr table = table_for(std::move(entries), device, geo.chunk, stream);
   // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
   const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
   at::Tensor coeffs = new_output({coeff_doubles}, opts);
   at::Tensor ws;
   if (telemetry) ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
-  check_launch(cuda::launch_adamw(args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
+  check_launch(cuda::launch_adamw(geo, args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                   reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
                                   telemetry ? ws.data_ptr<double>() : nullptr,
                                   telemetry ? out.data_ptr<double>() : nullptr, stream));

@@ -1,6 +1,8 @@
 // Kernels declared in multi_tensor_cuda.cuh. Per-element math: csrc/guard_math.h.
 #include "multi_tensor_cuda.cuh"
 
+#include <type_traits>
+
 namespace lbw {
 namespace cuda {
 namespace {
@@ -14,8 +16,9 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) Vec {
 
 // Deterministic block sum of two doubles: a fixed shuffle tree per warp, then warp 0 sums the
 // warps' results the same way. Returns the totals in thread 0.
+template <int THREADS>
 __device__ __forceinline__ void block_sum2(double& a, double& b) {
-  __shared__ double sa[kThreads / 32], sb[kThreads / 32];
+  __shared__ double sa[THREADS / 32], sb[THREADS / 32];
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_down_sync(0xffffffffu, a, off);
     b += __shfl_down_sync(0xffffffffu, b, off);
@@ -27,8 +30,8 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
   }
   __syncthreads();
   if (warp == 0) {
-    a = lane < kThreads / 32 ? sa[lane] : 0.0;
-    b = lane < kThreads / 32 ? sb[lane] : 0.0;
+    a = lane < THREADS / 32 ? sa[lane] : 0.0;
+    b = lane < THREADS / 32 ? sb[lane] : 0.0;
     for (int off = 16; off > 0; off >>= 1) {
       a += __shfl_down_sync(0xffffffffu, a, off);
       b += __shfl_down_sync(0xffffffffu, b, off);
@@ -36,15 +39,15 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
   }
 }
 
-__device__ __forceinline__ int64_t chunk_len(const TensorEntry& t, const ChunkEntry& c) {
+__device__ __forceinline__ int64_t chunk_len(const TensorEntry& t, const ChunkEntry& c, int64_t chunk) {
   const int64_t left = t.numel - c.begin;
-  return left < kChunk ? left : kChunk;
+  return left < chunk ? left : chunk;
 }
 
 // ------------------------------------------------------------------------------------------
 // Telemetry
 // ------------------------------------------------------------------------------------------
-template <class G>
+template <int THREADS, class G>
 __device__ __forceinline__ void reduce_range(const G* __restrict__ g, int64_t n, bool aligned, double& sq,
                                              double& s) {
   constexpr int V = 16 / sizeof(G);
@@ -53,30 +56,31 @@ __device__ __forceinline__ void reduce_range(const G* __restrict__ g, int64_t n,
     const int64_t nvec = n / V;
     const Vec<G, V>* gv = reinterpret_cast<const Vec<G, V>*>(g);
 #pragma unroll 4
-    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < nvec; i += THREADS) {
       const Vec<G, V> x = gv[i];
 #pragma unroll
       for (int j = 0; j < V; ++j) accumulate(sq, s, load_as<double>(x.x[j]));
     }
     done = nvec * V;
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) accumulate(sq, s, load_as<double>(g[i]));
+  for (int64_t i = done + threadIdx.x; i < n; i += THREADS) accumulate(sq, s, load_as<double>(g[i]));
 }
 
-__global__ void __launch_bounds__(kThreads) telemetry_kernel(const TensorEntry* __restrict__ tensors,
-                                                             const ChunkEntry* __restrict__ chunks,
-                                                             double* __restrict__ ws) {
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) telemetry_kernel(const TensorEntry* __restrict__ tensors,
+                                                            const ChunkEntry* __restrict__ chunks, int64_t chunk,
+                                                            double* __restrict__ ws) {
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry& t = tensors[c.tensor];
-  const int64_t n = chunk_len(t, c);
+  const int64_t n = chunk_len(t, c, chunk);
   double sq = 0.0, s = 0.0;
   switch (DType(t.dtype)) {
-    case DType::f32: reduce_range(static_cast<const float*>(t.g) + c.begin, n, t.aligned, sq, s); break;
-    case DType::f64: reduce_range(static_cast<const double*>(t.g) + c.begin, n, t.aligned, sq, s); break;
-    case DType::bf16: reduce_range(static_cast<const bf16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
-    case DType::f16: reduce_range(static_cast<const f16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
+    case DType::f32: reduce_range<THREADS>(static_cast<const float*>(t.g) + c.begin, n, t.aligned, sq, s); break;
+    case DType::f64: reduce_range<THREADS>(static_cast<const double*>(t.g) + c.begin, n, t.aligned, sq, s); break;
+    case DType::bf16: reduce_range<THREADS>(static_cast<const bf16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
+    case DType::f16: reduce_range<THREADS>(static_cast<const f16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
   }
-  block_sum2(sq, s);
+  block_sum2<THREADS>(sq, s);
   if (threadIdx.x == 0) {
     ws[2 * blockIdx.x] = sq;
     ws[2 * blockIdx.x + 1] = s;
@@ -134,17 +138,73 @@ __device__ __forceinline__ void update_one(P& p, P g, M& m, M& v, const AdamWCoe
   store_from(p, pm);
 }
 
-template <class P, bool MASK, bool TEL>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const TensorEntry* __restrict__ tensors,
-                                                         const ChunkEntry* __restrict__ chunks,
-                                                         const AdamWCoeffs<double>* __restrict__ all_coeffs,
-                                                         const double* __restrict__ skip, bool maximize,
-                                                         double* __restrict__ ws) {
+// One chunk's aligned part, ILP vectors of each stream loaded before any is used (see
+// geometry.h); with ILP 1 the loop is unrolled twice and the compiler schedules the loads.
+template <bool MASK, bool TEL, int THREADS, int ILP, class P, class M>
+__device__ __forceinline__ void update_vectors(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
+                                               M* __restrict__ v, int64_t nvec, const AdamWCoeffs<M>& k, M sign,
+                                               double& sq, double& s) {
+  // V elements per access: 16 bytes of p and g; m and v (fp32/fp64) take 1 or 2 accesses.
+  constexpr int V = 16 / sizeof(P);
+  using PV = Vec<P, V>;
+  using MV = Vec<M, V>;
+  PV* pv = reinterpret_cast<PV*>(p);
+  const PV* gv = reinterpret_cast<const PV*>(g);
+  MV* mv = reinterpret_cast<MV*>(m);
+  MV* vv = reinterpret_cast<MV*>(v);
+  if constexpr (ILP == 1) {
+#pragma unroll 2
+    for (int64_t i = threadIdx.x; i < nvec; i += THREADS) {
+      PV pr = pv[i];
+      const PV gr = gv[i];
+      MV mr = mv[i], vr = vv[i];
+#pragma unroll
+      for (int j = 0; j < V; ++j) update_one<MASK, TEL>(pr.x[j], gr.x[j], mr.x[j], vr.x[j], k, sign, sq, s);
+      pv[i] = pr;
+      mv[i] = mr;
+      vv[i] = vr;
+    }
+  } else {
+    for (int64_t base = threadIdx.x; base < nvec; base += int64_t(THREADS) * ILP) {
+      PV pr[ILP], gr[ILP];
+      MV mr[ILP], vr[ILP];
+#pragma unroll
+      for (int u = 0; u < ILP; ++u) {
+        const int64_t i = base + int64_t(u) * THREADS;
+        if (i < nvec) {
+          pr[u] = pv[i];
+          gr[u] = gv[i];
+          mr[u] = mv[i];
+          vr[u] = vv[i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ILP; ++u) {
+        const int64_t i = base + int64_t(u) * THREADS;
+        if (i < nvec) {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            update_one<MASK, TEL>(pr[u].x[j], gr[u].x[j], mr[u].x[j], vr[u].x[j], k, sign, sq, s);
+          pv[i] = pr[u];
+          mv[i] = mr[u];
+          vv[i] = vr[u];
+        }
+      }
+    }
+  }
+}
+
+template <class P, bool MASK, bool TEL, int THREADS, int ILP>
+__global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __restrict__ tensors,
+                                                        const ChunkEntry* __restrict__ chunks, int64_t chunk,
+                                                        const AdamWCoeffs<double>* __restrict__ all_coeffs,
+                                                        const double* __restrict__ skip, bool maximize,
+                                                        double* __restrict__ ws) {
   using M = typename math_type<P>::type;
   if (skip != nullptr && *skip != 0.0) return;  // rule 1: a skipped call changes nothing
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry& t = tensors[c.tensor];
-  const int64_t n = chunk_len(t, c);
+  const int64_t n = chunk_len(t, c, chunk);
   const AdamWCoeffs<M> k = coeffs_as<M>(all_coeffs[c.tensor]);
   const M sign = maximize ? M(-1) : M(1);
   P* __restrict__ p = static_cast<P*>(t.p) + c.begin;
@@ -154,28 +214,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const TensorEntry* __re
   double sq = 0.0, s = 0.0;
   int64_t done = 0;
   if (t.aligned) {
-    // V elements per access: 16 bytes of p and g; m and v (fp32/fp64) take 1 or 2 accesses.
     constexpr int V = 16 / sizeof(P);
-    using PV = Vec<P, V>;
-    using MV = Vec<M, V>;
-    const int64_t nvec = n / V;
-#pragma unroll 2
-    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-      PV pv = reinterpret_cast<PV*>(p)[i];
-      const PV gv = reinterpret_cast<const PV*>(g)[i];
-      MV mv = reinterpret_cast<MV*>(m)[i];
-      MV vv = reinterpret_cast<MV*>(v)[i];
-#pragma unroll
-      for (int j = 0; j < V; ++j) update_one<MASK, TEL>(pv.x[j], gv.x[j], mv.x[j], vv.x[j], k, sign, sq, s);
-      reinterpret_cast<PV*>(p)[i] = pv;
-      reinterpret_cast<MV*>(m)[i] = mv;
-      reinterpret_cast<MV*>(v)[i] = vv;
-    }
-    done = nvec * V;
+    update_vectors<MASK, TEL, THREADS, ILP>(p, g, m, v, n / V, k, sign, sq, s);
+    done = n / V * V;
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) update_one<MASK, TEL>(p[i], g[i], m[i], v[i], k, sign, sq, s);
+  for (int64_t i = done + threadIdx.x; i < n; i += THREADS) update_one<MASK, TEL>(p[i], g[i], m[i], v[i], k, sign, sq, s);
   if (TEL) {
-    block_sum2(sq, s);
+    block_sum2<THREADS>(sq, s);
     if (threadIdx.x == 0) {
       ws[2 * blockIdx.x] = sq;
       ws[2 * blockIdx.x + 1] = s;
@@ -183,41 +228,70 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const TensorEntry* __re
   }
 }
 
-template <class P>
+template <class P, int THREADS, int ILP>
 void launch_update(const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks, int64_t nchunks,
-                   const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
+                   int64_t chunk, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nchunks));
   if (!a.telemetry)
-    adamw_kernel<P, false, false><<<grid, kThreads, 0, stream>>>(tensors, chunks, coeffs, a.skip, a.maximize, ws);
+    adamw_kernel<P, false, false, THREADS, ILP>
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, ws);
   else if (a.mask_nonfinite)
-    adamw_kernel<P, true, true><<<grid, kThreads, 0, stream>>>(tensors, chunks, coeffs, nullptr, a.maximize, ws);
+    adamw_kernel<P, true, true, THREADS, ILP>
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws);
   else
-    adamw_kernel<P, false, true><<<grid, kThreads, 0, stream>>>(tensors, chunks, coeffs, nullptr, a.maximize, ws);
+    adamw_kernel<P, false, true, THREADS, ILP>
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws);
+}
+
+// The geometry's instantiation (geometry_supported() was checked).
+template <class P>
+void launch_update(const Geometry& geo, const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks,
+                   int64_t nchunks, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
+  const auto run = [&](auto threads, auto ilp) {
+    launch_update<P, decltype(threads)::value, decltype(ilp)::value>(a, tensors, chunks, nchunks, geo.chunk, coeffs,
+                                                                      ws, stream);
+  };
+  using T256 = std::integral_constant<int, 256>;
+  using T512 = std::integral_constant<int, 512>;
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;  // (512 x 4 spills registers for 16-bit params)
+  if (geo.threads == 512 && geo.ilp == 1) run(T512{}, I1{});
+  else if (geo.threads == 512) run(T512{}, I2{});
+  else if (geo.ilp == 2) run(T256{}, I2{});
+  else run(T256{}, I4{});
 }
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 }  // namespace
 
-cudaError_t launch_telemetry(const TensorEntry* tensors, int64_t ntensors, const ChunkEntry* chunks,
-                             int64_t nchunks, double* ws, double* out, cudaStream_t stream) {
+cudaError_t launch_telemetry(const Geometry& geo, const TensorEntry* tensors, int64_t ntensors,
+                             const ChunkEntry* chunks, int64_t nchunks, double* ws, double* out,
+                             cudaStream_t stream) {
+  if (!geometry_supported(geo)) return cudaErrorInvalidValue;
   if (nchunks == 0) return cudaSuccess;
-  telemetry_kernel<<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(tensors, chunks, ws);
+  const unsigned grid = static_cast<unsigned>(nchunks);
+  if (geo.threads == 256)
+    telemetry_kernel<256><<<grid, 256, 0, stream>>>(tensors, chunks, geo.chunk, ws);
+  else
+    telemetry_kernel<512><<<grid, 512, 0, stream>>>(tensors, chunks, geo.chunk, ws);
   combine_kernel<<<blocks_for(ntensors, 128), 128, 0, stream>>>(tensors, ntensors, ws, out);
   return cudaGetLastError();
 }
 
-cudaError_t launch_adamw(const AdamWArgs& args, const TensorEntry* tensors, int64_t ntensors,
-                         const ChunkEntry* chunks, int64_t nchunks, AdamWCoeffs<double>* coeffs, double* ws,
-                         double* out, cudaStream_t stream) {
+cudaError_t launch_adamw(const Geometry& geo, const AdamWArgs& args, const TensorEntry* tensors,
+                         int64_t ntensors, const ChunkEntry* chunks, int64_t nchunks, AdamWCoeffs<double>* coeffs,
+                         double* ws, double* out, cudaStream_t stream) {
+  if (!geometry_supported(geo)) return cudaErrorInvalidValue;
   if (ntensors == 0) return cudaSuccess;
   coeffs_kernel<<<blocks_for(ntensors, 128), 128, 0, stream>>>(tensors, ntensors, args, coeffs);
   if (nchunks > 0) {
     switch (args.param_dtype) {
-      case DType::f32: launch_update<float>(args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::f64: launch_update<double>(args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::bf16: launch_update<bf16_t>(args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::f16: launch_update<f16_t>(args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f32: launch_update<float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f64: launch_update<double>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::bf16: launch_update<bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f16: launch_update<f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
     }
     if (args.telemetry) combine_kernel<<<blocks_for(ntensors, 128), 128, 0, stream>>>(tensors, ntensors, ws, out);
   }

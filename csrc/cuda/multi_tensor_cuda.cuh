@@ -2,7 +2,8 @@
 //
 // Torch-free (the bindings in csrc/bindings/ops_cuda.cpp are the torch side). A pass is one
 // launch over a device-side chunk table, for any number of tensors: block b handles chunk b
-// (kChunk elements of one tensor) with 16-byte vector loads of p, g, m, v. Reductions are
+// (Geometry::chunk elements of one tensor) with 16-byte vector loads of p, g, m, v; the
+// launch geometry is geometry.h's (the table must be built with its chunk). Reductions are
 // deterministic: each block reduces its chunk in double with a fixed shuffle tree into its
 // own workspace slot, and a second tiny kernel sums each tensor's slots in chunk order.
 // The AdamW step counts and coefficients are computed on the device (no host sync).
@@ -13,12 +14,10 @@
 #include <cstdint>
 
 #include "../guard_math.h"
+#include "geometry.h"
 
 namespace lbw {
 namespace cuda {
-
-constexpr int64_t kChunk = 65536;
-constexpr int kThreads = 512;
 
 // One entry per tensor of a call. For telemetry only g, dtype, first_chunk, row are read.
 struct TensorEntry {
@@ -46,8 +45,8 @@ inline int64_t table_bytes(int64_t ntensors, int64_t nchunks) {
 }
 
 // Telemetry: out gets one (sum g^2, sum g, nonfinite) row per non-empty tensor; ws 2 doubles
-// per chunk. Grads may mix dtypes.
-cudaError_t launch_telemetry(const TensorEntry* tensors, int64_t ntensors, const ChunkEntry* chunks,
+// per chunk. Grads may mix dtypes. cudaErrorInvalidValue for an unsupported geometry.
+cudaError_t launch_telemetry(const Geometry& geo, const TensorEntry* tensors, int64_t ntensors, const ChunkEntry* chunks,
                              int64_t nchunks, double* ws, double* out, cudaStream_t stream);
 
 struct AdamWArgs {
@@ -62,7 +61,7 @@ struct AdamWArgs {
 
 // The update: advances every step (by 0 when skipped), computes the per-tensor coefficients
 // into `coeffs` (ntensors entries), then one launch over the chunks.
-cudaError_t launch_adamw(const AdamWArgs& args, const TensorEntry* tensors, int64_t ntensors,
+cudaError_t launch_adamw(const Geometry& geo, const AdamWArgs& args, const TensorEntry* tensors, int64_t ntensors,
                          const ChunkEntry* chunks, int64_t nchunks, AdamWCoeffs<double>* coeffs,
                          double* ws, double* out, cudaStream_t stream);
 

@@ -1,6 +1,7 @@
 // The CUDA kernels without torch, on a GPU machine: telemetry and the update (fp32 and bf16
 // params, masked single_pass, skip) against guard_math.h run on the host, and telemetry
-// bitwise repeatable. Exits 77 (ctest: skipped) where there is no CUDA device.
+// bitwise repeatable, for every launch geometry with kernels (geometry.h). Exits 77 (ctest:
+// skipped) where there is no CUDA device.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -35,12 +36,12 @@ struct Table {
   std::vector<TensorEntry> e;
   std::vector<ChunkEntry> c;
   uint8_t* d = nullptr;
-  void upload() {
+  void upload(int64_t chunk) {
     int64_t row = 0;
     c.clear();
     for (size_t t = 0; t < e.size(); ++t) {
       e[t].first_chunk = int64_t(c.size());
-      for (int64_t b = 0; b < e[t].numel; b += kChunk) c.push_back({int64_t(t), b});
+      for (int64_t b = 0; b < e[t].numel; b += chunk) c.push_back({int64_t(t), b});
       e[t].nchunks = int64_t(c.size()) - e[t].first_chunk;
       e[t].row = e[t].numel > 0 ? row++ : -1;
     }
@@ -54,8 +55,8 @@ struct Table {
 };
 
 template <class P>
-void test_update(bool mask, double skip_value) {
-  const std::vector<int64_t> sizes = {1, 3, 4097, 0, 2 * kChunk + 5};
+void test_update(const Geometry& geo, bool mask, double skip_value) {
+  const std::vector<int64_t> sizes = {1, 3, 4097, 0, 2 * geo.chunk + 5};
   std::mt19937 gen(3);
   std::uniform_real_distribution<float> u(-1, 1);
   std::vector<std::vector<P>> p, g;
@@ -86,7 +87,7 @@ void test_update(bool mask, double skip_value) {
     e.aligned = 1;  // cudaMalloc gives 256-byte alignment
     table.e.push_back(e);
   }
-  table.upload();
+  table.upload(geo.chunk);
   const double lr_scale = 0.5, skip = skip_value;
   AdamWArgs a{};
   a.param_dtype = sizeof(P) == 4 ? DType::f32 : DType::bf16;
@@ -100,7 +101,7 @@ void test_update(bool mask, double skip_value) {
   CUDA_OK(cudaMalloc(&coeffs, sizes.size() * sizeof(AdamWCoeffs<double>)));
   CUDA_OK(cudaMalloc(&ws, 2 * table.c.size() * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizes.size() * sizeof(double)));
-  CUDA_OK(launch_adamw(a, table.tensors(), sizes.size(), table.chunks(), table.c.size(), coeffs, ws, out, 0));
+  CUDA_OK(launch_adamw(geo, a, table.tensors(), sizes.size(), table.chunks(), table.c.size(), coeffs, ws, out, 0));
   CUDA_OK(cudaDeviceSynchronize());
   const bool skipped = !mask && skip != 0.0;
   const auto new_steps = to_host(d_steps, sizes.size());
@@ -131,8 +132,8 @@ void test_update(bool mask, double skip_value) {
   }
 }
 
-void test_telemetry_repeatable() {
-  const int64_t n = 5 * kChunk + 3;
+void test_telemetry_repeatable(const Geometry& geo) {
+  const int64_t n = 5 * geo.chunk + 3;
   std::vector<float> g(n);
   std::mt19937 gen(4);
   std::normal_distribution<float> d;
@@ -144,14 +145,14 @@ void test_telemetry_repeatable() {
   e.dtype = int32_t(DType::f32);
   e.aligned = 1;
   table.e.push_back(e);
-  table.upload();
+  table.upload(geo.chunk);
   double *ws, *out;
   CUDA_OK(cudaMalloc(&ws, 2 * table.c.size() * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizeof(double)));
-  CUDA_OK(launch_telemetry(table.tensors(), 1, table.chunks(), table.c.size(), ws, out, 0));
+  CUDA_OK(launch_telemetry(geo, table.tensors(), 1, table.chunks(), table.c.size(), ws, out, 0));
   const auto first = to_host(out, 3);
   for (int k = 0; k < 5; ++k) {
-    CUDA_OK(launch_telemetry(table.tensors(), 1, table.chunks(), table.c.size(), ws, out, 0));
+    CUDA_OK(launch_telemetry(geo, table.tensors(), 1, table.chunks(), table.c.size(), ws, out, 0));
     CHECK(to_host(out, 3) == first);
   }
   double sq = 0, s = 0;
@@ -166,10 +167,16 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;
   }
-  test_telemetry_repeatable();
-  test_update<float>(false, 0.0);
-  test_update<float>(false, 1.0);
-  test_update<float>(true, 0.0);
-  test_update<bf16_t>(true, 0.0);
+  const Geometry geometries[] = {Geometry{}, Geometry{512, 2, 8192}, Geometry{256, 2, 1 << 20}, Geometry{256, 4, 4096}};
+  for (const Geometry& geo : geometries) {
+    CHECK(geometry_supported(geo));
+    test_telemetry_repeatable(geo);
+    test_update<float>(geo, false, 0.0);
+    test_update<float>(geo, false, 1.0);
+    test_update<float>(geo, true, 0.0);
+    test_update<bf16_t>(geo, true, 0.0);
+  }
+  CHECK(!geometry_supported(Geometry{512, 4, 65536}) && !geometry_supported(Geometry{512, 1, 3000}));
+  CHECK(launch_telemetry(Geometry{1024, 1, 65536}, nullptr, 0, nullptr, 0, nullptr, nullptr, 0) == cudaErrorInvalidValue);
   TEST_MAIN_END
 }

@@ -1,0 +1,34 @@
+// Launch geometry of the chunked CUDA kernels (multi_tensor_cuda.cu), one per process: the
+// default, or another supported one for tuning runs (LBW_CUDA_GEOMETRY, parsed by
+// lbw_kernels/cpp_backend.py; bench/device_check.sh times a few beside the default).
+// Plain C++ without CUDA headers: the bindings hold the current geometry in every build.
+#pragma once
+
+#include <cstdint>
+
+namespace lbw {
+namespace cuda {
+
+// (threads, ilp): (512, 1), (512, 2), (256, 2) or (256, 4); each is a set of kernel
+// instantiations (nvcc time), and 512 x 4 spills registers for bf16/fp16 params.
+struct Geometry {
+  // Threads per block.
+  int threads = 512;
+  // Vectors of each stream (p, g, m, v) a thread loads before it uses any. With 1 the loop is
+  // unrolled twice and the compiler schedules the loads (H200: 1.06-1.09x the copy floor for
+  // the update); 2 and 4 put 8 or 16 loads of 16 bytes in flight per thread explicitly, at
+  // the cost of registers (fewer blocks per SM).
+  int ilp = 1;
+  // Elements per block (per chunk): a power of two from 4096 to 1 << 20, so a multiple of
+  // every vector width and chunks of aligned tensors start aligned.
+  int64_t chunk = 65536;
+};
+
+inline bool geometry_supported(const Geometry& g) {
+  const bool pow2 = g.chunk > 0 && (g.chunk & (g.chunk - 1)) == 0;
+  const bool kernels = g.threads == 512 ? (g.ilp == 1 || g.ilp == 2) : g.threads == 256 && (g.ilp == 2 || g.ilp == 4);
+  return kernels && pow2 && g.chunk >= 4096 && g.chunk <= (int64_t(1) << 20);
+}
+
+}  // namespace cuda
+}  // namespace lbw
