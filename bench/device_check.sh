@@ -109,7 +109,7 @@ export PYTHONFAULTHANDLER=1
 if [[ "${LBW_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
     echo "install SKIPPED (LBW_CHECK_SKIP_INSTALL=1)" | tee -a "$SUMMARY"
 else
-    phase install 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    phase install 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 phase info 30 "$PY" -m lbw_kernels info
 # pytest-timeout (when installed) ends one hanging test instead of the whole phase.

@@ -110,26 +110,17 @@ def _apply_cuda_geometry_override() -> None:
         raise ValueError(f"LBW_CUDA_GEOMETRY={spec!r}: {err}") from None
 
 
-class _EagerOps:
-    """The ops' direct entries in ``_C`` (csrc/bindings/ops.cpp): the same kernels without
-    torch.ops' per-tensor argument parsing (~0.9 ms per call for 5 lists of 2000 tensors)."""
-
-    telemetry = _C._telemetry
-    adamw_ = _C._adamw_
-    adamw_telemetry_ = _C._adamw_telemetry_
-
-
-def _ops():
-    """torch.ops.lbw while torch.compile traces (the graph must see the ops and their declared
-    mutations), the direct entries otherwise."""
-    return torch.ops.lbw if torch.compiler.is_compiling() else _EagerOps
-
-
+# The three passes, each returning what the kernels did, or False/None when they do not take
+# the tensors (then nothing was done, and the backend runs the reference). Eagerly the op's
+# direct entry in _C (csrc/bindings/ops.cpp) checks that in the pass that unpacks the lists:
+# the same kernels without torch.ops' per-tensor argument parsing (~0.9 ms per call for 5
+# lists of 2000 tensors) and without a separate readiness pass (~70 us per step there, on the
+# 2-core VM; the entries' inline check costs a few ns per tensor). While
+# torch.compile traces, torch.ops.lbw (the graph must see the ops and their declared
+# mutations), after the same check in Python.
 def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     """Whether the kernels take every tensor of these lists (dense, contiguous, kernel dtype;
-    with ``uniform``, one dtype per list)."""
-    if not torch.compiler.is_compiling():
-        return _C._kernel_ready(uniform, *lists)  # one C++ pass, instead of ~0.4 us per tensor here
+    with ``uniform``, one dtype per list): the entries' check, for the traced path."""
     return all(
         t.layout == torch.strided and t.is_contiguous() and t.dtype in _KERNEL_DTYPES
         and (not uniform or t.dtype == ts[0].dtype)
@@ -137,10 +128,29 @@ def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     )
 
 
-def _kernel_ok(part: GroupTensors) -> bool:
-    """Whether the kernels take this sub-group. It should hold one param dtype; one that does
-    not (params cast after the step plan recorded their dtypes) goes to the reference."""
-    return _kernel_ready(True, part.params, part.grads, part.exp_avgs, part.exp_avg_sqs)
+def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
+    if not torch.compiler.is_compiling():
+        return _C._telemetry(grads)
+    return torch.ops.lbw.telemetry(grads) if _kernel_ready(False, grads) else None
+
+
+def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor]) -> bool:
+    args = (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
+            part.beta2, part.eps, part.weight_decay, part.maximize, skip)
+    if not torch.compiler.is_compiling():
+        return _C._adamw_(*args)
+    if not _kernel_ready(True, *args[:4]):
+        return False
+    torch.ops.lbw.adamw_(*args)
+    return True
+
+
+def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Optional[Tensor]:
+    args = (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
+            part.beta2, part.eps, part.weight_decay, part.maximize, mask)
+    if not torch.compiler.is_compiling():
+        return _C._adamw_telemetry_(*args)
+    return torch.ops.lbw.adamw_telemetry_(*args) if _kernel_ready(True, *args[:4]) else None
 
 
 class CppBackend(Backend):
@@ -160,26 +170,18 @@ class CppBackend(Backend):
 
     # ----------------------------------------------------------------- passes
     def telemetry(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
-        grads = list(grads)
-        if not grads or not _kernel_ready(False, grads):
-            return reference.telemetry_partials(grads, partials_dtype) if grads else torch.zeros(
-                (0, 3), dtype=partials_dtype
-            )
-        return self._as(_ops().telemetry(grads), partials_dtype)
+        if not grads:
+            return torch.zeros((0, 3), dtype=partials_dtype)
+        rows = _run_telemetry(grads)
+        if rows is None:  # a grad the kernels do not take
+            return reference.telemetry_partials(list(grads), partials_dtype)
+        return self._as(rows, partials_dtype)
 
     def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor]) -> None:
         for group in groups:
             lr_scale, lr = self._lr(scale, group.lr)
             for part in split_by_dtype(group):
-                if not part.params:
-                    continue
-                if _kernel_ok(part):
-                    _ops().adamw_(
-                        part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
-                        lr_scale, lr, part.beta1, part.beta2, part.eps, part.weight_decay,
-                        part.maximize, skip,
-                    )
-                else:
+                if part.params and not _run_adamw(part, lr_scale, lr, skip):
                     reference.adamw_(
                         part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
                         lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
@@ -205,12 +207,9 @@ class CppBackend(Backend):
 
     # ----------------------------------------------------------------- helpers
     def _update_telemetry(self, part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Tensor:
-        if part.params and _kernel_ok(part):
-            return _ops().adamw_telemetry_(
-                part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
-                lr_scale, lr, part.beta1, part.beta2, part.eps, part.weight_decay,
-                part.maximize, mask,
-            )
+        rows = _run_adamw_telemetry(part, lr_scale, lr, mask) if part.params else None
+        if rows is not None:
+            return rows
         grads = [g for g in part.grads if g.numel() > 0]
         rows = (
             reference.telemetry_partials(grads, torch.float64)

@@ -113,8 +113,9 @@ def test_eager_entries_compute_what_the_ops_compute(device, dtype):
     ):
         a, b = _update_args(device, dtype), _update_args(device, dtype)
         out_op, out_entry = op(*a, last), entry(*b, last)
-        assert (out_op is None) == (out_entry is None)
-        if out_op is not None:
+        if out_op is None:
+            assert out_entry is True  # (_adamw_: True when the kernels took the call)
+        else:
             assert torch.equal(out_op, out_entry)
         for xs, ys in zip(a[:5], b[:5]):
             assert all(torch.equal(x, y) for x, y in zip(xs, ys))
@@ -165,16 +166,32 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
         _C._gather_grads([[a, 1.0]])
 
 
-def test_kernel_ready_checks_layout_contiguity_dtype_and_uniformity():
+def test_eager_entries_decline_what_the_kernels_do_not_take_and_change_nothing():
+    """A non-contiguous, sparse or non-float tensor, or a list of two dtypes: _adamw_ gives
+    False and the others None, nothing changed (the backend then runs the reference); what the
+    kernels do take runs (True), mixed grad dtypes included for telemetry."""
     from lbw_kernels import _C
 
-    x, y = torch.zeros(4, 4), torch.zeros(3, dtype=torch.bfloat16)
-    assert _C._kernel_ready(True, [x, x], [y]) and _C._kernel_ready(False, [x, y])
-    assert not _C._kernel_ready(True, [x, y])  # two dtypes in one list
-    assert not _C._kernel_ready(False, [x.t()])  # not contiguous
-    assert not _C._kernel_ready(False, [torch.zeros(3, dtype=torch.int32)])
-    assert not _C._kernel_ready(False, [x.to_sparse()])
-    assert _C._kernel_ready(True) and _C._kernel_ready(True, [])
+    args = _update_args("cpu")
+    params, grads = args[0], args[1]
+    declined = {
+        "non-contiguous grad": (1, 2, torch.randn(4099 * 2)[::2]),
+        "sparse grad": (1, 0, grads[0].to_sparse()),
+        "int exp_avg": (2, 0, torch.zeros(5, dtype=torch.int32)),
+        "a list of two dtypes": (0, 0, params[0].double()),
+    }
+    for name, (arg, i, bad) in declined.items():
+        case = _clone_args(args)
+        case[arg][i] = bad
+        before = _clone_args(case)
+        assert _C._adamw_(*case, None) is False, name
+        assert _C._adamw_telemetry_(*case, True) is None, name
+        for xs, ys in zip(case[:5], before[:5]):
+            assert all(torch.equal(x.to_dense(), y.to_dense()) for x, y in zip(xs, ys)), name
+    assert _C._telemetry([grads[0], grads[2][::2]]) is None
+    assert _C._telemetry([grads[0].to_sparse()]) is None
+    assert _C._telemetry([grads[0], grads[2].bfloat16()]).shape == (2, 3)  # telemetry takes mixed dtypes
+    assert _C._adamw_(*_clone_args(args), None) is True
 
 
 def test_gather_grads_in_cpp_matches_the_python_fallback():

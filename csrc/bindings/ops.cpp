@@ -188,6 +188,14 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
 // ops leave version counters alone). torch.compile keeps calling torch.ops.lbw.*.
 namespace {
 
+// What the kernels take: dense (strided), contiguous, float32/float64/bfloat16/float16. The
+// backend sends anything else to the reference.
+bool kernel_ready(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return t.layout() == at::kStrided && t.is_contiguous() &&
+         (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf);
+}
+
 // The tensors of a Python sequence, borrowed: no reference-count traffic (owning copies cost
 // an atomic increment and decrement each, ~0.2 ms per update call of 5 x 2000 tensors). A
 // tuple copy of the sequence holds the Python objects, and so the tensors, for as long as the
@@ -202,7 +210,8 @@ class BorrowedTensors {
     Py_XDECREF(items_);
   }
 
-  // false with a TypeError naming `what` when obj is not a sequence of tensors.
+  // false with a TypeError naming `what` when obj is not a sequence of tensors. Notes on the
+  // way whether the kernels take every tensor (kernel_ready), and whether all share a dtype.
   bool unpack(PyObject* obj, const char* what) {
     items_ = PySequence_Tuple(obj);
     if (items_ == nullptr) return false;
@@ -214,16 +223,24 @@ class BorrowedTensors {
         PyErr_Format(PyExc_TypeError, "lbw: %s[%zd] is not a tensor", what, i);
         return false;
       }
-      tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(item)));
+      const at::Tensor& t = THPVariable_Unpack(item);
+      if (i == 0) first_ = t.scalar_type();
+      ready_ = ready_ && kernel_ready(t);
+      uniform_ = uniform_ && t.scalar_type() == first_;
+      tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
     }
     return true;
   }
 
   at::TensorList list() const { return tensors_; }
+  // Whether the kernels take every tensor; with `uniform`, also whether they share one dtype.
+  bool ready(bool uniform) const { return ready_ && (uniform_ || !uniform); }
 
  private:
   PyObject* items_ = nullptr;
   std::vector<at::Tensor> tensors_;
+  bool ready_ = true, uniform_ = true;
+  at::ScalarType first_ = at::ScalarType::Undefined;
 };
 
 bool unpack_tensor(PyObject* obj, const char* what, at::Tensor& out) {
@@ -274,11 +291,21 @@ struct UpdateArgs {
            exp_avg_sqs.unpack(v, "exp_avg_sqs") && steps.unpack(s, "steps") &&
            unpack_tensor(scale, "lr_scale", lr_scale);
   }
+
+  // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
+  // per list (the op's own checks then say what else is wrong).
+  bool kernel_ready() const {
+    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true);
+  }
 };
 
+// The entries return False (_adamw_) or None (the others) without doing anything when a
+// tensor is not what the kernels take (UpdateArgs::kernel_ready): the caller then runs the
+// reference. One pass over the lists unpacks and checks them.
 PyObject* call_adamw(PyObject*, PyObject* args) {
   UpdateArgs a;
   if (!a.parse(args, "OOOOOOdddddpO:_adamw_")) return nullptr;
+  if (!a.kernel_ready()) Py_RETURN_FALSE;
   std::optional<at::Tensor> skip;
   if (a.last != Py_None) {
     at::Tensor t;
@@ -295,7 +322,7 @@ PyObject* call_adamw(PyObject*, PyObject* args) {
                 a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip);
       }))
     return nullptr;
-  Py_RETURN_NONE;
+  Py_RETURN_TRUE;
 }
 
 PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
@@ -303,6 +330,7 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
   if (!a.parse(args, "OOOOOOdddddpO:_adamw_telemetry_")) return nullptr;
   const int mask = PyObject_IsTrue(a.last);
   if (mask < 0) return nullptr;
+  if (!a.kernel_ready()) Py_RETURN_NONE;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lbw::adamw_telemetry_", "")
                        .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -320,6 +348,7 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
   BorrowedTensors grads;
   if (!grads.unpack(arg, "grads")) return nullptr;
+  if (!grads.ready(false)) Py_RETURN_NONE;  // (telemetry takes mixed dtypes)
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lbw::telemetry", "").typed<at::Tensor(at::TensorList)>();
   at::Tensor out;
@@ -327,54 +356,17 @@ PyObject* call_telemetry(PyObject*, PyObject* arg) {
   return THPVariable_Wrap(std::move(out));
 }
 
-// _kernel_ready(uniform, *sequences): whether every tensor of every sequence is what the
-// kernels take: dense (strided), contiguous, float32/float64/bfloat16/float16, and with
-// `uniform` one dtype per sequence (an update's lists; telemetry takes mixed dtypes). The
-// backend sends anything else to the reference. ~5 ns per tensor, ~0.4 us in Python.
-PyObject* kernel_ready(PyObject*, PyObject* args) {
-  const Py_ssize_t nargs = PyTuple_GET_SIZE(args);
-  if (nargs < 1) {
-    PyErr_SetString(PyExc_TypeError, "_kernel_ready(uniform, *sequences)");
-    return nullptr;
-  }
-  const int uniform = PyObject_IsTrue(PyTuple_GET_ITEM(args, 0));
-  if (uniform < 0) return nullptr;
-  for (Py_ssize_t a = 1; a < nargs; ++a) {
-    PyObject* seq = PySequence_Fast(PyTuple_GET_ITEM(args, a), "_kernel_ready expects sequences of tensors");
-    if (seq == nullptr) return nullptr;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    bool ok = true;
-    std::optional<at::ScalarType> first;
-    for (Py_ssize_t i = 0; i < n && ok; ++i) {
-      if (!THPVariable_Check(items[i])) {
-        PyErr_Format(PyExc_TypeError, "_kernel_ready: item %zd of sequence %zd is not a tensor", i, a);
-        Py_DECREF(seq);
-        return nullptr;
-      }
-      const at::Tensor& t = THPVariable_Unpack(items[i]);
-      const auto dtype = t.scalar_type();
-      if (!first) first = dtype;
-      ok = t.layout() == at::kStrided && t.is_contiguous() &&
-           (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf) &&
-           (!uniform || dtype == *first);
-    }
-    Py_DECREF(seq);
-    if (!ok) Py_RETURN_FALSE;
-  }
-  Py_RETURN_TRUE;
-}
-
 }  // namespace
 
 static PyMethodDef methods[] = {
-    {"_adamw_", call_adamw, METH_VARARGS, "torch.ops.lbw.adamw_ for eager callers (positional arguments)."},
+    {"_adamw_", call_adamw, METH_VARARGS,
+     "torch.ops.lbw.adamw_ for eager callers (positional arguments); True, or False without doing anything "
+     "when a tensor is not dense, contiguous and of a kernel dtype, or a list mixes dtypes."},
     {"_adamw_telemetry_", call_adamw_telemetry, METH_VARARGS,
-     "torch.ops.lbw.adamw_telemetry_ for eager callers (positional arguments)."},
-    {"_telemetry", call_telemetry, METH_O, "torch.ops.lbw.telemetry for eager callers."},
-    {"_kernel_ready", kernel_ready, METH_VARARGS,
-     "_kernel_ready(uniform, *sequences): whether every tensor is strided, contiguous, of a kernel "
-     "dtype (and, with uniform, of one dtype per sequence)."},
+     "torch.ops.lbw.adamw_telemetry_ for eager callers (positional arguments); None (nothing done) where "
+     "_adamw_ gives False."},
+    {"_telemetry", call_telemetry, METH_O,
+     "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
      "(grads per group, whether each group misses a grad, whether all grads are dense and real)."},
     {"_layout_key", layout_key, METH_O,
