@@ -42,6 +42,7 @@ def ext_modules():
     root = Path(__file__).parent
     sources = [
         "csrc/bindings/ops.cpp",
+        "csrc/bindings/python_module.cpp",
         "csrc/bindings/ops_cpu.cpp",
         "csrc/cpu/dispatch.cpp",
         "csrc/cpu/kernels_default.cpp",

@@ -133,9 +133,10 @@ collect_results
 # baselines of the same process: the evidence for the defaults. Each entry is
 # BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
 # skips them. (Triton's candidates of the last run are in
-# bench/results/nvidia-h200-triton-geometry-20261126.json; its default stands.)
+# bench/results/nvidia-h200-triton-geometry-20261126.json; 2048 x 4 warps, 16 fp32 per thread,
+# was not among them.)
 i=0
-for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 cuda:threads=256,ilp=4 cuda:threads=256,ilp=2,chunk=32768}; do
+for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 cuda:threads=256,ilp=4 cuda:threads=256,ilp=2,chunk=32768 triton:block=2048,num_warps=4}; do
     i=$((i + 1))
     backend=${entry%%:*}
     geo=${entry#*:}

@@ -44,8 +44,15 @@ def _info(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"extension   lbw_kernels._C not built ({err})")
     print("backends:")
-    for name, reason in availability().items():
+    backends = availability()  # (constructing the cuda backend applies LBW_CUDA_GEOMETRY)
+    for name, reason in backends.items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    if backends["cuda"] is None:
+        from . import _C
+
+        threads, ilp, chunk = _C._cuda_geometry()
+        source = "LBW_CUDA_GEOMETRY" if os.environ.get("LBW_CUDA_GEOMETRY") else "default"
+        print(f"cuda launch threads={threads} ilp={ilp} chunk={chunk} ({source})")
     return 0
 
 

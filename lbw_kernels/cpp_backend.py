@@ -112,7 +112,7 @@ def _apply_cuda_geometry_override() -> None:
 
 # The three passes, each returning what the kernels did, or False/None when they do not take
 # the tensors (then nothing was done, and the backend runs the reference). Eagerly the op's
-# direct entry in _C (csrc/bindings/ops.cpp) checks that in the pass that unpacks the lists:
+# direct entry in _C (csrc/bindings/python_module.cpp) checks that in the pass that unpacks the lists:
 # the same kernels without torch.ops' per-tensor argument parsing (~0.9 ms per call for 5
 # lists of 2000 tensors) and without a separate readiness pass (~70 us per step there, on the
 # 2-core VM; the entries' inline check costs a few ns per tensor). While
