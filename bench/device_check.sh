@@ -128,6 +128,13 @@ for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
 collect_results
+# The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
+# kernels, every launch geometry, beside plain kernels that move the same bytes with no math
+# (memory_floor.jsonl: whether 4-read/3-write traffic itself can come within 1.05x of a copy).
+CMAKE_GPU=(cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON)
+[[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]] && CMAKE_GPU+=("-DCMAKE_CUDA_ARCHITECTURES=${TORCH_CUDA_ARCH_LIST//./}")
+phase csrc_cuda_build 150 bash -c '"$@" >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}"' _ "${CMAKE_GPU[@]}"
+phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | tee "$0"' "$OUT_DIR/memory_floor.jsonl"
 # Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
 # triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
 # baselines of the same process: the evidence for the defaults. Each entry is
@@ -148,10 +155,8 @@ done
 # Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
 # torch.profiler op/launch counts per step.
 phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12
-# The torch-free CUDA kernels' own test binary (csrc/tests), built with nvcc and run on the GPU.
-phase csrc_cuda_test 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}" \
-    && ctest --test-dir build/gpu --output-on-failure'
+# The torch-free CUDA kernels' own test binary (csrc/tests), from the build above.
+phase csrc_cuda_test 60 ctest --test-dir build/gpu --output-on-failure
 # lbw-kernels verify on CUDA (every backend against the reference, as a user would run it).
 phase verify 60 "$PY" -m lbw_kernels verify
 
