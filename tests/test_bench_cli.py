@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from lbw_kernels import GuardedAdamW
@@ -93,3 +94,31 @@ def test_published_procedure_equals_guard_reference_exact_sf1():
         for p, q in zip(pa, pb):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert {"calm", "spike", "oscillation", "nonfinite"} <= regimes
+
+
+def test_device_check_script_parses_and_its_geometry_candidates_exist():
+    """A lent GPU's minutes are few: bench/device_check.sh must parse, and every launch
+    geometry it times by default must be one the kernels accept (a typo would cost a phase)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    entries = re.search(r"LBW_CHECK_TUNE-([^}]*)}", script.read_text()).group(1).split()
+    assert {e.split(":", 1)[0] for e in entries} <= {"cuda", "triton"} and entries
+    for entry in entries:
+        backend, spec = entry.split(":", 1)
+        if backend == "triton":
+            from lbw_kernels.triton_kernels.config import GPU, _overridden
+
+            _overridden(GPU, spec)
+            continue
+        _C = pytest.importorskip("lbw_kernels._C", reason="the C++ extension is not built")
+        from lbw_kernels.cpp_backend import CUDA_GEOMETRY_FIELDS
+        from lbw_kernels.validation import parse_int_overrides
+
+        fields = {**dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry())),
+                  **parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)}
+        old = _C._cuda_geometry(*(fields[k] for k in CUDA_GEOMETRY_FIELDS))  # ValueError if no kernels
+        _C._cuda_geometry(*old)
