@@ -4,8 +4,10 @@
 //
 // Why: on an H200 the update alone ran at 1.06-1.09x the copy floor (28 B per parameter over
 // the bandwidth of a 2-stream copy); the issue asks for 1.05x. Whether a kernel that reads 4
-// streams and writes 3 can get closer than that at all is what `streams7` below says: if it
-// sits at ~1.06x too, the gap is the traffic pattern, not the update kernel.
+// streams and writes 3 can get closer than that at all is what the `streams7` rows below say:
+// if the best of them sits at ~1.06x too, the gap is the traffic pattern, not the update
+// kernel; if one variant (loads in flight, streaming cache hints, no loop) is clearly faster,
+// that is what to try in csrc/cuda next.
 //
 //   cmake -S . -B build/gpu -G Ninja -DLBW_CUDA=ON && cmake --build build/gpu --target bench_memory_floor
 //   build/gpu/bench_memory_floor [ELEMENTS]     # default 1 << 28 (1 GiB per fp32 stream, 4 GiB)
@@ -50,13 +52,42 @@ __global__ void copy_kernel(const float4* __restrict__ src, float4* __restrict__
 }
 
 // The update's streams without its math: read p, g, m, v; write p, m, v (28 B per element).
+// Variants map what the traffic itself allows: LOADS vectors of each stream in flight per
+// thread (grid-stride), STREAMING cache hints (ld.global.cs / st.global.cs: evict first, as
+// every byte is touched once), or one vector per thread and no loop (GRID_STRIDE false: as
+// many blocks as the data needs, torch's elementwise style).
+template <int LOADS, bool STREAMING, bool GRID_STRIDE>
 __global__ void streams7_kernel(float4* __restrict__ p, const float4* __restrict__ g, float4* __restrict__ m,
                                 float4* __restrict__ v, int64_t n4) {
-  for (int64_t i = first_index(); i < n4; i += stride()) {
-    const float4 gi = g[i];
-    p[i] = add(p[i], gi);
-    m[i] = add(m[i], gi);
-    v[i] = add(v[i], gi);
+  // Coalesced as the update kernel's ILP: the u-th vector of a thread is blockDim.x further on.
+  const int64_t step = GRID_STRIDE ? stride() * LOADS : n4;
+  for (int64_t base = blockIdx.x * int64_t(blockDim.x) * LOADS + threadIdx.x; base < n4; base += step) {
+    float4 pr[LOADS], gr[LOADS], mr[LOADS], vr[LOADS];
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+      const int64_t i = base + int64_t(u) * blockDim.x;
+      if (i < n4) {
+        pr[u] = STREAMING ? __ldcs(p + i) : p[i];
+        gr[u] = STREAMING ? __ldcs(g + i) : g[i];
+        mr[u] = STREAMING ? __ldcs(m + i) : m[i];
+        vr[u] = STREAMING ? __ldcs(v + i) : v[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+      const int64_t i = base + int64_t(u) * blockDim.x;
+      if (i < n4) {
+        if (STREAMING) {
+          __stcs(p + i, add(pr[u], gr[u]));
+          __stcs(m + i, add(mr[u], gr[u]));
+          __stcs(v + i, add(vr[u], gr[u]));
+        } else {
+          p[i] = add(pr[u], gr[u]);
+          m[i] = add(mr[u], gr[u]);
+          v[i] = add(vr[u], gr[u]);
+        }
+      }
+    }
   }
 }
 
@@ -154,7 +185,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   int per_sm = 0;
-  CUDA_OK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, streams7_kernel, kThreads, 0));
+  CUDA_OK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, streams7_kernel<1, false, true>, kThreads, 0));
   const int grid = prop.multiProcessorCount * std::max(per_sm, 1);
   std::printf("{\"device\": \"%s\", \"elements\": %lld, \"grid_stride_blocks\": %d}\n", prop.name,
               static_cast<long long>(n), grid);
@@ -187,7 +218,19 @@ int main(int argc, char** argv) {
   report("cudaMemcpy", "driver", 8 * N,
          time_ms([&] { CUDA_OK(cudaMemcpyAsync(m, g, n * sizeof(float), cudaMemcpyDeviceToDevice)); }));
   for (int k : {2, 3}) fill_kernel<<<grid, kThreads>>>(all[k], n, init[k]);
-  report("streams7", "grid-stride", 28 * N, time_ms([&] { streams7_kernel<<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  report("streams7", "grid-stride", 28 * N,
+         time_ms([&] { streams7_kernel<1, false, true><<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  report("streams7", "grid-stride, 2 loads per stream", 28 * N,
+         time_ms([&] { streams7_kernel<2, false, true><<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  report("streams7", "grid-stride, 4 loads per stream", 28 * N,
+         time_ms([&] { streams7_kernel<4, false, true><<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  report("streams7", "grid-stride, streaming hints", 28 * N,
+         time_ms([&] { streams7_kernel<1, true, true><<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  report("streams7", "grid-stride, 2 loads, streaming hints", 28 * N,
+         time_ms([&] { streams7_kernel<2, true, true><<<grid, kThreads>>>(p4, g4, m4, v4, n4); }));
+  const unsigned one_per_thread = static_cast<unsigned>((n4 + kThreads - 1) / kThreads);
+  report("streams7", "one vector per thread, no loop", 28 * N,
+         time_ms([&] { streams7_kernel<1, false, false><<<one_per_thread, kThreads>>>(p4, g4, m4, v4, n4); }));
   report("read", "grid-stride", 4 * N, time_ms([&] { read_kernel<<<grid, kThreads>>>(g4, n4, sink); }));
   for (int k = 0; k < 4; ++k) fill_kernel<<<grid, kThreads>>>(all[k], n, init[k]);
 
