@@ -80,16 +80,22 @@ def poisoned_outputs(on: bool = True):
 CUDA_GEOMETRY_FIELDS = ("threads", "ilp", "chunk")
 
 
-@contextlib.contextmanager
-def cuda_geometry(**fields: int):
-    """Run the CUDA kernels with another launch geometry (csrc/cuda/geometry.h: ``threads``,
-    ``ilp``, ``chunk``; fields not given keep their value), for tests and tuning; ValueError
-    for a geometry that has no kernels."""
+def set_cuda_geometry(**fields: int) -> tuple:
+    """Replace fields of the CUDA kernels' launch geometry (csrc/cuda/geometry.h: ``threads``,
+    ``ilp``, ``chunk``; fields not given keep their value) and return the previous one;
+    ValueError, nothing changed, for a geometry that has no kernels."""
     unknown = set(fields) - set(CUDA_GEOMETRY_FIELDS)
     if unknown:
-        raise TypeError(f"cuda_geometry() takes {CUDA_GEOMETRY_FIELDS}, got {sorted(unknown)}")
-    current = dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry()))
-    old = _C._cuda_geometry(*({**current, **fields}[k] for k in CUDA_GEOMETRY_FIELDS))
+        raise TypeError(f"the CUDA geometry's fields are {CUDA_GEOMETRY_FIELDS}, got {sorted(unknown)}")
+    merged = {**dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry())), **fields}
+    return _C._cuda_geometry(*(merged[k] for k in CUDA_GEOMETRY_FIELDS))
+
+
+@contextlib.contextmanager
+def cuda_geometry(**fields: int):
+    """Run the CUDA kernels with another launch geometry (:func:`set_cuda_geometry`), for
+    tests and tuning."""
+    old = set_cuda_geometry(**fields)
     try:
         yield
     finally:
@@ -102,22 +108,19 @@ def _apply_cuda_geometry_override() -> None:
     spec = os.environ.get("LBW_CUDA_GEOMETRY")
     if not spec:
         return
-    fields = parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)
-    current = dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry()))
     try:
-        _C._cuda_geometry(*({**current, **fields}[k] for k in CUDA_GEOMETRY_FIELDS))
+        set_cuda_geometry(**parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS))
     except ValueError as err:
         raise ValueError(f"LBW_CUDA_GEOMETRY={spec!r}: {err}") from None
 
 
 # The three passes, each returning what the kernels did, or False/None when they do not take
 # the tensors (then nothing was done, and the backend runs the reference). Eagerly the op's
-# direct entry in _C (csrc/bindings/python_module.cpp) checks that in the pass that unpacks the lists:
-# the same kernels without torch.ops' per-tensor argument parsing (~0.9 ms per call for 5
-# lists of 2000 tensors) and without a separate readiness pass (~70 us per step there, on the
-# 2-core VM; the entries' inline check costs a few ns per tensor). While
-# torch.compile traces, torch.ops.lbw (the graph must see the ops and their declared
-# mutations), after the same check in Python.
+# direct entry in _C (csrc/bindings/python_module.cpp) checks that in the pass that unpacks
+# the lists: the same kernels without torch.ops' per-tensor argument parsing (~0.9 ms per call
+# for 5 lists of 2000 tensors) and without a separate readiness pass (~70 us per step there,
+# on the 2-core VM). While torch.compile traces, torch.ops.lbw (the graph must see the ops and
+# their declared mutations), after the same check in Python.
 def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     """Whether the kernels take every tensor of these lists (dense, contiguous, kernel dtype;
     with ``uniform``, one dtype per list): the entries' check, for the traced path."""
@@ -134,9 +137,14 @@ def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
     return torch.ops.lbw.telemetry(grads) if _kernel_ready(False, grads) else None
 
 
+def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
+    """The update ops' arguments, in schema order; ``last``: skip (adamw_) or mask (adamw_telemetry_)."""
+    return (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
+            part.beta2, part.eps, part.weight_decay, part.maximize, last)
+
+
 def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor]) -> bool:
-    args = (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
-            part.beta2, part.eps, part.weight_decay, part.maximize, skip)
+    args = _update_args(part, lr_scale, lr, skip)
     if not torch.compiler.is_compiling():
         return _C._adamw_(*args)
     if not _kernel_ready(True, *args[:4]):
@@ -146,8 +154,7 @@ def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[T
 
 
 def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Optional[Tensor]:
-    args = (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
-            part.beta2, part.eps, part.weight_decay, part.maximize, mask)
+    args = _update_args(part, lr_scale, lr, mask)
     if not torch.compiler.is_compiling():
         return _C._adamw_telemetry_(*args)
     return torch.ops.lbw.adamw_telemetry_(*args) if _kernel_ready(True, *args[:4]) else None

@@ -180,8 +180,6 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # (load_state_dict passes state and param_groups only)
-        if not isinstance(self.state, OptimizerState):
-            self.state = OptimizerState(self.state)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))

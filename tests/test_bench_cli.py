@@ -114,11 +114,9 @@ def test_device_check_script_parses_and_its_geometry_candidates_exist():
 
             _overridden(GPU, spec)
             continue
-        _C = pytest.importorskip("lbw_kernels._C", reason="the C++ extension is not built")
-        from lbw_kernels.cpp_backend import CUDA_GEOMETRY_FIELDS
+        pytest.importorskip("lbw_kernels._C", reason="the C++ extension is not built")
+        from lbw_kernels.cpp_backend import CUDA_GEOMETRY_FIELDS, cuda_geometry
         from lbw_kernels.validation import parse_int_overrides
 
-        fields = {**dict(zip(CUDA_GEOMETRY_FIELDS, _C._cuda_geometry())),
-                  **parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)}
-        old = _C._cuda_geometry(*(fields[k] for k in CUDA_GEOMETRY_FIELDS))  # ValueError if no kernels
-        _C._cuda_geometry(*old)
+        with cuda_geometry(**parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)):
+            pass  # (ValueError for a geometry without kernels)
