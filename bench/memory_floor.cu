@@ -245,7 +245,7 @@ int main(int argc, char** argv) {
   entry.aligned = 1;
   const Geometry geometries[] = {Geometry{}, Geometry{512, 2, 65536}, Geometry{256, 2, 65536},
                                  Geometry{256, 4, 65536}, Geometry{256, 2, 32768}, Geometry{512, 1, 131072},
-                                 Geometry{512, 1, 16384}};
+                                 Geometry{512, 1, 16384}, Geometry{512, 1, 8192}, Geometry{512, 2, 16384}};
   for (const Geometry& geo : geometries) {
     const OneTensorTable table(entry, geo.chunk);
     AdamWArgs args{};

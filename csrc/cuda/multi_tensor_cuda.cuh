@@ -5,7 +5,8 @@
 // (Geometry::chunk elements of one tensor) with 16-byte vector loads of p, g, m, v; the
 // launch geometry is geometry.h's (the table must be built with its chunk). Reductions are
 // deterministic: each block reduces its chunk in double with a fixed shuffle tree into its
-// own workspace slot, and a second tiny kernel sums each tensor's slots in chunk order.
+// own workspace slot, and a second tiny kernel (a block per tensor, fixed strided order and
+// the same tree) sums each tensor's slots.
 // The AdamW step counts and coefficients are computed on the device (no host sync).
 #pragma once
 
