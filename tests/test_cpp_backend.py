@@ -263,6 +263,34 @@ def test_gpu_cuda_telemetry_bitwise_repeatable(cuda_backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_cuda_telemetry_of_many_chunk_tensors(cuda_backend, poisoned, gate):
+    """Tensors of more chunks than the second stage has threads per tensor (128; 300 and 129
+    chunks of 4096 here) beside small ones: the float64 rows within 1e-12 relative (1e-9
+    absolute, for sums near 0) of the reference's, which sums ~1.2M terms in float64 in
+    another order; and bitwise the same on a second call."""
+    from lbw_kernels import reference
+    from lbw_kernels.cpp_backend import cuda_geometry
+
+    shapes = ((300 * 4096 + 5,), (3,), (129 * 4096,), (0,), (4096,))
+    problem = make_problem(6, shapes=shapes, device="cuda")
+    grads = [g for group in problem for g in group.grads if g.numel() > 0]
+    want = reference.telemetry_partials(grads, torch.float64)
+    scale = torch.tensor(0.5, dtype=torch.float64, device="cuda")
+
+    def rows():
+        if gate == "exact":
+            return cuda_backend.telemetry(grads, torch.float64)
+        return cuda_backend.adamw_telemetry_(clone_problem(problem), scale=scale, mask_nonfinite=True,
+                                             partials_dtype=torch.float64)
+
+    with cuda_geometry(chunk=4096):
+        first, second = rows(), rows()
+    assert worst(first, want, 1e-9, 1e-12) is None
+    assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_cuda_matches_triton(cuda_backend, dtype):
     reason = availability()["triton"]
