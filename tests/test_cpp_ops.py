@@ -139,6 +139,10 @@ def test_eager_entries_raise_what_the_ops_raise_and_change_nothing():
         _C._adamw_(args[0], [args[1][0], 2.0, args[1][2]], *args[2:], None)
     with pytest.raises(TypeError, match="lr_scale is not a tensor"):
         _C._adamw_telemetry_(*args[:5], 0.7, *args[6:], True)
+    with pytest.raises(TypeError, match="exp_avgs must be a sequence of tensors"):
+        _C._adamw_(*args[:2], 3.0, *args[3:], None)
+    # A tuple works as a list does (the entries hold each item, not a copy of the sequence).
+    assert _C._adamw_(*(tuple(a) for a in args[:5]), *args[5:], None) is True
 
 
 def test_gather_grads_reads_each_grad_once_with_the_flags():

@@ -16,16 +16,20 @@ namespace {
 
 using TablePtr = std::shared_ptr<const cpu::ChunkTable>;
 
-TablePtr chunk_table(at::TensorList ts) {
+TablePtr chunk_table(std::vector<int64_t> numels) {
   static TableCache<std::vector<int64_t>, TablePtr> cache;
-  std::vector<int64_t> numels;
-  numels.reserve(ts.size());
-  for (const auto& t : ts) numels.push_back(t.numel());
   return cache.get(numels, [&] {
     auto table = std::make_shared<cpu::ChunkTable>();
     table->build(numels);
     return TablePtr(table);
   });
+}
+
+std::vector<int64_t> numels_of(at::TensorList ts) {
+  std::vector<int64_t> numels;
+  numels.reserve(ts.size());
+  for (const auto& t : ts) numels.push_back(t.numel());
+  return numels;
 }
 
 // Over element ranges (see cpu::ParallelFor): calls under two chunks of work stay on one thread.
@@ -40,7 +44,7 @@ double scalar_of(const at::Tensor& t, const char* what) {
 
 at::Tensor telemetry_cpu(at::TensorList grads) {
   check_grads(grads, at::kCPU);
-  const TablePtr table = chunk_table(grads);
+  const TablePtr table = chunk_table(numels_of(grads));
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   at::Tensor out = new_output({count_nonempty(grads), 3}, opts);
   at::Tensor ws = new_output({table->nchunks(), 2}, opts);
@@ -50,18 +54,23 @@ at::Tensor telemetry_cpu(at::TensorList grads) {
   return out;
 }
 
+// Tensor i of each list checked where its pointers are read: one pass over the TensorImpls
+// (each further pass over 5 x 2000 of them costs cache misses, not arithmetic).
 template <class P>
-void run_update(cpu::AdamWFn<P> kernel, const cpu::ChunkTable& table, at::TensorList params,
-                at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                const std::vector<AdamWCoeffs<typename math_type<P>::type>>& coeffs, bool maximize,
-                bool telemetry, bool mask, double* ws, double* out) {
+std::vector<cpu::UpdateRef<P>> update_refs(const UpdateCheck& check, at::TensorList params, at::TensorList grads,
+                                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                                           std::vector<int64_t>& numels) {
   using M = typename math_type<P>::type;
   std::vector<cpu::UpdateRef<P>> refs;
   refs.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i)
-    refs.push_back({static_cast<P*>(params[i].data_ptr()), static_cast<const P*>(grads[i].data_ptr()),
-                    exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>()});
-  kernel(table, refs.data(), coeffs.data(), maximize, mask, telemetry, ws, out, &aten_for);
+  numels.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
+    refs.push_back({static_cast<P*>(params[i].data_ptr()), static_cast<const P*>(grads[i].const_data_ptr()),
+                    static_cast<M*>(exp_avgs[i].data_ptr()), static_cast<M*>(exp_avg_sqs[i].data_ptr())});
+    numels.push_back(params[i].numel());
+  }
+  return refs;
 }
 
 // Advances every step by one and returns the per-tensor coefficients for the new counts.
@@ -78,41 +87,50 @@ std::vector<AdamWCoeffs<M>> advance_steps(at::TensorList steps, double lr, doubl
   return coeffs;
 }
 
+template <class P>
+void run_update(cpu::AdamWFn<P> kernel, const UpdateCheck& check, at::TensorList params, at::TensorList grads,
+                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr_t,
+                double beta1, double beta2, double eps, double weight_decay, bool maximize, bool telemetry,
+                bool mask, at::Tensor& out) {
+  using M = typename math_type<P>::type;
+  std::vector<int64_t> numels;
+  const auto refs = update_refs<P>(check, params, grads, exp_avgs, exp_avg_sqs, steps, numels);
+  const TablePtr table = chunk_table(std::move(numels));
+  at::Tensor ws;
+  if (telemetry) ws = new_output({table->nchunks(), 2}, out.options());
+  // Every check passed: from here on the call changes the steps, then the tensors.
+  const auto coeffs = advance_steps<M>(steps, lr_t, beta1, beta2, eps, weight_decay);
+  kernel(*table, refs.data(), coeffs.data(), maximize, mask, telemetry, telemetry ? ws.data_ptr<double>() : nullptr,
+         telemetry ? out.data_ptr<double>() : nullptr, &aten_for);
+}
+
 std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads,
                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                      at::TensorList steps, const at::Tensor& lr_scale, double lr,
                                      double beta1, double beta2, double eps, double weight_decay,
                                      bool maximize, bool telemetry, bool mask) {
-  check_update_args(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
+  const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
   const double lr_t = lr * scalar_of(lr_scale, "lr_scale");
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
-  at::Tensor out, ws;
+  at::Tensor out;
   if (telemetry) out = new_output({count_nonempty(grads), 3}, opts);
   if (params.empty()) return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
-  const TablePtr table = chunk_table(params);
-  if (telemetry) ws = new_output({table->nchunks(), 2}, opts);
-  double* wsp = telemetry ? ws.data_ptr<double>() : nullptr;
-  double* outp = telemetry ? out.data_ptr<double>() : nullptr;
   switch (dtype_code(params[0], "params")) {
     case DType::f32:
-      run_update<float>(cpu::kernels().adamw_f32, *table, params, grads, exp_avgs, exp_avg_sqs,
-                        advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
-                        telemetry, mask, wsp, outp);
+      run_update<float>(cpu::kernels().adamw_f32, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                        beta2, eps, weight_decay, maximize, telemetry, mask, out);
       break;
     case DType::f64:
-      run_update<double>(cpu::kernels().adamw_f64, *table, params, grads, exp_avgs, exp_avg_sqs,
-                         advance_steps<double>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
-                         telemetry, mask, wsp, outp);
+      run_update<double>(cpu::kernels().adamw_f64, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                         beta2, eps, weight_decay, maximize, telemetry, mask, out);
       break;
     case DType::bf16:
-      run_update<bf16_t>(cpu::kernels().adamw_bf16, *table, params, grads, exp_avgs, exp_avg_sqs,
-                         advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
-                         telemetry, mask, wsp, outp);
+      run_update<bf16_t>(cpu::kernels().adamw_bf16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                         beta2, eps, weight_decay, maximize, telemetry, mask, out);
       break;
     case DType::f16:
-      run_update<f16_t>(cpu::kernels().adamw_f16, *table, params, grads, exp_avgs, exp_avg_sqs,
-                        advance_steps<float>(steps, lr_t, beta1, beta2, eps, weight_decay), maximize,
-                        telemetry, mask, wsp, outp);
+      run_update<f16_t>(cpu::kernels().adamw_f16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                        beta2, eps, weight_decay, maximize, telemetry, mask, out);
       break;
   }
   return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;

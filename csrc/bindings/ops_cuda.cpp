@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda/controller_cuda.cuh"
@@ -63,18 +64,19 @@ TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int6
   return table;
 }
 
-// Key: the chunk size, and every pointer, size and dtype the table holds.
-std::vector<int64_t> key_of(const std::vector<TensorEntry>& entries, const at::Device& device, int64_t chunk) {
-  std::vector<int64_t> key{device.index(), chunk};
-  for (const auto& e : entries) {
-    for (const void* p : {static_cast<const void*>(e.p), e.g, static_cast<const void*>(e.m),
-                          static_cast<const void*>(e.v), static_cast<const void*>(e.step)})
-      key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
-    key.push_back(e.numel);
-    key.push_back(e.dtype);
+// The cache key: the device, the chunk size and the entries as a call fills them (pointers,
+// sizes, dtypes, alignment; upload fills the chunk fields of its own copy). Compared bytewise:
+// TensorEntry has no padding, and entries are zero-initialised.
+static_assert(std::has_unique_object_representations_v<TensorEntry>, "TensorEntry is compared with memcmp");
+struct TableKey {
+  int64_t device = 0;
+  int64_t chunk = 0;
+  std::vector<TensorEntry> entries;
+  bool operator==(const TableKey& o) const {
+    return device == o.device && chunk == o.chunk && entries.size() == o.entries.size() &&
+           std::memcmp(entries.data(), o.entries.data(), entries.size() * sizeof(TensorEntry)) == 0;
   }
-  return key;
-}
+};
 
 // A CUDA graph captured with a table keeps its device pointer: such tables must outlive any
 // eviction from the cache, so tables used while the stream captures are kept for good.
@@ -90,13 +92,12 @@ void keep_if_capturing(const TablePtr& table, cudaStream_t stream) {
   }
 }
 
-TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, int64_t chunk, cudaStream_t stream) {
+TablePtr table_for(const TableKey& key, const at::Device& device, cudaStream_t stream) {
   // Leaked on purpose, as torch leaks its own device caches: a static destructor would free
   // these CUDA tensors at exit, after the CUDA runtime and torch's allocator are torn down
   // (seen: a segfault at exit of every process that had used the CUDA backend).
-  static auto* cache = new TableCache<std::vector<int64_t>, TablePtr>();
-  TablePtr table =
-      cache->get(key_of(entries, device, chunk), [&] { return upload(std::move(entries), device, chunk); });
+  static auto* cache = new TableCache<TableKey, TablePtr>();
+  TablePtr table = cache->get(key, [&] { return upload(key.entries, device, key.chunk); });
   keep_if_capturing(table, stream);
   return table;
 }
@@ -104,24 +105,23 @@ TablePtr table_for(std::vector<TensorEntry> entries, const at::Device& device, i
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
 
 at::Tensor telemetry_cuda(at::TensorList grads) {
-  check_grads(grads, at::kCUDA);
   const auto device = grads.empty() ? at::Device(at::kCUDA) : grads[0].device();
+  const cuda::Geometry geo = cuda_geometry();
+  // One pass: each grad checked where its entry is filled.
+  TableKey key{device.index(), geo.chunk, std::vector<TensorEntry>(grads.size())};
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TensorEntry& e = key.entries[i];
+    e.dtype = int32_t(check_grad_at(i, grads, at::kCUDA));
+    e.g = grads[i].const_data_ptr();
+    e.numel = grads[i].numel();
+    e.aligned = aligned16(e.g);
+  }
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   at::Tensor out = new_output({count_nonempty(grads), 3}, opts);
   if (grads.empty()) return out;
-  std::vector<TensorEntry> entries;
-  for (const auto& g : grads) {
-    TensorEntry e{};
-    e.g = g.data_ptr();
-    e.numel = g.numel();
-    e.dtype = int32_t(dtype_code(g, "grads"));
-    e.aligned = aligned16(e.g);
-    entries.push_back(e);
-  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const cuda::Geometry geo = cuda_geometry();
-  const TablePtr table = table_for(std::move(entries), device, geo.chunk, stream);
+  const TablePtr table = table_for(key, device, stream);
   at::Tensor ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
   check_launch(cuda::launch_telemetry(geo, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                       ws.data_ptr<double>(), out.data_ptr<double>(), stream));
@@ -139,8 +139,24 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
                                       double lr, double beta1, double beta2, double eps, double weight_decay,
                                       bool maximize, const std::optional<at::Tensor>& skip, bool telemetry,
                                       bool mask) {
-  check_update_args(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCUDA);
-  const auto device = params.empty() ? lr_scale.device() : params[0].device();
+  // One pass: tensor i of each list checked where its entry is filled.
+  const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCUDA);
+  const auto device = params.empty() ? lr_scale.device() : check.device;
+  const cuda::Geometry geo = cuda_geometry();
+  const int32_t param_code = params.empty() ? 0 : int32_t(dtype_code(params[0], "params"));
+  TableKey key{device.index(), geo.chunk, std::vector<TensorEntry>(params.size())};
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
+    TensorEntry& e = key.entries[i];
+    e.p = params[i].data_ptr();
+    e.g = grads[i].const_data_ptr();
+    e.m = exp_avgs[i].data_ptr();
+    e.v = exp_avg_sqs[i].data_ptr();
+    e.step = steps[i].data_ptr<float>();
+    e.numel = params[i].numel();
+    e.dtype = param_code;
+    e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
+  }
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   at::Tensor out;
@@ -148,7 +164,7 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   if (params.empty()) return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
 
   cuda::AdamWArgs args{};
-  args.param_dtype = dtype_code(params[0], "params");
+  args.param_dtype = DType(param_code);
   args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
   args.lr = lr;
   args.beta1 = beta1;
@@ -159,23 +175,8 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
   args.mask_nonfinite = mask;
   args.telemetry = telemetry;
-
-  std::vector<TensorEntry> entries;
-  for (size_t i = 0; i < params.size(); ++i) {
-    TensorEntry e{};
-    e.p = params[i].data_ptr();
-    e.g = grads[i].data_ptr();
-    e.m = exp_avgs[i].data_ptr();
-    e.v = exp_avg_sqs[i].data_ptr();
-    e.step = steps[i].data_ptr<float>();
-    e.numel = params[i].numel();
-    e.dtype = int32_t(args.param_dtype);
-    e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
-    entries.push_back(e);
-  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const cuda::Geometry geo = cuda_geometry();
-  const TablePtr table = table_for(std::move(entries), device, geo.chunk, stream);
+  const TablePtr table = table_for(key, device, stream);
   // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
   const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
   at::Tensor coeffs = new_output({coeff_doubles}, opts);
