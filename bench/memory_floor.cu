@@ -243,9 +243,10 @@ int main(int argc, char** argv) {
   entry.numel = n;
   entry.dtype = int32_t(DType::f32);
   entry.aligned = 1;
-  const Geometry geometries[] = {Geometry{}, Geometry{512, 2, 65536}, Geometry{256, 2, 65536},
+  const Geometry geometries[] = {Geometry{},  // the default, then the other candidates
+                                 Geometry{512, 1, 65536}, Geometry{512, 2, 65536}, Geometry{256, 2, 65536},
                                  Geometry{256, 4, 65536}, Geometry{256, 2, 32768}, Geometry{512, 1, 131072},
-                                 Geometry{512, 1, 16384}, Geometry{512, 1, 8192}, Geometry{512, 2, 16384}};
+                                 Geometry{512, 1, 8192}, Geometry{512, 2, 16384}};
   for (const Geometry& geo : geometries) {
     const OneTensorTable table(entry, geo.chunk);
     AdamWArgs args{};

@@ -20,8 +20,12 @@ struct Geometry {
   // the cost of registers (fewer blocks per SM).
   int ilp = 1;
   // Elements per block (per chunk): a power of two from 4096 to 1 << 20, so a multiple of
-  // every vector width and chunks of aligned tensors start aligned.
-  int64_t chunk = 65536;
+  // every vector width and chunks of aligned tensors start aligned. 16384 (8 loop trips of
+  // 512 threads x 4 fp32): on an H200, TinyLlama layout, beside 65536 in one run
+  // (bench/results/nvidia-h200-cuda-geometry-20261126.json): exact 8.54 vs 8.68 ms,
+  // single_pass 7.63 vs 7.71 ms; 8192 gave 8.58 / 7.67 (its telemetry-only pass pays the
+  // block reduction twice as often). Why smaller chunks are faster was not measured.
+  int64_t chunk = 16384;
 };
 
 inline bool geometry_supported(const Geometry& g) {
