@@ -15,16 +15,19 @@ struct Geometry {
   // Threads per block.
   int threads = 512;
   // Vectors of each stream (p, g, m, v) a thread loads before it uses any. With 1 the loop is
-  // unrolled twice and the compiler schedules the loads (H200: 1.06-1.09x the copy floor for
-  // the update); 2 and 4 put 8 or 16 loads of 16 bytes in flight per thread explicitly, at
-  // the cost of registers (fewer blocks per SM).
+  // unrolled twice and the compiler schedules the loads; 2 and 4 put 8 or 16 loads of 16
+  // bytes in flight per thread explicitly, at the cost of registers (fewer blocks per SM).
+  // On the H200 runs 512 x 2 came within ~1% of 512 x 1 either way, 256 x 2 and 256 x 4
+  // 2-3% slower (nvidia-h200-cuda-geometry-20261126.json).
   int ilp = 1;
   // Elements per block (per chunk): a power of two from 4096 to 1 << 20, so a multiple of
   // every vector width and chunks of aligned tensors start aligned. 16384 (8 loop trips of
-  // 512 threads x 4 fp32): on an H200, TinyLlama layout, beside 65536 in one run
-  // (bench/results/nvidia-h200-cuda-geometry-20261126.json): exact 8.54 vs 8.68 ms,
-  // single_pass 7.63 vs 7.71 ms; 8192 gave 8.58 / 7.67 (its telemetry-only pass pays the
-  // block reduction twice as often). Why smaller chunks are faster was not measured.
+  // 512 threads x 4 fp32) against 65536, TinyLlama layout on an H200, two runs
+  // (bench/results/nvidia-h200-cuda-geometry-20261126.json, ms exact / single_pass): 8.54 /
+  // 7.63 vs 8.68 / 7.71, then 8.62 / 7.79 vs 8.72 / 7.72. The exact gate gains ~1% in both;
+  // single_pass moves within the runs' noise (~1%). 8192 gave 8.58 / 7.67 (its telemetry-only
+  // pass pays the block reduction twice as often). On one 268M-element tensor
+  // (memory_floor) the update alone runs at 4.07 TB/s at 16384, 4.04 at 65536.
   int64_t chunk = 16384;
 };
 
