@@ -2,12 +2,14 @@
 // update and telemetry kernels of csrc/cuda (every launch geometry with kernels) beside plain
 // kernels that move the same bytes with no math.
 //
-// Why: on an H200 the update alone ran at 1.06-1.09x the copy floor (28 B per parameter over
-// the bandwidth of a 2-stream copy); the issue asks for 1.05x. Whether a kernel that reads 4
-// streams and writes 3 can get closer than that at all is what the `streams7` rows below say:
-// if the best of them sits at ~1.06x too, the gap is the traffic pattern, not the update
-// kernel; if one variant (loads in flight, streaming cache hints, no loop) is clearly faster,
-// that is what to try in csrc/cuda next.
+// What it showed on an H200 (bench/results/nvidia-h200-memory-floor-20261126.jsonl): the
+// 4-read/3-write traffic with no math (`streams7`) runs at 0.95-0.98x a grid-stride copy's
+// time, the update kernel at 0.97x: the update is at what the traffic allows. The fused
+// single_pass kernel was 1.6% slower than the update alone at 16384-element chunks, 0.5% at
+// 65536, which points at its per-chunk block reduction (a barrier: the block's warps stop
+// loading until the slowest arrives). `adamw_telemetry_warp_partials` below is the same
+// update and telemetry with one partial per warp and no barrier (a bigger second stage): if
+// it closes the gap, that is the change for csrc/cuda.
 //
 //   cmake -S . -B build/gpu -G Ninja -DLBW_CUDA=ON && cmake --build build/gpu --target bench_memory_floor
 //   build/gpu/bench_memory_floor [ELEMENTS]     # default 1 << 28 (1 GiB per fp32 stream, 4 GiB)
@@ -100,6 +102,75 @@ __global__ void read_kernel(const float4* __restrict__ g, int64_t n4, float* __r
     s += x.x + x.y + x.z + x.w;
   }
   if (s == -12345.f) *sink = s;
+}
+
+// The fused single_pass kernel (fp32, one tensor, chunk elements per block, mask_nonfinite)
+// with one telemetry partial per warp instead of per block: each warp reduces its sums with
+// shuffles and writes its own slot, so no warp waits for the others at the chunk's end.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    adamw_telemetry_warp_partials_kernel(float4* __restrict__ p, const float4* __restrict__ g, float4* __restrict__ m,
+                                         float4* __restrict__ v, int64_t n4, int64_t chunk4,
+                                         const AdamWCoeffs<double>* __restrict__ coeffs, double* __restrict__ ws) {
+  const AdamWCoeffs<double>& c = *coeffs;
+  const AdamWCoeffs<float> k{float(c.decay), float(c.w1),        float(c.beta2), float(c.w2),
+                             float(c.step_size), float(c.bc2_sqrt), float(c.eps)};
+  const int64_t begin = blockIdx.x * chunk4;
+  const int64_t end = begin + chunk4 < n4 ? begin + chunk4 : n4;
+  double sq = 0.0, s = 0.0;
+#pragma unroll 2
+  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+    float4 pr = p[i], mr = m[i], vr = v[i];
+    const float4 gr = g[i];
+    const auto one = [&](float& pj, float gj, float& mj, float& vj) {
+      accumulate(sq, s, double(gj));
+      adamw_element_masked(pj, gj, mj, vj, k);
+    };
+    one(pr.x, gr.x, mr.x, vr.x);
+    one(pr.y, gr.y, mr.y, vr.y);
+    one(pr.z, gr.z, mr.z, vr.z);
+    one(pr.w, gr.w, mr.w, vr.w);
+    p[i] = pr;
+    m[i] = mr;
+    v[i] = vr;
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    sq += __shfl_down_sync(0xffffffffu, sq, off);
+    s += __shfl_down_sync(0xffffffffu, s, off);
+  }
+  if (threadIdx.x % 32 == 0) {
+    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
+    ws[2 * slot] = sq;
+    ws[2 * slot + 1] = s;
+  }
+}
+
+// Its second stage for the one tensor: 1024 threads sum the warp slots in a fixed strided
+// order, then a fixed shuffle tree (the per-block version's 128 threads would take 16 times
+// as many steps for 16 times as many slots).
+__global__ void __launch_bounds__(1024) sum_warp_slots_kernel(const double* __restrict__ ws, int64_t nslots,
+                                                              double* __restrict__ out) {
+  __shared__ double sa[32], sb[32];
+  double a = 0.0, b = 0.0;
+  for (int64_t i = threadIdx.x; i < nslots; i += 1024) {
+    a += ws[2 * i];
+    b += ws[2 * i + 1];
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  if (threadIdx.x % 32 == 0) sa[threadIdx.x / 32] = a, sb[threadIdx.x / 32] = b;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    a = sa[threadIdx.x];
+    b = sb[threadIdx.x];
+    for (int off = 16; off > 0; off >>= 1) {
+      a += __shfl_down_sync(0xffffffffu, a, off);
+      b += __shfl_down_sync(0xffffffffu, b, off);
+    }
+    if (threadIdx.x == 0) out[0] = a, out[1] = b, out[2] = nonfinite_flag(b);
+  }
 }
 
 __global__ void fill_kernel(float* x, int64_t n, float value) {
@@ -197,6 +268,8 @@ int main(int argc, char** argv) {
   CUDA_OK(cudaMalloc(&steps, sizeof(float)));
   CUDA_OK(cudaMalloc(&lr_scale, sizeof(double)));
   CUDA_OK(cudaMalloc(&ws, 2 * (n / 4096 + 1) * sizeof(double)));  // the smallest chunk's count
+  double* warp_ws;  // one slot per warp of 512-thread blocks, chunks of 8192 or more
+  CUDA_OK(cudaMalloc(&warp_ws, 2 * (n / 8192 + 1) * (kThreads / 32) * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizeof(double)));
   const float init[4] = {0.5f, 0.01f, 0.f, 1e-4f};
   float* all[4] = {p, g, m, v};
@@ -262,6 +335,16 @@ int main(int argc, char** argv) {
            }));
     report("telemetry", name_of(geo), 4 * N, time_ms([&] {
              CUDA_OK(launch_telemetry(geo, table.tensors(), 1, table.chunks(), table.nchunks, ws, out, 0));
+           }));
+  }
+  // After the loop: the coefficients the launches above left in `coeffs` are read here.
+  for (int64_t chunk : {int64_t(8192), int64_t(16384), int64_t(65536)}) {
+    const int64_t chunk4 = chunk / 4, nchunks = (n4 + chunk4 - 1) / chunk4;
+    const int64_t nslots = nchunks * (kThreads / 32);
+    report("adamw_telemetry_warp_partials", "512x1/" + std::to_string(chunk), 28 * N, time_ms([&] {
+             adamw_telemetry_warp_partials_kernel<kThreads>
+                 <<<static_cast<unsigned>(nchunks), kThreads>>>(p4, g4, m4, v4, n4, chunk4, coeffs, warp_ws);
+             sum_warp_slots_kernel<<<1, 1024>>>(warp_ws, nslots, out);
            }));
   }
   CUDA_OK(cudaDeviceSynchronize());
