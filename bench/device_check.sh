@@ -140,10 +140,11 @@ phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | t
 # baselines of the same process: the evidence for the defaults. Each entry is
 # BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
 # skips them. (Earlier candidates and what they gave: bench/results/nvidia-h200-cuda-geometry-
-# 20261126.json, ...-triton-geometry-20261126.json. CUDA's 65536-element chunk, the default
-# until 16384 beat it, stays as the reference; Triton's chunk was not varied before.)
+# 20261126.json, ...-triton-geometry-20261126.json. 512 x 2 at the default chunk came within
+# 1% of the default in two runs; Triton's chunk (16384, 8192) changed nothing, its per-thread
+# width was not varied below 8 fp32.)
 i=0
-for entry in ${LBW_CHECK_TUNE-cuda:chunk=65536 cuda:threads=512,ilp=2 triton:chunk=16384 triton:chunk=8192}; do
+for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 cuda:chunk=65536 triton:block=512,num_warps=4 triton:block=1024,num_warps=8}; do
     i=$((i + 1))
     backend=${entry%%:*}
     geo=${entry#*:}
