@@ -7,9 +7,11 @@
 // time, the update kernel at 0.97x: the update is at what the traffic allows. The fused
 // single_pass kernel was 1.6% slower than the update alone at 16384-element chunks, 0.5% at
 // 65536, which points at its per-chunk block reduction (a barrier: the block's warps stop
-// loading until the slowest arrives). `adamw_telemetry_warp_partials` below is the same
-// update and telemetry with one partial per warp and no barrier (a bigger second stage): if
-// it closes the gap, that is the change for csrc/cuda.
+// loading until the slowest arrives), while the update alone got faster as chunks shrank
+// (4.04 TB/s at 65536, 4.07 at 16384, 4.14 at 8192). `adamw_telemetry_warp_partials` and
+// `telemetry_warp_partials` below are the same passes with one partial per warp and no
+// barrier (a bigger second stage): if they keep pace with the update alone at small chunks,
+// per-warp partials and a smaller chunk are the change for csrc/cuda.
 //
 //   cmake -S . -B build/gpu -G Ninja -DLBW_CUDA=ON && cmake --build build/gpu --target bench_memory_floor
 //   build/gpu/bench_memory_floor [ELEMENTS]     # default 1 << 28 (1 GiB per fp32 stream, 4 GiB)
@@ -145,11 +147,53 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
-// Its second stage for the one tensor: 1024 threads sum the warp slots in a fixed strided
-// order, then a fixed shuffle tree (the per-block version's 128 threads would take 16 times
-// as many steps for 16 times as many slots).
-__global__ void __launch_bounds__(1024) sum_warp_slots_kernel(const double* __restrict__ ws, int64_t nslots,
-                                                              double* __restrict__ out) {
+// The telemetry-only pass (the exact gate's read of g) the same way: a partial per warp.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    telemetry_warp_partials_kernel(const float4* __restrict__ g, int64_t n4, int64_t chunk4, double* __restrict__ ws) {
+  const int64_t begin = blockIdx.x * chunk4;
+  const int64_t end = begin + chunk4 < n4 ? begin + chunk4 : n4;
+  double sq = 0.0, s = 0.0;
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+    const float4 x = g[i];
+    accumulate(sq, s, double(x.x));
+    accumulate(sq, s, double(x.y));
+    accumulate(sq, s, double(x.z));
+    accumulate(sq, s, double(x.w));
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    sq += __shfl_down_sync(0xffffffffu, sq, off);
+    s += __shfl_down_sync(0xffffffffu, s, off);
+  }
+  if (threadIdx.x % 32 == 0) {
+    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
+    ws[2 * slot] = sq;
+    ws[2 * slot + 1] = s;
+  }
+}
+
+// Their second stage, in two launches so it scales with the slots: a warp per chunk folds the
+// chunk's 16 warp slots into one chunk slot (fixed shuffle tree), then 1024 threads sum the
+// one tensor's chunk slots in a fixed strided order and a fixed tree, as the library's
+// combine kernel does per tensor.
+__global__ void fold_warp_slots_kernel(const double* __restrict__ warp_ws, int64_t nchunks,
+                                       double* __restrict__ chunk_ws) {
+  const int64_t chunk = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (chunk >= nchunks) return;  // whole warps: nothing below waits for another warp
+  constexpr int kSlots = kThreads / 32;
+  double a = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane)] : 0.0;
+  double b = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane) + 1] : 0.0;
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  if (lane == 0) chunk_ws[2 * chunk] = a, chunk_ws[2 * chunk + 1] = b;
+}
+
+__global__ void __launch_bounds__(1024) sum_chunk_slots_kernel(const double* __restrict__ ws, int64_t nslots,
+                                                               double* __restrict__ out) {
   __shared__ double sa[32], sb[32];
   double a = 0.0, b = 0.0;
   for (int64_t i = threadIdx.x; i < nslots; i += 1024) {
@@ -171,6 +215,13 @@ __global__ void __launch_bounds__(1024) sum_warp_slots_kernel(const double* __re
     }
     if (threadIdx.x == 0) out[0] = a, out[1] = b, out[2] = nonfinite_flag(b);
   }
+}
+
+// Both stages after a warp-partials pass over nchunks chunks.
+void reduce_warp_slots(const double* warp_ws, int64_t nchunks, double* chunk_ws, double* out) {
+  const unsigned fold_blocks = static_cast<unsigned>((nchunks * 32 + 255) / 256);
+  fold_warp_slots_kernel<<<fold_blocks, 256>>>(warp_ws, nchunks, chunk_ws);
+  sum_chunk_slots_kernel<<<1, 1024>>>(chunk_ws, nchunks, out);
 }
 
 __global__ void fill_kernel(float* x, int64_t n, float value) {
@@ -268,8 +319,8 @@ int main(int argc, char** argv) {
   CUDA_OK(cudaMalloc(&steps, sizeof(float)));
   CUDA_OK(cudaMalloc(&lr_scale, sizeof(double)));
   CUDA_OK(cudaMalloc(&ws, 2 * (n / 4096 + 1) * sizeof(double)));  // the smallest chunk's count
-  double* warp_ws;  // one slot per warp of 512-thread blocks, chunks of 8192 or more
-  CUDA_OK(cudaMalloc(&warp_ws, 2 * (n / 8192 + 1) * (kThreads / 32) * sizeof(double)));
+  double* warp_ws;  // one slot per warp of 512-thread blocks, chunks of 4096 or more
+  CUDA_OK(cudaMalloc(&warp_ws, 2 * (n / 4096 + 1) * (kThreads / 32) * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizeof(double)));
   const float init[4] = {0.5f, 0.01f, 0.f, 1e-4f};
   float* all[4] = {p, g, m, v};
@@ -319,7 +370,7 @@ int main(int argc, char** argv) {
   const Geometry geometries[] = {Geometry{},  // the default, then the other candidates
                                  Geometry{512, 1, 65536}, Geometry{512, 2, 65536}, Geometry{256, 2, 65536},
                                  Geometry{256, 4, 65536}, Geometry{256, 2, 32768}, Geometry{512, 1, 131072},
-                                 Geometry{512, 1, 8192}, Geometry{512, 2, 16384}};
+                                 Geometry{512, 1, 8192}, Geometry{512, 1, 4096}, Geometry{512, 2, 16384}};
   for (const Geometry& geo : geometries) {
     const OneTensorTable table(entry, geo.chunk);
     AdamWArgs args{};
@@ -338,13 +389,17 @@ int main(int argc, char** argv) {
            }));
   }
   // After the loop: the coefficients the launches above left in `coeffs` are read here.
-  for (int64_t chunk : {int64_t(8192), int64_t(16384), int64_t(65536)}) {
+  for (int64_t chunk : {int64_t(4096), int64_t(8192), int64_t(16384), int64_t(65536)}) {
     const int64_t chunk4 = chunk / 4, nchunks = (n4 + chunk4 - 1) / chunk4;
-    const int64_t nslots = nchunks * (kThreads / 32);
+    const unsigned blocks = static_cast<unsigned>(nchunks);
     report("adamw_telemetry_warp_partials", "512x1/" + std::to_string(chunk), 28 * N, time_ms([&] {
              adamw_telemetry_warp_partials_kernel<kThreads>
-                 <<<static_cast<unsigned>(nchunks), kThreads>>>(p4, g4, m4, v4, n4, chunk4, coeffs, warp_ws);
-             sum_warp_slots_kernel<<<1, 1024>>>(warp_ws, nslots, out);
+                 <<<blocks, kThreads>>>(p4, g4, m4, v4, n4, chunk4, coeffs, warp_ws);
+             reduce_warp_slots(warp_ws, nchunks, ws, out);
+           }));
+    report("telemetry_warp_partials", "512x1/" + std::to_string(chunk), 4 * N, time_ms([&] {
+             telemetry_warp_partials_kernel<kThreads><<<blocks, kThreads>>>(g4, n4, chunk4, warp_ws);
+             reduce_warp_slots(warp_ws, nchunks, ws, out);
            }));
   }
   CUDA_OK(cudaDeviceSynchronize());
