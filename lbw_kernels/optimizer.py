@@ -306,7 +306,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             if measure:
                 partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
+                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms, plan.numel_total)
             backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
@@ -319,7 +319,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 partials = None
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms)
+                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms, plan.numel_total)
             backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
         self._count_call()
         return loss

@@ -134,16 +134,18 @@ def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float
     return torch.stack([sumsq, sums, nonfinite], dim=1)
 
 
-def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool) -> Tensor:
+def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool, numel_total: Optional[Tensor] = None) -> Tensor:
     """Partials ``[T, 3]`` and element counts ``[T]`` -> ``[x, signed_mean, grad_norm, nonfinite]``.
 
     ``x`` is ``max_i mean(g_i^2)`` (``use_max_rms``) or the mean over tensors of it; the
-    published sensor calls it ``grad_rms`` although it is a mean square.
+    published sensor calls it ``grad_rms`` although it is a mean square. ``numel_total``:
+    ``numels.sum()`` when the caller keeps it (the step plan does: one launch less per call;
+    a float64 sum of integers below 2**53 is exact in any order, so the bits are the same).
     """
     sumsq, sums, nonfinite = partials.unbind(1)
     grad_ms = sumsq / numels
     x = grad_ms.amax() if use_max_rms else grad_ms.mean()
-    signed_mean = sums.sum() / numels.sum()
+    signed_mean = sums.sum() / (numels.sum() if numel_total is None else numel_total)
     return torch.stack([x, signed_mean, sumsq.sum().sqrt(), nonfinite.sum()])
 
 

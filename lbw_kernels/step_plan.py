@@ -117,6 +117,7 @@ class StepPlan:
         # a call need not ask each one for its numel.
         self.all_nonempty = self.telemetry_rows == sum(len(gp.params) for gp in self.groups)
         self.numels = device_numels(numels) if numels else None
+        self.numel_total = self.numels.sum() if numels else None  # (summarize's, once per plan)
         self.device = self.groups[0].params[0].device if self.groups else None
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None

@@ -191,6 +191,22 @@ def test_use_max_rms_false_averages_tensor_mean_squares(backend):
 
 
 @pytest.mark.parametrize("use_max_rms", [True, False])
+def test_summarize_with_the_plans_numel_total_has_the_same_bits(use_max_rms):
+    """The step plan passes numels.sum() computed once per plan; a float64 sum of integers
+    below 2**53 is exact in any order, so the summary must not change by a bit."""
+    from lbw_kernels import reference as ref
+
+    gen = torch.Generator().manual_seed(3)
+    numels = torch.tensor([65_536_000, 2048, 5_632 * 2048, 1, 4097] * 40, dtype=torch.float64)
+    partials = torch.rand((len(numels), 3), generator=gen, dtype=torch.float64) * 1e3
+    partials[:, 1] -= 500.0
+    partials[:, 2] = 0.0
+    for total in (numels.sum(), numels.flip(0).sum(), numels.cumsum(0)[-1]):
+        got = ref.summarize(partials, numels, use_max_rms, numel_total=total)
+        assert torch.equal(got, ref.summarize(partials, numels, use_max_rms))
+
+
+@pytest.mark.parametrize("use_max_rms", [True, False])
 def test_zero_element_tensors_take_no_part(use_max_rms, backend):
     stream = [[torch.full((4,), a, dtype=torch.float64)] for a in (1.0, 1.0, 3.0, -1.0, 0.5)]
     p = torch.zeros(4, dtype=torch.float64)
