@@ -120,3 +120,23 @@ def test_device_check_script_parses_and_its_geometry_candidates_exist():
 
         with cuda_geometry(**parse_int_overrides("LBW_CUDA_GEOMETRY", spec, CUDA_GEOMETRY_FIELDS)):
             pass  # (ValueError for a geometry without kernels)
+
+
+def test_triton_registers_reports_every_kernel_of_a_geometry():
+    """bench/triton_registers.py (registers and occupancy of the Triton kernels, no GPU):
+    compiles for sm_90 and reads ptxas's count; needs the CUDA toolkit's ptxas."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("ptxas") is None:
+        pytest.skip("ptxas (CUDA toolkit) not on PATH")
+    script = Path(__file__).resolve().parents[1] / "bench" / "triton_registers.py"
+    out = subprocess.run([sys.executable, str(script), "--geometry", "block=512,num_warps=4"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if "fp32" in line or "bf16" in line]
+    assert len(rows) == 10  # 5 kernels x (default, the one asked for)
+    for row in rows:
+        regs, programs, threads = map(int, row[-3:])
+        assert 16 <= regs <= 255 and programs >= 1 and threads == programs * 128  # (4 warps in both)
