@@ -106,6 +106,24 @@ __global__ void read_kernel(const float4* __restrict__ g, int64_t n4, float* __r
   if (s == -12345.f) *sink = s;
 }
 
+// Fixed shuffle tree over a warp's two sums; lane 0 writes the warp's own slot (no barrier).
+__device__ __forceinline__ void warp_sum2(double& a, double& b) {
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+}
+
+template <int THREADS>
+__device__ __forceinline__ void write_warp_slot(double sq, double s, double* __restrict__ ws) {
+  warp_sum2(sq, s);
+  if (threadIdx.x % 32 == 0) {
+    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
+    ws[2 * slot] = sq;
+    ws[2 * slot + 1] = s;
+  }
+}
+
 // The fused single_pass kernel (fp32, one tensor, chunk elements per block, mask_nonfinite)
 // with one telemetry partial per warp instead of per block: each warp reduces its sums with
 // shuffles and writes its own slot, so no warp waits for the others at the chunk's end.
@@ -136,15 +154,7 @@ __global__ void __launch_bounds__(THREADS)
     m[i] = mr;
     v[i] = vr;
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    sq += __shfl_down_sync(0xffffffffu, sq, off);
-    s += __shfl_down_sync(0xffffffffu, s, off);
-  }
-  if (threadIdx.x % 32 == 0) {
-    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
-    ws[2 * slot] = sq;
-    ws[2 * slot + 1] = s;
-  }
+  write_warp_slot<THREADS>(sq, s, ws);
 }
 
 // The telemetry-only pass (the exact gate's read of g) the same way: a partial per warp.
@@ -162,15 +172,7 @@ __global__ void __launch_bounds__(THREADS)
     accumulate(sq, s, double(x.z));
     accumulate(sq, s, double(x.w));
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    sq += __shfl_down_sync(0xffffffffu, sq, off);
-    s += __shfl_down_sync(0xffffffffu, s, off);
-  }
-  if (threadIdx.x % 32 == 0) {
-    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
-    ws[2 * slot] = sq;
-    ws[2 * slot + 1] = s;
-  }
+  write_warp_slot<THREADS>(sq, s, ws);
 }
 
 // Their second stage, in two launches so it scales with the slots: a warp per chunk folds the
@@ -185,10 +187,7 @@ __global__ void fold_warp_slots_kernel(const double* __restrict__ warp_ws, int64
   constexpr int kSlots = kThreads / 32;
   double a = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane)] : 0.0;
   double b = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane) + 1] : 0.0;
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
+  warp_sum2(a, b);
   if (lane == 0) chunk_ws[2 * chunk] = a, chunk_ws[2 * chunk + 1] = b;
 }
 
@@ -200,19 +199,13 @@ __global__ void __launch_bounds__(1024) sum_chunk_slots_kernel(const double* __r
     a += ws[2 * i];
     b += ws[2 * i + 1];
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
+  warp_sum2(a, b);
   if (threadIdx.x % 32 == 0) sa[threadIdx.x / 32] = a, sb[threadIdx.x / 32] = b;
   __syncthreads();
   if (threadIdx.x < 32) {
     a = sa[threadIdx.x];
     b = sb[threadIdx.x];
-    for (int off = 16; off > 0; off >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, off);
-      b += __shfl_down_sync(0xffffffffu, b, off);
-    }
+    warp_sum2(a, b);
     if (threadIdx.x == 0) out[0] = a, out[1] = b, out[2] = nonfinite_flag(b);
   }
 }
