@@ -136,6 +136,25 @@ def test_telemetry_is_bitwise_repeatable(triton_backend):
     assert torch.equal(pa, pb) and torch.equal(pa, first)
 
 
+def test_folded_telemetry_accumulators_match_the_reference(triton_backend, monkeypatch):
+    """config.Geometry.telemetry_fold > 1 (fewer float64 accumulators per thread; a tuning
+    option, off by default): the rows still match the reference, both gates, and the fused
+    pass still gives the telemetry pass's bits."""
+    from dataclasses import replace
+
+    from lbw_kernels.triton_kernels import config
+
+    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, telemetry_fold=4))
+    assert_no_mismatch(check_backend(triton_backend, seed=11, shapes=ODD_SIZES + ((4097,), (2 * 4096 + 3,))))
+    problem = make_problem(12, MANY[:40] + ((4097,),))
+    first = triton_backend.telemetry(nonempty_grads(problem), torch.float64)
+    fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
+                                            mask_nonfinite=True, partials_dtype=torch.float64)
+    assert torch.equal(fused, first)
+    with pytest.raises(ValueError, match="telemetry_fold"):
+        config._overridden(config.GPU, "telemetry_fold=3")
+
+
 def test_a_missing_chunk_is_caught_by_the_poison(triton_backend):
     """A plan whose chunk table lost a row leaves a NaN partial (the harness fails it)."""
     from lbw_kernels.triton_kernels.chunk_table import telemetry_key

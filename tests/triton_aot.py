@@ -40,7 +40,8 @@ def variants():
         for aligned in (True, False):
             yield (f"telemetry {CODE_NAMES[code]} aligned={aligned}", telemetry._telemetry_chunks_kernel,
                    {"chunks": "*i64", "workspace": "*fp64"},
-                   dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block), GPU.num_warps)
+                   dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold),
+                   GPU.num_warps)
     for out in ("fp64", "fp32"):
         for iters in (1, 8):  # a power of two: a loop's trip count
             yield (f"reduce partials -> {out} iters={iters}", telemetry._reduce_partials_kernel,
@@ -58,7 +59,8 @@ def variants():
                 yield (f"update {CODE_NAMES[code]} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
                        {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"},
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
-                            TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block),
+                            TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
+                            FOLD=GPU.telemetry_fold),
                        GPU.num_warps)
 
 

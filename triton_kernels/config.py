@@ -38,6 +38,13 @@ class Geometry:
     reduce_block: int  # telemetry reduction: chunk rows per tensor per iteration
     reduce_warps: int
     tensors_per_program: int  # per-tensor coefficient kernel: tensors per program
+    # Telemetry accumulators per loop iteration: BLOCK // telemetry_fold float64 pairs, each
+    # the sum of telemetry_fold adjacent elements (1: one pair per element, 2 float64 per
+    # element a thread holds). With a fold up to the elements per thread the sums stay inside
+    # a thread: fewer registers (bench/triton_registers.py: single_pass under Triton 3.6,
+    # block 1024 x 4 warps, 141 -> 116 at fold 4), so more programs per SM. Another fixed
+    # order (bits differ from fold 1), as deterministic. Not yet timed on a GPU.
+    telemetry_fold: int = 1
 
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): one tensor per program
@@ -64,9 +71,12 @@ def interpreting() -> bool:
 def _overridden(base: Geometry, spec: str) -> Geometry:
     """``base`` with the ``name=value`` pairs of ``spec`` (comma-separated) applied, checked."""
     geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
-    if geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1):
+    fold = geo.telemetry_fold
+    if (geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1)
+            or fold & (fold - 1) or fold > geo.block):
         raise ValueError(
-            f"LBW_TRITON_GEOMETRY: block and num_warps must be powers of two and chunk a multiple of block, got {geo}"
+            "LBW_TRITON_GEOMETRY: block, num_warps and telemetry_fold must be powers of two, chunk a multiple "
+            f"of block, telemetry_fold at most block, got {geo}"
         )
     return geo
 

@@ -42,7 +42,7 @@ def _adamw_block(
     step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
     acc_sq, acc_sum,
     P_CODE: tl.constexpr, EVEN: tl.constexpr, TELEMETRY: tl.constexpr, MASK_NONFINITE: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
+    HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr, FOLD: tl.constexpr,
 ):
     """One block of elements; ``EVEN`` blocks are whole (no bounds mask: vector access)."""
     if EVEN:
@@ -56,7 +56,7 @@ def _adamw_block(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if TELEMETRY:
-        acc_sq, acc_sum = accumulate_telemetry(g_raw, acc_sq, acc_sum)
+        acc_sq, acc_sum = accumulate_telemetry(g_raw, acc_sq, acc_sum, BLOCK, FOLD)
     p = p_raw.to(tl.float32)
     g = g_raw.to(tl.float32) * sign
     # torch.lerp: self + w*(end - self) for w < 0.5, else end - (end - self)*(1 - w).
@@ -108,6 +108,7 @@ def _guarded_adamw_kernel(
     COEF_COLS_: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = chunks + pid * 3
@@ -131,8 +132,8 @@ def _guarded_adamw_kernel(
     apply = tl.load(crow + 8)
 
     offs = tl.arange(0, BLOCK)
-    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_sq = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
+    acc_sum = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
     # Whole blocks unmasked (vector loads/stores), the last partial one masked. The trip count
     # is a constant (never a value read from memory) and the branch is uniform per program.
     for i in range(0, CHUNK // BLOCK):
@@ -141,13 +142,13 @@ def _guarded_adamw_kernel(
             acc_sq, acc_sum = _adamw_block(
                 p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, None,
                 step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-                acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+                acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
             )
         elif lo < n:
             acc_sq, acc_sum = _adamw_block(
                 p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, lo + offs < n,
                 step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-                acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP,
+                acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
             )
     if TELEMETRY:
         out = tl.load(row + 2)
@@ -167,7 +168,7 @@ def guarded_adamw_(
             lst.table, plan.tensors, plan.coefs, plan.telemetry.workspace,
             P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=telemetry, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
-            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps, **COMPILE_OPTIONS,
+            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, num_warps=geo.num_warps, **COMPILE_OPTIONS,
         )
 
 

@@ -28,10 +28,17 @@ from .pointers import as_pointer
 
 
 @triton.jit
-def accumulate_telemetry(g_raw, acc_sq, acc_sum):
-    """Add one block of gradient values (any float dtype; masked lanes loaded as 0)."""
+def accumulate_telemetry(g_raw, acc_sq, acc_sum, BLOCK: tl.constexpr, FOLD: tl.constexpr):
+    """Add one block of gradient values (any float dtype; masked lanes loaded as 0) to the
+    ``[BLOCK // FOLD]`` float64 accumulators: each takes the sum of FOLD adjacent elements
+    (config.Geometry.telemetry_fold)."""
     g64 = g_raw.to(tl.float64)
-    return acc_sq + g64 * g64, acc_sum + g64
+    sq = g64 * g64
+    s = g64
+    if FOLD > 1:
+        sq = tl.sum(tl.reshape(sq, [BLOCK // FOLD, FOLD]), axis=1)
+        s = tl.sum(tl.reshape(s, [BLOCK // FOLD, FOLD]), axis=1)
+    return acc_sq + sq, acc_sum + s
 
 
 @triton.jit
@@ -42,6 +49,7 @@ def _telemetry_chunks_kernel(
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = chunks + pid * 4
@@ -51,17 +59,17 @@ def _telemetry_chunks_kernel(
     g_ptr = as_pointer(tl.load(row), G_CODE, ALIGNED) + start
     n = tl.minimum(numel - start, CHUNK)
     offs = tl.arange(0, BLOCK)
-    acc_sq = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_sq = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
+    acc_sum = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
     # Whole blocks unmasked (vectorised), the last partial one masked. The trip count is a
     # constant (the loop bound never comes from memory) and the branch is uniform per program.
     for i in range(0, CHUNK // BLOCK):
         lo = i * BLOCK
         if lo + BLOCK <= n:
-            acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + lo + offs), acc_sq, acc_sum)
+            acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + lo + offs), acc_sq, acc_sum, BLOCK, FOLD)
         elif lo < n:
             acc_sq, acc_sum = accumulate_telemetry(
-                tl.load(g_ptr + lo + offs, mask=lo + offs < n, other=0.0), acc_sq, acc_sum
+                tl.load(g_ptr + lo + offs, mask=lo + offs < n, other=0.0), acc_sq, acc_sum, BLOCK, FOLD
             )
     tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))
     tl.store(workspace + out * 2 + 1, tl.sum(acc_sum, axis=0))
@@ -106,7 +114,7 @@ def telemetry_chunks_(layout: TelemetryLayout) -> None:
     for lst in layout.lists:
         _telemetry_chunks_kernel[(lst.n_chunks,)](
             lst.table, layout.workspace, G_CODE=lst.code, ALIGNED=lst.aligned,
-            CHUNK=geo.chunk, BLOCK=geo.block, num_warps=geo.num_warps, **COMPILE_OPTIONS,
+            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, num_warps=geo.num_warps, **COMPILE_OPTIONS,
         )
 
 
