@@ -28,25 +28,24 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, TENSOR_COLS  # noqa: E402
-from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU, _overridden  # noqa: E402
+from lbw_kernels.triton_kernels.config import GPU, _overridden  # noqa: E402
 from lbw_kernels.triton_kernels.guarded_adamw import _guarded_adamw_kernel  # noqa: E402
 from lbw_kernels.triton_kernels.pointers import BF16, FP32  # noqa: E402
 from lbw_kernels.triton_kernels.telemetry import _telemetry_chunks_kernel  # noqa: E402
 
-SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
-CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "block=2048,num_warps=8")
+# The ahead-of-time compile of the CI check (tests/triton_aot.py): the same signatures and
+# alignment attributes as the backend's launches.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from triton_aot import compile_ptx  # noqa: E402
 
-UPDATE_SIGNATURE = {
-    "chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64",
-    **{k: "constexpr" for k in ("P_CODE", "ALIGNED", "TELEMETRY", "MASK_NONFINITE", "HAS_SKIP", "TENSOR_COLS_",
-                                "COEF_COLS_", "CHUNK", "BLOCK")},
-}
-TELEMETRY_SIGNATURE = {"chunks": "*i64", "workspace": "*fp64",
-                       **{k: "constexpr" for k in ("G_CODE", "ALIGNED", "CHUNK", "BLOCK")}}
+SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
+CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "telemetry_fold=4",
+              "block=512,num_warps=4,telemetry_fold=4")
+
+UPDATE_TYPES = {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"}
+TELEMETRY_TYPES = {"chunks": "*i64", "workspace": "*fp64"}
 
 
 def ptxas_registers(ptx: str, arch: int) -> int:
@@ -79,12 +78,6 @@ def occupancy(registers: int, threads: int) -> int:
     return min(SM_REGISTERS // (registers * threads), SM_THREADS // threads, SM_BLOCKS)
 
 
-def compile_ptx(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> str:
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **COMPILE_OPTIONS})
-    return kernel.asm["ptx"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--geometry", action="append", help="LBW_TRITON_GEOMETRY-style overrides of the GPU geometry; "
@@ -93,24 +86,25 @@ def main() -> None:
     args = ap.parse_args()
     geometries = [("default", GPU)] + [(spec, _overridden(GPU, spec)) for spec in (args.geometry or CANDIDATES)]
     print(f"triton {triton.__version__}, sm_{args.arch}; per SM: {SM_REGISTERS} registers, {SM_THREADS} threads")
-    print(f"{'geometry':40s} {'kernel':34s} {'regs':>5s} {'programs/SM':>12s} {'threads/SM':>11s}")
+    print(f"{'geometry':54s} {'kernel':34s} {'regs':>5s} {'programs/SM':>12s} {'threads/SM':>11s}")
     for label, geo in geometries:
         threads = 32 * geo.num_warps
         rows = []
         for code, dtype in ((FP32, "fp32"), (BF16, "bf16")):
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
                 consts = dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
-                              TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block)
-                rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_SIGNATURE, consts,
-                                                           geo.num_warps, args.arch)))
-        consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block)
-        rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_SIGNATURE, consts,
-                                                   geo.num_warps, args.arch)))
+                              TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
+                              FOLD=geo.telemetry_fold)
+                rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
+                                                           geo.num_warps)))
+        consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold)
+        rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
+                                                   geo.num_warps)))
         name = f"{label} ({geo.block // threads} per thread)"
         for kernel, ptx in rows:
             regs = ptxas_registers(ptx, args.arch)
             programs = occupancy(regs, threads)
-            print(f"{name:40s} {kernel:34s} {regs:5d} {programs:12d} {programs * threads:11d}")
+            print(f"{name:54s} {kernel:34s} {regs:5d} {programs:12d} {programs * threads:11d}")
             name = ""
 
 
