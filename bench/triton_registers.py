@@ -15,6 +15,7 @@ register count allows (H100/H200 SM: 65536 registers, 2048 threads, 32 blocks).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -51,17 +52,25 @@ TELEMETRY_TYPES = {"chunks": "*i64", "workspace": "*fp64"}
 def ptxas_registers(ptx: str, arch: int) -> int:
     """ptxas -v on the PTX (the CUDA toolkit's ptxas; the PTX's .version is lowered to what it
     reads when Triton wrote a newer one: these kernels use nothing newer)."""
-    ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        sys.exit("ptxas not found (the CUDA toolkit's bin/ must be on PATH)")
-    supported = re.search(r"current version is '(\d+\.\d+)'", _run_ptxas(ptxas, ".version 99.0\n", arch))
+    ptxas, supported = _ptxas(arch)
     if supported:
-        ptx = re.sub(r"^\.version \d+\.\d+", f".version {supported.group(1)}", ptx, flags=re.M)
+        ptx = re.sub(r"^\.version \d+\.\d+", f".version {supported}", ptx, flags=re.M)
     out = _run_ptxas(ptxas, ptx, arch)
     found = re.search(r"Used (\d+) registers", out)
     if not found:
         sys.exit(f"ptxas gave no register count:\n{out}")
     return int(found.group(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas(arch: int) -> tuple:
+    """(ptxas path, the newest PTX .version it reads, or None): asked once, with a PTX file
+    of an impossible version, whose error message names the supported one."""
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        sys.exit("ptxas not found (the CUDA toolkit's bin/ must be on PATH)")
+    supported = re.search(r"current version is '(\d+\.\d+)'", _run_ptxas(ptxas, ".version 99.0\n", arch))
+    return ptxas, supported.group(1) if supported else None
 
 
 def _run_ptxas(ptxas: str, ptx: str, arch: int) -> str:

@@ -42,12 +42,6 @@ inline DType dtype_code(const at::Tensor& t, const char* what) {
   }
 }
 
-inline int64_t count_nonempty(at::TensorList ts) {
-  int64_t n = 0;
-  for (const auto& t : ts) n += t.numel() > 0;
-  return n;
-}
-
 // The tensors of one update call: one param dtype, states in the math dtype, all dense and
 // contiguous on `device_type`, steps 0-dim float32 on the same device. In two parts, so an
 // op can check tensor i in the loop that reads its pointers (check_update_args is both): on

@@ -25,13 +25,6 @@ TablePtr chunk_table(std::vector<int64_t> numels) {
   });
 }
 
-std::vector<int64_t> numels_of(at::TensorList ts) {
-  std::vector<int64_t> numels;
-  numels.reserve(ts.size());
-  for (const auto& t : ts) numels.push_back(t.numel());
-  return numels;
-}
-
 // Over element ranges (see cpu::ParallelFor): calls under two chunks of work stay on one thread.
 void aten_for(int64_t begin, int64_t end, const std::function<void(int64_t, int64_t)>& body) {
   at::parallel_for(begin, end, cpu::kChunk, body);
@@ -43,13 +36,20 @@ double scalar_of(const at::Tensor& t, const char* what) {
 }
 
 at::Tensor telemetry_cpu(at::TensorList grads) {
-  check_grads(grads, at::kCPU);
-  const TablePtr table = chunk_table(numels_of(grads));
-  const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
-  at::Tensor out = new_output({count_nonempty(grads), 3}, opts);
-  at::Tensor ws = new_output({table->nchunks(), 2}, opts);
+  // One pass: each grad checked where its pointer and size are read.
+  std::vector<int64_t> numels;
   std::vector<cpu::GradRef> refs;
-  for (const auto& g : grads) refs.push_back({g.data_ptr(), dtype_code(g, "grads")});
+  numels.reserve(grads.size());
+  refs.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const DType code = check_grad_at(i, grads, at::kCPU);
+    refs.push_back({grads[i].const_data_ptr(), code});
+    numels.push_back(grads[i].numel());
+  }
+  const TablePtr table = chunk_table(std::move(numels));
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
+  at::Tensor out = new_output({table->nonempty(), 3}, opts);
+  at::Tensor ws = new_output({table->nchunks(), 2}, opts);
   cpu::kernels().telemetry(*table, refs.data(), ws.data_ptr<double>(), out.data_ptr<double>(), &aten_for);
   return out;
 }
@@ -96,8 +96,12 @@ void run_update(cpu::AdamWFn<P> kernel, const UpdateCheck& check, at::TensorList
   std::vector<int64_t> numels;
   const auto refs = update_refs<P>(check, params, grads, exp_avgs, exp_avg_sqs, steps, numels);
   const TablePtr table = chunk_table(std::move(numels));
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   at::Tensor ws;
-  if (telemetry) ws = new_output({table->nchunks(), 2}, out.options());
+  if (telemetry) {
+    out = new_output({table->nonempty(), 3}, opts);
+    ws = new_output({table->nchunks(), 2}, opts);
+  }
   // Every check passed: from here on the call changes the steps, then the tensors.
   const auto coeffs = advance_steps<M>(steps, lr_t, beta1, beta2, eps, weight_decay);
   kernel(*table, refs.data(), coeffs.data(), maximize, mask, telemetry, telemetry ? ws.data_ptr<double>() : nullptr,
@@ -111,10 +115,10 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
                                      bool maximize, bool telemetry, bool mask) {
   const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
   const double lr_t = lr * scalar_of(lr_scale, "lr_scale");
-  const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
-  at::Tensor out;
-  if (telemetry) out = new_output({count_nonempty(grads), 3}, opts);
-  if (params.empty()) return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+  at::Tensor out;  // (run_update fills it when telemetry is asked for)
+  if (params.empty())
+    return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, at::TensorOptions().dtype(at::kDouble)))
+                     : std::nullopt;
   switch (dtype_code(params[0], "params")) {
     case DType::f32:
       run_update<float>(cpu::kernels().adamw_f32, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,

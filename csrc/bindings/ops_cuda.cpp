@@ -31,6 +31,7 @@ struct DeviceTable {
   at::Tensor device;
   int64_t ntensors = 0;
   int64_t nchunks = 0;
+  int64_t nrows = 0;  // telemetry rows: the tensors with elements
   const TensorEntry* tensors() const { return reinterpret_cast<const TensorEntry*>(device.data_ptr()); }
   const ChunkEntry* chunks() const {
     return reinterpret_cast<const ChunkEntry*>(static_cast<const uint8_t*>(device.data_ptr()) +
@@ -54,6 +55,7 @@ TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int6
   auto table = std::make_shared<DeviceTable>();
   table->ntensors = int64_t(entries.size());
   table->nchunks = int64_t(chunks.size());
+  table->nrows = row;
   const int64_t bytes = cuda::table_bytes(table->ntensors, table->nchunks);
   table->host = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   uint8_t* h = table->host.data_ptr<uint8_t>();
@@ -118,10 +120,10 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
   }
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor out = new_output({count_nonempty(grads), 3}, opts);
-  if (grads.empty()) return out;
+  if (grads.empty()) return new_output({0, 3}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const TablePtr table = table_for(key, device, stream);
+  at::Tensor out = new_output({table->nrows, 3}, opts);
   at::Tensor ws = new_output({std::max<int64_t>(table->nchunks, 1), 2}, opts);
   check_launch(cuda::launch_telemetry(geo, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                       ws.data_ptr<double>(), out.data_ptr<double>(), stream));
@@ -159,9 +161,7 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   }
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor out;
-  if (telemetry) out = new_output({count_nonempty(grads), 3}, opts);
-  if (params.empty()) return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+  if (params.empty()) return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, opts)) : std::nullopt;
 
   cuda::AdamWArgs args{};
   args.param_dtype = DType(param_code);
@@ -177,6 +177,8 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   args.telemetry = telemetry;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const TablePtr table = table_for(key, device, stream);
+  at::Tensor out;
+  if (telemetry) out = new_output({table->nrows, 3}, opts);
   // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
   const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
   at::Tensor coeffs = new_output({coeff_doubles}, opts);

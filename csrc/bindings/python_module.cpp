@@ -7,7 +7,6 @@
 
 #include <exception>
 #include <optional>
-#include <string>
 #include <vector>
 
 #include "../cpu/multi_tensor_cpu.h"
@@ -180,9 +179,12 @@ class BorrowedTensors {
   // false with a TypeError naming `what` when obj is not a sequence of tensors. Notes on the
   // way whether the kernels take every tensor (kernel_ready), and whether all share a dtype.
   bool unpack(PyObject* obj, const char* what) {
-    const std::string not_a_sequence = std::string("lbw: ") + what + " must be a sequence of tensors";
-    PyObject* seq = PySequence_Fast(obj, not_a_sequence.c_str());  // a list or tuple: itself
-    if (seq == nullptr) return false;
+    PyObject* seq = PySequence_Fast(obj, "");  // a list or tuple: itself
+    if (seq == nullptr) {  // (an error raised while iterating is kept as it is)
+      if (PyErr_ExceptionMatches(PyExc_TypeError))
+        PyErr_Format(PyExc_TypeError, "lbw: %s must be a sequence of tensors", what);
+      return false;
+    }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
     held_.reserve(n);
