@@ -88,7 +88,7 @@ def test_triton_plan_keys_use_the_extension():
 
     assert chunk_table.layout_key is chunk_table.address_key is _C._layout_key
     a, b = torch.zeros(3), torch.zeros(3)
-    assert chunk_table.telemetry_key([a], 64) != chunk_table.telemetry_key([b], 64)  # another address
+    assert chunk_table.telemetry_key([a], 64, a.device) != chunk_table.telemetry_key([b], 64, b.device)  # another address
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_a_missing_chunk_is_caught_by_the_poison(triton_backend):
     grads = [torch.randn(4097), torch.randn(3)]
     good = triton_backend.telemetry(grads, torch.float64)
     assert torch.isfinite(good).all()
-    layout = ops.PLANS.get((grads[0].device,) + telemetry_key(grads, geometry().chunk), None)
+    layout = ops.PLANS.get(telemetry_key(grads, geometry().chunk, grads[0].device), None)
     layout.lists[0].n_chunks -= 1  # the last chunk (of the 3-element tensor) is never launched
     try:
         bad = triton_backend.telemetry(grads, torch.float64)
@@ -226,6 +226,34 @@ def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
     for p, q in zip(params, ref_params):
         assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
         assert opt.state[p]["step"].item() == ref.state[q]["step"].item()
+
+
+def test_plan_cache_tells_layouts_of_one_kind_apart_and_evicts_the_least_recent():
+    """Plans are found by kind and told apart by layout (compared, not hashed): two layouts
+    of one kind are both kept, a lookup refreshes recency, and past capacity the least
+    recently used plan goes (and is built again when asked for)."""
+    from lbw_kernels.triton_kernels.chunk_table import PlanCache
+
+    cache = PlanCache(capacity=3)
+    built = []
+
+    def build(name):
+        return lambda: built.append(name) or name
+
+    tel, upd = ("cpu", "telemetry", 64), ("cpu", "update", 64, ("float", 0.9))
+    assert cache.get((tel, (b"a",)), build("tel-a")) == "tel-a"
+    assert cache.get((upd, (b"a", b"b")), build("upd-ab")) == "upd-ab"
+    assert cache.get((tel, (b"b",)), build("tel-b")) == "tel-b"  # same kind, another layout
+    assert cache.get((tel, (bytes(b"a"),)), build("never")) == "tel-a"  # an equal, not identical, layout
+    assert cache.get((upd, (b"a", b"c")), None) is None  # build=None: a lookup only
+    assert cache.get((upd, (b"a", b"b")), build("never")) == "upd-ab"
+    assert cache.get(((*upd[:3], ("float", 0.8)), (b"a", b"b")), build("upd-ab-0.8")) == "upd-ab-0.8"
+    # 4 plans in a cache of 3: the least recent kind was telemetry, its least recent layout b
+    assert cache.get((tel, (b"b",)), None) is None
+    assert cache.get((tel, (b"a",)), build("never")) == "tel-a"
+    assert built == ["tel-a", "upd-ab", "tel-b", "upd-ab-0.8"] and cache.builds == 4
+    cache.clear()
+    assert cache.get((tel, (b"a",)), None) is None
 
 
 @pytest.mark.parametrize("keys", ["as installed", "python"])

@@ -47,7 +47,7 @@ def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tens
         return torch.zeros((0, 3), dtype=partials_dtype)
     device = grads[0].device
     chunk = geometry().chunk
-    layout = PLANS.get((device,) + telemetry_key(grads, chunk), lambda: build_telemetry(grads, chunk, device))
+    layout = PLANS.get(telemetry_key(grads, chunk, device), lambda: build_telemetry(grads, chunk, device))
     with _on_device(device):
         return telemetry_partials(layout, partials_dtype)
 
@@ -68,7 +68,7 @@ def _delegate(plan, groups: Sequence[GroupTensors], scale: Tensor, **kwargs) -> 
 def _update_plan(groups: Sequence[GroupTensors]):
     device = groups[0].params[0].device
     chunk = geometry().chunk
-    plan = PLANS.get((device,) + update_key(groups, chunk), lambda: build_update(groups, chunk, device))
+    plan = PLANS.get(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device))
     refresh_lr(plan, groups)
     return plan, device
 
