@@ -141,11 +141,12 @@ phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | t
 # BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
 # skips them. (Earlier candidates and what they gave: bench/results/nvidia-h200-cuda-geometry-
 # 20261126.json, ...-triton-geometry-20261126.json. 512 x 2 at the default chunk came within
-# 1% of the default in two runs; Triton's chunk (16384, 8192) changed nothing, its per-thread
-# width was not varied below 8 fp32: bench/triton_registers.py says its single_pass kernel is
-# register-bound at 3 programs per SM, 6 at block 512, 7 with the telemetry fold as well.)
+# 1% of the default in two runs, chunk 65536 against 16384 in three; Triton's chunk (16384,
+# 8192) changed nothing, its per-thread width was not varied below 8 fp32:
+# bench/triton_registers.py says its single_pass kernel is register-bound at 3 programs per
+# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top.)
 i=0
-for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 cuda:chunk=65536 triton:block=512,num_warps=4 triton:block=512,num_warps=4,telemetry_fold=4}; do
+for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 triton:block=512,num_warps=4 triton:block=512,num_warps=4,telemetry_fold=4 triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64}; do
     i=$((i + 1))
     backend=${entry%%:*}
     geo=${entry#*:}

@@ -43,15 +43,16 @@ from triton_aot import compile_ptx  # noqa: E402
 
 SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
 CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "telemetry_fold=4",
-              "block=512,num_warps=4,telemetry_fold=4")
+              "block=512,num_warps=4,telemetry_fold=4", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
 
 UPDATE_TYPES = {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"}
 TELEMETRY_TYPES = {"chunks": "*i64", "workspace": "*fp64"}
 
 
-def ptxas_registers(ptx: str, arch: int) -> int:
-    """ptxas -v on the PTX (the CUDA toolkit's ptxas; the PTX's .version is lowered to what it
-    reads when Triton wrote a newer one: these kernels use nothing newer)."""
+def ptxas_registers(ptx: str, arch: int) -> tuple:
+    """(registers, spill store bytes) from ptxas -v on the PTX (the CUDA toolkit's ptxas; the
+    PTX's .version is lowered to what it reads when Triton wrote a newer one: these kernels
+    use nothing newer)."""
     ptxas, supported = _ptxas(arch)
     if supported:
         ptx = re.sub(r"^\.version \d+\.\d+", f".version {supported}", ptx, flags=re.M)
@@ -59,7 +60,8 @@ def ptxas_registers(ptx: str, arch: int) -> int:
     found = re.search(r"Used (\d+) registers", out)
     if not found:
         sys.exit(f"ptxas gave no register count:\n{out}")
-    return int(found.group(1))
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return int(found.group(1)), int(spills.group(1)) if spills else 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     geometries = [("default", GPU)] + [(spec, _overridden(GPU, spec)) for spec in (args.geometry or CANDIDATES)]
     print(f"triton {triton.__version__}, sm_{args.arch}; per SM: {SM_REGISTERS} registers, {SM_THREADS} threads")
-    print(f"{'geometry':54s} {'kernel':34s} {'regs':>5s} {'programs/SM':>12s} {'threads/SM':>11s}")
+    print(f"{'geometry':64s} {'kernel':34s} {'regs':>5s} {'spilled':>8s} {'programs/SM':>12s} {'threads/SM':>11s}")
     for label, geo in geometries:
         threads = 32 * geo.num_warps
         rows = []
@@ -105,15 +107,15 @@ def main() -> None:
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
                               FOLD=geo.telemetry_fold)
                 rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
-                                                           geo.num_warps)))
+                                                           geo.num_warps, geo.maxnreg)))
         consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold)
         rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
-                                                   geo.num_warps)))
+                                                   geo.num_warps, geo.maxnreg)))
         name = f"{label} ({geo.block // threads} per thread)"
         for kernel, ptx in rows:
-            regs = ptxas_registers(ptx, args.arch)
+            regs, spilled = ptxas_registers(ptx, args.arch)
             programs = occupancy(regs, threads)
-            print(f"{name:54s} {kernel:34s} {regs:5d} {programs:12d} {programs * threads:11d}")
+            print(f"{name:64s} {kernel:34s} {regs:5d} {spilled:6d} B {programs:12d} {programs * threads:11d}")
             name = ""
 
 

@@ -133,10 +133,13 @@ def test_triton_registers_reports_every_kernel_of_a_geometry():
     if shutil.which("ptxas") is None:
         pytest.skip("ptxas (CUDA toolkit) not on PATH")
     script = Path(__file__).resolve().parents[1] / "bench" / "triton_registers.py"
-    out = subprocess.run([sys.executable, str(script), "--geometry", "block=512,num_warps=4"],
+    out = subprocess.run([sys.executable, str(script), "--geometry", "block=512,num_warps=4",
+                          "--geometry", "block=512,num_warps=4,maxnreg=40"],
                          capture_output=True, text=True, check=True).stdout
     rows = [line.split() for line in out.splitlines() if "fp32" in line or "bf16" in line]
-    assert len(rows) == 10  # 5 kernels x (default, the one asked for)
+    assert len(rows) == 15  # 5 kernels x (default, the two asked for)
     for row in rows:
-        regs, programs, threads = map(int, row[-3:])
-        assert 16 <= regs <= 255 and programs >= 1 and threads == programs * 128  # (4 warps in both)
+        regs, spilled, programs, threads = int(row[-5]), int(row[-4]), int(row[-2]), int(row[-1])
+        assert 16 <= regs <= 255 and spilled >= 0 and programs >= 1 and threads == programs * 128  # (4 warps)
+    capped = [row for row in rows[10:] if any(word.startswith("update") for word in row)]
+    assert len(capped) == 4 and all(int(row[-5]) <= 40 for row in capped)  # maxnreg reaches ptxas

@@ -155,6 +155,24 @@ def test_folded_telemetry_accumulators_match_the_reference(triton_backend, monke
         config._overridden(config.GPU, "telemetry_fold=3")
 
 
+def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_backend, monkeypatch):
+    """config.Geometry.maxnreg (a tuning option, 0 by default) reaches every launch of the
+    update and telemetry-pass kernels; the launches accept it and compute the same rows
+    and updates as the reference (registers only: compiled for a GPU, ptxas spills what does
+    not fit; bench/triton_registers.py shows the count)."""
+    from dataclasses import replace
+
+    from lbw_kernels.triton_kernels import config, guarded_adamw, telemetry
+
+    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, maxnreg=64))
+    seen = []
+    for module in (guarded_adamw, telemetry):
+        real = module.pass_options
+        monkeypatch.setattr(module, "pass_options", lambda geo, real=real: seen.append(geo.maxnreg) or real(geo))
+    assert_no_mismatch(check_backend(triton_backend, seed=13, shapes=ODD_SIZES[:4] + ((4097,),)))
+    assert seen and set(seen) == {64}
+
+
 def test_a_missing_chunk_is_caught_by_the_poison(triton_backend):
     """A plan whose chunk table lost a row leaves a NaN partial (the harness fails it)."""
     from lbw_kernels.triton_kernels.chunk_table import telemetry_key
@@ -541,6 +559,14 @@ def test_geometry_override_for_tuning_runs(monkeypatch):
     for bad in ("block=1000", "chunk=3000", "warps=4", "block=-2", "num_warps=3"):
         monkeypatch.setenv("LBW_TRITON_GEOMETRY", bad)
         with pytest.raises(ValueError, match="LBW_TRITON_GEOMETRY"):
+            config.geometry()
+    monkeypatch.setenv("LBW_TRITON_GEOMETRY", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
+    geo = config.geometry()
+    assert config.pass_options(geo) == dict(num_warps=4, maxnreg=64, **config.COMPILE_OPTIONS)
+    assert "maxnreg" not in config.pass_options(config.GPU)  # 0: the compiler's choice
+    for bad in ("maxnreg=16", "maxnreg=256"):
+        monkeypatch.setenv("LBW_TRITON_GEOMETRY", bad)
+        with pytest.raises(ValueError, match="maxnreg"):
             config.geometry()
     monkeypatch.delenv("LBW_TRITON_GEOMETRY")
     assert config.geometry() == config.GPU

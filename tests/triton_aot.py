@@ -64,7 +64,7 @@ def variants():
                        GPU.num_warps)
 
 
-def compile_ptx(kernel, typed, consts, arch: int, num_warps: int) -> str:
+def compile_ptx(kernel, typed, consts, arch: int, num_warps: int, maxnreg: int = 0) -> str:
     names = kernel.arg_names
     signature = {n: typed.get(n, "constexpr") for n in names}
     missing = set(names) - set(typed) - set(consts)
@@ -75,7 +75,9 @@ def compile_ptx(kernel, typed, consts, arch: int, num_warps: int) -> str:
         # table and workspace pointers come from torch allocations: 16-byte aligned
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n, t in typed.items() if t.startswith("*")},
     )
-    options = {"num_warps": num_warps, **COMPILE_OPTIONS}  # as the launches pass them
+    options = {"num_warps": num_warps, **COMPILE_OPTIONS}  # as the launches pass them (config.pass_options)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
 

@@ -45,6 +45,12 @@ class Geometry:
     # block 1024 x 4 warps, 141 -> 116 at fold 4), so more programs per SM. Another fixed
     # order (bits differ from fold 1), as deterministic. Not yet timed on a GPU.
     telemetry_fold: int = 1
+    # Registers per thread the update and telemetry-pass kernels may use (ptxas .maxnreg; 0:
+    # the compiler's choice). Under Triton 3.6, block 512 x 4 warps with telemetry_fold 4
+    # gives single_pass 72 registers (7 programs of 128 threads per SM); 64 fits 8 (1024
+    # threads, as the CUDA kernels) for 4 bytes of spill stores (bench/triton_registers.py).
+    # Not yet timed on a GPU. Registers only: the results are the same bits.
+    maxnreg: int = 0
 
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): one tensor per program
@@ -73,12 +79,20 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
     fold = geo.telemetry_fold
     if (geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1)
-            or fold & (fold - 1) or fold > geo.block):
+            or fold & (fold - 1) or fold > geo.block or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)):
         raise ValueError(
             "LBW_TRITON_GEOMETRY: block, num_warps and telemetry_fold must be powers of two, chunk a multiple "
-            f"of block, telemetry_fold at most block, got {geo}"
+            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, got {geo}"
         )
     return geo
+
+
+def pass_options(geo: Geometry) -> dict:
+    """Launch options of the kernels that stream parameters (update, telemetry pass)."""
+    options = dict(num_warps=geo.num_warps, **COMPILE_OPTIONS)
+    if geo.maxnreg:
+        options["maxnreg"] = geo.maxnreg
+    return options
 
 
 def geometry() -> Geometry:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
-from .config import COMPILE_OPTIONS, geometry
+from .config import geometry, pass_options
 from .pointers import BF16, FP32, as_pointer, round_to_bf16
 from .telemetry import accumulate_telemetry
 
@@ -168,7 +168,7 @@ def guarded_adamw_(
             lst.table, plan.tensors, plan.coefs, plan.telemetry.workspace,
             P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=telemetry, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
-            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, num_warps=geo.num_warps, **COMPILE_OPTIONS,
+            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, **pass_options(geo),
         )
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunk_table import TelemetryLayout
-from .config import COMPILE_OPTIONS, geometry, poison_enabled
+from .config import COMPILE_OPTIONS, geometry, pass_options, poison_enabled
 from .pointers import as_pointer
 
 
@@ -114,7 +114,7 @@ def telemetry_chunks_(layout: TelemetryLayout) -> None:
     for lst in layout.lists:
         _telemetry_chunks_kernel[(lst.n_chunks,)](
             lst.table, layout.workspace, G_CODE=lst.code, ALIGNED=lst.aligned,
-            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, num_warps=geo.num_warps, **COMPILE_OPTIONS,
+            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, **pass_options(geo),
         )
 
 
