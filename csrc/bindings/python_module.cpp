@@ -44,8 +44,9 @@ static PyObject* cuda_geometry(PyObject*, PyObject* args) {
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw::cpu::kernels().isa); }
 
 // (address, numel, dtype code) of every tensor of a sequence, packed as int64s into one bytes
-// object: the Triton backend's plan-cache key. Bytes hash and compare at memory speed; a tuple
-// of Python ints for 2000 tensors took ~1 ms per call to build, hash and compare.
+// object: the Triton backend's plan-cache key. Bytes compare at memory speed (the cache compares
+// them, it does not hash them: chunk_table.PlanCache); a tuple of Python ints for 2000 tensors
+// took ~1 ms per call to build, hash and compare.
 static PyObject* layout_key(PyObject*, PyObject* arg) {
   PyObject* seq = PySequence_Fast(arg, "_layout_key expects a sequence of tensors");
   if (seq == nullptr) return nullptr;
