@@ -39,14 +39,12 @@ from lbw_kernels.triton_kernels.telemetry import _telemetry_chunks_kernel  # noq
 # The ahead-of-time compile of the CI check (tests/triton_aot.py): the same signatures and
 # alignment attributes as the backend's launches.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from triton_aot import compile_ptx  # noqa: E402
+from triton_aot import TELEMETRY_TYPES, UPDATE_TYPES, compile_ptx  # noqa: E402
 
 SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
 CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "telemetry_fold=4",
               "block=512,num_warps=4,telemetry_fold=4", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
 
-UPDATE_TYPES = {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"}
-TELEMETRY_TYPES = {"chunks": "*i64", "workspace": "*fp64"}
 
 
 def ptxas_registers(ptx: str, arch: int) -> tuple:
@@ -105,10 +103,11 @@ def main() -> None:
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
                 consts = dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
-                              FOLD=geo.telemetry_fold)
+                              FOLD=geo.telemetry_fold, ITERS=8 if tel else 1, RBLOCK=geo.reduce_block)
                 rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
                                                            geo.num_warps, geo.maxnreg)))
-        consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold)
+        consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
+                      ITERS=8, RBLOCK=geo.reduce_block)
         rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
                                                    geo.num_warps, geo.maxnreg)))
         name = f"{label} ({geo.block // threads} per thread)"

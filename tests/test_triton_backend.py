@@ -173,6 +173,32 @@ def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_b
     assert seen and set(seen) == {64}
 
 
+def test_each_tensors_last_program_finishes_its_row_and_leaves_the_counters_at_zero(triton_backend):
+    """The per-tensor rows are written by the program that finishes a tensor's last chunk
+    (telemetry.finish_tensor), reading several iterations of chunk rows for a tensor of many
+    chunks, with every counter back at 0 after each pass (the next call and CUDA-graph
+    replays start from there), in both gates, bitwise the same call after call."""
+    from lbw_kernels.triton_kernels.config import geometry
+
+    ops = _ops()
+    chunk, rows_per_iteration = geometry().chunk, geometry().reduce_block
+    many = 2 * rows_per_iteration + 1  # chunks of one tensor: 3 iterations of the finishing loop
+    shapes = ((many * chunk - 5,), (3,), (chunk + 1,))
+    assert_no_mismatch(check_backend(triton_backend, seed=21, shapes=shapes))
+    problem = make_problem(22, shapes)
+    grads = nonempty_grads(problem)
+    first = triton_backend.telemetry(grads, torch.float64)
+    assert torch.equal(triton_backend.telemetry(grads, torch.float64), first)
+    fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
+                                            mask_nonfinite=True, partials_dtype=torch.float64)
+    assert torch.equal(fused, first)
+    layouts = [plan.telemetry if hasattr(plan, "telemetry") else plan
+               for entries in ops.PLANS._plans.values() for _, plan in entries]
+    assert len(layouts) >= 2 and max(layout.max_chunks for layout in layouts) == many
+    for layout in layouts:
+        assert not layout.counters.any()
+
+
 def test_a_missing_chunk_is_caught_by_the_poison(triton_backend):
     """A plan whose chunk table lost a row leaves a NaN partial (the harness fails it)."""
     from lbw_kernels.triton_kernels.chunk_table import telemetry_key

@@ -25,6 +25,10 @@ from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU
 from lbw_kernels.triton_kernels.pointers import BF16, FP16, FP32, FP64
 
 CODE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", FP64: "fp64"}
+# Pointer arguments of the passes' kernels (the partials out: float64 unless asked otherwise)
+TELEMETRY_TYPES = {"chunks": "*i64", "workspace": "*fp64", "first_chunk": "*i64", "counters": "*i32",
+                   "out": "*fp64"}
+UPDATE_TYPES = {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32"} | TELEMETRY_TYPES
 # (TELEMETRY, MASK_NONFINITE, HAS_SKIP) of each way optimizer.step() launches the update
 UPDATE_MODES = {
     "exact": (False, False, True),
@@ -38,15 +42,12 @@ def variants():
     """(name, kernel, typed args, constexprs, num_warps) for every launch the backend makes."""
     for code in (FP32, BF16, FP16, FP64):
         for aligned in (True, False):
-            yield (f"telemetry {CODE_NAMES[code]} aligned={aligned}", telemetry._telemetry_chunks_kernel,
-                   {"chunks": "*i64", "workspace": "*fp64"},
-                   dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold),
-                   GPU.num_warps)
-    for out in ("fp64", "fp32"):
-        for iters in (1, 8):  # a power of two: a loop's trip count
-            yield (f"reduce partials -> {out} iters={iters}", telemetry._reduce_partials_kernel,
-                   {"workspace": "*fp64", "first_chunk": "*i64", "out": f"*{out}", "n_tensors": "i32"},
-                   dict(ITERS=iters, TENSORS=GPU.reduce_tensors, RBLOCK=GPU.reduce_block), GPU.reduce_warps)
+            for out, iters in (("fp64", 8), ("fp32", 1)):  # ITERS: a power of two per layout
+                yield (f"telemetry {CODE_NAMES[code]} aligned={aligned} -> {out} iters={iters}",
+                       telemetry._telemetry_chunks_kernel, TELEMETRY_TYPES | {"out": f"*{out}"},
+                       dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold,
+                            ITERS=iters, RBLOCK=GPU.reduce_block),
+                       GPU.num_warps)
     for has_skip in (True, False):
         yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
                {"tensors": "*i64", "hyper": "*fp64", "lr_ptrs": "*i64", "scale_ptr": "*fp64",
@@ -57,10 +58,10 @@ def variants():
         for mode, (tel, mask, skip) in UPDATE_MODES.items():
             for aligned in (True, False):
                 yield (f"update {CODE_NAMES[code]} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
-                       {"chunks": "*i64", "tensors": "*i64", "coefs": "*fp32", "workspace": "*fp64"},
+                       UPDATE_TYPES,
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                             TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
-                            FOLD=GPU.telemetry_fold),
+                            FOLD=GPU.telemetry_fold, ITERS=8 if tel else 1, RBLOCK=GPU.reduce_block),
                        GPU.num_warps)
 
 

@@ -2,10 +2,11 @@
 
 Per ``step()``, for all groups together (one launch per param dtype, not per tensor):
 
-* exact gate: telemetry (chunk partials + per-tensor reduction: 2 launches), then the
-  coefficient launch and the update launch (32 B per fp32 parameter over both passes);
-* single_pass: the coefficient launch, the update launch that also accumulates telemetry,
-  and the reduction (28 B per fp32 parameter).
+* exact gate: telemetry (chunk partials, each tensor's row finished by its last chunk's
+  program: 1 launch), then the coefficient launch and the update launch (32 B per fp32
+  parameter over both passes);
+* single_pass: the coefficient launch, then the update launch that also writes the
+  telemetry rows (28 B per fp32 parameter).
 
 Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
 launcher syncs with the host, allocates per parameter, or branches on device values, so a

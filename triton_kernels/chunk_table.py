@@ -10,7 +10,8 @@ keep its memory alive after the user drops it.
 
 Telemetry rows are numbered in the order of :func:`lbw_kernels.backends.nonempty_grads`;
 each non-empty gradient owns ``ceil(numel / chunk)`` consecutive chunk rows of the partials
-workspace, so the per-tensor reduction reads a contiguous range in a fixed order.
+workspace, so the per-tensor reduction reads a contiguous range in a fixed order, and one
+counter (the chunks of it done so far in a pass; see telemetry.py).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ layout_key, address_key = _key_functions()
 class ChunkList:
     """Chunks of the tensors of one dtype: rows of ``table`` are one program each.
 
-    Update lists: ``(tensor row, first element, partial row)``. Telemetry-only lists:
-    ``(gradient address, numel, first element, partial row)``.
+    Update lists: ``(tensor row, first element, partial row, telemetry row)``. Telemetry-only
+    lists: ``(gradient address, numel, first element, partial row, telemetry row)``.
     """
 
     code: int
@@ -84,6 +85,7 @@ class TelemetryLayout:
     max_chunks: int  # most chunk rows of one tensor (the reduction's loop bound)
     first_chunk: Tensor  # [n_tensors + 1] int64: tensor t owns partial rows [first[t], first[t+1])
     workspace: Tensor  # [n_chunks, 2] float64 per-chunk (sum g^2, sum g)
+    counters: Tensor  # [n_tensors] int32: chunks of tensor t done so far in a pass (0 between passes)
     lists: List[ChunkList]  # telemetry-only passes (the exact gate; fp64 grads in single_pass)
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
 
@@ -204,13 +206,17 @@ class PlanCache:
 # ---------------------------------------------------------------------------------------
 # Builders (run once per layout; plain Python loops are fine here)
 # ---------------------------------------------------------------------------------------
-def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list) -> Tuple[List[int], Tensor, Tensor]:
+def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list) -> Tuple[List[int], dict]:
+    """First chunk row of each tensor, and the TelemetryLayout fields but its lists."""
     first = [0]
     for n in numels:
         first.append(first[-1] + -(-n // chunk))
-    first_t = _upload([[f] for f in first], 1, torch.int64, device, keep).reshape(-1)
-    workspace = torch.empty((first[-1], 2), dtype=torch.float64, device=device)
-    return first, first_t, workspace
+    return first, dict(
+        n_tensors=len(numels), n_chunks=first[-1], max_chunks=_max_gap(first),
+        first_chunk=_upload([[f] for f in first], 1, torch.int64, device, keep).reshape(-1),
+        workspace=torch.empty((first[-1], 2), dtype=torch.float64, device=device),
+        counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
+    )
 
 
 def _max_gap(first: List[int]) -> int:
@@ -219,7 +225,7 @@ def _max_gap(first: List[int]) -> int:
 
 def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, bool], device, keep) -> List[ChunkList]:
     return [
-        ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), aligned_by_code[code])
+        ChunkList(code, _upload(rows, 5, torch.int64, device, keep), len(rows), aligned_by_code[code])
         for code, rows in sorted(rows_by_code.items())
         if rows
     ]
@@ -228,7 +234,7 @@ def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, b
 def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -> TelemetryLayout:
     """Layout of the exact gate's telemetry pass over ``grads`` (all non-empty)."""
     keep: list = []
-    first, first_t, workspace = _layout([g.numel() for g in grads], chunk, device, keep)
+    first, fields = _layout([g.numel() for g in grads], chunk, device, keep)
     rows: Dict[int, list] = {}
     aligned: Dict[int, bool] = {}
     for t, g in enumerate(grads):
@@ -237,10 +243,8 @@ def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -
         addr = g.data_ptr()
         aligned[code] = aligned.get(code, True) and addr % 16 == 0
         for c, start in enumerate(_chunk_starts(g.numel(), chunk)):
-            rows.setdefault(code, []).append((addr, g.numel(), start, first[t] + c))
-    return TelemetryLayout(
-        len(grads), first[-1], _max_gap(first), first_t, workspace, _telemetry_lists(rows, aligned, device, keep), keep
-    )
+            rows.setdefault(code, []).append((addr, g.numel(), start, first[t] + c, t))
+    return TelemetryLayout(**fields, lists=_telemetry_lists(rows, aligned, device, keep), keep=keep)
 
 
 def _code(dtype: torch.dtype, what: str) -> int:
@@ -263,7 +267,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     tel_aligned: Dict[int, bool] = {}
     delegated: List[Tuple[int, List[int]]] = []
     numels = [g.numel() for group in groups for g in group.grads if g.numel() > 0]
-    first, first_t, workspace = _layout(numels, chunk, device, keep)
+    first, fields = _layout(numels, chunk, device, keep)
     tel = 0
     for gi, group in enumerate(groups):
         lr = group.lr
@@ -282,7 +286,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
                 if n > 0:  # its telemetry still comes from the kernel
                     tel_aligned[FP64] = tel_aligned.get(FP64, True) and g.data_ptr() % 16 == 0
                     for c, start in enumerate(_chunk_starts(n, chunk)):
-                        tel_rows.setdefault(FP64, []).append((g.data_ptr(), n, start, first[tel] + c))
+                        tel_rows.setdefault(FP64, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
                     tel += 1
                 continue
             if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32 or s.numel() != 1:
@@ -294,7 +298,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             update_aligned[code] = update_aligned.get(code, True) and all(a % 16 == 0 for a in addrs)
             if n > 0:
                 for c, start in enumerate(_chunk_starts(n, chunk)):
-                    update_rows.setdefault(code, []).append((row, start, first[tel] + c))
+                    update_rows.setdefault(code, []).append((row, start, first[tel] + c, tel))
                 tel += 1
         if fp64_idx:
             delegated.append((gi, fp64_idx))
@@ -314,11 +318,9 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             lr_ptrs.append(slot)  # other dtype/device: copied into the slot each call
             lr_floats.append(None)
             lr_copies.append(gi)
-    telemetry = TelemetryLayout(
-        len(numels), first[-1], _max_gap(first), first_t, workspace, _telemetry_lists(tel_rows, tel_aligned, device, keep), keep
-    )
+    telemetry = TelemetryLayout(**fields, lists=_telemetry_lists(tel_rows, tel_aligned, device, keep), keep=keep)
     updates = [
-        ChunkList(code, _upload(rows, 3, torch.int64, device, keep), len(rows), update_aligned[code])
+        ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), update_aligned[code])
         for code, rows in sorted(update_rows.items())
     ]
     return UpdatePlan(

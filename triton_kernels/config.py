@@ -34,9 +34,7 @@ class Geometry:
     block: int  # elements per loop iteration (power of two)
     chunk: int  # elements per program (multiple of block)
     num_warps: int
-    reduce_tensors: int  # telemetry reduction: tensors per program
-    reduce_block: int  # telemetry reduction: chunk rows per tensor per iteration
-    reduce_warps: int
+    reduce_block: int  # telemetry: chunk rows per iteration of a tensor's last program (telemetry.finish_tensor)
     tensors_per_program: int  # per-tensor coefficient kernel: tensors per program
     # Telemetry accumulators per loop iteration: BLOCK // telemetry_fold float64 pairs, each
     # the sum of telemetry_fold adjacent elements (1: one pair per element, 2 float64 per
@@ -53,12 +51,10 @@ class Geometry:
     maxnreg: int = 0
 
 
-# The reduction reads 16 B per chunk (~0.1% of the update's traffic): one tensor per program
-# with 256 rows per iteration covers a 65M-element embedding (2000 chunks) in 8 iterations.
-GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_tensors=1, reduce_block=256, reduce_warps=4,
-               tensors_per_program=256)
-INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_tensors=64, reduce_block=4, reduce_warps=4,
-                       tensors_per_program=64)
+# The reduction reads 16 B per chunk (~0.1% of the update's traffic): 256 rows per iteration
+# cover a 65M-element embedding (2000 chunks) in 8 iterations.
+GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_block=256, tensors_per_program=256)
+INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_block=4, tensors_per_program=64)
 
 
 # Compile options of every launch. No floating-point contraction (a*b+c rounded twice, no

@@ -13,7 +13,8 @@ Leaving elements untouched (rules 1 and 6): the exact gate's ``skip`` turns ever
 (``c.apply = 0``; uniform, so stores stay vectorised); single_pass's ``MASK_NONFINITE`` keeps
 the old p, m, v of an element whose gradient is NaN/Inf (selected, then stored unmasked).
 With ``TELEMETRY`` the same gradient loads also feed the float64 telemetry accumulators,
-written per chunk like :mod:`.telemetry` does (single_pass: one read of each gradient).
+written per chunk and finished per tensor like :mod:`.telemetry` does (single_pass: one read
+of each gradient, and no launch after the update).
 
 Shapes/dtypes: params and grads fp32, bf16 or fp16 (one dtype per launch, ``P_CODE``);
 exp_avg/exp_avg_sq fp32; all dense, sharing strides. fp64 params never reach this kernel:
@@ -33,7 +34,7 @@ from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
 from .config import geometry, pass_options
 from .pointers import BF16, FP32, as_pointer, round_to_bf16
-from .telemetry import accumulate_telemetry
+from .telemetry import accumulate_telemetry, finish_tensor, reduce_iters
 
 
 @triton.jit
@@ -95,10 +96,13 @@ def _adamw_block(
 
 @triton.jit
 def _guarded_adamw_kernel(
-    chunks,  # [C, 3] int64: tensor row, first element, telemetry workspace row
+    chunks,  # [C, 4] int64: tensor row, first element, telemetry workspace row, telemetry row
     tensors,  # [N, TENSOR_COLS] int64: p, g, m, v, step addresses, numel, group
     coefs,  # [N, COEF_COLS] float32 from the coefficient kernel
     workspace,  # [*, 2] float64 chunk telemetry (written when TELEMETRY)
+    first_chunk,  # [T + 1] int64 (read when TELEMETRY)
+    counters,  # [T] int32 (when TELEMETRY)
+    out,  # [T, 3] partials (written when TELEMETRY)
     P_CODE: tl.constexpr,
     ALIGNED: tl.constexpr,
     TELEMETRY: tl.constexpr,
@@ -109,9 +113,11 @@ def _guarded_adamw_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
+    ITERS: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row = chunks + pid * 3
+    row = chunks + pid * 4
     t = tl.load(row)
     start = tl.multiple_of(tl.load(row + 1), CHUNK)
     trow = tensors + t * TENSOR_COLS_
@@ -151,24 +157,29 @@ def _guarded_adamw_kernel(
                 acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
             )
     if TELEMETRY:
-        out = tl.load(row + 2)
-        tl.store(workspace + out * 2, tl.sum(acc_sq, axis=0))
-        tl.store(workspace + out * 2 + 1, tl.sum(acc_sum, axis=0))
+        ws_row = tl.load(row + 2)
+        tl.store(workspace + ws_row * 2, tl.sum(acc_sq, axis=0))
+        tl.store(workspace + ws_row * 2 + 1, tl.sum(acc_sum, axis=0))
+        finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 3), ITERS, RBLOCK)
 
 
 def guarded_adamw_(
-    plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], telemetry: bool, mask_nonfinite: bool
+    plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], mask_nonfinite: bool, out: Optional[Tensor] = None
 ) -> None:
     """Rule 5 over every non-fp64 tensor of ``plan``: the coefficient launch, then one update
-    launch per param dtype (with ``telemetry``, chunk partials into ``plan.telemetry``)."""
+    launch per param dtype; with ``out`` (single_pass), the telemetry rows of the gradients
+    it reads into ``out`` (``telemetry.new_partials(plan.telemetry, ...)``)."""
     adamw_coefficients_(plan, scale, skip)
     geo = geometry()
+    tel = plan.telemetry
     for lst in plan.updates:
         _guarded_adamw_kernel[(lst.n_chunks,)](
-            lst.table, plan.tensors, plan.coefs, plan.telemetry.workspace,
-            P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=telemetry, MASK_NONFINITE=mask_nonfinite,
+            lst.table, plan.tensors, plan.coefs, tel.workspace, tel.first_chunk, tel.counters,
+            tel.workspace if out is None else out,  # (not written without telemetry)
+            P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
-            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold, **pass_options(geo),
+            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
+            ITERS=reduce_iters(tel) if out is not None else 1, RBLOCK=geo.reduce_block, **pass_options(geo),
         )
 
 

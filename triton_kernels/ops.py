@@ -23,7 +23,7 @@ from lbw_kernels.backends import GroupTensors
 from .chunk_table import PlanCache, build_telemetry, build_update, refresh_lr, telemetry_key, update_key
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
-from .telemetry import poison_workspace_, reduce_partials, telemetry_chunks_, telemetry_partials
+from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 
 #: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py).
 PLANS = PlanCache(capacity=8)
@@ -79,7 +79,7 @@ def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Ten
         return
     plan, device = _update_plan(groups)
     with _on_device(device):
-        guarded_adamw_(plan, scale=scale, skip=skip, telemetry=False, mask_nonfinite=False)
+        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
     _delegate(plan, groups, scale, skip=skip)
 
 
@@ -91,10 +91,9 @@ def adamw_telemetry_impl(
         return torch.zeros((0, 3), dtype=partials_dtype)
     plan, device = _update_plan(groups)
     with _on_device(device):
-        poison_workspace_(plan.telemetry)
-        guarded_adamw_(plan, scale=scale, skip=None, telemetry=True, mask_nonfinite=mask_nonfinite)
-        telemetry_chunks_(plan.telemetry)  # fp64 gradients (delegated params) only
-        partials = reduce_partials(plan.telemetry, partials_dtype)
+        partials = new_partials(plan.telemetry, partials_dtype)
+        guarded_adamw_(plan, scale=scale, skip=None, mask_nonfinite=mask_nonfinite, out=partials)
+        telemetry_chunks_(plan.telemetry, partials)  # fp64 gradients (delegated params) only
     _delegate(plan, groups, scale, mask_nonfinite=mask_nonfinite)
     return partials
 
