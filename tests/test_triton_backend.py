@@ -156,10 +156,10 @@ def test_folded_telemetry_accumulators_match_the_reference(triton_backend, monke
 
 
 def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_backend, monkeypatch):
-    """config.Geometry.maxnreg (a tuning option, 0 by default) reaches every launch of the
-    update and telemetry-pass kernels; the launches accept it and compute the same rows
-    and updates as the reference (registers only: compiled for a GPU, ptxas spills what does
-    not fit; bench/triton_registers.py shows the count)."""
+    """config.Geometry.maxnreg (a tuning option, 0 by default) reaches the single_pass update
+    launches (and no other); the launches accept it and compute the same rows and updates
+    as the reference (registers only: compiled for a GPU, ptxas spills what does not fit;
+    bench/triton_registers.py shows the count)."""
     from dataclasses import replace
 
     from lbw_kernels.triton_kernels import config, guarded_adamw, telemetry
@@ -168,9 +168,15 @@ def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_b
     seen = []
     for module in (guarded_adamw, telemetry):
         real = module.pass_options
-        monkeypatch.setattr(module, "pass_options", lambda geo, real=real: seen.append(geo.maxnreg) or real(geo))
+
+        def spy(geo, single_pass=False, real=real):
+            options = real(geo, single_pass)
+            seen.append((single_pass, options.get("maxnreg")))
+            return options
+
+        monkeypatch.setattr(module, "pass_options", spy)
     assert_no_mismatch(check_backend(triton_backend, seed=13, shapes=ODD_SIZES[:4] + ((4097,),)))
-    assert seen and set(seen) == {64}
+    assert set(seen) == {(True, 64), (False, None)}
 
 
 def test_each_tensors_last_program_finishes_its_row_and_leaves_the_counters_at_zero(triton_backend):
@@ -588,8 +594,9 @@ def test_geometry_override_for_tuning_runs(monkeypatch):
             config.geometry()
     monkeypatch.setenv("LBW_TRITON_GEOMETRY", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
     geo = config.geometry()
-    assert config.pass_options(geo) == dict(num_warps=4, maxnreg=64, **config.COMPILE_OPTIONS)
-    assert "maxnreg" not in config.pass_options(config.GPU)  # 0: the compiler's choice
+    assert config.pass_options(geo, single_pass=True) == dict(num_warps=4, maxnreg=64, **config.COMPILE_OPTIONS)
+    assert "maxnreg" not in config.pass_options(geo)  # the other kernels: the compiler's choice
+    assert "maxnreg" not in config.pass_options(config.GPU, single_pass=True)  # 0: none
     for bad in ("maxnreg=16", "maxnreg=256"):
         monkeypatch.setenv("LBW_TRITON_GEOMETRY", bad)
         with pytest.raises(ValueError, match="maxnreg"):

@@ -43,17 +43,20 @@ class Geometry:
     # block 1024 x 4 warps, 141 -> 116 at fold 4), so more programs per SM. Another fixed
     # order (bits differ from fold 1), as deterministic. Not yet timed on a GPU.
     telemetry_fold: int = 1
-    # Registers per thread the update and telemetry-pass kernels may use (ptxas .maxnreg; 0:
-    # the compiler's choice). Under Triton 3.6, block 512 x 4 warps with telemetry_fold 4
-    # gives single_pass 72 registers (7 programs of 128 threads per SM); 64 fits 8 (1024
-    # threads, as the CUDA kernels) for 4 bytes of spill stores (bench/triton_registers.py).
-    # Not yet timed on a GPU. Registers only: the results are the same bits.
+    # Registers per thread the single_pass update kernel may use (ptxas .maxnreg; 0: the
+    # compiler's choice). Under Triton 3.6, block 512 x 4 warps with telemetry_fold 4 gives
+    # it 71 registers (7 programs of 128 threads per SM); 64 fits 8 (1024 threads, as the
+    # CUDA kernels) for 4 bytes of spill stores (bench/triton_registers.py). Not applied to
+    # the other kernels: given 64, ptxas took 63 for the exact update (56 without: 9
+    # programs). Not yet timed on a GPU. Registers only: the results are the same bits.
     maxnreg: int = 0
 
 
-# The reduction reads 16 B per chunk (~0.1% of the update's traffic): 256 rows per iteration
-# cover a 65M-element embedding (2000 chunks) in 8 iterations.
-GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_block=256, tensors_per_program=256)
+# The reduction reads 16 B per chunk (~0.1% of the update's traffic): 128 rows per iteration
+# (one per thread of 4 warps) cover a 65M-element embedding (2000 chunks) in 16 iterations.
+# The loop is unrolled inside the update kernel: 256 rows cost it 6 more registers at block
+# 512 under Triton 3.6 (80 -> 86 for fp32 single_pass; bench/triton_registers.py).
+GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_block=128, tensors_per_program=256)
 INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_block=4, tensors_per_program=64)
 
 
@@ -83,10 +86,11 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     return geo
 
 
-def pass_options(geo: Geometry) -> dict:
-    """Launch options of the kernels that stream parameters (update, telemetry pass)."""
+def pass_options(geo: Geometry, single_pass: bool = False) -> dict:
+    """Launch options of the kernels that stream parameters (update, telemetry pass); the
+    register cap for the single_pass update only."""
     options = dict(num_warps=geo.num_warps, **COMPILE_OPTIONS)
-    if geo.maxnreg:
+    if single_pass and geo.maxnreg:
         options["maxnreg"] = geo.maxnreg
     return options
 

@@ -179,7 +179,8 @@ def guarded_adamw_(
             P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
             CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            ITERS=reduce_iters(tel) if out is not None else 1, RBLOCK=geo.reduce_block, **pass_options(geo),
+            ITERS=reduce_iters(tel) if out is not None else 1, RBLOCK=geo.reduce_block,
+            **pass_options(geo, single_pass=out is not None),
         )
 
 
