@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, launch geometry candidates, a host-time profile, the torch-free CUDA test binary,
-# verify. Everything lands in the output folder: one log per phase, bench JSON+PNG per layout,
+# GPU tests, launch geometry candidates, a host-time profile, the host time of one launch by
+# route, the torch-free CUDA test binary, verify. Everything lands in the output folder: one log per phase, bench JSON+PNG per layout,
 # results/ (the JSON under the names bench/results/ keeps), tune-N/ and summary.txt with each
 # phase's exit status and time.
 #
@@ -158,6 +158,10 @@ done
 # Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
 # torch.profiler op/launch counts per step.
 phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12
+# Host time of one launch by route (Triton JIT vs its compiled kernel launched directly, the
+# CUDA op, a torch op): launch_overhead.jsonl.
+phase launch_overhead 40 bash -c 'set -o pipefail; "$0" bench/launch_overhead.py | tee "$1"' "$PY" \
+    "$OUT_DIR/launch_overhead.jsonl"
 # The torch-free CUDA kernels' own test binary (csrc/tests), from the build above.
 phase csrc_cuda_test 60 ctest --test-dir build/gpu --output-on-failure
 # lbw-kernels verify on CUDA (every backend against the reference, as a user would run it).

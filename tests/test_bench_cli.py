@@ -143,3 +143,19 @@ def test_triton_registers_reports_every_kernel_of_a_geometry():
         assert 16 <= regs <= 255 and spilled >= 0 and programs >= 1 and threads == programs * 128  # (4 warps)
     capped = [row for row in rows[10:] if "(single_pass)" in row]  # the one kernel maxnreg caps
     assert len(capped) == 2 and all(int(row[-5]) <= 40 for row in capped)
+
+
+def test_launch_overhead_script_imports_and_says_what_it_needs():
+    """bench/launch_overhead.py (device_check's per-launch host times) imports, and without a
+    GPU stops with the reason instead of timing anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, device_check runs it for real")
+    script = Path(__file__).resolve().parents[1] / "bench" / "launch_overhead.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 1 and "needs a CUDA device" in done.stderr
