@@ -13,9 +13,9 @@ does last) skips: whether keeping the compiled kernels in the plans is worth doi
 Routes (each the min over 5 rounds of ``--launches`` back-to-back launches, the device
 synchronised before and after each round; tiny kernels, so the device keeps up):
 ``torch add_`` (an aten op on a 1-element tensor), ``lbw _C._telemetry`` (the CUDA op's
-eager entry on one gradient), ``triton jit`` (the coefficient kernel of a one-tensor plan, as
-the backend launches it) and ``triton compiled`` (the kernel the JIT returned, launched with
-the same arguments).
+eager entry on one gradient: a table lookup, an output allocation, two launches),
+``triton jit`` (the telemetry kernel of a one-gradient layout, as the backend launches it)
+and ``triton compiled`` (the kernel the JIT returned, launched with the same arguments).
 """
 
 from __future__ import annotations
@@ -40,27 +40,25 @@ def per_launch_us(launch, n: int) -> float:
 
 
 def triton_routes(device: torch.device):
-    """(jit launch, compiled launch) of the coefficient kernel of a one-tensor plan."""
-    from lbw_kernels.backends import GroupTensors
-    from lbw_kernels.triton_kernels import coefficients
-    from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS, build_update
-    from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, geometry
+    """(jit launch, compiled launch) of the telemetry kernel of a one-gradient layout."""
+    from lbw_kernels.triton_kernels import telemetry
+    from lbw_kernels.triton_kernels.chunk_table import build_telemetry
+    from lbw_kernels.triton_kernels.config import geometry, pass_options
 
-    p = torch.zeros(1024, device=device)
-    group = GroupTensors([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)],
-                         [torch.zeros((), device=device)], 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
-    plan = build_update([group], geometry().chunk, device)
-    scale = torch.ones((), dtype=torch.float64, device=device)
-    kernel = coefficients._adamw_coefficients_kernel
-    constexprs = dict(HAS_SKIP=False, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
-                      BLOCK_T=geometry().tensors_per_program)
-    args = [plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale, plan.coefs, plan.n_tensors]
-    compiled = kernel[(1,)](*args, **constexprs, num_warps=4, **COMPILE_OPTIONS)
+    geo = geometry()
+    layout = build_telemetry([torch.randn(1024, device=device)], geo.chunk, device)
+    out = telemetry.new_partials(layout, torch.float64)
+    chunks = layout.lists[0]
+    kernel = telemetry._telemetry_chunks_kernel
+    constexprs = dict(G_CODE=chunks.code, ALIGNED=chunks.aligned, CHUNK=geo.chunk, BLOCK=geo.block,
+                      FOLD=geo.telemetry_fold, ITERS=telemetry.reduce_iters(layout), RBLOCK=geo.reduce_block)
+    args = [chunks.table, layout.workspace, layout.first_chunk, layout.counters, out]
+    compiled = kernel[(chunks.n_chunks,)](*args, **constexprs, **pass_options(geo))
     # The compiled kernel takes every argument in signature order, constexprs included.
     values = dict(zip(kernel.arg_names, args), **constexprs)
     ordered = [values[name] for name in kernel.arg_names]
-    runner = compiled[(1, 1, 1)]
-    return (lambda: coefficients.adamw_coefficients_(plan, scale, None)), (lambda: runner(*ordered))
+    runner = compiled[(chunks.n_chunks, 1, 1)]
+    return (lambda: telemetry.telemetry_chunks_(layout, out)), (lambda: runner(*ordered))
 
 
 def main() -> None:
