@@ -163,10 +163,13 @@ bool kernel_ready(const at::Tensor& t) {
 
 // The tensors of a Python sequence, borrowed: no reference-count traffic on the tensors
 // (owning copies cost an atomic increment and decrement each, ~0.2 ms per update call of
-// 5 x 2000 tensors). A reference to each Python object holds it, and so its tensor, for as
-// long as the borrows live, even if the caller's list changes while the GIL is released.
-// (Not a tuple copy of the sequence: allocating and freeing 5 tuples of 2000 per call, and
-// the garbage collector's passes they trigger, were ~10% of the entry's time on CPU.)
+// 5 x 2000 tensors). With `hold`, a reference to each Python object holds it, and so its
+// tensor, for as long as the borrows live, even if the caller's list changes while the GIL is
+// released (Not a tuple copy of the sequence: allocating and freeing 5 tuples of 2000 per
+// call, and the garbage collector's passes they trigger, were ~10% of the entry's time on
+// CPU.) Without it the GIL must stay held while the borrows are used (the lists cannot change
+// then): that saves a second pass over every Python object, whose reference counts the
+// destructor would drop (perf, CPU op on 5 x 2000 tensors: ~9% of the call in the destructor).
 class BorrowedTensors {
  public:
   BorrowedTensors() = default;
@@ -179,7 +182,7 @@ class BorrowedTensors {
 
   // false with a TypeError naming `what` when obj is not a sequence of tensors. Notes on the
   // way whether the kernels take every tensor (kernel_ready), and whether all share a dtype.
-  bool unpack(PyObject* obj, const char* what) {
+  bool unpack(PyObject* obj, const char* what, bool hold) {
     PyObject* seq = PySequence_Fast(obj, "");  // a list or tuple: itself
     if (seq == nullptr) {  // (an error raised while iterating is kept as it is)
       if (PyErr_ExceptionMatches(PyExc_TypeError))
@@ -188,7 +191,7 @@ class BorrowedTensors {
     }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
-    held_.reserve(n);
+    if (hold) held_.reserve(n);
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = items[i];
@@ -197,7 +200,7 @@ class BorrowedTensors {
         Py_DECREF(seq);
         return false;
       }
-      held_.push_back(Py_NewRef(item));
+      if (hold) held_.push_back(Py_NewRef(item));
       const at::Tensor& t = THPVariable_Unpack(item);
       if (i == 0) first_ = t.scalar_type();
       ready_ = ready_ && kernel_ready(t);
@@ -228,20 +231,40 @@ bool unpack_tensor(PyObject* obj, const char* what, at::Tensor& out) {
   return true;
 }
 
-// Runs `body` without the GIL; a C++ exception is rethrown with the GIL held and translated
-// by torch's own handler, so callers see what torch.ops would raise (RuntimeError,
-// torch.OutOfMemoryError, ...).
+// Whether an entry releases the GIL while the op runs: for CPU tensors, where the op does the
+// arithmetic (other Python threads run meanwhile, as with torch's own ops); not for CUDA ones,
+// where the op only checks, looks up its table and enqueues launches (~0.3 ms for 2000
+// tensors), so holding the GIL lets the entry borrow the tensors without holding each Python
+// object (BorrowedTensors). Decided by the first tensor of `seq` (the op refuses mixed
+// devices); an empty or malformed sequence releases (unpack then says what is wrong).
+bool releases_gil(PyObject* seq) {
+  PyObject* first = nullptr;
+  if (PyList_Check(seq) && PyList_GET_SIZE(seq) > 0) first = PyList_GET_ITEM(seq, 0);
+  if (PyTuple_Check(seq) && PyTuple_GET_SIZE(seq) > 0) first = PyTuple_GET_ITEM(seq, 0);
+  return first == nullptr || !THPVariable_Check(first) || !THPVariable_Unpack(first).is_cuda();
+}
+
+// Runs `body` (without the GIL when `release`); a C++ exception is rethrown with the GIL held
+// and translated by torch's own handler, so callers see what torch.ops would raise
+// (RuntimeError, torch.OutOfMemoryError, ...).
 template <class Body>
-bool run_released(Body&& body) {
+bool run_op(bool release, Body&& body) {
   std::exception_ptr error;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    body();
-  } catch (...) {
-    error = std::current_exception();
+  const auto guarded = [&] {
+    try {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      body();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  };
+  if (release) {
+    Py_BEGIN_ALLOW_THREADS
+    guarded();
+    Py_END_ALLOW_THREADS
+  } else {
+    guarded();
   }
-  Py_END_ALLOW_THREADS
   if (!error) return true;
   HANDLE_TH_ERRORS
   std::rethrow_exception(error);
@@ -256,6 +279,7 @@ struct UpdateArgs {
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   int maximize = 0;
   PyObject* last = nullptr;
+  bool release = true;  // releases_gil(params)
 
   // `format`: "OOOOOOdddddpO:<function name>" (the name is PyArg's for its error messages).
   bool parse(PyObject* args, const char* format) {
@@ -263,9 +287,10 @@ struct UpdateArgs {
     if (!PyArg_ParseTuple(args, format, &p, &g, &m, &v, &s, &scale, &lr, &beta1, &beta2, &eps,
                           &weight_decay, &maximize, &last))
       return false;
-    return params.unpack(p, "params") && grads.unpack(g, "grads") && exp_avgs.unpack(m, "exp_avgs") &&
-           exp_avg_sqs.unpack(v, "exp_avg_sqs") && steps.unpack(s, "steps") &&
-           unpack_tensor(scale, "lr_scale", lr_scale);
+    release = releases_gil(p);
+    return params.unpack(p, "params", release) && grads.unpack(g, "grads", release) &&
+           exp_avgs.unpack(m, "exp_avgs", release) && exp_avg_sqs.unpack(v, "exp_avg_sqs", release) &&
+           steps.unpack(s, "steps", release) && unpack_tensor(scale, "lr_scale", lr_scale);
   }
 
   // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
@@ -293,7 +318,7 @@ PyObject* call_adamw(PyObject*, PyObject* args) {
                        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                    const at::Tensor&, double, double, double, double, double, bool,
                                    const std::optional<at::Tensor>&)>();
-  if (!run_released([&] {
+  if (!run_op(a.release, [&] {
         op.call(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
                 a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip);
       }))
@@ -313,7 +338,7 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
                                          at::TensorList, const at::Tensor&, double, double, double, double,
                                          double, bool, bool)>();
   at::Tensor out;
-  if (!run_released([&] {
+  if (!run_op(a.release, [&] {
         out = op.call(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
                       a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, mask != 0);
       }))
@@ -323,12 +348,13 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
   BorrowedTensors grads;
-  if (!grads.unpack(arg, "grads")) return nullptr;
+  const bool release = releases_gil(arg);
+  if (!grads.unpack(arg, "grads", release)) return nullptr;
   if (!grads.ready(false)) Py_RETURN_NONE;  // (telemetry takes mixed dtypes)
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lbw::telemetry", "").typed<at::Tensor(at::TensorList)>();
   at::Tensor out;
-  if (!run_released([&] { out = op.call(grads.list()); })) return nullptr;
+  if (!run_op(release, [&] { out = op.call(grads.list()); })) return nullptr;
   return THPVariable_Wrap(std::move(out));
 }
 
