@@ -518,6 +518,37 @@ def test_gpu_verify_backend():
 
 
 @pytest.mark.gpu
+def test_gpu_rows_finished_by_each_tensors_last_program_are_the_same_bits_every_call():
+    """On the GPU the programs of a tensor finish in any order: whichever counts last sums the
+    chunk rows the others wrote (integer atomic, acquire/release; telemetry.finish_tensor).
+    A row read before its writer's store landed would change the bits from call to call or
+    leave the reference's tolerance: 40 calls of each pass over a 97-chunk tensor and 300
+    small ones, against the reference on float64 copies, the fused pass's rows equal to the
+    telemetry pass's, every counter back at 0."""
+    from lbw_kernels.triton_kernels.config import geometry
+
+    ops = _ops()
+    chunk = geometry().chunk
+    torch.manual_seed(5)
+    grads = [torch.randn(97 * chunk - 11, device="cuda")] + [torch.randn(s, device="cuda") for s in MANY]
+    want = ReferenceBackend().telemetry([g.double() for g in grads], torch.float64)
+    first = get_backend("triton").telemetry(grads, torch.float64)
+    assert worst(first, want, *PARTIALS_TOLERANCE) is None
+    problem = [GroupTensors([torch.zeros_like(g) for g in grads], grads, [torch.zeros_like(g) for g in grads],
+                            [torch.zeros_like(g) for g in grads], [torch.zeros((), device="cuda") for _ in grads],
+                            1e-3, 0.9, 0.999, 1e-8, 0.0, False)]
+    scale = torch.ones((), dtype=torch.float64, device="cuda")
+    for _ in range(40):
+        assert torch.equal(get_backend("triton").telemetry(grads, torch.float64), first)
+        fused = get_backend("triton").adamw_telemetry_(problem, scale=scale, mask_nonfinite=True,
+                                                       partials_dtype=torch.float64)
+        assert torch.equal(fused, first)
+    for entries in ops.PLANS._plans.values():
+        for _, plan in entries:
+            assert not (plan.telemetry if hasattr(plan, "telemetry") else plan).counters.any()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_optimizer_matches_reference(gate):
     shapes = [(7,), (70001,), (3,), (0,), (333, 65)]
