@@ -103,11 +103,11 @@ def main() -> None:
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
                 consts = dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
-                              FOLD=geo.telemetry_fold, ITERS=16 if tel else 1, RBLOCK=geo.reduce_block)
+                              FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block)
                 rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
                                                            geo.num_warps, geo.maxnreg if tel else 0)))
         consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-                      ITERS=16, RBLOCK=geo.reduce_block)
+                      RBLOCK=geo.reduce_block)
         rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
                                                    geo.num_warps)))
         name = f"{label} ({geo.block // threads} per thread)"

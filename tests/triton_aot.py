@@ -42,11 +42,11 @@ def variants():
     """(name, kernel, typed args, constexprs, num_warps) for every launch the backend makes."""
     for code in (FP32, BF16, FP16, FP64):
         for aligned in (True, False):
-            for out, iters in (("fp64", 16), ("fp32", 1)):  # ITERS: a power of two per layout
-                yield (f"telemetry {CODE_NAMES[code]} aligned={aligned} -> {out} iters={iters}",
+            for out in ("fp64", "fp32"):
+                yield (f"telemetry {CODE_NAMES[code]} aligned={aligned} -> {out}",
                        telemetry._telemetry_chunks_kernel, TELEMETRY_TYPES | {"out": f"*{out}"},
                        dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold,
-                            ITERS=iters, RBLOCK=GPU.reduce_block),
+                            RBLOCK=GPU.reduce_block),
                        GPU.num_warps)
     for has_skip in (True, False):
         yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
@@ -61,7 +61,7 @@ def variants():
                        UPDATE_TYPES,
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                             TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
-                            FOLD=GPU.telemetry_fold, ITERS=16 if tel else 1, RBLOCK=GPU.reduce_block),
+                            FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block),
                        GPU.num_warps)
 
 

@@ -54,7 +54,7 @@ class Geometry:
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): 128 rows per iteration
 # (one per thread of 4 warps) cover a 65M-element embedding (2000 chunks) in 16 iterations.
-# The loop is unrolled inside the update kernel: 256 rows cost it 6 more registers at block
+# It runs inside the update kernel, whose registers it adds to: 256 rows cost 6 more at block
 # 512 under Triton 3.6 (80 -> 86 for fp32 single_pass; bench/triton_registers.py).
 GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_block=128, tensors_per_program=256)
 INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_block=4, tensors_per_program=64)

@@ -34,7 +34,7 @@ from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
 from .config import geometry, pass_options
 from .pointers import BF16, FP32, as_pointer, round_to_bf16
-from .telemetry import accumulate_telemetry, finish_tensor, reduce_iters
+from .telemetry import accumulate_telemetry, finish_tensor
 
 
 @triton.jit
@@ -113,7 +113,6 @@ def _guarded_adamw_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
-    ITERS: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -160,7 +159,7 @@ def _guarded_adamw_kernel(
         ws_row = tl.load(row + 2)
         tl.store(workspace + ws_row * 2, tl.sum(acc_sq, axis=0))
         tl.store(workspace + ws_row * 2 + 1, tl.sum(acc_sum, axis=0))
-        finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 3), ITERS, RBLOCK)
+        finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 3), RBLOCK)
 
 
 def guarded_adamw_(
@@ -179,7 +178,7 @@ def guarded_adamw_(
             P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
             CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            ITERS=reduce_iters(tel) if out is not None else 1, RBLOCK=geo.reduce_block,
+            RBLOCK=geo.reduce_block,
             **pass_options(geo, single_pass=out is not None),
         )
 

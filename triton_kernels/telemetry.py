@@ -49,7 +49,7 @@ def accumulate_telemetry(g_raw, acc_sq, acc_sum, BLOCK: tl.constexpr, FOLD: tl.c
 
 
 @triton.jit
-def finish_tensor(workspace, first_chunk, counters, out, t, ITERS: tl.constexpr, RBLOCK: tl.constexpr):
+def finish_tensor(workspace, first_chunk, counters, out, t, RBLOCK: tl.constexpr):
     """After a program has stored its chunk's partial: count the chunk done on tensor ``t``'s
     counter and, in the program that counts last, write tensor t's row of ``out``."""
     # The barrier orders every thread's stores before the release below (a scalar store and a
@@ -62,14 +62,18 @@ def finish_tensor(workspace, first_chunk, counters, out, t, ITERS: tl.constexpr,
         offs = tl.arange(0, RBLOCK)
         acc_sq = tl.zeros([RBLOCK], dtype=tl.float64)
         acc_sum = tl.zeros([RBLOCK], dtype=tl.float64)
-        # Lane j takes rows c0 + j, c0 + j + RBLOCK, ...: a fixed order. The trip count is a
-        # constant (Triton 3.6's interpreter takes no loop bound read from memory); surplus
-        # iterations are masked. .cg: read at L2, where the other programs' stores are.
-        for i in range(0, ITERS):
-            rows = c0 + i * RBLOCK + offs
+        # Lane j takes rows c0 + j, c0 + j + RBLOCK, ...: a fixed order. A while loop: its
+        # bound comes from memory, which Triton 3.6's interpreter takes in no `range`, and a
+        # loop of constant trip count would be unrolled into the update kernel (registers,
+        # and code growing with the largest tensor). .cg: read at L2, where the other
+        # programs' stores are.
+        base = c0
+        while base < c1:
+            rows = base + offs
             mask = rows < c1
             acc_sq += tl.load(workspace + rows * 2, mask=mask, other=0.0, cache_modifier=".cg")
             acc_sum += tl.load(workspace + rows * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+            base += RBLOCK
         sumsq = tl.sum(acc_sq, axis=0)
         total_t = tl.sum(acc_sum, axis=0)
         # s * 0 is 0 for finite s and NaN for NaN/Inf (no fast-math here, so it is not folded).
@@ -93,8 +97,7 @@ def _telemetry_chunks_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
-    ITERS: tl.constexpr,  # >= ceil(most chunks of one tensor / RBLOCK), a power of two
-    RBLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,  # chunk rows per iteration of finish_tensor
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = chunks + pid * 5
@@ -118,12 +121,7 @@ def _telemetry_chunks_kernel(
             )
     tl.store(workspace + ws_row * 2, tl.sum(acc_sq, axis=0))
     tl.store(workspace + ws_row * 2 + 1, tl.sum(acc_sum, axis=0))
-    finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 4), ITERS, RBLOCK)
-
-
-def reduce_iters(layout: TelemetryLayout) -> int:
-    """The finishing loop's trip count: a power of two (few specialisations across layouts)."""
-    return triton.next_power_of_2(triton.cdiv(max(layout.max_chunks, 1), geometry().reduce_block))
+    finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 4), RBLOCK)
 
 
 def new_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Tensor:
@@ -142,7 +140,7 @@ def telemetry_chunks_(layout: TelemetryLayout, out: Tensor) -> None:
         _telemetry_chunks_kernel[(lst.n_chunks,)](
             lst.table, layout.workspace, layout.first_chunk, layout.counters, out, G_CODE=lst.code,
             ALIGNED=lst.aligned, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            ITERS=reduce_iters(layout), RBLOCK=geo.reduce_block, **pass_options(geo),
+            RBLOCK=geo.reduce_block, **pass_options(geo),
         )
 
 
