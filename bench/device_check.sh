@@ -144,9 +144,10 @@ phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | t
 # 1% of the default in two runs, chunk 65536 against 16384 in three; Triton's chunk (16384,
 # 8192) changed nothing, its per-thread width was not varied below 8 fp32:
 # bench/triton_registers.py says its single_pass kernel is register-bound at 3 programs per
-# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top.)
+# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top. CUDA's
+# warp_partials: telemetry partials per warp, no barrier, for smaller chunks: geometry.h.)
 i=0
-for entry in ${LBW_CHECK_TUNE-cuda:threads=512,ilp=2 triton:block=512,num_warps=4 triton:block=512,num_warps=4,telemetry_fold=4 triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64}; do
+for entry in ${LBW_CHECK_TUNE-cuda:warp_partials=1 cuda:warp_partials=1,chunk=8192 triton:block=512,num_warps=4 triton:block=512,num_warps=4,telemetry_fold=4 triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64}; do
     i=$((i + 1))
     backend=${entry%%:*}
     geo=${entry#*:}

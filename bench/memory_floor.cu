@@ -8,10 +8,10 @@
 // single_pass kernel was 1.6% slower than the update alone at 16384-element chunks, 0.5% at
 // 65536, which points at its per-chunk block reduction (a barrier: the block's warps stop
 // loading until the slowest arrives), while the update alone got faster as chunks shrank
-// (4.04 TB/s at 65536, 4.07 at 16384, 4.14 at 8192). `adamw_telemetry_warp_partials` and
-// `telemetry_warp_partials` below are the same passes with one partial per warp and no
-// barrier (a bigger second stage): if they keep pace with the update alone at small chunks,
-// per-warp partials and a smaller chunk are the change for csrc/cuda.
+// (4.04 TB/s at 65536, 4.07 at 16384, 4.14 at 8192). The geometries with warp_partials
+// (names ending "/w") are the same passes with one partial per warp and no barrier (a fold
+// launch more): if they keep pace with the update alone at small chunks, per-warp partials
+// and a smaller chunk are the default to take (csrc/cuda/geometry.h).
 //
 //   cmake -S . -B build/gpu -G Ninja -DLBW_CUDA=ON && cmake --build build/gpu --target bench_memory_floor
 //   build/gpu/bench_memory_floor [ELEMENTS]     # default 1 << 28 (1 GiB per fp32 stream, 4 GiB)
@@ -106,117 +106,6 @@ __global__ void read_kernel(const float4* __restrict__ g, int64_t n4, float* __r
   if (s == -12345.f) *sink = s;
 }
 
-// Fixed shuffle tree over a warp's two sums; lane 0 writes the warp's own slot (no barrier).
-__device__ __forceinline__ void warp_sum2(double& a, double& b) {
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
-}
-
-template <int THREADS>
-__device__ __forceinline__ void write_warp_slot(double sq, double s, double* __restrict__ ws) {
-  warp_sum2(sq, s);
-  if (threadIdx.x % 32 == 0) {
-    const int64_t slot = blockIdx.x * int64_t(THREADS / 32) + threadIdx.x / 32;
-    ws[2 * slot] = sq;
-    ws[2 * slot + 1] = s;
-  }
-}
-
-// The fused single_pass kernel (fp32, one tensor, chunk elements per block, mask_nonfinite)
-// with one telemetry partial per warp instead of per block: each warp reduces its sums with
-// shuffles and writes its own slot, so no warp waits for the others at the chunk's end.
-template <int THREADS>
-__global__ void __launch_bounds__(THREADS)
-    adamw_telemetry_warp_partials_kernel(float4* __restrict__ p, const float4* __restrict__ g, float4* __restrict__ m,
-                                         float4* __restrict__ v, int64_t n4, int64_t chunk4,
-                                         const AdamWCoeffs<double>* __restrict__ coeffs, double* __restrict__ ws) {
-  const AdamWCoeffs<double>& c = *coeffs;
-  const AdamWCoeffs<float> k{float(c.decay), float(c.w1),        float(c.beta2), float(c.w2),
-                             float(c.step_size), float(c.bc2_sqrt), float(c.eps)};
-  const int64_t begin = blockIdx.x * chunk4;
-  const int64_t end = begin + chunk4 < n4 ? begin + chunk4 : n4;
-  double sq = 0.0, s = 0.0;
-#pragma unroll 2
-  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
-    float4 pr = p[i], mr = m[i], vr = v[i];
-    const float4 gr = g[i];
-    const auto one = [&](float& pj, float gj, float& mj, float& vj) {
-      accumulate(sq, s, double(gj));
-      adamw_element_masked(pj, gj, mj, vj, k);
-    };
-    one(pr.x, gr.x, mr.x, vr.x);
-    one(pr.y, gr.y, mr.y, vr.y);
-    one(pr.z, gr.z, mr.z, vr.z);
-    one(pr.w, gr.w, mr.w, vr.w);
-    p[i] = pr;
-    m[i] = mr;
-    v[i] = vr;
-  }
-  write_warp_slot<THREADS>(sq, s, ws);
-}
-
-// The telemetry-only pass (the exact gate's read of g) the same way: a partial per warp.
-template <int THREADS>
-__global__ void __launch_bounds__(THREADS)
-    telemetry_warp_partials_kernel(const float4* __restrict__ g, int64_t n4, int64_t chunk4, double* __restrict__ ws) {
-  const int64_t begin = blockIdx.x * chunk4;
-  const int64_t end = begin + chunk4 < n4 ? begin + chunk4 : n4;
-  double sq = 0.0, s = 0.0;
-#pragma unroll 4
-  for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
-    const float4 x = g[i];
-    accumulate(sq, s, double(x.x));
-    accumulate(sq, s, double(x.y));
-    accumulate(sq, s, double(x.z));
-    accumulate(sq, s, double(x.w));
-  }
-  write_warp_slot<THREADS>(sq, s, ws);
-}
-
-// Their second stage, in two launches so it scales with the slots: a warp per chunk folds the
-// chunk's 16 warp slots into one chunk slot (fixed shuffle tree), then 1024 threads sum the
-// one tensor's chunk slots in a fixed strided order and a fixed tree, as the library's
-// combine kernel does per tensor.
-__global__ void fold_warp_slots_kernel(const double* __restrict__ warp_ws, int64_t nchunks,
-                                       double* __restrict__ chunk_ws) {
-  const int64_t chunk = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (chunk >= nchunks) return;  // whole warps: nothing below waits for another warp
-  constexpr int kSlots = kThreads / 32;
-  double a = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane)] : 0.0;
-  double b = lane < kSlots ? warp_ws[2 * (chunk * kSlots + lane) + 1] : 0.0;
-  warp_sum2(a, b);
-  if (lane == 0) chunk_ws[2 * chunk] = a, chunk_ws[2 * chunk + 1] = b;
-}
-
-__global__ void __launch_bounds__(1024) sum_chunk_slots_kernel(const double* __restrict__ ws, int64_t nslots,
-                                                               double* __restrict__ out) {
-  __shared__ double sa[32], sb[32];
-  double a = 0.0, b = 0.0;
-  for (int64_t i = threadIdx.x; i < nslots; i += 1024) {
-    a += ws[2 * i];
-    b += ws[2 * i + 1];
-  }
-  warp_sum2(a, b);
-  if (threadIdx.x % 32 == 0) sa[threadIdx.x / 32] = a, sb[threadIdx.x / 32] = b;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    a = sa[threadIdx.x];
-    b = sb[threadIdx.x];
-    warp_sum2(a, b);
-    if (threadIdx.x == 0) out[0] = a, out[1] = b, out[2] = nonfinite_flag(b);
-  }
-}
-
-// Both stages after a warp-partials pass over nchunks chunks.
-void reduce_warp_slots(const double* warp_ws, int64_t nchunks, double* chunk_ws, double* out) {
-  const unsigned fold_blocks = static_cast<unsigned>((nchunks * 32 + 255) / 256);
-  fold_warp_slots_kernel<<<fold_blocks, 256>>>(warp_ws, nchunks, chunk_ws);
-  sum_chunk_slots_kernel<<<1, 1024>>>(chunk_ws, nchunks, out);
-}
-
 __global__ void fill_kernel(float* x, int64_t n, float value) {
   for (int64_t i = first_index(); i < n; i += stride()) x[i] = value;
 }
@@ -281,7 +170,8 @@ struct OneTensorTable {
 };
 
 std::string name_of(const Geometry& g) {
-  return std::to_string(g.threads) + "x" + std::to_string(g.ilp) + "/" + std::to_string(g.chunk);
+  return std::to_string(g.threads) + "x" + std::to_string(g.ilp) + "/" + std::to_string(g.chunk) +
+         (g.warp_partials ? "/w" : "");
 }
 
 }  // namespace
@@ -311,9 +201,8 @@ int main(int argc, char** argv) {
   CUDA_OK(cudaMalloc(&sink, sizeof(float)));
   CUDA_OK(cudaMalloc(&steps, sizeof(float)));
   CUDA_OK(cudaMalloc(&lr_scale, sizeof(double)));
-  CUDA_OK(cudaMalloc(&ws, 2 * (n / 4096 + 1) * sizeof(double)));  // the smallest chunk's count
-  double* warp_ws;  // one slot per warp of 512-thread blocks, chunks of 4096 or more
-  CUDA_OK(cudaMalloc(&warp_ws, 2 * (n / 4096 + 1) * (kThreads / 32) * sizeof(double)));
+  // The most any geometry below needs: the smallest chunk, with a slot per warp.
+  CUDA_OK(cudaMalloc(&ws, telemetry_workspace_doubles(Geometry{512, 1, 4096, 1}, n / 4096 + 1) * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizeof(double)));
   const float init[4] = {0.5f, 0.01f, 0.f, 1e-4f};
   float* all[4] = {p, g, m, v};
@@ -363,7 +252,9 @@ int main(int argc, char** argv) {
   const Geometry geometries[] = {Geometry{},  // the default, then the other candidates
                                  Geometry{512, 1, 65536}, Geometry{512, 2, 65536}, Geometry{256, 2, 65536},
                                  Geometry{256, 4, 65536}, Geometry{256, 2, 32768}, Geometry{512, 1, 131072},
-                                 Geometry{512, 1, 8192}, Geometry{512, 1, 4096}, Geometry{512, 2, 16384}};
+                                 Geometry{512, 1, 8192}, Geometry{512, 1, 4096}, Geometry{512, 2, 16384},
+                                 Geometry{512, 1, 4096, 1}, Geometry{512, 1, 8192, 1}, Geometry{512, 1, 16384, 1},
+                                 Geometry{512, 1, 65536, 1}};
   for (const Geometry& geo : geometries) {
     const OneTensorTable table(entry, geo.chunk);
     AdamWArgs args{};
@@ -379,20 +270,6 @@ int main(int argc, char** argv) {
            }));
     report("telemetry", name_of(geo), 4 * N, time_ms([&] {
              CUDA_OK(launch_telemetry(geo, table.tensors(), 1, table.chunks(), table.nchunks, ws, out, 0));
-           }));
-  }
-  // After the loop: the coefficients the launches above left in `coeffs` are read here.
-  for (int64_t chunk : {int64_t(4096), int64_t(8192), int64_t(16384), int64_t(65536)}) {
-    const int64_t chunk4 = chunk / 4, nchunks = (n4 + chunk4 - 1) / chunk4;
-    const unsigned blocks = static_cast<unsigned>(nchunks);
-    report("adamw_telemetry_warp_partials", "512x1/" + std::to_string(chunk), 28 * N, time_ms([&] {
-             adamw_telemetry_warp_partials_kernel<kThreads>
-                 <<<blocks, kThreads>>>(p4, g4, m4, v4, n4, chunk4, coeffs, warp_ws);
-             reduce_warp_slots(warp_ws, nchunks, ws, out);
-           }));
-    report("telemetry_warp_partials", "512x1/" + std::to_string(chunk), 4 * N, time_ms([&] {
-             telemetry_warp_partials_kernel<kThreads><<<blocks, kThreads>>>(g4, n4, chunk4, warp_ws);
-             reduce_warp_slots(warp_ws, nchunks, ws, out);
            }));
   }
   CUDA_OK(cudaDeviceSynchronize());

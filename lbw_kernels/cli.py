@@ -50,9 +50,9 @@ def _info(args: argparse.Namespace) -> int:
     if backends["cuda"] is None:
         from . import _C
 
-        threads, ilp, chunk = _C._cuda_geometry()
+        threads, ilp, chunk, warp_partials = _C._cuda_geometry()
         source = "LBW_CUDA_GEOMETRY" if os.environ.get("LBW_CUDA_GEOMETRY") else "default"
-        print(f"cuda launch threads={threads} ilp={ilp} chunk={chunk} ({source})")
+        print(f"cuda launch threads={threads} ilp={ilp} chunk={chunk} warp_partials={warp_partials} ({source})")
     return 0
 
 

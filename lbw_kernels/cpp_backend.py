@@ -77,12 +77,12 @@ def poisoned_outputs(on: bool = True):
         _C._set_poison_outputs(old)
 
 
-CUDA_GEOMETRY_FIELDS = ("threads", "ilp", "chunk")
+CUDA_GEOMETRY_FIELDS = ("threads", "ilp", "chunk", "warp_partials")
 
 
 def set_cuda_geometry(**fields: int) -> tuple:
     """Replace fields of the CUDA kernels' launch geometry (csrc/cuda/geometry.h: ``threads``,
-    ``ilp``, ``chunk``; fields not given keep their value) and return the previous one;
+    ``ilp``, ``chunk``, ``warp_partials``; fields not given keep their value) and return the previous one;
     ValueError, nothing changed, for a geometry that has no kernels."""
     unknown = set(fields) - set(CUDA_GEOMETRY_FIELDS)
     if unknown:

@@ -335,7 +335,8 @@ def test_gpu_cuda_update_has_the_cpu_kernels_bits(cuda_backend, dtype):
 # Launch geometries with kernels besides the default (csrc/cuda/geometry.h), each with a
 # chunk small enough that the problems below cross chunk edges.
 OTHER_CUDA_GEOMETRIES = [dict(threads=512, ilp=2, chunk=8192), dict(threads=256, ilp=2, chunk=1 << 20),
-                         dict(threads=256, ilp=4, chunk=4096)]
+                         dict(threads=256, ilp=4, chunk=4096), dict(threads=512, ilp=1, chunk=8192, warp_partials=1),
+                         dict(threads=256, ilp=2, chunk=4096, warp_partials=1)]
 
 
 def test_cuda_geometry_is_set_checked_and_restored(monkeypatch):
@@ -345,11 +346,13 @@ def test_cuda_geometry_is_set_checked_and_restored(monkeypatch):
     from lbw_kernels.cpp_backend import _apply_cuda_geometry_override, cuda_geometry
 
     default = _C._cuda_geometry()
-    assert default == (512, 1, 16384)
+    assert default == (512, 1, 16384, 0)
     with cuda_geometry(threads=256, ilp=4):
-        assert _C._cuda_geometry() == (256, 4, 16384)
+        assert _C._cuda_geometry() == (256, 4, 16384, 0)
+    with cuda_geometry(warp_partials=1, chunk=8192):
+        assert _C._cuda_geometry() == (512, 1, 8192, 1)
     assert _C._cuda_geometry() == default
-    for bad in (dict(ilp=4), dict(threads=1024), dict(chunk=3000), dict(chunk=1 << 21)):
+    for bad in (dict(ilp=4), dict(threads=1024), dict(chunk=3000), dict(chunk=1 << 21), dict(warp_partials=2)):
         with pytest.raises(ValueError, match="has no kernels"):
             with cuda_geometry(**bad):
                 pass
@@ -365,7 +368,7 @@ def test_cuda_geometry_is_set_checked_and_restored(monkeypatch):
     monkeypatch.setenv("LBW_CUDA_GEOMETRY", "threads=256, ilp=2")
     try:
         _apply_cuda_geometry_override()
-        assert _C._cuda_geometry() == (256, 2, 16384)
+        assert _C._cuda_geometry() == (256, 2, 16384, 0)
     finally:
         _C._cuda_geometry(*default)
 

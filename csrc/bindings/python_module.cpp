@@ -19,26 +19,28 @@ static PyObject* set_poison_outputs(PyObject*, PyObject* arg) {
   return PyBool_FromLong(old);
 }
 
-// _cuda_geometry() -> (threads, ilp, chunk) in use; _cuda_geometry(threads, ilp, chunk) sets it
-// (ValueError for one without kernels) and returns the previous one.
+// _cuda_geometry() -> (threads, ilp, chunk, warp_partials) in use; _cuda_geometry(threads, ilp,
+// chunk, warp_partials) sets it (ValueError for one without kernels) and returns the previous one.
 static PyObject* cuda_geometry(PyObject*, PyObject* args) {
   lbw::cuda::Geometry& current = lbw::cuda_geometry();
   const lbw::cuda::Geometry old = current;
   if (PyTuple_GET_SIZE(args) > 0) {
     lbw::cuda::Geometry geo;
     long long chunk = 0;
-    if (!PyArg_ParseTuple(args, "iiL:_cuda_geometry", &geo.threads, &geo.ilp, &chunk)) return nullptr;
+    if (!PyArg_ParseTuple(args, "iiLi:_cuda_geometry", &geo.threads, &geo.ilp, &chunk, &geo.warp_partials))
+      return nullptr;
     geo.chunk = chunk;
     if (!lbw::cuda::geometry_supported(geo)) {
       PyErr_Format(PyExc_ValueError,
-                   "CUDA geometry threads=%d, ilp=%d, chunk=%lld has no kernels: (threads, ilp) must be (512, 1), "
-                   "(512, 2), (256, 2) or (256, 4), chunk a power of two from 4096 to 1048576",
-                   geo.threads, geo.ilp, chunk);
+                   "CUDA geometry threads=%d, ilp=%d, chunk=%lld, warp_partials=%d has no kernels: (threads, ilp) "
+                   "must be (512, 1), (512, 2), (256, 2) or (256, 4), chunk a power of two from 4096 to 1048576, "
+                   "warp_partials 0 or 1",
+                   geo.threads, geo.ilp, chunk, geo.warp_partials);
       return nullptr;
     }
     current = geo;
   }
-  return Py_BuildValue("(iiL)", old.threads, old.ilp, static_cast<long long>(old.chunk));
+  return Py_BuildValue("(iiLi)", old.threads, old.ilp, static_cast<long long>(old.chunk), old.warp_partials);
 }
 
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw::cpu::kernels().isa); }
@@ -374,7 +376,7 @@ static PyMethodDef methods[] = {
     {"_layout_key", layout_key, METH_O,
      "(data_ptr, numel, dtype code) of each tensor of a sequence, packed as int64s in one bytes object."},
     {"_cuda_geometry", cuda_geometry, METH_VARARGS,
-     "_cuda_geometry([threads, ilp, chunk]): the CUDA kernels' launch geometry (csrc/cuda/geometry.h); "
+     "_cuda_geometry([threads, ilp, chunk, warp_partials]): the CUDA kernels' launch geometry (csrc/cuda/geometry.h); "
      "with arguments, sets it and returns the previous one."},
     {"_cpu_isa", cpu_isa, METH_NOARGS,
      "Instruction set of the CPU kernels in use (default, avx2 or avx512; LBW_CPU_ISA caps it)."},

@@ -29,12 +29,27 @@ struct Geometry {
   // pass pays the block reduction twice as often). On one 268M-element tensor
   // (memory_floor) the update alone runs at 4.07 TB/s at 16384, 4.04 at 65536.
   int64_t chunk = 16384;
+  // Telemetry partials per chunk: 0, one per block (a shuffle tree per warp, then a barrier and
+  // warp 0's tree); 1, one per warp (the tree, then lane 0 writes; no barrier), folded into
+  // one per chunk by a second launch before the per-tensor sums. On one 268M-element tensor
+  // (bench/memory_floor.cu) the single_pass kernel with per-block partials ran 1.6% slower
+  // than the update alone at 16384-element chunks, 0.5% at 65536, while the update alone ran
+  // faster as chunks shrank: per-warp partials are for smaller chunks without that cost. A
+  // kernel argument, not another instantiation. Not yet timed on a GPU.
+  int warp_partials = 0;
 };
 
 inline bool geometry_supported(const Geometry& g) {
   const bool pow2 = g.chunk > 0 && (g.chunk & (g.chunk - 1)) == 0;
   const bool kernels = g.threads == 512 ? (g.ilp == 1 || g.ilp == 2) : g.threads == 256 && (g.ilp == 2 || g.ilp == 4);
-  return kernels && pow2 && g.chunk >= 4096 && g.chunk <= (int64_t(1) << 20);
+  return kernels && pow2 && g.chunk >= 4096 && g.chunk <= (int64_t(1) << 20) &&
+         (g.warp_partials == 0 || g.warp_partials == 1);
+}
+
+// Doubles of telemetry workspace a pass over `nchunks` chunks needs: 2 per chunk, and with
+// warp_partials 2 per warp of each chunk besides.
+inline int64_t telemetry_workspace_doubles(const Geometry& g, int64_t nchunks) {
+  return 2 * nchunks * (1 + (g.warp_partials ? g.threads / 32 : 0));
 }
 
 }  // namespace cuda

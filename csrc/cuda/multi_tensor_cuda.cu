@@ -14,15 +14,21 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) Vec {
   T x[N];
 };
 
-// Deterministic block sum of two doubles: a fixed shuffle tree per warp, then warp 0 sums the
-// warps' results the same way. Returns the totals in thread 0.
-template <int THREADS>
-__device__ __forceinline__ void block_sum2(double& a, double& b) {
-  __shared__ double sa[THREADS / 32], sb[THREADS / 32];
+// Deterministic warp sum of two doubles (a fixed shuffle tree); the totals in lane 0. Every
+// lane of the warp must take part.
+__device__ __forceinline__ void warp_sum2(double& a, double& b) {
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_down_sync(0xffffffffu, a, off);
     b += __shfl_down_sync(0xffffffffu, b, off);
   }
+}
+
+// Deterministic block sum of two doubles: warp_sum2 per warp, then warp 0 sums the warps'
+// results the same way. Returns the totals in thread 0.
+template <int THREADS>
+__device__ __forceinline__ void block_sum2(double& a, double& b) {
+  __shared__ double sa[THREADS / 32], sb[THREADS / 32];
+  warp_sum2(a, b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     sa[warp] = a;
@@ -32,11 +38,57 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
   if (warp == 0) {
     a = lane < THREADS / 32 ? sa[lane] : 0.0;
     b = lane < THREADS / 32 ? sb[lane] : 0.0;
-    for (int off = 16; off > 0; off >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, off);
-      b += __shfl_down_sync(0xffffffffu, b, off);
+    warp_sum2(a, b);
+  }
+}
+
+// A block's telemetry partial of its chunk (block b of a grid of one block per chunk): into
+// chunk slot b of ws, or with `warp_slots` (Geometry::warp_partials; uniform per launch) one
+// per warp, into the warp slots behind the gridDim.x chunk slots, which fold_warp_slots_kernel
+// then adds into chunk slot b. The warp-slot path has no barrier: no warp waits for another.
+template <int THREADS>
+__device__ __forceinline__ void write_partials(double sq, double s, double* __restrict__ ws, bool warp_slots) {
+  if (warp_slots) {
+    warp_sum2(sq, s);
+    if (threadIdx.x % 32 == 0) {
+      double* slot = ws + 2 * (int64_t(gridDim.x) + int64_t(blockIdx.x) * (THREADS / 32) + threadIdx.x / 32);
+      slot[0] = sq;
+      slot[1] = s;
+    }
+  } else {
+    block_sum2<THREADS>(sq, s);
+    if (threadIdx.x == 0) {
+      ws[2 * blockIdx.x] = sq;
+      ws[2 * blockIdx.x + 1] = s;
     }
   }
+}
+
+// warp_partials' middle stage: a warp per chunk adds the chunk's WARPS warp slots with the
+// fixed shuffle tree into its chunk slot (where combine_kernel reads). Scales with the
+// chunks, where one block per tensor reading every warp slot would not (a 268M-element
+// tensor at 8192-element chunks has 524,288 of them).
+template <int WARPS>
+__global__ void __launch_bounds__(256) fold_warp_slots_kernel(double* __restrict__ ws, int64_t nchunks) {
+  const int64_t chunk = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (chunk >= nchunks) return;  // whole warps: the tree below has all its lanes
+  const double* warp_ws = ws + 2 * nchunks + 2 * chunk * WARPS;
+  double a = lane < WARPS ? warp_ws[2 * lane] : 0.0;
+  double b = lane < WARPS ? warp_ws[2 * lane + 1] : 0.0;
+  warp_sum2(a, b);
+  if (lane == 0) {
+    ws[2 * chunk] = a;
+    ws[2 * chunk + 1] = b;
+  }
+}
+
+void launch_fold(const Geometry& geo, double* ws, int64_t nchunks, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((nchunks * 32 + 255) / 256);
+  if (geo.threads == 256)
+    fold_warp_slots_kernel<8><<<blocks, 256, 0, stream>>>(ws, nchunks);
+  else
+    fold_warp_slots_kernel<16><<<blocks, 256, 0, stream>>>(ws, nchunks);
 }
 
 __device__ __forceinline__ int64_t chunk_len(const TensorEntry& t, const ChunkEntry& c, int64_t chunk) {
@@ -69,7 +121,7 @@ __device__ __forceinline__ void reduce_range(const G* __restrict__ g, int64_t n,
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS) telemetry_kernel(const TensorEntry* __restrict__ tensors,
                                                             const ChunkEntry* __restrict__ chunks, int64_t chunk,
-                                                            double* __restrict__ ws) {
+                                                            double* __restrict__ ws, bool warp_slots) {
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry& t = tensors[c.tensor];
   const int64_t n = chunk_len(t, c, chunk);
@@ -80,11 +132,7 @@ __global__ void __launch_bounds__(THREADS) telemetry_kernel(const TensorEntry* _
     case DType::bf16: reduce_range<THREADS>(static_cast<const bf16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
     case DType::f16: reduce_range<THREADS>(static_cast<const f16_t*>(t.g) + c.begin, n, t.aligned, sq, s); break;
   }
-  block_sum2<THREADS>(sq, s);
-  if (threadIdx.x == 0) {
-    ws[2 * blockIdx.x] = sq;
-    ws[2 * blockIdx.x + 1] = s;
-  }
+  write_partials<THREADS>(sq, s, ws, warp_slots);
 }
 
 // Second stage: one block per tensor. Thread i sums the tensor's chunk slots i, i +
@@ -214,7 +262,7 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
                                                         const ChunkEntry* __restrict__ chunks, int64_t chunk,
                                                         const AdamWCoeffs<double>* __restrict__ all_coeffs,
                                                         const double* __restrict__ skip, bool maximize,
-                                                        double* __restrict__ ws) {
+                                                        double* __restrict__ ws, bool warp_slots) {
   using M = typename math_type<P>::type;
   if (skip != nullptr && *skip != 0.0) return;  // rule 1: a skipped call changes nothing
   const ChunkEntry c = chunks[blockIdx.x];
@@ -234,28 +282,23 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
     done = n / V * V;
   }
   for (int64_t i = done + threadIdx.x; i < n; i += THREADS) update_one<MASK, TEL>(p[i], g[i], m[i], v[i], k, sign, sq, s);
-  if (TEL) {
-    block_sum2<THREADS>(sq, s);
-    if (threadIdx.x == 0) {
-      ws[2 * blockIdx.x] = sq;
-      ws[2 * blockIdx.x + 1] = s;
-    }
-  }
+  if (TEL) write_partials<THREADS>(sq, s, ws, warp_slots);
 }
 
 template <class P, int THREADS, int ILP>
 void launch_update(const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks, int64_t nchunks,
-                   int64_t chunk, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
+                   int64_t chunk, const AdamWCoeffs<double>* coeffs, double* ws, bool warp_slots,
+                   cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nchunks));
   if (!a.telemetry)
     adamw_kernel<P, false, false, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, ws);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, ws, false);
   else if (a.mask_nonfinite)
     adamw_kernel<P, true, true, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws, warp_slots);
   else
     adamw_kernel<P, false, true, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws, warp_slots);
 }
 
 // The geometry's instantiation (geometry_supported() was checked).
@@ -264,7 +307,7 @@ void launch_update(const Geometry& geo, const AdamWArgs& a, const TensorEntry* t
                    int64_t nchunks, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
   const auto run = [&](auto threads, auto ilp) {
     launch_update<P, decltype(threads)::value, decltype(ilp)::value>(a, tensors, chunks, nchunks, geo.chunk, coeffs,
-                                                                      ws, stream);
+                                                                      ws, geo.warp_partials != 0, stream);
   };
   using T256 = std::integral_constant<int, 256>;
   using T512 = std::integral_constant<int, 512>;
@@ -287,10 +330,12 @@ cudaError_t launch_telemetry(const Geometry& geo, const TensorEntry* tensors, in
   if (!geometry_supported(geo)) return cudaErrorInvalidValue;
   if (nchunks == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(nchunks);
+  const bool warp_slots = geo.warp_partials != 0;
   if (geo.threads == 256)
-    telemetry_kernel<256><<<grid, 256, 0, stream>>>(tensors, chunks, geo.chunk, ws);
+    telemetry_kernel<256><<<grid, 256, 0, stream>>>(tensors, chunks, geo.chunk, ws, warp_slots);
   else
-    telemetry_kernel<512><<<grid, 512, 0, stream>>>(tensors, chunks, geo.chunk, ws);
+    telemetry_kernel<512><<<grid, 512, 0, stream>>>(tensors, chunks, geo.chunk, ws, warp_slots);
+  if (warp_slots) launch_fold(geo, ws, nchunks, stream);
   launch_combine(tensors, ntensors, ws, out, stream);
   return cudaGetLastError();
 }
@@ -308,7 +353,10 @@ cudaError_t launch_adamw(const Geometry& geo, const AdamWArgs& args, const Tenso
       case DType::bf16: launch_update<bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
       case DType::f16: launch_update<f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
     }
-    if (args.telemetry) launch_combine(tensors, ntensors, ws, out, stream);
+    if (args.telemetry) {
+      if (geo.warp_partials) launch_fold(geo, ws, nchunks, stream);
+      launch_combine(tensors, ntensors, ws, out, stream);
+    }
   }
   return cudaGetLastError();
 }

@@ -5,8 +5,9 @@
 // (Geometry::chunk elements of one tensor) with 16-byte vector loads of p, g, m, v; the
 // launch geometry is geometry.h's (the table must be built with its chunk). Reductions are
 // deterministic: each block reduces its chunk in double with a fixed shuffle tree into its
-// own workspace slot, and a second tiny kernel (a block per tensor, fixed strided order and
-// the same tree) sums each tensor's slots.
+// own workspace slot (with Geometry::warp_partials each warp into its own, folded per chunk by
+// a second launch), and a last tiny kernel (a block per tensor, fixed strided order and the
+// same tree) sums each tensor's slots.
 // The AdamW step counts and coefficients are computed on the device (no host sync).
 #pragma once
 
@@ -45,8 +46,9 @@ inline int64_t table_bytes(int64_t ntensors, int64_t nchunks) {
   return ntensors * int64_t(sizeof(TensorEntry)) + nchunks * int64_t(sizeof(ChunkEntry));
 }
 
-// Telemetry: out gets one (sum g^2, sum g, nonfinite) row per non-empty tensor; ws 2 doubles
-// per chunk. Grads may mix dtypes. cudaErrorInvalidValue for an unsupported geometry.
+// Telemetry: out gets one (sum g^2, sum g, nonfinite) row per non-empty tensor; ws holds
+// telemetry_workspace_doubles(geo, nchunks). Grads may mix dtypes. cudaErrorInvalidValue for
+// an unsupported geometry.
 cudaError_t launch_telemetry(const Geometry& geo, const TensorEntry* tensors, int64_t ntensors, const ChunkEntry* chunks,
                              int64_t nchunks, double* ws, double* out, cudaStream_t stream);
 

@@ -99,7 +99,7 @@ void test_update(const Geometry& geo, bool mask, double skip_value) {
   AdamWCoeffs<double>* coeffs = nullptr;
   double *ws = nullptr, *out = nullptr;
   CUDA_OK(cudaMalloc(&coeffs, sizes.size() * sizeof(AdamWCoeffs<double>)));
-  CUDA_OK(cudaMalloc(&ws, 2 * table.c.size() * sizeof(double)));
+  CUDA_OK(cudaMalloc(&ws, telemetry_workspace_doubles(geo, table.c.size()) * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizes.size() * sizeof(double)));
   CUDA_OK(launch_adamw(geo, a, table.tensors(), sizes.size(), table.chunks(), table.c.size(), coeffs, ws, out, 0));
   CUDA_OK(cudaDeviceSynchronize());
@@ -148,7 +148,7 @@ void test_telemetry_repeatable(const Geometry& geo) {
   table.e.push_back(e);
   table.upload(geo.chunk);
   double *ws, *out;
-  CUDA_OK(cudaMalloc(&ws, 2 * table.c.size() * sizeof(double)));
+  CUDA_OK(cudaMalloc(&ws, telemetry_workspace_doubles(geo, table.c.size()) * sizeof(double)));
   CUDA_OK(cudaMalloc(&out, 3 * sizeof(double)));
   CUDA_OK(launch_telemetry(geo, table.tensors(), 1, table.chunks(), table.c.size(), ws, out, 0));
   const auto first = to_host(out, 3);
@@ -168,7 +168,8 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;
   }
-  const Geometry geometries[] = {Geometry{}, Geometry{512, 2, 8192}, Geometry{256, 2, 1 << 20}, Geometry{256, 4, 4096}};
+  const Geometry geometries[] = {Geometry{},          Geometry{512, 2, 8192},    Geometry{256, 2, 1 << 20},
+                                 Geometry{256, 4, 4096}, Geometry{512, 1, 8192, 1}, Geometry{256, 2, 4096, 1}};
   for (const Geometry& geo : geometries) {
     CHECK(geometry_supported(geo));
     test_telemetry_repeatable(geo);
@@ -177,7 +178,8 @@ int main() {
     test_update<float>(geo, true, 0.0);
     test_update<bf16_t>(geo, true, 0.0);
   }
-  CHECK(!geometry_supported(Geometry{512, 4, 65536}) && !geometry_supported(Geometry{512, 1, 3000}));
+  CHECK(!geometry_supported(Geometry{512, 4, 65536}) && !geometry_supported(Geometry{512, 1, 3000}) &&
+        !geometry_supported(Geometry{512, 1, 8192, 2}));
   CHECK(launch_telemetry(Geometry{1024, 1, 65536}, nullptr, 0, nullptr, 0, nullptr, nullptr, 0) == cudaErrorInvalidValue);
   TEST_MAIN_END
 }
