@@ -156,6 +156,9 @@ for entry in ${LBW_CHECK_TUNE-cuda:warp_partials=1 cuda:warp_partials=1,chunk=81
     phase "tune_$i" 45 env "$var=$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
         --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
 done
+# The candidates beside the defaults in one table (tune_table.md).
+[[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
+    "$PY" "$OUT_DIR"
 # Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
 # torch.profiler op/launch counts per step.
 phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12

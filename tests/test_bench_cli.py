@@ -159,3 +159,32 @@ def test_launch_overhead_script_imports_and_says_what_it_needs():
     script = Path(__file__).resolve().parents[1] / "bench" / "launch_overhead.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert done.returncode == 1 and "needs a CUDA device" in done.stderr
+
+
+def test_tune_table_puts_each_candidate_beside_the_default(tmp_path):
+    """bench/tune_table.py reads a device_check folder: the default geometry's rows (the full
+    bench) and each tune-N's, with the ratio to the fused baseline of the same process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def report(fused_ms, rows):
+        base = [dict(name="torch AdamW fused", kind="baseline", backend=None, ms=fused_ms, x_floor=1.3, error=None)]
+        guard = [dict(name=n, kind="guard", backend=b, ms=ms, x_floor=xf, error=None) for n, b, ms, xf in rows]
+        return json.dumps({"tables": [{"layout": "tinyllama-1.1b", "rows": base + guard}]})
+
+    (tmp_path / "bench-tinyllama-1.1b").mkdir()
+    (tmp_path / "bench-tinyllama-1.1b" / "bench.json").write_text(
+        report(10.0, [("guard cuda exact sf=1", "cuda", 9.0, 1.08), ("guard triton exact sf=1", "triton", 9.5, 1.1)]))
+    (tmp_path / "tune-1").mkdir()
+    (tmp_path / "tune-1" / "bench.json").write_text(report(10.2, [("guard cuda exact sf=1", "cuda", 8.8, 1.05)]))
+    (tmp_path / "tune.txt").write_text("tune_1 cuda LBW_CUDA_GEOMETRY=warp_partials=1\n"
+                                       "tune_2 cuda LBW_CUDA_GEOMETRY=chunk=8192\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "tune_table.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert "| cuda | guard cuda exact sf=1 | default | 9.000 | 1.080 | 0.900 |" in lines
+    assert "| cuda | guard cuda exact sf=1 | warp_partials=1 | 8.800 | 1.050 | 0.863 |" in lines
+    assert "| cuda | guard cuda exact sf=1 | chunk=8192 (no result) | - | - | - |" in lines
+    assert not any("triton" in line for line in lines)  # only the tuned backends

@@ -1,0 +1,73 @@
+"""The launch-geometry candidates of one bench/device_check.sh run beside the defaults, as one
+table: for every guard row of a tuned backend (gate, stats_freq, options), the default
+geometry's time (the full bench of the first layout) and each candidate's (tune-N/), each
+with x floor and the ratio to torch fused AdamW timed in the same process. Processes of one
+run differ by ~1%, so the ratio to the same-process fused baseline is what compares them.
+
+    python bench/tune_table.py DEVICE_CHECK_FOLDER        # a Markdown table on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _table(report_path: Path) -> dict:
+    return json.loads(report_path.read_text())["tables"][0]
+
+
+def _fused_ms(table: dict) -> float:
+    return next(r["ms"] for r in table["rows"] if r["name"] == "torch AdamW fused")
+
+
+def candidates(folder: Path) -> list:
+    """(label, backend, table) for the default and every tune entry listed in tune.txt."""
+    entries = []
+    for line in (folder / "tune.txt").read_text().splitlines():
+        name, backend, setting = line.split(maxsplit=2)
+        report = folder / name.replace("tune_", "tune-") / "bench.json"
+        if report.exists():
+            entries.append((setting.split("=", 1)[1], backend, _table(report)))
+        else:
+            entries.append((setting.split("=", 1)[1] + " (no result)", backend, None))
+    if not entries:
+        return []
+    layout = next((t["layout"] for _, _, t in entries if t is not None), None)
+    default = folder / f"bench-{layout}" / "bench.json"
+    defaults = [("default", b, _table(default)) for b in dict.fromkeys(b for _, b, _ in entries)] if default.exists() else []
+    return defaults + entries
+
+
+def render(entries: list) -> str:
+    lines = ["| backend | row | geometry | ms | x floor | vs fused (same process) |", "|---|---|---|---|---|---|"]
+    for backend in dict.fromkeys(b for _, b, _ in entries):
+        mine = [(label, t) for label, b, t in entries if b == backend]
+        names = [r["name"] for _, t in mine if t is not None for r in t["rows"] if r["backend"] == backend]
+        for name in dict.fromkeys(names):
+            for label, table in mine:
+                if table is None:
+                    lines.append(f"| {backend} | {name} | {label} | - | - | - |")
+                    continue
+                row = next((r for r in table["rows"] if r["name"] == name), None)
+                if row is None or row.get("error"):
+                    continue
+                ratio = row["ms"] / _fused_ms(table)
+                lines.append(f"| {backend} | {name} | {label} | {row['ms']:.3f} | {row['x_floor']:.3f} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    args = ap.parse_args()
+    entries = candidates(args.folder)
+    if not entries:
+        sys.exit(f"no tune entries in {args.folder / 'tune.txt'}")
+    print(render(entries))
+
+
+if __name__ == "__main__":
+    main()
