@@ -40,7 +40,7 @@ class Geometry:
     # the sum of telemetry_fold adjacent elements (1: one pair per element, 2 float64 per
     # element a thread holds). With a fold up to the elements per thread the sums stay inside
     # a thread: fewer registers (bench/triton_registers.py: single_pass under Triton 3.6,
-    # block 1024 x 4 warps, 141 -> 116 at fold 4), so more programs per SM. Another fixed
+    # block 1024 x 4 warps, 138 -> 114 at fold 4), so more programs per SM. Another fixed
     # order (bits differ from fold 1), as deterministic. Not yet timed on a GPU.
     telemetry_fold: int = 1
     # Registers per thread the single_pass update kernel may use (ptxas .maxnreg; 0: the
