@@ -2,9 +2,9 @@
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
 # GPU tests, launch geometry candidates, a host-time profile, the host time of one launch by
-# route, the torch-free CUDA test binary, verify. Everything lands in the output folder: one log per phase, bench JSON+PNG per layout,
-# results/ (the JSON under the names bench/results/ keeps), tune-N/ and summary.txt with each
-# phase's exit status and time.
+# route, the torch-free CUDA test binary, verify. Everything lands in the output folder: one
+# log per phase, bench JSON+PNG per layout, results/ (the JSON under the names bench/results/
+# keeps), tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
 #
 #   bash bench/device_check.sh [OUTPUT_FOLDER]      # default: $OUT, else ./device-check
 #

@@ -82,7 +82,6 @@ class ChunkList:
 class TelemetryLayout:
     n_tensors: int  # non-empty gradients
     n_chunks: int
-    max_chunks: int  # most chunk rows of one tensor (the reduction's loop bound)
     first_chunk: Tensor  # [n_tensors + 1] int64: tensor t owns partial rows [first[t], first[t+1])
     workspace: Tensor  # [n_chunks, 2] float64 per-chunk (sum g^2, sum g)
     counters: Tensor  # [n_tensors] int32: chunks of tensor t done so far in a pass (0 between passes)
@@ -212,15 +211,11 @@ def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list)
     for n in numels:
         first.append(first[-1] + -(-n // chunk))
     return first, dict(
-        n_tensors=len(numels), n_chunks=first[-1], max_chunks=_max_gap(first),
+        n_tensors=len(numels), n_chunks=first[-1],
         first_chunk=_upload([[f] for f in first], 1, torch.int64, device, keep).reshape(-1),
         workspace=torch.empty((first[-1], 2), dtype=torch.float64, device=device),
         counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
     )
-
-
-def _max_gap(first: List[int]) -> int:
-    return max((b - a for a, b in zip(first, first[1:])), default=0)
 
 
 def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, bool], device, keep) -> List[ChunkList]:
