@@ -46,7 +46,6 @@ CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "telemetry_fold
               "block=512,num_warps=4,telemetry_fold=4", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
 
 
-
 def ptxas_registers(ptx: str, arch: int) -> tuple:
     """(registers, spill store bytes) from ptxas -v on the PTX (the CUDA toolkit's ptxas; the
     PTX's .version is lowered to what it reads when Triton wrote a newer one: these kernels
