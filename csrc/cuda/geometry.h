@@ -35,7 +35,10 @@ struct Geometry {
   // (bench/memory_floor.cu) the single_pass kernel with per-block partials ran 1.6% slower
   // than the update alone at 16384-element chunks, 0.5% at 65536, while the update alone ran
   // faster as chunks shrank: per-warp partials are for smaller chunks without that cost. A
-  // kernel argument, not another instantiation. Not yet timed on a GPU.
+  // kernel argument, not another instantiation. Its workspace is 16 slots of 16 B per chunk
+  // (512 threads): ~17 MB per telemetry call for 1.1B parameters at 16384-element chunks,
+  // against ~1 MB with per-block partials (DESIGN.md counts partials as O(chunks) state).
+  // Not yet timed on a GPU.
   int warp_partials = 0;
 };
 
