@@ -144,10 +144,14 @@ phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | t
 # 1% of the default in two runs, chunk 65536 against 16384 in three; Triton's chunk (16384,
 # 8192) changed nothing, its per-thread width was not varied below 8 fp32:
 # bench/triton_registers.py says its single_pass kernel is register-bound at 3 programs per
-# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top. CUDA's
+# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top; num_stages=3
+# keeps the next blocks' loads in flight in shared memory instead (config.py). CUDA's
 # warp_partials: telemetry partials per warp, no barrier, for smaller chunks: geometry.h.)
+TUNE_DEFAULT="cuda:warp_partials=1 cuda:warp_partials=1,chunk=8192 triton:block=512,num_warps=4,telemetry_fold=4"
+TUNE_DEFAULT+=" triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64 triton:num_stages=3"
+TUNE_DEFAULT+=" triton:block=512,num_warps=4,telemetry_fold=4,num_stages=3"
 i=0
-for entry in ${LBW_CHECK_TUNE-cuda:warp_partials=1 cuda:warp_partials=1,chunk=8192 triton:block=512,num_warps=4 triton:block=512,num_warps=4,telemetry_fold=4 triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64}; do
+for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
     i=$((i + 1))
     backend=${entry%%:*}
     geo=${entry#*:}

@@ -51,7 +51,7 @@ def triton_routes(device: torch.device):
     chunks = layout.lists[0]
     kernel = telemetry._telemetry_chunks_kernel
     constexprs = dict(G_CODE=chunks.code, ALIGNED=chunks.aligned, CHUNK=geo.chunk, BLOCK=geo.block,
-                      FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block)
+                      FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block, STAGES=geo.num_stages)
     args = [chunks.table, layout.workspace, layout.first_chunk, layout.counters, out]
     compiled = kernel[(chunks.n_chunks,)](*args, **constexprs, **pass_options(geo))
     # The compiled kernel takes every argument in signature order, constexprs included.

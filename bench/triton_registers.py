@@ -39,11 +39,14 @@ from lbw_kernels.triton_kernels.telemetry import _telemetry_chunks_kernel  # noq
 # The ahead-of-time compile of the CI check (tests/triton_aot.py): the same signatures and
 # alignment attributes as the backend's launches.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from triton_aot import TELEMETRY_TYPES, UPDATE_TYPES, compile_ptx  # noqa: E402
+from triton_aot import TELEMETRY_TYPES, UPDATE_TYPES, compile_kernel  # noqa: E402
 
-SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
+# H100/H200 SM: registers, threads, resident blocks, shared memory (228 KB, 1 KB of it reserved
+# per block).
+SM_REGISTERS, SM_THREADS, SM_BLOCKS, SM_SHARED, BLOCK_RESERVED = 65536, 2048, 32, 228 * 1024, 1024
 CANDIDATES = ("block=512,num_warps=4", "block=1024,num_warps=8", "telemetry_fold=4",
-              "block=512,num_warps=4,telemetry_fold=4", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64")
+              "block=512,num_warps=4,telemetry_fold=4", "block=512,num_warps=4,telemetry_fold=4,maxnreg=64",
+              "num_stages=3", "block=512,num_warps=4,telemetry_fold=4,num_stages=3")
 
 
 def ptxas_registers(ptx: str, arch: int) -> tuple:
@@ -81,9 +84,10 @@ def _run_ptxas(ptxas: str, ptx: str, arch: int) -> str:
         return done.stdout + done.stderr
 
 
-def occupancy(registers: int, threads: int) -> int:
-    """Programs resident per SM as registers, threads and the block limit allow."""
-    return min(SM_REGISTERS // (registers * threads), SM_THREADS // threads, SM_BLOCKS)
+def occupancy(registers: int, threads: int, shared: int = 0) -> int:
+    """Programs resident per SM as registers, threads, shared memory and the block limit allow."""
+    return min(SM_REGISTERS // (registers * threads), SM_THREADS // threads, SM_BLOCKS,
+               SM_SHARED // (shared + BLOCK_RESERVED))
 
 
 def main() -> None:
@@ -94,7 +98,8 @@ def main() -> None:
     args = ap.parse_args()
     geometries = [("default", GPU)] + [(spec, _overridden(GPU, spec)) for spec in (args.geometry or CANDIDATES)]
     print(f"triton {triton.__version__}, sm_{args.arch}; per SM: {SM_REGISTERS} registers, {SM_THREADS} threads")
-    print(f"{'geometry':64s} {'kernel':34s} {'regs':>5s} {'spilled':>8s} {'programs/SM':>12s} {'threads/SM':>11s}")
+    print(f"{'geometry':64s} {'kernel':34s} {'regs':>5s} {'spilled':>8s} {'smem':>7s} {'programs/SM':>12s} "
+          f"{'threads/SM':>11s}")
     for label, geo in geometries:
         threads = 32 * geo.num_warps
         rows = []
@@ -102,18 +107,20 @@ def main() -> None:
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
                 consts = dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
-                              FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block)
-                rows.append((f"{name} {dtype}", compile_ptx(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
-                                                           geo.num_warps, geo.maxnreg if tel else 0)))
+                              FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block, STAGES=geo.num_stages)
+                rows.append((f"{name} {dtype}", compile_kernel(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
+                                                              geo.num_warps, geo.maxnreg if tel else 0)))
         consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-                      RBLOCK=geo.reduce_block)
-        rows.append(("telemetry fp32", compile_ptx(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
-                                                   geo.num_warps)))
+                      RBLOCK=geo.reduce_block, STAGES=geo.num_stages)
+        rows.append(("telemetry fp32", compile_kernel(_telemetry_chunks_kernel, TELEMETRY_TYPES, consts, args.arch,
+                                                      geo.num_warps)))
         name = f"{label} ({geo.block // threads} per thread)"
-        for kernel, ptx in rows:
-            regs, spilled = ptxas_registers(ptx, args.arch)
-            programs = occupancy(regs, threads)
-            print(f"{name:64s} {kernel:34s} {regs:5d} {spilled:6d} B {programs:12d} {programs * threads:11d}")
+        for kernel, compiled in rows:
+            regs, spilled = ptxas_registers(compiled.asm["ptx"], args.arch)
+            shared = compiled.metadata.shared
+            programs = occupancy(regs, threads, shared)
+            print(f"{name:64s} {kernel:34s} {regs:5d} {spilled:6d} B {shared // 1024:4d} KB {programs:12d} "
+                  f"{programs * threads:11d}")
             name = ""
 
 

@@ -105,8 +105,10 @@ def test_device_check_script_parses_and_its_geometry_candidates_exist():
 
     script = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    entries = re.search(r"LBW_CHECK_TUNE-([^}]*)}", script.read_text()).group(1).split()
-    assert {e.split(":", 1)[0] for e in entries} <= {"cuda", "triton"} and entries
+    text = script.read_text()
+    assert "${LBW_CHECK_TUNE-$TUNE_DEFAULT}" in text
+    entries = " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
+    assert {e.split(":", 1)[0] for e in entries} <= {"cuda", "triton"} and len(entries) >= 4
     for entry in entries:
         backend, spec = entry.split(":", 1)
         if backend == "triton":
@@ -139,10 +141,10 @@ def test_triton_registers_reports_every_kernel_of_a_geometry():
     rows = [line.split() for line in out.splitlines() if "fp32" in line or "bf16" in line]
     assert len(rows) == 15  # 5 kernels x (default, the two asked for)
     for row in rows:
-        regs, spilled, programs, threads = int(row[-5]), int(row[-4]), int(row[-2]), int(row[-1])
+        regs, spilled, programs, threads = int(row[-7]), int(row[-6]), int(row[-2]), int(row[-1])
         assert 16 <= regs <= 255 and spilled >= 0 and programs >= 1 and threads == programs * 128  # (4 warps)
     capped = [row for row in rows[10:] if "(single_pass)" in row]  # the one kernel maxnreg caps
-    assert len(capped) == 2 and all(int(row[-5]) <= 40 for row in capped)
+    assert len(capped) == 2 and all(int(row[-7]) <= 40 for row in capped)
 
 
 def test_launch_overhead_script_imports_and_says_what_it_needs():

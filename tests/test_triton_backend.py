@@ -155,6 +155,31 @@ def test_folded_telemetry_accumulators_match_the_reference(triton_backend, monke
         config._overridden(config.GPU, "telemetry_fold=3")
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipelined_loops_match_the_reference(triton_backend, monkeypatch, stages):
+    """config.Geometry.num_stages > 1 (a tuning option, off by default): both passes run their
+    whole blocks in a branch-free loop (blocks past them masked off) and the partial block
+    after it; the rows and updates still match the reference in both gates (chunk edges,
+    partial blocks, single elements, an empty tensor), and the fused pass gives the telemetry
+    pass's bits. (That Triton pipelines the loop on a GPU: the cp.async count of
+    tests/triton_aot.py.)"""
+    from dataclasses import replace
+
+    from lbw_kernels.triton_kernels import config
+
+    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, num_stages=stages))
+    block, chunk = config.INTERPRETER.block, config.INTERPRETER.chunk
+    shapes = ODD_SIZES + ((chunk + block + 5,), (2 * chunk,), (block - 1,))
+    assert_no_mismatch(check_backend(triton_backend, seed=17, shapes=shapes))
+    problem = make_problem(18, MANY[:30] + shapes)
+    first = triton_backend.telemetry(nonempty_grads(problem), torch.float64)
+    fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
+                                            mask_nonfinite=True, partials_dtype=torch.float64)
+    assert torch.equal(fused, first)
+    with pytest.raises(ValueError, match="num_stages"):
+        config._overridden(config.GPU, "num_stages=9")
+
+
 def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_backend, monkeypatch):
     """config.Geometry.maxnreg (a tuning option, 0 by default) reaches the single_pass update
     launches (and no other); the launches accept it and compute the same rows and updates
@@ -485,7 +510,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
     """Without a GPU: every specialisation the backend launches (tests/triton_aot.py) compiles
     for sm_80 and sm_90 with the GPU geometry (triton ships ptxas), and the fp32 single_pass
     update has no fused multiply-adds and moves 16 bytes per access: 8 fp32 per thread = 2 vector loads for each of p, g, m, v
-    and 2 vector stores for each of p, m, v."""
+    and 2 vector stores for each of p, m, v; with num_stages=3 its loads are 16-byte cp.async
+    copies (Triton pipelined the loop: the option does what it says)."""
     import subprocess
     import sys
 
@@ -502,6 +528,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
     loads, stores = map(int, lines[-1].split()[-2:])
     assert lines[-1].startswith("vector-access") and (loads, stores) == (8, 6)
     assert lines[-2] == "fma-instructions 0"  # no contraction: rounds like the reference
+    assert lines[-3].startswith("pipelined-loads") and int(lines[-3].split()[-1]) >= 8  # 2 per stream and stage
 
 
 # ---------------------------------------------------------------------------------------

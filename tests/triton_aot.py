@@ -6,7 +6,8 @@ TRITON_INTERPRET=1, under which nothing compiles:
     python tests/triton_aot.py [ARCH ...]     # default: 80 90
 
 prints one line per compiled variant, then for the sm_90 PTX of the fp32 single_pass update
-``fma-instructions N`` (0: config.COMPILE_OPTIONS turns contraction off) and ``vector-access
+``pipelined-loads N`` (16-byte cp.async copies of the num_stages=3 variant: Triton pipelined
+its loop), ``fma-instructions N`` (0: config.COMPILE_OPTIONS turns contraction off) and ``vector-access
 LOADS STORES`` (16-byte global loads and stores); tests/test_triton_backend.py checks all three.
 """
 
@@ -46,7 +47,7 @@ def variants():
                 yield (f"telemetry {CODE_NAMES[code]} aligned={aligned} -> {out}",
                        telemetry._telemetry_chunks_kernel, TELEMETRY_TYPES | {"out": f"*{out}"},
                        dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold,
-                            RBLOCK=GPU.reduce_block),
+                            RBLOCK=GPU.reduce_block, STAGES=GPU.num_stages),
                        GPU.num_warps)
     for has_skip in (True, False):
         yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
@@ -61,11 +62,29 @@ def variants():
                        UPDATE_TYPES,
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                             TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
-                            FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block),
+                            FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block, STAGES=GPU.num_stages),
                        GPU.num_warps)
+    # The software-pipelined loops (config.Geometry.num_stages, a tuning option): both passes
+    yield ("telemetry fp32 aligned=True stages=3", telemetry._telemetry_chunks_kernel, TELEMETRY_TYPES,
+           dict(G_CODE=FP32, ALIGNED=True, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold,
+                RBLOCK=GPU.reduce_block, STAGES=3), GPU.num_warps)
+    for code in (FP32, BF16):
+        for mode in ("exact", "single_pass"):
+            tel, mask, skip = UPDATE_MODES[mode]
+            yield (f"update {CODE_NAMES[code]} {mode} aligned=True stages=3", guarded_adamw._guarded_adamw_kernel,
+                   UPDATE_TYPES,
+                   dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
+                        TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
+                        FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block, STAGES=3),
+                   GPU.num_warps)
 
 
 def compile_ptx(kernel, typed, consts, arch: int, num_warps: int, maxnreg: int = 0) -> str:
+    return compile_kernel(kernel, typed, consts, arch, num_warps, maxnreg).asm["ptx"]
+
+
+def compile_kernel(kernel, typed, consts, arch: int, num_warps: int, maxnreg: int = 0):
+    """The compiled kernel (``.asm["ptx"]``, ``.metadata.shared``: bytes of shared memory)."""
     names = kernel.arg_names
     signature = {n: typed.get(n, "constexpr") for n in names}
     missing = set(names) - set(typed) - set(consts)
@@ -79,7 +98,7 @@ def compile_ptx(kernel, typed, consts, arch: int, num_warps: int, maxnreg: int =
     options = {"num_warps": num_warps, **COMPILE_OPTIONS}  # as the launches pass them (config.pass_options)
     if maxnreg:
         options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def main(archs) -> int:
@@ -91,7 +110,10 @@ def main(archs) -> int:
             if arch == 90 and name == "update fp32 single_pass aligned=True":
                 vector = (len(re.findall(r"ld\.global\.v4\.b32", ptx)), len(re.findall(r"st\.global\.v4\.b32", ptx)))
                 fused = len(re.findall(r"\bfma\.", ptx))
+            if arch == 90 and name == "update fp32 single_pass aligned=True stages=3":
+                pipelined = len(re.findall(r"cp\.async\.cg\.shared\.global [^;]*, 0x10", ptx))
     if vector is not None:
+        print("pipelined-loads", pipelined)
         print("fma-instructions", fused)
         print("vector-access", *vector)
     return 0

@@ -50,6 +50,15 @@ class Geometry:
     # the other kernels: given 64, ptxas took 63 for the exact update (56 without: 9
     # programs). Not yet timed on a GPU. Registers only: the results are the same bits.
     maxnreg: int = 0
+    # Software pipelining of the passes' loops over a chunk (1: off). With num_stages S > 1 the
+    # whole blocks run in a branch-free loop (blocks past them masked off, uniformly, so the
+    # accesses stay 16-byte) that Triton pipelines: the loads of the next S - 1 blocks are in
+    # flight as cp.async copies into shared memory while a block's math runs. Bytes in flight
+    # then cost shared memory (S - 1 blocks of p, g, m, v: 32 KB for S=3 at block 1024, fp32)
+    # instead of registers, which bound Triton's occupancy (bench/triton_registers.py). The
+    # same per-lane order: bits as num_stages=1 but for the sign of an all-zero sum. Checked
+    # in the PTX (cp.async under Triton 3.6 and 3.9), not yet timed on a GPU.
+    num_stages: int = 1
 
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): 128 rows per iteration
@@ -78,10 +87,11 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
     fold = geo.telemetry_fold
     if (geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1)
-            or fold & (fold - 1) or fold > geo.block or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)):
+            or fold & (fold - 1) or fold > geo.block or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)
+            or not 1 <= geo.num_stages <= 8):
         raise ValueError(
             "LBW_TRITON_GEOMETRY: block, num_warps and telemetry_fold must be powers of two, chunk a multiple "
-            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, got {geo}"
+            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, num_stages 1 to 8, got {geo}"
         )
     return geo
 

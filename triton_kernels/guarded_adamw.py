@@ -114,6 +114,7 @@ def _guarded_adamw_kernel(
     BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
     RBLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = chunks + pid * 4
@@ -139,22 +140,43 @@ def _guarded_adamw_kernel(
     offs = tl.arange(0, BLOCK)
     acc_sq = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
     acc_sum = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
-    # Whole blocks unmasked (vector loads/stores), the last partial one masked. The trip count
-    # is a constant (never a value read from memory) and the branch is uniform per program.
-    for i in range(0, CHUNK // BLOCK):
-        lo = i * BLOCK
-        if lo + BLOCK <= n:
+    if STAGES > 1:  # (config.Geometry.num_stages)
+        # Whole blocks in a branch-free loop Triton pipelines: the loads of the next STAGES - 1
+        # blocks are in flight (cp.async into shared memory) while one block's math runs. Blocks
+        # past the chunk's whole ones are masked off by a mask uniform over the block (accesses
+        # stay 16-byte), then the partial block, masked.
+        for i in tl.range(0, CHUNK // BLOCK, num_stages=STAGES):
+            lo = i * BLOCK
             acc_sq, acc_sum = _adamw_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, None,
+                p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, (tl.zeros_like(offs) + lo + BLOCK) <= n,
                 step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
-                acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
+                acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
             )
-        elif lo < n:
+        lo = (n // BLOCK) * BLOCK
+        if lo < n:
             acc_sq, acc_sum = _adamw_block(
                 p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, lo + offs < n,
                 step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
                 acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
             )
+    else:
+        # Whole blocks unmasked (vector loads/stores), the last partial one masked. The trip
+        # count is a constant (never a value read from memory) and the branch is uniform per
+        # program.
+        for i in range(0, CHUNK // BLOCK):
+            lo = i * BLOCK
+            if lo + BLOCK <= n:
+                acc_sq, acc_sum = _adamw_block(
+                    p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, None,
+                    step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+                    acc_sq, acc_sum, P_CODE, True, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
+                )
+            elif lo < n:
+                acc_sq, acc_sum = _adamw_block(
+                    p_ptr, g_ptr, m_ptr, v_ptr, lo + offs, lo + offs < n,
+                    step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, sign, apply,
+                    acc_sq, acc_sum, P_CODE, False, TELEMETRY, MASK_NONFINITE, HAS_SKIP, BLOCK, FOLD,
+                )
     if TELEMETRY:
         ws_row = tl.load(row + 2)
         tl.store(workspace + ws_row * 2, tl.sum(acc_sq, axis=0))
@@ -178,7 +200,7 @@ def guarded_adamw_(
             P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
             HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
             CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            RBLOCK=geo.reduce_block,
+            RBLOCK=geo.reduce_block, STAGES=geo.num_stages,
             **pass_options(geo, single_pass=out is not None),
         )
 

@@ -98,6 +98,7 @@ def _telemetry_chunks_kernel(
     BLOCK: tl.constexpr,
     FOLD: tl.constexpr,
     RBLOCK: tl.constexpr,  # chunk rows per iteration of finish_tensor
+    STAGES: tl.constexpr,  # config.Geometry.num_stages (see guarded_adamw.py's loop)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = chunks + pid * 5
@@ -109,16 +110,29 @@ def _telemetry_chunks_kernel(
     offs = tl.arange(0, BLOCK)
     acc_sq = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
     acc_sum = tl.zeros([BLOCK // FOLD], dtype=tl.float64)
-    # Whole blocks unmasked (vectorised), the last partial one masked. The trip count is a
-    # constant (the loop bound never comes from memory) and the branch is uniform per program.
-    for i in range(0, CHUNK // BLOCK):
-        lo = i * BLOCK
-        if lo + BLOCK <= n:
-            acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + lo + offs), acc_sq, acc_sum, BLOCK, FOLD)
-        elif lo < n:
+    if STAGES > 1:  # whole blocks pipelined, masked off past the chunk's whole ones, then the rest
+        for i in tl.range(0, CHUNK // BLOCK, num_stages=STAGES):
+            lo = i * BLOCK
+            whole = (tl.zeros_like(offs) + lo + BLOCK) <= n
+            acc_sq, acc_sum = accumulate_telemetry(
+                tl.load(g_ptr + lo + offs, mask=whole, other=0.0), acc_sq, acc_sum, BLOCK, FOLD
+            )
+        lo = (n // BLOCK) * BLOCK
+        if lo < n:
             acc_sq, acc_sum = accumulate_telemetry(
                 tl.load(g_ptr + lo + offs, mask=lo + offs < n, other=0.0), acc_sq, acc_sum, BLOCK, FOLD
             )
+    else:
+        # Whole blocks unmasked (vectorised), the last partial one masked. The trip count is a
+        # constant (the loop bound never comes from memory) and the branch is uniform per program.
+        for i in range(0, CHUNK // BLOCK):
+            lo = i * BLOCK
+            if lo + BLOCK <= n:
+                acc_sq, acc_sum = accumulate_telemetry(tl.load(g_ptr + lo + offs), acc_sq, acc_sum, BLOCK, FOLD)
+            elif lo < n:
+                acc_sq, acc_sum = accumulate_telemetry(
+                    tl.load(g_ptr + lo + offs, mask=lo + offs < n, other=0.0), acc_sq, acc_sum, BLOCK, FOLD
+                )
     tl.store(workspace + ws_row * 2, tl.sum(acc_sq, axis=0))
     tl.store(workspace + ws_row * 2 + 1, tl.sum(acc_sum, axis=0))
     finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 4), RBLOCK)
@@ -140,7 +154,7 @@ def telemetry_chunks_(layout: TelemetryLayout, out: Tensor) -> None:
         _telemetry_chunks_kernel[(lst.n_chunks,)](
             lst.table, layout.workspace, layout.first_chunk, layout.counters, out, G_CODE=lst.code,
             ALIGNED=lst.aligned, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            RBLOCK=geo.reduce_block, **pass_options(geo),
+            RBLOCK=geo.reduce_block, STAGES=geo.num_stages, **pass_options(geo),
         )
 
 
