@@ -140,19 +140,29 @@ def test_folded_telemetry_accumulators_match_the_reference(triton_backend, monke
     """config.Geometry.telemetry_fold > 1 (fewer float64 accumulators per thread; a tuning
     option, off by default): the rows still match the reference, both gates, and the fused
     pass still gives the telemetry pass's bits."""
+    from lbw_kernels.triton_kernels import config
+
+    _assert_geometry_option_matches_reference(triton_backend, monkeypatch, dict(telemetry_fold=4), seed=11,
+                                              shapes=ODD_SIZES + ((4097,), (2 * 4096 + 3,)))
+    with pytest.raises(ValueError, match="telemetry_fold"):
+        config._overridden(config.GPU, "telemetry_fold=3")
+
+
+def _assert_geometry_option_matches_reference(backend, monkeypatch, fields: dict, seed: int, shapes) -> None:
+    """The interpreter's geometry with `fields` replaced: check_backend on `shapes` (both
+    gates, against the reference), and the fused pass's rows bitwise the telemetry pass's on
+    those shapes plus 30 of MANY."""
     from dataclasses import replace
 
     from lbw_kernels.triton_kernels import config
 
-    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, telemetry_fold=4))
-    assert_no_mismatch(check_backend(triton_backend, seed=11, shapes=ODD_SIZES + ((4097,), (2 * 4096 + 3,))))
-    problem = make_problem(12, MANY[:40] + ((4097,),))
-    first = triton_backend.telemetry(nonempty_grads(problem), torch.float64)
-    fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
-                                            mask_nonfinite=True, partials_dtype=torch.float64)
+    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, **fields))
+    assert_no_mismatch(check_backend(backend, seed=seed, shapes=shapes))
+    problem = make_problem(seed + 1, MANY[:30] + tuple(shapes))
+    first = backend.telemetry(nonempty_grads(problem), torch.float64)
+    fused = backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
+                                     mask_nonfinite=True, partials_dtype=torch.float64)
     assert torch.equal(fused, first)
-    with pytest.raises(ValueError, match="telemetry_fold"):
-        config._overridden(config.GPU, "telemetry_fold=3")
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -163,19 +173,11 @@ def test_pipelined_loops_match_the_reference(triton_backend, monkeypatch, stages
     partial blocks, single elements, an empty tensor), and the fused pass gives the telemetry
     pass's bits. (That Triton pipelines the loop on a GPU: the cp.async count of
     tests/triton_aot.py.)"""
-    from dataclasses import replace
-
     from lbw_kernels.triton_kernels import config
 
-    monkeypatch.setattr(config, "INTERPRETER", replace(config.INTERPRETER, num_stages=stages))
     block, chunk = config.INTERPRETER.block, config.INTERPRETER.chunk
-    shapes = ODD_SIZES + ((chunk + block + 5,), (2 * chunk,), (block - 1,))
-    assert_no_mismatch(check_backend(triton_backend, seed=17, shapes=shapes))
-    problem = make_problem(18, MANY[:30] + shapes)
-    first = triton_backend.telemetry(nonempty_grads(problem), torch.float64)
-    fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
-                                            mask_nonfinite=True, partials_dtype=torch.float64)
-    assert torch.equal(fused, first)
+    _assert_geometry_option_matches_reference(triton_backend, monkeypatch, dict(num_stages=stages), seed=17,
+                                              shapes=ODD_SIZES + ((chunk + block + 5,), (2 * chunk,), (block - 1,)))
     with pytest.raises(ValueError, match="num_stages"):
         config._overridden(config.GPU, "num_stages=9")
 
