@@ -577,6 +577,37 @@ def test_gpu_rows_finished_by_each_tensors_last_program_are_the_same_bits_every_
             assert not (plan.telemetry if hasattr(plan, "telemetry") else plan).counters.any()
 
 
+def _device_check_triton_candidates() -> list:
+    """The Triton geometries bench/device_check.sh times by default (its TUNE_DEFAULT)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "bench" / "device_check.sh").read_text()
+    entries = " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
+    return [e.split(":", 1)[1] for e in entries if e.startswith("triton:")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", _device_check_triton_candidates())
+def test_gpu_candidate_geometries_match_reference(spec, monkeypatch):
+    """Every Triton geometry device_check times computes the same thing (its timings are
+    only worth comparing then): both gates against the reference across chunk edges, a
+    planted Inf mid-tensor, and the fused pass's rows bitwise the telemetry pass's."""
+    from lbw_kernels.triton_kernels.config import geometry
+
+    monkeypatch.setenv("LBW_TRITON_GEOMETRY", spec)
+    backend = get_backend("triton")
+    chunk = geometry().chunk
+    shapes = ((2 * chunk + 9,), (chunk,), (chunk - 1,), (1,), (0,), (3 * chunk // 2 + 4,))
+    assert_no_mismatch(check_backend(backend, seed=6, shapes=shapes, device="cuda"))
+    assert_no_mismatch(check_backend(backend, seed=7, shapes=shapes, device="cuda", nonfinite_at=(0, 0, float("inf"))))
+    problem = make_problem(8, shapes, device="cuda")
+    first = backend.telemetry(nonempty_grads(problem), torch.float64)
+    fused = backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64, device="cuda"),
+                                     mask_nonfinite=True, partials_dtype=torch.float64)
+    assert torch.equal(fused, first)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_optimizer_matches_reference(gate):
