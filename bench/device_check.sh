@@ -123,7 +123,7 @@ bench_layout() {
 # first: it carries the headline targets.
 LAYOUTS=(${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536})
 bench_layout "${LAYOUTS[0]}" 90
-phase tests_gpu 170 "$PY" -m pytest -m gpu tests -q -rs "${PYTEST_TIMEOUT[@]}"
+phase tests_gpu 240 "$PY" -m pytest -m gpu tests -q -rs "${PYTEST_TIMEOUT[@]}"
 for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
