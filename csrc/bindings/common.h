@@ -105,10 +105,6 @@ inline DType check_grad_at(size_t i, at::TensorList grads, at::DeviceType device
   return dtype_code(g, "grads");
 }
 
-inline void check_grads(at::TensorList grads, at::DeviceType device_type) {
-  for (size_t i = 0; i < grads.size(); ++i) check_grad_at(i, grads, device_type);
-}
-
 // The guard_decide_ arguments on `device_type`; returns how rule 2's decision is given.
 inline controller::Analyze check_decide_args(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
                                              const std::optional<at::Tensor>& analyze, bool analyze_host,

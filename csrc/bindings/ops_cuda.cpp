@@ -104,6 +104,11 @@ TablePtr table_for(const TableKey& key, const at::Device& device, cudaStream_t s
   return table;
 }
 
+// The chunk partials of a telemetry pass (geometry.h: per block or per warp), O(chunks).
+at::Tensor telemetry_workspace(const cuda::Geometry& geo, const DeviceTable& table, const at::TensorOptions& opts) {
+  return new_output({std::max<int64_t>(cuda::telemetry_workspace_doubles(geo, table.nchunks), 2)}, opts);
+}
+
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
 
 at::Tensor telemetry_cuda(at::TensorList grads) {
@@ -124,7 +129,7 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const TablePtr table = table_for(key, device, stream);
   at::Tensor out = new_output({table->nrows, 3}, opts);
-  at::Tensor ws = new_output({std::max<int64_t>(cuda::telemetry_workspace_doubles(geo, table->nchunks), 2)}, opts);
+  at::Tensor ws = telemetry_workspace(geo, *table, opts);
   check_launch(cuda::launch_telemetry(geo, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                       ws.data_ptr<double>(), out.data_ptr<double>(), stream));
   return out;
@@ -183,7 +188,7 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
   at::Tensor coeffs = new_output({coeff_doubles}, opts);
   at::Tensor ws;
-  if (telemetry) ws = new_output({std::max<int64_t>(cuda::telemetry_workspace_doubles(geo, table->nchunks), 2)}, opts);
+  if (telemetry) ws = telemetry_workspace(geo, *table, opts);
   check_launch(cuda::launch_adamw(geo, args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
                                   reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
                                   telemetry ? ws.data_ptr<double>() : nullptr,

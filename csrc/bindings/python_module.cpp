@@ -191,6 +191,9 @@ class BorrowedTensors {
         PyErr_Format(PyExc_TypeError, "lbw: %s must be a sequence of tensors", what);
       return false;
     }
+    // Any other sequence was copied into a new list, released below: only references of our
+    // own then keep its items (and their tensors) alive.
+    hold = hold || seq != obj;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
     if (hold) held_.reserve(n);
