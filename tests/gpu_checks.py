@@ -1,13 +1,26 @@
 """GPU checks shared by the kernel backends' tests (triton, cuda): no host sync inside step(),
-and a CUDA-graph-captured step that replays like eager steps. Callers mark their tests gpu."""
+and a CUDA-graph-captured step that replays like eager steps. Callers mark their tests gpu.
+Also the launch geometries bench/device_check.sh times (its TUNE_DEFAULT), for the tests that
+check them."""
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import torch
 
 from lbw_kernels import GuardedAdamW
+
+
+DEVICE_CHECK = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+
+
+def device_check_candidates() -> list:
+    """``BACKEND:GEOMETRY`` entries device_check times by default (its TUNE_DEFAULT lines)."""
+    text = DEVICE_CHECK.read_text()
+    return " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
 
 
 def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:

@@ -99,15 +99,13 @@ def test_published_procedure_equals_guard_reference_exact_sf1():
 def test_device_check_script_parses_and_its_geometry_candidates_exist():
     """A lent GPU's minutes are few: bench/device_check.sh must parse, and every launch
     geometry it times by default must be one the kernels accept (a typo would cost a phase)."""
-    import re
     import subprocess
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert "${LBW_CHECK_TUNE-$TUNE_DEFAULT}" in text
-    entries = " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
+    from gpu_checks import DEVICE_CHECK, device_check_candidates
+
+    subprocess.run(["bash", "-n", str(DEVICE_CHECK)], check=True)
+    assert "${LBW_CHECK_TUNE-$TUNE_DEFAULT}" in DEVICE_CHECK.read_text()
+    entries = device_check_candidates()
     assert {e.split(":", 1)[0] for e in entries} <= {"cuda", "triton"} and len(entries) >= 4
     for entry in entries:
         backend, spec = entry.split(":", 1)

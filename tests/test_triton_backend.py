@@ -27,7 +27,7 @@ from lbw_kernels.verify import (
     verify_backend,
     worst,
 )
-from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs
+from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs, device_check_candidates
 from streams import random_stream
 
 triton = pytest.importorskip("triton")
@@ -577,18 +577,8 @@ def test_gpu_rows_finished_by_each_tensors_last_program_are_the_same_bits_every_
             assert not (plan.telemetry if hasattr(plan, "telemetry") else plan).counters.any()
 
 
-def _device_check_triton_candidates() -> list:
-    """The Triton geometries bench/device_check.sh times by default (its TUNE_DEFAULT)."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "bench" / "device_check.sh").read_text()
-    entries = " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
-    return [e.split(":", 1)[1] for e in entries if e.startswith("triton:")]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", _device_check_triton_candidates())
+@pytest.mark.parametrize("spec", [e.split(":", 1)[1] for e in device_check_candidates() if e.startswith("triton:")])
 def test_gpu_candidate_geometries_match_reference(spec, monkeypatch):
     """Every Triton geometry device_check times computes the same thing (its timings are
     only worth comparing then): both gates against the reference across chunk edges, a
