@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .controller_op import fused_guard_decide_
+from .controller_op import fused_decide_
 
 
 @dataclass
@@ -97,23 +97,27 @@ class Backend:
         and the partials of the gradients as read, in the order of :meth:`telemetry`."""
         raise NotImplementedError
 
-
-    def guard_decide_(
+    def decide_(
         self,
         guard: Tensor,
-        summary: Optional[Tensor],
+        partials: Optional[Tensor],
+        numels: Optional[Tensor],
+        numel_total: Optional[Tensor],
         *,
         analyze: "bool | Tensor",
         check_finite: bool,
         cfg: "reference.GuardConfig",
     ) -> None:
-        """Rules 1-4 for one call, in place on ``guard``: the C++ extension's controller kernel
-        for a backend with ``fused_controller`` when it applies (controller_op.py), else
-        :func:`reference.guard_decide`'s tensor ops."""
-        if self.fused_controller and fused_guard_decide_(
-            guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg
+        """Rules 1-4 for one call, in place on ``guard``, from the call's telemetry rows
+        (``partials`` [T, 3], ``numels`` [T] and their sum ``numel_total``; None when neither
+        telemetry nor the finite check is due): the C++ extension's controller kernel for a
+        backend with ``fused_controller`` when it applies (controller_op.py), else
+        :func:`reference.summarize` and :func:`reference.guard_decide`'s tensor ops."""
+        if self.fused_controller and fused_decide_(
+            guard, partials, numels, analyze=analyze, check_finite=check_finite, cfg=cfg
         ):
             return
+        summary = None if partials is None else reference.summarize(partials, numels, cfg.use_max_rms, numel_total)
         guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
 
 

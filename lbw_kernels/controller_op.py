@@ -1,13 +1,16 @@
-"""The controller kernel of the C++ extension (``torch.ops.lbw.guard_decide_``,
-csrc/guard_controller.h): rules 1-4 for one call in one launch, bitwise the reference's
-:func:`~lbw_kernels.reference.guard_decide` on float64 state.
+"""The controller kernels of the C++ extension (csrc/guard_controller.h, csrc/guard_summary.h):
+rules 1-4 for one call in one launch, from the call's telemetry rows
+(``torch.ops.lbw.summarize_decide_``: :func:`fused_decide_`) or from a summary
+(``torch.ops.lbw.guard_decide_``: bitwise the reference's
+:func:`~lbw_kernels.reference.guard_decide` on float64 state; what the kernel's decision is
+tested against).
 
-Why: the reference runs the controller as ~60 tiny torch ops per call. On a GPU each is a
-kernel launch, and with thousands of parameter tensors they were most of a step's host time
-(H200, 2000 x 65,536: ~2.2 ms per step, bench/results/nvidia-h200-profile-host-*.txt). The
-kernel backends (``cpp``, ``cuda``, ``triton``: ``Backend.fused_controller``) call
-:func:`fused_guard_decide_`; the reference backend keeps the tensor ops (it is what the
-kernel is tested against).
+Why: the reference runs the controller as ~60 tiny torch ops per call and
+:func:`~lbw_kernels.reference.summarize` as ~8 more. On a GPU each is a kernel launch, and
+with thousands of parameter tensors they were most of a step's host time (H200, 2000 x 65,536:
+~2.2 ms per step, bench/results/nvidia-h200-profile-host-*.txt). The kernel backends (``cpp``,
+``cuda``, ``triton``: ``Backend.fused_controller``) call :func:`fused_decide_`; the reference
+backend keeps the tensor ops (it is what the kernels are tested against).
 """
 
 from __future__ import annotations
@@ -60,15 +63,27 @@ def _kernel_devices() -> frozenset:
     return _KERNEL_DEVICES
 
 
-def fused_guard_decide_(
-    guard: Tensor, summary: Optional[Tensor], *, analyze: Union[bool, Tensor], check_finite: bool,
-    cfg: reference.GuardConfig,
+def fused_decide_(
+    guard: Tensor, partials: Optional[Tensor], numels: Optional[Tensor], *, analyze: Union[bool, Tensor],
+    check_finite: bool, cfg: reference.GuardConfig,
 ) -> bool:
-    """Rules 1-4 in place on ``guard`` with the kernel, when it applies (extension built for the
-    guard's device, float64 state, a policy it implements); False, untouched, otherwise."""
+    """Rules 1-4 in place on ``guard`` from the call's telemetry rows (``partials`` [T, 3] and
+    ``numels`` [T]; None when neither telemetry nor the finite check is due) with one kernel,
+    ``torch.ops.lbw.summarize_decide_``, when it applies (extension built for the guard's
+    device, float64 state and rows, a policy it implements); False, untouched, otherwise.
+
+    The kernel reads the rows as :func:`reference.summarize` does but adds them over tensors
+    in its own fixed order (csrc/guard_summary.h): x under ``use_max_rms`` and the nonfinite
+    count are the reference's bits, the signed mean and the norm may differ in the last bits.
+    Given the same summary, the decision is bitwise the reference's."""
     config = (_config_of if torch.compiler.is_compiling() else controller_config)(cfg)
     if config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices():
         return False
+    if partials is not None and (partials.dtype != torch.float64 or numels.dtype != torch.float64):
+        return False
     on_device = analyze if isinstance(analyze, Tensor) else None
-    torch.ops.lbw.guard_decide_(guard, summary, on_device, on_device is None and bool(analyze), check_finite, config)
+    torch.ops.lbw.summarize_decide_(
+        guard, None if partials is None else partials.contiguous(), numels, cfg.use_max_rms, on_device,
+        on_device is None and bool(analyze), check_finite, config,
+    )
     return True

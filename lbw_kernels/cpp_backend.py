@@ -54,6 +54,12 @@ def _guard_decide_fake(guard, summary, analyze, analyze_host, check_finite, conf
     return None
 
 
+@torch.library.register_fake("lbw::summarize_decide_")
+def _summarize_decide_fake(guard, partials, numels, use_max_rms, analyze, analyze_host, check_finite, config):
+    due = analyze is not None or analyze_host or check_finite
+    return guard.new_empty((4 if due else 0,))
+
+
 @torch.library.register_fake("lbw::adamw_")
 def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
                 weight_decay, maximize, skip):

@@ -301,13 +301,13 @@ class GuardedAdamW(torch.optim.Optimizer):
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
 
-        summary = None
+        partials = None  # the call's telemetry rows, when it measures
+        decision = dict(analyze=analyze, check_finite=check_finite, cfg=cfg)
         if self.gate == "exact":
             if measure:
                 partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms, plan.numel_total)
-            backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
+            backend.decide_(guard, partials, plan.numels, plan.numel_total, **decision)
             backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
@@ -316,11 +316,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 )
             else:  # no telemetry, or none of the telemetry tensors has elements on this rank
                 backend.adamw_(groups, scale=scale, skip=None)
-                partials = None
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-                summary = ref.summarize(partials, plan.numels, cfg.use_max_rms, plan.numel_total)
-            backend.guard_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
+            backend.decide_(guard, partials, plan.numels, plan.numel_total, **decision)
         self._count_call()
         return loss
 

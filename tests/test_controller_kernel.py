@@ -5,6 +5,7 @@ window, non-finite and NaN readings, a device-side rule 2), on CPU and, with a G
 Skips with the reason when the C++ extension is not built."""
 
 import itertools
+import math
 import random
 import zlib
 
@@ -120,7 +121,7 @@ def test_controller_kernel_refuses_bad_arguments():
         before = guard.clone()
         with pytest.raises(RuntimeError, match=match):
             torch.ops.lbw.guard_decide_(*args)
-        assert torch.equal(guard, before) or torch.isnan(guard).any()
+        torch.testing.assert_close(guard, before, rtol=0, atol=0, equal_nan=True)  # (NaN slots before any reading)
     # nothing due: the summary is not needed, the call is counted
     torch.ops.lbw.guard_decide_(guard, None, None, False, False, config)
     assert guard[ref.CALLS] == 1 and guard[ref.SKIP] == 0
@@ -135,6 +136,145 @@ def test_controller_kernel_opcheck(device):
     summary = torch.tensor([1.0, 0.1, 2.0, 0.0], dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.lbw.guard_decide_.default,
                           (guard, summary, torch.tensor(True, device=device), False, True, list(controller_config(cfg))))
+
+
+# ---------------------------------------------------------------------------------------
+# summarize_decide_: the telemetry rows read in the kernel (csrc/guard_summary.h)
+# ---------------------------------------------------------------------------------------
+LANES = 256  # csrc/guard_summary.h kSummaryLanes
+
+
+def _nan_max(a: float, b: float) -> float:
+    return a + b if (a != a or b != b) else (a if a > b else b)
+
+
+def _lanes_summary(partials: torch.Tensor, numels: torch.Tensor, use_max: bool) -> list:
+    """guard_summary.h's documented order in Python floats (IEEE float64, as the kernel's):
+    row r into lane r % 256, then lane j += lane j + w for w = 128, ..., 1."""
+    lanes = [[0.0, 0.0, 0.0, 0.0, -math.inf if use_max else 0.0] for _ in range(LANES)]
+    for r, ((sumsq, total, nonfinite), n) in enumerate(zip(partials.tolist(), numels.tolist())):
+        lane, ms = lanes[r % LANES], sumsq / n
+        lane[0] += sumsq
+        lane[1] += total
+        lane[2] += nonfinite
+        lane[3] += n
+        lane[4] = _nan_max(lane[4], ms) if use_max else lane[4] + ms
+    w = LANES // 2
+    while w >= 1:
+        for j in range(w):
+            a, b = lanes[j], lanes[j + w]
+            lanes[j] = [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3],
+                        _nan_max(a[4], b[4]) if use_max else a[4] + b[4]]
+        w //= 2
+    sumsq, total, nonfinite, numel, ms = lanes[0]
+    return [ms if use_max else ms / len(numels), total / numel, math.sqrt(sumsq), nonfinite]
+
+
+def _random_rows(gen: torch.Generator, rows: int, poison: bool):
+    numels = torch.randint(1, 70_000, (rows,), generator=gen).to(torch.float64)
+    partials = torch.empty((rows, 3), dtype=torch.float64)
+    partials[:, 0] = torch.rand(rows, generator=gen, dtype=torch.float64) * numels * 10 ** torch.randint(-3, 3, (rows,), generator=gen)
+    partials[:, 1] = torch.randn(rows, generator=gen, dtype=torch.float64) * numels.sqrt()
+    partials[:, 2] = 0.0
+    if poison:  # a NaN row and an Inf row, marked non-finite as the kernels mark them
+        for r, value in ((rows // 3, float("nan")), (rows - 1, float("inf"))):
+            partials[r, 0] = partials[r, 1] = value
+            partials[r, 2] = 1.0
+    return partials, numels
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("rows", [1, 3, 255, 256, 257, 2000])
+@pytest.mark.parametrize("use_max_rms", [True, False])
+@pytest.mark.parametrize("poison", [False, True], ids=["finite", "nonfinite"])
+def test_summarize_decide_reads_the_rows_in_its_order_and_decides_as_the_reference(device, rows, use_max_rms, poison):
+    """The summary is the documented fixed order's bits (a Python emulation), the reference's
+    within that order's rounding (bitwise for x under use_max_rms and the count), and the
+    decision is guard_decide_'s on that summary, bit for bit."""
+    from lbw_kernels.controller_op import controller_config
+
+    gen = torch.Generator().manual_seed(rows * 4 + use_max_rms * 2 + poison)
+    partials, numels = _random_rows(gen, rows, poison)
+    for cfg in (ref.GuardConfig(use_max_rms=use_max_rms), ref.GuardConfig(use_max_rms=use_max_rms, policy=ZScorePolicy())):
+        config = list(controller_config(cfg))
+        state = _random_state(random.Random(rows), cfg).to(device)
+        got = state.clone()
+        summary = torch.ops.lbw.summarize_decide_(got, partials.to(device), numels.to(device), use_max_rms, None, True,
+                                                  True, config)
+        assert summary.tolist() == pytest.approx(_lanes_summary(partials, numels, use_max_rms), rel=0, abs=0, nan_ok=True)
+        want = ref.summarize(partials, numels, use_max_rms).to(device)
+        # x under use_max_rms (a max of the same divisions) and the count (integers) are exact;
+        # the sums over tensors differ from torch.sum's by their order: float64 rounding,
+        # bounded by rows * 2**-53 of the sum of magnitudes (10x margin).
+        exact = [0, 3] if use_max_rms else [3]
+        torch.testing.assert_close(summary[exact], want[exact], rtol=0, atol=0, equal_nan=True)
+        magnitude = torch.stack([partials[:, 0].div(numels).abs().sum() / (1 if use_max_rms else rows),
+                                 partials[:, 1].abs().sum() / numels.sum(), partials[:, 0].abs().sum().sqrt()])
+        bound = (10 * rows * 2.0**-53 * magnitude).to(device)
+        diff = (summary[:3] - want[:3]).abs()
+        assert bool(((diff <= bound) | (summary[:3].isnan() & want[:3].isnan()) | (summary[:3] == want[:3])).all()), (summary, want)
+        decided = state.clone()
+        torch.ops.lbw.guard_decide_(decided, summary, None, True, True, config)
+        torch.testing.assert_close(got, decided, rtol=0, atol=0, equal_nan=True)
+        assert got[ref.SKIP] == (1.0 if poison else 0.0)
+
+
+def test_summarize_decide_gives_the_same_bits_on_cpu_and_cuda():
+    if "cuda" not in _devices():
+        pytest.skip("needs a CUDA device and the extension built with CUDA")
+    from lbw_kernels.controller_op import controller_config
+
+    cfg = ref.GuardConfig()
+    config = list(controller_config(cfg))
+    partials, numels = _random_rows(torch.Generator().manual_seed(7), 5000, poison=False)
+    out = {}
+    for device in ("cpu", "cuda"):
+        guard = ref.new_guard_state(device, cfg.policy)
+        summary = torch.ops.lbw.summarize_decide_(guard, partials.to(device), numels.to(device), False, None, True,
+                                                  True, config)
+        out[device] = (summary.cpu(), guard.cpu())
+    assert torch.equal(out["cpu"][0], out["cuda"][0]) and torch.equal(out["cpu"][1], out["cuda"][1])
+
+
+def test_summarize_decide_refuses_bad_rows_and_changes_nothing():
+    from lbw_kernels.controller_op import controller_config
+
+    cfg = ref.GuardConfig()
+    config = list(controller_config(cfg))
+    guard = ref.new_guard_state("cpu", cfg.policy)
+    partials, numels = _random_rows(torch.Generator().manual_seed(1), 5, poison=False)
+    cases = [
+        ((None, numels), "partials must be a contiguous float64 \\[T, 3\\]"),
+        ((partials.float(), numels), "partials must be"),
+        ((partials[:, :2], numels), "partials must be"),
+        ((partials.t().contiguous().t(), numels), "partials must be"),
+        ((partials[:0], numels[:0]), "partials must be"),
+        ((partials, None), "numels must be a contiguous float64 vector of 5"),
+        ((partials, numels[:4]), "numels must be a contiguous float64 vector of 5"),
+        ((partials, numels.float()), "numels must be"),
+    ]
+    for (p, n), match in cases:
+        before = guard.clone()
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.lbw.summarize_decide_(guard, p, n, True, None, True, True, config)
+        torch.testing.assert_close(guard, before, rtol=0, atol=0, equal_nan=True)
+    # nothing due: no rows needed, no summary, the call is counted
+    summary = torch.ops.lbw.summarize_decide_(guard, None, None, True, None, False, False, config)
+    assert summary.numel() == 0 and guard[ref.CALLS] == 1 and guard[ref.SKIP] == 0
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("due", [True, False])
+def test_summarize_decide_opcheck(device, due):
+    from lbw_kernels.controller_op import controller_config
+
+    cfg = ref.GuardConfig(policy=ZScorePolicy())
+    guard = ref.new_guard_state(device, cfg.policy)
+    partials, numels = _random_rows(torch.Generator().manual_seed(2), 300, poison=False)
+    args = (partials.to(device), numels.to(device)) if due else (None, None)
+    torch.library.opcheck(torch.ops.lbw.summarize_decide_.default,
+                          (guard, *args, True, torch.tensor(due, device=device) if due else None, False, due,
+                           list(controller_config(cfg))))
 
 
 def test_policies_without_a_kernel_run_as_the_reference():

@@ -105,10 +105,9 @@ inline DType check_grad_at(size_t i, at::TensorList grads, at::DeviceType device
   return dtype_code(g, "grads");
 }
 
-// The guard_decide_ arguments on `device_type`; returns how rule 2's decision is given.
-inline controller::Analyze check_decide_args(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
-                                             const std::optional<at::Tensor>& analyze, bool analyze_host,
-                                             bool check_finite, at::ArrayRef<double> config,
+// The controller ops' common arguments on `device_type`; returns how rule 2's decision is given.
+inline controller::Analyze check_decide_args(const at::Tensor& guard, const std::optional<at::Tensor>& analyze,
+                                             bool analyze_host, at::ArrayRef<double> config,
                                              at::DeviceType device_type) {
   using namespace controller;
   TORCH_CHECK(config.size() == size_t(CONFIG_SIZE), "lbw: config must hold ", int(CONFIG_SIZE), " numbers, got ",
@@ -125,12 +124,33 @@ inline controller::Analyze check_decide_args(const at::Tensor& guard, const std:
   if (analyze.has_value())
     TORCH_CHECK(analyze->device() == guard.device() && analyze->scalar_type() == at::kBool && analyze->numel() == 1,
                 "lbw: analyze must be a one-element bool tensor on ", guard.device());
-  if (mode != Analyze::no || check_finite)
+  return mode;
+}
+
+// guard_decide_'s summary: 4 float64 on the guard's device, when telemetry or the finite check is due.
+inline void check_summary_arg(const at::Tensor& guard, const std::optional<at::Tensor>& summary, bool due) {
+  if (due)
     TORCH_CHECK(summary.has_value() && summary->device() == guard.device() && summary->scalar_type() == at::kDouble &&
                     summary->is_contiguous() && summary->numel() == 4,
                 "lbw: summary must be 4 contiguous float64 values on ", guard.device(),
                 " when telemetry or the finite check is due");
-  return mode;
+}
+
+// summarize_decide_'s telemetry rows: partials [T, 3] and numels [T], contiguous float64 on the
+// guard's device, T > 0, when telemetry or the finite check is due. Returns T (0 when not due).
+inline int64_t check_rows_args(const at::Tensor& guard, const std::optional<at::Tensor>& partials,
+                               const std::optional<at::Tensor>& numels, bool due) {
+  if (!due) return 0;
+  TORCH_CHECK(partials.has_value() && partials->device() == guard.device() && partials->scalar_type() == at::kDouble &&
+                  partials->is_contiguous() && partials->dim() == 2 && partials->size(1) == 3 && partials->size(0) > 0,
+              "lbw: partials must be a contiguous float64 [T, 3] tensor (T > 0) on ", guard.device(),
+              " when telemetry or the finite check is due");
+  const int64_t rows = partials->size(0);
+  TORCH_CHECK(numels.has_value() && numels->device() == guard.device() && numels->scalar_type() == at::kDouble &&
+                  numels->is_contiguous() && numels->dim() == 1 && numels->size(0) == rows,
+              "lbw: numels must be a contiguous float64 vector of ", rows, " element counts (one per partials row) on ",
+              guard.device());
+  return rows;
 }
 
 // A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and

@@ -39,4 +39,11 @@ TORCH_LIBRARY(lbw, m) {
   m.def(
       "guard_decide_(Tensor(a!) guard, Tensor? summary, Tensor? analyze, bool analyze_host, "
       "bool check_finite, float[] config) -> ()");
+  // The same from the telemetry rows themselves: summarize (csrc/guard_summary.h: the
+  // reference's values, its sums over tensors in a fixed order of their own) and guard_decide_
+  // in one kernel. partials [T, 3], numels [T] float64 (None when neither is due). Returns the
+  // summary decided on (4 float64; no elements when none was due).
+  m.def(
+      "summarize_decide_(Tensor(a!) guard, Tensor? partials, Tensor? numels, bool use_max_rms, "
+      "Tensor? analyze, bool analyze_host, bool check_finite, float[] config) -> Tensor");
 }

@@ -3,12 +3,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 
 #include "../cpu/multi_tensor_cpu.h"
-
-#include <functional>
+#include "../guard_summary.h"
 #include "common.h"
 
 namespace lbw {
@@ -173,11 +173,30 @@ struct TorchCpuMath {
 void guard_decide_cpu(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
                       const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
                       at::ArrayRef<double> config) {
-  const auto mode = check_decide_args(guard, summary, analyze, analyze_host, check_finite, config, at::kCPU);
+  const auto mode = check_decide_args(guard, analyze, analyze_host, config, at::kCPU);
+  check_summary_arg(guard, summary, mode != controller::Analyze::no || check_finite);
   const bool flag = mode == controller::Analyze::on_device && *analyze->data_ptr<bool>();
   controller::guard_decide<TorchCpuMath>(guard.data_ptr<double>(), int(guard.numel()),
                            summary.has_value() ? summary->data_ptr<double>() : nullptr, mode, flag, check_finite,
                            config.data());
+}
+
+at::Tensor summarize_decide_cpu(const at::Tensor& guard, const std::optional<at::Tensor>& partials,
+                                const std::optional<at::Tensor>& numels, bool use_max_rms,
+                                const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
+                                at::ArrayRef<double> config) {
+  const auto mode = check_decide_args(guard, analyze, analyze_host, config, at::kCPU);
+  const bool due = mode != controller::Analyze::no || check_finite;
+  const int64_t rows = check_rows_args(guard, partials, numels, due);
+  at::Tensor summary = at::empty({due ? 4 : 0}, guard.options());
+  if (due)
+    controller::summarize_rows<TorchCpuMath>(partials->data_ptr<double>(), numels->data_ptr<double>(), rows,
+                                             use_max_rms, summary.data_ptr<double>());
+  const bool flag = mode == controller::Analyze::on_device && *analyze->data_ptr<bool>();
+  controller::guard_decide<TorchCpuMath>(guard.data_ptr<double>(), int(guard.numel()),
+                                         due ? summary.data_ptr<double>() : nullptr, mode, flag, check_finite,
+                                         config.data());
+  return summary;
 }
 
 }  // namespace
@@ -188,4 +207,5 @@ TORCH_LIBRARY_IMPL(lbw, CPU, m) {
   m.impl("adamw_", &lbw::adamw_cpu);
   m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cpu);
   m.impl("guard_decide_", &lbw::guard_decide_cpu);
+  m.impl("summarize_decide_", &lbw::summarize_decide_cpu);
 }

@@ -211,18 +211,45 @@ at::Tensor adamw_telemetry_cuda(at::TensorList params, at::TensorList grads, at:
                       maximize, std::nullopt, true, mask_nonfinite);
 }
 
+cuda::ControllerConfig controller_config(at::ArrayRef<double> config) {
+  cuda::ControllerConfig values{};
+  std::copy(config.begin(), config.end(), values.values);
+  return values;
+}
+
 void guard_decide_cuda(const at::Tensor& guard, const std::optional<at::Tensor>& summary,
                        const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
                        at::ArrayRef<double> config) {
-  const auto mode = check_decide_args(guard, summary, analyze, analyze_host, check_finite, config, at::kCUDA);
+  const auto mode = check_decide_args(guard, analyze, analyze_host, config, at::kCUDA);
+  check_summary_arg(guard, summary, mode != controller::Analyze::no || check_finite);
   const c10::cuda::CUDAGuard device_guard(guard.device());
-  cuda::ControllerConfig values{};
-  std::copy(config.begin(), config.end(), values.values);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(guard.device().index()).stream();
   check_launch(cuda::launch_guard_decide(guard.data_ptr<double>(), int(guard.numel()),
                                          summary.has_value() ? summary->data_ptr<double>() : nullptr, mode,
                                          analyze.has_value() ? analyze->data_ptr<bool>() : nullptr, check_finite,
-                                         values, stream));
+                                         controller_config(config), stream));
+}
+
+at::Tensor summarize_decide_cuda(const at::Tensor& guard, const std::optional<at::Tensor>& partials,
+                                 const std::optional<at::Tensor>& numels, bool use_max_rms,
+                                 const std::optional<at::Tensor>& analyze, bool analyze_host, bool check_finite,
+                                 at::ArrayRef<double> config) {
+  const auto mode = check_decide_args(guard, analyze, analyze_host, config, at::kCUDA);
+  const bool due = mode != controller::Analyze::no || check_finite;
+  const int64_t rows = check_rows_args(guard, partials, numels, due);
+  const c10::cuda::CUDAGuard device_guard(guard.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(guard.device().index()).stream();
+  at::Tensor summary = at::empty({due ? 4 : 0}, guard.options());
+  const bool* flag = analyze.has_value() ? analyze->data_ptr<bool>() : nullptr;
+  if (due)
+    check_launch(cuda::launch_summarize_decide(guard.data_ptr<double>(), int(guard.numel()),
+                                               partials->data_ptr<double>(), numels->data_ptr<double>(), rows,
+                                               use_max_rms, summary.data_ptr<double>(), mode, flag, check_finite,
+                                               controller_config(config), stream));
+  else
+    check_launch(cuda::launch_guard_decide(guard.data_ptr<double>(), int(guard.numel()), nullptr, mode, flag,
+                                           check_finite, controller_config(config), stream));
+  return summary;
 }
 
 }  // namespace
@@ -233,4 +260,5 @@ TORCH_LIBRARY_IMPL(lbw, CUDA, m) {
   m.impl("adamw_", &lbw::adamw_cuda);
   m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cuda);
   m.impl("guard_decide_", &lbw::guard_decide_cuda);
+  m.impl("summarize_decide_", &lbw::summarize_decide_cuda);
 }
