@@ -1,7 +1,7 @@
 """GPU checks shared by the kernel backends' tests (triton, cuda): no host sync inside step(),
 and a CUDA-graph-captured step that replays like eager steps. Callers mark their tests gpu.
 Also the launch geometries bench/device_check.sh times (its TUNE_DEFAULT), for the tests that
-check them."""
+check them, and the device parameters of the C++ ops' tests."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ from lbw_kernels import GuardedAdamW
 
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "bench" / "device_check.sh"
+
+
+def extension_devices() -> list:
+    """``device`` parameters of the C++ ops' tests: "cpu", and "cuda" marked gpu, so that
+    bench/device_check.sh (``pytest -m gpu``) runs it; skipped, with the reason, where there
+    is no CUDA device or the extension was built without CUDA."""
+    import pytest
+
+    from lbw_kernels.backends import availability
+
+    reason = availability()["cuda"] if torch.cuda.is_available() else None
+    cuda_marks = [pytest.mark.gpu, pytest.mark.skipif(reason is not None, reason=f"cuda backend: {reason}")]
+    return ["cpu", pytest.param("cuda", marks=cuda_marks)]
 
 
 def device_check_candidates() -> list:

@@ -16,15 +16,12 @@ from lbw_kernels import reference as ref
 from lbw_kernels.backends import availability
 from lbw_kernels.policies import ZScorePolicy
 
+from gpu_checks import extension_devices
+
 _reason = availability()["cpp"]
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"C++ extension not built: {_reason}")
 
 
-def _devices():
-    out = ["cpu"]
-    if torch.cuda.is_available() and availability()["cuda"] is None:
-        out.append("cuda")
-    return out
 
 
 CONFIGS = [
@@ -71,7 +68,7 @@ def _random_summary(rng: random.Random, state: torch.Tensor) -> torch.Tensor:
     return torch.tensor([x, sign, norm, nonfinite], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 def test_controller_kernel_is_bitwise_the_reference(device, cfg, seed):
@@ -127,7 +124,7 @@ def test_controller_kernel_refuses_bad_arguments():
     assert guard[ref.CALLS] == 1 and guard[ref.SKIP] == 0
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 def test_controller_kernel_opcheck(device):
     from lbw_kernels.controller_op import controller_config
 
@@ -183,7 +180,7 @@ def _random_rows(gen: torch.Generator, rows: int, poison: bool):
     return partials, numels
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("rows", [1, 3, 255, 256, 257, 2000])
 @pytest.mark.parametrize("use_max_rms", [True, False])
 @pytest.mark.parametrize("poison", [False, True], ids=["finite", "nonfinite"])
@@ -219,9 +216,10 @@ def test_summarize_decide_reads_the_rows_in_its_order_and_decides_as_the_referen
         assert got[ref.SKIP] == (1.0 if poison else 0.0)
 
 
+@pytest.mark.gpu
 def test_summarize_decide_gives_the_same_bits_on_cpu_and_cuda():
-    if "cuda" not in _devices():
-        pytest.skip("needs a CUDA device and the extension built with CUDA")
+    if availability()["cuda"] is not None:
+        pytest.skip(f"cuda backend: {availability()['cuda']}")
     from lbw_kernels.controller_op import controller_config
 
     cfg = ref.GuardConfig()
@@ -263,7 +261,7 @@ def test_summarize_decide_refuses_bad_rows_and_changes_nothing():
     assert summary.numel() == 0 and guard[ref.CALLS] == 1 and guard[ref.SKIP] == 0
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("due", [True, False])
 def test_summarize_decide_opcheck(device, due):
     from lbw_kernels.controller_op import controller_config

@@ -8,6 +8,8 @@ import torch
 
 from lbw_kernels.backends import availability
 
+from gpu_checks import extension_devices
+
 _reason = availability()["cpp"]
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"C++ extension not built: {_reason}")
 
@@ -25,20 +27,15 @@ def _update_args(device, dtype=torch.float32, skip=None):
     return params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, 1e-2, 0.9, 0.999, 1e-8, 0.1, False
 
 
-def _devices():
-    out = ["cpu"]
-    if torch.cuda.is_available() and availability()["cuda"] is None:
-        out.append("cuda")
-    return out
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 def test_opcheck_telemetry(device):
     grads = [torch.randn(n, device=device) for n in (3, 4097)] + [torch.randn(7, device=device).bfloat16()]
     torch.library.opcheck(torch.ops.lbw.telemetry.default, (grads,))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("skip", [None, 0.0, 1.0])
 def test_opcheck_adamw_(device, skip):
     args = _update_args(device)
@@ -46,7 +43,7 @@ def test_opcheck_adamw_(device, skip):
     torch.library.opcheck(torch.ops.lbw.adamw_.default, (*args, skip_t))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mask", [True, False])
 def test_opcheck_adamw_telemetry_(device, dtype, mask):
@@ -98,7 +95,7 @@ def _clone_args(args):
     return [[t.clone() for t in a] if isinstance(a, list) else a for a in args]
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_entries_compute_what_the_ops_compute(device, dtype):
     """_C._adamw_ / _adamw_telemetry_ / _telemetry skip torch.ops' argument parsing only: the

@@ -34,7 +34,6 @@ triton = pytest.importorskip("triton")
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # 300 tensors of mixed sizes (some multi-chunk, some a single element).
 MANY = tuple((int(n),) for n in torch.randint(1, 2500, (300,), generator=torch.Generator().manual_seed(3)))
 
