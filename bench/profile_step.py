@@ -6,6 +6,15 @@ CUDA-event timing measures the host. This says which Python functions and aten o
 goes to, so host-side work can be cut where it is.
 
     python bench/profile_step.py --layout 2000x65536 --backend cuda --gate exact
+
+Without a GPU, ``--stub-triton-kernels`` measures the Triton backend's host work alone: on CPU
+tensors (as many as the layout has, of 64 elements each: the host work depends on the number
+of tensors, not their size) with its three kernels' launches replaced by no-ops and the
+partials they would write zeroed (left unwritten, their garbage holds denormals, which make the
+controller's float64 arithmetic ~10x slower). What a CPU-only session can compare before and
+after a host-side change; a GPU adds each launch's own cost on top.
+
+    TRITON_INTERPRET=1 python bench/profile_step.py --stub-triton-kernels --top 0
 """
 
 from __future__ import annotations
@@ -22,6 +31,25 @@ from lbw_kernels import GuardedAdamW
 from lbw_kernels.bench import LAYOUTS, make_params
 
 
+def stub_triton_kernels() -> None:
+    """Replace the Triton backend's kernel launches with no-ops; its passes' outputs are zeroed."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--stub-triton-kernels runs on CPU tensors: set TRITON_INTERPRET=1")
+    from lbw_kernels.triton_kernels import coefficients, guarded_adamw, ops, telemetry
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    guarded_adamw._guarded_adamw_kernel = NoLaunch()
+    telemetry._telemetry_chunks_kernel = NoLaunch()
+    coefficients._adamw_coefficients_kernel = NoLaunch()
+    new_partials = telemetry.new_partials
+    ops.new_partials = telemetry.new_partials = lambda layout, dtype: new_partials(layout, dtype).zero_()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", default="2000x65536", choices=sorted(LAYOUTS))
@@ -30,10 +58,16 @@ def main() -> None:
     ap.add_argument("--stats-freq", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--stub-triton-kernels", action="store_true",
+                    help="CPU: the triton backend's host work, its kernel launches replaced by no-ops")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = args.backend or (["cuda", "triton"] if device.type == "cuda" else ["cpp"])
-    params = make_params(LAYOUTS[args.layout](), device)
+    shapes = LAYOUTS[args.layout]()
+    if args.stub_triton_kernels:
+        device, backends, shapes = torch.device("cpu"), ["triton"], [(64,)] * len(shapes)
+        stub_triton_kernels()
+    params = make_params(shapes, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for backend in backends:
         for gate in args.gate or ["exact", "single_pass"]:

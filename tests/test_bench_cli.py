@@ -188,3 +188,23 @@ def test_tune_table_puts_each_candidate_beside_the_default(tmp_path):
     assert "| cuda | guard cuda exact sf=1 | warp_partials=1 | 8.800 | 1.050 | 0.863 |" in lines
     assert "| cuda | guard cuda exact sf=1 | chunk=8192 (no result) | - | - | - |" in lines
     assert not any("triton" in line for line in lines)  # only the tuned backends
+
+
+def test_profile_step_measures_the_triton_host_path_without_launching():
+    """bench/profile_step.py --stub-triton-kernels (host time of a Triton step on a CPU-only
+    machine): both gates are profiled, and no kernel runs (the stubs replace every launch)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, str(script), "--stub-triton-kernels", "--layout", "tiny", "--steps", "3",
+                          "--top", "40"], capture_output=True, text=True, check=True, env=env).stdout
+    heads = re.findall(r"=== tiny triton (\w+) sf=1: host [\d.]+ ms/step, \d+ aten ops and 0 kernel launches", out)
+    assert heads == ["exact", "single_pass"], out
+    assert "lbw::summarize_decide_" in out or "summarize_decide_" in out  # the step ran up to its decision
+    assert "interpreter.py" not in out  # no kernel went through Triton's interpreter
