@@ -97,6 +97,24 @@ class Backend:
         and the partials of the gradients as read, in the order of :meth:`telemetry`."""
         raise NotImplementedError
 
+    def exact_step_(
+        self,
+        groups: Sequence[GroupTensors],
+        grads: Sequence[Tensor],
+        *,
+        decide: Callable[[Optional[Tensor]], None],
+        scale: Tensor,
+        skip: Optional[Tensor],
+        partials_dtype: torch.dtype,
+    ) -> bool:
+        """The exact gate's call in one go, for a backend that can find its tensors once for
+        both passes (each pass on its own reads every tensor's address: the gradients' twice):
+        the partials of ``grads`` (``nonempty_grads(groups)``, or none when the call measures
+        nothing) handed to ``decide`` (rules 1-4, on the device), then rule 5 on ``groups``
+        with ``skip`` as decided. Returns False, having done nothing, where the backend does
+        not offer it: the caller then runs :meth:`telemetry`, ``decide`` and :meth:`adamw_`."""
+        return False
+
     def decide_(
         self,
         guard: Tensor,

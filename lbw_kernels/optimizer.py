@@ -301,14 +301,19 @@ class GuardedAdamW(torch.optim.Optimizer):
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
 
-        partials = None  # the call's telemetry rows, when it measures
         decision = dict(analyze=analyze, check_finite=check_finite, cfg=cfg)
-        if self.gate == "exact":
+
+        def decide(partials: Optional[Tensor]) -> None:  # rules 1-4 on this call's telemetry rows
             if measure:
-                partials = backend.telemetry(local_grads, guard.dtype) if local_grads else None
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
             backend.decide_(guard, partials, plan.numels, plan.numel_total, **decision)
-            backend.adamw_(groups, scale=scale, skip=guard[ref.SKIP] if check_finite else None)
+
+        if self.gate == "exact":
+            skip = guard[ref.SKIP] if check_finite else None
+            if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
+                                       partials_dtype=guard.dtype):
+                decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
+                backend.adamw_(groups, scale=scale, skip=skip)
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
                 partials = backend.adamw_telemetry_(
@@ -316,9 +321,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 )
             else:  # no telemetry, or none of the telemetry tensors has elements on this rank
                 backend.adamw_(groups, scale=scale, skip=None)
-            if measure:
-                partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-            backend.decide_(guard, partials, plan.numels, plan.numel_total, **decision)
+                partials = None
+            decide(partials)
         self._count_call()
         return loss
 

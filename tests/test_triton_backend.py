@@ -259,12 +259,15 @@ def test_wrong_learning_rate_is_caught(triton_backend, monkeypatch):
     assert any("adamw_ skip=0" in f.what and "params" in f.what for f in failures)
 
 
-def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend):
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend, gate):
+    """One plan per layout for either gate (the exact gate's telemetry pass runs from the update
+    plan: ops.exact_step_impl), reused while storage stays, rebuilt when it moves."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
-    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="single_pass")
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate=gate)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate="single_pass")
+    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate=gate)
     ops = _ops()
 
     def step(grads):
@@ -332,8 +335,9 @@ def test_plan_cache_tells_layouts_of_one_kind_apart_and_evicts_the_least_recent(
     assert cache.get((tel, (b"a",)), None) is None
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("keys", ["as installed", "python"])
-def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend, keys, monkeypatch):
+def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend, keys, gate, monkeypatch):
     """Swapped param or state storage (``.data = ...``: state offload) and loaded state rebuild
     the plan even when the grads stay put, and the cache keeps no dropped optimizer's tensors
     alive; with the cache keys read by the C++ extension (when built) and by Python."""
@@ -349,8 +353,8 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 4097)]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="single_pass", stats_freq=1)
-    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate="single_pass", stats_freq=1)
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate=gate, stats_freq=1)
+    ref = GuardedAdamW(ref_params, lr=1e-2, backend="reference", gate=gate, stats_freq=1)
     ops = _ops()
 
     def step():  # the same grad tensors every call, refilled: only what the test changes moves

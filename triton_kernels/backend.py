@@ -8,6 +8,8 @@ Per ``step()``, for all groups together (one launch per param dtype, not per ten
 * single_pass: the coefficient launch, then the update launch that also writes the
   telemetry rows (28 B per fp32 parameter).
 
+An eager exact call finds its plan once (``exact_step_``): the update plan's key reads every
+tensor's address, the gradients' included, and the telemetry pass runs from that plan.
 Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
 launcher syncs with the host, allocates per parameter, or branches on device values, so a
 step can be captured in a CUDA graph (after one warm-up call has built the plans).
@@ -58,6 +60,12 @@ class TritonBackend(Backend):
         if _compiling():
             return torch.ops.lbw_triton.adamw_(**ops.flatten(groups), scale=scale, skip=skip)
         ops.adamw_impl(groups, scale, skip)
+
+    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
+        if _compiling() or not groups:  # compiled: the custom ops, one per pass (the caller runs them)
+            return False
+        ops.exact_step_impl(groups, grads, decide, scale, skip, partials_dtype)
+        return True
 
     def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):
         if _compiling():

@@ -102,6 +102,10 @@ class UpdatePlan:
     telemetry: TelemetryLayout
     delegated: List[Tuple[int, List[int]]]  # (group, tensor indices) updated by the reference
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
+    # The exact gate's telemetry pass over every non-empty gradient of the plan (built on the
+    # plan's first exact call: ops.exact_step_impl), so that call finds its gradients through
+    # the update plan's key instead of a key of its own.
+    exact_telemetry: Optional[TelemetryLayout] = None
 
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:

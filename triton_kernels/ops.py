@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lbw_kernels import reference
-from lbw_kernels.backends import GroupTensors
+from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import PlanCache, build_telemetry, build_update, refresh_lr, telemetry_key, update_key
 from .config import geometry
@@ -78,6 +78,25 @@ def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Ten
     if not groups:
         return
     plan, device = _update_plan(groups)
+    with _on_device(device):
+        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
+    _delegate(plan, groups, scale, skip=skip)
+
+
+def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], decide, scale: Tensor,
+                    skip: Optional[Tensor], partials_dtype: torch.dtype) -> None:
+    """The exact gate's call (``Backend.exact_step_``) with one plan lookup: the update plan's
+    key reads every tensor's address, the gradients' included, so the telemetry pass runs from
+    that plan (``exact_telemetry``) instead of reading the gradients' addresses for a key of its
+    own (2000 tensors: one walk of 2000 Python objects less per call)."""
+    plan, device = _update_plan(groups)
+    partials = None
+    if grads:  # (they are nonempty_grads(groups): the plan's, whose addresses its key holds)
+        if plan.exact_telemetry is None:
+            plan.exact_telemetry = build_telemetry(nonempty_grads(groups), geometry().chunk, device)
+        with _on_device(device):
+            partials = telemetry_partials(plan.exact_telemetry, partials_dtype)
+    decide(partials)
     with _on_device(device):
         guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
     _delegate(plan, groups, scale, skip=skip)
