@@ -71,7 +71,8 @@ for src in sorted(out.glob("bench-*/bench.json")):
     date = rep["environment"]["date"][:10].replace("-", "")
     (out / "results").mkdir(exist_ok=True)
     for table in rep["tables"]:
-        dst = out / "results" / f"{dev}-{table['layout']}-{date}.json"
+        variant = src.parent.name.removeprefix(f"bench-{table['layout']}")  # "" or e.g. "-direct"
+        dst = out / "results" / f"{dev}-{table['layout']}{variant}-{date}.json"
         shutil.copyfile(src, dst)
         print(f"results: {dst}")
 PY
@@ -127,6 +128,13 @@ phase tests_gpu 240 "$PY" -m pytest -m gpu tests -q -rs "${PYTEST_TIMEOUT[@]}"
 for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
+# Triton's direct launches (triton_kernels/launch.py, off by default) where launches count: the
+# many-tensors layout, host-bound. Its triton rows beside the default bench's, each against the
+# torch fused AdamW of its own process.
+if [[ " ${LAYOUTS[*]} " == *" 2000x65536 "* ]]; then
+    phase bench_2000x65536_direct_launch 45 env LBW_TRITON_DIRECT_LAUNCH=1 "$PY" -m lbw_kernels bench \
+        --layout 2000x65536 --backend triton --reps 20 --budget 1.5 --no-plot --out "$OUT_DIR/bench-2000x65536-direct"
+fi
 collect_results
 # The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
 # kernels, every launch geometry, beside plain kernels that move the same bytes with no math

@@ -14,14 +14,17 @@ Routes (each the min over 5 rounds of ``--launches`` back-to-back launches, the 
 synchronised before and after each round; tiny kernels, so the device keeps up):
 ``torch add_`` (an aten op on a 1-element tensor), ``lbw _C._telemetry`` (the CUDA op's
 eager entry on one gradient: a table lookup, an output allocation, two launches),
-``triton jit`` (the telemetry kernel of a one-gradient layout, as the backend launches it)
-and ``triton compiled`` (the kernel the JIT returned, launched with the same arguments).
+``triton jit`` (the telemetry kernel of a one-gradient layout, as the backend launches it),
+``triton compiled`` (the kernel the JIT returned, launched with the same arguments) and
+``triton direct (launch.py)`` (the backend's own launch with LBW_TRITON_DIRECT_LAUNCH=1: the
+compiled route plus its keying of the arguments).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -58,7 +61,8 @@ def triton_routes(device: torch.device):
     values = dict(zip(kernel.arg_names, args), **constexprs)
     ordered = [values[name] for name in kernel.arg_names]
     runner = compiled[(chunks.n_chunks, 1, 1)]
-    return (lambda: telemetry.telemetry_chunks_(layout, out)), (lambda: runner(*ordered))
+    jit = lambda: telemetry.telemetry_chunks_(layout, out)  # noqa: E731
+    return jit, (lambda: runner(*ordered)), jit  # the third timed with LBW_TRITON_DIRECT_LAUNCH=1
 
 
 def main() -> None:
@@ -79,12 +83,14 @@ def main() -> None:
     except ImportError:
         pass
     try:
-        routes["triton jit"], routes["triton compiled"] = triton_routes(device)
+        routes["triton jit"], routes["triton compiled"], routes["triton direct (launch.py)"] = triton_routes(device)
     except Exception as err:  # noqa: BLE001 - reported, the other routes still run
         print(json.dumps({"route": "triton", "error": f"{type(err).__name__}: {err}"}), flush=True)
     for name, launch in routes.items():
+        direct = name == "triton direct (launch.py)"
+        os.environ["LBW_TRITON_DIRECT_LAUNCH"] = "1" if direct else "0"
         try:
-            launch()  # warm-up (compiles)
+            launch()  # warm-up (compiles; on the direct route, keeps the compiled kernel)
             us = per_launch_us(launch, args.launches)
             print(json.dumps({"route": name, "host_us_per_launch": round(us, 2), "launches": args.launches}),
                   flush=True)

@@ -359,6 +359,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         # launch geometries overridden for a tuning run (None: the defaults)
         "cuda_geometry": os.environ.get("LBW_CUDA_GEOMETRY") or None,
         "triton_geometry": os.environ.get("LBW_TRITON_GEOMETRY") or None,
+        "triton_direct_launch": os.environ.get("LBW_TRITON_DIRECT_LAUNCH") == "1",
     }
 
 

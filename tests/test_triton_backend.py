@@ -624,6 +624,44 @@ def test_gpu_optimizer_matches_reference(gate):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_direct_launch_matches_the_jit_bitwise(gate, monkeypatch):
+    """LBW_TRITON_DIRECT_LAUNCH=1 (triton_kernels/launch.py) launches the kernels the JIT
+    compiled without the JIT: the same kernels on the same arguments, so bitwise the JIT
+    route's params, states and guard, over a stream with spikes and a NaN, fp32 and bf16
+    groups; every launch site used keeps compiled kernels; and the step still never syncs."""
+    from lbw_kernels.triton_kernels import coefficients, guarded_adamw, telemetry
+
+    shapes = [(7,), (70001,), (3,), (333, 65)]
+    stream = random_stream(8, shapes, seed=5, spikes=(3,), nan_at=(5,))
+    out = {}
+    for route in ("0", "1"):
+        monkeypatch.setenv("LBW_TRITON_DIRECT_LAUNCH", route)
+        for site in (guarded_adamw._UPDATE, telemetry._TELEMETRY, coefficients._COEFFICIENTS):
+            site.compiled.clear()
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        low = [torch.nn.Parameter(torch.randn(s, device="cuda").bfloat16()) for s in shapes[:2]]
+        opt = GuardedAdamW([{"params": params}, {"params": low, "lr": 0.02}], lr=0.05, backend="triton", gate=gate,
+                           stats_freq=1)
+        for grads in stream:
+            for p, g in zip(params, grads):
+                p.grad = g.cuda().float()
+            for p, g in zip(low, grads):
+                p.grad = g.cuda().bfloat16()
+            opt.step()
+        state = [t for p in params + low for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+        out[route] = (state, opt._guard.clone())
+        if route == "1":
+            used = [guarded_adamw._UPDATE, coefficients._COEFFICIENTS] + ([telemetry._TELEMETRY] if gate == "exact" else [])
+            assert all(site.compiled for site in used)
+            assert_step_never_syncs(_model("cuda"), backend="triton", gate=gate)
+    for a, b in zip(out["0"][0], out["1"][0]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out["0"][1], out["1"][1], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_step_never_syncs(gate, policy):

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .chunk_table import BETA1, BETA2, COEF_COLS, EPS, GROUP, GROUP_COLS, SIGN, STEP, TENSOR_COLS, WEIGHT_DECAY, UpdatePlan
 from .config import COMPILE_OPTIONS, geometry, poison_enabled
+from .launch import Launcher
 
 # Columns of the coefficient rows (float32).
 STEP_SIZE, BC2_SQRT, DECAY, ONE_MINUS_BETA1, BETA2_C, ONE_MINUS_BETA2, EPS_C, SIGN_C, APPLY = range(9)
@@ -80,6 +81,9 @@ def _adamw_coefficients_kernel(
     tl.store(crow + 8, advance, mask=live)
 
 
+_COEFFICIENTS = Launcher(_adamw_coefficients_kernel)
+
+
 def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None) -> None:
     """Advance every step count of ``plan`` and write its coefficient rows (one launch)."""
     if plan.n_tensors == 0:
@@ -87,10 +91,12 @@ def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None) ->
     if poison_enabled():
         plan.coefs.fill_(float("nan"))
     geo = geometry()
-    _adamw_coefficients_kernel[(triton.cdiv(plan.n_tensors, geo.tensors_per_program),)](
-        plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale if skip is None else skip, plan.coefs,
-        plan.n_tensors, HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS,
-        COEF_COLS_=COEF_COLS, BLOCK_T=geo.tensors_per_program, num_warps=4, **COMPILE_OPTIONS,
+    _COEFFICIENTS(
+        (triton.cdiv(plan.n_tensors, geo.tensors_per_program),),
+        (plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale if skip is None else skip, plan.coefs, plan.n_tensors),
+        dict(HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
+             BLOCK_T=geo.tensors_per_program),
+        dict(num_warps=4, **COMPILE_OPTIONS),
     )
 
 

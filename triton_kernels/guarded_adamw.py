@@ -33,6 +33,7 @@ from torch import Tensor
 from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
 from .config import geometry, pass_options
+from .launch import Launcher
 from .pointers import BF16, FP32, as_pointer, round_to_bf16
 from .telemetry import accumulate_telemetry, finish_tensor
 
@@ -184,6 +185,9 @@ def _guarded_adamw_kernel(
         finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 3), RBLOCK)
 
 
+_UPDATE = Launcher(_guarded_adamw_kernel)
+
+
 def guarded_adamw_(
     plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], mask_nonfinite: bool, out: Optional[Tensor] = None
 ) -> None:
@@ -194,14 +198,15 @@ def guarded_adamw_(
     geo = geometry()
     tel = plan.telemetry
     for lst in plan.updates:
-        _guarded_adamw_kernel[(lst.n_chunks,)](
-            lst.table, plan.tensors, plan.coefs, tel.workspace, tel.first_chunk, tel.counters,
-            tel.workspace if out is None else out,  # (not written without telemetry)
-            P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
-            HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
-            CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            RBLOCK=geo.reduce_block, STAGES=geo.num_stages,
-            **pass_options(geo, single_pass=out is not None),
+        _UPDATE(
+            (lst.n_chunks,),
+            (lst.table, plan.tensors, plan.coefs, tel.workspace, tel.first_chunk, tel.counters,
+             tel.workspace if out is None else out),  # (out: not written without telemetry)
+            dict(P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
+                 HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
+                 CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
+                 RBLOCK=geo.reduce_block, STAGES=geo.num_stages),
+            pass_options(geo, single_pass=out is not None),
         )
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .chunk_table import TelemetryLayout
 from .config import geometry, pass_options, poison_enabled
+from .launch import Launcher
 from .pointers import as_pointer
 
 
@@ -138,6 +139,9 @@ def _telemetry_chunks_kernel(
     finish_tensor(workspace, first_chunk, counters, out, tl.load(row + 4), RBLOCK)
 
 
+_TELEMETRY = Launcher(_telemetry_chunks_kernel)
+
+
 def new_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Tensor:
     """The ``[T, 3]`` output of a pass (fresh, O(T)); NaN-filled when poisoning."""
     out = torch.empty((layout.n_tensors, 3), dtype=partials_dtype, device=layout.workspace.device)
@@ -151,10 +155,12 @@ def telemetry_chunks_(layout: TelemetryLayout, out: Tensor) -> None:
     """Launch the telemetry-only pass of every chunk list in ``layout`` (one launch per dtype)."""
     geo = geometry()
     for lst in layout.lists:
-        _telemetry_chunks_kernel[(lst.n_chunks,)](
-            lst.table, layout.workspace, layout.first_chunk, layout.counters, out, G_CODE=lst.code,
-            ALIGNED=lst.aligned, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-            RBLOCK=geo.reduce_block, STAGES=geo.num_stages, **pass_options(geo),
+        _TELEMETRY(
+            (lst.n_chunks,),
+            (lst.table, layout.workspace, layout.first_chunk, layout.counters, out),
+            dict(G_CODE=lst.code, ALIGNED=lst.aligned, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
+                 RBLOCK=geo.reduce_block, STAGES=geo.num_stages),
+            pass_options(geo),
         )
 
 
