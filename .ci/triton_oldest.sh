@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Triton kernels on the oldest Triton we support (3.6, the GPU machines'), beside the newest
 # that scripts/setup.sh installs: triton==3.6.0 goes into its own folder, put first on
-# PYTHONPATH, and the Triton backend's tests run again with the same Python, torch and
+# PYTHONPATH, and the Triton backend's tests (and its launch route's) run again with the same Python, torch and
 # lbw_kernels (interpreter against the reference, and every kernel variant compiled for
 # sm_80/sm_90). Called by scripts/test.sh. Skipped where triton has no wheels (not Linux) and,
 # with a message, when the download fails (offline); LBW_SKIP_TRITON_OLDEST=1 skips it too.
@@ -26,5 +26,5 @@ if [[ "$(version)" != "$OLDEST" ]]; then
     exit 0
   fi
 fi
-echo "== triton $(version) ($target first on PYTHONPATH): tests/test_triton_backend.py"
-PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py "$@"
+echo "== triton $(version) ($target first on PYTHONPATH): tests/test_triton_backend.py tests/test_triton_launch.py"
+PYTHONPATH="$PWD/$target${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_triton_launch.py "$@"
