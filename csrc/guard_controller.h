@@ -126,7 +126,7 @@ LBW_HD T analyze_zscore(const T* s, T norm, const double* c, T* out) {
 template <class Math = StdMath, class T>
 LBW_HD void guard_decide(T* state, int n, const T* summary, Analyze analyze, bool analyze_flag, bool check_finite,
                          const double* c) {
-  T s[ZSCORE_STATE_SIZE];
+  T s[ZSCORE_STATE_SIZE] = {};  // (slots past n, unused by the policy, zero: no read of indeterminate values)
   for (int i = 0; i < n; ++i) s[i] = state[i];
   s[CALLS] = s[CALLS] + T(1);
   if (analyze == Analyze::no && !check_finite) {
@@ -138,7 +138,7 @@ LBW_HD void guard_decide(T* state, int n, const T* summary, Analyze analyze, boo
   const bool nonfinite = check_finite && nonfinite_count > T(0);
   const T scale = s[SCALE];
   if (analyze != Analyze::no) {
-    T decided[ZSCORE_STATE_SIZE];
+    T decided[ZSCORE_STATE_SIZE] = {};
     for (int i = 0; i < n; ++i) decided[i] = s[i];
     const bool zscore = c[POLICY] == double(POLICY_ZSCORE);
     const T regime = zscore ? analyze_zscore<Math>(s, norm, c, decided) : analyze_lbw(s, x, sign, c, decided);

@@ -283,3 +283,17 @@ class CudaBackend(CppBackend):
             )
         _apply_cuda_geometry_override()
         super().__init__()
+
+    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
+        """One table lookup for both passes (_C._adamw_exact_: the telemetry pass over the update's
+        table, then ``decide``, then the update), for the common call: eager, one group of one
+        dtype, a float lr (a tensor lr's ``lr * scale`` must be formed after ``decide``), float64
+        rows, telemetry due. Anything else, or tensors the kernels do not take: False, nothing
+        done, and the optimizer runs the passes one by one."""
+        if torch.compiler.is_compiling() or len(groups) != 1 or not grads or partials_dtype != torch.float64:
+            return False
+        group = groups[0]
+        if isinstance(group.lr, Tensor) or (group.param_dtypes is not None and len(group.param_dtypes) > 1):
+            return False
+        lr_scale, lr = self._lr(scale, group.lr)
+        return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide)

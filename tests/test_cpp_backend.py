@@ -254,6 +254,63 @@ def test_gpu_cuda_matches_reference(cuda_backend, poisoned, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
+def test_gpu_cuda_exact_call_in_one_lookup_matches_the_passes_one_by_one(cuda_backend, policy, monkeypatch):
+    """CudaBackend.exact_step_ (_C._adamw_exact_: telemetry over the update's table, decide,
+    update) against the same optimizer with it off (the optimizer then runs telemetry, decide
+    and update one by one): bitwise params, states and guard over a stream with spikes, a flip,
+    a NaN and a zero-element param, fp32 and bf16; the fused call taken on every step."""
+    from lbw_kernels import _C
+    from lbw_kernels.cpp_backend import CudaBackend
+
+    shapes = [(7,), (70001,), (3,), (0,), (333, 65)]
+    stream = random_stream(10, shapes, seed=2, spikes=(3, 7), flips=(5,), nan_at=(6,))
+    taken = []
+    real = _C._adamw_exact_
+    monkeypatch.setattr(_C, "_adamw_exact_", lambda *args: taken.append(real(*args)) or taken[-1])
+    out = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(CudaBackend, "exact_step_", lambda self, *args, **kwargs: False)
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(1)
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+            opt = GuardedAdamW(params, lr=0.05, backend="cuda", gate="exact", stats_freq=1, policy=policy)
+            for grads in stream:
+                for p, g in zip(params, grads):
+                    p.grad = g.cuda().to(dtype)
+                opt.step()
+            out[fused, dtype] = [t for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+            out[fused, dtype].append(opt._guard.clone())
+    assert taken == [True] * 2 * len(stream)
+    for dtype in (torch.float32, torch.bfloat16):
+        for a, b in zip(out[True, dtype], out[False, dtype]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_exact_call_stops_where_decide_raises(cuda_backend):
+    """An error raised by decide inside _C._adamw_exact_ reaches the caller as itself, and the
+    update never ran: params, states and step counts as they were."""
+    problem = make_problem(4, shapes=((5,), (4099,)), device="cuda", n_groups=1)
+    group = problem[0]
+    before = [t.clone() for t in (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)]
+    scale = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    seen = []
+
+    def decide(partials):
+        seen.append(partials.shape)
+        raise KeyError("from decide")
+
+    with pytest.raises(KeyError, match="from decide"):
+        cuda_backend.exact_step_([group], group.grads, decide=decide, scale=scale, skip=None,
+                                 partials_dtype=torch.float64)
+    assert seen == [(2, 3)]
+    after = (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_telemetry_bitwise_repeatable(cuda_backend):
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(n, device="cuda", generator=gen) for n in (3, 1 << 20, 65537)]

@@ -207,3 +207,23 @@ def test_gather_grads_in_cpp_matches_the_python_fallback():
     assert all(a is b for x, y in zip(fast.per_group, slow.per_group) for a, b in zip(x, y))
     params[2].grad = torch.ones(4).to_sparse()
     assert step_plan.gather_grads(groups).dense_real is step_plan._gather_grads_python(groups).dense_real is False
+
+
+def test_exact_entry_takes_cuda_tensors_only_and_checks_its_arguments():
+    """_C._adamw_exact_ (the CUDA exact gate's call in one table lookup): on CPU tensors (or
+    in a build without CUDA) False, with nothing done and decide never called; a bad call
+    raises TypeError naming what is wrong."""
+    from lbw_kernels import _C
+
+    args = list(_update_args("cpu"))
+    before = [[t.clone() for t in xs] for xs in args[:5]]
+    called = []
+    assert _C._adamw_exact_(*args, None, called.append) is False
+    assert not called
+    assert all(torch.equal(a, b) for xs, ys in zip(args[:5], before) for a, b in zip(xs, ys))
+    with pytest.raises(TypeError, match="14 positional arguments"):
+        _C._adamw_exact_(*args)
+    with pytest.raises(TypeError, match="decide must be callable"):
+        _C._adamw_exact_(*args, None, 3)
+    with pytest.raises(TypeError, match="grads must be a sequence of tensors"):
+        _C._adamw_exact_(args[0], 5, *args[2:], None, called.append)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <functional>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -23,6 +24,16 @@ std::atomic<bool>& poison_outputs();
 // The CUDA kernels' launch geometry for this process (csrc/cuda/geometry.h): set from Python
 // (_C._cuda_geometry, LBW_CUDA_GEOMETRY) between steps, read by every CUDA launch.
 cuda::Geometry& cuda_geometry();
+
+// The CUDA exact gate's call with one table lookup (ops_cuda.cpp's exact_step_cuda: telemetry,
+// `decide`, update), for the eager entry _C._adamw_exact_. Set when the CUDA kernels are
+// linked in (ops_cuda.cpp registers it at load); null in a CPU-only build.
+using ExactStepFn = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
+                             double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                             const std::optional<at::Tensor>& skip,
+                             const std::function<void(const at::Tensor&)>& decide);
+ExactStepFn& cuda_exact_step();
 
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);

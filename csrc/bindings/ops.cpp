@@ -15,6 +15,10 @@ cuda::Geometry& cuda_geometry() {
   static cuda::Geometry geometry;
   return geometry;
 }
+ExactStepFn& cuda_exact_step() {
+  static ExactStepFn fn = nullptr;
+  return fn;
+}
 }  // namespace lbw
 
 TORCH_LIBRARY(lbw, m) {

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <mutex>
 #include <cstring>
 #include <memory>
@@ -141,11 +142,21 @@ const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const ch
   return t.data_ptr<double>();
 }
 
-std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                      at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale,
-                                      double lr, double beta1, double beta2, double eps, double weight_decay,
-                                      bool maximize, const std::optional<at::Tensor>& skip, bool telemetry,
-                                      bool mask) {
+// An update pass checked and its table found, not yet launched (update_cuda; the exact gate's
+// telemetry pass runs over the same table first: exact_step_cuda).
+struct PreparedUpdate {
+  TablePtr table;
+  cuda::AdamWArgs args{};
+  cuda::Geometry geo;
+  at::TensorOptions opts;  // float64 on the params' device
+  cudaStream_t stream = nullptr;
+};
+
+std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                             at::TensorList exp_avg_sqs, at::TensorList steps,
+                                             const at::Tensor& lr_scale, double lr, double beta1, double beta2,
+                                             double eps, double weight_decay, bool maximize,
+                                             const std::optional<at::Tensor>& skip, bool telemetry, bool mask) {
   // One pass: tensor i of each list checked where its entry is filled.
   const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCUDA);
   const auto device = params.empty() ? lr_scale.device() : check.device;
@@ -164,37 +175,85 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
     e.dtype = param_code;
     e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
   }
+  if (params.empty()) return std::nullopt;
   const c10::cuda::CUDAGuard guard(device);
-  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
-  if (params.empty()) return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, opts)) : std::nullopt;
-
-  cuda::AdamWArgs args{};
-  args.param_dtype = DType(param_code);
-  args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
-  args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.maximize = maximize;
-  args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
-  args.mask_nonfinite = mask;
-  args.telemetry = telemetry;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const TablePtr table = table_for(key, device, stream);
-  at::Tensor out;
-  if (telemetry) out = new_output({table->nrows, 3}, opts);
-  // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
-  const int64_t coeff_doubles = table->ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
-  at::Tensor coeffs = new_output({coeff_doubles}, opts);
-  at::Tensor ws;
-  if (telemetry) ws = telemetry_workspace(geo, *table, opts);
-  check_launch(cuda::launch_adamw(geo, args, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
-                                  reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
-                                  telemetry ? ws.data_ptr<double>() : nullptr,
-                                  telemetry ? out.data_ptr<double>() : nullptr, stream));
-  return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+  PreparedUpdate u;
+  u.geo = geo;
+  u.opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  u.args.param_dtype = DType(param_code);
+  u.args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
+  u.args.lr = lr;
+  u.args.beta1 = beta1;
+  u.args.beta2 = beta2;
+  u.args.eps = eps;
+  u.args.weight_decay = weight_decay;
+  u.args.maximize = maximize;
+  u.args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
+  u.args.mask_nonfinite = mask;
+  u.args.telemetry = telemetry;
+  u.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  u.table = table_for(key, device, u.stream);
+  return u;
 }
+
+// Launches a prepared update; with args.telemetry, returns the rows of the grads as read.
+std::optional<at::Tensor> launch_update(const PreparedUpdate& u) {
+  const c10::cuda::CUDAGuard guard(u.opts.device());
+  const DeviceTable& table = *u.table;
+  at::Tensor out;
+  if (u.args.telemetry) out = new_output({table.nrows, 3}, u.opts);
+  // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
+  const int64_t coeff_doubles = table.ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
+  at::Tensor coeffs = new_output({coeff_doubles}, u.opts);
+  at::Tensor ws;
+  if (u.args.telemetry) ws = telemetry_workspace(u.geo, table, u.opts);
+  check_launch(cuda::launch_adamw(u.geo, u.args, table.tensors(), table.ntensors, table.chunks(), table.nchunks,
+                                  reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
+                                  u.args.telemetry ? ws.data_ptr<double>() : nullptr,
+                                  u.args.telemetry ? out.data_ptr<double>() : nullptr, u.stream));
+  return u.args.telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+}
+
+std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                      at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale,
+                                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                                      bool maximize, const std::optional<at::Tensor>& skip, bool telemetry,
+                                      bool mask) {
+  const auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
+                                weight_decay, maximize, skip, telemetry, mask);
+  if (!u.has_value()) {  // no params
+    const auto opts = at::TensorOptions().dtype(at::kDouble).device(lr_scale.device());
+    return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, opts)) : std::nullopt;
+  }
+  return launch_update(*u);
+}
+
+// The exact gate in one table lookup (python_module.cpp's _C._adamw_exact_): the telemetry
+// pass over the update's table (its entries hold each grad's address, size and dtype: the
+// telemetry kernel reads those), then `decide` (the caller's rules 1-4, enqueued on the same
+// stream), then the update on the same table. Each pass on its own reads every tensor's address
+// for its own table key: the grads' twice.
+void exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
+                     const std::function<void(const at::Tensor&)>& decide) {
+  const auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
+                                weight_decay, maximize, skip, false, false);
+  TORCH_CHECK(u.has_value(), "lbw: exact_step_cuda needs params");
+  at::Tensor partials;
+  {
+    const c10::cuda::CUDAGuard guard(u->opts.device());
+    const DeviceTable& table = *u->table;
+    partials = new_output({table.nrows, 3}, u->opts);
+    at::Tensor ws = telemetry_workspace(u->geo, table, u->opts);
+    check_launch(cuda::launch_telemetry(u->geo, table.tensors(), table.ntensors, table.chunks(), table.nchunks,
+                                        ws.data_ptr<double>(), partials.data_ptr<double>(), u->stream));
+  }
+  decide(partials);
+  launch_update(*u);
+}
+
+const bool exact_step_registered = (cuda_exact_step() = &exact_step_cuda, true);
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2, double eps,

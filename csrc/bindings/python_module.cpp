@@ -2,10 +2,12 @@
 // (gather_grads, layout_key) and the eager entries to the lbw ops (schemas: ops.cpp).
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <exception>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -351,6 +353,61 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
   return THPVariable_Wrap(std::move(out));
 }
 
+// The CUDA exact gate's call with one table lookup: (params, grads, exp_avgs, exp_avg_sqs,
+// steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide). The telemetry
+// rows of the grads go to decide(partials), a Python callable that enqueues rules 1-4 on the
+// stream; then the update, which reads lr_scale and skip on the device after it. False, with
+// nothing done, for tensors the kernels do not take, CPU tensors, or a build without CUDA.
+// The GIL stays held but for decide's own torch calls: the borrowed tensors are used only
+// before decide runs (the update then reads the table's addresses, which the caller's lists
+// keep alive).
+PyObject* call_adamw_exact(PyObject*, PyObject* args) {
+  const lbw::ExactStepFn exact = lbw::cuda_exact_step();
+  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 14) {
+    PyErr_SetString(PyExc_TypeError, "_adamw_exact_ takes 14 positional arguments");
+    return nullptr;
+  }
+  PyObject* head = PyTuple_GetSlice(args, 0, 13);
+  if (head == nullptr) return nullptr;
+  UpdateArgs a;
+  const bool parsed = a.parse(head, "OOOOOOdddddpO:_adamw_exact_");
+  Py_DECREF(head);
+  if (!parsed) return nullptr;
+  PyObject* decide = PyTuple_GET_ITEM(args, 13);
+  if (!PyCallable_Check(decide)) {
+    PyErr_SetString(PyExc_TypeError, "lbw: decide must be callable");
+    return nullptr;
+  }
+  if (exact == nullptr || a.release || !a.kernel_ready()) Py_RETURN_FALSE;
+  std::optional<at::Tensor> skip;
+  if (a.last != Py_None) {
+    at::Tensor t;
+    if (!unpack_tensor(a.last, "skip", t)) return nullptr;
+    skip = std::move(t);
+  }
+  // decide runs as Python with the caller's dispatcher state, not the one run_op sets for the
+  // op; a Python error it raises is carried through as python_error and restored by run_op.
+  const c10::impl::LocalDispatchKeySet caller = c10::impl::tls_local_dispatch_key_set();
+  const std::function<void(const at::Tensor&)> call_decide = [decide, caller](const at::Tensor& partials) {
+    const c10::impl::ForceDispatchKeyGuard as_caller(caller);
+    PyObject* rows = THPVariable_Wrap(partials);
+    PyObject* result = rows == nullptr ? nullptr : PyObject_CallOneArg(decide, rows);
+    Py_XDECREF(rows);
+    if (result == nullptr) {
+      python_error error;
+      error.persist();  // the Python exception travels with it (restored by HANDLE_TH_ERRORS)
+      throw error;
+    }
+    Py_DECREF(result);
+  };
+  if (!run_op(false, [&] {
+        exact(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(), a.lr_scale,
+              a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, call_decide);
+      }))
+    return nullptr;
+  Py_RETURN_TRUE;
+}
+
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
   BorrowedTensors grads;
   const bool release = releases_gil(arg);
@@ -372,6 +429,10 @@ static PyMethodDef methods[] = {
     {"_adamw_telemetry_", call_adamw_telemetry, METH_VARARGS,
      "torch.ops.lbw.adamw_telemetry_ for eager callers (positional arguments); None (nothing done) where "
      "_adamw_ gives False."},
+    {"_adamw_exact_", call_adamw_exact, METH_VARARGS,
+     "The exact gate's call on CUDA tensors with one table lookup: the grads' telemetry rows to decide(rows), then "
+     "torch.ops.lbw.adamw_'s update (arguments: adamw_'s, then decide); False, nothing done, where the kernels do "
+     "not take the tensors, on CPU, or without CUDA."},
     {"_telemetry", call_telemetry, METH_O,
      "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
