@@ -46,6 +46,12 @@ class GroupTensors:
     # The params' distinct dtypes when the caller knows them (the step plan, once per plan):
     # saves a pass over the params per call in split_by_dtype.
     param_dtypes: Optional[frozenset] = None
+    # This call's layout of the group's params and grads as the optimizer gathered them (every
+    # param of the group, with or without grad: address, numel and dtype of each and of its
+    # grad), when it read them (step_plan.CallGrads.layouts): the Triton backend keys its plans
+    # with it instead of reading every param and grad again. Describes these lists only: a
+    # GroupTensors of other tensors (shards, a dtype split) has None.
+    layout_key: Optional[bytes] = None
 
 
 class Backend:

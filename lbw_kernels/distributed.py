@@ -94,6 +94,7 @@ class ShardedTelemetry:
                 grads=[_local(t) for t in group.grads],
                 exp_avgs=[_local(t) for t in group.exp_avgs],
                 exp_avg_sqs=[_local(t) for t in group.exp_avg_sqs],
+                layout_key=None,  # (the gathered layout was the DTensors', not the shards')
             )
             for group in groups
         ]

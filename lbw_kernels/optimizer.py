@@ -163,6 +163,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._guard_holder: Optional[Tensor] = None  # the param whose state carries the guard
         self._policy_tag = _policy_tag(config.policy.name)
         self._calls = 0  # host copy of the CALLS slot for eager scheduling (replays do not advance it)
+        self._call_layouts = None  # this call's CallGrads.layouts (set by _prepare, read by eager calls)
         self._schedule_on_device = False  # set for good once a step is captured in a CUDA graph
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
@@ -259,6 +260,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         gradient), with the guard moved to the params' device if they moved since construction."""
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
+        # The layouts go by attribute, read by eager calls only: bytes returned into a traced
+        # frame would become constants that dynamo guards on (a recompile per layout).
+        self._call_layouts = grads.layouts
         plan = self._plan_for(grads)
         if not plan.groups:
             return plan, None, grads.per_group
@@ -290,7 +294,8 @@ class GuardedAdamW(torch.optim.Optimizer):
             return loss
         device = plan.device
         cfg = self.guard_config
-        groups = plan.group_tensors(self.param_groups, grads_per_group)
+        layouts = None if torch.compiler.is_compiling() else self._call_layouts
+        groups = plan.group_tensors(self.param_groups, grads_per_group, layouts)
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard

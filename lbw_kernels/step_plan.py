@@ -42,6 +42,9 @@ class CallGrads(NamedTuple):
     per_group: List[List[Optional[Tensor]]]  # each param's .grad (None where absent), by group
     missing: Tuple[bool, ...]  # per group: whether some param has no grad
     dense_real: bool  # whether every grad is strided and real (else check_grads names the culprit)
+    # Per group, its params' and grads' addresses, sizes and dtypes as read on the way (bytes;
+    # GroupTensors.layout_key), or None (read in Python, or a param that is not a plain tensor).
+    layouts: Tuple[Optional[bytes], ...]
 
 
 def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
@@ -50,7 +53,7 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     missing = tuple(any(g is None for g in grads) for grads in per_group)
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
     dense_real = all(layout == torch.strided and not dtype.is_complex for layout, dtype in kinds)
-    return CallGrads(per_group, missing, dense_real)
+    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group))
 
 
 def _gather_function():
@@ -132,20 +135,23 @@ class StepPlan:
             return groups[0].grads if len(groups) == 1 else [g for group in groups for g in group.grads]
         return nonempty_grads(groups)
 
-    def group_tensors(self, param_groups: Sequence[dict], grads_per_group) -> List[GroupTensors]:
-        """This call's GroupTensors: the plan's lists, this call's grads and hyper-parameters."""
+    def group_tensors(self, param_groups: Sequence[dict], grads_per_group,
+                      layouts: Optional[Sequence[Optional[bytes]]] = None) -> List[GroupTensors]:
+        """This call's GroupTensors: the plan's lists, this call's grads and hyper-parameters, and
+        the layouts gathered with the grads when the caller passes them (CallGrads.layouts)."""
         out = []
         for gp in self.groups:
-            group, grads = param_groups[gp.group_index], grads_per_group[gp.group_index]
+            group, grads_of_group = param_groups[gp.group_index], grads_per_group[gp.group_index]
+            layout = None if layouts is None else layouts[gp.group_index]
             if gp.positions is not None:
-                grads = [grads[i] for i in gp.positions]
+                grads_of_group = [grads_of_group[i] for i in gp.positions]
             beta1, beta2 = group["betas"]
             out.append(
                 GroupTensors(
-                    params=gp.params, grads=grads, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
+                    params=gp.params, grads=grads_of_group, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
                     steps=gp.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
-                    param_dtypes=gp.param_dtypes,
+                    param_dtypes=gp.param_dtypes, layout_key=layout,
                 )
             )
         return out

@@ -151,20 +151,67 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
     a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
-    per_group, missing, dense_real = _C._gather_grads([[a, b, c], [c, d]])
+    per_group, missing, dense_real, layouts = _C._gather_grads([[a, b, c], [c, d]])
     assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
     assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
     assert missing == (True, False) and dense_real is True
     b.grad = torch.ones(3).to_sparse()
     assert _C._gather_grads([[a, b]])[2] is False
+    assert layouts[1] is None  # a subclass param: its layout is not read here
     b.grad = None
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     z.grad = torch.ones(3, dtype=torch.complex64)
-    assert _C._gather_grads([[a, z]])[1:] == ((False,), False)
+    assert _C._gather_grads([[a, z]])[1:3] == ((False,), False)
     with pytest.raises(TypeError, match="must be a sequence"):
         _C._gather_grads([3])
     with pytest.raises(AttributeError, match="grad"):
         _C._gather_grads([[a, 1.0]])
+
+
+def test_gathered_layouts_tell_apart_everything_a_plan_depends_on():
+    """_C._gather_grads' per-group layout (GroupTensors.layout_key, the Triton plans' key):
+    each param's and grad's address, numel and dtype; no grad, an empty grad, a grad moved,
+    a param moved (.data) or cast, all give another layout; refilled in place, the same."""
+    import array
+
+    from lbw_kernels import _C
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5)]
+    params[0].grad, params[1].grad = torch.ones(3), torch.ones(5)
+
+    def layout():
+        return _C._gather_grads([params])[3][0]
+
+    first = layout()
+    rows = array.array("q", first).tolist()
+    assert rows[:6] == [params[0].data_ptr(), 3, int(rows[2]), params[0].grad.data_ptr(), 3, int(rows[5])]
+    params[0].grad.fill_(2.0)
+    params[1].data.mul_(3.0)
+    assert layout() == first
+    seen = {first}
+    keep = []
+
+    def changed():
+        new = layout()
+        assert new not in seen
+        seen.add(new)
+
+    keep.append(params[1].grad)
+    params[1].grad = None
+    changed()
+    params[1].grad = torch.zeros(5)  # a grad again, elsewhere (the old one is kept alive)
+    changed()
+    keep.append(params[0].data)
+    params[0].data = params[0].data.clone()
+    changed()
+    params[0].data = params[0].data.double()
+    params[0].grad = None
+    changed()
+    empty = torch.nn.Parameter(torch.zeros(0))
+    params.append(empty)
+    changed()
+    empty.grad = torch.zeros(0)
+    changed()
 
 
 def test_eager_entries_decline_what_the_kernels_do_not_take_and_change_nothing():
@@ -205,6 +252,7 @@ def test_gather_grads_in_cpp_matches_the_python_fallback():
     assert fast.missing == slow.missing == (True, False, False)
     assert fast.dense_real is slow.dense_real is True
     assert all(a is b for x, y in zip(fast.per_group, slow.per_group) for a, b in zip(x, y))
+    assert slow.layouts == (None, None, None) and all(isinstance(b, bytes) for b in fast.layouts)
     params[2].grad = torch.ones(4).to_sparse()
     assert step_plan.gather_grads(groups).dense_real is step_plan._gather_grads_python(groups).dense_real is False
 

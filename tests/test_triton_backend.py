@@ -336,6 +336,31 @@ def test_plan_cache_tells_layouts_of_one_kind_apart_and_evicts_the_least_recent(
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_plans_are_keyed_with_the_layouts_the_optimizer_gathered(triton_backend, gate, monkeypatch):
+    """With the C++ extension, the optimizer gathers each group's params and grads with their
+    layout (GroupTensors.layout_key): a steady-state step then reads only the AdamW states'
+    addresses for the plan key (3 lists a group, not 5, and none for the exact gate's telemetry)."""
+    from lbw_kernels.backends import availability
+    from lbw_kernels.triton_kernels import chunk_table
+
+    if availability()["cpp"] is not None:
+        pytest.skip("the layouts are gathered by the C++ extension")
+    read = []
+    for name in ("layout_key", "address_key"):
+        real = getattr(chunk_table, name)
+        monkeypatch.setattr(chunk_table, name, lambda ts, real=real: read.append(len(ts)) or real(ts))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
+    opt = GuardedAdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.02}], lr=1e-2, backend="triton",
+                       gate=gate, stats_freq=1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        read.clear()
+        opt.step()
+    assert read == [2, 2, 2, 1, 1, 1]  # exp_avgs, exp_avg_sqs, steps of each group
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("keys", ["as installed", "python"])
 def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend, keys, gate, monkeypatch):
     """Swapped param or state storage (``.data = ...``: state offload) and loaded state rebuild

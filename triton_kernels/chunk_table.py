@@ -148,13 +148,16 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
     # Every tensor's address, every call: optimizer state can be moved behind the optimizer's
     # back (state offload through `.data`), and a stale table would write through freed memory.
     kind: List[Any] = [device, "update", chunk]
-    layout: List[bytes] = []
+    layout: List[Any] = []
     for g in groups:
         lr = g.lr
         lr_key = ("tensor", lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, Tensor) else "float"
         kind.append((lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize))
-        layout += (layout_key(g.params), address_key(g.grads), address_key(g.exp_avgs),
-                   address_key(g.exp_avg_sqs), address_key(g.steps))
+        # The params and grads as the optimizer gathered them this call, when it did (every
+        # param of the group: the sub-list with grads follows from it), else read here.
+        gathered = getattr(g, "layout_key", None)
+        layout += ((gathered,) if gathered is not None else (layout_key(g.params), address_key(g.grads)))
+        layout += (address_key(g.exp_avgs), address_key(g.exp_avg_sqs), address_key(g.steps))
     return tuple(kind), tuple(layout)
 
 
