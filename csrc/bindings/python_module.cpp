@@ -126,20 +126,24 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
       if (THPVariable_CheckExact(items[i])) {
         const at::Tensor& p = THPVariable_Unpack(items[i]);
         const at::Tensor& g = p.grad();
-        row[0] = address(p);
-        row[1] = p.numel();
-        row[2] = int64_t(p.scalar_type());
         if (g.defined()) {
           grad = THPVariable_Wrap(g);  // the grad's own Python object (identity kept)
           const auto dtype = g.scalar_type();
           dense_real = dense_real && g.layout() == at::kStrided && !at::isComplexType(dtype);
-          row[3] = address(g);
-          row[4] = g.numel();
-          row[5] = int64_t(dtype);
         } else {
           grad = Py_NewRef(Py_None);
-          row[3] = row[4] = 0;
-          row[5] = -1;
+        }
+        // (Unvalidated tensors: one whose address or size cannot be read, a nested tensor say,
+        // leaves the group without a layout rather than raising here.)
+        try {
+          row[0] = address(p);
+          row[1] = p.numel();
+          row[2] = int64_t(p.scalar_type());
+          row[3] = g.defined() ? address(g) : 0;
+          row[4] = g.defined() ? g.numel() : 0;
+          row[5] = g.defined() ? int64_t(g.scalar_type()) : -1;
+        } catch (const std::exception&) {
+          layout_known = false;
         }
       } else {
         layout_known = false;
