@@ -289,6 +289,26 @@ def test_gpu_cuda_exact_call_in_one_lookup_matches_the_passes_one_by_one(cuda_ba
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_exact_call_declines_a_grad_aligned_where_its_param_is_not(cuda_backend):
+    """A param viewed 4 bytes past a 16-byte boundary beside an aligned grad: the update's table
+    says scalar loads where the telemetry op reads that grad with vectors (another order of
+    the sum), so _C._adamw_exact_ declines (False), decide is not called, nothing changes."""
+    problem = make_problem(4, shapes=((5,), (4099,)), device="cuda", n_groups=1)
+    group = problem[0]
+    flat = torch.zeros(4100, device="cuda")
+    flat[1:].copy_(group.params[1])
+    group.params[1] = flat[1:]
+    before = [t.clone() for t in (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)]
+    called = []
+    scale = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    assert cuda_backend.exact_step_([group], group.grads, decide=called.append, scale=scale, skip=None,
+                                    partials_dtype=torch.float64) is False
+    assert not called
+    after = (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_exact_call_stops_where_decide_raises(cuda_backend):
     """An error raised by decide inside _C._adamw_exact_ reaches the caller as itself, and the
     update never ran: params, states and step counts as they were."""

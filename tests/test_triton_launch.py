@@ -14,10 +14,13 @@ from lbw_kernels.triton_kernels import coefficients, guarded_adamw, launch, tele
 
 
 class FakeCompiled:
+    """CompiledKernel[grid]: reads grid[0], grid[1] and grid[2], as Triton 3.6 and 3.9 do."""
+
     def __init__(self, log, name):
         self.log, self.name = log, name
 
     def __getitem__(self, grid):
+        grid = (grid[0], grid[1], grid[2])
         return lambda *args: self.log.append(("direct", self.name, grid, args))
 
 
@@ -68,7 +71,7 @@ def test_a_known_specialisation_is_launched_directly_with_every_parameter_in_ord
     site((6,), (x, y, 32), dict(B=7, A=True), dict(num_warps=4))  # 32: still a multiple of 16, not 1
     assert _routes(kernel) == ["jit", "direct"]
     assert kernel.log[0][3:] == ((x, y, 48), dict(B=7, A=True, num_warps=4))
-    assert kernel.log[1][2:] == ((6,), (x, y, 32, True, 7))  # constexprs in signature order
+    assert kernel.log[1][2:] == ((6, 1, 1), (x, y, 32, True, 7))  # constexprs in signature order, grid padded
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "int one", "int not 16", "int64", "constexpr",
@@ -100,6 +103,20 @@ def test_each_fact_the_jit_specialises_on_keys_its_own_compiled_kernel(direct, c
     site((1,), tuple(args), constexprs, options)
     site((1,), tuple(args), constexprs, options)
     assert _routes(kernel) == ["jit", "direct", "jit", "direct"] and kernel.compiles == 2
+
+
+def test_a_future_from_asynchronous_compiling_is_not_kept(direct):
+    class Future:  # what the JIT may hand back while it compiles in the background
+        def result(self):
+            raise AssertionError("not waited for here")
+
+    class AsyncJIT(FakeJIT):
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Future()
+
+    site = launch.Launcher(AsyncJIT(["x", "C"]), device_index=lambda: 0)
+    site((1,), (torch.zeros(4),), dict(C=1), {})
+    assert not site.compiled
 
 
 def test_what_it_cannot_key_goes_through_the_jit(direct):

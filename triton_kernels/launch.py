@@ -79,11 +79,13 @@ class Launcher:
         known = self.compiled.get(key)
         if known is not None:
             compiled, tail = known
-            compiled[grid](*args, *tail)
+            # (A compiled kernel reads grid[0], grid[1] and grid[2]; only the JIT pads a shorter grid.)
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)
             return
         compiled = self.kernel[grid](*args, **constexprs, **options)
         tail = self._constexpr_tail(len(args), constexprs)
-        if compiled is not None and tail is not None:
+        # Kept: a compiled kernel, not None (the interpreter) nor a future (asynchronous compiling).
+        if compiled is not None and not hasattr(compiled, "result") and tail is not None:
             self.compiled[key] = (compiled, tail)
 
     def _constexpr_tail(self, n_args: int, constexprs: Dict[str, Any]) -> Optional[Tuple]:

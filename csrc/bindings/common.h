@@ -26,9 +26,10 @@ std::atomic<bool>& poison_outputs();
 cuda::Geometry& cuda_geometry();
 
 // The CUDA exact gate's call with one table lookup (ops_cuda.cpp's exact_step_cuda: telemetry,
-// `decide`, update), for the eager entry _C._adamw_exact_. Set when the CUDA kernels are
-// linked in (ops_cuda.cpp registers it at load); null in a CPU-only build.
-using ExactStepFn = void (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+// `decide`, update; false, nothing launched, where it does not apply), for the eager entry
+// _C._adamw_exact_. Set when the CUDA kernels are linked in (ops_cuda.cpp registers it at
+// load); null in a CPU-only build.
+using ExactStepFn = bool (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
                              double beta1, double beta2, double eps, double weight_decay, bool maximize,
                              const std::optional<at::Tensor>& skip,

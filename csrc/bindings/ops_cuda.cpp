@@ -2,6 +2,7 @@
 // rebuilt only when the tensors' storage changes), workspaces, then the launchers in
 // csrc/cuda. Nothing here waits for the device.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -150,6 +151,10 @@ struct PreparedUpdate {
   cuda::Geometry geo;
   at::TensorOptions opts;  // float64 on the params' device
   cudaStream_t stream = nullptr;
+  // Whether each entry's `aligned` (p, g, m, v all 16-byte aligned) is also its grad's alone, as
+  // a telemetry table's would be: telemetry over this table then reads each grad the way the
+  // telemetry op does (the vector and scalar paths add in different orders).
+  bool grad_alignment_as_telemetry = true;
 };
 
 std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -163,6 +168,7 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   const cuda::Geometry geo = cuda_geometry();
   const int32_t param_code = params.empty() ? 0 : int32_t(dtype_code(params[0], "params"));
   TableKey key{device.index(), geo.chunk, std::vector<TensorEntry>(params.size())};
+  bool grad_alignment_as_telemetry = true;
   for (size_t i = 0; i < params.size(); ++i) {
     check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
     TensorEntry& e = key.entries[i];
@@ -174,10 +180,12 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
     e.numel = params[i].numel();
     e.dtype = param_code;
     e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
+    grad_alignment_as_telemetry = grad_alignment_as_telemetry && int32_t(aligned16(e.g)) == e.aligned;
   }
   if (params.empty()) return std::nullopt;
   const c10::cuda::CUDAGuard guard(device);
   PreparedUpdate u;
+  u.grad_alignment_as_telemetry = grad_alignment_as_telemetry;
   u.geo = geo;
   u.opts = at::TensorOptions().dtype(at::kDouble).device(device);
   u.args.param_dtype = DType(param_code);
@@ -232,14 +240,18 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // pass over the update's table (its entries hold each grad's address, size and dtype: the
 // telemetry kernel reads those), then `decide` (the caller's rules 1-4, enqueued on the same
 // stream), then the update on the same table. Each pass on its own reads every tensor's address
-// for its own table key: the grads' twice.
-void exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+// for its own table key: the grads' twice. False, nothing launched, where a grad is 16-byte
+// aligned but its param or state is not (the telemetry op would read that grad with vector
+// loads, this table says scalar: other bits); the caller then runs the passes one by one.
+bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
                      const std::function<void(const at::Tensor&)>& decide) {
+  RECORD_FUNCTION("lbw::exact_step", std::vector<c10::IValue>());  // (not a dispatcher op: the profiler's name)
   const auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
                                 weight_decay, maximize, skip, false, false);
   TORCH_CHECK(u.has_value(), "lbw: exact_step_cuda needs params");
+  if (!u->grad_alignment_as_telemetry) return false;
   at::Tensor partials;
   {
     const c10::cuda::CUDAGuard guard(u->opts.device());
@@ -251,6 +263,7 @@ void exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
   decide(partials);
   launch_update(*u);
+  return true;
 }
 
 const bool exact_step_registered = (cuda_exact_step() = &exact_step_cuda, true);

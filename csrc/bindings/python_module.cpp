@@ -387,10 +387,11 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 // steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide). The telemetry
 // rows of the grads go to decide(partials), a Python callable that enqueues rules 1-4 on the
 // stream; then the update, which reads lr_scale and skip on the device after it. False, with
-// nothing done, for tensors the kernels do not take, CPU tensors, or a build without CUDA.
-// The GIL stays held but for decide's own torch calls: the borrowed tensors are used only
-// before decide runs (the update then reads the table's addresses, which the caller's lists
-// keep alive).
+// nothing done, for tensors the kernels do not take, CPU tensors, a build without CUDA, or a
+// grad aligned where its param or state is not (exact_step_cuda). The GIL stays held but for
+// decide's own torch calls: the borrowed tensors are used only before decide runs; the update
+// then reads the table's addresses, whose tensors the caller's lists (the optimizer's
+// GroupTensors, alive for the whole call) keep alive even if another thread resets .grad.
 PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   const lbw::ExactStepFn exact = lbw::cuda_exact_step();
   if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 14) {
@@ -430,12 +431,13 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
     }
     Py_DECREF(result);
   };
+  bool done = false;
   if (!run_op(false, [&] {
-        exact(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(), a.lr_scale,
-              a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, call_decide);
+        done = exact(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
+                     a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, call_decide);
       }))
     return nullptr;
-  Py_RETURN_TRUE;
+  return PyBool_FromLong(done);
 }
 
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
