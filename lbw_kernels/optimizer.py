@@ -306,12 +306,11 @@ class GuardedAdamW(torch.optim.Optimizer):
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
 
-        decision = dict(analyze=analyze, check_finite=check_finite, cfg=cfg)
-
         def decide(partials: Optional[Tensor]) -> None:  # rules 1-4 on this call's telemetry rows
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-            backend.decide_(guard, partials, plan.numels, plan.numel_total, **decision)
+            backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
+                            check_finite=check_finite, cfg=cfg)
 
         if self.gate == "exact":
             skip = guard[ref.SKIP] if check_finite else None

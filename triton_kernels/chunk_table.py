@@ -155,14 +155,15 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
         kind.append((lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize))
         # The params and grads as the optimizer gathered them this call, when it did (every
         # param of the group: the sub-list with grads follows from it), else read here.
-        gathered = getattr(g, "layout_key", None)
+        gathered = g.layout_key
         layout += ((gathered,) if gathered is not None else (layout_key(g.params), address_key(g.grads)))
         layout += (address_key(g.exp_avgs), address_key(g.exp_avg_sqs), address_key(g.steps))
     return tuple(kind), tuple(layout)
 
 
 class PlanCache:
-    """The most recent plans (an exact-gate optimizer alternates two: telemetry and update).
+    """The most recent plans: update plans (an eager exact-gate call runs its telemetry from its
+    update plan too), and telemetry plans of direct ``telemetry`` calls (compiled steps).
 
     Found by kind (hashed), then told apart by layout (compared). A dict keyed by the whole
     key would hash every layout bytes object afresh each call (the objects are new each call

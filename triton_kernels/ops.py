@@ -73,14 +73,18 @@ def _update_plan(groups: Sequence[GroupTensors]):
     return plan, device
 
 
+def _update(plan, device: torch.device, groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor]) -> None:
+    with _on_device(device):
+        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
+    _delegate(plan, groups, scale, skip=skip)
+
+
 def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor]) -> None:
     """Rule 5 on every group with ``lr * scale``; nothing (not even a step) when ``skip != 0``."""
     if not groups:
         return
     plan, device = _update_plan(groups)
-    with _on_device(device):
-        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
-    _delegate(plan, groups, scale, skip=skip)
+    _update(plan, device, groups, scale, skip)
 
 
 def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], decide, scale: Tensor,
@@ -97,9 +101,7 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
         with _on_device(device):
             partials = telemetry_partials(plan.exact_telemetry, partials_dtype)
     decide(partials)
-    with _on_device(device):
-        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
-    _delegate(plan, groups, scale, skip=skip)
+    _update(plan, device, groups, scale, skip)
 
 
 def adamw_telemetry_impl(

@@ -113,6 +113,17 @@ at::Tensor telemetry_workspace(const cuda::Geometry& geo, const DeviceTable& tab
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
 
+// The telemetry pass over a table (the telemetry op's own, or an update's: exact_step_cuda):
+// its [nrows, 3] rows, the device guard of `opts`' device set by the caller.
+at::Tensor telemetry_rows(const cuda::Geometry& geo, const DeviceTable& table, const at::TensorOptions& opts,
+                          cudaStream_t stream) {
+  at::Tensor out = new_output({table.nrows, 3}, opts);
+  at::Tensor ws = telemetry_workspace(geo, table, opts);
+  check_launch(cuda::launch_telemetry(geo, table.tensors(), table.ntensors, table.chunks(), table.nchunks,
+                                      ws.data_ptr<double>(), out.data_ptr<double>(), stream));
+  return out;
+}
+
 at::Tensor telemetry_cuda(at::TensorList grads) {
   const auto device = grads.empty() ? at::Device(at::kCUDA) : grads[0].device();
   const cuda::Geometry geo = cuda_geometry();
@@ -129,12 +140,7 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
   if (grads.empty()) return new_output({0, 3}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const TablePtr table = table_for(key, device, stream);
-  at::Tensor out = new_output({table->nrows, 3}, opts);
-  at::Tensor ws = telemetry_workspace(geo, *table, opts);
-  check_launch(cuda::launch_telemetry(geo, table->tensors(), table->ntensors, table->chunks(), table->nchunks,
-                                      ws.data_ptr<double>(), out.data_ptr<double>(), stream));
-  return out;
+  return telemetry_rows(geo, *table_for(key, device, stream), opts, stream);
 }
 
 const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const char* what) {
@@ -255,11 +261,7 @@ bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   at::Tensor partials;
   {
     const c10::cuda::CUDAGuard guard(u->opts.device());
-    const DeviceTable& table = *u->table;
-    partials = new_output({table.nrows, 3}, u->opts);
-    at::Tensor ws = telemetry_workspace(u->geo, table, u->opts);
-    check_launch(cuda::launch_telemetry(u->geo, table.tensors(), table.ntensors, table.chunks(), table.nchunks,
-                                        ws.data_ptr<double>(), partials.data_ptr<double>(), u->stream));
+    partials = telemetry_rows(u->geo, *u->table, u->opts, u->stream);
   }
   decide(partials);
   launch_update(*u);
