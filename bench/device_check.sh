@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, launch geometry candidates, a host-time profile, the host time of one launch by
-# route, the torch-free CUDA test binary, verify. Everything lands in the output folder: one
+# GPU tests, launch geometry candidates, each step split into host prefix, kernels and gaps
+# (timeline.txt), a host-time profile, the host time of one launch by route, the torch-free CUDA
+# test binary, verify. Everything lands in the output folder: one
 # log per phase, bench JSON+PNG per layout, results/ (the JSON under the names bench/results/
 # keeps), tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
 #
@@ -171,6 +172,14 @@ done
 # The candidates beside the defaults in one table (tune_table.md).
 [[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
     "$PY" "$OUT_DIR"
+# Each step split on the device's timeline (bench/step_timeline.py): host prefix before the
+# first kernel, the kernels' own time against the floor, idle gaps between them; TinyLlama
+# (are its rows over 1.05x in the kernels or in host time?) and the many-tensors layout.
+for layout in "${LAYOUTS[@]}"; do
+    [[ $layout == gpt2-124m ]] && continue
+    phase "timeline_$layout" 40 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
+        --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
+done
 # Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
 # torch.profiler op/launch counts per step.
 phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12

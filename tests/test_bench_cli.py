@@ -208,3 +208,53 @@ def test_profile_step_measures_the_triton_host_path_without_launching():
     assert heads == ["exact", "single_pass"], out
     assert "lbw::summarize_decide_" in out or "summarize_decide_" in out  # the step ran up to its decision
     assert "interpreter.py" not in out  # no kernel went through Triton's interpreter
+
+
+def test_step_timeline_splits_each_step_into_prefix_busy_and_gaps():
+    """bench/step_timeline.py: device spans go to the step they start in (steps synchronised
+    one by one); overlapping device spans count once as busy; idle time between the first and
+    last kernel is gaps; kernels are listed per name."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import step_timeline as st
+    finally:
+        sys.path.pop(0)
+    S = st.Span
+    steps = [S("Optimizer.step#X.step", 0.0, 50.0), S("Optimizer.step#X.step", 1000.0, 1040.0)]
+    device = [
+        S("telemetry", 20.0, 120.0), S("update", 110.0, 400.0), S("update", 450.0, 500.0),  # step 1
+        S("update", 1030.0, 1330.0),  # step 2
+    ]
+    one, two = st.split_steps(steps, device)
+    assert (one.host, one.prefix, one.busy, one.gaps, one.span) == (50.0, 20.0, 430.0, 50.0, 500.0)
+    assert one.kernels == {"telemetry": 100.0, "update": 340.0}
+    assert (two.prefix, two.busy, two.gaps, two.span, two.kernels) == (30.0, 300.0, 0.0, 330.0, {"update": 300.0})
+    assert one.prefix + one.busy + one.gaps == one.span
+    med = st.median_split([one, two, one])
+    assert (med.prefix, med.busy, med.kernels["telemetry"], med.kernels["update"]) == (20.0, 430.0, 100.0, 340.0)
+    # A step without device work (CPU) is host time only.
+    (cpu,) = st.split_steps([S("Optimizer.step#X.step", 5.0, 9.0)], [])
+    assert (cpu.host, cpu.prefix, cpu.busy, cpu.span) == (4.0, 0.0, 0.0, 4.0)
+
+
+def test_step_timeline_runs_on_cpu(tmp_path):
+    """The script itself end to end without a GPU: one JSON line per row, steps found in the
+    profiler's trace (the torch.optim step annotation), no device time."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, device_check runs it for real")
+    script = Path(__file__).resolve().parents[1] / "bench" / "step_timeline.py"
+    out = tmp_path / "t.jsonl"
+    done = subprocess.run([sys.executable, str(script), "--layout", "tiny", "--steps", "2", "--backend", "reference",
+                           "--gate", "exact", "--json", str(out)], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["torch AdamW fused", "guard reference exact sf=1"], done.stdout
+    assert all(r["host"] > 0 and r["busy"] == 0 and r["span"] == r["host"] for r in rows)
+    assert "guard reference exact sf=1" in done.stdout
