@@ -180,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for backend in backends:
         for gate in args.gate or ["exact", "single_pass"]:
             candidates.append((f"guard {backend} {gate} sf=1", FLOOR_BYTES_GATED if gate == "exact" else FLOOR_BYTES_UPDATE,
-                               lambda b=backend, g=gate: GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend=b, gate=g)))
+                               lambda b=backend, g=gate: GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend=b, gate=g,
+                                                                   stats_freq=1)))
     rows = []
     for name, bytes_per_param, make in candidates:
         opt = make()
