@@ -1,0 +1,143 @@
+"""A training run's life, randomised: with the guard off, every backend stays torch.optim.AdamW.
+
+The kernel backends keep what a call can reuse (the step plan of which params have grads and
+their states, Triton's plans and the CUDA op's chunk tables keyed by addresses): host time
+that would otherwise dominate steps of many small tensors. This drives one optimizer through
+a random sequence of what training code does between steps (grads set to None for some
+params, zeroed in place or reallocated; learning rates changed, as floats or tensors; param
+groups added; a checkpoint saved and loaded into a new optimizer; params and AdamW states moved
+to new storage behind the optimizer's back) beside torch.optim.AdamW given the same sequence,
+and compares after every step: a cache that outlived what it describes shows up as a
+difference (or, with a freed address, as garbage).
+"""
+
+import random
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW
+
+SHAPES = [(7, 3), (5,), (1,), (130,)]
+ADDED = [[(4, 4)], [(9,), (2, 3)]]  # the param groups added along the way
+TOL = 1e-6  # fp32, relative to each tensor's scale: a few ulps over ~30 steps (test_adamw_equivalence)
+# Most steps write the grads in place, as a training loop's backward does into grads it keeps
+# (and as CUDA's caching allocator tends to hand a freed grad's block back): only then do
+# calls find their cached plans, the state this test is after. "step" reallocates them.
+OPS = ("step_in_place",) * 5 + ("step", "some_grads_none", "zero_grad", "lr", "lr_tensor", "add_group",
+                                "checkpoint", "move_param", "move_state")
+
+
+def _close(a, b):
+    scale = b.abs().max().item() if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=TOL, atol=TOL * scale)
+
+
+def _run(backend: str, gate: str, seed: int, device: str) -> int:
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def new_params(shapes):
+        vals = [torch.randn(s, generator=gen) for s in shapes]
+        return ([torch.nn.Parameter(v.to(device)) for v in vals], [torch.nn.Parameter(v.to(device)) for v in vals])
+
+    ours, theirs = new_params(SHAPES)
+    options = dict(lr=1e-2, weight_decay=0.05)
+    make_ours = lambda groups: GuardedAdamW(groups, **options, auto_enabled=False, gate=gate, backend=backend)  # noqa: E731
+    make_theirs = lambda groups: torch.optim.AdamW(groups, **options, foreach=False)  # noqa: E731
+    opt, ref = make_ours(ours), make_theirs(theirs)
+    added = list(ADDED)
+    steps = 0
+
+    def set_grads(which, in_place=False):
+        for i in which:
+            g = torch.randn(ours[i].shape, generator=gen).to(device)
+            for p in (ours[i], theirs[i]):
+                if in_place and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g.clone()
+
+    def step():
+        nonlocal steps
+        opt.step()
+        ref.step()
+        steps += 1
+        for a, b in zip(ours, theirs):
+            _close(a, b)
+
+    for _ in range(60):
+        op = rnd.choice(OPS)
+        n = len(ours)
+        if op == "step":  # new grad tensors
+            set_grads(range(n))
+            step()
+        elif op == "some_grads_none":  # params without a grad this call: no update, no state change
+            keep = [i for i in range(n) if rnd.random() < 0.5]
+            set_grads(keep)
+            for i in set(range(n)) - set(keep):
+                ours[i].grad = theirs[i].grad = None
+            step()
+        elif op == "zero_grad":
+            set_to_none = rnd.random() < 0.5
+            opt.zero_grad(set_to_none=set_to_none)
+            ref.zero_grad(set_to_none=set_to_none)
+        elif op == "step_in_place":  # the grads' storage kept (the usual loop: zero_grad(False), backward)
+            set_grads(range(n), in_place=True)
+            step()
+        elif op in ("lr", "lr_tensor"):
+            gi = rnd.randrange(len(opt.param_groups))
+            lr = rnd.choice([3e-3, 1e-2, 2e-2])
+            for o in (opt, ref):
+                o.param_groups[gi]["lr"] = torch.tensor(lr, device=device) if op == "lr_tensor" else lr
+        elif op == "add_group" and added:
+            mine, twins = new_params(added.pop(0))
+            ours += mine
+            theirs += twins
+            group = dict(lr=rnd.choice([5e-3, 2e-2]), weight_decay=rnd.choice([0.0, 0.1]))
+            opt.add_param_group(dict(params=mine, **group))
+            ref.add_param_group(dict(params=twins, **group))
+        elif op == "checkpoint":  # saved, then loaded into a fresh optimizer over the same params
+            sd, ref_sd = opt.state_dict(), ref.state_dict()
+            opt = make_ours([{"params": g["params"]} for g in opt.param_groups])
+            ref = make_theirs([{"params": g["params"]} for g in ref.param_groups])
+            opt.load_state_dict(sd)
+            ref.load_state_dict(ref_sd)
+        elif op == "move_param":  # new storage, same values (offloading, resharding, .to() and back)
+            p = rnd.choice(ours)
+            p.data = p.data.clone()
+        elif op == "move_state":
+            with_state = [p for p in ours if opt.state.get(p)]
+            if with_state:
+                state = opt.state[rnd.choice(with_state)]
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    state[key].data = state[key].data.clone()
+    set_grads(range(len(ours)))
+    step()
+    for a, b in zip(ours, theirs):
+        if opt.state.get(a):
+            sa, sb = opt.state[a], ref.state[b]
+            _close(sa["exp_avg"], sb["exp_avg"])
+            _close(sa["exp_avg_sq"], sb["exp_avg_sq"])
+            assert sa["step"].item() == sb["step"].item()
+        else:
+            assert not ref.state.get(b)
+    return steps
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_random_training_life_stays_torch_adamw(backend, gate, seed):
+    assert _run(backend, gate, seed, "cpu") >= 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gpu_a_random_training_life_stays_torch_adamw(backend_name, gate, seed):
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    assert _run(backend_name, gate, seed, "cuda") >= 10
