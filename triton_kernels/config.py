@@ -57,7 +57,12 @@ class Geometry:
     # then cost shared memory (S - 1 blocks of p, g, m, v: 32 KB for S=3 at block 1024, fp32)
     # instead of registers, which bound Triton's occupancy (bench/triton_registers.py). The
     # same per-lane order: bits as num_stages=1 but for the sign of an all-zero sum. Checked
-    # in the PTX (cp.async under Triton 3.6 and 3.9), not yet timed on a GPU.
+    # in the PTX (cp.async under Triton 3.6 and 3.9), not yet timed on a GPU. Why it may pay:
+    # with num_stages=1 each iteration issues its block's loads only after the previous
+    # block's stores (SASS of the fp32 exact update, Triton 3.6 and 3.9, sm_90: 8 LDG.128 at
+    # the top of the loop body of ~500 instructions, 6 STG.128 at its end), so a program has
+    # nothing in flight while it computes, at 5 programs per SM (86-87 registers); the CUDA
+    # kernel keeps 1024 threads per SM with half the elements per thread between loads.
     num_stages: int = 1
 
 
