@@ -13,10 +13,11 @@ torch.profiler trace (CPU and CUDA activity, one clock):
   launches that the device outran).
 
 ``span = prefix + busy + gaps`` (or the host call's length, where the host returns after the
-device is done: the bench's end event then fires when the host records it). On TinyLlama's layout the question is whether a row over 1.05x
-the floor is over it in its kernels (busy / floor) or in host time (prefix, gaps); on 2000 x
-65,536 it says how much of the step the device waits. The profiler itself adds host time to
-every op, so prefix and gaps read high against the bench's numbers; busy does not.
+device is done: the bench's end event then fires when the host records it). On TinyLlama's
+layout the question is whether a row over 1.05x the floor is over it in its kernels (busy /
+floor) or in host time (prefix, gaps); on 2000 x 65,536 it says how much of the step the
+device waits. The profiler itself adds host time to every op, so prefix and gaps read high
+against the bench's numbers; busy does not.
 
     python bench/step_timeline.py --layout tinyllama-1.1b [--backend cuda --backend triton]
         [--gate exact] [--steps 5] [--json timeline.jsonl]
