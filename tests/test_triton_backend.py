@@ -224,8 +224,7 @@ def test_each_tensors_last_program_finishes_its_row_and_leaves_the_counters_at_z
     fused = triton_backend.adamw_telemetry_(clone_problem(problem), scale=torch.tensor(1.0, dtype=torch.float64),
                                             mask_nonfinite=True, partials_dtype=torch.float64)
     assert torch.equal(fused, first)
-    layouts = [plan.telemetry if hasattr(plan, "telemetry") else plan
-               for entries in ops.PLANS._plans.values() for _, plan in entries]
+    layouts = [plan.telemetry if hasattr(plan, "telemetry") else plan for plan in ops.PLANS.plans()]
     assert len(layouts) >= 2 and max(int(lay.first_chunk.diff().max()) for lay in layouts if lay.n_tensors) == many
     for layout in layouts:
         assert not layout.counters.any()
@@ -261,8 +260,9 @@ def test_wrong_learning_rate_is_caught(triton_backend, monkeypatch):
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend, gate):
-    """One plan per layout for either gate (the exact gate's telemetry pass runs from the update
-    plan: ops.exact_step_impl), reused while storage stays, rebuilt when it moves."""
+    """Plans are reused while storage stays and rebuilt when it moves: per layout the update
+    plan, and for the exact gate its telemetry layout (keyed by the params and grads alone, so
+    that it launches before the update key reads the states: ops.exact_step_impl)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
     opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate=gate)
@@ -292,15 +292,16 @@ def test_chunk_table_is_reused_and_rebuilt_when_storage_changes(triton_backend, 
         opt.step()
         ref.step()
     assert ops.PLANS.builds == builds
+    per_layout = 2 if gate == "exact" else 1
     keep = params[1].grad  # hold the old storage so the new grad cannot reuse its address
     params[1].grad = None
     step([torch.randn(p.shape) for p in params])  # reallocated grads: new addresses
-    assert ops.PLANS.builds == builds + 1
+    assert ops.PLANS.builds == builds + per_layout
     params[2].grad = None  # a param without grad leaves the plan (and its step stays)
     ref_params[2].grad = None
     opt.step()
     ref.step()
-    assert ops.PLANS.builds == builds + 2
+    assert ops.PLANS.builds == builds + 2 * per_layout
     del keep
     for p, q in zip(params, ref_params):
         assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
@@ -333,6 +334,28 @@ def test_plan_cache_tells_layouts_of_one_kind_apart_and_evicts_the_least_recent(
     assert built == ["tel-a", "upd-ab", "tel-b", "upd-ab-0.8"] and cache.builds == 4
     cache.clear()
     assert cache.get((tel, (b"a",)), None) is None
+
+
+def test_plan_cache_evicts_the_least_recently_used_plan_of_any_kind():
+    """An exact call looks up its telemetry layout, then its update plan: when the update plan
+    alone is rebuilt (a state moved), the stale update plan goes, not the live telemetry layout
+    (which evicting from the least recent kind would drop: that kind is looked up first in
+    every call)."""
+    from lbw_kernels.triton_kernels.chunk_table import PlanCache
+
+    cache = PlanCache(capacity=3)
+    tel, upd = ("cpu", "exact telemetry", 64), ("cpu", "update", 64)
+    built = []
+
+    def call(grads, states):
+        for key in ((tel, (grads,)), (upd, (grads, states))):
+            cache.get(key, lambda key=key: built.append(key[1]) or key[1])
+
+    for states in (b"s1", b"s2", b"s3", b"s3"):
+        call(b"g", states)
+    assert built == [(b"g",), (b"g", b"s1"), (b"g", b"s2"), (b"g", b"s3")] and cache.builds == 4
+    assert cache.get((upd, (b"g", b"s1")), None) is None  # the least recently used went
+    assert cache.get((upd, (b"g", b"s2")), None) == (b"g", b"s2")
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
@@ -397,17 +420,18 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
     keep = params[0].data
     params[0].data = params[0].data.clone()  # new storage, same Parameter object
     step()
-    assert ops.PLANS.builds == builds + 1
+    builds += 2 if gate == "exact" else 1  # (the exact gate's telemetry layout is keyed by the params too)
+    assert ops.PLANS.builds == builds
     state = opt.state[params[1]]
     keep_state = state["exp_avg_sq"].data
-    state["exp_avg_sq"].data = state["exp_avg_sq"].data.clone()  # offloaded and back
+    state["exp_avg_sq"].data = state["exp_avg_sq"].data.clone()  # offloaded and back: the update plan alone
     step()
-    assert ops.PLANS.builds == builds + 2
+    assert ops.PLANS.builds == builds + 1
     saved = copy.deepcopy(opt.state_dict())
     opt.load_state_dict(saved)  # fresh state tensors: the old addresses are gone
     ref.load_state_dict(copy.deepcopy(ref.state_dict()))
     step()
-    assert ops.PLANS.builds == builds + 3
+    assert ops.PLANS.builds == builds + 2
     for p, q in zip(params, ref_params):
         assert worst(p, q, *PARAM_TOLERANCES[torch.float32]) is None
     del keep, keep_state
@@ -600,9 +624,8 @@ def test_gpu_rows_finished_by_each_tensors_last_program_are_the_same_bits_every_
         fused = get_backend("triton").adamw_telemetry_(problem, scale=scale, mask_nonfinite=True,
                                                        partials_dtype=torch.float64)
         assert torch.equal(fused, first)
-    for entries in ops.PLANS._plans.values():
-        for _, plan in entries:
-            assert not (plan.telemetry if hasattr(plan, "telemetry") else plan).counters.any()
+    for plan in ops.PLANS.plans():
+        assert not (plan.telemetry if hasattr(plan, "telemetry") else plan).counters.any()
 
 
 @pytest.mark.gpu

@@ -16,7 +16,6 @@ counter (the chunks of it done so far in a pass; see telemetry.py).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import methodcaller
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -102,10 +101,6 @@ class UpdatePlan:
     telemetry: TelemetryLayout
     delegated: List[Tuple[int, List[int]]]  # (group, tensor indices) updated by the reference
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
-    # The exact gate's telemetry pass over every non-empty gradient of the plan (built on the
-    # plan's first exact call: ops.exact_step_impl), so that call finds its gradients through
-    # the update plan's key instead of a key of its own.
-    exact_telemetry: Optional[TelemetryLayout] = None
 
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:
@@ -144,6 +139,16 @@ def telemetry_key(grads: Sequence[Tensor], chunk: int, device: torch.device) -> 
     return (device, "telemetry", chunk), (layout_key(grads),)
 
 
+def exact_telemetry_key(groups: Sequence[Any], grads: Sequence[Tensor], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
+    """The exact gate's telemetry pass over ``grads`` (= ``nonempty_grads(groups)``): keyed by the
+    params' and grads' layouts the optimizer gathered this call (``GroupTensors.layout_key``;
+    they fix those gradients) when it did, a lookup with no walk over any tensor list."""
+    gathered = tuple(g.layout_key for g in groups)
+    if any(k is None for k in gathered):
+        return telemetry_key(grads, chunk, device)
+    return (device, "exact telemetry", chunk), gathered
+
+
 def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
     # Every tensor's address, every call: optimizer state can be moved behind the optimizer's
     # back (state offload through `.data`), and a stale table would write through freed memory.
@@ -162,8 +167,8 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
 
 
 class PlanCache:
-    """The most recent plans: update plans (an eager exact-gate call runs its telemetry from its
-    update plan too), and telemetry plans of direct ``telemetry`` calls (compiled steps).
+    """The most recent plans: update plans, and telemetry layouts (the exact gate's, keyed by the
+    layouts the optimizer gathered, and those of direct ``telemetry`` calls: compiled steps).
 
     Found by kind (hashed), then told apart by layout (compared). A dict keyed by the whole
     key would hash every layout bytes object afresh each call (the objects are new each call
@@ -173,37 +178,47 @@ class PlanCache:
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
-        # kind -> [(layout, plan)], most recently used first; kinds in least-recent order
-        self._plans: "OrderedDict[tuple, List[Tuple[tuple, Any]]]" = OrderedDict()
+        # kind -> [[layout, plan, last use]], most recently used first
+        self._plans: Dict[tuple, List[list]] = {}
         self._size = 0
+        self._clock = 0
         self.builds = 0  # how many plans were built (tests check reuse and rebuilds)
 
     def get(self, key: Tuple[tuple, tuple], build) -> Any:
         """The plan of ``key``; ``build()`` makes (and caches) it when there is none, and
         ``build=None`` returns None instead."""
         kind, layout = key
+        self._clock += 1
         entries = self._plans.get(kind)
         if entries is not None:
-            self._plans.move_to_end(kind)
-            for i, (cached, plan) in enumerate(entries):
-                if cached == layout:
+            for i, entry in enumerate(entries):
+                if entry[0] == layout:
+                    entry[2] = self._clock
                     if i:
                         entries.insert(0, entries.pop(i))
-                    return plan
+                    return entry[1]
         if build is None:
             return None
         plan = build()
         self.builds += 1
-        self._plans.setdefault(kind, []).insert(0, (layout, plan))
-        self._plans.move_to_end(kind)
+        self._plans.setdefault(kind, []).insert(0, [layout, plan, self._clock])
         self._size += 1
-        while self._size > self.capacity:  # the least recent kind's least recent plan goes
-            oldest_kind, oldest = next(iter(self._plans.items()))
-            oldest.pop()
-            self._size -= 1
-            if not oldest:
+        if self._size > self.capacity:
+            # The least recently used plan goes, whatever its kind: kinds are used together (an
+            # exact call looks up its telemetry layout, then its update plan), so evicting by
+            # kind would drop the one live plan of the kind looked up first in every call.
+            oldest_kind, oldest = min(
+                ((k, entries[-1]) for k, entries in self._plans.items()), key=lambda ke: ke[1][2]
+            )
+            self._plans[oldest_kind].pop()
+            if not self._plans[oldest_kind]:
                 del self._plans[oldest_kind]
+            self._size -= 1
         return plan
+
+    def plans(self) -> List[Any]:
+        """Every cached plan (tests inspect their workspaces)."""
+        return [entry[1] for entries in self._plans.values() for entry in entries]
 
     def clear(self) -> None:
         self._plans.clear()
