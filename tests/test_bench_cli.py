@@ -192,7 +192,8 @@ def test_tune_table_puts_each_candidate_beside_the_default(tmp_path):
 
 def test_profile_step_measures_the_triton_host_path_without_launching():
     """bench/profile_step.py --stub-triton-kernels (host time of a Triton step on a CPU-only
-    machine): both gates are profiled, and no kernel runs (the stubs replace every launch)."""
+    machine): both gates are profiled, no kernel runs (the stubs replace every launch), and
+    when each launch is issued is reported, in the order the step issues them."""
     import os
     import re
     import subprocess
@@ -208,6 +209,11 @@ def test_profile_step_measures_the_triton_host_path_without_launching():
     assert heads == ["exact", "single_pass"], out
     assert "lbw::summarize_decide_" in out or "summarize_decide_" in out  # the step ran up to its decision
     assert "interpreter.py" not in out  # no kernel went through Triton's interpreter
+    issued = re.findall(r"launches issued at \(from step start, median\): (.*)", out)
+    names = [[item.split()[0] for item in line.split(", ")] for line in issued]
+    assert names == [["telemetry", "coefficients", "update", "return"], ["coefficients", "update", "return"]], out
+    times = [[float(item.split()[1]) for item in line.split(", ")] for line in issued]
+    assert all(t == sorted(t) and t[0] > 0 for t in times), out
 
 
 def test_step_timeline_splits_each_step_into_prefix_busy_and_gaps():

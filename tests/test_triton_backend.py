@@ -383,6 +383,30 @@ def test_plans_are_keyed_with_the_layouts_the_optimizer_gathered(triton_backend,
     assert read == [2, 2, 2, 1, 1, 1]  # exp_avgs, exp_avg_sqs, steps of each group
 
 
+def test_exact_gate_launches_telemetry_before_reading_the_states(triton_backend, monkeypatch):
+    """With the layouts gathered by the C++ extension, the exact call launches its telemetry
+    pass before the update plan's key reads the AdamW states' addresses (3 walks per group),
+    so that host work overlaps the device reading the gradients (ops.exact_step_impl)."""
+    from lbw_kernels.backends import availability
+    from lbw_kernels.triton_kernels import telemetry
+
+    if availability()["cpp"] is not None:
+        pytest.skip("the layouts are gathered by the C++ extension")
+    ops = _ops()
+    events = []
+    real_key, real_launch = ops.update_key, telemetry.telemetry_chunks_
+    monkeypatch.setattr(ops, "update_key", lambda *a: events.append("update key") or real_key(*a))
+    monkeypatch.setattr(telemetry, "telemetry_chunks_", lambda *a: events.append("telemetry") or real_launch(*a))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097)]
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="exact", stats_freq=1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        events.clear()
+        opt.step()
+        assert events == ["telemetry", "update key"]
+
+
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("keys", ["as installed", "python"])
 def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_backend, keys, gate, monkeypatch):
