@@ -51,13 +51,26 @@ def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def step_other_layouts(n: int, **opt_kwargs) -> None:
+    """One step each of ``n`` optimizers over ``n`` distinct layouts (fresh tensors): pushes
+    every earlier plan or table out of a backend's cache of fewer than ``n`` entries."""
+    for i in range(n):
+        params = [torch.nn.Parameter(torch.randn(17 + i, device="cuda")), torch.nn.Parameter(torch.randn(3, device="cuda"))]
+        opt = GuardedAdamW(params, lr=1e-3, **opt_kwargs)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+
+
 def assert_graph_replay_matches_eager(
-    model: torch.nn.Module, *, rtol: float, atol: float, stats_freq: int = 1, **opt_kwargs
+    model: torch.nn.Module, *, rtol: float, atol: float, stats_freq: int = 1, after_capture=None, **opt_kwargs
 ) -> None:
     """Capture one step, replay it on 5 more gradient sets (calls 2-6), and compare with a twin
     optimizer stepping eagerly. With stats_freq > 1 the replays must follow rule 2's schedule
     (read from the guard's call count on the device), not repeat the captured call's choice.
-    The last two telemetry calls spike (two hot calls in a row), so every policy moves the scale."""
+    The last two telemetry calls spike (two hot calls in a row), so every policy moves the scale.
+    ``after_capture()`` runs between the capture and the first replay."""
     kw = dict(lr=1e-2, stats_freq=stats_freq, **opt_kwargs)
     spikes = [c for c in range(2, 7) if c % stats_freq == 0][-2:]
     twin = copy.deepcopy(model)
@@ -81,6 +94,8 @@ def assert_graph_replay_matches_eager(
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    if after_capture is not None:
+        after_capture()
     for k in range(1, 6):
         for p, g in zip(model.parameters(), grads[k]):
             p.grad.copy_(g)

@@ -27,7 +27,9 @@ from lbw_kernels.verify import (
     verify_backend,
     worst,
 )
-from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs, device_check_candidates
+from gpu_checks import (
+    assert_graph_replay_matches_eager, assert_step_never_syncs, device_check_candidates, step_other_layouts,
+)
 from streams import random_stream
 
 triton = pytest.importorskip("triton")
@@ -356,6 +358,39 @@ def test_plan_cache_evicts_the_least_recently_used_plan_of_any_kind():
     assert built == [(b"g",), (b"g", b"s1"), (b"g", b"s2"), (b"g", b"s3")] and cache.builds == 4
     assert cache.get((upd, (b"g", b"s1")), None) is None  # the least recently used went
     assert cache.get((upd, (b"g", b"s2")), None) == (b"g", b"s2")
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, monkeypatch):
+    """A CUDA graph replays from its plans' addresses, so plans used while the stream captures
+    (simulated here on CPU) are kept when later layouts push them out of the cache; plans used
+    eagerly are freed on eviction (nothing else holds them)."""
+    import gc
+    import weakref
+
+    ops = _ops()
+    ops.PLANS.clear()
+    monkeypatch.setattr(ops.PLANS, "kept", [])
+    real = ops._capturing
+    capturing = [captured]
+    monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0] or real(device))
+
+    def step(n):
+        p = torch.nn.Parameter(torch.randn(n))
+        opt = GuardedAdamW([p], lr=1e-2, backend="triton", gate="exact", stats_freq=1)
+        p.grad = torch.randn(n)
+        opt.step()
+        return opt, p
+
+    first = step(5)  # (held: its tensors' memory cannot be reused by the layouts below)
+    plans = [weakref.ref(plan) for plan in ops.PLANS.plans()]
+    assert len(plans) == 2  # the exact gate's telemetry layout and update plan
+    capturing[0] = False
+    others = [step(6 + i) for i in range(ops.PLANS.capacity)]  # each builds 2 plans: evicts the first
+    gc.collect()
+    assert all(alive() is not None for alive in plans) == captured
+    assert len(ops.PLANS.kept) == (2 if captured else 0)
+    del first, others
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
@@ -758,6 +793,18 @@ def test_gpu_step_never_syncs(gate, policy):
 def test_gpu_captured_step_replays_like_eager(gate, policy, stats_freq):
     assert_graph_replay_matches_eager(
         _model("cuda"), rtol=1e-6, atol=1e-7, stats_freq=stats_freq, backend="triton", gate=gate, policy=policy
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_captured_step_replays_after_its_plans_leave_the_cache(gate):
+    """Other optimizers' layouts push the captured step's plans out of the cache before the
+    replays: the kept plans (PlanCache.keep) still hold the memory the graph writes."""
+    ops = _ops()
+    assert_graph_replay_matches_eager(
+        _model("cuda"), rtol=1e-6, atol=1e-7, backend="triton", gate=gate,
+        after_capture=lambda: step_other_layouts(ops.PLANS.capacity + 1, backend="triton", gate=gate),
     )
 
 

@@ -183,6 +183,7 @@ class PlanCache:
         self._size = 0
         self._clock = 0
         self.builds = 0  # how many plans were built (tests check reuse and rebuilds)
+        self.kept: List[Any] = []  # plans a CUDA graph captured: never freed (see keep)
 
     def get(self, key: Tuple[tuple, tuple], build) -> Any:
         """The plan of ``key``; ``build()`` makes (and caches) it when there is none, and
@@ -215,6 +216,13 @@ class PlanCache:
                 del self._plans[oldest_kind]
             self._size -= 1
         return plan
+
+    def keep(self, plan: Any) -> None:
+        """Hold ``plan`` for the life of the process, evicted or not: a CUDA graph that captured
+        a launch from it replays from its tables' and workspaces' addresses (the CUDA backend
+        keeps its captured tables the same way: csrc/bindings/ops_cuda.cpp)."""
+        if not any(kept is plan for kept in self.kept):
+            self.kept.append(plan)
 
     def plans(self) -> List[Any]:
         """Every cached plan (tests inspect their workspaces)."""

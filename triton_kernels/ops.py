@@ -31,6 +31,19 @@ from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 PLANS = PlanCache(capacity=8)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _plan(key, build, device: torch.device):
+    """``PLANS.get``; a plan used while the stream is captured into a CUDA graph is kept for good
+    (PlanCache.keep): eviction would free memory the graph's replays write."""
+    plan = PLANS.get(key, build)
+    if _capturing(device):
+        PLANS.keep(plan)
+    return plan
+
+
 def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
 
@@ -49,7 +62,7 @@ def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tens
         return torch.zeros((0, 3), dtype=partials_dtype)
     device = grads[0].device
     chunk = geometry().chunk
-    layout = PLANS.get(telemetry_key(grads, chunk, device), lambda: build_telemetry(grads, chunk, device))
+    layout = _plan(telemetry_key(grads, chunk, device), lambda: build_telemetry(grads, chunk, device), device)
     with _on_device(device):
         return telemetry_partials(layout, partials_dtype)
 
@@ -70,7 +83,7 @@ def _delegate(plan, groups: Sequence[GroupTensors], scale: Tensor, **kwargs) -> 
 def _update_plan(groups: Sequence[GroupTensors]):
     device = groups[0].params[0].device
     chunk = geometry().chunk
-    plan = PLANS.get(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device))
+    plan = _plan(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device), device)
     refresh_lr(plan, groups)
     return plan, device
 
@@ -100,7 +113,8 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
     partials = None
     if grads:  # (nonempty_grads(groups))
         chunk = geometry().chunk
-        layout = PLANS.get(exact_telemetry_key(groups, grads, chunk, device), lambda: build_telemetry(grads, chunk, device))
+        layout = _plan(exact_telemetry_key(groups, grads, chunk, device), lambda: build_telemetry(grads, chunk, device),
+                       device)
         with _on_device(device):
             partials = telemetry_partials(layout, partials_dtype)
     plan, device = _update_plan(groups)
