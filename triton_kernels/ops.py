@@ -27,8 +27,10 @@ from .config import geometry
 from .guarded_adamw import guarded_adamw_
 from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 
-#: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py).
-PLANS = PlanCache(capacity=8)
+#: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py):
+#: room for 8 optimizers on the exact gate (2 plans each) or 16 on single_pass, beyond which
+#: every call would rebuild (the CUDA backend's table cache also holds 16).
+PLANS = PlanCache(capacity=16)
 
 
 def _capturing(device: torch.device) -> bool:
