@@ -53,7 +53,10 @@ def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
 
 def step_other_layouts(n: int, **opt_kwargs) -> None:
     """One step each of ``n`` optimizers over ``n`` distinct layouts (fresh tensors): pushes
-    every earlier plan or table out of a backend's cache of fewer than ``n`` entries."""
+    every earlier plan or table out of a backend's cache of fewer than ``n`` entries. (Their
+    plans, of the same small sizes, likely take the blocks an eviction frees, so a replay
+    through freed memory likely shows; not certainly. Filling freed blocks with garbage would
+    make it certain but could crash the CUDA context, and every GPU test after it.)"""
     for i in range(n):
         params = [torch.nn.Parameter(torch.randn(17 + i, device="cuda")), torch.nn.Parameter(torch.randn(3, device="cuda"))]
         opt = GuardedAdamW(params, lr=1e-3, **opt_kwargs)

@@ -360,6 +360,32 @@ def test_plan_cache_evicts_the_least_recently_used_plan_of_any_kind():
     assert cache.get((upd, (b"g", b"s2")), None) == (b"g", b"s2")
 
 
+def test_exact_telemetry_layout_is_built_over_what_its_key_describes(triton_backend):
+    """The exact gate's telemetry layout is keyed by the params' and grads' gathered layouts, so
+    it is built over the gradients those determine (nonempty_grads), not over the list an
+    optimizer's stale plan passes (a param emptied through ``.data`` after the plan was built
+    leaves its empty grad in that list): the stale call raises, and a fresh optimizer over the
+    same tensors then finds a layout of its own rows and matches the reference."""
+    torch.manual_seed(0)
+    a, p = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5))
+    kw = dict(lr=1e-2, gate="exact", stats_freq=1)
+    stale = GuardedAdamW([a, p], backend="triton", **kw)
+    a.grad, p.grad = torch.randn(3), torch.randn(5)
+    stale.step()
+    p.data, p.grad = torch.empty(0), torch.empty(0)
+    a.grad = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(RuntimeError, match="numels"):
+        stale.step()
+    a_ref, p_ref = (torch.nn.Parameter(t.detach().clone()) for t in (a, p))
+    a_ref.grad, p_ref.grad = a.grad.clone(), p.grad.clone()
+    fresh = GuardedAdamW([a, p], backend="triton", **kw)
+    ref = GuardedAdamW([a_ref, p_ref], backend="reference", **kw)
+    fresh.step()
+    ref.step()
+    assert fresh.telemetry()["grad_ms"] == pytest.approx(ref.telemetry()["grad_ms"], rel=1e-12)
+    assert worst(a, a_ref, *PARAM_TOLERANCES[torch.float32]) is None
+
+
 @pytest.mark.parametrize("captured", [False, True])
 def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, monkeypatch):
     """A CUDA graph replays from its plans' addresses, so plans used while the stream captures

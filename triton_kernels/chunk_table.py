@@ -204,7 +204,7 @@ class PlanCache:
         self.builds += 1
         self._plans.setdefault(kind, []).insert(0, [layout, plan, self._clock])
         self._size += 1
-        if self._size > self.capacity:
+        while self._size > self.capacity:
             # The least recently used plan goes, whatever its kind: kinds are used together (an
             # exact call looks up its telemetry layout, then its update plan), so evicting by
             # kind would drop the one live plan of the kind looked up first in every call.
@@ -220,7 +220,8 @@ class PlanCache:
     def keep(self, plan: Any) -> None:
         """Hold ``plan`` for the life of the process, evicted or not: a CUDA graph that captured
         a launch from it replays from its tables' and workspaces' addresses (the CUDA backend
-        keeps its captured tables the same way: csrc/bindings/ops_cuda.cpp)."""
+        keeps its captured tables the same way: csrc/bindings/ops_cuda.cpp). Grows with the
+        layouts ever captured (graphs re-recorded for new shapes add theirs), not with calls."""
         if not any(kept is plan for kept in self.kept):
             self.kept.append(plan)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lbw_kernels import reference
-from lbw_kernels.backends import GroupTensors
+from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import (
     PlanCache, build_telemetry, build_update, exact_telemetry_key, refresh_lr, telemetry_key, update_key,
@@ -113,10 +113,13 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
     that would otherwise come before the first kernel, with the device idle."""
     device = groups[0].params[0].device
     partials = None
-    if grads:  # (nonempty_grads(groups))
+    if grads:
         chunk = geometry().chunk
-        layout = _plan(exact_telemetry_key(groups, grads, chunk, device), lambda: build_telemetry(grads, chunk, device),
-                       device)
+        # Built over what the key describes, nonempty_grads(groups): the same tensors as grads
+        # unless the optimizer's plan is stale (a param emptied since: then numels disagree and
+        # the step raises, rather than caching a layout its key does not determine).
+        layout = _plan(exact_telemetry_key(groups, grads, chunk, device),
+                       lambda: build_telemetry(nonempty_grads(groups), chunk, device), device)
         with _on_device(device):
             partials = telemetry_partials(layout, partials_dtype)
     plan, device = _update_plan(groups)
