@@ -61,7 +61,7 @@ def test_fake_shapes_under_fake_tensor_mode():
         assert torch.ops.lbw.adamw_telemetry_(*args, True).shape == (2, 3)
 
 
-def test_layout_key_reads_address_numel_and_dtype_of_each_tensor():
+def test_layout_and_address_keys_read_each_tensor():
     from lbw_kernels import _C
 
     base = torch.zeros(10)
@@ -74,8 +74,13 @@ def test_layout_key_reads_address_numel_and_dtype_of_each_tensor():
     codes = values[2::3]
     assert codes[0] == codes[3] == codes[4] != codes[2]  # float32 x3, bfloat16
     assert _C._layout_key(()) == b""
-    with pytest.raises(TypeError, match="item 1 is not a tensor"):
+    with pytest.raises(TypeError, match="_layout_key: item 1 is not a tensor"):
         _C._layout_key([base, 3.0])
+    # the addresses alone (lists whose sizes and dtypes follow the params')
+    assert array.array("q", _C._address_key(tensors)).tolist() == [t.data_ptr() for t in tensors]
+    assert _C._address_key(()) == b""
+    with pytest.raises(TypeError, match="_address_key: item 1 is not a tensor"):
+        _C._address_key([base, 3.0])
 
 
 def test_triton_plan_keys_use_the_extension():
@@ -83,7 +88,7 @@ def test_triton_plan_keys_use_the_extension():
     from lbw_kernels import _C
     from lbw_kernels.triton_kernels import chunk_table
 
-    assert chunk_table.layout_key is chunk_table.address_key is _C._layout_key
+    assert chunk_table.layout_key is _C._layout_key and chunk_table.address_key is _C._address_key
     a, b = torch.zeros(3), torch.zeros(3)
     assert chunk_table.telemetry_key([a], 64, a.device) != chunk_table.telemetry_key([b], 64, b.device)  # another address
 

@@ -49,15 +49,15 @@ def _address_key_python(tensors: Sequence[Tensor]) -> tuple:
 def _key_functions():
     """``(layout_key, address_key)``: (address, numel, dtype) of every tensor, and addresses
     only (for lists whose sizes and dtypes follow the params': grads, AdamW states). From the
-    C++ extension when it is built (one call reads all three into one bytes object: ~0.05 ms
+    C++ extension when it is built (one call reads a list into one bytes object: ~0.05 ms
     for 2000 tensors against ~0.75 ms of Python, and a bytes key hashes and compares at memory
     speed), else in Python. Either way every call reads every tensor's address:
     a table must never outlive its memory."""
     try:
-        from lbw_kernels._C import _layout_key
-    except ImportError:  # the extension is optional; so is its attribute in an older build
+        from lbw_kernels._C import _address_key, _layout_key
+    except ImportError:  # the extension is optional; so are its attributes in an older build
         return _layout_key_python, _address_key_python
-    return _layout_key, _layout_key
+    return _layout_key, _address_key
 
 
 layout_key, address_key = _key_functions()

@@ -50,13 +50,17 @@ static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw
 // (address, numel, dtype code) of every tensor of a sequence, packed as int64s into one bytes
 // object: the Triton backend's plan-cache key. Bytes compare at memory speed (the cache compares
 // them, it does not hash them: chunk_table.PlanCache); a tuple of Python ints for 2000 tensors
-// took ~1 ms per call to build, hash and compare.
-static PyObject* layout_key(PyObject*, PyObject* arg) {
-  PyObject* seq = PySequence_Fast(arg, "_layout_key expects a sequence of tensors");
+// took ~1 ms per call to build, hash and compare. address_key: the addresses alone, for lists
+// whose sizes and dtypes follow the params' (AdamW states): a third of the bytes to write and
+// compare, and two fields less to read per tensor.
+template <bool kWithLayout>
+static PyObject* tensor_key(PyObject* arg, const char* name) {
+  constexpr Py_ssize_t kFields = kWithLayout ? 3 : 1;
+  PyObject* seq = PySequence_Fast(arg, "expected a sequence of tensors");
   if (seq == nullptr) return nullptr;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
-  PyObject* out = PyBytes_FromStringAndSize(nullptr, 3 * n * Py_ssize_t(sizeof(int64_t)));
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, kFields * n * Py_ssize_t(sizeof(int64_t)));
   if (out == nullptr) {
     Py_DECREF(seq);
     return nullptr;
@@ -64,19 +68,24 @@ static PyObject* layout_key(PyObject*, PyObject* arg) {
   auto* values = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(out));
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (!THPVariable_Check(items[i])) {
-      PyErr_Format(PyExc_TypeError, "_layout_key: item %zd is not a tensor", i);
+      PyErr_Format(PyExc_TypeError, "%s: item %zd is not a tensor", name, i);
       Py_DECREF(out);
       Py_DECREF(seq);
       return nullptr;
     }
     const at::Tensor& t = THPVariable_Unpack(items[i]);
-    values[3 * i] = int64_t(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
-    values[3 * i + 1] = t.numel();
-    values[3 * i + 2] = int64_t(t.scalar_type());
+    values[kFields * i] = int64_t(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
+    if (kWithLayout) {
+      values[kFields * i + 1] = t.numel();
+      values[kFields * i + 2] = int64_t(t.scalar_type());
+    }
   }
   Py_DECREF(seq);
   return out;
 }
+
+static PyObject* layout_key(PyObject*, PyObject* arg) { return tensor_key<true>(arg, "_layout_key"); }
+static PyObject* address_key(PyObject*, PyObject* arg) { return tensor_key<false>(arg, "_address_key"); }
 
 // The optimizer's per-call gathering, in one pass: for each group (a sequence of params), the
 // list of their .grad (None where absent); per group whether some grad is None; whether every
@@ -472,6 +481,7 @@ static PyMethodDef methods[] = {
      "layout of params and grads as bytes or None)."},
     {"_layout_key", layout_key, METH_O,
      "(data_ptr, numel, dtype code) of each tensor of a sequence, packed as int64s in one bytes object."},
+    {"_address_key", address_key, METH_O, "data_ptr of each tensor of a sequence, packed as int64s in one bytes object."},
     {"_cuda_geometry", cuda_geometry, METH_VARARGS,
      "_cuda_geometry([threads, ilp, chunk, warp_partials]): the CUDA kernels' launch geometry (csrc/cuda/geometry.h); "
      "with arguments, sets it and returns the previous one."},
