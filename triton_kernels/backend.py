@@ -8,8 +8,9 @@ Per ``step()``, for all groups together (one launch per param dtype, not per ten
 * single_pass: the coefficient launch, then the update launch that also writes the
   telemetry rows (28 B per fp32 parameter).
 
-An eager exact call finds its plan once (``exact_step_``): the update plan's key reads every
-tensor's address, the gradients' included, and the telemetry pass runs from that plan.
+An eager exact call (``exact_step_``) launches its telemetry pass first, from a layout keyed by
+the params' and grads' layouts the optimizer gathered, and reads the AdamW states' addresses
+for the update plan's key while the device runs it (ops.exact_step_impl).
 Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
 launcher syncs with the host, allocates per parameter, or branches on device values, so a
 step can be captured in a CUDA graph (after one warm-up call has built the plans).
