@@ -8,10 +8,9 @@ controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
 
 from __future__ import annotations
 
-import math
 from copy import deepcopy
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,13 +22,16 @@ from .optimizer_state import OptimizerState
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
+    STATE_KEYS as _STATE_KEYS,
     check_adamw_switches,
     check_group_hyperparameters,
+    check_groups_at_step,
     check_guard_config,
+    check_guard_values,
     check_params,
+    plain_number,
 )
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # The guard's state and policy name also ride in the state of the first param that has state
 # (where torch.optim.LBFGS keeps its optimizer-wide state): torch.distributed.checkpoint's
 # get_optimizer_state_dict, which FSDP2 trainers use, keeps only "state" and "param_groups".
@@ -131,6 +133,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         fused: Optional[bool] = None,
     ):
         check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused)
+        # numpy scalars as the Python numbers they hold (torch.optim.AdamW takes them; a config or
+        # checkpoint holding numpy objects would not load with torch.load(weights_only=True))
+        stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay = map(
+            plain_number, (stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay)
+        )
+        lr, eps, weight_decay = map(plain_number, (lr, eps, weight_decay))
+        if isinstance(betas, (tuple, list)):
+            betas = type(betas)(map(plain_number, betas))
         config = ref.GuardConfig(
             auto_enabled=auto_enabled,
             stress_threshold=stress_threshold,
@@ -191,17 +201,27 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
-        params = group.get("params")
+        if "params" not in group:
+            raise ValueError("param_group has no 'params' entry")
+        params = group["params"]
         if isinstance(params, set):
             raise TypeError("params must be an ordered collection (a list), not a set: its order changes between runs")
-        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        if not isinstance(params, Tensor) and not isinstance(params, Iterable):
+            raise TypeError(f"param_group['params'] must be a Tensor or a list of them, got {type(params).__name__}")
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group:
+                group[key] = plain_number(group[key])
+        if isinstance(group.get("betas"), (tuple, list)):
+            group["betas"] = type(group["betas"])(map(plain_number, group["betas"]))
         candidate = {**self.defaults, **group}
-        check_group_hyperparameters(candidate)
+        where = f"param_groups[{len(self.param_groups)}]"
+        check_group_hyperparameters(candidate, where + ": ")
         existing = [p for g in self.param_groups for p in g["params"]]
         # (name, tensor) pairs, as model.named_parameters() gives: torch keeps the names
         # (param_groups[i]["param_names"]); the checks look at the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
-        check_params(existing + tensors, "params")
+        check_params(tensors, where + "['params']", others=existing)
         super().add_param_group(group)
         self._plan = None
 
@@ -244,7 +264,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         seen_state, seen_edits = self._state_seen
         if self._plan is None or self._plan.key != key or seen_state is not self.state or seen_edits != self.state.edits:
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
-            self._plan = StepPlan(key, self.param_groups, grads.per_group, self._state_for, numels)
+            self._plan = StepPlan(key, self.param_groups, grads.per_group, lambda p: dict.get(self.state, p),
+                                  self._state_for, numels)
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
         return self._plan
@@ -258,6 +279,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]]]:
         """The call's gradients, its validated plan and its backend (None when no param has a
         gradient), with the guard moved to the params' device if they moved since construction."""
+        check_groups_at_step(self.param_groups)
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
@@ -421,6 +443,12 @@ class GuardedAdamW(torch.optim.Optimizer):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r} entry")
         saved_groups = deepcopy(state_dict["param_groups"])
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+        ):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts, each with a 'params' list")
+        if not isinstance(state_dict["state"], dict):
+            raise ValueError(f"state_dict['state'] must be a dict, got {type(state_dict['state']).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups, this optimizer "
@@ -438,7 +466,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state_dict param_groups[{gi}] uses amsgrad, which GuardedAdamW does not")
             id_map.update(zip(saved["params"], group["params"]))
             new_group = {**self.defaults, **saved, "params": group["params"]}
-            check_group_hyperparameters(new_group)
+            check_group_hyperparameters(new_group, f"state_dict param_groups[{gi}]: ")
             groups.append(new_group)
 
         state = OptimizerState()
@@ -447,6 +475,8 @@ class GuardedAdamW(torch.optim.Optimizer):
             if pid not in id_map:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
             p = id_map[pid]
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict state[{pid!r}] must be a dict, got {type(saved).__name__}")
             if _GUARD_IN_PARAM_STATE[0] in saved:
                 if guard_in_param_state is not None:
                     raise ValueError(f"state_dict state[{pid!r}] holds a second '{_GUARD_IN_PARAM_STATE[0]}' entry")
@@ -459,11 +489,19 @@ class GuardedAdamW(torch.optim.Optimizer):
                     f"state_dict state[{pid!r}] has keys {sorted(keys)}, expected {sorted(_STATE_KEYS)}"
                 )
             for key in ("exp_avg", "exp_avg_sq"):
+                _check_saved_tensor(saved[key], f"state_dict state[{pid!r}][{key!r}]")
                 if tuple(saved[key].shape) != tuple(p.shape):
                     raise ValueError(
                         f"state_dict state[{pid!r}][{key!r}] has shape {tuple(saved[key].shape)}, "
                         f"the param {tuple(p.shape)}: it is from another model"
                     )
+            step = saved["step"]
+            if isinstance(step, Tensor):
+                _check_saved_tensor(step, f"state_dict state[{pid!r}]['step']")
+                if step.numel() != 1:
+                    raise ValueError(f"state_dict state[{pid!r}]['step'] must hold one value, got shape {tuple(step.shape)}")
+            elif isinstance(step, bool) or not isinstance(step, (int, float)):  # (older torch saved numbers)
+                raise ValueError(f"state_dict state[{pid!r}]['step'] must be a number or a tensor, got {type(step).__name__}")
             dtype = ref.state_tensor_dtype(p.dtype)
             state[p] = state.adopt({
                 "step": torch.as_tensor(saved["step"]).to(p.device, torch.float32, copy=True).reshape(()),
@@ -472,6 +510,8 @@ class GuardedAdamW(torch.optim.Optimizer):
             })
 
         guard_entry = state_dict.get("guard")
+        if guard_entry is not None and not isinstance(guard_entry, dict):
+            raise ValueError(f"state_dict['guard'] must be a dict, got {type(guard_entry).__name__}")
         policy = self.guard_config.policy
         if guard_entry is None and guard_in_param_state is not None and guard_in_param_state["policy"] is None:
             guard_in_param_state = None  # cast by another optimizer's load: stale, start fresh
@@ -499,11 +539,20 @@ class GuardedAdamW(torch.optim.Optimizer):
             saved_guard = torch.cat([flat[: ref.CALLS], flat.new_tensor([old_calls]), flat[ref.CALLS :]])
         if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
             raise ValueError(f"{where} must be a tensor of {size} values")
+        _check_saved_tensor(saved_guard, where)
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
-        calls = float(guard[ref.CALLS])  # loading a checkpoint may wait for the device
-        if not (math.isfinite(calls) and calls >= 0 and calls == int(calls)):
-            raise ValueError(f"{where} holds a call count of {calls!r}: not an int >= 0")
-        return groups, state, guard, int(calls)
+        values = guard.tolist()  # loading a checkpoint may wait for the device
+        check_guard_values(values, where)
+        return groups, state, guard, int(values[ref.CALLS])
+
+
+def _check_saved_tensor(t: Any, where: str) -> None:
+    """A checkpoint's tensor that is copied into the optimizer: dense, real floating-point, with data."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{where} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or not t.is_floating_point() or t.device.type == "meta":
+        raise ValueError(f"{where} must be a dense real floating-point tensor with data, got a {t.layout} {t.dtype} "
+                         f"tensor on {t.device}")
 
 
 Guard = GuardedAdamW

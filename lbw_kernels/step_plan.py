@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
 from .distributed import is_dtensor
-from .validation import check_grad
+from .validation import check_grad, check_state_entry
 
 
 @dataclass
@@ -41,7 +41,7 @@ class CallGrads(NamedTuple):
 
     per_group: List[List[Optional[Tensor]]]  # each param's .grad (None where absent), by group
     missing: Tuple[bool, ...]  # per group: whether some param has no grad
-    dense_real: bool  # whether every grad is strided and real (else check_grads names the culprit)
+    dense_real: bool  # whether every grad is strided and real floating-point (else check_grads names the culprit)
     # Per group, its params' and grads' addresses, sizes and dtypes as read on the way (bytes;
     # GroupTensors.layout_key), or None (read in Python, or a param that is not a plain tensor).
     layouts: Tuple[Optional[bytes], ...]
@@ -52,7 +52,7 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     # `None in grads` would compare tensors with ==; identity checks are ~400x cheaper.
     missing = tuple(any(g is None for g in grads) for grads in per_group)
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
-    dense_real = all(layout == torch.strided and not dtype.is_complex for layout, dtype in kinds)
+    dense_real = all(layout == torch.strided and dtype.is_floating_point for layout, dtype in kinds)
     return CallGrads(per_group, missing, dense_real, (None,) * len(per_group))
 
 
@@ -83,23 +83,29 @@ class StepPlan:
         key: tuple,
         param_groups: Sequence[dict],
         grads_per_group: Sequence[List[Optional[Tensor]]],
+        existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]],
         state_for: Callable[[Tensor], Dict[str, Tensor]],
         device_numels: Callable[[List[int]], Tensor],
     ):
-        """Checks every gradient first (so a bad one leaves no state behind), then creates the
-        state of params that have none."""
+        """Checks first (every gradient; the params taking part: one device, each once; their
+        existing states), so that bad input leaves no state behind, then creates the state of
+        params that have none. A plan is built on the first call and after any change to the
+        groups' params lists, to which have grads, or to ``opt.state``: edits made since the
+        params were added (``param_groups[i]["params"].append``, ``opt.state[p] = ...``)."""
+        selected = []  # (group index, positions with a grad)
         for gi, grads in enumerate(grads_per_group):
-            for pi, (p, g) in enumerate(zip(param_groups[gi]["params"], grads)):
-                if g is not None:
-                    check_grad(p, gi, pi)
+            positions = [i for i, g in enumerate(grads) if g is not None]
+            for pi in positions:
+                check_grad(param_groups[gi]["params"][pi], gi, pi)
+            if positions:
+                selected.append((gi, positions))
+        _check_taking_part(param_groups, selected, existing_state)
         self.key = key
         self.groups: List[_GroupPlan] = []
         numels: List[int] = []
-        for gi, (group, grads) in enumerate(zip(param_groups, grads_per_group)):
-            positions = [i for i, g in enumerate(grads) if g is not None]
-            if not positions:
-                continue
-            params = [group["params"][i] for i in positions]
+        for gi, positions in selected:
+            grads = grads_per_group[gi]
+            params = [param_groups[gi]["params"][i] for i in positions]
             states = [state_for(p) for p in params]
             rows = [i for i, p in enumerate(params) if p.numel() > 0]  # a DTensor's numel is global
             numels += [params[i].numel() for i in rows]
@@ -155,6 +161,32 @@ class StepPlan:
                 )
             )
         return out
+
+
+def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[int, List[int]]],
+                       existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]]) -> None:
+    """The params a call updates share one device and appear once, and the states they already
+    have are usable (validation.check_state_entry). add_param_group checked the params it was
+    given; these may have been put into a group's list or into ``opt.state`` since."""
+    first = None
+    seen: Dict[int, str] = {}
+    for gi, positions in selected:
+        for pi in positions:
+            p = param_groups[gi]["params"][pi]
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            if id(p) in seen:
+                raise ValueError(f"{where} is {seen[id(p)]} again: list each param once")
+            seen[id(p)] = where
+            if first is None:
+                first = (p.device, where)
+            elif p.device != first[0]:
+                raise ValueError(
+                    f"{where} is on {p.device}, {first[1]} on {first[0]}: one GuardedAdamW takes one decision "
+                    "per call, so its params share one device"
+                )
+            state = existing_state(p)
+            if state:
+                check_state_entry(p, state, f"opt.state[{where}]")
 
 
 def check_grads_cheaply(param_groups: Sequence[dict], grads: CallGrads) -> None:

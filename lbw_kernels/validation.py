@@ -3,23 +3,46 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Dict, Iterable
+import numbers
+from typing import Any, Collection, Dict, Iterable, List, Mapping
 
 import torch
 
-from .reference import GuardConfig
+from . import reference as ref
+from .reference import GuardConfig, state_tensor_dtype
 
 SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATES = ("exact", "single_pass")
 AMSGRAD_REFUSED = "amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only"
 
 
-def _number(name: str, value: Any) -> float:
+def plain_number(value: Any) -> Any:
+    """A numpy scalar (``np.float32(3e-4)``, ``np.int64(10)``: torch.optim takes them) as the
+    Python number it holds, so configs and checkpoints hold plain numbers; anything else as is."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _number(name: str, value: Any, read_tensor: bool = True) -> float:
+    """``value`` as a float, checked to be a real number (not NaN). A one-element tensor is
+    read only with ``read_tensor`` (construction, loading); ``step()`` checks its type alone,
+    as reading it would wait for the device, and returns 0.0 for it."""
+    if type(value) is float:  # the common case, first (step() checks every group every call)
+        if math.isnan(value):
+            raise ValueError(f"{name} must not be NaN")
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        if not read_tensor:
+            return 0.0
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: it holds no value")
         value = value.item()  # construction time, not step(): a sync here is harmless
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value):
@@ -27,28 +50,50 @@ def _number(name: str, value: Any) -> float:
     return value
 
 
-def check_group_hyperparameters(group: Dict[str, Any]) -> None:
-    """lr, betas, eps, weight_decay, maximize of one param group."""
-    lr = _number("lr", group["lr"])
+def check_group_hyperparameters(group: Dict[str, Any], where: str = "", read_tensors: bool = True) -> None:
+    """lr, betas, eps, weight_decay, maximize of one param group; messages start with ``where``
+    (``"param_groups[1]: "``). ``read_tensors=False`` (every ``step()``: a group may have been
+    edited since it was added) checks a tensor's type, not its value."""
+
+    def number(name: str, value: Any) -> float:
+        return _number(where + name, value, read_tensors)
+
+    lr = number("lr", group["lr"])
     if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
+        raise ValueError(f"{where}lr must be >= 0, got {lr}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        beta = _number(f"betas[{i}]", beta)
+        beta = number(f"betas[{i}]", beta)
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-    eps = _number("eps", group["eps"])
+            raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {beta}")
+    eps = number("eps", group["eps"])
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    weight_decay = _number("weight_decay", group["weight_decay"])
+        raise ValueError(f"{where}eps must be >= 0, got {eps}")
+    weight_decay = number("weight_decay", group["weight_decay"])
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
     if not isinstance(group["maximize"], bool):
-        raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+        raise TypeError(f"{where}maximize must be a bool, got {type(group['maximize']).__name__}")
     if group.get("amsgrad", False):
-        raise ValueError(AMSGRAD_REFUSED)
+        raise ValueError(where + AMSGRAD_REFUSED)
+
+
+def check_groups_at_step(param_groups) -> None:
+    """Every group's hyper-parameters, at the start of each ``step()``: they may have been
+    edited since the group was added (a scheduler, a config reload), and a bad one found by a
+    backend half-way through the groups would leave the earlier ones updated."""
+    for gi, group in enumerate(param_groups):
+        # Plain floats in range pass here in ~0.4 us a group (NaN fails every comparison);
+        # anything else takes the full check, which names what is wrong.
+        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if (type(lr) is float and type(eps) is float and type(wd) is float and type(betas) is tuple
+                and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
+                and lr >= 0.0 and eps >= 0.0 and wd >= 0.0 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
+                and type(group["maximize"]) is bool and not group.get("amsgrad", False)):
+            continue
+        check_group_hyperparameters(group, f"param_groups[{gi}]: ", read_tensors=False)
 
 
 def check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused) -> None:
@@ -80,7 +125,7 @@ def check_guard_config(cfg: GuardConfig, gate: str) -> None:
     recovery = _number("recovery_fast", cfg.recovery_fast)
     if not 0.0 <= recovery < math.inf:
         raise ValueError(f"recovery_fast must be a finite number >= 0, got {recovery}")
-    if isinstance(cfg.stats_freq, bool) or not isinstance(cfg.stats_freq, int):
+    if isinstance(cfg.stats_freq, bool) or not isinstance(cfg.stats_freq, numbers.Integral):
         raise TypeError(f"stats_freq must be an int, got {type(cfg.stats_freq).__name__}")
     if cfg.stats_freq < 1:
         raise ValueError(f"stats_freq must be >= 1, got {cfg.stats_freq}")
@@ -91,21 +136,27 @@ def check_guard_config(cfg: GuardConfig, gate: str) -> None:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
 
 
-def check_params(params: Iterable[torch.Tensor], where: str) -> None:
-    """Params must be dense real floating-point tensors, all on one device."""
-    devices = set()
+def check_params(params: Iterable[torch.Tensor], where: str, others: Iterable[torch.Tensor] = ()) -> None:
+    """Params (``where``: ``"param_groups[2]['params']"``) must be dense real floating-point
+    tensors, each listed once, all on one device with ``others`` (the params already held)."""
+    devices = {p.device for p in others}
+    seen: Dict[int, int] = {}
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{where}: params[{i}] must be a Tensor, got {type(p).__name__}")
+            raise TypeError(f"{where}[{i}] must be a Tensor, got {type(p).__name__}")
         if p.is_complex():
-            raise TypeError(f"{where}: params[{i}] is complex ({p.dtype}); GuardedAdamW takes real params")
+            raise TypeError(f"{where}[{i}] is complex ({p.dtype}); GuardedAdamW takes real params")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
             raise TypeError(
-                f"{where}: params[{i}] has dtype {p.dtype}; supported: "
-                + ", ".join(str(d) for d in SUPPORTED_PARAM_DTYPES)
+                f"{where}[{i}] has dtype {p.dtype}; supported: " + ", ".join(str(d) for d in SUPPORTED_PARAM_DTYPES)
             )
         if p.is_sparse:
-            raise TypeError(f"{where}: params[{i}] is sparse; GuardedAdamW takes dense params")
+            raise TypeError(f"{where}[{i}] is sparse; GuardedAdamW takes dense params")
+        if id(p) in seen:
+            # (torch.optim only warns; the kernels would update the one tensor twice per call,
+            # racing with themselves on the multi-threaded CPU backend)
+            raise ValueError(f"{where}[{i}] is {where}[{seen[id(p)]}] again: list each param once")
+        seen[id(p)] = i
         devices.add(p.device)
     if len(devices) > 1:
         raise ValueError(
@@ -121,10 +172,60 @@ def check_grad(p: torch.Tensor, group_index: int, param_index: int) -> None:
         raise TypeError(f"{where} is sparse; GuardedAdamW does not support sparse gradients")
     if g.is_complex():
         raise TypeError(f"{where} is complex; GuardedAdamW does not support complex gradients")
+    if not g.is_floating_point():
+        raise TypeError(f"{where} has dtype {g.dtype}; gradients must be floating-point")
     if g.shape != p.shape:
         raise ValueError(f"{where} has shape {tuple(g.shape)}, its param {tuple(p.shape)}")
     if g.device != p.device:
         raise ValueError(f"{where} is on {g.device}, its param on {p.device}")
+
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def check_state_entry(p: torch.Tensor, state: Mapping[str, Any], where: str) -> None:
+    """An existing AdamW state of ``p`` (``where``: how to find it, ``"opt.state[...]"``), perhaps
+    edited by hand since it was made: the tensors the kernels will read and write in place.
+    Checked when a step plan is built (edits of ``opt.state`` rebuild it), before any state
+    is created and anything is updated."""
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{where} has no {missing}: a param's AdamW state holds all of {list(STATE_KEYS)} or none")
+    dtype = state_tensor_dtype(p.dtype)
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dtype != dtype:
+            kind = f"a {t.layout} {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{where}[{key!r}] must be a dense {dtype} tensor for a {p.dtype} param, got {kind}")
+        if t.shape != p.shape or t.device != p.device:
+            raise ValueError(
+                f"{where}[{key!r}] has shape {tuple(t.shape)} on {t.device}, its param {tuple(p.shape)} on {p.device}"
+            )
+    step = state["step"]
+    if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.float32
+            and step.device == p.device):
+        kind = f"{step.dtype} of shape {tuple(step.shape)} on {step.device}" if isinstance(step, torch.Tensor) else type(step).__name__
+        raise TypeError(f"{where}['step'] must be a one-element float32 tensor on {p.device}, got {kind}")
+
+
+def check_guard_values(values: List[float], where: str) -> None:
+    """A loaded guard state (``values``: its slots, reference.py's layout) is one the rules can
+    reach: a scale in (0, 1] (a NaN or negative one would poison or reverse every update that
+    follows), whole non-negative counts, a known regime, a skip flag of 0 or 1. The measured
+    slots (EMA, grad_ms, ...) may be NaN: with skip_nonfinite=False a NaN gradient reaches them."""
+    scale = values[ref.SCALE]
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"{where} holds a scale of {scale!r}: not in (0, 1]")
+    for name, slot in (("call count", ref.CALLS), ("analysed-call count", ref.ANALYZED),
+                       ("skipped-call count", ref.SKIPPED)):
+        value = values[slot]
+        if not (math.isfinite(value) and value >= 0 and value == int(value)):
+            raise ValueError(f"{where} holds a {name} of {value!r}: not an int >= 0")
+    regime = values[ref.REGIME]
+    if regime not in range(len(ref.REGIMES)):
+        raise ValueError(f"{where} holds a regime code of {regime!r}: not one of 0..{len(ref.REGIMES) - 1}")
+    if values[ref.SKIP] not in (0.0, 1.0):
+        raise ValueError(f"{where} holds a skip flag of {values[ref.SKIP]!r}: not 0 or 1")
 
 
 def parse_int_overrides(variable: str, spec: str, names: Collection[str]) -> Dict[str, int]:

@@ -1,5 +1,7 @@
 """Bad input gets a ValueError/TypeError naming the parameter, and nothing is half-applied."""
 
+import re
+
 import pytest
 import torch
 
@@ -89,3 +91,175 @@ def test_bad_gradient_leaves_everything_as_it_was(bad):
     assert torch.equal(good, torch.zeros(4))
     assert not opt.state  # no state was created
     assert opt.telemetry()["step"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Edits made after construction (param_groups and opt.state are public and mutable): found at
+# the next step(), before anything (params, AdamW state, the guard, the call count) changes.
+# ---------------------------------------------------------------------------------------
+def _two_group_optimizer(backend, gate):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    opt = GuardedAdamW([{"params": [a]}, {"params": [b]}], lr=0.1, backend=backend, gate=gate, stats_freq=1)
+    a.grad, b.grad = torch.randn(5), torch.randn(3)
+    opt.step()
+    a.grad, b.grad = torch.randn(5), torch.randn(3)
+    return opt, a, b
+
+
+def _snapshot(opt):
+    tensors = [p.detach().clone() for g in opt.param_groups for p in g["params"] if p.device.type != "meta"]
+    tensors += [t.detach().clone() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return tensors, opt._guard.clone(), opt._calls, len(opt.state)
+
+
+def _unchanged(before, after):
+    (t0, guard0, calls0, n0), (t1, guard1, calls1, n1) = before, after
+    assert (calls0, n0) == (calls1, n1)
+    assert torch.equal(guard0.nan_to_num(), guard1.nan_to_num())
+    assert len(t0) == len(t1) and all(torch.equal(x, y) for x, y in zip(t0, t1))
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize(
+    "key, bad, error, match",
+    [
+        ("lr", "1e-3", TypeError, r"param_groups\[1\]: lr must be a number"),
+        ("lr", -0.1, ValueError, r"param_groups\[1\]: lr must be >= 0"),
+        ("lr", float("nan"), ValueError, r"param_groups\[1\]: lr must not be NaN"),
+        ("lr", torch.ones(2), ValueError, r"param_groups\[1\]: lr must be a number or a one-element tensor"),
+        ("betas", (0.9, 1.0), ValueError, r"param_groups\[1\]: betas\[1\] must be in \[0, 1\)"),
+        ("betas", ("0.9", "0.999"), TypeError, r"param_groups\[1\]: betas\[0\] must be a number"),
+        ("eps", None, TypeError, r"param_groups\[1\]: eps must be a number"),
+        ("weight_decay", -1.0, ValueError, r"param_groups\[1\]: weight_decay must be >= 0"),
+        ("maximize", "yes", TypeError, r"param_groups\[1\]: maximize must be a bool"),
+    ],
+)
+def test_bad_hyperparameter_edited_into_a_group_changes_nothing(backend, gate, key, bad, error, match):
+    """Group 0 is fine and comes first: a backend that checked group by group, or the exact
+    gate's decision before the update, would have moved it (or the guard) before raising."""
+    opt, a, b = _two_group_optimizer(backend, gate)
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = bad
+    before = _snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+    opt.param_groups[1][key] = good
+    opt.step()  # and the optimizer goes on
+    assert opt.telemetry()["step"] == opt._calls == 2
+
+
+def test_a_group_edit_that_is_valid_passes_the_step_check(backend):
+    """The per-call check takes what add_param_group takes: numpy scalars, a 0-dim tensor lr,
+    int hyper-parameters, a betas list, and leaves the numbers as the user wrote them."""
+    np = pytest.importorskip("numpy")
+    opt, a, b = _two_group_optimizer(backend, "exact")
+    opt.param_groups[0].update(lr=np.float32(0.05), betas=[0.8, np.float64(0.99)], eps=np.float64(1e-8), weight_decay=1)
+    opt.param_groups[1].update(lr=torch.tensor(0.05, dtype=torch.float64))
+    before = a.detach().clone()
+    opt.step()
+    assert not torch.equal(before, a) and opt.telemetry()["step"] == 2
+    assert type(opt.param_groups[0]["lr"]) is np.float32
+
+
+def test_param_appended_to_a_group_is_checked_at_the_next_step(backend):
+    opt, a, b = _two_group_optimizer(backend, "exact")
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    meta.grad = torch.zeros(3, device="meta")
+    opt.param_groups[1]["params"].append(meta)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is on meta, .* on cpu"):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+    opt.param_groups[1]["params"].pop()
+    opt.param_groups[1]["params"].append(a)  # the same param twice: updated twice per call
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+
+
+def test_duplicate_params_are_refused_when_added():
+    q, r = p(4), p(4)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] is param_groups\[0\]\['params'\]\[0\] again"):
+        GuardedAdamW([q, r, q])
+    opt = GuardedAdamW([q])
+    with pytest.raises(ValueError, match="more than one parameter group"):  # (torch's own check)
+        opt.add_param_group({"params": [r, q]})
+    assert len(opt.param_groups) == 1
+
+
+def test_add_param_group_names_the_group_and_the_index_within_it():
+    opt = GuardedAdamW([p(), p()])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] has dtype torch.int64"):
+        opt.add_param_group({"params": [p(dtype=torch.int64)]})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: lr must be >= 0"):
+        opt.add_param_group({"params": [p()], "lr": -1.0})
+    with pytest.raises(ValueError, match="no 'params' entry"):
+        opt.add_param_group({"lr": 0.5})
+    with pytest.raises(TypeError, match=r"param_group\['params'\] must be a Tensor or a list"):
+        opt.add_param_group({"params": None})
+    assert len(opt.param_groups) == 1
+
+
+def test_integer_gradient_is_refused_before_any_state_exists(backend):
+    good, other = torch.nn.Parameter(p(4)), torch.nn.Parameter(p(4))
+    opt = GuardedAdamW([{"params": [good]}, {"params": [other]}], lr=0.1, backend=backend)
+    good.grad = torch.ones(4)
+    if not hasattr(other, "grad_dtype"):
+        pytest.skip("this torch refuses an integer .grad on a float tensor by itself")
+    other.grad_dtype = None
+    other.grad = torch.ones(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].grad has dtype torch.int64"):
+        opt.step()
+    assert torch.equal(good, p(4)) and not opt.state and opt.telemetry()["step"] == 0
+
+
+@pytest.mark.parametrize(
+    "edit, error, match",
+    [
+        (lambda s, q: s.__setitem__("exp_avg", torch.zeros(4, dtype=torch.float64)), TypeError, "'exp_avg'.*torch.float32 tensor for a torch.float32 param"),
+        (lambda s, q: s.__setitem__("exp_avg_sq", torch.zeros(5)), ValueError, r"'exp_avg_sq'.* shape \(5,\)"),
+        (lambda s, q: s.__setitem__("exp_avg", torch.zeros(4).to_sparse()), TypeError, "'exp_avg'.* dense"),
+        (lambda s, q: s.__setitem__("exp_avg", torch.zeros(4, device="meta")), ValueError, "'exp_avg'.* on meta"),
+        (lambda s, q: s.__setitem__("step", 3), TypeError, "'step'.* got int"),
+        (lambda s, q: s.__setitem__("step", torch.tensor(3.0, dtype=torch.float64)), TypeError, "'step'.*got torch.float64"),
+        (lambda s, q: s.pop("exp_avg_sq"), ValueError, r"has no \['exp_avg_sq'\]"),
+    ],
+)
+def test_state_edited_by_hand_is_checked_before_the_step_uses_it(backend, edit, error, match):
+    """``opt.state[p][...] = ...`` rebuilds the step plan; a tensor the kernels cannot use is
+    refused then, naming it, with every param (the other group's first) left as it was."""
+    good, other = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = GuardedAdamW([{"params": [good]}, {"params": [other]}], lr=0.1, backend=backend)
+    good.grad, other.grad = torch.randn(3), torch.randn(4)
+    opt.step()
+    edit(opt.state[other], other)
+    before = [good.detach().clone(), other.detach().clone(), opt.state[good]["exp_avg"].clone()]
+    with pytest.raises(error, match=re.escape("opt.state[param_groups[1]['params'][0]]") + ".*" + match):
+        opt.step()
+    after = [good, other, opt.state[good]["exp_avg"]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert opt.telemetry()["step"] == opt._calls == 1
+
+
+def test_numpy_scalars_are_taken_as_torch_optim_takes_them():
+    """A config holding numpy numbers is common (np.linspace schedules, yaml loaders); they are
+    stored as Python numbers, so the guard's config in a checkpoint loads with weights_only."""
+    np = pytest.importorskip("numpy")
+    q = torch.nn.Parameter(p(4))
+    opt = GuardedAdamW([q], lr=np.float32(1e-3), betas=(np.float32(0.9), 0.999), stats_freq=np.int64(4),
+                       min_scale=np.float32(0.25))
+    opt.add_param_group({"params": [torch.nn.Parameter(p(2))], "weight_decay": np.float32(0.5)})
+    assert type(opt.param_groups[0]["lr"]) is float and type(opt.param_groups[0]["betas"][0]) is float
+    assert type(opt.param_groups[1]["weight_decay"]) is float
+    assert type(opt.guard_config.stats_freq) is int and type(opt.guard_config.min_scale) is float
+    q.grad = torch.ones(4)
+    opt.step()
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)

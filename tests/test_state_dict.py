@@ -265,3 +265,67 @@ def test_state_dict_of_another_model_is_refused_and_nothing_changes():
         bad_count = opt.state_dict()
         bad_count["guard"]["state"][ref.CALLS] = count
         _refused(opt, bad_count, "call count")
+
+
+@pytest.mark.parametrize(
+    "slot, value, match",
+    [
+        (ref.SCALE, float("nan"), "scale of nan"),
+        (ref.SCALE, -1.0, "scale of -1.0"),
+        (ref.SCALE, 0.0, "scale of 0.0"),
+        (ref.SCALE, float("inf"), "scale of inf"),
+        (ref.SKIPPED, float("nan"), "skipped-call count"),
+        (ref.ANALYZED, 1.5, "analysed-call count"),
+        (ref.REGIME, 99.0, "regime code of 99.0"),
+        (ref.SKIP, 0.5, "skip flag"),
+    ],
+)
+def test_guard_values_no_run_can_reach_are_refused(slot, value, match):
+    """A NaN or negative scale would poison or reverse every update after the load; a bad
+    count or regime code would make telemetry() raise at every call."""
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(2, SHAPES))
+    bad = opt.state_dict()
+    bad["guard"]["state"][slot] = value
+    _refused(opt, bad, match)
+
+
+def test_measured_guard_slots_may_be_nan():
+    """With skip_nonfinite=False a NaN gradient reaches the analyzer, so a real run can save
+    a NaN EMA: such a checkpoint loads."""
+    params = model()
+    opt = GuardedAdamW(groups(params), skip_nonfinite=False)
+    run(opt, params, random_stream(2, SHAPES))
+    saved = opt.state_dict()
+    saved["guard"]["state"][ref.EMA] = float("nan")
+    fresh = GuardedAdamW(groups(model()), skip_nonfinite=False)
+    fresh.load_state_dict(saved)
+    assert fresh._guard[ref.EMA].isnan()
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda sd, pid: sd["state"].__setitem__(pid, None), r"state\[\d+\] must be a dict"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("exp_avg", None), r"\['exp_avg'\] must be a tensor"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("exp_avg", sd["state"][pid]["exp_avg"].to_sparse()),
+         r"\['exp_avg'\] must be a dense real floating-point tensor"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("exp_avg_sq", sd["state"][pid]["exp_avg_sq"].to(torch.complex128)),
+         r"\['exp_avg_sq'\] must be a dense real floating-point tensor"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("exp_avg", torch.empty(sd["state"][pid]["exp_avg"].shape, device="meta")),
+         r"\['exp_avg'\] must be .* with data"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("step", "3"), r"\['step'\] must be a number or a tensor"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("step", torch.ones(2)), r"\['step'\] must hold one value"),
+        (lambda sd, pid: sd.__setitem__("guard", [1.0]), r"\['guard'\] must be a dict"),
+        (lambda sd, pid: sd["param_groups"][1].pop("params"), "each with a 'params' list"),
+        (lambda sd, pid: sd["param_groups"][1].__setitem__("eps", -1.0), r"param_groups\[1\]: eps must be >= 0"),
+    ],
+)
+def test_malformed_entries_are_refused_naming_them(corrupt, match):
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(2, SHAPES))
+    bad = opt.state_dict()
+    corrupt(bad, sorted(bad["state"])[-1])
+    _refused(opt, bad, match)

@@ -89,7 +89,7 @@ static PyObject* address_key(PyObject*, PyObject* arg) { return tensor_key<false
 
 // The optimizer's per-call gathering, in one pass: for each group (a sequence of params), the
 // list of their .grad (None where absent); per group whether some grad is None; whether every
-// grad is dense and real (what check_grads_cheaply asks); and per group the layout of its
+// grad is dense, real and floating-point (what check_grads_cheaply asks); and per group the layout of its
 // params and grads as read on the way, as bytes (GroupTensors.layout_key: 6 int64 per param,
 // its address, numel and dtype code, then its grad's, dtype -1 for no grad), or None when a
 // param is not a plain tensor or nn.Parameter. ~20 ns per param, against ~0.4 us for the
@@ -138,7 +138,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         if (g.defined()) {
           grad = THPVariable_Wrap(g);  // the grad's own Python object (identity kept)
           const auto dtype = g.scalar_type();
-          dense_real = dense_real && g.layout() == at::kStrided && !at::isComplexType(dtype);
+          dense_real = dense_real && g.layout() == at::kStrided && at::isFloatingType(dtype);
         } else {
           grad = Py_NewRef(Py_None);
         }
@@ -162,7 +162,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
             dense_real = false;  // the full check names it
           } else {
             const at::Tensor& g = THPVariable_Unpack(grad);
-            dense_real = dense_real && g.layout() == at::kStrided && !at::isComplexType(g.scalar_type());
+            dense_real = dense_real && g.layout() == at::kStrided && at::isFloatingType(g.scalar_type());
           }
         }
       }
