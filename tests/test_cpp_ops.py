@@ -83,6 +83,27 @@ def test_layout_and_address_keys_read_each_tensor():
         _C._address_key([base, 3.0])
 
 
+def test_layout_keys_carry_the_strides_of_tensors_that_are_not_contiguous():
+    """A buffer viewed with other strides (same address, numel and dtype) gets another key,
+    from _layout_key and from _gather_grads' layouts: a Triton plan walks p, g, m, v in one
+    element order. Contiguous tensors add nothing to the key."""
+    from lbw_kernels import _C
+
+    buf = torch.randn(24)
+    flat, turned = buf.view(4, 6), buf.view(6, 4).t()
+    plain = array.array("q", _C._layout_key([flat])).tolist()
+    assert len(plain) == 3 and plain[2] < (1 << 16)
+    assert _C._layout_key([turned]) != _C._layout_key([flat])
+    assert array.array("q", _C._layout_key([flat, turned])).tolist()[6:] == [1, 2, 1, 4]  # index, ndim, strides
+    p = torch.nn.Parameter(torch.zeros(4, 6))
+    p.grad = flat
+    before = _C._gather_grads([[p]])[3]
+    p.grad = turned
+    after = _C._gather_grads([[p]])[3]
+    assert len(before[0]) == 6 * 8 and after[0] != before[0]
+    assert array.array("q", after[0]).tolist()[6:] == [1, 2, 1, 4]  # the grad (2 * 0 + 1)
+
+
 def test_triton_plan_keys_use_the_extension():
     pytest.importorskip("triton")
     from lbw_kernels import _C

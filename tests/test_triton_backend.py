@@ -580,6 +580,83 @@ def test_optimizer_bf16_params_and_tensor_lr(triton_backend):
         assert worst(a, b, *(2 * x for x in PARAM_TOLERANCES[torch.bfloat16])) is None
 
 
+def _layouts_run(backend, gate, make_grads, steps=3):
+    """Params in several memory layouts (channels_last, a transpose, a param sliced with a
+    step), grads from ``make_grads(step, params)``; params after ``steps`` calls."""
+    torch.manual_seed(4)
+    base = torch.randn(8, 10)
+    params = [
+        torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)),
+        torch.nn.Parameter(torch.randn(6, 7).t()),  # strides (1, 7)
+        torch.nn.Parameter(base[:, ::2]),  # not dense: the reference updates it
+        torch.nn.Parameter(torch.randn(1, 6)),
+    ]
+    opt = GuardedAdamW(params, lr=0.05, backend=backend, gate=gate, stats_freq=1)
+    for k in range(steps):
+        for q, g in zip(params, make_grads(k, params)):
+            q.grad = g
+        opt.step()
+    return [q.detach().clone() for q in params], opt.telemetry()
+
+
+def _grads_like(k, params):
+    """Grads in their params' layouts (empty_like keeps a dense layout, and gives a contiguous
+    grad for the param that is not dense)."""
+    gen = torch.Generator().manual_seed(k)
+    return [torch.empty_like(q).copy_(torch.randn(q.shape, generator=gen)) for q in params]
+
+
+def _grads_of_other_strides(k, params):
+    """Contiguous grads (other strides than the permuted params'), and a (1, 6) grad of
+    strides (1, 1) for the (1, 6) param of strides (6, 1): the same order."""
+    gen = torch.Generator().manual_seed(k)
+    grads = [torch.randn(q.shape, generator=gen) for q in params]
+    grads[3] = torch.randn(6, 1, generator=gen).t()
+    return grads
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("make_grads", [_grads_like, _grads_of_other_strides])
+def test_params_and_grads_in_any_memory_layout_match_the_reference(triton_backend, gate, make_grads):
+    """Dense params of one order with their grads and states go to the kernels; a param whose
+    tensors differ in order (or are not dense) to the reference; plans are keyed by strides,
+    so a grad of other strides at a known address rebuilds instead of pairing wrong elements."""
+    got, got_t = _layouts_run("triton", gate, make_grads)
+    want, want_t = _layouts_run("reference", gate, make_grads)
+    assert got_t["regime"] == want_t["regime"] and abs(got_t["scale"] - want_t["scale"]) <= 1e-12
+    for a, b in zip(got, want):
+        assert worst(a, b, *(3 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+def test_grad_buffer_reused_with_other_strides_rebuilds_the_plan(triton_backend):
+    """One buffer as the grad: in the param's order on call 1 (the kernels update it), then
+    viewed transposed on call 2, same address and numel: without the strides in the key the
+    cached plan would pair p[i] with another element's gradient."""
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(5)
+        q = torch.nn.Parameter(torch.randn(4, 6))
+        opt = GuardedAdamW([q], lr=0.05, backend=backend, stats_freq=1, auto_enabled=False)
+        buf = torch.randn(24)
+        q.grad = buf.view(4, 6)
+        opt.step()
+        buf.copy_(torch.randn(24))
+        q.grad = buf.view(6, 4).t()  # strides (1, 4)
+        opt.step()
+        out[backend] = q.detach().clone()
+    assert worst(out["triton"], out["reference"], *(2 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+def test_a_grad_that_is_not_dense_is_refused_naming_it(triton_backend):
+    q = torch.nn.Parameter(torch.randn(4, 5))
+    opt = GuardedAdamW([q], lr=0.05, backend="triton", gate="single_pass")
+    q.grad = torch.randn(4, 10)[:, ::2]
+    before = q.detach().clone()
+    with pytest.raises(ValueError, match="needs dense tensors; group 0 param 0's grad"):
+        opt.step()
+    assert torch.equal(q, before) and not opt.state[q]["step"]
+
+
 def test_changing_float_lr_is_seen(triton_backend):
     p = torch.nn.Parameter(torch.ones(10))
     opt = GuardedAdamW([p], lr=0.1, weight_decay=0.0, backend="triton", auto_enabled=False)

@@ -39,7 +39,8 @@ _numel = methodcaller("numel")
 
 
 def _layout_key_python(tensors: Sequence[Tensor]) -> tuple:
-    return tuple(map(_ptr, tensors)) + tuple(map(_numel, tensors)) + tuple(t.dtype for t in tensors)
+    strides = tuple((i, t.stride()) for i, t in enumerate(tensors) if not t.is_contiguous())
+    return tuple(map(_ptr, tensors)) + tuple(map(_numel, tensors)) + tuple(t.dtype for t in tensors) + strides
 
 
 def _address_key_python(tensors: Sequence[Tensor]) -> tuple:
@@ -47,8 +48,10 @@ def _address_key_python(tensors: Sequence[Tensor]) -> tuple:
 
 
 def _key_functions():
-    """``(layout_key, address_key)``: (address, numel, dtype) of every tensor, and addresses
-    only (for lists whose sizes and dtypes follow the params': grads, AdamW states). From the
+    """``(layout_key, address_key)``: (address, numel, dtype) of every tensor and the strides of
+    those that are not contiguous (a grad buffer reused with other strides must not find the
+    old plan: the kernels walk p, g, m, v in one element order), and addresses only (for lists
+    whose sizes, dtypes and strides follow the params': AdamW states). From the
     C++ extension when it is built (one call reads a list into one bytes object: ~0.05 ms
     for 2000 tensors against ~0.75 ms of Python, and a bytes key hashes and compares at memory
     speed), else in Python. Either way every call reads every tensor's address:
@@ -84,7 +87,7 @@ class TelemetryLayout:
     first_chunk: Tensor  # [n_tensors + 1] int64: tensor t owns partial rows [first[t], first[t+1])
     workspace: Tensor  # [n_chunks, 2] float64 per-chunk (sum g^2, sum g)
     counters: Tensor  # [n_tensors] int32: chunks of tensor t done so far in a pass (0 between passes)
-    lists: List[ChunkList]  # telemetry-only passes (the exact gate; fp64 grads in single_pass)
+    lists: List[ChunkList]  # telemetry-only passes (the exact gate; delegated params' grads in single_pass)
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
 
 
@@ -114,15 +117,29 @@ def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: tor
     return host.to(device, non_blocking=True)
 
 
-def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or torch._prims_common.is_non_overlapping_and_dense(t)
+def _element_order(t: Tensor) -> Optional[Tuple[int, ...]]:
+    """The strides of ``t``'s dims of size > 1 when its elements fill ``numel()`` consecutive
+    slots (a contiguous tensor, or a permutation of one: channels_last, a transpose), else None.
+    Two such tensors of one shape with equal orders hold element i of one where the other
+    holds it: what a kernel walking p, g, m, v as flat arrays needs. (Size-1 dims' strides say
+    nothing about the order: a (1, n) grad with strides (1, 1) is as contiguous as the param.)"""
+    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1), reverse=True)
+    expected = 1
+    for st, sz in reversed(dims):
+        if st != expected:
+            return None
+        expected *= sz
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
 
 
 def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
+    orders = set()
     for t in tensors:
-        if not _dense(t):
+        order = _element_order(t)
+        if order is None:
             raise ValueError(f"the Triton backend needs dense tensors; {what} has strides {t.stride()}")
-    if len({t.stride() for t in tensors}) > 1:
+        orders.add(order)
+    if len(orders) > 1:
         raise ValueError(f"the Triton backend needs {what} (param, grad, exp_avg, exp_avg_sq) to share strides")
 
 
@@ -283,8 +300,11 @@ def _code(dtype: torch.dtype, what: str) -> int:
 def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> UpdatePlan:
     """Plan of one guarded-AdamW pass over ``groups`` (``GroupTensors``), telemetry included.
 
-    fp64 params are *delegated*: listed for the reference update, their gradients still read
-    by the telemetry kernel so the partials keep the order of ``nonempty_grads``.
+    *Delegated* to the reference update: fp64 params (their math is fp64), and params whose
+    p, grad, exp_avg and exp_avg_sq do not all hold their elements in one order (a grad of
+    other strides than its param's, a param sliced with a step: the update kernel walks the
+    four as flat arrays). Their gradients are still read by the telemetry kernel (which needs
+    each grad dense, in any order) so the partials keep the order of ``nonempty_grads``.
     """
     keep: list = []
     tensor_rows, group_rows = [], []
@@ -302,23 +322,23 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             (0.0 if isinstance(lr, Tensor) else float(lr), group.beta1, group.beta2, group.eps,
              group.weight_decay, -1.0 if group.maximize else 1.0, 0.0, 0.0)
         )
-        fp64_idx = []
+        delegated_idx = []
         for ti, (p, g, m, v, s) in enumerate(zip(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps)):
             code = _code(p.dtype, "param")
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise TypeError(f"group {gi} param {ti}: grad {g.dtype}{tuple(g.shape)} does not match param {p.dtype}{tuple(p.shape)}")
             n = p.numel()
-            if code == FP64:
-                fp64_idx.append(ti)
+            _check_dense([g], f"group {gi} param {ti}'s grad")
+            if code == FP64 or len({_element_order(t) for t in (p, g, m, v)}) > 1:
+                delegated_idx.append(ti)
                 if n > 0:  # its telemetry still comes from the kernel
-                    tel_aligned[FP64] = tel_aligned.get(FP64, True) and g.data_ptr() % 16 == 0
+                    tel_aligned[code] = tel_aligned.get(code, True) and g.data_ptr() % 16 == 0
                     for c, start in enumerate(_chunk_starts(n, chunk)):
-                        tel_rows.setdefault(FP64, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
+                        tel_rows.setdefault(code, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
                     tel += 1
                 continue
             if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32 or s.numel() != 1:
                 raise TypeError(f"group {gi} param {ti}: exp_avg/exp_avg_sq must be fp32 and step a float32 scalar")
-            _check_dense([p, g, m, v], f"group {gi} param {ti}")
             row = len(tensor_rows)
             tensor_rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), n, gi, 0))
             addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
@@ -327,8 +347,8 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
                 for c, start in enumerate(_chunk_starts(n, chunk)):
                     update_rows.setdefault(code, []).append((row, start, first[tel] + c, tel))
                 tel += 1
-        if fp64_idx:
-            delegated.append((gi, fp64_idx))
+        if delegated_idx:
+            delegated.append((gi, delegated_idx))
 
     hyper = _upload(group_rows, GROUP_COLS, torch.float64, device, keep)
     lr_ptrs, lr_floats, lr_copies = [], [], []

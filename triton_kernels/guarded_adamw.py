@@ -17,8 +17,9 @@ written per chunk and finished per tensor like :mod:`.telemetry` does (single_pa
 of each gradient, and no launch after the update).
 
 Shapes/dtypes: params and grads fp32, bf16 or fp16 (one dtype per launch, ``P_CODE``);
-exp_avg/exp_avg_sq fp32; all dense, sharing strides. fp64 params never reach this kernel:
-the backend delegates them to the reference (their math dtype is fp64).
+exp_avg/exp_avg_sq fp32; all dense, in one element order. fp64 params never reach this
+kernel, nor params whose four tensors differ in order: the backend delegates them to the
+reference (chunk_table.build_update).
 Memory traffic per fp32 element: read p, g, m, v and write p, m, v = 28 bytes.
 """
 

@@ -70,8 +70,9 @@ def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tens
 
 
 def _delegate(plan, groups: Sequence[GroupTensors], scale: Tensor, **kwargs) -> None:
-    """fp64 params: their math dtype is fp64, which the kernels do not do; the reference
-    updates them (one foreach chain per group), reading scale/skip on the device too."""
+    """fp64 params (their math dtype is fp64, which the kernels do not do) and params whose
+    tensors differ in element order (chunk_table.build_update): the reference updates them
+    (one foreach chain per group), reading scale/skip on the device too."""
     for gi, idx in plan.delegated:
         g = groups[gi]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
@@ -138,7 +139,7 @@ def adamw_telemetry_impl(
     with _on_device(device):
         partials = new_partials(plan.telemetry, partials_dtype)
         guarded_adamw_(plan, scale=scale, skip=None, mask_nonfinite=mask_nonfinite, out=partials)
-        telemetry_chunks_(plan.telemetry, partials)  # fp64 gradients (delegated params) only
+        telemetry_chunks_(plan.telemetry, partials)  # the delegated params' gradients only
     _delegate(plan, groups, scale, mask_nonfinite=mask_nonfinite)
     return partials
 

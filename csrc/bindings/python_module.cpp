@@ -6,6 +6,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <optional>
@@ -47,8 +48,37 @@ static PyObject* cuda_geometry(PyObject*, PyObject* args) {
 
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw::cpu::kernels().isa); }
 
+// A tensor's dtype code for a layout key, flagged when the tensor is not contiguous: its strides
+// then follow in the key's appendix (strides_appendix). A Triton plan walks p, g, m, v as flat
+// arrays in one element order, so a grad buffer reused with other strides (same address, same
+// numel) must not find the old plan. Contiguity is a flag torch keeps: ~1 ns a tensor.
+constexpr int64_t kStridesFollow = int64_t(1) << 16;
+
+static int64_t layout_code(const at::Tensor& t, std::vector<int64_t>& appendix, int64_t index) {
+  if (t.is_contiguous()) return int64_t(t.scalar_type());
+  appendix.push_back(index);
+  appendix.push_back(t.dim());
+  for (const int64_t st : t.strides()) appendix.push_back(st);
+  return int64_t(t.scalar_type()) | kStridesFollow;
+}
+
+// `key` with `appendix` (index, ndim, strides... of each flagged tensor) appended: a new bytes
+// object (the rare case: some tensor is not contiguous), `key` itself when there is none.
+static PyObject* strides_appendix(PyObject* key, const std::vector<int64_t>& appendix) {
+  if (appendix.empty()) return key;
+  const Py_ssize_t head = PyBytes_GET_SIZE(key), tail = Py_ssize_t(appendix.size() * sizeof(int64_t));
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, head + tail);
+  if (out != nullptr) {
+    std::memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(key), size_t(head));
+    std::memcpy(PyBytes_AS_STRING(out) + head, appendix.data(), size_t(tail));
+  }
+  Py_DECREF(key);
+  return out;
+}
+
 // (address, numel, dtype code) of every tensor of a sequence, packed as int64s into one bytes
-// object: the Triton backend's plan-cache key. Bytes compare at memory speed (the cache compares
+// object, with the strides of those that are not contiguous after them (layout_code): the
+// Triton backend's plan-cache key. Bytes compare at memory speed (the cache compares
 // them, it does not hash them: chunk_table.PlanCache); a tuple of Python ints for 2000 tensors
 // took ~1 ms per call to build, hash and compare. address_key: the addresses alone, for lists
 // whose sizes and dtypes follow the params' (AdamW states): a third of the bytes to write and
@@ -66,6 +96,7 @@ static PyObject* tensor_key(PyObject* arg, const char* name) {
     return nullptr;
   }
   auto* values = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(out));
+  std::vector<int64_t> appendix;
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (!THPVariable_Check(items[i])) {
       PyErr_Format(PyExc_TypeError, "%s: item %zd is not a tensor", name, i);
@@ -77,11 +108,11 @@ static PyObject* tensor_key(PyObject* arg, const char* name) {
     values[kFields * i] = int64_t(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
     if (kWithLayout) {
       values[kFields * i + 1] = t.numel();
-      values[kFields * i + 2] = int64_t(t.scalar_type());
+      values[kFields * i + 2] = layout_code(t, appendix, i);
     }
   }
   Py_DECREF(seq);
-  return out;
+  return strides_appendix(out, appendix);
 }
 
 static PyObject* layout_key(PyObject*, PyObject* arg) { return tensor_key<true>(arg, "_layout_key"); }
@@ -91,8 +122,9 @@ static PyObject* address_key(PyObject*, PyObject* arg) { return tensor_key<false
 // list of their .grad (None where absent); per group whether some grad is None; whether every
 // grad is dense, real and floating-point (what check_grads_cheaply asks); and per group the layout of its
 // params and grads as read on the way, as bytes (GroupTensors.layout_key: 6 int64 per param,
-// its address, numel and dtype code, then its grad's, dtype -1 for no grad), or None when a
-// param is not a plain tensor or nn.Parameter. ~20 ns per param, against ~0.4 us for the
+// its address, numel and layout_code, then its grad's, code -1 for no grad; the strides of
+// those that are not contiguous after the rows), or None when a param is not a plain tensor or
+// nn.Parameter. ~20 ns per param, against ~0.4 us for the
 // three Python passes it replaces. Params that are not plain tensors or nn.Parameters
 // (subclasses may override attribute access) are asked through getattr.
 static PyObject* gather_grads(PyObject*, PyObject* arg) {
@@ -125,6 +157,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
       return fail();
     }
     auto* row = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(layout));
+    std::vector<int64_t> appendix;
     bool layout_known = true;
     const auto address = [](const at::Tensor& t) {
       return int64_t(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
@@ -147,10 +180,10 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         try {
           row[0] = address(p);
           row[1] = p.numel();
-          row[2] = int64_t(p.scalar_type());
+          row[2] = layout_code(p, appendix, 2 * i);
           row[3] = g.defined() ? address(g) : 0;
           row[4] = g.defined() ? g.numel() : 0;
-          row[5] = g.defined() ? int64_t(g.scalar_type()) : -1;
+          row[5] = g.defined() ? layout_code(g, appendix, 2 * i + 1) : -1;
         } catch (const std::exception&) {
           layout_known = false;
         }
@@ -178,7 +211,11 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     Py_DECREF(params);
     PyList_SET_ITEM(per_group, gi, grads);  // steals
     PyTuple_SET_ITEM(missing, gi, PyBool_FromLong(any_missing));
-    if (!layout_known) Py_SETREF(layout, Py_NewRef(Py_None));
+    if (!layout_known) {
+      Py_SETREF(layout, Py_NewRef(Py_None));
+    } else if ((layout = strides_appendix(layout, appendix)) == nullptr) {
+      return fail();
+    }
     PyTuple_SET_ITEM(layouts, gi, layout);  // steals
   }
   Py_DECREF(groups);
