@@ -255,7 +255,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             dict.update(self.state[first], zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
 
     def _plan_for(self, grads: CallGrads) -> StepPlan:
-        key = presence_key(self.param_groups, grads)
+        key = presence_key(grads)
         # The plan holds the state tensors: any edit of ``self.state`` (an optimizer reset,
         # ``del opt.state[p]``, a tensor or a param's dict replaced: optimizer_state.py) or a
         # new ``self.state`` must rebuild it, creating fresh states as torch.optim.AdamW would.

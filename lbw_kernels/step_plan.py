@@ -12,7 +12,7 @@ have a gradient changes, when a group is added, or when state is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ class CallGrads(NamedTuple):
     # Per group, its params' and grads' addresses, sizes and dtypes as read on the way (bytes;
     # GroupTensors.layout_key), or None (read in Python, or a param that is not a plain tensor).
     layouts: Tuple[Optional[bytes], ...]
+    # Per group, which objects its params list holds (their ids, as bytes from the extension,
+    # else a tuple): a param replaced in place in the list rebuilds the plan.
+    identities: Tuple[Any, ...]
 
 
 def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
@@ -53,7 +56,8 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     missing = tuple(any(g is None for g in grads) for grads in per_group)
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
     dense_real = all(layout == torch.strided and dtype.is_floating_point for layout, dtype in kinds)
-    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group))
+    identities = tuple(tuple(map(id, group["params"])) for group in param_groups)
+    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities)
 
 
 def _gather_function():
@@ -69,11 +73,13 @@ def _gather_function():
 gather_grads = _gather_function()
 
 
-def presence_key(param_groups: Sequence[dict], grads: CallGrads) -> tuple:
-    """What a plan depends on: each group's params list, and which of them have a grad."""
+def presence_key(grads: CallGrads) -> tuple:
+    """What a plan depends on: each group's params (the objects its list holds: a param replaced
+    in the list, ``param_groups[0]["params"][3] = new``, must be the one updated), and which of
+    them have a grad."""
     return tuple(
-        (id(group["params"]), len(per), tuple(g is not None for g in per) if missing else None)
-        for group, per, missing in zip(param_groups, grads.per_group, grads.missing)
+        (ids, tuple(g is not None for g in per) if missing else None)
+        for ids, per, missing in zip(grads.identities, grads.per_group, grads.missing)
     )
 
 
@@ -152,10 +158,13 @@ class StepPlan:
             if gp.positions is not None:
                 grads_of_group = [grads_of_group[i] for i in gp.positions]
             beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.dim():  # a one-element tensor of shape [1]: the backends
+                lr = lr.reshape(())  # broadcast it against 0-dim steps (a view: fill_ is still seen)
             out.append(
                 GroupTensors(
                     params=gp.params, grads=grads_of_group, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
-                    steps=gp.steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    steps=gp.steps, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
                     param_dtypes=gp.param_dtypes, layout_key=layout,
                 )

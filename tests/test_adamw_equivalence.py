@@ -164,3 +164,22 @@ def test_reset_state_starts_fresh_moments_as_torch_adamw_does(reset, backend):
         close(a, b, TOL[torch.float64])
     assert [opt.state[p]["step"].item() for p in ours if p.numel()] == [ref.state[q]["step"].item() for q in theirs if q.numel()]
     assert len(opt.state_dict()["state"]) == len(ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lr_as_a_tensor_of_shape_one_with_a_0_dim_param(backend, dtype):
+    """torch.optim.AdamW takes ``lr=torch.tensor([1e-2])``; the reference's foreach chain once
+    broadcast it against 0-dim steps and raised half-way through the step."""
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(3, dtype=dtype)), torch.nn.Parameter(torch.randn((), dtype=dtype))]
+        opt = cls(params, lr=torch.tensor([1e-2], dtype=torch.float64), **kw)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen, dtype=dtype)
+            opt.step()
+        return params
+
+    for a, b in zip(run(GuardedAdamW, backend=backend, auto_enabled=False), run(torch.optim.AdamW, foreach=False)):
+        torch.testing.assert_close(a, b)

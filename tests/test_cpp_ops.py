@@ -177,7 +177,9 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
     a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
-    per_group, missing, dense_real, layouts = _C._gather_grads([[a, b, c], [c, d]])
+    per_group, missing, dense_real, layouts, identities = _C._gather_grads([[a, b, c], [c, d]])
+    assert array.array("q", identities[0]).tolist() == [id(a), id(b), id(c)]  # the objects the list holds
+    assert array.array("q", identities[1]).tolist() == [id(c), id(d)]
     assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
     assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
     assert missing == (True, False) and dense_real is True
@@ -188,6 +190,11 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     z.grad = torch.ones(3, dtype=torch.complex64)
     assert _C._gather_grads([[a, z]])[1:3] == ((False,), False)
+    if hasattr(a, "grad_dtype"):  # torch >= 2.10 lets a tensor hold a grad of another dtype
+        i = torch.nn.Parameter(torch.zeros(3))
+        i.grad_dtype = None
+        i.grad = torch.ones(3, dtype=torch.int32)
+        assert _C._gather_grads([[a, i]])[2] is False  # not floating-point: the full check names it
     with pytest.raises(TypeError, match="must be a sequence"):
         _C._gather_grads([3])
     with pytest.raises(AttributeError, match="grad"):
@@ -280,6 +287,7 @@ def test_gather_grads_in_cpp_matches_the_python_fallback():
     assert fast.dense_real is slow.dense_real is True
     assert all(a is b for x, y in zip(fast.per_group, slow.per_group) for a, b in zip(x, y))
     assert slow.layouts == (None, None, None) and all(isinstance(b, bytes) for b in fast.layouts)
+    assert [array.array("q", b).tolist() for b in fast.identities] == [list(ids) for ids in slow.identities]
     params[2].grad = torch.ones(4).to_sparse()
     assert step_plan.gather_grads(groups).dense_real is step_plan._gather_grads_python(groups).dense_real is False
 

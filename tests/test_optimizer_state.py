@@ -82,3 +82,29 @@ def test_state_dict_holds_plain_dicts_and_pickles_round_trip():
     plan = opt2._plan
     opt2.step()
     assert opt2._plan is not plan
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_param_replaced_in_its_group_list_is_the_one_updated(backend, gate):
+    """``param_groups[0]["params"][1] = new`` (same list, same length): the next step updates
+    the new param from a fresh state, as torch.optim.AdamW does, and leaves the old one alone."""
+    def make(cls, **kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+        return params, cls(params, lr=0.1, **kw)
+
+    ours_p, ours = make(GuardedAdamW, backend=backend, gate=gate, auto_enabled=False)
+    ref_p, ref = make(torch.optim.AdamW, foreach=False)
+    for step in range(3):
+        if step == 1:
+            for params, opt in ((ours_p, ours), (ref_p, ref)):
+                params.append(torch.nn.Parameter(torch.full((5,), 2.0)))
+                opt.param_groups[0]["params"][1] = params[-1]
+        for params, opt in ((ours_p, ours), (ref_p, ref)):
+            gen = torch.Generator().manual_seed(step)
+            for q in params:
+                q.grad = torch.randn(5, generator=gen)
+            opt.step()
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ours.state[ours_p[-1]]["step"].item() == 2

@@ -124,7 +124,8 @@ static PyObject* address_key(PyObject*, PyObject* arg) { return tensor_key<false
 // params and grads as read on the way, as bytes (GroupTensors.layout_key: 6 int64 per param,
 // its address, numel and layout_code, then its grad's, code -1 for no grad; the strides of
 // those that are not contiguous after the rows), or None when a param is not a plain tensor or
-// nn.Parameter. ~20 ns per param, against ~0.4 us for the
+// nn.Parameter; and per group which objects its list holds (their addresses, as bytes: the step
+// plan's key sees a param replaced in its list). ~20 ns per param, against ~0.4 us for the
 // three Python passes it replaces. Params that are not plain tensors or nn.Parameters
 // (subclasses may override attribute access) are asked through getattr.
 static PyObject* gather_grads(PyObject*, PyObject* arg) {
@@ -134,15 +135,17 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
   PyObject* per_group = PyList_New(ngroups);
   PyObject* missing = PyTuple_New(ngroups);
   PyObject* layouts = PyTuple_New(ngroups);
+  PyObject* identities = PyTuple_New(ngroups);
   bool dense_real = true;
   auto fail = [&]() -> PyObject* {
     Py_XDECREF(per_group);
     Py_XDECREF(missing);
     Py_XDECREF(layouts);
+    Py_XDECREF(identities);
     Py_DECREF(groups);
     return nullptr;
   };
-  if (per_group == nullptr || missing == nullptr || layouts == nullptr) return fail();
+  if (per_group == nullptr || missing == nullptr || layouts == nullptr || identities == nullptr) return fail();
   for (Py_ssize_t gi = 0; gi < ngroups; ++gi) {
     PyObject* params = PySequence_Fast(PySequence_Fast_GET_ITEM(groups, gi), "_gather_grads: a group's params must be a sequence");
     if (params == nullptr) return fail();
@@ -150,12 +153,16 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     PyObject** items = PySequence_Fast_ITEMS(params);
     PyObject* grads = PyList_New(n);
     PyObject* layout = PyBytes_FromStringAndSize(nullptr, 6 * n * Py_ssize_t(sizeof(int64_t)));
-    if (grads == nullptr || layout == nullptr) {
+    PyObject* ids = PyBytes_FromStringAndSize(nullptr, n * Py_ssize_t(sizeof(PyObject*)));
+    if (grads == nullptr || layout == nullptr || ids == nullptr) {
       Py_XDECREF(grads);
       Py_XDECREF(layout);
+      Py_XDECREF(ids);
       Py_DECREF(params);
       return fail();
     }
+    if (n > 0) std::memcpy(PyBytes_AS_STRING(ids), items, size_t(n) * sizeof(PyObject*));
+    PyTuple_SET_ITEM(identities, gi, ids);  // steals
     auto* row = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(layout));
     std::vector<int64_t> appendix;
     bool layout_known = true;
@@ -219,7 +226,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     PyTuple_SET_ITEM(layouts, gi, layout);  // steals
   }
   Py_DECREF(groups);
-  PyObject* out = Py_BuildValue("(NNON)", per_group, missing, dense_real ? Py_True : Py_False, layouts);
+  PyObject* out = Py_BuildValue("(NNONN)", per_group, missing, dense_real ? Py_True : Py_False, layouts, identities);
   return out;
 }
 
@@ -514,10 +521,11 @@ static PyMethodDef methods[] = {
     {"_telemetry", call_telemetry, METH_O,
      "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
-     "(grads per group, whether each group misses a grad, whether all grads are dense and real, each group's "
-     "layout of params and grads as bytes or None)."},
+     "(grads per group, whether each group misses a grad, whether all grads are dense, real and floating-point, "
+     "each group's layout of params and grads as bytes or None, each group's param object addresses as bytes)."},
     {"_layout_key", layout_key, METH_O,
-     "(data_ptr, numel, dtype code) of each tensor of a sequence, packed as int64s in one bytes object."},
+     "(data_ptr, numel, dtype code) of each tensor of a sequence, packed as int64s in one bytes object, then "
+     "(index, ndim, strides) of each that is not contiguous."},
     {"_address_key", address_key, METH_O, "data_ptr of each tensor of a sequence, packed as int64s in one bytes object."},
     {"_cuda_geometry", cuda_geometry, METH_VARARGS,
      "_cuda_geometry([threads, ilp, chunk, warp_partials]): the CUDA kernels' launch geometry (csrc/cuda/geometry.h); "
