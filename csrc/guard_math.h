@@ -223,13 +223,16 @@ LBW_HD void adamw_element_masked(M& p, M g, M& m, M& v, const AdamWCoeffs<M>& c)
 
 // ------------------------------------------------------------------------------------------
 // Telemetry: per tensor (sum g^2, sum g) accumulated in double, and the non-finite flag read
-// off the double sum (see reference.telemetry_partials).
+// off the two double sums, as reference.telemetry_partials reads its own: a NaN/Inf element
+// makes the sum NaN/Inf; an fp64 gradient of finite elements above ~1.3e154 makes the sum of
+// squares Inf, and the call is skipped too, as the reference skips it (an Inf grad_ms would
+// otherwise reach the analyzer as a calm reading and its EMA for good).
 // ------------------------------------------------------------------------------------------
 LBW_HD void accumulate(double& sumsq, double& sum, double g) {
   sumsq += g * g;
   sum += g;
 }
 
-LBW_HD double nonfinite_flag(double sum) { return is_finite(sum) ? 0.0 : 1.0; }
+LBW_HD double nonfinite_flag(double sumsq, double sum) { return is_finite(sum) && is_finite(sumsq) ? 0.0 : 1.0; }
 
 }  // namespace lbw

@@ -119,9 +119,11 @@ def _sums(g: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
 def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
     """Per tensor ``(sum g^2, sum g, nonfinite)`` as a ``[len(grads), 3]`` tensor of ``dtype``.
 
-    ``nonfinite`` is 1.0 when the tensor holds a NaN or Inf, else 0.0: a NaN or Inf makes one of
-    the sums non-finite. (So do finite fp32 gradients whose sum of squares exceeds 3.4e38: such
-    a call is skipped as if a gradient were Inf. The kernels count non-finite elements.)
+    ``nonfinite`` is 1.0 when one of the two sums is NaN or Inf, else 0.0: a NaN or Inf element
+    makes one so. (So do finite gradients whose sum of squares overflows: above 3.4e38 for
+    fp32/fp16/bf16 here, where it is summed in fp32, so |g| beyond ~1.8e19 skips the call as if
+    a gradient were Inf; the kernels sum those in float64 and do not. fp64 sums overflow above
+    ~1.3e154 everywhere, and the kernels flag that as this function does.)
     Sums accumulate in the gradients' precision (fp32 for fp16/bf16): relative error ~1e-6 on
     fp32 tensors of millions of elements, none on float64. The kernel backends accumulate in
     float64 and are verified against this function run on float64 copies.

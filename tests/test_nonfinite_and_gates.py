@@ -135,3 +135,17 @@ def test_single_pass_applies_each_decision_one_call_later(backend):
             params = runs[gate][0]
         for a, b in zip(params, theirs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_fp64_grad_whose_squares_overflow_is_flagged_on_every_backend(backend, gate):
+    """Finite fp64 elements of 1e160: sum g^2 is Inf in float64 on every backend. The reference
+    flags the call as non-finite; the kernels flagged only a non-finite sum, so an Inf
+    grad_ms reached the analyzer as a calm reading (and its EMA for good)."""
+    torch.manual_seed(0)
+    q = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = GuardedAdamW([q], lr=0.01, backend=backend, gate=gate, stats_freq=1)
+    q.grad = torch.full((6,), 1e160, dtype=torch.float64)
+    opt.step()
+    t = opt.telemetry()
+    assert (t["regime"], t["skipped_steps"]) == ("nonfinite", 1)

@@ -10,7 +10,7 @@ partials, in one launch per dtype:
    atomic);
 2. the program that counts last (:func:`finish_tensor`) adds the tensor's chunk rows in a
    fixed order (the same whichever program it is), derives the non-finite flag from the
-   float64 sum exactly like :func:`lbw_kernels.reference.telemetry_partials`, writes the
+   float64 sums like :func:`lbw_kernels.reference.telemetry_partials`, writes the
    tensor's row and sets the counter back to 0 for the next pass (and CUDA-graph replays).
 
 (The reduction was a launch of its own until 2026-11-26: a Triton launch took ~50 us of host
@@ -18,8 +18,9 @@ time under cProfile on the H200 machine, bench/results/nvidia-h200-profile-host-
 20261126.txt, and with thousands of small tensors a step is host-bound.)
 
 Math: ``sumsq_t = sum_i float64(g_ti)^2``, ``sum_t = sum_i float64(g_ti)``,
-``nonfinite_t = 1.0 if sum_t is NaN or +-Inf else 0.0`` (a float64 sum of fp32/bf16/fp16
-values overflows only if an element is non-finite).
+``nonfinite_t = 1.0 if sum_t or sumsq_t is NaN or +-Inf else 0.0`` (float64 sums of
+fp32/bf16/fp16 values overflow only if an element is non-finite; fp64 squares above ~1.3e154
+overflow, and the reference flags those too).
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def finish_tensor(workspace, first_chunk, counters, out, t, RBLOCK: tl.constexpr
             base += RBLOCK
         sumsq = tl.sum(acc_sq, axis=0)
         total_t = tl.sum(acc_sum, axis=0)
-        # s * 0 is 0 for finite s and NaN for NaN/Inf (no fast-math here, so it is not folded).
-        nonfinite = tl.where(total_t * 0.0 == 0.0, 0.0, 1.0).to(tl.float64)
+        # s * 0 is 0 for finite s and NaN for NaN/Inf (no fast-math here, so it is not folded);
+        # both sums, as the reference reads its own (an fp64 grad above ~1.3e154 overflows sumsq).
+        nonfinite = tl.where((total_t * 0.0 == 0.0) & (sumsq * 0.0 == 0.0), 0.0, 1.0).to(tl.float64)
         dt = out.dtype.element_ty
         tl.store(out + t * 3, sumsq.to(dt))
         tl.store(out + t * 3 + 1, total_t.to(dt))

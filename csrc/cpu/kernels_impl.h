@@ -46,7 +46,7 @@ void combine_partials(const ChunkTable& table, const double* ws, double* out) {
     }
     out[3 * row] = sq;
     out[3 * row + 1] = s;
-    out[3 * row + 2] = nonfinite_flag(s);
+    out[3 * row + 2] = nonfinite_flag(sq, s);
     ++row;
   }
 }

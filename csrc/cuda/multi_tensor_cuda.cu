@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS) combine_kernel(const TensorEn
   if (threadIdx.x == 0) {
     out[3 * e.row] = sq;
     out[3 * e.row + 1] = s;
-    out[3 * e.row + 2] = nonfinite_flag(s);
+    out[3 * e.row + 2] = nonfinite_flag(sq, s);
   }
 }
 

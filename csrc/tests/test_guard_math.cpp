@@ -51,7 +51,8 @@ static void test_masked() {
   adamw_element(p2, 0.7f, m2, v2, c);
   CHECK(p == p2 && m == m2 && v == v2 && p != 0.3f);
   CHECK(is_finite(1.0f) && !is_finite(bad[0]) && !is_finite(bad[1]) && !is_finite(double(bad[2])));
-  CHECK(nonfinite_flag(1e300) == 0.0 && nonfinite_flag(std::nan("")) == 1.0);
+  CHECK(nonfinite_flag(1e300, 1e300) == 0.0 && nonfinite_flag(1.0, std::nan("")) == 1.0);
+  CHECK(nonfinite_flag(std::numeric_limits<double>::infinity(), 1e160) == 1.0);  // squares overflowed
 }
 
 static void test_bf16() {
