@@ -6,7 +6,8 @@ itself. A :class:`StepPlan` holds what does not change from call to call while t
 parameters have gradients: the per-group lists of params and states, the telemetry rows and
 their element counts (on the device). A call only gathers the ``.grad`` of each param and checks
 them cheaply (one C++ pass when the extension is built); the plan is rebuilt when which params
-have a gradient changes, when a group is added, or when state is loaded.
+have a gradient changes, when a group is added or its list of params edited, or when state is
+loaded or edited.
 """
 
 from __future__ import annotations
