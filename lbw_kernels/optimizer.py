@@ -29,6 +29,7 @@ from .validation import (
     check_guard_config,
     check_guard_values,
     check_params,
+    plain_hyperparameters,
     plain_number,
 )
 
@@ -138,9 +139,6 @@ class GuardedAdamW(torch.optim.Optimizer):
         stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay = map(
             plain_number, (stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay)
         )
-        lr, eps, weight_decay = map(plain_number, (lr, eps, weight_decay))
-        if isinstance(betas, (tuple, list)):
-            betas = type(betas)(map(plain_number, betas))
         config = ref.GuardConfig(
             auto_enabled=auto_enabled,
             stress_threshold=stress_threshold,
@@ -162,6 +160,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             except RuntimeError as err:
                 raise ValueError(f"backend={backend!r}: {err}") from err
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        plain_hyperparameters(defaults)
         check_group_hyperparameters(defaults)
         self.guard_config = config
         self.gate = gate
@@ -209,19 +208,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(params, Tensor) and not isinstance(params, Iterable):
             raise TypeError(f"param_group['params'] must be a Tensor or a list of them, got {type(params).__name__}")
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        for key in ("lr", "eps", "weight_decay"):
-            if key in group:
-                group[key] = plain_number(group[key])
-        if isinstance(group.get("betas"), (tuple, list)):
-            group["betas"] = type(group["betas"])(map(plain_number, group["betas"]))
+        plain_hyperparameters(group)
         candidate = {**self.defaults, **group}
         where = f"param_groups[{len(self.param_groups)}]"
         check_group_hyperparameters(candidate, where + ": ")
-        existing = [p for g in self.param_groups for p in g["params"]]
+        held = [(f"param_groups[{gi}]['params'][{pi}]", p)
+                for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
         # (name, tensor) pairs, as model.named_parameters() gives: torch keeps the names
         # (param_groups[i]["param_names"]); the checks look at the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
-        check_params(tensors, where + "['params']", others=existing)
+        check_params([(f"{where}['params'][{i}]", p) for i, p in enumerate(tensors)], held)
         super().add_param_group(group)
         self._plan = None
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
 from .distributed import is_dtensor
-from .validation import check_grad, check_state_entry
+from .validation import check_grad, check_params, check_state_entry
 
 
 @dataclass
@@ -175,28 +175,16 @@ class StepPlan:
 
 def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[int, List[int]]],
                        existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]]) -> None:
-    """The params a call updates share one device and appear once, and the states they already
-    have are usable (validation.check_state_entry). add_param_group checked the params it was
-    given; these may have been put into a group's list or into ``opt.state`` since."""
-    first = None
-    seen: Dict[int, str] = {}
-    for gi, positions in selected:
-        for pi in positions:
-            p = param_groups[gi]["params"][pi]
-            where = f"param_groups[{gi}]['params'][{pi}]"
-            if id(p) in seen:
-                raise ValueError(f"{where} is {seen[id(p)]} again: list each param once")
-            seen[id(p)] = where
-            if first is None:
-                first = (p.device, where)
-            elif p.device != first[0]:
-                raise ValueError(
-                    f"{where} is on {p.device}, {first[1]} on {first[0]}: one GuardedAdamW takes one decision "
-                    "per call, so its params share one device"
-                )
-            state = existing_state(p)
-            if state:
-                check_state_entry(p, state, f"opt.state[{where}]")
+    """The params a call updates pass add_param_group's checks (validation.check_params: one
+    device, each once) and the states they already have are usable (check_state_entry): they
+    may have been put into a group's list or into ``opt.state`` since they were added."""
+    named = [(f"param_groups[{gi}]['params'][{pi}]", param_groups[gi]["params"][pi])
+             for gi, positions in selected for pi in positions]
+    check_params(named)
+    for where, p in named:
+        state = existing_state(p)
+        if state:
+            check_state_entry(p, state, f"opt.state[{where}]")
 
 
 def check_grads_cheaply(param_groups: Sequence[dict], grads: CallGrads) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Collection, Dict, Iterable, List, Mapping
+from typing import Any, Collection, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 
@@ -136,33 +136,46 @@ def check_guard_config(cfg: GuardConfig, gate: str) -> None:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
 
 
-def check_params(params: Iterable[torch.Tensor], where: str, others: Iterable[torch.Tensor] = ()) -> None:
-    """Params (``where``: ``"param_groups[2]['params']"``) must be dense real floating-point
-    tensors, each listed once, all on one device with ``others`` (the params already held)."""
-    devices = {p.device for p in others}
-    seen: Dict[int, int] = {}
-    for i, p in enumerate(params):
+def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple[str, torch.Tensor]] = ()) -> None:
+    """Params, as ``(where, param)`` pairs (``"param_groups[2]['params'][0]"``), must be dense real
+    floating-point tensors, each listed once, all on one device with the params already ``held``
+    (pairs too). add_param_group checks a new group with this, the step plan every param taking
+    part in a call (they may have been put into a group's list since)."""
+    first = next(iter(held), None)
+    seen: Dict[int, str] = {}
+    for where, p in named:
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{where}[{i}] must be a Tensor, got {type(p).__name__}")
+            raise TypeError(f"{where} must be a Tensor, got {type(p).__name__}")
         if p.is_complex():
-            raise TypeError(f"{where}[{i}] is complex ({p.dtype}); GuardedAdamW takes real params")
+            raise TypeError(f"{where} is complex ({p.dtype}); GuardedAdamW takes real params")
         if p.dtype not in SUPPORTED_PARAM_DTYPES:
             raise TypeError(
-                f"{where}[{i}] has dtype {p.dtype}; supported: " + ", ".join(str(d) for d in SUPPORTED_PARAM_DTYPES)
+                f"{where} has dtype {p.dtype}; supported: " + ", ".join(str(d) for d in SUPPORTED_PARAM_DTYPES)
             )
         if p.is_sparse:
-            raise TypeError(f"{where}[{i}] is sparse; GuardedAdamW takes dense params")
+            raise TypeError(f"{where} is sparse; GuardedAdamW takes dense params")
         if id(p) in seen:
             # (torch.optim only warns; the kernels would update the one tensor twice per call,
             # racing with themselves on the multi-threaded CPU backend)
-            raise ValueError(f"{where}[{i}] is {where}[{seen[id(p)]}] again: list each param once")
-        seen[id(p)] = i
-        devices.add(p.device)
-    if len(devices) > 1:
-        raise ValueError(
-            f"{where}: params are on mixed devices {sorted(str(d) for d in devices)}; "
-            "one GuardedAdamW takes one decision per call, so its params share one device"
-        )
+            raise ValueError(f"{where} is {seen[id(p)]} again: list each param once")
+        seen[id(p)] = where
+        if first is None:
+            first = (where, p)
+        elif p.device != first[1].device:
+            raise ValueError(
+                f"params are on mixed devices: {where} is on {p.device}, {first[0]} on {first[1].device}; "
+                "one GuardedAdamW takes one decision per call, so its params share one device"
+            )
+
+
+def plain_hyperparameters(group: Dict[str, Any]) -> None:
+    """A group's (or the defaults') lr, eps, weight_decay and betas with numpy scalars made
+    Python numbers, in place (plain_number)."""
+    for key in ("lr", "eps", "weight_decay"):
+        if key in group:
+            group[key] = plain_number(group[key])
+    if isinstance(group.get("betas"), (tuple, list)):
+        group["betas"] = type(group["betas"])(map(plain_number, group["betas"]))
 
 
 def check_grad(p: torch.Tensor, group_index: int, param_index: int) -> None:
