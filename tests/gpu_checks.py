@@ -37,7 +37,7 @@ def device_check_candidates() -> list:
 
 
 def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
-    opt = GuardedAdamW(model.parameters(), lr=1e-3, stats_freq=1, **opt_kwargs)
+    opt = GuardedAdamW(model.parameters(), **{"lr": 1e-3, "stats_freq": 1, **opt_kwargs})
     first = next(model.parameters())
     model(torch.randn(32, first.shape[1], device="cuda")).square().mean().backward()
     opt.step()  # warm-up: kernels compiled, chunk tables built and uploaded
@@ -74,7 +74,7 @@ def assert_graph_replay_matches_eager(
     (read from the guard's call count on the device), not repeat the captured call's choice.
     The last two telemetry calls spike (two hot calls in a row), so every policy moves the scale.
     ``after_capture()`` runs between the capture and the first replay."""
-    kw = dict(lr=1e-2, stats_freq=stats_freq, **opt_kwargs)
+    kw = {"lr": 1e-2, "stats_freq": stats_freq, **opt_kwargs}
     spikes = [c for c in range(2, 7) if c % stats_freq == 0][-2:]
     twin = copy.deepcopy(model)
     opt = GuardedAdamW(model.parameters(), **kw)

@@ -398,20 +398,22 @@ def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, 
     ops.PLANS.clear()
     monkeypatch.setattr(ops.PLANS, "kept", [])
     real = ops._capturing
-    capturing = [captured]
+    capturing = [False]
     monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0] or real(device))
 
-    def step(n):
+    def step(n, capture=False):
         p = torch.nn.Parameter(torch.randn(n))
         opt = GuardedAdamW([p], lr=1e-2, backend="triton", gate="exact", stats_freq=1)
         p.grad = torch.randn(n)
         opt.step()
+        capturing[0] = capture  # a capture after the eager warm-up step, as CUDA graphs need
+        opt.step()
+        capturing[0] = False
         return opt, p
 
-    first = step(5)  # (held: its tensors' memory cannot be reused by the layouts below)
+    first = step(5, captured)  # (held: its tensors' memory cannot be reused by the layouts below)
     plans = [weakref.ref(plan) for plan in ops.PLANS.plans()]
     assert len(plans) == 2  # the exact gate's telemetry layout and update plan
-    capturing[0] = False
     others = [step(6 + i) for i in range(ops.PLANS.capacity)]  # each builds 2 plans: evicts the first
     gc.collect()
     assert all(alive() is not None for alive in plans) == captured
@@ -670,6 +672,103 @@ def test_changing_float_lr_is_seen(triton_backend):
     assert abs(after_one[0].item() - 0.9) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["betas", "eps", "weight_decay", "lr"])
+def test_tensor_hyperparameters_edited_in_place_are_seen(triton_backend, name):
+    """One-element tensors as betas / eps / weight_decay / lr (torch.optim takes them), edited
+    in place at call 3 while the grad buffers stay the same (the plan is not rebuilt): the
+    kernels read the new value as the reference does, not the one the plan was built with."""
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(6)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
+        hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+        hyper[name] = (torch.tensor(0.9), torch.tensor(0.999)) if name == "betas" else torch.tensor(hyper[name])
+        opt = GuardedAdamW(params, backend=backend, stats_freq=1, **hyper)
+        buffers = [torch.randn(p.shape) for p in params]
+        for k in range(4):
+            for p, g in zip(params, buffers):
+                g.copy_(torch.randn(p.shape) * (1 + k))
+                p.grad = g
+            if k == 2:
+                edited = opt.param_groups[0][name]
+                (edited[0] if name == "betas" else edited).fill_(0.5)
+            opt.step()
+        out[backend] = params
+    for a, b in zip(out["triton"], out["reference"]):
+        assert worst(a, b, *(4 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+def test_plans_first_needed_during_a_capture_are_kept_for_it_not_cached(triton_backend, monkeypatch):
+    """A step captured into a CUDA graph with no eager step before it (simulated on CPU) builds
+    its plans inside the capture, where their uploads are only recorded: they are kept for the
+    graph but not cached, so the next eager call builds its own instead of launching from
+    tables the device has not filled yet."""
+    ops = _ops()
+    ops.PLANS.clear()
+    monkeypatch.setattr(ops.PLANS, "kept", [])
+    capturing = [True]
+    monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0])
+    p = torch.nn.Parameter(torch.randn(7))
+    opt = GuardedAdamW([p], lr=1e-2, backend="triton", gate="exact", stats_freq=1)
+    p.grad = torch.randn(7)
+    builds = ops.PLANS.builds
+    opt.step()
+    assert ops.PLANS.plans() == [] and len(ops.PLANS.kept) == 2
+    capturing[0] = False
+    opt.step()
+    cached = ops.PLANS.plans()
+    assert ops.PLANS.builds == builds + 2 and len(cached) == 2  # (builds counts the cache's own)
+    assert not any(plan is kept for plan in cached for kept in ops.PLANS.kept)
+
+
+def test_a_build_that_fails_during_a_capture_says_to_step_eagerly_first(triton_backend, monkeypatch):
+    ops = _ops()
+    ops.PLANS.clear()
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ops, "build_update", refuse)
+    p = torch.nn.Parameter(torch.randn(7))
+    opt = GuardedAdamW([p], lr=1e-2, backend="triton", gate="single_pass")
+    p.grad = torch.randn(7)
+    with pytest.raises(RuntimeError, match="not permitted"):  # eagerly: the error as it is
+        opt.step()
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="run one step\\(\\) eagerly with the same params and grads"):
+        opt.step()
+
+
+def test_eager_calls_after_a_capture_rewrite_an_unchanged_lr(triton_backend, monkeypatch):
+    """A graph's replays write the lr of capture time into the plan's hyper table: an eager call
+    after a capture writes its lr even when it equals the last one it wrote (simulated on CPU:
+    a replay's write is a write of another value into the slot)."""
+    from lbw_kernels.triton_kernels.chunk_table import LR
+
+    ops = _ops()
+    ops.PLANS.clear()
+    monkeypatch.setattr(ops.PLANS, "kept", [])
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(7)
+        p = torch.nn.Parameter(torch.randn(9))
+        opt = GuardedAdamW([p], lr=1e-2, backend=backend, stats_freq=1, auto_enabled=False)
+        p.grad = torch.randn(9)
+        opt.step()  # eager warm-up
+        if backend == "triton":
+            capturing = [True]
+            monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0])
+            opt.step()  # "captured"
+            capturing[0] = False
+            plan, = [plan for plan in ops.PLANS.plans() if hasattr(plan, "hyper")]
+            plan.hyper[0, LR] = 0.5  # a replay of a graph captured with lr=0.5
+        else:
+            opt.step()
+        opt.step()  # eager, lr unchanged at 1e-2
+        out[backend] = p.detach().clone()
+    assert worst(out["triton"], out["reference"], *(3 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library custom ops (what torch.compile sees)
 # ---------------------------------------------------------------------------------------
@@ -887,6 +986,27 @@ def test_gpu_direct_launch_matches_the_jit_bitwise(gate, monkeypatch):
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_step_never_syncs(gate, policy):
     assert_step_never_syncs(_model("cuda"), backend="triton", gate=gate, policy=policy)
+
+
+def _tensor_hyperparameters() -> dict:
+    """lr a CPU tensor (read on the host: no pageable copy to the device), betas, eps and
+    weight_decay tensors on the GPU (copied into the plan on the device each call)."""
+    on_gpu = lambda x: torch.tensor(x, device="cuda")  # noqa: E731
+    return dict(lr=torch.tensor(1e-2), betas=(on_gpu(0.9), on_gpu(0.999)), eps=on_gpu(1e-8), weight_decay=on_gpu(0.01))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_step_with_tensor_hyperparameters_never_syncs(gate):
+    assert_step_never_syncs(_model("cuda"), backend="triton", gate=gate, **_tensor_hyperparameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_captured_step_with_tensor_hyperparameters_replays_like_eager(gate):
+    assert_graph_replay_matches_eager(
+        _model("cuda"), rtol=1e-6, atol=1e-7, backend="triton", gate=gate, **_tensor_hyperparameters()
+    )
 
 
 @pytest.mark.gpu

@@ -31,6 +31,8 @@ TENSOR_COLS = 8
 # Columns of the per-group hyper-parameter table (float64); LR is read through LR_PTRS.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, SIGN = range(6)
 GROUP_COLS = 8
+# The GroupTensors field each hyper-parameter column holds.
+HYPER_FIELDS = {LR: "lr", BETA1: "beta1", BETA2: "beta2", EPS: "eps", WEIGHT_DECAY: "weight_decay"}
 # Per-tensor AdamW coefficients (float32), written by the coefficient kernel each call.
 COEF_COLS = 16
 
@@ -97,13 +99,16 @@ class UpdatePlan:
     n_tensors: int
     hyper: Tensor  # [n_groups, GROUP_COLS] float64
     lr_ptrs: Tensor  # [n_groups] int64: where each group's lr (float64) is read
-    lr_floats: List[Optional[float]]  # float lr last written to hyper (None: a tensor lr)
-    lr_copies: List[int]  # groups whose tensor lr is copied into hyper each call
+    lr_floats: List[Optional[float]]  # lr last written to hyper when read on the host (None: a device tensor)
+    copies: List[Tuple[int, int]]  # (group, column): device tensors copied into hyper each call
     coefs: Tensor  # [N, COEF_COLS] float32
     updates: List[ChunkList]
     telemetry: TelemetryLayout
     delegated: List[Tuple[int, List[int]]]  # (group, tensor indices) updated by the reference
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
+    # Used while a CUDA graph was captured: the graph's replays rewrite hyper with the values
+    # of capture time, so eager calls must write their lr whether or not it changed.
+    captured: bool = False
 
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:
@@ -166,6 +171,21 @@ def exact_telemetry_key(groups: Sequence[Any], grads: Sequence[Tensor], chunk: i
     return (device, "exact telemetry", chunk), gathered
 
 
+def read_on_host(value: Any, device: torch.device) -> bool:
+    """Whether a group's hyper-parameter is read on the host each call: a number, or a
+    one-element CPU tensor while the params are on a GPU (reading it waits for nothing, and a
+    pageable host-to-device copy could not be captured in a CUDA graph). A tensor on the
+    params' device is copied into ``hyper`` on the device instead (no sync), so an in-place
+    edit of it (a scheduler's ``fill_``) is seen, as the reference sees it."""
+    return not isinstance(value, Tensor) or (value.device.type == "cpu" and device.type != "cpu")
+
+
+def _hyper_key(value: Any, device: torch.device) -> Any:
+    # A device tensor by its address, never by its value (reading it would sync, and an
+    # in-place edit keeps the key: its value is copied each call instead).
+    return float(value) if read_on_host(value, device) else ("tensor", value.data_ptr(), value.dtype, value.device)
+
+
 def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
     # Every tensor's address, every call: optimizer state can be moved behind the optimizer's
     # back (state offload through `.data`), and a stale table would write through freed memory.
@@ -173,8 +193,10 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
     layout: List[Any] = []
     for g in groups:
         lr = g.lr
-        lr_key = ("tensor", lr.data_ptr(), lr.dtype, lr.device) if isinstance(lr, Tensor) else "float"
-        kind.append((lr_key, g.beta1, g.beta2, g.eps, g.weight_decay, g.maximize))
+        # lr read on the host is rewritten with fill_ when it changes (refresh_hyper): not keyed.
+        lr_key = "host" if read_on_host(lr, device) else _hyper_key(lr, device)
+        kind.append((lr_key, _hyper_key(g.beta1, device), _hyper_key(g.beta2, device), _hyper_key(g.eps, device),
+                     _hyper_key(g.weight_decay, device), g.maximize))
         # The params and grads as the optimizer gathered them this call, when it did (every
         # param of the group: the sub-list with grads follows from it), else read here.
         gathered = g.layout_key
@@ -317,10 +339,10 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     first, fields = _layout(numels, chunk, device, keep)
     tel = 0
     for gi, group in enumerate(groups):
-        lr = group.lr
+        values = [getattr(group, HYPER_FIELDS[col]) for col in (LR, BETA1, BETA2, EPS, WEIGHT_DECAY)]
         group_rows.append(
-            (0.0 if isinstance(lr, Tensor) else float(lr), group.beta1, group.beta2, group.eps,
-             group.weight_decay, -1.0 if group.maximize else 1.0, 0.0, 0.0)
+            tuple(float(v) if read_on_host(v, device) else 0.0 for v in values)  # 0.0: copied in each call
+            + (-1.0 if group.maximize else 1.0, 0.0, 0.0)
         )
         delegated_idx = []
         for ti, (p, g, m, v, s) in enumerate(zip(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps)):
@@ -351,20 +373,22 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             delegated.append((gi, delegated_idx))
 
     hyper = _upload(group_rows, GROUP_COLS, torch.float64, device, keep)
-    lr_ptrs, lr_floats, lr_copies = [], [], []
+    lr_ptrs, lr_floats, copies = [], [], []
     for gi, group in enumerate(groups):
         lr = group.lr
         slot = hyper.data_ptr() + gi * GROUP_COLS * hyper.element_size()
-        if not isinstance(lr, Tensor):
+        if read_on_host(lr, device):
             lr_ptrs.append(slot)
             lr_floats.append(float(lr))
         elif lr.dtype == torch.float64 and lr.device == device and lr.numel() == 1:
             lr_ptrs.append(lr.data_ptr())  # read in place: a scheduler's fill_ is seen on the device
             lr_floats.append(None)
         else:
-            lr_ptrs.append(slot)  # other dtype/device: copied into the slot each call
+            lr_ptrs.append(slot)  # another dtype: copied into the slot each call
             lr_floats.append(None)
-            lr_copies.append(gi)
+            copies.append((gi, LR))
+        copies += [(gi, col) for col in (BETA1, BETA2, EPS, WEIGHT_DECAY)
+                   if not read_on_host(getattr(group, HYPER_FIELDS[col]), device)]
     telemetry = TelemetryLayout(**fields, lists=_telemetry_lists(tel_rows, tel_aligned, device, keep), keep=keep)
     updates = [
         ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), update_aligned[code])
@@ -376,7 +400,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
         hyper=hyper,
         lr_ptrs=_upload([[a] for a in lr_ptrs], 1, torch.int64, device, keep).reshape(-1),
         lr_floats=lr_floats,
-        lr_copies=lr_copies,
+        copies=copies,
         coefs=torch.empty((len(tensor_rows), COEF_COLS), dtype=torch.float32, device=device),
         updates=updates,
         telemetry=telemetry,
@@ -385,15 +409,16 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     )
 
 
-def refresh_lr(plan: UpdatePlan, groups: Sequence[Any]) -> None:
-    """Bring the device copy of each group's lr up to date: a changed float lr is written
-    with ``fill_`` (a kernel with the value as argument: no host sync), a tensor lr that is
-    not read in place is copied device to device. One small launch per changed group."""
+def refresh_hyper(plan: UpdatePlan, groups: Sequence[Any]) -> None:
+    """Bring ``plan.hyper`` up to date with the groups: an lr read on the host is written with
+    ``fill_`` (a kernel with the value as argument: no host sync) when it changed, or every
+    call once a CUDA graph has captured the plan (its replays write their own); tensors on the
+    device are copied device to device. One small launch per write."""
     for gi, last in enumerate(plan.lr_floats):
         if last is not None:
             lr = float(groups[gi].lr)
-            if lr != last:
+            if lr != last or plan.captured:
                 plan.hyper[gi, LR].fill_(lr)
                 plan.lr_floats[gi] = lr
-    for gi in plan.lr_copies:
-        plan.hyper[gi, LR].copy_(groups[gi].lr.reshape(()), non_blocking=True)
+    for gi, col in plan.copies:
+        plan.hyper[gi, col].copy_(getattr(groups[gi], HYPER_FIELDS[col]).reshape(()), non_blocking=True)

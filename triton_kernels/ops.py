@@ -21,7 +21,7 @@ from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import (
-    PlanCache, build_telemetry, build_update, exact_telemetry_key, refresh_lr, telemetry_key, update_key,
+    PlanCache, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, telemetry_key, update_key,
 )
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
@@ -39,10 +39,24 @@ def _capturing(device: torch.device) -> bool:
 
 def _plan(key, build, device: torch.device):
     """``PLANS.get``; a plan used while the stream is captured into a CUDA graph is kept for good
-    (PlanCache.keep): eviction would free memory the graph's replays write."""
-    plan = PLANS.get(key, build)
-    if _capturing(device):
-        PLANS.keep(plan)
+    (PlanCache.keep): eviction would free memory the graph's replays write.
+
+    A plan first needed during a capture (no eager step with these tensors before it) is built
+    for that graph alone, not cached: its uploads and zero-fills are recorded into the graph,
+    not run, so its tables hold nothing until the first replay, and an eager call finding it
+    before then would launch from garbage addresses."""
+    if not _capturing(device):
+        return PLANS.get(key, build)
+    plan = PLANS.get(key, None)
+    if plan is None:
+        try:
+            plan = build()
+        except Exception as err:  # e.g. pinning host memory, which a capture may not allow
+            raise RuntimeError(
+                "the Triton backend could not build its tables while a CUDA graph was being captured; "
+                "run one step() eagerly with the same params and grads before capturing"
+            ) from err
+    PLANS.keep(plan)
     return plan
 
 
@@ -87,7 +101,9 @@ def _update_plan(groups: Sequence[GroupTensors]):
     device = groups[0].params[0].device
     chunk = geometry().chunk
     plan = _plan(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device), device)
-    refresh_lr(plan, groups)
+    if _capturing(device):
+        plan.captured = True
+    refresh_hyper(plan, groups)
     return plan, device
 
 

@@ -185,6 +185,18 @@ class TableCache {
     return entries_.front().second;
   }
 
+  // The table of `key` when cached (made most recent), else an empty Table.
+  Table find(const Key& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == key) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return entries_.front().second;
+      }
+    }
+    return Table();
+  }
+
  private:
   static constexpr size_t kCapacity = 16;
   std::mutex mutex_;

@@ -82,18 +82,20 @@ struct TableKey {
   }
 };
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive;
+}
+
 // A CUDA graph captured with a table keeps its device pointer: such tables must outlive any
 // eviction from the cache, so tables used while the stream captures are kept for good.
-void keep_if_capturing(const TablePtr& table, cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive) {
-    static std::mutex mutex;
-    static auto* kept = new std::vector<TablePtr>();  // leaked on purpose: see table_for
-    std::lock_guard<std::mutex> lock(mutex);
-    for (const auto& t : *kept)
-      if (t == table) return;
-    kept->push_back(table);
-  }
+void keep(const TablePtr& table) {
+  static std::mutex mutex;
+  static auto* kept = new std::vector<TablePtr>();  // leaked on purpose: see table_for
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& t : *kept)
+    if (t == table) return;
+  kept->push_back(table);
 }
 
 TablePtr table_for(const TableKey& key, const at::Device& device, cudaStream_t stream) {
@@ -101,8 +103,21 @@ TablePtr table_for(const TableKey& key, const at::Device& device, cudaStream_t s
   // these CUDA tensors at exit, after the CUDA runtime and torch's allocator are torn down
   // (seen: a segfault at exit of every process that had used the CUDA backend).
   static auto* cache = new TableCache<TableKey, TablePtr>();
-  TablePtr table = cache->get(key, [&] { return upload(key.entries, device, key.chunk); });
-  keep_if_capturing(table, stream);
+  auto build = [&] { return upload(key.entries, device, key.chunk); };
+  if (!capturing(stream)) return cache->get(key, build);
+  // A table first needed during a capture (no eager step with these tensors before it) is
+  // uploaded by a copy the graph records but does not run: it holds nothing until the first
+  // replay, so it serves that graph alone and is not cached, where an eager call could find it.
+  TablePtr table = cache->find(key);
+  if (!table) {
+    try {
+      table = build();
+    } catch (const c10::Error& e) {  // e.g. pinning host memory, which a capture may not allow
+      TORCH_CHECK(false, "lbw: the CUDA backend could not build its chunk table while a CUDA graph was being "
+                  "captured; run one step() eagerly with the same params and grads before capturing (", e.what_without_backtrace(), ")");
+    }
+  }
+  keep(table);
   return table;
 }
 
