@@ -649,6 +649,45 @@ def test_grad_buffer_reused_with_other_strides_rebuilds_the_plan(triton_backend)
     assert worst(out["triton"], out["reference"], *(2 * x for x in PARAM_TOLERANCES[torch.float32])) is None
 
 
+def _views_off_16_bytes(backend, gate, dtype, device="cpu", steps=3):
+    """Params and grads 0-2 as views into flat buffers one element in (not 16-byte aligned, as
+    params of a flat-buffer optimizer can be), params 3-4 allocated on their own (aligned)."""
+    torch.manual_seed(8)
+    sizes = (5, 4097, 3)
+    flat = torch.randn(1 + sum(sizes)).to(device, dtype)
+    flat_grad = torch.empty_like(flat)
+    offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+    params = [torch.nn.Parameter(flat[o:o + n]) for o, n in zip(offsets, sizes)]
+    params += [torch.nn.Parameter(torch.randn(n).to(device, dtype)) for n in (4100, 7)]
+    opt = GuardedAdamW(params, lr=0.05, backend=backend, gate=gate, stats_freq=1)
+    for k in range(steps):
+        flat_grad.copy_(torch.randn(flat.shape) * (1 + k))
+        for i, p in enumerate(params):
+            p.grad = (flat_grad[offsets[i]:offsets[i] + sizes[i]] if i < len(sizes)
+                      else torch.randn(p.shape).to(device, dtype))
+        opt.step()
+    return [p.detach().clone() for p in params], opt.telemetry()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_tensors_off_16_bytes_get_their_own_scalar_launch(triton_backend, gate, dtype):
+    """A param or grad not 16-byte aligned goes into a chunk list of its own (scalar access);
+    the aligned tensors of its dtype keep theirs (vector access), and both match the reference."""
+    ops = _ops()
+    ops.PLANS.clear()
+    got, got_t = _views_off_16_bytes("triton", gate, dtype)
+    want, want_t = _views_off_16_bytes("reference", gate, dtype)
+    assert got_t["regime"] == want_t["regime"] and abs(got_t["scale"] - want_t["scale"]) <= 1e-9
+    for a, b in zip(got, want):
+        assert worst(a, b, *(3 * x for x in PARAM_TOLERANCES[dtype])) is None
+    plans = ops.PLANS.plans()
+    lists = [plan.updates for plan in plans if hasattr(plan, "updates")]
+    lists += [plan.lists for plan in plans if hasattr(plan, "lists")]  # the exact gate's telemetry
+    for chunk_lists in lists:
+        assert sorted(lst.aligned for lst in chunk_lists) == [False, True]
+
+
 def test_a_grad_that_is_not_dense_is_refused_naming_it(triton_backend):
     q = torch.nn.Parameter(torch.randn(4, 5))
     opt = GuardedAdamW([q], lr=0.05, backend="triton", gate="single_pass")
@@ -993,6 +1032,17 @@ def _tensor_hyperparameters() -> dict:
     weight_decay tensors on the GPU (copied into the plan on the device each call)."""
     on_gpu = lambda x: torch.tensor(x, device="cuda")  # noqa: E731
     return dict(lr=torch.tensor(1e-2), betas=(on_gpu(0.9), on_gpu(0.999)), eps=on_gpu(1e-8), weight_decay=on_gpu(0.01))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_tensors_off_16_bytes_match_reference(gate, dtype):
+    got, got_t = _views_off_16_bytes("triton", gate, dtype, "cuda")
+    want, want_t = _views_off_16_bytes("reference", gate, dtype, "cuda")
+    assert got_t["regime"] == want_t["regime"] and abs(got_t["scale"] - want_t["scale"]) <= 1e-9
+    for a, b in zip(got, want):
+        assert worst(a, b, *(3 * x for x in PARAM_TOLERANCES[dtype])) is None
 
 
 @pytest.mark.gpu

@@ -70,7 +70,7 @@ layout_key, address_key = _key_functions()
 
 @dataclass
 class ChunkList:
-    """Chunks of the tensors of one dtype: rows of ``table`` are one program each.
+    """Chunks of the tensors of one dtype and alignment: rows of ``table`` are one program each.
 
     Update lists: ``(tensor row, first element, partial row, telemetry row)``. Telemetry-only
     lists: ``(gradient address, numel, first element, partial row, telemetry row)``.
@@ -79,7 +79,11 @@ class ChunkList:
     code: int
     table: Tensor
     n_chunks: int
-    aligned: bool  # every address a multiple of 16 bytes (enables vector access)
+    # Every address of its tensors a multiple of 16 bytes (enables vector access). Lists are
+    # split by it (one launch each), so one tensor off 16 bytes (a view into a flat buffer)
+    # takes only itself to scalar access, and a tensor's telemetry bits follow its own
+    # alignment, not that of the others of its dtype.
+    aligned: bool
 
 
 @dataclass
@@ -289,10 +293,11 @@ def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list)
     )
 
 
-def _telemetry_lists(rows_by_code: Dict[int, list], aligned_by_code: Dict[int, bool], device, keep) -> List[ChunkList]:
+def _chunk_lists(rows_by_kind: Dict[Tuple[int, bool], list], cols: int, device, keep) -> List[ChunkList]:
+    """One list per (dtype code, aligned) that has rows."""
     return [
-        ChunkList(code, _upload(rows, 5, torch.int64, device, keep), len(rows), aligned_by_code[code])
-        for code, rows in sorted(rows_by_code.items())
+        ChunkList(code, _upload(rows, cols, torch.int64, device, keep), len(rows), aligned)
+        for (code, aligned), rows in sorted(rows_by_kind.items())
         if rows
     ]
 
@@ -301,16 +306,14 @@ def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -
     """Layout of the exact gate's telemetry pass over ``grads`` (all non-empty)."""
     keep: list = []
     first, fields = _layout([g.numel() for g in grads], chunk, device, keep)
-    rows: Dict[int, list] = {}
-    aligned: Dict[int, bool] = {}
+    rows: Dict[Tuple[int, bool], list] = {}
     for t, g in enumerate(grads):
         code = _code(g.dtype, "gradient")
         _check_dense([g], f"gradient {t}")
         addr = g.data_ptr()
-        aligned[code] = aligned.get(code, True) and addr % 16 == 0
         for c, start in enumerate(_chunk_starts(g.numel(), chunk)):
-            rows.setdefault(code, []).append((addr, g.numel(), start, first[t] + c, t))
-    return TelemetryLayout(**fields, lists=_telemetry_lists(rows, aligned, device, keep), keep=keep)
+            rows.setdefault((code, addr % 16 == 0), []).append((addr, g.numel(), start, first[t] + c, t))
+    return TelemetryLayout(**fields, lists=_chunk_lists(rows, 5, device, keep), keep=keep)
 
 
 def _code(dtype: torch.dtype, what: str) -> int:
@@ -330,10 +333,8 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     """
     keep: list = []
     tensor_rows, group_rows = [], []
-    update_rows: Dict[int, list] = {}
-    update_aligned: Dict[int, bool] = {}
-    tel_rows: Dict[int, list] = {}
-    tel_aligned: Dict[int, bool] = {}
+    update_rows: Dict[Tuple[int, bool], list] = {}
+    tel_rows: Dict[Tuple[int, bool], list] = {}
     delegated: List[Tuple[int, List[int]]] = []
     numels = [g.numel() for group in groups for g in group.grads if g.numel() > 0]
     first, fields = _layout(numels, chunk, device, keep)
@@ -354,9 +355,9 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             if code == FP64 or len({_element_order(t) for t in (p, g, m, v)}) > 1:
                 delegated_idx.append(ti)
                 if n > 0:  # its telemetry still comes from the kernel
-                    tel_aligned[code] = tel_aligned.get(code, True) and g.data_ptr() % 16 == 0
+                    kind = (code, g.data_ptr() % 16 == 0)
                     for c, start in enumerate(_chunk_starts(n, chunk)):
-                        tel_rows.setdefault(code, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
+                        tel_rows.setdefault(kind, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
                     tel += 1
                 continue
             if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32 or s.numel() != 1:
@@ -364,10 +365,10 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             row = len(tensor_rows)
             tensor_rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), n, gi, 0))
             addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-            update_aligned[code] = update_aligned.get(code, True) and all(a % 16 == 0 for a in addrs)
+            kind = (code, all(a % 16 == 0 for a in addrs))
             if n > 0:
                 for c, start in enumerate(_chunk_starts(n, chunk)):
-                    update_rows.setdefault(code, []).append((row, start, first[tel] + c, tel))
+                    update_rows.setdefault(kind, []).append((row, start, first[tel] + c, tel))
                 tel += 1
         if delegated_idx:
             delegated.append((gi, delegated_idx))
@@ -389,11 +390,8 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             copies.append((gi, LR))
         copies += [(gi, col) for col in (BETA1, BETA2, EPS, WEIGHT_DECAY)
                    if not read_on_host(getattr(group, HYPER_FIELDS[col]), device)]
-    telemetry = TelemetryLayout(**fields, lists=_telemetry_lists(tel_rows, tel_aligned, device, keep), keep=keep)
-    updates = [
-        ChunkList(code, _upload(rows, 4, torch.int64, device, keep), len(rows), update_aligned[code])
-        for code, rows in sorted(update_rows.items())
-    ]
+    telemetry = TelemetryLayout(**fields, lists=_chunk_lists(tel_rows, 5, device, keep), keep=keep)
+    updates = _chunk_lists(update_rows, 4, device, keep)
     return UpdatePlan(
         tensors=_upload(tensor_rows, TENSOR_COLS, torch.int64, device, keep),
         n_tensors=len(tensor_rows),

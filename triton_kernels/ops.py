@@ -148,7 +148,8 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
 def adamw_telemetry_impl(
     groups: Sequence[GroupTensors], scale: Tensor, mask_nonfinite: bool, partials_dtype: torch.dtype
 ) -> Tensor:
-    """single_pass: rule 5 and the partials of the gradients it reads, in one launch per dtype."""
+    """single_pass: rule 5 and the partials of the gradients it reads, in one launch per dtype (per dtype and
+    alignment when some tensor is off 16 bytes)."""
     if not groups:
         return torch.zeros((0, 3), dtype=partials_dtype)
     plan, device = _update_plan(groups)

@@ -1,7 +1,7 @@
 """Telemetry partials: per gradient tensor ``(sum g^2, sum g, nonfinite)`` in float64.
 
 Deterministic, with no floating-point atomics, so the same gradients give bitwise the same
-partials, in one launch per dtype:
+partials, in one launch per dtype (and alignment: chunk_table.ChunkList):
 
 1. each program (one chunk of ``CHUNK`` elements; :func:`_telemetry_chunks_kernel`, or the
    fused AdamW kernel as it reads the gradients for the update in single_pass) writes the
@@ -154,7 +154,7 @@ def new_partials(layout: TelemetryLayout, partials_dtype: torch.dtype) -> Tensor
 
 
 def telemetry_chunks_(layout: TelemetryLayout, out: Tensor) -> None:
-    """Launch the telemetry-only pass of every chunk list in ``layout`` (one launch per dtype)."""
+    """Launch the telemetry-only pass of every chunk list in ``layout`` (one launch per dtype and alignment)."""
     geo = geometry()
     for lst in layout.lists:
         _TELEMETRY(
