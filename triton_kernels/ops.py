@@ -21,7 +21,8 @@ from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import (
-    PlanCache, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, telemetry_key, update_key,
+    PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, telemetry_key,
+    update_key,
 )
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
@@ -57,6 +58,8 @@ def _plan(key, build, device: torch.device):
                 "run one step() eagerly with the same params and grads before capturing"
             ) from err
     PLANS.keep(plan)
+    if isinstance(plan, UpdatePlan):
+        plan.captured = True  # (refresh_hyper: eager calls now write lr every call)
     return plan
 
 
@@ -101,8 +104,6 @@ def _update_plan(groups: Sequence[GroupTensors]):
     device = groups[0].params[0].device
     chunk = geometry().chunk
     plan = _plan(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device), device)
-    if _capturing(device):
-        plan.captured = True
     refresh_hyper(plan, groups)
     return plan, device
 
