@@ -38,10 +38,12 @@ class GroupTensors:
     exp_avg_sqs: List[Tensor]
     steps: List[Tensor]
     lr: float | Tensor
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
+    # One-element tensors are taken for these too (torch.optim's tensor betas): backends read
+    # them each call, so in-place edits are seen (the Triton backend on the device).
+    beta1: float | Tensor
+    beta2: float | Tensor
+    eps: float | Tensor
+    weight_decay: float | Tensor
     maximize: bool
     # The params' distinct dtypes when the caller knows them (the step plan, once per plan):
     # saves a pass over the params per call in split_by_dtype.

@@ -144,9 +144,15 @@ def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
 
 
 def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
-    """The update ops' arguments, in schema order; ``last``: skip (adamw_) or mask (adamw_telemetry_)."""
-    return (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, part.beta1,
-            part.beta2, part.eps, part.weight_decay, part.maximize, last)
+    """The update ops' arguments, in schema order; ``last``: skip (adamw_) or mask (adamw_telemetry_).
+
+    The schema takes betas, eps and weight_decay as floats: a group's one-element tensors
+    (torch.optim's tensor betas) are read here. Eagerly that is what the direct entry's
+    argument conversion would do; while torch.compile traces, the read breaks the graph there
+    (a traced op cannot take a tensor for a float), and a GPU tensor costs a sync either way."""
+    hyper = [float(x) if isinstance(x, Tensor) else x for x in (part.beta1, part.beta2, part.eps, part.weight_decay)]
+    return (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, *hyper,
+            part.maximize, last)
 
 
 def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor]) -> bool:

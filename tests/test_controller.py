@@ -171,6 +171,33 @@ def test_compiled_step_follows_the_schedule_like_eager(gate, backend):
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
+def test_compiled_step_takes_tensor_hyperparameters_edited_in_place(backend):
+    """One-element tensors as lr, betas, eps and weight_decay (torch.optim's tensor betas, the
+    usual choice under torch.compile), edited in place between compiled calls: the compiled
+    step updates as the eager one does (the cpp ops' schema takes floats: the tensors must be
+    read before the traced op, not handed to it)."""
+    shapes = [(7, 3), (5,)]
+    stream = random_stream(5, shapes, seed=6)
+
+    def train(compiled: bool):
+        params = [torch.ones(s, dtype=torch.float32) for s in shapes]
+        opt = GuardedAdamW(params, lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.999)),
+                           eps=torch.tensor(1e-8), weight_decay=torch.tensor(0.1), stats_freq=1, backend=backend)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for k, grads in enumerate(stream):
+            if k == 3:
+                opt.param_groups[0]["betas"][1].fill_(0.9)
+                opt.param_groups[0]["eps"].fill_(1e-3)
+            for p, g in zip(params, grads):
+                p.grad = g.float()
+            step()
+        return params
+
+    torch._dynamo.reset()
+    for a, b in zip(train(True), train(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_use_max_rms_false_averages_tensor_mean_squares(backend):
     # Tensor A: mean square 1 then 50; tensor B: 100 both times.
     a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)

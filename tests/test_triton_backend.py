@@ -860,6 +860,40 @@ def test_compiled_step_calls_the_custom_ops_and_matches_eager(triton_backend, ga
         assert torch.equal(a, b)
 
 
+def test_compiled_step_reads_tensor_hyperparameters_without_a_graph_break(triton_backend):
+    """Tensor lr, betas and weight_decay reach the custom op as tensors (a float() of one would
+    break the graph, and sync on a GPU); edited in place between compiled calls, they are seen."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+
+    def hyper():
+        return dict(lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.999)),
+                    weight_decay=torch.tensor(0.1))
+
+    opt = GuardedAdamW(model.parameters(), backend="triton", gate="exact", stats_freq=1, **hyper())
+    twin_opt = GuardedAdamW(twin.parameters(), backend="reference", gate="exact", stats_freq=1, **hyper())
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(opt.step, backend="aot_eager")
+    for k in range(4):
+        if k == 2:
+            for o in (opt, twin_opt):
+                o.param_groups[0]["betas"][0].fill_(0.5)
+                o.param_groups[0]["weight_decay"].fill_(0.3)
+        for m, s in ((model, step), (twin, twin_opt.step)):
+            m.zero_grad()
+            m(x).square().mean().backward()
+            s()
+    breaks = [reason for reason in counters["graph_break"] if "float" in reason or "item" in reason]
+    assert not breaks, breaks
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert worst(a, b, *(4 * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_with_vector_access():
     """Without a GPU: every specialisation the backend launches (tests/triton_aot.py) compiles
     for sm_80 and sm_90 with the GPU geometry (triton ships ptxas), and the fp32 single_pass

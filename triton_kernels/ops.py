@@ -165,8 +165,16 @@ def adamw_telemetry_impl(
 # ---------------------------------------------------------------------------------------
 # torch.library custom ops (what torch.compile sees)
 # ---------------------------------------------------------------------------------------
+# Each group's lr, beta1, beta2, eps and weight_decay, in that order, travel as a float (0.0 in
+# the float list where the group holds a tensor) and as an optional tensor: a tensor stays a
+# tensor through the traced op, so torch.compile reads it on the device each call (no graph
+# break, no sync) as the eager path does (chunk_table.refresh_hyper).
+_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+
 def flatten(groups: Sequence[GroupTensors]) -> dict:
     """GroupTensors -> the flat arguments of the custom ops."""
+    values = [getattr(g, name) for g in groups for name in _HYPER]
     return dict(
         params=[p for g in groups for p in g.params],
         grads=[x for g in groups for x in g.grads],
@@ -174,25 +182,21 @@ def flatten(groups: Sequence[GroupTensors]) -> dict:
         exp_avg_sqs=[x for g in groups for x in g.exp_avg_sqs],
         steps=[x for g in groups for x in g.steps],
         group_sizes=[len(g.params) for g in groups],
-        lr_floats=[0.0 if isinstance(g.lr, Tensor) else float(g.lr) for g in groups],
-        lr_tensors=[g.lr if isinstance(g.lr, Tensor) else None for g in groups],
-        beta1s=[float(g.beta1) for g in groups],
-        beta2s=[float(g.beta2) for g in groups],
-        epss=[float(g.eps) for g in groups],
-        weight_decays=[float(g.weight_decay) for g in groups],
+        hyper_floats=[0.0 if isinstance(v, Tensor) else float(v) for v in values],
+        hyper_tensors=[v if isinstance(v, Tensor) else None for v in values],
         maximizes=[bool(g.maximize) for g in groups],
     )
 
 
-def _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
-               beta1s, beta2s, epss, weight_decays, maximizes) -> List[GroupTensors]:
+def _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, hyper_floats, hyper_tensors,
+               maximizes) -> List[GroupTensors]:
     out, at = [], 0
     for i, n in enumerate(group_sizes):
         sl = slice(at, at + n)
         at += n
-        lr = lr_tensors[i] if lr_tensors[i] is not None else lr_floats[i]
-        out.append(GroupTensors(params[sl], grads[sl], exp_avgs[sl], exp_avg_sqs[sl], steps[sl], lr,
-                                beta1s[i], beta2s[i], epss[i], weight_decays[i], maximizes[i]))
+        k = i * len(_HYPER)
+        hyper = [t if t is not None else f for f, t in zip(hyper_floats[k:k + len(_HYPER)], hyper_tensors[k:k + len(_HYPER)])]
+        out.append(GroupTensors(params[sl], grads[sl], exp_avgs[sl], exp_avg_sqs[sl], steps[sl], *hyper, maximizes[i]))
     return out
 
 
@@ -212,12 +216,11 @@ def _(grads, partials_dtype):
 @torch.library.custom_op("lbw_triton::adamw_", mutates_args=_MUTATED)
 def adamw_op(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    steps: List[Tensor], group_sizes: List[int], lr_floats: List[float], lr_tensors: List[Optional[Tensor]],
-    beta1s: List[float], beta2s: List[float], epss: List[float], weight_decays: List[float],
+    steps: List[Tensor], group_sizes: List[int], hyper_floats: List[float], hyper_tensors: List[Optional[Tensor]],
     maximizes: List[bool], scale: Tensor, skip: Optional[Tensor],
 ) -> None:
-    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
-                        beta1s, beta2s, epss, weight_decays, maximizes)
+    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, hyper_floats, hyper_tensors,
+                        maximizes)
     adamw_impl(groups, scale, skip)
 
 
@@ -229,17 +232,16 @@ def _(*args, **kwargs):
 @torch.library.custom_op("lbw_triton::adamw_telemetry_", mutates_args=_MUTATED)
 def adamw_telemetry_op(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-    steps: List[Tensor], group_sizes: List[int], lr_floats: List[float], lr_tensors: List[Optional[Tensor]],
-    beta1s: List[float], beta2s: List[float], epss: List[float], weight_decays: List[float],
+    steps: List[Tensor], group_sizes: List[int], hyper_floats: List[float], hyper_tensors: List[Optional[Tensor]],
     maximizes: List[bool], scale: Tensor, mask_nonfinite: bool, partials_dtype: torch.dtype,
 ) -> Tensor:
-    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors,
-                        beta1s, beta2s, epss, weight_decays, maximizes)
+    groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, hyper_floats, hyper_tensors,
+                        maximizes)
     return adamw_telemetry_impl(groups, scale, mask_nonfinite, partials_dtype)
 
 
 @adamw_telemetry_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, lr_floats, lr_tensors, beta1s, beta2s,
-      epss, weight_decays, maximizes, scale, mask_nonfinite, partials_dtype):
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, hyper_floats, hyper_tensors, maximizes, scale,
+      mask_nonfinite, partials_dtype):
     n = sum(1 for g in grads if g.numel() > 0)
     return scale.new_empty((n, 3), dtype=partials_dtype)
