@@ -263,10 +263,10 @@ def adamw_(
     steps: Sequence[Tensor],
     *,
     lr: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    weight_decay: float | Tensor,
     maximize: bool = False,
     skip: Optional[Tensor] = None,
     mask_nonfinite: bool = False,
@@ -286,6 +286,12 @@ def adamw_(
     """
     if not params:
         return
+    # A one-element tensor hyper-parameter (torch.optim's tensor betas) counts as the number it
+    # holds, as a Python float would: 0-dim, in lr's dtype, so its own dtype or shape [1] does
+    # not promote the coefficients below (a bf16 weight_decay would round the decay to bf16).
+    beta1, beta2, eps, weight_decay = (
+        x.reshape(()).to(lr.dtype) if isinstance(x, Tensor) else x for x in (beta1, beta2, eps, weight_decay)
+    )
     md = math_dtype(params[0].dtype)
     low_precision = params[0].dtype != md
     p = [x.to(md) for x in params] if low_precision else list(params)
@@ -316,15 +322,21 @@ def adamw_(
     decay = (1 - lr * weight_decay).to(md)
     one = torch.ones((), dtype=md, device=lr.device)
 
+    def in_math(x):  # a coefficient, rounded once to the math dtype (a float: by the multiply)
+        return x.to(md) if isinstance(x, Tensor) else one * x
+
     def where_applied(value, identity):
         if apply is None:
             return [value] * len(p)
         return [torch.where(a, value, identity) for a in apply]
 
     torch._foreach_mul_(p, where_applied(decay, one))
-    torch._foreach_lerp_(list(exp_avgs), g, where_applied(one * (1 - beta1), 0 * one))
-    torch._foreach_mul_(list(exp_avg_sqs), where_applied(one * beta2, one))
-    torch._foreach_addcmul_(list(exp_avg_sqs), g, g, value=1 - beta2)
+    torch._foreach_lerp_(list(exp_avgs), g, where_applied(in_math(1 - beta1), 0 * one))
+    torch._foreach_mul_(list(exp_avg_sqs), where_applied(in_math(beta2), one))
+    if isinstance(beta2, Tensor):  # addcmul's value is a host number: scale one factor instead
+        torch._foreach_addcmul_(list(exp_avg_sqs), torch._foreach_mul(g, in_math(1 - beta2)), g)
+    else:
+        torch._foreach_addcmul_(list(exp_avg_sqs), g, g, value=1 - beta2)
     # p += m / denom with denom = (sqrt(v)/sqrt(bc2) + eps) / step_size (step_size < 0):
     # folding the step size into denom needs no temporary the size of m. Where nothing
     # applies, eps is replaced by inf: m / inf = 0 leaves p exactly as it was.
@@ -335,7 +347,7 @@ def adamw_(
     else:
         denom = torch._foreach_sqrt(list(exp_avg_sqs))
     torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
-    torch._foreach_add_(denom, where_applied(one * eps, one * float("inf")))
+    torch._foreach_add_(denom, where_applied(in_math(eps), one * float("inf")))
     torch._foreach_div_(denom, list(step_size))
     torch._foreach_addcdiv_(p, list(exp_avgs), denom)
     if low_precision:

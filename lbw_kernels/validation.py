@@ -37,10 +37,10 @@ def _number(name: str, value: Any, read_tensor: bool = True) -> float:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        if value.device.type == "meta":  # (its device is known without reading the value)
+            raise ValueError(f"{name} is a meta tensor: it holds no value")
         if not read_tensor:
             return 0.0
-        if value.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor: it holds no value")
         value = value.item()  # construction time, not step(): a sync here is harmless
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -183,3 +183,32 @@ def test_lr_as_a_tensor_of_shape_one_with_a_0_dim_param(backend, dtype):
 
     for a, b in zip(run(GuardedAdamW, backend=backend, auto_enabled=False), run(torch.optim.AdamW, foreach=False)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tensor_dtype, shape", [(torch.float64, ()), (torch.bfloat16, ()), (torch.float32, (1,))])
+def test_tensor_hyperparameters_update_as_the_numbers_they_hold(backend, gate, param_dtype, tensor_dtype, shape):
+    """lr, betas, eps and weight_decay as one-element tensors of any float dtype, 0-dim or of
+    shape [1], give the update of the Python floats they hold: their dtype and shape promote
+    nothing. (The reference once rounded the decay to a bf16 weight_decay's dtype, and raised
+    half-way through the step for a shape-[1] beta2, or for a float64 beta1 with single_pass.)"""
+    values = dict(lr=3e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    as_tensors = {k: torch.tensor(v, dtype=tensor_dtype).reshape(shape) for k, v in values.items()}
+    held = {k: float(t) for k, t in as_tensors.items()}  # the value each tensor holds, as a float
+
+    def run(h):
+        params = model_params(param_dtype)
+        opt = GuardedAdamW(params, lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"],
+                           weight_decay=h["weight_decay"], gate=gate, stats_freq=1, backend=backend)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen, dtype=param_dtype)
+            opt.step()
+        return params, opt.telemetry()
+
+    (got, got_t), (want, want_t) = run(as_tensors), run(held)
+    assert (got_t["regime"], got_t["scale"]) == (want_t["regime"], want_t["scale"])
+    for a, b in zip(got, want):
+        close(a, b, 4 * TOL[param_dtype])

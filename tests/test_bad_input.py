@@ -133,6 +133,10 @@ def _unchanged(before, after):
         ("eps", None, TypeError, r"param_groups\[1\]: eps must be a number"),
         ("weight_decay", -1.0, ValueError, r"param_groups\[1\]: weight_decay must be >= 0"),
         ("maximize", "yes", TypeError, r"param_groups\[1\]: maximize must be a bool"),
+        # (a meta tensor's device is known without reading it: checked at step() too)
+        ("lr", torch.empty((), device="meta"), ValueError, r"param_groups\[1\]: lr is a meta tensor"),
+        ("betas", (0.9, torch.empty((), device="meta")), ValueError, r"param_groups\[1\]: betas\[1\] is a meta tensor"),
+        ("weight_decay", torch.empty((), device="meta"), ValueError, r"param_groups\[1\]: weight_decay is a meta tensor"),
     ],
 )
 def test_bad_hyperparameter_edited_into_a_group_changes_nothing(backend, gate, key, bad, error, match):
