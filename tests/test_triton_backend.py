@@ -737,6 +737,28 @@ def test_tensor_hyperparameters_edited_in_place_are_seen(triton_backend, name):
         assert worst(a, b, *(4 * x for x in PARAM_TOLERANCES[torch.float32])) is None
 
 
+def test_cpu_tensor_hyperparameters_of_gpu_params_are_read_on_the_host(triton_backend):
+    """With GPU params a CPU-tensor hyper-parameter is read on the host each call (no sync, and
+    no pageable copy, which a CUDA graph capture refuses): its value, not its address, keys the
+    plan, so an in-place edit rebuilds it. With CPU params the same tensor is on the plan's
+    device: keyed by address and copied on the device each call. (Keys only: no GPU here.)"""
+    from lbw_kernels.triton_kernels.chunk_table import read_on_host, update_key
+
+    tensors = [[torch.randn(3)] for _ in range(4)] + [[torch.zeros(())]]  # p, g, m, v, step
+    lr, beta1 = torch.tensor(1e-3, dtype=torch.float64), torch.tensor(0.9)
+
+    def key(device):
+        group = GroupTensors(*tensors, lr, beta1, 0.999, 1e-8, 0.0, False)
+        return update_key([group], 4096, torch.device(device))[0]
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert read_on_host(beta1, cuda) and not read_on_host(beta1, cpu) and read_on_host(0.9, cpu)
+    before = {d: key(d) for d in ("cuda", "cpu")}
+    beta1.fill_(0.5)
+    assert key("cuda") != before["cuda"]  # keyed by the value it holds
+    assert key("cpu") == before["cpu"]  # keyed by address; refresh_hyper copies the new value
+
+
 def test_plans_first_needed_during_a_capture_are_kept_for_it_not_cached(triton_backend, monkeypatch):
     """A step captured into a CUDA graph with no eager step before it (simulated on CPU) builds
     its plans inside the capture, where their uploads are only recorded: they are kept for the
