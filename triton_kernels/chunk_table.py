@@ -105,6 +105,7 @@ class UpdatePlan:
     lr_ptrs: Tensor  # [n_groups] int64: where each group's lr (float64) is read
     lr_floats: List[Optional[float]]  # lr last written to hyper when read on the host (None: a device tensor)
     copies: List[Tuple[int, int]]  # (group, column): device tensors copied into hyper each call
+    copy_slots: List[Tensor]  # the 0-dim views of hyper they are copied into (made once)
     coefs: Tensor  # [N, COEF_COLS] float32
     updates: List[ChunkList]
     telemetry: TelemetryLayout
@@ -399,6 +400,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
         lr_ptrs=_upload([[a] for a in lr_ptrs], 1, torch.int64, device, keep).reshape(-1),
         lr_floats=lr_floats,
         copies=copies,
+        copy_slots=[hyper[gi, col] for gi, col in copies],
         coefs=torch.empty((len(tensor_rows), COEF_COLS), dtype=torch.float32, device=device),
         updates=updates,
         telemetry=telemetry,
@@ -410,13 +412,14 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
 def refresh_hyper(plan: UpdatePlan, groups: Sequence[Any]) -> None:
     """Bring ``plan.hyper`` up to date with the groups: an lr read on the host is written with
     ``fill_`` (a kernel with the value as argument: no host sync) when it changed, or every
-    call once a CUDA graph has captured the plan (its replays write their own); tensors on the
-    device are copied device to device. One small launch per write."""
+    call once a CUDA graph has captured the plan (its replays write their own), one small
+    launch each; tensors on the device are copied device to device, all in one launch."""
     for gi, last in enumerate(plan.lr_floats):
         if last is not None:
             lr = float(groups[gi].lr)
             if lr != last or plan.captured:
                 plan.hyper[gi, LR].fill_(lr)
                 plan.lr_floats[gi] = lr
-    for gi, col in plan.copies:
-        plan.hyper[gi, col].copy_(getattr(groups[gi], HYPER_FIELDS[col]).reshape(()), non_blocking=True)
+    if plan.copies:
+        sources = [getattr(groups[gi], HYPER_FIELDS[col]).reshape(()) for gi, col in plan.copies]
+        torch._foreach_copy_(plan.copy_slots, sources, non_blocking=True)
