@@ -286,11 +286,11 @@ def adamw_(
     """
     if not params:
         return
-    # A one-element tensor hyper-parameter (torch.optim's tensor betas) counts as the number it
-    # holds, as a Python float would: 0-dim, in lr's dtype, so its own dtype or shape [1] does
-    # not promote the coefficients below (a bf16 weight_decay would round the decay to bf16).
+    # A tensor hyper-parameter (torch.optim's tensor betas; 0-dim: StepPlan.group_tensors) counts
+    # as the number it holds, as a Python float would: in lr's dtype, so its own dtype does not
+    # promote the coefficients below (a bf16 weight_decay would round the decay to bf16).
     beta1, beta2, eps, weight_decay = (
-        x.reshape(()).to(lr.dtype) if isinstance(x, Tensor) else x for x in (beta1, beta2, eps, weight_decay)
+        x.to(lr.dtype) if isinstance(x, Tensor) else x for x in (beta1, beta2, eps, weight_decay)
     )
     md = math_dtype(params[0].dtype)
     low_precision = params[0].dtype != md

@@ -159,18 +159,25 @@ class StepPlan:
             if gp.positions is not None:
                 grads_of_group = [grads_of_group[i] for i in gp.positions]
             beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            if isinstance(lr, Tensor) and lr.dim():  # a one-element tensor of shape [1]: the backends
-                lr = lr.reshape(())  # broadcast it against 0-dim steps (a view: fill_ is still seen)
+            lr, beta1, beta2, eps, weight_decay = map(
+                _zero_dim, (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            )
             out.append(
                 GroupTensors(
                     params=gp.params, grads=grads_of_group, exp_avgs=gp.exp_avgs, exp_avg_sqs=gp.exp_avg_sqs,
-                    steps=gp.steps, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    steps=gp.steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, maximize=group["maximize"],
                     param_dtypes=gp.param_dtypes, layout_key=layout,
                 )
             )
         return out
+
+
+def _zero_dim(value: Any) -> Any:
+    """A one-element tensor hyper-parameter of shape [1] (torch.optim takes them) as a 0-dim view
+    (an in-place edit is still seen): backends would broadcast it against 0-dim steps, or let its
+    dtype promote their coefficients. Numbers and 0-dim tensors as they are."""
+    return value.reshape(()) if isinstance(value, Tensor) and value.dim() else value
 
 
 def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[int, List[int]]],

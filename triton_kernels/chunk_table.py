@@ -341,7 +341,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     first, fields = _layout(numels, chunk, device, keep)
     tel = 0
     for gi, group in enumerate(groups):
-        values = [getattr(group, HYPER_FIELDS[col]) for col in (LR, BETA1, BETA2, EPS, WEIGHT_DECAY)]
+        values = [getattr(group, name) for name in HYPER_FIELDS.values()]  # LR .. WEIGHT_DECAY
         group_rows.append(
             tuple(float(v) if read_on_host(v, device) else 0.0 for v in values)  # 0.0: copied in each call
             + (-1.0 if group.maximize else 1.0, 0.0, 0.0)
@@ -421,5 +421,5 @@ def refresh_hyper(plan: UpdatePlan, groups: Sequence[Any]) -> None:
                 plan.hyper[gi, LR].fill_(lr)
                 plan.lr_floats[gi] = lr
     if plan.copies:
-        sources = [getattr(groups[gi], HYPER_FIELDS[col]).reshape(()) for gi, col in plan.copies]
+        sources = [getattr(groups[gi], HYPER_FIELDS[col]) for gi, col in plan.copies]  # (0-dim)
         torch._foreach_copy_(plan.copy_slots, sources, non_blocking=True)

@@ -21,8 +21,8 @@ from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import (
-    PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, telemetry_key,
-    update_key,
+    HYPER_FIELDS, PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper,
+    telemetry_key, update_key,
 )
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
@@ -169,7 +169,7 @@ def adamw_telemetry_impl(
 # the float list where the group holds a tensor) and as an optional tensor: a tensor stays a
 # tensor through the traced op, so torch.compile reads it on the device each call (no graph
 # break, no sync) as the eager path does (chunk_table.refresh_hyper).
-_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+_HYPER = tuple(HYPER_FIELDS.values())
 
 
 def flatten(groups: Sequence[GroupTensors]) -> dict:

@@ -174,12 +174,7 @@ class TableCache {
   template <class Build>
   Table get(const Key& key, Build&& build) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->first == key) {
-        entries_.splice(entries_.begin(), entries_, it);  // most recent first
-        return entries_.front().second;
-      }
-    }
+    if (Table found = find_locked(key)) return found;
     entries_.emplace_front(key, build());
     if (entries_.size() > kCapacity) entries_.pop_back();
     return entries_.front().second;
@@ -188,16 +183,20 @@ class TableCache {
   // The table of `key` when cached (made most recent), else an empty Table.
   Table find(const Key& key) {
     std::lock_guard<std::mutex> lock(mutex_);
+    return find_locked(key);
+  }
+
+ private:
+  Table find_locked(const Key& key) {
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->first == key) {
-        entries_.splice(entries_.begin(), entries_, it);
+        entries_.splice(entries_.begin(), entries_, it);  // most recent first
         return entries_.front().second;
       }
     }
     return Table();
   }
 
- private:
   static constexpr size_t kCapacity = 16;
   std::mutex mutex_;
   std::list<std::pair<Key, Table>> entries_;
