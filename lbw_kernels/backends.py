@@ -77,6 +77,11 @@ class Backend:
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
 
+    def device_hint(self, device: torch.device) -> str:
+        """What would let this backend run on ``device``, for the error that refuses it ("" when
+        nothing would)."""
+        return ""
+
     def auto_selectable(self, device: torch.device) -> bool:
         """Whether backend="auto" may pick this backend for ``device``: a backend that only
         emulates a device (Triton's interpreter on CPU) runs when asked for by name, never by
@@ -274,13 +279,30 @@ def availability() -> Dict[str, Optional[str]]:
     return out
 
 
+def runs_on(device: torch.device) -> List[str]:
+    """The names GuardedAdamW's ``backend`` may take for params on ``device``."""
+    names = ["auto"]
+    for name in list(_FACTORIES):
+        try:
+            if get_backend(name).supports(device):
+                names.append(name)
+        except RuntimeError:
+            continue
+    return names
+
+
 def select_backend(name: str, device: torch.device) -> Backend:
     """Resolve ``name`` ("auto" or a backend name) for parameters on ``device``."""
     device = torch.device(device)
     if name != "auto":
         backend = get_backend(name)
         if not backend.supports(device):
-            raise ValueError(f"backend {name!r} does not run on device {device}")
+            hint = backend.device_hint(device)
+            raise ValueError(
+                f"backend={name!r} does not run on {device.type} tensors (the params' device)"
+                + (f": {hint}" if hint else "")
+                + f"; backends that do: {', '.join(runs_on(device))}"
+            )
         return backend
     best: Optional[Backend] = None
     for candidate in list(_FACTORIES):

@@ -68,6 +68,16 @@ def _same_values(a: Any, b: Any) -> bool:
 _run_eagerly = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 
+def _first_device_with_grad(param_groups: List[Dict[str, Any]], grads_per_group: List[List[Optional[Tensor]]]):
+    """The device of the first param with a grad (the plan's device), None when none has one;
+    usually the very first param, so no walk over the params."""
+    for group, grads in zip(param_groups, grads_per_group):
+        for p, g in zip(group["params"], grads):
+            if g is not None:
+                return p.device
+    return None
+
+
 def stream_is_capturing(device: torch.device) -> bool:
     """True while the current CUDA stream is being captured into a graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -218,6 +228,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         # (param_groups[i]["param_names"]); the checks look at the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
         check_params([(f"{where}['params'][{i}]", p) for i, p in enumerate(tensors)], held)
+        if tensors and self.backend != "auto" and tensors[0].device.type != "meta":
+            select_backend(self.backend, tensors[0].device)  # raises, naming what runs there
         super().add_param_group(group)
         self._plan = None
 
@@ -281,16 +293,19 @@ class GuardedAdamW(torch.optim.Optimizer):
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
+        # The backend first: params moved (or TRITON_INTERPRET unset) since their group was
+        # checked raise before a plan creates any state.
+        device = _first_device_with_grad(self.param_groups, grads.per_group)
+        backend = None if device is None else self._backend_for(device)
         plan = self._plan_for(grads)
         if not plan.groups:
             return plan, None, grads.per_group
-        device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
-        return plan, self._backend_for(device), grads.per_group
+        return plan, backend, grads.per_group
 
     @_run_eagerly
     def _count_call(self) -> None:

@@ -40,6 +40,10 @@ def p(*shape, **kw):
         (dict(fused="yes"), TypeError, "fused"),
         (dict(foreach=1), TypeError, "foreach"),
         (dict(capturable=None), TypeError, "capturable"),
+        (dict(backend=3), TypeError, "backend must be a str"),
+        (dict(lr=torch.tensor(1e-3 + 0j)), TypeError, "lr must be a real number, got a torch.complex64 tensor"),
+        (dict(lr=torch.tensor(True)), TypeError, "lr must be a real number, got a torch.bool tensor"),
+        (dict(lr=torch.tensor(float("nan"))), ValueError, "lr must not be NaN"),
     ],
 )
 def test_bad_hyperparameters(kwargs, error, name):
@@ -70,6 +74,35 @@ def test_bad_params():
     with pytest.raises(ValueError, match="mixed devices"):
         opt.add_param_group({"params": [p(device="meta")]})
     assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] must be a Tensor, got str"):
+        GuardedAdamW([p(), "p"])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] is sparse"):
+        GuardedAdamW([p().to_sparse()])
+
+
+def test_named_backend_that_cannot_run_on_the_params_device_is_refused(monkeypatch):
+    """Triton runs CPU tensors only under its interpreter. Asked for by name without it, the
+    error names the backend, the device, what would make it run and what runs there: at
+    construction, in add_param_group, and at a step whose backend stopped running there since,
+    before that step creates any state."""
+    from lbw_kernels.backends import availability
+
+    if availability()["triton"] is not None:
+        pytest.skip(availability()["triton"])
+    q = torch.nn.Parameter(p(4))
+    opt = GuardedAdamW([q], lr=0.1, backend="triton")  # (the interpreter is on: conftest)
+    empty = GuardedAdamW([{"params": []}], backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    refused = r"backend='triton' does not run on cpu tensors .*TRITON_INTERPRET=1.*backends that do: auto, reference"
+    with pytest.raises(ValueError, match=refused):
+        GuardedAdamW([p()], backend="triton")
+    with pytest.raises(ValueError, match=refused):
+        empty.add_param_group({"params": [p()]})
+    assert [len(g["params"]) for g in empty.param_groups] == [0]
+    q.grad = torch.ones(4)
+    with pytest.raises(ValueError, match=refused):
+        opt.step()
+    assert torch.equal(q, p(4)) and not opt.state and opt.telemetry()["step"] == opt._calls == 0
 
 
 @pytest.mark.parametrize("bad", ["sparse", "complex"])
@@ -205,6 +238,18 @@ def test_add_param_group_names_the_group_and_the_index_within_it():
     with pytest.raises(TypeError, match=r"param_group\['params'\] must be a Tensor or a list"):
         opt.add_param_group({"params": None})
     assert len(opt.param_groups) == 1
+
+
+def test_gradient_of_another_shape_is_refused_before_any_state_exists(backend):
+    """A param resized through ``.data`` keeps its old ``.grad``: caught before any kernel reads
+    past the end of one of them."""
+    good, other = torch.nn.Parameter(p(4)), torch.nn.Parameter(p(3))
+    opt = GuardedAdamW([good, other], lr=0.1, backend=backend)
+    good.grad, other.grad = torch.ones(4), torch.ones(3)
+    other.data = p(5)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].grad has shape \(3,\), its param \(5,\)"):
+        opt.step()
+    assert torch.equal(good, p(4)) and not opt.state and opt.telemetry()["step"] == 0
 
 
 def test_integer_gradient_is_refused_before_any_state_exists(backend):

@@ -49,6 +49,12 @@ class TritonBackend(Backend):
             return True
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
+    def device_hint(self, device: torch.device) -> str:
+        if torch.device(device).type == "cpu":
+            return ("Triton runs CPU tensors only through its interpreter, TRITON_INTERPRET=1 in the "
+                    "environment from the start (Triton reads it when the kernels are defined)")
+        return ""
+
     def auto_selectable(self, device: torch.device) -> bool:
         # The interpreter only emulates a GPU (and slowly): CPU runs it when asked by name.
         return torch.device(device).type == "cuda"
