@@ -212,3 +212,44 @@ def test_tensor_hyperparameters_update_as_the_numbers_they_hold(backend, gate, p
     assert (got_t["regime"], got_t["scale"]) == (want_t["regime"], want_t["scale"])
     for a, b in zip(got, want):
         close(a, b, 4 * TOL[param_dtype])
+
+
+def test_closure_and_step_hooks_work_as_on_torch_optim(backend):
+    """``step(closure)`` runs the closure with grad enabled and returns its loss, the step
+    bitwise the one after ``backward(); step()``; step hooks (the optimizer's own pre and post
+    hooks, the global pre hook) run around every step, as torch.optim's do. The guard is on:
+    the inputs grow, so it meets spikes."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    net, twin = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    twin.load_state_dict(net.state_dict())
+    kw = dict(lr=0.05, stats_freq=1, backend=backend)
+    opt, opt_twin = GuardedAdamW(net.parameters(), **kw), GuardedAdamW(twin.parameters(), **kw)
+    events = []
+    # (torch passes step's own arguments: (self, closure))
+    opt.register_step_pre_hook(lambda o, args, kwargs: events.append(("pre", o is opt, args[0] is opt, callable(args[1]))))
+    opt.register_step_post_hook(lambda o, args, kwargs: events.append(("post", o is opt)))
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: events.append(("global",)) if o is opt else None)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    loss_of = lambda model, k: torch.nn.functional.mse_loss(model(x * 4.0**k), y)  # noqa: E731
+    try:
+        for k in range(5):
+            def closure():
+                assert torch.is_grad_enabled()
+                opt.zero_grad()
+                loss = loss_of(net, k)
+                loss.backward()
+                return loss
+            loss = opt.step(closure)
+            opt_twin.zero_grad()
+            twin_loss = loss_of(twin, k)
+            twin_loss.backward()
+            opt_twin.step()
+            assert torch.equal(loss.detach(), twin_loss.detach())
+    finally:
+        handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
+    assert torch.equal(opt._guard.nan_to_num(), opt_twin._guard.nan_to_num())
+    assert opt.telemetry()["scale"] < 1.0  # the guard acted
+    assert events == [("global",), ("pre", True, True, True), ("post", True)] * 5

@@ -320,6 +320,16 @@ def test_measured_guard_slots_may_be_nan():
         (lambda sd, pid: sd.__setitem__("guard", [1.0]), r"\['guard'\] must be a dict"),
         (lambda sd, pid: sd["param_groups"][1].pop("params"), "each with a 'params' list"),
         (lambda sd, pid: sd["param_groups"][1].__setitem__("eps", -1.0), r"param_groups\[1\]: eps must be >= 0"),
+        (lambda sd, pid: sd.pop("state"), "state_dict has no 'state' entry"),
+        (lambda sd, pid: sd.__setitem__("state", list(sd["state"].values())), r"state_dict\['state'\] must be a dict, got list"),
+        (lambda sd, pid: sd["state"].__setitem__(99, sd["state"][pid]), "state for param id 99, which no group lists"),
+        (lambda sd, pid: sd["state"][pid].__setitem__("max_exp_avg_sq", sd["state"][pid]["exp_avg_sq"]),
+         r"state\[\d+\] has keys \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\]"),
+        # (the guard's copy in the first param's state goes too, so that the entry itself is read)
+        (lambda sd, pid: (sd["state"][0].pop("lbw_guard"), sd["guard"].__setitem__("state", [1.0] * 9)),
+         r"state_dict\['guard'\]\['state'\] must be a tensor of \d+ values"),
+        (lambda sd, pid: (sd["state"][0].pop("lbw_guard"), sd["guard"].update(state=sd["guard"]["state"][1:], calls=-3)),
+         r"state_dict\['guard'\]\['calls'\] must be an int >= 0, got -3"),
     ],
 )
 def test_malformed_entries_are_refused_naming_them(corrupt, match):
@@ -329,3 +339,31 @@ def test_malformed_entries_are_refused_naming_them(corrupt, match):
     bad = opt.state_dict()
     corrupt(bad, sorted(bad["state"])[-1])
     _refused(opt, bad, match)
+
+
+def test_state_dict_hooks_run_as_on_torch_optim():
+    """torch.optim's state_dict and load_state_dict hooks: pre and post, a post hook's edits
+    kept, a load pre hook's returned dict the one loaded."""
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(2, SHAPES))
+    events = []
+    opt.register_state_dict_pre_hook(lambda o: events.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (events.append("save post"), sd.__setitem__("note", "kept"))[0])
+    saved = opt.state_dict()
+    assert saved["note"] == "kept" and events == ["save pre", "save post"]
+
+    fresh_params = model()
+    fresh = GuardedAdamW(groups(fresh_params))
+    events.clear()
+
+    def swap_in_saved(o, state_dict):  # e.g. a checkpoint converter
+        events.append(("load pre", o is fresh, "note" in state_dict))
+        return saved
+
+    fresh.register_load_state_dict_pre_hook(swap_in_saved)
+    fresh.register_load_state_dict_post_hook(lambda o: events.append(("load post", o.telemetry()["step"])))
+    fresh.load_state_dict(GuardedAdamW(groups(model())).state_dict())  # (replaced by the hook)
+    assert events == [("load pre", True, False), ("load post", 2)]
+    assert torch.equal(fresh._guard.nan_to_num(), opt._guard.nan_to_num())
+    assert torch.equal(fresh.state[fresh_params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
