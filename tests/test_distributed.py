@@ -170,11 +170,11 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw"):
+def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,)):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", mesh_shape)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     sharded = [p.clone() if i == PLAIN else shard(p, mesh, placements_of(i)) for i, p in enumerate(full)]
@@ -240,6 +240,27 @@ def test_sharded_decisions_equal_unsharded(ranks, backend):
     if not available(backend):
         pytest.skip(f"backend {backend!r} is not built here")
     ranks.run(_sharded_worker, [backend])
+
+
+def _two_dim_mesh_worker(rank, backend):
+    from torch.distributed.tensor import Replicate, Shard
+
+    # HSDP's layout: replicated across dim 0, sharded along dim 1. On (2, 1) both ranks hold
+    # whole copies (only coordinate 0 of dim 0 may count them); on (1, 2) they hold shards.
+    def placements_of(i):
+        return [Replicate(), Replicate()] if i == REPLICATED else [Replicate(), Shard(0)]
+
+    stream = random_stream(8, SHAPES, seed=6, spikes=(3,), flips=(5,), nan_at=(6,))
+    for mesh_shape in ((WORLD, 1), (1, WORLD)):
+        for gate in ("exact", "single_pass"):
+            ours = _dtensor_case(rank, backend, gate, 1, stream, placements_of, mesh_shape=mesh_shape)
+            assert [r[1] for r in ours][5] == "nonfinite", ours
+
+
+def test_two_dim_mesh_decisions_equal_unsharded(ranks):
+    """A 2-D mesh over all ranks (HSDP: Replicate x Shard): one all_reduce over the world
+    group, each replica counted once; decisions, skips and params as one process."""
+    ranks.run(_two_dim_mesh_worker, cpu_backend())
 
 
 def _refusals_worker(rank):
