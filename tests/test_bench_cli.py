@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lbw_kernels import GuardedAdamW
+from lbw_kernels import GuardedAdamW, bench
 from lbw_kernels.bench import LAYOUTS, build_rows, layout_numel, usable_backends
 from lbw_kernels.cli import main
 from lbw_kernels.published import PublishedGuardAdamW
@@ -61,6 +61,41 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert "guard reference single_pass sf=10" in rows
     assert (out / "bench.png").stat().st_size > 1000
     assert "x floor" in capsys.readouterr().out
+
+
+def test_a_row_that_fails_in_any_round_is_reported_failed_and_the_others_timed(tmp_path, monkeypatch, capsys):
+    """One broken backend must not cost the other rows, nor pass for timed: here the
+    single_pass sf=10 row raises in the second round only; its first round's samples are not
+    reported as a timing. The command writes the JSON and the plot and exits 1 naming it."""
+    rounds_seen = []
+    real_step = GuardedAdamW.step
+
+    def step(self, closure=None):
+        if self.gate == "single_pass" and self.guard_config.stats_freq == 10 and len(rounds_seen) > 1:
+            raise RuntimeError("injected failure")
+        return real_step(self, closure)
+
+    monkeypatch.setattr(GuardedAdamW, "step", step)
+    real_run_row = bench.run_row
+
+    def run_row(row, *args):  # counts rounds by the first row coming round again
+        if not rounds_seen or row.name == rounds_seen[0]:
+            rounds_seen.append(row.name)
+        return real_run_row(row, *args)
+
+    monkeypatch.setattr(bench, "run_row", run_row)
+    out = tmp_path / "b"
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference", "--warmup", "1",
+               "--reps", "2", "--budget", "0.1", "--rounds", "2", "--out", str(out)])
+    assert rc == 1 and len(rounds_seen) == 2
+    rows = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["tables"][0]["rows"]}
+    broken = rows.pop("guard reference single_pass sf=10")
+    assert broken["ms"] is None and broken["x_floor"] is None and "injected failure" in broken["error"]
+    assert all(r["error"] is None and r["ms"] > 0 for r in rows.values())
+    printed = capsys.readouterr().out
+    assert "guard reference single_pass sf=10" in printed and "ERROR RuntimeError: injected failure" in printed
+    assert "rows that failed: guard reference single_pass sf=10" in printed
+    assert (out / "bench.png").stat().st_size > 1000
 
 
 def _grads(shapes, k, gen):
