@@ -5,6 +5,7 @@ builds the extension, so this runs them in a child process where importing it fa
 does on such an install, and checks the optimizer there against the reference run here.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -104,3 +105,17 @@ def test_without_the_extension_every_backend_matches_the_reference(child_report,
         assert abs(gs - ws) <= 1e-12 and gk == wk
     for a, b in zip(got_p, want_p):
         assert worst(a, b, *(STEPS * x for x in PARAM_TOLERANCES[torch.float32])) is None
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [({"LBW_SKIP_BUILD": "1"}, "LBW_SKIP_BUILD=1"), ({"CXX": "no-such-compiler"}, "no C++ compiler ('no-such-compiler' not found)")],
+)
+def test_setup_without_a_build_says_so_in_one_line(env, reason):
+    """setup.py decides at its start; ``--name`` runs that decision without installing anything."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env={**os.environ, **env},
+                          capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.split()[-1] == "lbw-kernels"
+    said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
+    assert said == [f"lbw-kernels: not building the C++/CUDA extension ({reason}); installing pure-Python"]
