@@ -253,3 +253,23 @@ def test_closure_and_step_hooks_work_as_on_torch_optim(backend):
     assert torch.equal(opt._guard.nan_to_num(), opt_twin._guard.nan_to_num())
     assert opt.telemetry()["scale"] < 1.0  # the guard acted
     assert events == [("global",), ("pre", True, True, True), ("post", True)] * 5
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.99), (0.3, 0.9), (0.5, 0.999)])
+def test_beta1_at_most_one_half_equals_torch_adamw(betas, backend):
+    """m = beta1*m + (1-beta1)*g is a lerp whose kernels switch form at a weight of 0.5 (as
+    torch's lerp does, for accuracy): beta1 <= 0.5 takes the other form, which the usual betas
+    never reach."""
+    ours, theirs = model_params(torch.float32), model_params(torch.float32)
+    opt = GuardedAdamW(ours, lr=1e-2, betas=betas, auto_enabled=False, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=betas, foreach=False)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        close(a, b, TOL[torch.float32])
+        close(opt.state[a]["exp_avg"], ref.state[b]["exp_avg"], TOL[torch.float32])

@@ -91,3 +91,25 @@ def test_a_param_cast_after_the_plan_was_built_keeps_stepping(gate, backend):
     for a, b in zip(got, want):
         atol, rtol = PARAM_TOLERANCES[b.dtype]
         assert worst(a, b, 5 * atol, 5 * rtol) is None, worst(a, b, 5 * atol, 5 * rtol)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (Triton's interpreter, in numpy)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_low_precision_stores_of_overflow_and_nonfinite_params_match_the_reference(dtype, gate, backend):
+    """A bf16/fp16 param whose fp32 result overflows its dtype becomes Inf, and a NaN or Inf
+    param stays so, on every backend as in the reference: the kernels' conversion of
+    non-finite and out-of-range floats (no test stored one before)."""
+    big = torch.finfo(dtype).max
+    values = [big, -big, float("nan"), float("inf"), -float("inf"), 0.5, big / 2, -1e-3]
+    out = {}
+    for name in (backend, "reference"):
+        p = torch.nn.Parameter(torch.tensor(values * 5, dtype=dtype))
+        # (a step of lr: past half an ulp of max, where rounding to the dtype overflows)
+        opt = GuardedAdamW([p], lr=big / 64, weight_decay=0.0, betas=(0.9, 0.999), gate=gate, stats_freq=1, backend=name)
+        for k in range(2):
+            p.grad = torch.tensor([-1.0, 1.0, 1.0, -1.0, 1.0, -2.0, -1.0, 0.25] * 5, dtype=dtype) * (k + 1)
+            opt.step()
+        out[name] = p.detach()
+    assert out["reference"][0] == float("inf") and out["reference"][1] == -float("inf")  # overflowed
+    torch.testing.assert_close(out[backend], out["reference"], rtol=0, atol=0, equal_nan=True)
