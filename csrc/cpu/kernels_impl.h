@@ -210,7 +210,9 @@ inline void prefetch_update(const P* p, const P* g, const M* m, const M* v) {
 // One chunk of the update in one fused loop over p, g, m, v (MASK: single_pass's per-element
 // non-finite mask). TEL: the loop also sums the gradients as read (before maximize's sign
 // flip) into the telemetry lanes; that work hides behind the update's divisions and square
-// roots, and gives the same bits as the telemetry pass.
+// roots. It sums in one stream of lanes, not reduce_chunk's kStreams, so its telemetry is the
+// same values added in another order: bitwise repeatable (any threads, any instruction set),
+// yet up to ~1e-15 relative apart from the telemetry pass's for chunks over kStreams * kLanes.
 template <bool MASK, bool TEL, class P, class M>
 void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                   int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
