@@ -21,6 +21,9 @@ sharded gradient are the sums of its shards' partials:
 * ``Partial`` gradients (not yet reduced) are refused: their partials are not sums of shards.
 * **DDP** (plain replicated params whose gradients DDP has already averaged): every rank holds
   the same gradients, so the same decisions follow with no communication at all.
+* **FSDP1** parameters are refused (check_no_fsdp1_shards). ``ZeroRedundancyOptimizer`` is not
+  supported either, and cannot be seen from here: it gives each rank's optimizer only that
+  rank's params, so each rank would decide on its own partition.
 
 The update runs on the local shards (params, grads, ``exp_avg``, ``exp_avg_sq``) through
 whichever backend applies: backends take plain tensors.
@@ -53,6 +56,25 @@ def is_dtensor(t: Tensor) -> bool:
     # keeps that import (most of a second) out of `import lbw_kernels` and out of step().
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
+
+
+def check_no_fsdp1_shards(named) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) hands the optimizer plain tensors holding this
+    rank's shard (flat or not), which say nothing of what other ranks hold: telemetry on them
+    cannot be reduced across ranks, so each rank would decide alone (skip different calls,
+    scale differently) while promising one decision. Refused once more than one rank runs;
+    FSDP2's DTensor shards carry their placements and are reduced (above)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for where, p in named:
+        if getattr(p, "_fsdp_flattened", False):  # (torch's mark for FSDP1's flat parameters and their views)
+            raise ValueError(
+                f"{where} is a FullyShardedDataParallel (FSDP1) parameter: each of the "
+                f"{dist.get_world_size()} ranks holds a part of it that the others cannot account for, "
+                "so every rank would take its own guard decisions. Use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard), whose DTensor shards GuardedAdamW reduces "
+                "across ranks, or DDP"
+            )
 
 
 def _local(t: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
-from .distributed import ShardedTelemetry
+from .distributed import ShardedTelemetry, check_no_fsdp1_shards
 from .optimizer_state import OptimizerState
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
@@ -227,7 +227,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         # (name, tensor) pairs, as model.named_parameters() gives: torch keeps the names
         # (param_groups[i]["param_names"]); the checks look at the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
-        check_params([(f"{where}['params'][{i}]", p) for i, p in enumerate(tensors)], held)
+        named = [(f"{where}['params'][{i}]", p) for i, p in enumerate(tensors)]
+        check_params(named, held)
+        check_no_fsdp1_shards(named)
         if tensors and self.backend != "auto" and tensors[0].device.type != "meta":
             select_backend(self.backend, tensors[0].device)  # raises, naming what runs there
         super().add_param_group(group)

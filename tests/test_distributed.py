@@ -284,6 +284,25 @@ def test_partial_or_mismatched_grads_are_refused(ranks):
     ranks.run(_refusals_worker)
 
 
+def _fsdp1_worker(rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(_mlp(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is a FullyShardedDataParallel \(FSDP1\) parameter.*Use FSDP2"):
+            GuardedAdamW(model.parameters())
+        opt = GuardedAdamW(torch.nn.Linear(2, 2).parameters())
+        with pytest.raises(ValueError, match="FSDP1"):
+            opt.add_param_group({"params": list(model.parameters())})
+        assert len(opt.param_groups) == 1
+
+
+def test_fsdp1_parameters_are_refused(ranks):
+    """FSDP1's plain-tensor shards cannot be reduced across ranks (nothing says which elements
+    another rank holds), so each rank would decide alone: refused, pointing at FSDP2."""
+    ranks.run(_fsdp1_worker)
+
+
 # ------------------------------------------------------------------------------ FSDP2
 def _mlp():
     torch.manual_seed(0)
