@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ def is_dtensor(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-def check_no_fsdp1_shards(named) -> None:
+def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
     """FSDP1 (``FullyShardedDataParallel``) hands the optimizer plain tensors holding this
     rank's shard (flat or not), which say nothing of what other ranks hold: telemetry on them
     cannot be reduced across ranks, so each rank would decide alone (skip different calls,
