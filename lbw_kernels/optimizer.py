@@ -230,8 +230,6 @@ class GuardedAdamW(torch.optim.Optimizer):
         named = [(f"{where}['params'][{i}]", p) for i, p in enumerate(tensors)]
         check_params(named, held)
         check_no_fsdp1_shards(named)
-        if tensors and self.backend != "auto" and tensors[0].device.type != "meta":
-            select_backend(self.backend, tensors[0].device)  # raises, naming what runs there
         super().add_param_group(group)
         self._plan = None
 
@@ -295,8 +293,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
-        # The backend first: params moved (or TRITON_INTERPRET unset) since their group was
-        # checked raise before a plan creates any state.
+        # The backend first: one that cannot run on the params' device (a model moved after
+        # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
+        # creates any state.
         device = _first_device_with_grad(self.param_groups, grads.per_group)
         backend = None if device is None else self._backend_for(device)
         plan = self._plan_for(grads)
