@@ -62,18 +62,18 @@ def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
     """FSDP1 (``FullyShardedDataParallel``) hands the optimizer plain tensors holding this
     rank's shard (flat or not), which say nothing of what other ranks hold: telemetry on them
     cannot be reduced across ranks, so each rank would decide alone (skip different calls,
-    scale differently) while promising one decision. Refused once more than one rank runs;
+    scale differently) while promising one decision. Refused once more than one rank runs
+    (NO_SHARD too, which is DDP's job; the param does not say which strategy wraps it);
     FSDP2's DTensor shards carry their placements and are reduced (above)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for where, p in named:
         if getattr(p, "_fsdp_flattened", False):  # (torch's mark for FSDP1's flat parameters and their views)
             raise ValueError(
-                f"{where} is a FullyShardedDataParallel (FSDP1) parameter: each of the "
-                f"{dist.get_world_size()} ranks holds a part of it that the others cannot account for, "
-                "so every rank would take its own guard decisions. Use FSDP2 "
-                "(torch.distributed.fsdp.fully_shard), whose DTensor shards GuardedAdamW reduces "
-                "across ranks, or DDP"
+                f"{where} is a FullyShardedDataParallel (FSDP1) parameter: sharded, each of the "
+                f"{dist.get_world_size()} ranks would hold a part of it that the others cannot account "
+                "for and take its own guard decisions. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                "whose DTensor shards GuardedAdamW reduces across ranks, or DDP (in place of NO_SHARD)"
             )
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
-from .distributed import is_dtensor
+from .distributed import check_no_fsdp1_shards, is_dtensor
 from .validation import check_grad, check_params, check_state_entry
 
 
@@ -184,10 +184,12 @@ def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[in
                        existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]]) -> None:
     """The params a call updates pass add_param_group's checks (validation.check_params: one
     device, each once) and the states they already have are usable (check_state_entry): they
-    may have been put into a group's list or into ``opt.state`` since they were added."""
+    may have been put into a group's list or into ``opt.state`` since they were added, or
+    wrapped since (FSDP1 with use_orig_params keeps the Parameter objects)."""
     named = [(f"param_groups[{gi}]['params'][{pi}]", param_groups[gi]["params"][pi])
              for gi, positions in selected for pi in positions]
     check_params(named)
+    check_no_fsdp1_shards(named)
     for where, p in named:
         state = existing_state(p)
         if state:

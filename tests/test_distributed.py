@@ -295,6 +295,16 @@ def _fsdp1_worker(rank):
         with pytest.raises(ValueError, match="FSDP1"):
             opt.add_param_group({"params": list(model.parameters())})
         assert len(opt.param_groups) == 1
+    # Built before the wrapping: use_orig_params keeps the Parameter objects (their data become
+    # shards), so the first step's plan finds them, before any state exists.
+    net = _mlp()
+    opt = GuardedAdamW(net.parameters())
+    model = FullyShardedDataParallel(net, use_orig_params=True, device_id=torch.device("cpu"))
+    x, y = _batches(1)[0]
+    _loss(model, x[rank], y[rank]).backward()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[\d\] is a FullyShardedDataParallel"):
+        opt.step()
+    assert not opt.state and opt.telemetry()["step"] == 0
 
 
 def test_fsdp1_parameters_are_refused(ranks):
