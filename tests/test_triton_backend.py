@@ -481,9 +481,9 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
 
     from lbw_kernels.triton_kernels import chunk_table
 
-    if keys == "python":  # as without the extension: the optimizer gathers no layouts either
-        from lbw_kernels import optimizer, step_plan
+    from lbw_kernels import optimizer, step_plan
 
+    if keys == "python":  # as without the extension: the optimizer gathers no layouts either
         monkeypatch.setattr(chunk_table, "layout_key", chunk_table._layout_key_python)
         monkeypatch.setattr(chunk_table, "address_key", chunk_table._address_key_python)
         monkeypatch.setattr(optimizer, "gather_grads", step_plan._gather_grads_python)
@@ -510,9 +510,10 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
     keep = params[0].data
     params[0].data = params[0].data.clone()  # new storage, same Parameter object
     step()
-    # The exact gate's telemetry layout is keyed by the layouts the optimizer gathered, params
-    # included, when it gathered them (else by the grads alone, which did not move).
-    builds += 2 if gate == "exact" and opt._call_layouts[0] is not None else 1
+    # The exact gate's telemetry layout is keyed by the layouts the optimizer gathered in C++,
+    # params included, when it did (else by the grads alone, which did not move).
+    gathered = keys == "as installed" and step_plan.gather_grads is not step_plan._gather_grads_python
+    builds += 2 if gate == "exact" and gathered else 1
     assert ops.PLANS.builds == builds
     state = opt.state[params[1]]
     keep_state = state["exp_avg_sq"].data
