@@ -59,13 +59,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, tasks, results) -> None:
+def _worker(rank: int, world: int, tasks, results) -> None:
     torch.set_num_threads(1)
     while (task := tasks.get()) is not None:
         fn, args, port = task
         try:
             dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                 timeout=timedelta(seconds=30),
             )
             try:
@@ -81,12 +81,13 @@ def _worker(rank: int, tasks, results) -> None:
 class Ranks:
     """``run(fn, *args)`` calls ``fn(rank, *args)`` on every rank inside a fresh process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: int = WORLD) -> None:
         ctx = mp.get_context("spawn")
-        self.tasks = [ctx.Queue() for _ in range(WORLD)]
+        self.world = world
+        self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(r, self.tasks[r], self.results), daemon=True)
-                      for r in range(WORLD)]
+        self.procs = [ctx.Process(target=_worker, args=(r, world, self.tasks[r], self.results), daemon=True)
+                      for r in range(world)]
         for p in self.procs:
             p.start()
 
@@ -95,7 +96,7 @@ class Ranks:
         for q in self.tasks:
             q.put((fn, args, port))
         errors = []
-        for _ in range(WORLD):
+        for _ in range(self.world):
             try:
                 rank, err = self.results.get(timeout=timeout)
             except queue.Empty:
@@ -131,7 +132,7 @@ def shard(t, mesh, placements):
 
 
 def same_on_every_rank(value) -> None:
-    gathered = [None] * WORLD
+    gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     assert all(repr(g) == repr(gathered[0]) for g in gathered), gathered
 
@@ -261,6 +262,29 @@ def test_two_dim_mesh_decisions_equal_unsharded(ranks):
     """A 2-D mesh over all ranks (HSDP: Replicate x Shard): one all_reduce over the world
     group, each replica counted once; decisions, skips and params as one process."""
     ranks.run(_two_dim_mesh_worker, cpu_backend())
+
+
+def _hsdp_worker(rank, backend):
+    from torch.distributed.tensor import Replicate, Shard
+
+    def placements_of(i):
+        return [Replicate(), Replicate()] if i == REPLICATED else [Replicate(), Shard(0)]
+
+    stream = random_stream(8, SHAPES, seed=6, spikes=(3,), flips=(5,), nan_at=(6,))
+    for gate in ("exact", "single_pass"):
+        ours = _dtensor_case(rank, backend, gate, 1, stream, placements_of, mesh_shape=(2, 2))
+        assert [r[1] for r in ours][5] == "nonfinite", ours
+
+
+def test_hsdp_mesh_of_four_ranks_decides_as_one_process():
+    """HSDP proper on 4 ranks: a (2, 2) mesh replicating over dim 0 while sharding over dim 1,
+    so each replica group's shards are summed once (the 2-rank meshes above have one trivial
+    dim)."""
+    pool = Ranks(world=4)
+    try:
+        pool.run(_hsdp_worker, cpu_backend(), timeout=180)
+    finally:
+        pool.close()
 
 
 def _refusals_worker(rank):
