@@ -69,8 +69,7 @@ _run_eagerly = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 
 
 def _first_device_with_grad(param_groups: List[Dict[str, Any]], grads_per_group: List[List[Optional[Tensor]]]):
-    """The device of the first param with a grad (the plan's device), None when none has one;
-    usually the very first param, so no walk over the params."""
+    """The device of the first param with a grad (the plan's device), None when none has one."""
     for group, grads in zip(param_groups, grads_per_group):
         for p, g in zip(group["params"], grads):
             if g is not None:
@@ -222,8 +221,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         candidate = {**self.defaults, **group}
         where = f"param_groups[{len(self.param_groups)}]"
         check_group_hyperparameters(candidate, where + ": ")
-        held = [(f"param_groups[{gi}]['params'][{pi}]", p)
-                for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
+        # (lazily: check_params reads the first held param only, for its device)
+        held = ((f"param_groups[{gi}]['params'][{pi}]", p)
+                for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"]))
         # (name, tensor) pairs, as model.named_parameters() gives: torch keeps the names
         # (param_groups[i]["param_names"]); the checks look at the tensors
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in group["params"]]
@@ -271,6 +271,12 @@ class GuardedAdamW(torch.optim.Optimizer):
             self.state = OptimizerState(self.state)
         seen_state, seen_edits = self._state_seen
         if self._plan is None or self._plan.key != key or seen_state is not self.state or seen_edits != self.state.edits:
+            # The backend first: one that cannot run on the params' device (a model moved after
+            # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
+            # creates any state. (Moved params rebuild the plan: _prepare.)
+            device = _first_device_with_grad(self.param_groups, grads.per_group)
+            if device is not None:
+                self._backend_for(device)
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
             self._plan = StepPlan(key, self.param_groups, grads.per_group, lambda p: dict.get(self.state, p),
                                   self._state_for, numels)
@@ -293,20 +299,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
-        # The backend first: one that cannot run on the params' device (a model moved after
-        # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
-        # creates any state.
-        device = _first_device_with_grad(self.param_groups, grads.per_group)
-        backend = None if device is None else self._backend_for(device)
         plan = self._plan_for(grads)
         if not plan.groups:
             return plan, None, grads.per_group
+        device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
-        return plan, backend, grads.per_group
+        return plan, self._backend_for(device), grads.per_group
 
     @_run_eagerly
     def _count_call(self) -> None:
