@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
-from .distributed import ShardedTelemetry, check_no_fsdp1_shards
+from .distributed import ShardedTelemetry, check_no_fsdp1_shards, may_be_state_init_call
 from .optimizer_state import OptimizerState
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
@@ -318,11 +318,15 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device."""
+        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device, but on the
+        zero-gradient call with lr 0 that torch.distributed.checkpoint.state_dict makes to create
+        the state (distributed.may_be_state_init_call)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # (before _prepare, whose plan creates the state: DCP's call finds none)
+        state_init = not torch.compiler.is_compiling() and may_be_state_init_call(self.param_groups, self.state)
         plan, backend, grads_per_group = self._prepare()
         if backend is None:
             self._guard[ref.CALLS] += 1
@@ -341,10 +345,15 @@ class GuardedAdamW(torch.optim.Optimizer):
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
+        counted = True
 
         def decide(partials: Optional[Tensor]) -> None:  # rules 1-4 on this call's telemetry rows
+            nonlocal counted
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
+            if state_init and partials is not None and not stream_is_capturing(device) and not partials.any():
+                counted = False  # DCP creating the state: the guard stays out (.any() syncs, this call only)
+                return
             backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
                             check_finite=check_finite, cfg=cfg)
 
@@ -363,7 +372,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 backend.adamw_(groups, scale=scale, skip=None)
                 partials = None
             decide(partials)
-        self._count_call()
+        if counted:
+            self._count_call()
         return loss
 
     def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:

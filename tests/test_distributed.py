@@ -529,6 +529,9 @@ def _dcp_state_dict_api_worker(rank, path, backend, flatten):
     model2 = sharded_model()
     opt2 = GuardedAdamW(model2.parameters(), **kw)
     state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2, options=options)}
+    # that created the state with a zero-gradient lr-0 step(), which the guard stayed out of
+    assert opt2.telemetry()["step"] == 0 and math.isnan(opt2.telemetry()["grad_ms"])
+    assert all(opt2.state[p]["step"].item() == 1 for p in model2.parameters())
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model2, state["model"])
     set_optimizer_state_dict(model2, opt2, state["optim"], options=options)

@@ -8,6 +8,7 @@ import torch
 
 from lbw_kernels import GuardedAdamW
 from lbw_kernels import reference as ref
+from lbw_kernels.distributed import init_state_
 from streams import random_stream, run
 
 SHAPES = [(6, 5), (17,), (3,)]
@@ -74,6 +75,71 @@ def test_state_and_param_groups_alone_resume_the_guard(policy):
     other = GuardedAdamW(groups(model()), policy="zscore" if policy == "lbw" else "lbw")
     with pytest.raises(ValueError, match="policy"):
         other.load_state_dict(saved)
+
+
+def _module(params):
+    module = torch.nn.Module()
+    module.ps = torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=True) for p in params])
+    return module, list(module.ps)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_dcp_state_init_call_takes_adamw_step_without_the_guard(gate, flatten, backend):
+    """get_optimizer_state_dict on an optimizer with no state runs step() with zero gradients
+    and lr 0 to create AdamW's state. As for torch.optim.AdamW, that makes step 1 with zero
+    moments; the guard must not count it: a zero reading would become its EMA and every real
+    call after it a spike (before the fix, a small MLP's scale fell from 1 to 0.3 in 5 calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    stream = random_stream(8, SHAPES, seed=4)
+    record = ("scale", "regime", "grad_ms", "ratio", "step")
+    kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+    module, params = _module(model())
+    opt = GuardedAdamW(groups(params), **kw)
+    fresh = opt.state_dict()["guard"]["state"]
+    before = [p.detach().clone() for p in params]
+    osd = get_optimizer_state_dict(module, opt, options=StateDictOptions(flatten_optimizer_state_dict=flatten))
+    assert _same_guard(opt.state_dict()["guard"]["state"], fresh) and opt.telemetry()["step"] == 0
+    assert [opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]] == [1e-2, 3e-3]  # DCP restores them
+    adamw_module, adamw_params = _module(model())
+    adamw = torch.optim.AdamW(groups(adamw_params), lr=1e-2)
+    get_optimizer_state_dict(adamw_module, adamw)
+    for p, q, b in zip(params, adamw_params, before):
+        assert torch.equal(p.detach(), b) and p.grad is None
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], adamw.state[q][key]), key
+    assert len(osd) > 0
+
+    # the same run as one whose state was created by hand as that call leaves it
+    _, params2 = _module(model())
+    opt2 = GuardedAdamW(groups(params2), **kw)
+    init_state_(opt2)
+    for p in params2:
+        opt2.state[p]["step"].fill_(1)
+    assert run(opt, params, stream, record) == run(opt2, params2, stream, record)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
+@pytest.mark.parametrize("case", ["lr_not_zero", "grads_not_zero", "state_exists"])
+def test_calls_that_only_resemble_the_dcp_state_init_call_are_guard_calls(case):
+    """The guard stays out of one call only: no state yet, lr 0 in every group, and gradients
+    that are all zero on every rank. Each condition alone does not do it."""
+    params = model()
+    opt = GuardedAdamW(groups(params), lr=0.0 if case != "lr_not_zero" else 1e-2, stats_freq=1)
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(0.0) if case != "lr_not_zero" else g["lr"]
+    if case == "state_exists":
+        init_state_(opt)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5) if case == "grads_not_zero" else torch.zeros_like(p)
+    opt.step()
+    t = opt.telemetry()
+    assert t["step"] == 1 and t["grad_ms"] == (0.25 if case == "grads_not_zero" else 0.0)
+
+
+def _same_guard(a, b):
+    return torch.equal(a.nan_to_num(7.25), b.nan_to_num(7.25))
 
 
 def test_guarded_checkpoint_loads_into_torch_adamw():
