@@ -1,6 +1,6 @@
 """Distributed: the same guard decisions on every rank (DTensor / FSDP2 / DDP), equal to one process.
 
-Two CPU worker processes run each test in its own gloo group (127.0.0.1, a free port); each runs the
+Two CPU worker processes (rank_pool.py) run each test in its own gloo group; each runs the
 sharded optimizer and, beside it, the unsharded one on the whole gradients, and asserts
 telemetry, skip counts and parameters equal (float64; 1e-12: sums of shards add in another
 order than the sum of the whole tensor, so the last bits may differ). Workers also compare
@@ -10,19 +10,14 @@ their trajectories with each other's, bitwise. The process group is destroyed ev
 from __future__ import annotations
 
 import math
-import queue
-import socket
-import traceback
-from datetime import timedelta
-from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import get_backend
+from rank_pool import Ranks, assert_close_records, same_on_every_rank, telemetry_row
 from streams import random_stream
 
 pytestmark = pytest.mark.skipif(
@@ -30,7 +25,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD = 2
-RECORD = ("scale", "regime", "skipped_steps", "grad_ms", "ratio", "signed_mean", "grad_norm", "step")
 # (6,5), (17,): uneven shards; (1,): rank 1's shard is empty; (0,): no telemetry row at all;
 # (4,4) is Replicate: counted once; (2,3) stays a plain tensor (replicated, counted once).
 SHAPES = [(6, 5), (17,), (1,), (0,), (3,), (4, 4), (2, 3)]
@@ -50,73 +44,6 @@ def cpu_backend() -> str:
     return "cpp" if available("cpp") else "reference"
 
 
-# ------------------------------------------------------------------------------ harness
-# Two worker processes serve the whole module (starting a Python with torch costs seconds);
-# each test gets its own gloo process group on a fresh port, destroyed even when it fails.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, tasks, results) -> None:
-    torch.set_num_threads(1)
-    while (task := tasks.get()) is not None:
-        fn, args, port = task
-        try:
-            dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                timeout=timedelta(seconds=30),
-            )
-            try:
-                fn(rank, *args)
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
-            results.put((rank, None))
-        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
-            results.put((rank, traceback.format_exc()))
-
-
-class Ranks:
-    """``run(fn, *args)`` calls ``fn(rank, *args)`` on every rank inside a fresh process group."""
-
-    def __init__(self, world: int = WORLD) -> None:
-        ctx = mp.get_context("spawn")
-        self.world = world
-        self.tasks = [ctx.Queue() for _ in range(world)]
-        self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(r, world, self.tasks[r], self.results), daemon=True)
-                      for r in range(world)]
-        for p in self.procs:
-            p.start()
-
-    def run(self, fn: Callable, *args, timeout: float = 120) -> None:
-        port = _free_port()
-        for q in self.tasks:
-            q.put((fn, args, port))
-        errors = []
-        for _ in range(self.world):
-            try:
-                rank, err = self.results.get(timeout=timeout)
-            except queue.Empty:
-                self.close()
-                pytest.fail(f"a rank did not finish {fn.__name__} within {timeout} s")
-            if err is not None:
-                errors.append(f"rank {rank}:\n{err}")
-        if errors:
-            pytest.fail("\n".join(errors), pytrace=False)
-
-    def close(self) -> None:
-        for q, p in zip(self.tasks, self.procs):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def ranks():
     pool = Ranks()
@@ -129,29 +56,6 @@ def shard(t, mesh, placements):
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(t.clone(), mesh, placements, src_data_rank=None)
-
-
-def same_on_every_rank(value) -> None:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    assert all(repr(g) == repr(gathered[0]) for g in gathered), gathered
-
-
-def assert_close_records(ours, theirs) -> None:
-    assert len(ours) == len(theirs)
-    for k, (a, b) in enumerate(zip(ours, theirs), start=1):
-        for name, x, y in zip(RECORD, a, b):
-            if isinstance(x, float) and isinstance(y, float):
-                assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12), (
-                    f"call {k}: {name} {x} vs {y}"
-                )
-            else:
-                assert x == y, f"call {k}: {name} {x!r} vs {y!r}"
-
-
-def telemetry_row(opt) -> tuple:
-    t = opt.telemetry()
-    return tuple(t[k] for k in RECORD)
 
 
 def counting_all_reduce():
