@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .controller_op import fused_decide_
+from .controller_op import fused_decide_, summary_decide_
 
 
 @dataclass
@@ -150,6 +150,15 @@ class Backend:
             return
         summary = None if partials is None else reference.summarize(partials, numels, cfg.use_max_rms, numel_total)
         guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+
+    def decide_summary_(
+        self, guard: Tensor, summary: Optional[Tensor], *, analyze: "bool | Tensor", check_finite: bool,
+        cfg: "reference.GuardConfig",
+    ) -> None:
+        """Rules 1-4 in place on ``guard`` from a call's summary instead of its rows (pipeline
+        stages combine theirs: pipeline.py); the controller kernel under the same conditions."""
+        summary_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg,
+                        use_kernel=self.fused_controller)
 
 
 def split_by_dtype(group: GroupTensors) -> List[GroupTensors]:

@@ -87,3 +87,20 @@ def fused_decide_(
         on_device is None and bool(analyze), check_finite, config,
     )
     return True
+
+
+def summary_decide_(
+    guard: Tensor, summary: Optional[Tensor], *, analyze: Union[bool, Tensor], check_finite: bool,
+    cfg: reference.GuardConfig, use_kernel: bool,
+) -> None:
+    """Rules 1-4 in place on ``guard`` from a call's summary (:func:`reference.summarize`'s
+    ``[x, signed_mean, grad_norm, nonfinite]``; None when nothing is due), as pipeline stages
+    have it (pipeline.py): ``torch.ops.lbw.guard_decide_`` (bitwise the reference's decision)
+    when ``use_kernel`` and it applies as for :func:`fused_decide_`, else the reference's ops."""
+    config = (_config_of if torch.compiler.is_compiling() else controller_config)(cfg) if use_kernel else None
+    if (config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices()
+            or (summary is not None and summary.dtype != torch.float64)):
+        guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
+        return
+    on_device = analyze if isinstance(analyze, Tensor) else None
+    torch.ops.lbw.guard_decide_(guard, summary, on_device, on_device is None and bool(analyze), check_finite, config)

@@ -21,6 +21,8 @@ sharded gradient are the sums of its shards' partials:
 * ``Partial`` gradients (not yet reduced) are refused: their partials are not sums of shards.
 * **DDP** (plain replicated params whose gradients DDP has already averaged): every rank holds
   the same gradients, so the same decisions follow with no communication at all.
+* **Pipeline stages** hold different tensors: their telemetry is combined after this
+  reduction, over ``pipeline_group`` (pipeline.py).
 * **FSDP1** parameters are refused (check_no_fsdp1_shards). ``ZeroRedundancyOptimizer`` is not
   supported either, and cannot be seen from here: it gives each rank's optimizer only that
   rank's params, so each rank would decide on its own partition.

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
+from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, check_no_fsdp1_shards, may_be_state_init_call
 from .optimizer_state import OptimizerState
+from .pipeline import model_summary, resolve_pipeline_group
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
@@ -107,6 +109,10 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``backend`` picks who does the passes over memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
     ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
 
+    ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
+    ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's
+    telemetry is combined over them so every stage takes one decision (lbw_kernels.pipeline).
+
     ``amsgrad``, ``foreach``, ``capturable``, ``differentiable``, ``fused``: torch.optim.AdamW's
     switches, taken so that a call written for it works unchanged. ``backend`` chooses the
     implementation here (``foreach`` and ``fused`` are ignored), every step can be captured in
@@ -141,8 +147,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        pipeline_group=None,
     ):
         check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused)
+        pipeline = resolve_pipeline_group(pipeline_group)
         # numpy scalars as the Python numbers they hold (torch.optim.AdamW takes them; a config or
         # checkpoint holding numpy objects would not load with torch.load(weights_only=True))
         stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay = map(
@@ -174,6 +182,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.guard_config = config
         self.gate = gate
         self.backend = backend
+        self.pipeline_group = pipeline  # a ProcessGroup or None (pipeline.py)
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
@@ -195,6 +204,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 "_schedule_on_device")
 
     def __getstate__(self) -> Dict[str, Any]:
+        if self.__dict__.get("pipeline_group") is not None:
+            raise TypeError("a GuardedAdamW with a pipeline_group cannot be copied or pickled (its ProcessGroup "
+                            "cannot be); save its state_dict() instead")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -203,6 +215,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("_sharded", ShardedTelemetry())
+        self.__dict__.setdefault("pipeline_group", None)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -329,7 +342,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         state_init = not torch.compiler.is_compiling() and may_be_state_init_call(self.param_groups, self.state)
         plan, backend, grads_per_group = self._prepare()
         if backend is None:
-            self._guard[ref.CALLS] += 1
+            if self.pipeline_group is None:
+                self._guard[ref.CALLS] += 1
+            elif not self._decide_without_grads(state_init):  # (the other stages gather this call's summary)
+                return loss
             self._count_call()
             return loss
         device = plan.device
@@ -339,8 +355,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard
-        analyze = plan.telemetry_rows > 0 and self._telemetry_due(device, guard)
-        check_finite = plan.telemetry_rows > 0 and cfg.skip_nonfinite
+        # (a pipeline stage without rows still sends its empty summary: every stage gathers)
+        rows = plan.telemetry_rows > 0 or self.pipeline_group is not None
+        analyze = rows and self._telemetry_due(device, guard)
+        check_finite = rows and cfg.skip_nonfinite
         measure = isinstance(analyze, Tensor) or analyze or check_finite
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = plan.telemetry_grads(groups)
@@ -351,11 +369,19 @@ class GuardedAdamW(torch.optim.Optimizer):
             nonlocal counted
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-            if state_init and partials is not None and not stream_is_capturing(device) and not partials.any():
+            summary = None
+            if measure and self.pipeline_group is not None:
+                summary = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
+                                        cfg.use_max_rms, guard.dtype, device)
+            reading = partials if summary is None else summary
+            if state_init and reading is not None and not stream_is_capturing(device) and not reading.any():
                 counted = False  # DCP creating the state: the guard stays out (.any() syncs, this call only)
                 return
-            backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
-                            check_finite=check_finite, cfg=cfg)
+            if summary is not None:
+                backend.decide_summary_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
+            else:
+                backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
+                                check_finite=check_finite, cfg=cfg)
 
         if self.gate == "exact":
             skip = guard[ref.SKIP] if check_finite else None
@@ -375,6 +401,21 @@ class GuardedAdamW(torch.optim.Optimizer):
         if counted:
             self._count_call()
         return loss
+
+    def _decide_without_grads(self, state_init: bool) -> bool:
+        """A pipeline stage's call with no gradient at all: rules 1-4 on the other stages'
+        summaries, gathered with an empty one from here (the gather is a collective). False
+        for DCP's state-creating call, which the guard stays out of (see step)."""
+        cfg, guard = self.guard_config, self._guard
+        analyze = self._telemetry_due(guard.device, guard)
+        check_finite = cfg.skip_nonfinite
+        summary = None
+        if isinstance(analyze, Tensor) or analyze or check_finite:
+            summary = model_summary(self.pipeline_group, None, None, None, cfg.use_max_rms, guard.dtype, guard.device)
+            if state_init and not stream_is_capturing(guard.device) and not summary.any():
+                return False
+        summary_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg, use_kernel=True)
+        return True
 
     def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
         """Rule 2's schedule for this call: a host bool, or a device bool read from the guard's

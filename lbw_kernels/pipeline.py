@@ -1,0 +1,93 @@
+"""Pipeline parallelism: one guard decision for a model split into stages.
+
+Under pipeline parallelism each rank's optimizer holds only its stage's params (torchtitan
+builds one per model part), so each would read only its own stage's telemetry: every stage
+would scale its learning rate on its own, and a NaN gradient in one stage would skip that
+stage's update alone, leaving the model half stepped. With ``GuardedAdamW(...,
+pipeline_group=group)`` each call's telemetry is combined over ``group`` (the ranks that hold
+the other stages, e.g. torchtitan's ``world_mesh["pp"]``) before rules 1-4, so every stage
+takes the decision that one optimizer over the whole model would take.
+
+Stages hold different tensors, so their rows cannot be summed as DTensor shards' are
+(distributed.py, which still runs first, over a stage's own data-parallel ranks). Each stage
+sends a summary of a fixed size instead: one ``all_gather`` of 7 numbers per call, enqueued
+like any collective (no host sync on NCCL), and stages never have to agree on a layout. The
+whole model's summary (reference.summarize's ``[x, signed_mean, grad_norm, nonfinite]``) is
+formed from the stages' summaries:
+
+* ``x``: the max over stages of their max mean square (``use_max_rms``), or the sum over
+  stages of their mean squares over their number of tensors;
+* ``signed_mean``: the sum of their gradient sums over the sum of their element counts;
+* ``grad_norm``: the square root of the sum of their sums of squares;
+* ``nonfinite``: the sum of their counts.
+
+``x`` under ``use_max_rms`` and ``nonfinite`` are exactly what one optimizer over all the
+params computes; the sums are added in another order (the last bits may differ).
+
+The gather is a collective, so every stage's optimizer must call ``step()`` on every
+iteration, as every pipeline schedule does (a stage with no gradient on a call still takes
+part and sends an empty summary).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_FIELDS = 7  # max mean square, sum of mean squares, tensors, sum g, elements, sum g^2, non-finite
+
+
+def resolve_pipeline_group(group):
+    """``pipeline_group`` as the process group to gather over: None, a ProcessGroup, or a 1-D
+    DeviceMesh (its group). Raises naming the parameter otherwise."""
+    if group is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("pipeline_group: torch.distributed is not initialized (init_process_group first)")
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    mesh_type = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
+    if mesh_type is not None and isinstance(group, mesh_type):
+        if group.ndim != 1:
+            raise ValueError(f"pipeline_group: a DeviceMesh must be 1-D (the stages' dim), got {group.ndim}-D")
+        return group.get_group()
+    raise TypeError(f"pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
+
+
+def stage_summary(partials: Optional[Tensor], numels: Optional[Tensor], numel_total: Optional[Tensor],
+                  dtype: torch.dtype, device) -> Tensor:
+    """This stage's ``[7]`` message from its telemetry rows (``partials`` [T, 3], ``numels``
+    [T] and their sum; None or no rows: an empty stage, whose max is -inf)."""
+    if partials is None or partials.shape[0] == 0:
+        empty = torch.zeros(_FIELDS, dtype=dtype, device=device)
+        empty[0] = float("-inf")
+        return empty
+    sumsq, sums, nonfinite = partials.to(dtype).unbind(1)
+    grad_ms = sumsq / numels
+    tensors = torch.full((), grad_ms.shape[0], dtype=dtype, device=grad_ms.device)
+    total = numels.sum() if numel_total is None else numel_total
+    return torch.stack([grad_ms.amax(), grad_ms.sum(), tensors, sums.sum(), total.to(dtype), sumsq.sum(),
+                        nonfinite.sum()])
+
+
+def combine(summaries: Tensor, use_max_rms: bool) -> Tensor:
+    """The stages' messages ``[stages, 7]`` -> the whole model's ``[x, signed_mean, grad_norm,
+    nonfinite]``, as reference.summarize gives for all the rows."""
+    ms_max, ms_sum, tensors, sums, elements, sumsq, nonfinite = summaries.unbind(1)
+    x = ms_max.amax() if use_max_rms else ms_sum.sum() / tensors.sum()
+    return torch.stack([x, sums.sum() / elements.sum(), sumsq.sum().sqrt(), nonfinite.sum()])
+
+
+def model_summary(group, partials: Optional[Tensor], numels: Optional[Tensor], numel_total: Optional[Tensor],
+                  use_max_rms: bool, dtype: torch.dtype, device) -> Tensor:
+    """The summary of every stage's telemetry rows, the same on every rank of ``group``."""
+    mine = stage_summary(partials, numels, numel_total, dtype, device)
+    stages = dist.get_world_size(group)
+    if stages == 1:
+        return combine(mine.unsqueeze(0), use_max_rms)
+    gathered = mine.new_empty((stages * _FIELDS,))
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    return combine(gathered.view(stages, _FIELDS), use_max_rms)

@@ -1,0 +1,190 @@
+"""Pipeline parallelism (``pipeline_group``): stages holding different params take the decisions
+one optimizer over the whole model takes.
+
+Each rank is a stage with its own GuardedAdamW over its slice of the model; beside it runs one
+optimizer over the whole model on the same gradients (and, as a control, the stage's optimizer
+without ``pipeline_group``). Float64; telemetry to 1e-12, since the stages' sums are added in
+another order than one optimizer's (x and the non-finite count are exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.backends import availability
+from rank_pool import Ranks, assert_close_records, same_on_every_rank, telemetry_row
+from streams import random_stream
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+# Stage 0 and stage 1 hold different numbers of tensors (one of 0 elements: no telemetry row).
+STAGES = [[(6, 5), (17,), (0,), (3,)], [(4, 4), (2, 3), (1,)]]
+SHAPES = STAGES[0] + STAGES[1]
+FIRST = [0, len(STAGES[0])]  # index of each stage's first tensor in SHAPES
+
+
+def backends():
+    return [b for b in ("reference", "cpp") if availability()[b] is None]
+
+
+def scripted_stream():
+    """Spikes at calls 3, 4, 9 and a flip at 6 (over every tensor); a NaN in stage 1 only at call
+    11 and in stage 0 only at call 13; at call 8 stage 1 has no gradient at all."""
+    stream = random_stream(14, SHAPES, seed=7, spikes=(3, 4, 9), flips=(6,))
+    stream[10][FIRST[1]].view(-1)[0] = float("nan")
+    stream[12][1][-1] = float("nan")
+    for i in range(FIRST[1], len(SHAPES)):
+        stream[7][i] = None
+    return stream
+
+
+def whole_model():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+
+
+def step_with(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    opt.step()
+    return telemetry_row(opt)
+
+
+def _stages_worker(rank, backend):
+    stream = scripted_stream()
+    mine = slice(FIRST[rank], FIRST[rank] + len(STAGES[rank]))
+    for gate in ("exact", "single_pass"):
+        for stats_freq in (1, 3):
+            for policy in ("lbw", "zscore"):
+                kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy)
+                full = whole_model()
+                stage = [p.clone() for p in full[mine]]
+                alone = [p.clone() for p in full[mine]]
+                opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD, **kw)
+                opt_alone = GuardedAdamW(alone, **kw)
+                whole = GuardedAdamW(full, **kw)
+                ours, theirs, alone_rows = [], [], []
+                for grads in stream:
+                    ours.append(step_with(opt, stage, grads[mine]))
+                    alone_rows.append(step_with(opt_alone, alone, grads[mine]))
+                    theirs.append(step_with(whole, full, grads))
+                where = f"{gate} stats_freq={stats_freq} {policy}"
+                assert_close_records(ours, theirs)
+                for p, q in zip(stage, full[mine]):
+                    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=where)
+                same_on_every_rank(ours)
+                regimes = [r[1] for r in ours]
+                assert regimes[10] == regimes[12] == "nonfinite" and ours[-1][2] == 2, (where, regimes)
+                if stats_freq == 1 and policy == "lbw":  # the stream reaches every regime
+                    assert {"spike", "oscillation", "calm"} <= set(regimes), (where, regimes)
+                # the control: on its own, a stage misses the other stage's NaN (and its telemetry)
+                assert [r[2] for r in alone_rows][-1] == 1, (where, alone_rows[-1])
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    pool = Ranks()
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_stages_decide_as_one_optimizer_over_the_whole_model(ranks, backend):
+    """Two stages (4 and 3 tensors), both gates, stats_freq 1 and 3, both policies: a NaN in
+    either stage only skips the call on both, a call where one stage has no gradient still
+    decides on the other's, and telemetry, skips and params equal one optimizer's."""
+    if backend not in backends():
+        pytest.skip(f"backend {backend!r} is not built here")
+    ranks.run(_stages_worker, backend)
+
+
+def _dcp_state_init_worker(rank):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    module = torch.nn.Module()
+    module.ps = torch.nn.ParameterList(
+        [torch.nn.Parameter(p) for p in whole_model()[FIRST[rank]:FIRST[rank] + len(STAGES[rank])]]
+    )
+    opt = GuardedAdamW(module.parameters(), lr=1e-2, stats_freq=1, pipeline_group=dist.group.WORLD)
+    get_optimizer_state_dict(module, opt)  # a zero-gradient lr-0 step() on each stage
+    assert opt.telemetry()["step"] == 0 and all(opt.state[p]["step"].item() == 1 for p in module.parameters())
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    t = opt.telemetry()
+    assert t["step"] == 1 and t["grad_ms"] == 1.0 and t["regime"] == "calm"
+
+
+def test_dcp_state_init_call_is_kept_out_of_the_guard_on_every_stage(ranks):
+    ranks.run(_dcp_state_init_worker)
+
+
+def _refusals_worker(rank):
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    p = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got str"):
+        GuardedAdamW([p], pipeline_group="pp")
+    with pytest.raises(ValueError, match="pipeline_group: a DeviceMesh must be 1-D"):
+        GuardedAdamW([p], pipeline_group=init_device_mesh("cpu", (2, 1)))
+    opt = GuardedAdamW([p], lr=0.1, pipeline_group=init_device_mesh("cpu", (2,)))  # a 1-D mesh: its group
+    p.grad = torch.full_like(p, float(rank + 1))
+    opt.step()
+    assert opt.telemetry()["grad_ms"] == 4.0  # the max over both stages' mean squares (1 and 4)
+    with pytest.raises(TypeError, match="pipeline_group cannot be copied"):
+        copy.deepcopy(opt)
+
+
+def test_bad_pipeline_group_is_refused(ranks):
+    ranks.run(_refusals_worker)
+
+
+def test_pipeline_group_needs_torch_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="pipeline_group: torch.distributed is not initialized"):
+        GuardedAdamW([torch.ones(3)], pipeline_group=object())
+
+
+def _pp_dp_worker(rank, backend):
+    """4 ranks as 2 stages x 2 data-parallel shards: DTensor params sharded over the stage's own
+    dp ranks (summed there first, distributed.py), then combined over the pp dim."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage_id = mesh.get_coordinate()[0]
+    mine = slice(FIRST[stage_id], FIRST[stage_id] + len(STAGES[stage_id]))
+    stream = scripted_stream()
+    for gate in ("exact", "single_pass"):
+        kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+        full = whole_model()
+        stage = [distribute_tensor(p.clone(), mesh["dp"], [Shard(0)], src_data_rank=None) for p in full[mine]]
+        opt = GuardedAdamW(stage, pipeline_group=mesh["pp"], **kw)
+        whole = GuardedAdamW(full, **kw)
+        ours, theirs = [], []
+        for grads in stream:
+            for p, g in zip(stage, grads[mine]):
+                p.grad = None if g is None else distribute_tensor(g.clone(), mesh["dp"], [Shard(0)], src_data_rank=None)
+            opt.step()
+            ours.append(telemetry_row(opt))
+            theirs.append(step_with(whole, full, grads))
+        assert_close_records(ours, theirs)
+        for p, q in zip(stage, full[mine]):
+            torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12)
+        same_on_every_rank(ours)
+        assert [r[1] for r in ours][10] == "nonfinite"
+
+
+def test_pipeline_stages_with_data_parallel_shards_decide_as_one_optimizer():
+    pool = Ranks(world=4)
+    try:
+        pool.run(_pp_dp_worker, backends()[-1], timeout=180)
+    finally:
+        pool.close()
