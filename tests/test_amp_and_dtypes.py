@@ -32,6 +32,18 @@ def test_grad_scaler_unscale_then_step():
     assert opt.telemetry()["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
 
 
+def test_grad_scaler_step_unscales_before_the_guard_reads():
+    """Without an explicit unscale_, scaler.step unscales (GuardedAdamW does not claim
+    GradScaler's fused path, whose grads would arrive scaled)."""
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale((p * torch.arange(10.0)).sum()).backward()
+    scaler.step(opt)
+    assert opt.telemetry()["grad_ms"] == pytest.approx((torch.arange(10.0) ** 2).mean().item())
+    assert not getattr(opt, "_step_supports_amp_scaling", False)
+
+
 def test_grad_scaler_skips_inf_steps_without_calling_step():
     p = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([p], lr=0.1)
