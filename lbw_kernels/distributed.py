@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import GroupTensors
+from .pipeline import check_stage_group
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -95,10 +96,11 @@ class ShardedTelemetry:
     tensors' shapes or placements change.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline_group=None) -> None:
         self._key: Optional[tuple] = None
         self._layout: Optional[_Layout] = None
         self.active = False  # whether this call's tensors include a DTensor
+        self._pipeline_group = pipeline_group  # must not share the mesh's ranks (pipeline.py)
 
     def local_groups(self, groups: Sequence[GroupTensors], has_dtensor: bool) -> List[GroupTensors]:
         """``has_dtensor``: whether any param or grad of the call is a DTensor (the optimizer's
@@ -109,8 +111,10 @@ class ShardedTelemetry:
             return list(groups)
         key = _layout_key(groups)
         if key != self._key:
-            self._layout = _Layout.build(groups)
-            self._key = key
+            layout = _Layout.build(groups)
+            if self._pipeline_group is not None:
+                check_stage_group(self._pipeline_group, layout.group)
+            self._layout, self._key = layout, key
         return [
             replace(
                 group,

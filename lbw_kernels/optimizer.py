@@ -20,7 +20,7 @@ from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, check_no_fsdp1_shards, may_be_state_init_call
 from .optimizer_state import OptimizerState
-from .pipeline import model_summary, resolve_pipeline_group
+from .pipeline import model_summary, only_rows_analyzed, resolve_pipeline_group
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
@@ -195,7 +195,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
-        self._sharded = ShardedTelemetry()  # DTensor params: local shards, partials across ranks
+        self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
@@ -214,8 +214,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
-        self.__dict__.setdefault("_sharded", ShardedTelemetry())
         self.__dict__.setdefault("pipeline_group", None)
+        self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -303,25 +303,27 @@ class GuardedAdamW(torch.optim.Optimizer):
     # (a compiled step with stats_freq=10 analysed every call); and torch 2.11's dynamo
     # fails on attribute writes to an optimizer passed into a compiled function.
     @_run_eagerly
-    def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]]]:
+    def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]], bool]:
         """The call's gradients, its validated plan and its backend (None when no param has a
-        gradient), with the guard moved to the params' device if they moved since construction."""
+        gradient), with the guard moved to the params' device if they moved since construction;
+        and whether this may be DCP's state-creating call (read before the plan creates state)."""
         check_groups_at_step(self.param_groups)
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
+        state_init = may_be_state_init_call(self.param_groups, self.state)
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
         plan = self._plan_for(grads)
         if not plan.groups:
-            return plan, None, grads.per_group
+            return plan, None, grads.per_group, state_init
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
-        return plan, self._backend_for(device), grads.per_group
+        return plan, self._backend_for(device), grads.per_group, state_init
 
     @_run_eagerly
     def _count_call(self) -> None:
@@ -338,9 +340,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # (before _prepare, whose plan creates the state: DCP's call finds none)
-        state_init = not torch.compiler.is_compiling() and may_be_state_init_call(self.param_groups, self.state)
-        plan, backend, grads_per_group = self._prepare()
+        plan, backend, grads_per_group, state_init = self._prepare()
         if backend is None:
             if self.pipeline_group is None:
                 self._guard[ref.CALLS] += 1
@@ -369,16 +369,17 @@ class GuardedAdamW(torch.optim.Optimizer):
             nonlocal counted
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
-            summary = None
-            if measure and self.pipeline_group is not None:
-                summary = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
-                                        cfg.use_max_rms, guard.dtype, device)
+            summary, analyze_now = None, analyze
+            if self.pipeline_group is not None:  # once on every call, measured or not: pipeline.py
+                summary, rows_total = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
+                                                    cfg.use_max_rms, guard.dtype, device)
+                analyze_now = only_rows_analyzed(analyze, rows_total)
             reading = partials if summary is None else summary
             if state_init and reading is not None and not stream_is_capturing(device) and not reading.any():
                 counted = False  # DCP creating the state: the guard stays out (.any() syncs, this call only)
                 return
             if summary is not None:
-                backend.decide_summary_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg)
+                backend.decide_summary_(guard, summary, analyze=analyze_now, check_finite=check_finite, cfg=cfg)
             else:
                 backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
                                 check_finite=check_finite, cfg=cfg)
@@ -407,14 +408,12 @@ class GuardedAdamW(torch.optim.Optimizer):
         summaries, gathered with an empty one from here (the gather is a collective). False
         for DCP's state-creating call, which the guard stays out of (see step)."""
         cfg, guard = self.guard_config, self._guard
-        analyze = self._telemetry_due(guard.device, guard)
-        check_finite = cfg.skip_nonfinite
-        summary = None
-        if isinstance(analyze, Tensor) or analyze or check_finite:
-            summary = model_summary(self.pipeline_group, None, None, None, cfg.use_max_rms, guard.dtype, guard.device)
-            if state_init and not stream_is_capturing(guard.device) and not summary.any():
-                return False
-        summary_decide_(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg, use_kernel=True)
+        summary, rows_total = model_summary(self.pipeline_group, None, None, None, cfg.use_max_rms, guard.dtype,
+                                            guard.device)
+        if state_init and not stream_is_capturing(guard.device) and not summary.any():
+            return False
+        analyze = only_rows_analyzed(self._telemetry_due(guard.device, guard), rows_total)
+        summary_decide_(guard, summary, analyze=analyze, check_finite=cfg.skip_nonfinite, cfg=cfg, use_kernel=True)
         return True
 
     def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:

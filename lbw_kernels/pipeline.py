@@ -24,14 +24,18 @@ formed from the stages' summaries:
 ``x`` under ``use_max_rms`` and ``nonfinite`` are exactly what one optimizer over all the
 params computes; the sums are added in another order (the last bits may differ).
 
-The gather is a collective, so every stage's optimizer must call ``step()`` on every
-iteration, as every pipeline schedule does (a stage with no gradient on a call still takes
-part and sends an empty summary).
+The gather is a collective, so every stage's optimizer gathers exactly once per ``step()``,
+whatever its own telemetry schedule says (a call it does not measure sends an empty summary:
+stages whose schedules are read on the device, after a CUDA graph capture or under
+torch.compile, and stages whose schedules are read on the host still pair their gathers), and
+every stage's optimizer must call ``step()`` on every iteration, as every pipeline schedule
+does (a stage with no gradient on a call takes part too). When no stage has a gradient
+element, nothing is analysed, as for one optimizer without any.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +51,8 @@ def resolve_pipeline_group(group):
         return None
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("pipeline_group: torch.distributed is not initialized (init_process_group first)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on ranks outside it
+        raise ValueError("pipeline_group: this rank is not in the group (new_group returned NON_GROUP_MEMBER here)")
     if isinstance(group, dist.ProcessGroup):
         return group
     mesh_type = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
@@ -73,17 +79,19 @@ def stage_summary(partials: Optional[Tensor], numels: Optional[Tensor], numel_to
                         nonfinite.sum()])
 
 
-def combine(summaries: Tensor, use_max_rms: bool) -> Tensor:
+def combine(summaries: Tensor, use_max_rms: bool) -> Tuple[Tensor, Tensor]:
     """The stages' messages ``[stages, 7]`` -> the whole model's ``[x, signed_mean, grad_norm,
-    nonfinite]``, as reference.summarize gives for all the rows."""
+    nonfinite]``, as reference.summarize gives for all the rows, and the number of rows (0: no
+    stage had any, and the summary means nothing)."""
     ms_max, ms_sum, tensors, sums, elements, sumsq, nonfinite = summaries.unbind(1)
-    x = ms_max.amax() if use_max_rms else ms_sum.sum() / tensors.sum()
-    return torch.stack([x, sums.sum() / elements.sum(), sumsq.sum().sqrt(), nonfinite.sum()])
+    rows = tensors.sum()
+    x = ms_max.amax() if use_max_rms else ms_sum.sum() / rows
+    return torch.stack([x, sums.sum() / elements.sum(), sumsq.sum().sqrt(), nonfinite.sum()]), rows
 
 
 def model_summary(group, partials: Optional[Tensor], numels: Optional[Tensor], numel_total: Optional[Tensor],
-                  use_max_rms: bool, dtype: torch.dtype, device) -> Tensor:
-    """The summary of every stage's telemetry rows, the same on every rank of ``group``."""
+                  use_max_rms: bool, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """:func:`combine` over every stage's telemetry rows: the same on every rank of ``group``."""
     mine = stage_summary(partials, numels, numel_total, dtype, device)
     stages = dist.get_world_size(group)
     if stages == 1:
@@ -91,3 +99,24 @@ def model_summary(group, partials: Optional[Tensor], numels: Optional[Tensor], n
     gathered = mine.new_empty((stages * _FIELDS,))
     dist.all_gather_into_tensor(gathered, mine, group=group)
     return combine(gathered.view(stages, _FIELDS), use_max_rms)
+
+
+def only_rows_analyzed(analyze, rows: Tensor):
+    """The call's ``analyze`` (a host or device bool), off on the device when no stage had a
+    row: an empty reading (x = -inf) must not reach the analyzer's EMA."""
+    if isinstance(analyze, Tensor) or analyze:
+        return (rows > 0) & analyze
+    return analyze
+
+
+def check_stage_group(group, mesh_group) -> None:
+    """``pipeline_group`` must hold the ranks of the other stages only: a rank that shares this
+    rank's DTensor mesh holds the same stage, and its summary would count a second time (x and
+    the signed mean would survive that, the norm would grow by sqrt(replicas))."""
+    shared = set(dist.get_process_group_ranks(group)) & set(dist.get_process_group_ranks(mesh_group))
+    shared.discard(dist.get_rank())
+    if shared:
+        raise ValueError(
+            f"pipeline_group shares ranks {sorted(shared)} with the mesh of this stage's DTensor params: it "
+            "must hold one rank per stage (the other stages' ranks, e.g. world_mesh['pp']), not data-parallel ranks"
+        )

@@ -33,13 +33,15 @@ def backends():
 
 
 def scripted_stream():
-    """Spikes at calls 3, 4, 9 and a flip at 6 (over every tensor); a NaN in stage 1 only at call
-    11 and in stage 0 only at call 13; at call 8 stage 1 has no gradient at all."""
-    stream = random_stream(14, SHAPES, seed=7, spikes=(3, 4, 9), flips=(6,))
+    """Spikes at calls 3, 4, 9, 16 and a flip at 6 (over every tensor); a NaN in stage 1 only at
+    call 11 and in stage 0 only at call 13; at call 8 stage 1 has no gradient at all, at call 15
+    no stage has one (nothing to analyse: the spike at 16 must still be seen)."""
+    stream = random_stream(16, SHAPES, seed=7, spikes=(3, 4, 9, 16), flips=(6,))
     stream[10][FIRST[1]].view(-1)[0] = float("nan")
     stream[12][1][-1] = float("nan")
     for i in range(FIRST[1], len(SHAPES)):
         stream[7][i] = None
+    stream[14] = [None] * len(SHAPES)
     return stream
 
 
@@ -58,32 +60,39 @@ def step_with(opt, params, grads):
 def _stages_worker(rank, backend):
     stream = scripted_stream()
     mine = slice(FIRST[rank], FIRST[rank] + len(STAGES[rank]))
-    for gate in ("exact", "single_pass"):
-        for stats_freq in (1, 3):
-            for policy in ("lbw", "zscore"):
-                kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy)
-                full = whole_model()
-                stage = [p.clone() for p in full[mine]]
-                alone = [p.clone() for p in full[mine]]
-                opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD, **kw)
-                opt_alone = GuardedAdamW(alone, **kw)
-                whole = GuardedAdamW(full, **kw)
-                ours, theirs, alone_rows = [], [], []
-                for grads in stream:
-                    ours.append(step_with(opt, stage, grads[mine]))
-                    alone_rows.append(step_with(opt_alone, alone, grads[mine]))
-                    theirs.append(step_with(whole, full, grads))
-                where = f"{gate} stats_freq={stats_freq} {policy}"
-                assert_close_records(ours, theirs)
-                for p, q in zip(stage, full[mine]):
-                    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=where)
-                same_on_every_rank(ours)
-                regimes = [r[1] for r in ours]
-                assert regimes[10] == regimes[12] == "nonfinite" and ours[-1][2] == 2, (where, regimes)
-                if stats_freq == 1 and policy == "lbw":  # the stream reaches every regime
-                    assert {"spike", "oscillation", "calm"} <= set(regimes), (where, regimes)
-                # the control: on its own, a stage misses the other stage's NaN (and its telemetry)
-                assert [r[2] for r in alone_rows][-1] == 1, (where, alone_rows[-1])
+    cases = [(gate, stats_freq, policy, True) for gate in ("exact", "single_pass") for stats_freq in (1, 3)
+             for policy in ("lbw", "zscore")]
+    # Stage 0 on the device schedule (as after a CUDA graph capture, or compiled), stage 1 on
+    # the host's, without the finite check: the stages must still gather once per call each.
+    cases += [(gate, 3, "lbw", False) for gate in ("exact", "single_pass")]
+    for gate, stats_freq, policy, skip_nonfinite in cases:
+        kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy,
+                  skip_nonfinite=skip_nonfinite)
+        full = whole_model()
+        stage = [p.clone() for p in full[mine]]
+        alone = [p.clone() for p in full[mine]]
+        opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD, **kw)
+        opt._schedule_on_device = not skip_nonfinite and rank == 0
+        opt_alone = GuardedAdamW(alone, **kw)
+        whole = GuardedAdamW(full, **kw)
+        ours, theirs, alone_rows = [], [], []
+        for grads in stream:
+            ours.append(step_with(opt, stage, grads[mine]))
+            alone_rows.append(step_with(opt_alone, alone, grads[mine]))
+            theirs.append(step_with(whole, full, grads))
+        where = f"{gate} stats_freq={stats_freq} {policy} skip_nonfinite={skip_nonfinite}"
+        assert_close_records(ours, theirs)
+        for p, q in zip(stage, full[mine]):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, equal_nan=True, msg=where)
+        same_on_every_rank(ours)
+        if not skip_nonfinite:
+            continue
+        regimes = [r[1] for r in ours]
+        assert regimes[10] == regimes[12] == "nonfinite" and ours[-1][2] == 2, (where, regimes)
+        if stats_freq == 1 and policy == "lbw":  # the stream reaches every regime
+            assert {"spike", "oscillation", "calm"} <= set(regimes) and regimes[15] == "spike", (where, regimes)
+        # the control: on its own, a stage misses the other stage's NaN (and its telemetry)
+        assert [r[2] for r in alone_rows][-1] == 1, (where, alone_rows[-1])
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +106,9 @@ def ranks():
 def test_stages_decide_as_one_optimizer_over_the_whole_model(ranks, backend):
     """Two stages (4 and 3 tensors), both gates, stats_freq 1 and 3, both policies: a NaN in
     either stage only skips the call on both, a call where one stage has no gradient still
-    decides on the other's, and telemetry, skips and params equal one optimizer's."""
+    decides on the other's, one where none has any changes nothing but the call count, and
+    telemetry, skips and params equal one optimizer's; also with the stages on different
+    telemetry schedules (device and host) and no finite check."""
     if backend not in backends():
         pytest.skip(f"backend {backend!r} is not built here")
     ranks.run(_stages_worker, backend)
@@ -130,6 +141,10 @@ def _refusals_worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
 
     p = torch.ones(3, dtype=torch.float64)
+    outside = dist.new_group([0])  # every rank must call new_group; rank 1 is not in this one
+    if rank == 1:
+        with pytest.raises(ValueError, match="pipeline_group: this rank is not in the group"):
+            GuardedAdamW([p], pipeline_group=outside)
     with pytest.raises(TypeError, match="pipeline_group must be a ProcessGroup or a 1-D DeviceMesh, got str"):
         GuardedAdamW([p], pipeline_group="pp")
     with pytest.raises(ValueError, match="pipeline_group: a DeviceMesh must be 1-D"):
@@ -180,6 +195,13 @@ def _pp_dp_worker(rank, backend):
             torch.testing.assert_close(p.full_tensor(), q, rtol=1e-12, atol=1e-12)
         same_on_every_rank(ours)
         assert [r[1] for r in ours][10] == "nonfinite"
+    # the whole world as the pipeline group would count each stage's data-parallel ranks twice
+    stage = [distribute_tensor(p.clone(), mesh["dp"], [Shard(0)], src_data_rank=None) for p in whole_model()[mine]]
+    opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD)
+    for p in stage:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"pipeline_group shares ranks \[\d\] with the mesh"):
+        opt.step()
 
 
 def test_pipeline_stages_with_data_parallel_shards_decide_as_one_optimizer():

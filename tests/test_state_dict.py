@@ -121,6 +121,22 @@ def test_dcp_state_init_call_takes_adamw_step_without_the_guard(gate, flatten, b
     assert all(torch.equal(a, b) for a, b in zip(params, params2))
 
 
+def test_dcp_state_init_call_is_recognised_by_a_compiled_step():
+    """``opt.step = torch.compile(opt.step)``, then the DCP call: the check runs in the step's
+    eager part, so the compiled step keeps the guard out too."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    module, params = _module(model())
+    opt = GuardedAdamW(groups(params), lr=1e-2, stats_freq=1, backend="reference")
+    opt.step = torch.compile(opt.step, backend="aot_eager")
+    get_optimizer_state_dict(module, opt)
+    assert opt.telemetry()["step"] == 0 and all(opt.state[p]["step"].item() == 1 for p in params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.telemetry()["step"] == 1 and opt.telemetry()["grad_ms"] == 1.0
+
+
 @pytest.mark.parametrize("case", ["lr_not_zero", "grads_not_zero", "state_exists"])
 def test_calls_that_only_resemble_the_dcp_state_init_call_are_guard_calls(case):
     """The guard stays out of one call only: no state yet, lr 0 in every group, and gradients
