@@ -413,7 +413,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         if state_init and not stream_is_capturing(guard.device) and not summary.any():
             return False
         analyze = only_rows_analyzed(self._telemetry_due(guard.device, guard), rows_total)
-        summary_decide_(guard, summary, analyze=analyze, check_finite=cfg.skip_nonfinite, cfg=cfg, use_kernel=True)
+        # (the controller the stages with gradients run: the kernel unless backend="reference")
+        summary_decide_(guard, summary, analyze=analyze, check_finite=cfg.skip_nonfinite, cfg=cfg,
+                        use_kernel=self.backend != "reference")
         return True
 
     def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:

@@ -62,8 +62,9 @@ def _stages_worker(rank, backend):
     mine = slice(FIRST[rank], FIRST[rank] + len(STAGES[rank]))
     cases = [(gate, stats_freq, policy, True) for gate in ("exact", "single_pass") for stats_freq in (1, 3)
              for policy in ("lbw", "zscore")]
-    # Stage 0 on the device schedule (as after a CUDA graph capture, or compiled), stage 1 on
-    # the host's, without the finite check: the stages must still gather once per call each.
+    # Stage 0's step compiled (its schedule read on the device, as after a CUDA graph capture),
+    # stage 1's eager (read on the host), without the finite check: the stages must still
+    # gather once per call each.
     cases += [(gate, 3, "lbw", False) for gate in ("exact", "single_pass")]
     for gate, stats_freq, policy, skip_nonfinite in cases:
         kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy,
@@ -72,7 +73,8 @@ def _stages_worker(rank, backend):
         stage = [p.clone() for p in full[mine]]
         alone = [p.clone() for p in full[mine]]
         opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD, **kw)
-        opt._schedule_on_device = not skip_nonfinite and rank == 0
+        if not skip_nonfinite and rank == 0:
+            opt.step = torch.compile(opt.step, backend="aot_eager")
         opt_alone = GuardedAdamW(alone, **kw)
         whole = GuardedAdamW(full, **kw)
         ours, theirs, alone_rows = [], [], []
@@ -95,6 +97,30 @@ def _stages_worker(rank, backend):
         assert [r[2] for r in alone_rows][-1] == 1, (where, alone_rows[-1])
 
 
+def _no_rows_worker(rank, backend):
+    """Calls on which no stage has a telemetry row although stage 0 has a (0-element) gradient,
+    and a NaN in stage 0 while stage 1 has no gradient; both use_max_rms settings."""
+    stream = random_stream(10, SHAPES, seed=11, spikes=(5,))
+    stream[2] = [g if s == (0,) else None for s, g in zip(SHAPES, stream[2])]
+    stream[5][0].view(-1)[0] = float("nan")
+    for i in range(FIRST[1], len(SHAPES)):
+        stream[5][i] = None
+    mine = slice(FIRST[rank], FIRST[rank] + len(STAGES[rank]))
+    for gate in ("exact", "single_pass"):
+        for policy in ("lbw", "zscore"):
+            for use_max_rms in (True, False):
+                kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend, policy=policy, use_max_rms=use_max_rms)
+                full = whole_model()
+                stage = [p.clone() for p in full[mine]]
+                opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD, **kw)
+                whole = GuardedAdamW(full, **kw)
+                ours = [step_with(opt, stage, grads[mine]) for grads in stream]
+                assert_close_records(ours, [step_with(whole, full, grads) for grads in stream])
+                assert ours[5][1] == "nonfinite", ours
+                if policy == "lbw":
+                    assert ours[4][1] == "spike", ours
+
+
 @pytest.fixture(scope="module")
 def ranks():
     pool = Ranks()
@@ -112,6 +138,38 @@ def test_stages_decide_as_one_optimizer_over_the_whole_model(ranks, backend):
     if backend not in backends():
         pytest.skip(f"backend {backend!r} is not built here")
     ranks.run(_stages_worker, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_calls_without_telemetry_rows_on_any_stage(ranks, backend):
+    if backend not in backends():
+        pytest.skip(f"backend {backend!r} is not built here")
+    ranks.run(_no_rows_worker, backend)
+
+
+def _scaler_worker(rank):
+    """GradScaler decides to skip from each rank's own gradients: an overflow in one stage only
+    would skip step() there alone and mispair the stages' gathers. ShardedGradScaler over the
+    stages' group skips on every stage together."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, pipeline_group=dist.group.WORLD)
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**10, process_group=dist.group.WORLD)
+    for it in range(4):
+        scaler.scale((p * (rank + 2)).sum()).backward()
+        if rank == 0 and it == 1:
+            p.grad[0] = float("inf")  # an overflow in stage 0 only
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    t = opt.telemetry()
+    assert t["step"] == 3 and t["grad_ms"] == 9.0  # the overflowed call skipped on both stages
+    same_on_every_rank([opt.telemetry(), scaler.get_scale()])
+
+
+def test_sharded_grad_scaler_over_the_stages_skips_them_together(ranks):
+    ranks.run(_scaler_worker)
 
 
 def _dcp_state_init_worker(rank):
