@@ -20,7 +20,7 @@ from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, check_no_fsdp1_shards, may_be_state_init_call
 from .optimizer_state import OptimizerState
-from .pipeline import model_summary, only_rows_analyzed, resolve_pipeline_group
+from .pipeline import check_same_options, model_summary, only_rows_analyzed, option_numbers, resolve_pipeline_group
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
@@ -196,6 +196,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
         self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
+        self._stage_options_checked = False  # pipeline stages compare their options at the first call
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
@@ -216,6 +217,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
+        self.__dict__.setdefault("_stage_options_checked", False)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -311,6 +313,11 @@ class GuardedAdamW(torch.optim.Optimizer):
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
         state_init = may_be_state_init_call(self.param_groups, self.state)
+        if self.pipeline_group is not None and not self._stage_options_checked:
+            self._stage_options_checked = True  # (on every stage's first call: they step together)
+            device = self.param_groups[0]["params"][0].device
+            if not stream_is_capturing(device):
+                check_same_options(self.pipeline_group, option_numbers(self.guard_config, self.gate), device)
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts

@@ -35,7 +35,9 @@ element, nothing is analysed, as for one optimizer without any.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+import zlib
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,3 +122,34 @@ def check_stage_group(group, mesh_group) -> None:
             f"pipeline_group shares ranks {sorted(shared)} with the mesh of this stage's DTensor params: it "
             "must hold one rank per stage (the other stages' ranks, e.g. world_mesh['pp']), not data-parallel ranks"
         )
+
+
+def check_same_options(group, options: Sequence[Tuple[str, float]], device) -> None:
+    """Every stage's guard options are the same (else they would decide apart while looking
+    one): one gather of the numbers, read on the host, on a stage's first call only. Every rank
+    compares the same gathered rows, so all of them raise together (none is left waiting)."""
+    mine = torch.tensor([value for _, value in options], dtype=torch.float64, device=device)
+    stages = dist.get_world_size(group)
+    rows = mine.new_empty((stages * mine.numel(),))
+    dist.all_gather_into_tensor(rows, mine, group=group)
+    rows = rows.view(stages, -1).cpu()
+    ranks = dist.get_process_group_ranks(group)
+    for i, (name, _) in enumerate(options):
+        values = rows[:, i]
+        if not torch.equal(values, values[:1].expand_as(values)):
+            seen = ", ".join(f"{v:g} on rank {r}" for r, v in zip(ranks, values.tolist()))
+            raise ValueError(f"pipeline_group: the stages' GuardedAdamW options differ: {name} is {seen}; every "
+                             "stage must take the same guard options (gate, policy and thresholds)")
+
+
+def option_numbers(cfg, gate: str) -> Sequence[Tuple[str, float]]:
+    """The guard options as named numbers for :func:`check_same_options`; the policy as a
+    checksum of its repr (a dataclass's repr holds its options; another policy's, its name)."""
+    policy = cfg.policy
+    described = repr(policy) if dataclasses.is_dataclass(policy) else str(getattr(policy, "name", type(policy).__name__))
+    names = ("auto_enabled", "stress_threshold", "spike_threshold", "min_scale", "recovery_fast", "use_max_rms",
+             "stats_freq", "ema_decay", "skip_nonfinite")
+    return [(name, float(getattr(cfg, name))) for name in names] + [
+        ("gate", float(gate == "single_pass")),
+        (f"policy ({described} here; a checksum of it)", float(zlib.crc32(described.encode()))),
+    ]

@@ -213,6 +213,15 @@ def _refusals_worker(rank):
     assert opt.telemetry()["grad_ms"] == 4.0  # the max over both stages' mean squares (1 and 4)
     with pytest.raises(TypeError, match="pipeline_group cannot be copied"):
         copy.deepcopy(opt)
+    # stages with other guard options would decide apart: every stage raises at its first call
+    for options, match in (({"stats_freq": 1 + rank}, "stats_freq is 1 on rank 0, 2 on rank 1"),
+                           ({"policy": ("lbw", "zscore")[rank]}, r"policy \((LBWPolicy\(\)|ZScorePolicy\(.*\)) here; a checksum of it\) is"),
+                           ({"gate": ("exact", "single_pass")[rank]}, "gate is 0 on rank 0, 1 on rank 1")):
+        q = torch.ones(3, dtype=torch.float64)
+        q.grad = torch.ones(3, dtype=torch.float64)
+        opt = GuardedAdamW([q], pipeline_group=dist.group.WORLD, **options)
+        with pytest.raises(ValueError, match=match):
+            opt.step()
 
 
 def test_bad_pipeline_group_is_refused(ranks):
