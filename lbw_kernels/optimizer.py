@@ -340,9 +340,11 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device, but on the
-        zero-gradient call with lr 0 that torch.distributed.checkpoint.state_dict makes to create
-        the state (distributed.may_be_state_init_call)."""
+        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device, but on two
+        first calls: one with lr 0 in every group (to tell the zero-gradient call that
+        torch.distributed.checkpoint.state_dict makes to create the state:
+        distributed.may_be_state_init_call), and with ``pipeline_group`` (the stages compare
+        their options: pipeline.check_same_options)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -30,7 +30,8 @@ stages whose schedules are read on the device, after a CUDA graph capture or und
 torch.compile, and stages whose schedules are read on the host still pair their gathers), and
 every stage's optimizer must call ``step()`` on every iteration, as every pipeline schedule
 does (a stage with no gradient on a call takes part too). When no stage has a gradient
-element, nothing is analysed, as for one optimizer without any.
+element, nothing is analysed, as for one optimizer without any. The stages' guard options are
+compared once, at the first call (:func:`check_same_options`).
 """
 
 from __future__ import annotations
