@@ -140,7 +140,7 @@ def test_dcp_state_init_call_is_recognised_by_a_compiled_step():
 @pytest.mark.parametrize("case", ["lr_not_zero", "grads_not_zero", "state_exists"])
 def test_calls_that_only_resemble_the_dcp_state_init_call_are_guard_calls(case):
     """The guard stays out of one call only: no state yet, lr 0 in every group, and gradients
-    that are all zero on every rank. Each condition alone does not do it."""
+    that are all zero on every rank. A call missing any one of them is a guard call."""
     params = model()
     opt = GuardedAdamW(groups(params), lr=0.0 if case != "lr_not_zero" else 1e-2, stats_freq=1)
     for g in opt.param_groups:
