@@ -213,6 +213,13 @@ def _refusals_worker(rank):
     assert opt.telemetry()["grad_ms"] == 4.0  # the max over both stages' mean squares (1 and 4)
     with pytest.raises(TypeError, match="pipeline_group cannot be copied"):
         copy.deepcopy(opt)
+    # a group of one stage gathers nothing and decides as an optimizer without one
+    alone = [dist.new_group([r]) for r in range(2)][rank]  # (every rank creates every group)
+    stream = random_stream(6, [(5,), (3, 2)], seed=rank, spikes=(4,), nan_at=(5,))
+    a = [torch.zeros(5, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)]
+    b = [t.clone() for t in a]
+    one, plain = GuardedAdamW(a, lr=0.1, stats_freq=1, pipeline_group=alone), GuardedAdamW(b, lr=0.1, stats_freq=1)
+    assert [step_with(one, a, g) for g in stream] == [step_with(plain, b, g) for g in stream]
     # stages with other guard options would decide apart: every stage raises at its first call
     for options, match in (({"stats_freq": 1 + rank}, "stats_freq is 1 on rank 0, 2 on rank 1"),
                            ({"policy": ("lbw", "zscore")[rank]}, r"policy \((LBWPolicy\(\)|ZScorePolicy\(.*\)) here; a checksum of it\) is"),
