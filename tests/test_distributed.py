@@ -304,10 +304,13 @@ def test_fsdp2_fully_shard_matches_one_process(ranks, gate):
 
 
 # ------------------------------------------------------------------------------ DDP
-def _ddp_worker(rank, backend):
+def _ddp_worker(rank, backend, bucket_view):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model, ref_model = DDP(_mlp()), _mlp()
+    # gradient_as_bucket_view: the grads are views into DDP's flat buckets, which DDP rebuilds
+    # after the first iteration (new storage: the kernel backends' cached tables must follow),
+    # kept across calls by zero_grad(set_to_none=False)
+    model, ref_model = DDP(_mlp(), gradient_as_bucket_view=bucket_view), _mlp()
     kw = dict(lr=1e-2, stats_freq=1, backend=backend)
     opt = GuardedAdamW(model.parameters(), **kw)
     ref = GuardedAdamW(ref_model.parameters(), **kw)
@@ -315,7 +318,7 @@ def _ddp_worker(rank, backend):
     calls, undo = counting_all_reduce()
     try:
         for x, y in _batches(9):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=not bucket_view)
             _loss(model, x[rank], y[rank]).backward()  # DDP averages the gradients
             calls.clear()
             opt.step()
@@ -333,8 +336,11 @@ def _ddp_worker(rank, backend):
     assert [r[1] for r in ours][4] == "nonfinite"
 
 
-def test_ddp_decisions_identical_on_every_rank(ranks):
-    ranks.run(_ddp_worker, cpu_backend())
+@pytest.mark.parametrize("backend, bucket_view", [("cpu", False), ("cpu", True), ("triton", True)])
+def test_ddp_decisions_identical_on_every_rank(ranks, backend, bucket_view):
+    if backend == "triton" and not (available("triton") and get_backend("triton").supports(torch.device("cpu"))):
+        pytest.skip("the triton backend does not run on CPU tensors here")
+    ranks.run(_ddp_worker, cpu_backend() if backend == "cpu" else backend, bucket_view)
 
 
 # ------------------------------------------------------------------------------ checkpoints
