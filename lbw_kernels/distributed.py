@@ -37,7 +37,7 @@ saves it. To load, a fresh optimizer needs its states allocated to serve as the 
 ``torch.distributed.checkpoint.state_dict`` work too: they keep only ``"state"`` and
 ``"param_groups"``, so the guard also rides in the first param's state (GuardedAdamW.state_dict);
 on an optimizer without state they first run a step with zero gradients and lr 0 to create
-AdamW's state, which the guard recognises and stays out of (:func:`may_be_state_init_call`).
+AdamW's state, which the guard recognises and stays out of (:func:`called_by_dcp_state_init`).
 """
 
 from __future__ import annotations
@@ -264,26 +264,28 @@ def init_state_(optimizer) -> None:
             optimizer._state_for(p)
 
 
-def may_be_state_init_call(param_groups: Sequence[dict], state) -> bool:
-    """The host's half of recognising torch.distributed.checkpoint.state_dict's state
-    initialisation (``_init_optim_state``): on an optimizer that holds no state, it sets every
-    gradient to zeros and every group's lr to 0 (``torch.tensor(0.0)`` if lr was a tensor) and
-    calls ``step()`` so that AdamW's state exists to be saved or loaded into. True when every
-    group's lr is 0 on the host and no param has state yet. The optimizer then lets AdamW take
-    that step, as torch.optim.AdamW would (step 1, zero moments), but keeps the guard out of it
-    if the call's telemetry, reduced over ranks, is all zeros: a zero reading would become the
-    analyzer's EMA, and every real call after it a spike (a small MLP's scale fell from 1 to
-    0.3 in 5 calls).
+def called_by_dcp_state_init(max_depth: int = 40) -> bool:
+    """Whether this ``step()`` is torch.distributed.checkpoint.state_dict's state creation
+    (``_init_optim_state``): on an optimizer that holds no state, get_/set_optimizer_state_dict
+    set every gradient to zeros and every lr to 0 and call ``step()`` so that AdamW's state
+    exists to be saved or loaded into. AdamW should take that step, as torch.optim.AdamW does
+    (step 1, zero moments), but the guard should not: a zero reading would become the
+    analyzer's EMA, and every real call after it a spike (a small MLP's scale fell from 1 to 0.3
+    in 5 calls).
 
-    Cheap on every call: the lr test comes first and fails in training unless a schedule is
-    at 0. A GPU-tensor lr is taken as not 0 (reading it would be a sync). Where this is True,
-    reading the telemetry is one sync: on a first call with lr 0 everywhere only (DCP's, or
-    the first of a warm-up from 0, whose gradients are not zero and which counts as usual)."""
-    for group in param_groups:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.device.type != "cpu" or lr.numel() != 1 or lr.item() != 0:
-                return False
-        elif lr != 0:
+    Told by who makes the call, found on the Python stack (host only, no tensor read: the
+    optimizer asks only while it holds no state, i.e. on its first call), not by the call's
+    numbers: a warm-up that starts at lr 0 looks the same from inside, and reading the
+    gradients would be a sync. ``max_depth`` covers the frames between (torch's step wrapper,
+    no_grad, torch.compile's resume functions)."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
             return False
-    return not any(dict.get(state, p) for group in param_groups for p in group["params"])
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and code.co_filename.replace("\\", "/").endswith(
+            "distributed/checkpoint/state_dict.py"
+        ):
+            return True
+        frame = frame.f_back
+    return False

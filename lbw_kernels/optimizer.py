@@ -18,9 +18,9 @@ from torch import Tensor
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
-from .distributed import ShardedTelemetry, check_no_fsdp1_shards, may_be_state_init_call
+from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
 from .optimizer_state import OptimizerState
-from .pipeline import check_same_options, model_summary, only_rows_analyzed, option_numbers, resolve_pipeline_group
+from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .validation import (
@@ -196,7 +196,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
         self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
-        self._stage_options_checked = False  # pipeline stages compare their options at the first call
+        if pipeline is not None:  # (a collective: every stage builds its optimizer)
+            check_same_options(pipeline, stage_options(config, gate))
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
@@ -217,7 +218,6 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
-        self.__dict__.setdefault("_stage_options_checked", False)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -308,16 +308,12 @@ class GuardedAdamW(torch.optim.Optimizer):
     def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]], bool]:
         """The call's gradients, its validated plan and its backend (None when no param has a
         gradient), with the guard moved to the params' device if they moved since construction;
-        and whether this may be DCP's state-creating call (read before the plan creates state)."""
+        and whether this is DCP's state-creating call (asked before the plan creates state, and
+        only while there is none)."""
         check_groups_at_step(self.param_groups)
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
-        state_init = may_be_state_init_call(self.param_groups, self.state)
-        if self.pipeline_group is not None and not self._stage_options_checked:
-            self._stage_options_checked = True  # (on every stage's first call: they step together)
-            device = self.param_groups[0]["params"][0].device
-            if not stream_is_capturing(device):
-                check_same_options(self.pipeline_group, option_numbers(self.guard_config, self.gate), device)
+        state_init = not self.state and called_by_dcp_state_init()
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
@@ -340,21 +336,22 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device, but on two
-        first calls: one with lr 0 in every group (to tell the zero-gradient call that
-        torch.distributed.checkpoint.state_dict makes to create the state:
-        distributed.may_be_state_init_call), and with ``pipeline_group`` (the stages compare
-        their options: pipeline.check_same_options)."""
+        """One guarded AdamW step (DESIGN.md rules 1-6). Never waits for the device. The
+        zero-gradient call that torch.distributed.checkpoint.state_dict makes to create the
+        state is AdamW's alone: the guard neither reads nor counts it
+        (distributed.called_by_dcp_state_init)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plan, backend, grads_per_group, state_init = self._prepare()
         if backend is None:
+            if state_init:  # (a frozen stage's: nothing to create, and no stage gathers)
+                return loss
             if self.pipeline_group is None:
                 self._guard[ref.CALLS] += 1
-            elif not self._decide_without_grads(state_init):  # (the other stages gather this call's summary)
-                return loss
+            else:  # the other stages gather this call's summary
+                self._decide_without_grads()
             self._count_call()
             return loss
         device = plan.device
@@ -368,14 +365,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         rows = plan.telemetry_rows > 0 or self.pipeline_group is not None
         analyze = rows and self._telemetry_due(device, guard)
         check_finite = rows and cfg.skip_nonfinite
-        measure = isinstance(analyze, Tensor) or analyze or check_finite
+        # DCP's state-creating call is AdamW's alone: no reading, no decision, not counted
+        # (every rank and stage is in that call together, so none gathers)
+        measure = (isinstance(analyze, Tensor) or analyze or check_finite) and not state_init
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
-        counted = True
 
         def decide(partials: Optional[Tensor]) -> None:  # rules 1-4 on this call's telemetry rows
-            nonlocal counted
+            if state_init:
+                return
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
             summary, analyze_now = None, analyze
@@ -383,10 +382,6 @@ class GuardedAdamW(torch.optim.Optimizer):
                 summary, rows_total = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
                                                     cfg.use_max_rms, guard.dtype, device)
                 analyze_now = only_rows_analyzed(analyze, rows_total)
-            reading = partials if summary is None else summary
-            if state_init and reading is not None and not stream_is_capturing(device) and not reading.any():
-                counted = False  # DCP creating the state: the guard stays out (.any() syncs, this call only)
-                return
             if summary is not None:
                 backend.decide_summary_(guard, summary, analyze=analyze_now, check_finite=check_finite, cfg=cfg)
             else:
@@ -394,7 +389,7 @@ class GuardedAdamW(torch.optim.Optimizer):
                                 check_finite=check_finite, cfg=cfg)
 
         if self.gate == "exact":
-            skip = guard[ref.SKIP] if check_finite else None
+            skip = guard[ref.SKIP] if check_finite and not state_init else None
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype):
                 decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
@@ -408,24 +403,20 @@ class GuardedAdamW(torch.optim.Optimizer):
                 backend.adamw_(groups, scale=scale, skip=None)
                 partials = None
             decide(partials)
-        if counted:
+        if not state_init:
             self._count_call()
         return loss
 
-    def _decide_without_grads(self, state_init: bool) -> bool:
+    def _decide_without_grads(self) -> None:
         """A pipeline stage's call with no gradient at all: rules 1-4 on the other stages'
-        summaries, gathered with an empty one from here (the gather is a collective). False
-        for DCP's state-creating call, which the guard stays out of (see step)."""
+        summaries, gathered with an empty one from here (the gather is a collective)."""
         cfg, guard = self.guard_config, self._guard
         summary, rows_total = model_summary(self.pipeline_group, None, None, None, cfg.use_max_rms, guard.dtype,
                                             guard.device)
-        if state_init and not stream_is_capturing(guard.device) and not summary.any():
-            return False
         analyze = only_rows_analyzed(self._telemetry_due(guard.device, guard), rows_total)
         # (the controller the stages with gradients run: the kernel unless backend="reference")
         summary_decide_(guard, summary, analyze=analyze, check_finite=cfg.skip_nonfinite, cfg=cfg,
                         use_kernel=self.backend != "reference")
-        return True
 
     def _telemetry_due(self, device: torch.device, guard: Tensor) -> Union[bool, Tensor]:
         """Rule 2's schedule for this call: a host bool, or a device bool read from the guard's

@@ -31,14 +31,13 @@ torch.compile, and stages whose schedules are read on the host still pair their 
 every stage's optimizer must call ``step()`` on every iteration, as every pipeline schedule
 does (a stage with no gradient on a call takes part too). When no stage has a gradient
 element, nothing is analysed, as for one optimizer without any. The stages' guard options are
-compared once, at the first call (:func:`check_same_options`).
+compared once, when each stage builds its optimizer (:func:`check_same_options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -125,32 +124,28 @@ def check_stage_group(group, mesh_group) -> None:
         )
 
 
-def check_same_options(group, options: Sequence[Tuple[str, float]], device) -> None:
-    """Every stage's guard options are the same (else they would decide apart while looking
-    one): one gather of the numbers, read on the host, on a stage's first call only. Every rank
-    compares the same gathered rows, so all of them raise together (none is left waiting)."""
-    mine = torch.tensor([value for _, value in options], dtype=torch.float64, device=device)
-    stages = dist.get_world_size(group)
-    rows = mine.new_empty((stages * mine.numel(),))
-    dist.all_gather_into_tensor(rows, mine, group=group)
-    rows = rows.view(stages, -1).cpu()
+def check_same_options(group, options: Sequence[Tuple[str, object]]) -> None:
+    """Every stage's guard options are the same (else the stages would decide apart while
+    looking as one): gathered when each stage builds its optimizer (a collective, like building
+    DDP; none in ``step()``; on NCCL, as for any object collective, after the rank's
+    ``torch.cuda.set_device``). Every rank compares the same gathered lists, so all of them
+    raise together, naming the option and each rank's value."""
+    gathered: List[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(options), group=group)
     ranks = dist.get_process_group_ranks(group)
     for i, (name, _) in enumerate(options):
-        values = rows[:, i]
-        if not torch.equal(values, values[:1].expand_as(values)):
-            seen = ", ".join(f"{v:g} on rank {r}" for r, v in zip(ranks, values.tolist()))
+        values = [theirs[i][1] for theirs in gathered]
+        if any(v != values[0] for v in values):
+            seen = ", ".join(f"{v!r} on rank {r}" for r, v in zip(ranks, values))
             raise ValueError(f"pipeline_group: the stages' GuardedAdamW options differ: {name} is {seen}; every "
                              "stage must take the same guard options (gate, policy and thresholds)")
 
 
-def option_numbers(cfg, gate: str) -> Sequence[Tuple[str, float]]:
-    """The guard options as named numbers for :func:`check_same_options`; the policy as a
-    checksum of its repr (a dataclass's repr holds its options; another policy's, its name)."""
+def stage_options(cfg, gate: str) -> Sequence[Tuple[str, object]]:
+    """The guard options the stages must share, as (name, value); the policy by its repr (a
+    dataclass's holds its options; another policy's, its name)."""
     policy = cfg.policy
     described = repr(policy) if dataclasses.is_dataclass(policy) else str(getattr(policy, "name", type(policy).__name__))
     names = ("auto_enabled", "stress_threshold", "spike_threshold", "min_scale", "recovery_fast", "use_max_rms",
              "stats_freq", "ema_decay", "skip_nonfinite")
-    return [(name, float(getattr(cfg, name))) for name in names] + [
-        ("gate", float(gate == "single_pass")),
-        (f"policy ({described} here; a checksum of it)", float(zlib.crc32(described.encode()))),
-    ]
+    return [(name, getattr(cfg, name)) for name in names] + [("gate", gate), ("policy", described)]

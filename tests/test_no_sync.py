@@ -48,3 +48,22 @@ def test_step_never_reads_device_values(gate, dtype, backend):
         with host_reads_forbidden():
             opt.step()
     assert opt.telemetry()["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_dcp_state_init_call_and_a_warm_up_from_lr_0_read_nothing(gate, backend):
+    """torch.distributed.checkpoint's state-creating step() (told by its caller, not by the
+    gradients) and a first call at lr 0 (a warm-up from 0, the same numbers seen from inside)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(9))]
+    opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+    with host_reads_forbidden():
+        _init_optim_state(opt)  # what get_/set_optimizer_state_dict run on an optimizer without state
+    assert opt.telemetry()["step"] == 0 and all(opt.state[p]["step"].item() == 1 for p in params)
+    warm = GuardedAdamW([p.detach().clone() for p in params], lr=0.0, stats_freq=1, gate=gate, backend=backend)
+    for p in warm.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with host_reads_forbidden():
+        warm.step()
+    assert warm.telemetry()["step"] == 1
