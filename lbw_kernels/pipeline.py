@@ -133,12 +133,14 @@ def check_same_options(group, options: Sequence[Tuple[str, object]]) -> None:
     gathered: List[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, list(options), group=group)
     ranks = dist.get_process_group_ranks(group)
+    differ = []
     for i, (name, _) in enumerate(options):
         values = [theirs[i][1] for theirs in gathered]
         if any(v != values[0] for v in values):
-            seen = ", ".join(f"{v!r} on rank {r}" for r, v in zip(ranks, values))
-            raise ValueError(f"pipeline_group: the stages' GuardedAdamW options differ: {name} is {seen}; every "
-                             "stage must take the same guard options (gate, policy and thresholds)")
+            differ.append(f"{name} is " + ", ".join(f"{v!r} on rank {r}" for r, v in zip(ranks, values)))
+    if differ:
+        raise ValueError(f"pipeline_group: the stages' GuardedAdamW options differ: {'; '.join(differ)}; every "
+                         "stage must take the same guard options (gate, policy and thresholds)")
 
 
 def stage_options(cfg, gate: str) -> Sequence[Tuple[str, object]]:

@@ -250,7 +250,9 @@ def _refusals_worker(rank):
     # stages with other guard options would decide apart: every stage raises as it builds its optimizer
     for options, match in (({"stats_freq": 1 + rank}, "stats_freq is 1 on rank 0, 2 on rank 1"),
                            ({"policy": ("lbw", "zscore")[rank]}, r"policy is 'LBWPolicy\(\)' on rank 0, 'ZScorePolicy\("),
-                           ({"gate": ("exact", "single_pass")[rank]}, "gate is 'exact' on rank 0, 'single_pass' on rank 1")):
+                           ({"gate": ("exact", "single_pass")[rank]}, "gate is 'exact' on rank 0, 'single_pass' on rank 1"),
+                           ({"min_scale": 0.1 * (rank + 1), "gate": ("exact", "single_pass")[rank]},
+                            "min_scale is 0.1 on rank 0, 0.2 on rank 1; gate is 'exact' on rank 0")):
         with pytest.raises(ValueError, match=match):
             GuardedAdamW([torch.ones(3, dtype=torch.float64)], pipeline_group=dist.group.WORLD, **options)
 

@@ -137,6 +137,22 @@ def test_dcp_state_init_call_is_recognised_by_a_compiled_step():
     assert opt.telemetry()["step"] == 1 and opt.telemetry()["grad_ms"] == 1.0
 
 
+def test_dcp_state_init_call_leaves_the_telemetry_schedule_alone():
+    """With stats_freq=3 telemetry is read on calls 1, 3, 6, ...: DCP's call must not be call 1."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    module, params = _module(model())
+    opt = GuardedAdamW(groups(params), lr=1e-2, stats_freq=3)
+    get_optimizer_state_dict(module, opt)
+    read = []
+    for k in (1, 2, 3):
+        for p in params:
+            p.grad = torch.full_like(p, float(k))
+        opt.step()
+        read.append(opt.telemetry()["grad_ms"])  # the latest reading: call 2 keeps call 1's
+    assert read == [1.0, 1.0, 9.0]
+
+
 @pytest.mark.parametrize("grad", [0.0, 0.5])
 def test_a_first_step_at_lr_0_outside_dcp_is_a_guard_call(grad):
     """Only DCP's own call is kept out, told by its caller: a first step with lr 0 (a warm-up
