@@ -63,6 +63,18 @@ def _kernel_devices() -> frozenset:
     return _KERNEL_DEVICES
 
 
+def _kernel_config(guard: Tensor, cfg: reference.GuardConfig, *rows: Optional[Tensor]) -> Optional[Tuple[float, ...]]:
+    """The kernel's config when a controller kernel applies to ``guard`` and the call's float
+    tensors ``rows`` (extension built for its device, float64 throughout, a policy it
+    implements), else None."""
+    config = (_config_of if torch.compiler.is_compiling() else controller_config)(cfg)
+    if config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices():
+        return None
+    if any(t is not None and t.dtype != torch.float64 for t in rows):
+        return None
+    return config
+
+
 def fused_decide_(
     guard: Tensor, partials: Optional[Tensor], numels: Optional[Tensor], *, analyze: Union[bool, Tensor],
     check_finite: bool, cfg: reference.GuardConfig,
@@ -76,10 +88,8 @@ def fused_decide_(
     in its own fixed order (csrc/guard_summary.h): x under ``use_max_rms`` and the nonfinite
     count are the reference's bits, the signed mean and the norm may differ in the last bits.
     Given the same summary, the decision is bitwise the reference's."""
-    config = (_config_of if torch.compiler.is_compiling() else controller_config)(cfg)
-    if config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices():
-        return False
-    if partials is not None and (partials.dtype != torch.float64 or numels.dtype != torch.float64):
+    config = _kernel_config(guard, cfg, partials, numels if partials is not None else None)
+    if config is None:
         return False
     on_device = analyze if isinstance(analyze, Tensor) else None
     torch.ops.lbw.summarize_decide_(
@@ -97,9 +107,8 @@ def summary_decide_(
     ``[x, signed_mean, grad_norm, nonfinite]``; None when nothing is due), as pipeline stages
     have it (pipeline.py): ``torch.ops.lbw.guard_decide_`` (bitwise the reference's decision)
     when ``use_kernel`` and it applies as for :func:`fused_decide_`, else the reference's ops."""
-    config = (_config_of if torch.compiler.is_compiling() else controller_config)(cfg) if use_kernel else None
-    if (config is None or guard.dtype != torch.float64 or guard.device.type not in _kernel_devices()
-            or (summary is not None and summary.dtype != torch.float64)):
+    config = _kernel_config(guard, cfg, summary) if use_kernel else None
+    if config is None:
         guard.copy_(reference.guard_decide(guard, summary, analyze=analyze, check_finite=check_finite, cfg=cfg))
         return
     on_device = analyze if isinstance(analyze, Tensor) else None
