@@ -93,9 +93,12 @@ class Backend:
         raise NotImplementedError
 
     def adamw_(
-        self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor]
+        self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
+        grad_factor: Optional[Tensor] = None,
     ) -> None:
-        """Rule 5 on every group with ``lr * scale``; nothing changes when ``skip`` is non-zero."""
+        """Rule 5 on every group with ``lr * scale``; nothing changes when ``skip`` is non-zero.
+        ``grad_factor`` (0-dim, on the device; max_grad_norm's clipping): every gradient element
+        is read times it, rounded once to the math dtype (reference.adamw_); grads unchanged."""
         raise NotImplementedError
 
     def adamw_telemetry_(
@@ -115,7 +118,7 @@ class Backend:
         groups: Sequence[GroupTensors],
         grads: Sequence[Tensor],
         *,
-        decide: Callable[[Optional[Tensor]], None],
+        decide: Callable[[Optional[Tensor]], Optional[Tensor]],
         scale: Tensor,
         skip: Optional[Tensor],
         partials_dtype: torch.dtype,
@@ -124,7 +127,8 @@ class Backend:
         both passes (each pass on its own reads every tensor's address: the gradients' twice):
         the partials of ``grads`` (``nonempty_grads(groups)``, or none when the call measures
         nothing) handed to ``decide`` (rules 1-4, on the device), then rule 5 on ``groups``
-        with ``skip`` as decided. Returns False, having done nothing, where the backend does
+        with ``skip`` as decided and the ``grad_factor`` that ``decide`` returns (None: none).
+        Returns False, having done nothing, where the backend does
         not offer it: the caller then runs :meth:`telemetry`, ``decide`` and :meth:`adamw_`."""
         return False
 
@@ -199,14 +203,14 @@ class ReferenceBackend(Backend):
     def telemetry(self, grads, partials_dtype):
         return reference.telemetry_partials(grads, partials_dtype)
 
-    def adamw_(self, groups, *, scale, skip):
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
         for group in groups:
             lr = scale * group.lr
             for part in split_by_dtype(group):
                 reference.adamw_(
                     part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
                     lr=lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
-                    weight_decay=part.weight_decay, maximize=part.maximize, skip=skip,
+                    weight_decay=part.weight_decay, maximize=part.maximize, skip=skip, grad_factor=grad_factor,
                 )
 
     def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):

@@ -128,13 +128,14 @@ def _published(stats_freq: int):
     return make
 
 
-def _guarded(backend: str, gate: str, stats_freq: int, skip_nonfinite: bool = True):
+def _guarded(backend: str, gate: str, stats_freq: int, skip_nonfinite: bool = True,
+             max_grad_norm: Optional[float] = None):
     def make(params):
         from .optimizer import GuardedAdamW
 
         opt = GuardedAdamW(
             params, lr=1e-4, weight_decay=0.01, stats_freq=stats_freq, gate=gate, backend=backend,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, max_grad_norm=max_grad_norm,
         )
         return opt.step
 
@@ -193,6 +194,16 @@ def build_rows(
                         _guarded(backend, gate, sf), backend=backend, gate=gate, stats_freq=sf,
                     )
                 )
+                if gate == "exact" and sf == 1:
+                    # clip_grad_norm_(1.0) inside the step: beside "clip_grad_norm_ + fused"
+                    # (the norm is the telemetry's; the gradients are read no more often)
+                    rows.append(
+                        Row(
+                            f"guard {backend} exact sf=1 max_grad_norm=1", "guard", FLOOR_BYTES_GATED,
+                            _guarded(backend, gate, sf, max_grad_norm=1.0), backend=backend, gate=gate,
+                            stats_freq=sf,
+                        )
+                    )
                 if gate == "exact" and sf > 1:
                     # Without the finite check, calls between telemetry calls are AdamW alone
                     # (28 B): what stats_freq > 1 can save, and what rule 1 costs.

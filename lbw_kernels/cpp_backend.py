@@ -62,7 +62,7 @@ def _summarize_decide_fake(guard, partials, numels, use_max_rms, analyze, analyz
 
 @torch.library.register_fake("lbw::adamw_")
 def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
-                weight_decay, maximize, skip):
+                weight_decay, maximize, skip, grad_factor=None):
     return None
 
 
@@ -144,7 +144,8 @@ def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
 
 
 def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
-    """The update ops' arguments, in schema order; ``last``: skip (adamw_) or mask (adamw_telemetry_).
+    """The update ops' leading arguments, in schema order; ``last``: skip (adamw_) or mask
+    (adamw_telemetry_). (adamw_ takes grad_factor after them.)
 
     The schema takes betas, eps and weight_decay as floats: a group's one-element tensors
     (torch.optim's tensor betas) are read here. Eagerly that is what the direct entry's
@@ -155,8 +156,9 @@ def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple
             part.maximize, last)
 
 
-def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor]) -> bool:
-    args = _update_args(part, lr_scale, lr, skip)
+def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor],
+               grad_factor: Optional[Tensor] = None) -> bool:
+    args = _update_args(part, lr_scale, lr, skip) + (grad_factor,)
     if not torch.compiler.is_compiling():
         return _C._adamw_(*args)
     if not _kernel_ready(True, *args[:4]):
@@ -196,15 +198,16 @@ class CppBackend(Backend):
             return reference.telemetry_partials(list(grads), partials_dtype)
         return self._as(rows, partials_dtype)
 
-    def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor]) -> None:
+    def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
+               grad_factor: Optional[Tensor] = None) -> None:
         for group in groups:
             lr_scale, lr = self._lr(scale, group.lr)
             for part in split_by_dtype(group):
-                if part.params and not _run_adamw(part, lr_scale, lr, skip):
+                if part.params and not _run_adamw(part, lr_scale, lr, skip, grad_factor):
                     reference.adamw_(
                         part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
                         lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
-                        weight_decay=part.weight_decay, maximize=part.maximize, skip=skip,
+                        weight_decay=part.weight_decay, maximize=part.maximize, skip=skip, grad_factor=grad_factor,
                     )
 
     def adamw_telemetry_(
@@ -292,7 +295,8 @@ class CudaBackend(CppBackend):
 
     def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
         """One table lookup for both passes (_C._adamw_exact_: the telemetry pass over the update's
-        table, then ``decide``, then the update), for the common call: eager, one group of one
+        table, then ``decide``, then the update, with the gradient factor ``decide`` returns), for
+        the common call: eager, one group of one
         dtype, a float lr (a tensor lr's ``lr * scale`` must be formed after ``decide``), float64
         rows, telemetry due. Anything else, tensors the kernels do not take, or a grad 16-byte
         aligned where its param or state is not (its telemetry would add in another order than

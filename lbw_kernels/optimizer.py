@@ -109,6 +109,13 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``backend`` picks who does the passes over memory: ``"auto"`` (fastest available for the device), ``"reference"``, ``"triton"``,
     ``"cpp"``, ``"cuda"``. ``step()`` never waits for the device; ``telemetry()`` does.
 
+    ``max_grad_norm``: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` inside the
+    step, from the telemetry's own norm (exact gate only: the norm must be known before the
+    update). The update reads every gradient times ``min(1, max_grad_norm / (norm + 1e-6))``;
+    the guard reads the gradients before clipping (``telemetry()["grad_norm"]`` is the norm
+    ``clip_grad_norm_`` would return). On the ``triton`` and ``reference`` backends the
+    gradients are left as they are; ``cpp`` and ``cuda`` clip ``.grad`` in place first.
+
     ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
     ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's
     telemetry is combined over them so every stage takes one decision (lbw_kernels.pipeline).
@@ -139,6 +146,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         stats_freq: int = 10,
         ema_decay: float = 0.85,
         skip_nonfinite: bool = True,
+        max_grad_norm: Optional[float] = None,
         gate: str = "exact",
         backend: str = "auto",
         maximize: bool = False,
@@ -153,8 +161,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         pipeline = resolve_pipeline_group(pipeline_group)
         # numpy scalars as the Python numbers they hold (torch.optim.AdamW takes them; a config or
         # checkpoint holding numpy objects would not load with torch.load(weights_only=True))
-        stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay = map(
-            plain_number, (stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay)
+        stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay, max_grad_norm = map(
+            plain_number,
+            (stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay, max_grad_norm),
         )
         config = ref.GuardConfig(
             auto_enabled=auto_enabled,
@@ -166,6 +175,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             stats_freq=stats_freq,
             ema_decay=ema_decay,
             skip_nonfinite=skip_nonfinite,
+            max_grad_norm=max_grad_norm,
             policy=resolve_policy(policy),
         )
         check_guard_config(config, gate)
@@ -366,15 +376,19 @@ class GuardedAdamW(torch.optim.Optimizer):
         analyze = rows and self._telemetry_due(device, guard)
         check_finite = rows and cfg.skip_nonfinite
         # DCP's state-creating call is AdamW's alone: no reading, no decision, not counted
-        # (every rank and stage is in that call together, so none gathers)
-        measure = (isinstance(analyze, Tensor) or analyze or check_finite) and not state_init
+        # (every rank and stage is in that call together, so none gathers); nor clipped
+        clip = rows and cfg.max_grad_norm is not None and not state_init
+        measure = (isinstance(analyze, Tensor) or analyze or check_finite or clip) and not state_init
         groups = self._sharded.local_groups(groups, plan.has_dtensor)
         local_grads = plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
 
-        def decide(partials: Optional[Tensor]) -> None:  # rules 1-4 on this call's telemetry rows
+        def decide(partials: Optional[Tensor]) -> Optional[Tensor]:
+            """Rules 1-4 on this call's telemetry rows; returns the factor the update multiplies
+            the gradients by (max_grad_norm; a fresh tensor each call: torch.compile would take one
+            kept on the optimizer for a constant and drop the writes to it), else None."""
             if state_init:
-                return
+                return None
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
             summary, analyze_now = None, analyze
@@ -382,18 +396,23 @@ class GuardedAdamW(torch.optim.Optimizer):
                 summary, rows_total = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
                                                     cfg.use_max_rms, guard.dtype, device)
                 analyze_now = only_rows_analyzed(analyze, rows_total)
+            factor = None
+            if clip:  # from the whole model's norm: after the DTensor reduction, over every stage
+                norm = summary[2] if summary is not None else ref.rows_norm(partials)
+                factor = ref.clip_factor(norm, cfg.max_grad_norm)
             if summary is not None:
                 backend.decide_summary_(guard, summary, analyze=analyze_now, check_finite=check_finite, cfg=cfg)
             else:
                 backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
                                 check_finite=check_finite, cfg=cfg)
+            return factor
 
         if self.gate == "exact":
             skip = guard[ref.SKIP] if check_finite and not state_init else None
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype):
-                decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
-                backend.adamw_(groups, scale=scale, skip=skip)
+                factor = decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
+                backend.adamw_(groups, scale=scale, skip=skip, grad_factor=factor)
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
                 partials = backend.adamw_telemetry_(

@@ -149,5 +149,5 @@ def stage_options(cfg, gate: str) -> Sequence[Tuple[str, object]]:
     policy = cfg.policy
     described = repr(policy) if dataclasses.is_dataclass(policy) else str(getattr(policy, "name", type(policy).__name__))
     names = ("auto_enabled", "stress_threshold", "spike_threshold", "min_scale", "recovery_fast", "use_max_rms",
-             "stats_freq", "ema_decay", "skip_nonfinite")
+             "stats_freq", "ema_decay", "skip_nonfinite", "max_grad_norm")
     return [(name, getattr(cfg, name)) for name in names] + [("gate", gate), ("policy", described)]

@@ -66,6 +66,9 @@ class GuardConfig:
     stats_freq: int = 10
     ema_decay: float = 0.85
     skip_nonfinite: bool = True
+    # clip_grad_norm_(max_norm=max_grad_norm) inside the step (exact gate): the update reads every
+    # gradient times clip_factor() of the call's global norm; the guard reads them unclipped.
+    max_grad_norm: Optional[float] = None
     # Who reads the telemetry and moves the scale: LBWPolicy (the published rules above) or
     # one of lbw_kernels.policies. Rule 1 (non-finite calls) is the same for all.
     policy: Any = field(default_factory=lambda: LBWPolicy())
@@ -149,6 +152,28 @@ def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool, numel_total: 
     x = grad_ms.amax() if use_max_rms else grad_ms.mean()
     signed_mean = sums.sum() / (numels.sum() if numel_total is None else numel_total)
     return torch.stack([x, signed_mean, sumsq.sum().sqrt(), nonfinite.sum()])
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient clipping inside the step (GuardConfig.max_grad_norm)
+# ---------------------------------------------------------------------------------------
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing by it.
+CLIP_EPS = 1e-6
+
+
+def rows_norm(partials: Optional[Tensor]) -> Optional[Tensor]:
+    """Global L2 norm of the gradients whose telemetry rows are ``partials`` [T, 3] (None: no rows)."""
+    return None if partials is None else partials[:, 0].sum().sqrt()
+
+
+def clip_factor(grad_norm: Optional[Tensor], max_norm: float) -> Optional[Tensor]:
+    """``clip_grad_norm_``'s factor, ``min(1, max_norm / (norm + 1e-6))``, from the telemetry's
+    float64 norm (torch's own is in the gradients' dtype: the factors agree within its
+    rounding). A NaN/Inf norm gives a NaN or zero factor, as it does in torch; rule 1 skips
+    such a call anyway when ``skip_nonfinite``. None when there is no norm (no rows)."""
+    if grad_norm is None:
+        return None
+    return (max_norm / (grad_norm + CLIP_EPS)).clamp(max=1.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,6 +295,7 @@ def adamw_(
     maximize: bool = False,
     skip: Optional[Tensor] = None,
     mask_nonfinite: bool = False,
+    grad_factor: Optional[Tensor] = None,
 ) -> None:
     """One AdamW step, in place, as ``torch.optim.AdamW`` computes it (decoupled decay)::
 
@@ -279,7 +305,10 @@ def adamw_(
     ``lr`` is a 0-dim tensor: the group's learning rate times the guard's scale.
     ``skip`` (0-dim, non-zero = skip) is the exact gate's rule 1: when set, no p, m, v or step
     changes. ``mask_nonfinite`` is single_pass's rule 6: an element whose gradient is NaN/Inf
-    keeps its p, m, v while the others update and the step count advances.
+    keeps its p, m, v while the others update and the step count advances. ``grad_factor``
+    (0-dim, e.g. :func:`clip_factor`) multiplies every gradient element as it is read, rounded
+    once to the math dtype, as ``clip_grad_norm_`` multiplies fp32 gradients by its fp32
+    factor; the gradients themselves are left as they are.
     Params share one dtype (fp16, bf16, fp32 or fp64); ``exp_avg``/``exp_avg_sq`` are fp32 for
     fp16/bf16 params, and the math runs in fp32 (fp64 for fp64 params). ``steps`` are 0-dim
     float32 tensors, one per param, advanced here.
@@ -296,6 +325,8 @@ def adamw_(
     low_precision = params[0].dtype != md
     p = [x.to(md) for x in params] if low_precision else list(params)
     g = [x.to(md) for x in grads]
+    if grad_factor is not None:  # (a new list: .to(md) may have returned the gradients themselves)
+        g = torch._foreach_mul(g, grad_factor.to(md))
     if maximize:
         g = torch._foreach_neg(g)
 

@@ -134,6 +134,15 @@ def check_guard_config(cfg: GuardConfig, gate: str) -> None:
         raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if cfg.max_grad_norm is not None:
+        if isinstance(cfg.max_grad_norm, torch.Tensor):
+            raise TypeError("max_grad_norm must be a number, got a tensor")
+        max_norm = _number("max_grad_norm", cfg.max_grad_norm)
+        if not 0.0 < max_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be a positive finite number (or None), got {max_norm}")
+        if gate != "exact":
+            raise ValueError(f"max_grad_norm needs gate='exact', got gate={gate!r}: single_pass updates before the "
+                             "call's gradient norm is known (clip with torch.nn.utils.clip_grad_norm_ before step())")
 
 
 def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple[str, torch.Tensor]] = ()) -> None:

@@ -32,6 +32,9 @@ def test_rows_cover_baselines_and_every_backend_gate_and_stats_freq():
         # exact without the finite check: AdamW alone between telemetry calls (28 B)
         row = next(r for r in build_rows([backend]) if r.name == f"guard {backend} exact sf=10 skip_nonfinite=False")
         assert row.bytes_per_param == 28
+        # clip_grad_norm_ inside the step: the exact gate's 32 B, beside clip_grad_norm_ + fused
+        row = next(r for r in build_rows([backend]) if r.name == f"guard {backend} exact sf=1 max_grad_norm=1")
+        assert row.bytes_per_param == 32
 
 
 def test_triton_not_timed_through_the_interpreter_on_cpu():
@@ -51,8 +54,9 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     (table,) = report["tables"]
     assert table["layout"] == "tiny" and table["copy_gbps"] > 0
     rows = {r["name"]: r for r in table["rows"]}
-    # torch baselines, published x stats_freq, gate x stats_freq, exact sf=10 without finite check
-    assert len(table["rows"]) == len(rows) == 3 + 2 + 4 + 1
+    # torch baselines, published x stats_freq, gate x stats_freq, exact sf=10 without finite check,
+    # exact sf=1 with max_grad_norm
+    assert len(table["rows"]) == len(rows) == 3 + 2 + 4 + 1 + 1
     for r in rows.values():
         assert r["error"] is None, r
         assert len(r["ms_all"]) >= 6 and r["ms_min"] <= r["ms"]  # two rounds pooled

@@ -37,10 +37,42 @@ def test_opcheck_telemetry(device):
 
 @pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("skip", [None, 0.0, 1.0])
-def test_opcheck_adamw_(device, skip):
+@pytest.mark.parametrize("factor", [None, 0.3])
+def test_opcheck_adamw_(device, skip, factor):
     args = _update_args(device)
     skip_t = None if skip is None else torch.tensor(skip, dtype=torch.float64, device=device)
-    torch.library.opcheck(torch.ops.lbw.adamw_.default, (*args, skip_t))
+    factor_t = None if factor is None else torch.tensor(factor, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.lbw.adamw_.default, (*args, skip_t, factor_t))
+
+
+@pytest.mark.parametrize("device", extension_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adamw_grad_factor_is_the_reference_s(device, dtype, maximize):
+    """grad_factor (max_grad_norm's clipping): each gradient read times the factor rounded to
+    the math dtype, as reference.adamw_ reads it; the grads themselves are not written. Within
+    a few ulps (the kernels and torch's foreach ops round a few elements differently even
+    without the factor; bf16: one bf16 rounding of the param)."""
+    from lbw_kernels import reference as ref
+
+    args = list(_update_args(device, dtype))
+    args[11] = maximize
+    ours, theirs = _clone_args(args), _clone_args(args)
+    grads_before = [g.clone() for g in args[1]]
+    factor = torch.tensor(0.3, dtype=torch.float64, device=device)
+    torch.ops.lbw.adamw_(*ours, None, factor)
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, wd, _ = theirs
+    ref.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr_scale * lr, beta1=beta1, beta2=beta2, eps=eps,
+               weight_decay=wd, maximize=maximize, grad_factor=factor)
+    tol = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.bfloat16: dict(rtol=2**-7, atol=2**-12),
+           torch.float64: dict(rtol=1e-13, atol=1e-15)}[dtype]
+    for a, b in zip(ours[0] + ours[2] + ours[3], params + exp_avgs + exp_avg_sqs):
+        torch.testing.assert_close(a, b, **tol)
+    assert all(torch.equal(g, h) for g, h in zip(ours[1], grads_before))
+    # the factor reached the update: without it the params differ
+    unclipped = _clone_args(args)
+    torch.ops.lbw.adamw_(*unclipped, None)
+    assert not torch.equal(unclipped[2][2], ours[2][2])
 
 
 @pytest.mark.parametrize("device", extension_devices())
@@ -129,13 +161,15 @@ def test_eager_entries_compute_what_the_ops_compute(device, dtype):
     from lbw_kernels import _C
 
     skip = torch.tensor(0.0, dtype=torch.float64, device=device)
+    factor = torch.tensor(0.3, dtype=torch.float64, device=device)
     for op, entry, last in (
-        (torch.ops.lbw.adamw_, _C._adamw_, skip),
-        (torch.ops.lbw.adamw_, _C._adamw_, None),
-        (torch.ops.lbw.adamw_telemetry_, _C._adamw_telemetry_, True),
+        (torch.ops.lbw.adamw_, _C._adamw_, (skip,)),
+        (torch.ops.lbw.adamw_, _C._adamw_, (None,)),
+        (torch.ops.lbw.adamw_, _C._adamw_, (skip, factor)),
+        (torch.ops.lbw.adamw_telemetry_, _C._adamw_telemetry_, (True,)),
     ):
         a, b = _update_args(device, dtype), _update_args(device, dtype)
-        out_op, out_entry = op(*a, last), entry(*b, last)
+        out_op, out_entry = op(*a, *last), entry(*b, *last)
         if out_op is None:
             assert out_entry is True  # (_adamw_: True when the kernels took the call)
         else:

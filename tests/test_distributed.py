@@ -75,7 +75,8 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,)):
+def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,),
+                  **options):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -83,7 +84,7 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     sharded = [p.clone() if i == PLAIN else shard(p, mesh, placements_of(i)) for i, p in enumerate(full)]
-    kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy)
+    kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy, **options)
     opt = GuardedAdamW(sharded, **kw)
     ref = GuardedAdamW(full, **kw)
     ours, theirs = [], []
@@ -134,6 +135,9 @@ def _sharded_worker(rank, backends):
         # are two hot calls in a row, so it cuts, on every rank alike.
         ours = _dtensor_case(rank, backend, "exact", 1, stream, placements_of, policy="zscore")
         assert [r[1] for r in ours][2:4] == ["stress", "spike"], ours
+        # max_grad_norm clips by the global norm (every call's is above 2: a factor from one
+        # rank's shards alone would differ), every rank alike
+        _dtensor_case(rank, backend, "exact", 1, stream, placements_of, max_grad_norm=2.0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

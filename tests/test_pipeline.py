@@ -60,15 +60,17 @@ def step_with(opt, params, grads):
 def _stages_worker(rank, backend):
     stream = scripted_stream()
     mine = slice(FIRST[rank], FIRST[rank] + len(STAGES[rank]))
-    cases = [(gate, stats_freq, policy, True) for gate in ("exact", "single_pass") for stats_freq in (1, 3)
+    cases = [(gate, stats_freq, policy, True, None) for gate in ("exact", "single_pass") for stats_freq in (1, 3)
              for policy in ("lbw", "zscore")]
     # Stage 0's step compiled (its schedule read on the device, as after a CUDA graph capture),
     # stage 1's eager (read on the host), without the finite check: the stages must still
     # gather once per call each.
-    cases += [(gate, 3, "lbw", False) for gate in ("exact", "single_pass")]
-    for gate, stats_freq, policy, skip_nonfinite in cases:
+    cases += [(gate, 3, "lbw", False, None) for gate in ("exact", "single_pass")]
+    # max_grad_norm: every stage clips by the whole model's norm (every call's is above 2)
+    cases += [("exact", stats_freq, "lbw", True, 2.0) for stats_freq in (1, 3)]
+    for gate, stats_freq, policy, skip_nonfinite, max_grad_norm in cases:
         kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy,
-                  skip_nonfinite=skip_nonfinite)
+                  skip_nonfinite=skip_nonfinite, max_grad_norm=max_grad_norm)
         full = whole_model()
         stage = [p.clone() for p in full[mine]]
         alone = [p.clone() for p in full[mine]]
@@ -82,7 +84,7 @@ def _stages_worker(rank, backend):
             ours.append(step_with(opt, stage, grads[mine]))
             alone_rows.append(step_with(opt_alone, alone, grads[mine]))
             theirs.append(step_with(whole, full, grads))
-        where = f"{gate} stats_freq={stats_freq} {policy} skip_nonfinite={skip_nonfinite}"
+        where = f"{gate} stats_freq={stats_freq} {policy} skip_nonfinite={skip_nonfinite} clip={max_grad_norm}"
         assert_close_records(ours, theirs)
         for p, q in zip(stage, full[mine]):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, equal_nan=True, msg=where)

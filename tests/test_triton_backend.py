@@ -255,7 +255,7 @@ def test_wrong_learning_rate_is_caught(triton_backend, monkeypatch):
     """The harness is sensitive: a 1e-4 relative error in lr fails fp32."""
     ops = _ops()
     real = ops.adamw_impl
-    monkeypatch.setattr(ops, "adamw_impl", lambda groups, scale, skip: real(groups, scale * (1 + 1e-4), skip))
+    monkeypatch.setattr(ops, "adamw_impl", lambda groups, scale, skip, *rest: real(groups, scale * (1 + 1e-4), skip, *rest))
     failures = check_backend(triton_backend, seed=1)
     assert any("adamw_ skip=0" in f.what and "params" in f.what for f in failures)
 

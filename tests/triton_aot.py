@@ -49,11 +49,11 @@ def variants():
                        dict(G_CODE=code, ALIGNED=aligned, CHUNK=GPU.chunk, BLOCK=GPU.block, FOLD=GPU.telemetry_fold,
                             RBLOCK=GPU.reduce_block, STAGES=GPU.num_stages),
                        GPU.num_warps)
-    for has_skip in (True, False):
-        yield (f"coefficients skip={has_skip}", coefficients._adamw_coefficients_kernel,
+    for has_skip, has_factor in ((True, False), (False, False), (True, True), (False, True)):
+        yield (f"coefficients skip={has_skip} factor={has_factor}", coefficients._adamw_coefficients_kernel,
                {"tensors": "*i64", "hyper": "*fp64", "lr_ptrs": "*i64", "scale_ptr": "*fp64",
-                "skip_ptr": "*fp64", "coefs": "*fp32", "n_tensors": "i32"},
-               dict(HAS_SKIP=has_skip, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
+                "skip_ptr": "*fp64", "factor_ptr": "*fp64", "coefs": "*fp32", "n_tensors": "i32"},
+               dict(HAS_SKIP=has_skip, HAS_FACTOR=has_factor, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
                     BLOCK_T=GPU.tensors_per_program), 4)
     for code in (FP32, BF16, FP16):
         for mode, (tel, mask, skip) in UPDATE_MODES.items():

@@ -64,10 +64,10 @@ class TritonBackend(Backend):
             return torch.ops.lbw_triton.telemetry(list(grads), partials_dtype)
         return ops.telemetry_impl(grads, partials_dtype)
 
-    def adamw_(self, groups, *, scale, skip):
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
         if _compiling():
-            return torch.ops.lbw_triton.adamw_(**ops.flatten(groups), scale=scale, skip=skip)
-        ops.adamw_impl(groups, scale, skip)
+            return torch.ops.lbw_triton.adamw_(**ops.flatten(groups), scale=scale, skip=skip, grad_factor=grad_factor)
+        ops.adamw_impl(groups, scale, skip, grad_factor)
 
     def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
         if _compiling() or not groups:  # compiled: the custom ops, one per pass (the caller runs them)

@@ -12,7 +12,11 @@ rounded once to float32 as :func:`lbw_kernels.reference.adamw_` does)::
     step_i   += advance                        (0-dim float32 state['step'], written here)
     t         = max(step_i, 1);  lr_t = lr_j * scale
     coefs[i]  = [-lr_t / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr_t * wd_j,
-                 1 - beta1, beta2, 1 - beta2, eps, sign (-1 if maximize), advance]
+                 1 - beta1, beta2, 1 - beta2, eps, sign, advance]
+    sign      = (-1 if maximize else 1) * grad_factor     (grad_factor: the clipping; absent -> 1)
+
+The update multiplies each gradient element by ``sign`` in float32: for the clipping factor
+that is the reference's ``g * float32(factor)`` (and ``clip_grad_norm_``'s on fp32 gradients).
 
 ``beta^t`` is ``exp(t * log(beta))`` in float64 (beta = 0 gives exp(-inf) = 0, as 0^t).
 """
@@ -38,9 +42,11 @@ def _adamw_coefficients_kernel(
     lr_ptrs,  # [G] int64 addresses of float64 learning rates
     scale_ptr,  # 0-dim guard scale (float64)
     skip_ptr,  # 0-dim guard skip flag (float64), read when HAS_SKIP
+    factor_ptr,  # 0-dim gradient factor (float64), read when HAS_FACTOR
     coefs,  # [N, COEF_COLS] float32 out
     n_tensors,
     HAS_SKIP: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,
     TENSOR_COLS_: tl.constexpr,
     GROUP_COLS_: tl.constexpr,
     COEF_COLS_: tl.constexpr,
@@ -58,6 +64,8 @@ def _adamw_coefficients_kernel(
     eps = tl.load(hrow + 3, mask=live, other=0.0)
     wd = tl.load(hrow + 4, mask=live, other=0.0)
     sign = tl.load(hrow + 5, mask=live, other=1.0)
+    if HAS_FACTOR:
+        sign = sign * tl.load(factor_ptr).to(tl.float64)
     scale = tl.load(scale_ptr).to(tl.float64)
     advance = tl.full([BLOCK_T], 1.0, tl.float32)
     if HAS_SKIP:
@@ -84,7 +92,7 @@ def _adamw_coefficients_kernel(
 _COEFFICIENTS = Launcher(_adamw_coefficients_kernel)
 
 
-def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None) -> None:
+def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None, grad_factor: Tensor | None = None) -> None:
     """Advance every step count of ``plan`` and write its coefficient rows (one launch)."""
     if plan.n_tensors == 0:
         return
@@ -93,8 +101,9 @@ def adamw_coefficients_(plan: UpdatePlan, scale: Tensor, skip: Tensor | None) ->
     geo = geometry()
     _COEFFICIENTS(
         (triton.cdiv(plan.n_tensors, geo.tensors_per_program),),
-        (plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale if skip is None else skip, plan.coefs, plan.n_tensors),
-        dict(HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
+        (plan.tensors, plan.hyper, plan.lr_ptrs, scale, scale if skip is None else skip,
+         scale if grad_factor is None else grad_factor, plan.coefs, plan.n_tensors),
+        dict(HAS_SKIP=skip is not None, HAS_FACTOR=grad_factor is not None, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
              BLOCK_T=geo.tensors_per_program),
         dict(num_warps=4, **COMPILE_OPTIONS),
     )

@@ -2,7 +2,8 @@
 
 Per element, in float32 (the math ``torch.optim.AdamW`` and
 :func:`lbw_kernels.reference.adamw_` do; DESIGN.md rule 5), with the per-tensor coefficients
-of :mod:`.coefficients` (``c``) and ``g`` the gradient, negated when maximizing::
+of :mod:`.coefficients` (``c``) and ``g`` the gradient times ``c.sign`` (-1 when maximizing,
+times the step's clipping factor when it clips)::
 
     p  = p * c.decay                                   decay = 1 - lr*scale*wd
     m  = lerp(m, g, 1 - beta1)                         torch.lerp's two-sided formula
@@ -190,12 +191,14 @@ _UPDATE = Launcher(_guarded_adamw_kernel)
 
 
 def guarded_adamw_(
-    plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], mask_nonfinite: bool, out: Optional[Tensor] = None
+    plan: UpdatePlan, *, scale: Tensor, skip: Optional[Tensor], mask_nonfinite: bool, out: Optional[Tensor] = None,
+    grad_factor: Optional[Tensor] = None,
 ) -> None:
     """Rule 5 over every non-fp64 tensor of ``plan``: the coefficient launch, then one update
     launch per param dtype; with ``out`` (single_pass), the telemetry rows of the gradients
-    it reads into ``out`` (``telemetry.new_partials(plan.telemetry, ...)``)."""
-    adamw_coefficients_(plan, scale, skip)
+    it reads into ``out`` (``telemetry.new_partials(plan.telemetry, ...)``). ``grad_factor``
+    reaches the update through each tensor's ``sign`` coefficient (:mod:`.coefficients`)."""
+    adamw_coefficients_(plan, scale, skip, grad_factor)
     geo = geometry()
     tel = plan.telemetry
     for lst in plan.updates:

@@ -108,18 +108,21 @@ def _update_plan(groups: Sequence[GroupTensors]):
     return plan, device
 
 
-def _update(plan, device: torch.device, groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor]) -> None:
+def _update(plan, device: torch.device, groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor],
+            grad_factor: Optional[Tensor]) -> None:
     with _on_device(device):
-        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False)
-    _delegate(plan, groups, scale, skip=skip)
+        guarded_adamw_(plan, scale=scale, skip=skip, mask_nonfinite=False, grad_factor=grad_factor)
+    _delegate(plan, groups, scale, skip=skip, grad_factor=grad_factor)
 
 
-def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor]) -> None:
-    """Rule 5 on every group with ``lr * scale``; nothing (not even a step) when ``skip != 0``."""
+def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor],
+               grad_factor: Optional[Tensor] = None) -> None:
+    """Rule 5 on every group with ``lr * scale``; nothing (not even a step) when ``skip != 0``;
+    gradients read times ``grad_factor`` when given."""
     if not groups:
         return
     plan, device = _update_plan(groups)
-    _update(plan, device, groups, scale, skip)
+    _update(plan, device, groups, scale, skip, grad_factor)
 
 
 def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], decide, scale: Tensor,
@@ -142,8 +145,8 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
         with _on_device(device):
             partials = telemetry_partials(layout, partials_dtype)
     plan, device = _update_plan(groups)
-    decide(partials)
-    _update(plan, device, groups, scale, skip)
+    grad_factor = decide(partials)  # (max_grad_norm's factor, or None)
+    _update(plan, device, groups, scale, skip, grad_factor)
 
 
 def adamw_telemetry_impl(
@@ -217,11 +220,11 @@ def _(grads, partials_dtype):
 def adamw_op(
     params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
     steps: List[Tensor], group_sizes: List[int], hyper_floats: List[float], hyper_tensors: List[Optional[Tensor]],
-    maximizes: List[bool], scale: Tensor, skip: Optional[Tensor],
+    maximizes: List[bool], scale: Tensor, skip: Optional[Tensor], grad_factor: Optional[Tensor] = None,
 ) -> None:
     groups = _unflatten(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, hyper_floats, hyper_tensors,
                         maximizes)
-    adamw_impl(groups, scale, skip)
+    adamw_impl(groups, scale, skip, grad_factor)
 
 
 @adamw_op.register_fake

@@ -29,11 +29,12 @@ cuda::Geometry& cuda_geometry();
 // `decide`, update; false, nothing launched, where it does not apply), for the eager entry
 // _C._adamw_exact_. Set when the CUDA kernels are linked in (ops_cuda.cpp registers it at
 // load); null in a CPU-only build.
+// decide(partials): rules 1-4, enqueued; returns the gradient factor for the update (max_grad_norm) or nothing.
+using ExactDecideFn = std::function<std::optional<at::Tensor>(const at::Tensor&)>;
 using ExactStepFn = bool (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
                              double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                             const std::optional<at::Tensor>& skip,
-                             const std::function<void(const at::Tensor&)>& decide);
+                             const std::optional<at::Tensor>& skip, const ExactDecideFn& decide);
 ExactStepFn& cuda_exact_step();
 
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {

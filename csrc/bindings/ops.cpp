@@ -25,11 +25,14 @@ TORCH_LIBRARY(lbw, m) {
   // Per non-empty gradient, in order: (sum g^2, sum g, nonfinite 0/1), float64 [T, 3].
   m.def("telemetry(Tensor[] grads) -> Tensor");
   // AdamW with lr = lr * lr_scale (lr_scale: 0-dim float64 on the params' device, the guard's
-  // scale). skip (0-dim, non-zero = skip): nothing changes, steps included.
+  // scale). skip (0-dim, non-zero = skip): nothing changes, steps included. grad_factor (0-dim
+  // float64 on the params' device; max_grad_norm's clipping): every gradient element is read
+  // times it (rounded to the math type); the grads are not written.
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr_scale, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool maximize, Tensor? skip) -> ()");
+      "float beta2, float eps, float weight_decay, bool maximize, Tensor? skip, "
+      "Tensor? grad_factor=None) -> ()");
   // single_pass: the update plus the telemetry rows of the non-empty grads as read; with
   // mask_nonfinite an element whose grad is NaN/Inf keeps its p, m, v.
   m.def(

@@ -90,7 +90,7 @@ std::vector<AdamWCoeffs<M>> advance_steps(at::TensorList steps, double lr, doubl
 template <class P>
 void run_update(cpu::AdamWFn<P> kernel, const UpdateCheck& check, at::TensorList params, at::TensorList grads,
                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr_t,
-                double beta1, double beta2, double eps, double weight_decay, bool maximize, bool telemetry,
+                double beta1, double beta2, double eps, double weight_decay, double grad_sign, bool telemetry,
                 bool mask, at::Tensor& out) {
   using M = typename math_type<P>::type;
   std::vector<int64_t> numels;
@@ -104,7 +104,7 @@ void run_update(cpu::AdamWFn<P> kernel, const UpdateCheck& check, at::TensorList
   }
   // Every check passed: from here on the call changes the steps, then the tensors.
   const auto coeffs = advance_steps<M>(steps, lr_t, beta1, beta2, eps, weight_decay);
-  kernel(*table, refs.data(), coeffs.data(), maximize, mask, telemetry, telemetry ? ws.data_ptr<double>() : nullptr,
+  kernel(*table, refs.data(), coeffs.data(), grad_sign, mask, telemetry, telemetry ? ws.data_ptr<double>() : nullptr,
          telemetry ? out.data_ptr<double>() : nullptr, &aten_for);
 }
 
@@ -112,9 +112,10 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                      at::TensorList steps, const at::Tensor& lr_scale, double lr,
                                      double beta1, double beta2, double eps, double weight_decay,
-                                     bool maximize, bool telemetry, bool mask) {
+                                     bool maximize, double grad_factor, bool telemetry, bool mask) {
   const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
   const double lr_t = lr * scalar_of(lr_scale, "lr_scale");
+  const double grad_sign = (maximize ? -1.0 : 1.0) * grad_factor;
   at::Tensor out;  // (run_update fills it when telemetry is asked for)
   if (params.empty())
     return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, at::TensorOptions().dtype(at::kDouble)))
@@ -122,19 +123,19 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
   switch (dtype_code(params[0], "params")) {
     case DType::f32:
       run_update<float>(cpu::kernels().adamw_f32, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                        beta2, eps, weight_decay, maximize, telemetry, mask, out);
+                        beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
     case DType::f64:
       run_update<double>(cpu::kernels().adamw_f64, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                         beta2, eps, weight_decay, maximize, telemetry, mask, out);
+                         beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
     case DType::bf16:
       run_update<bf16_t>(cpu::kernels().adamw_bf16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                         beta2, eps, weight_decay, maximize, telemetry, mask, out);
+                         beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
     case DType::f16:
       run_update<f16_t>(cpu::kernels().adamw_f16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                        beta2, eps, weight_decay, maximize, telemetry, mask, out);
+                        beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
   }
   return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
@@ -143,14 +144,14 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
 void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool maximize,
-               const std::optional<at::Tensor>& skip) {
+               const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& grad_factor) {
   // Exact gate, rule 1: a skipped call changes nothing, not even the step counts.
   if (skip.has_value() && scalar_of(*skip, "skip") != 0.0) {
     check_update_args(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
     return;
   }
   update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay,
-             maximize, false, false);
+             maximize, grad_factor.has_value() ? scalar_of(*grad_factor, "grad_factor") : 1.0, false, false);
 }
 
 at::Tensor adamw_telemetry_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -158,7 +159,7 @@ at::Tensor adamw_telemetry_cpu(at::TensorList params, at::TensorList grads, at::
                                const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                                double eps, double weight_decay, bool maximize, bool mask_nonfinite) {
   return *update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
-                     weight_decay, maximize, true, mask_nonfinite);
+                     weight_decay, maximize, 1.0, true, mask_nonfinite);
 }
 
 // exp, log and sqrt exactly as the reference computes them on CPU: torch's own kernels on a

@@ -182,7 +182,8 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
                                              at::TensorList exp_avg_sqs, at::TensorList steps,
                                              const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                                              double eps, double weight_decay, bool maximize,
-                                             const std::optional<at::Tensor>& skip, bool telemetry, bool mask) {
+                                             const std::optional<at::Tensor>& skip,
+                                             const std::optional<at::Tensor>& grad_factor, bool telemetry, bool mask) {
   // One pass: tensor i of each list checked where its entry is filled.
   const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCUDA);
   const auto device = params.empty() ? lr_scale.device() : check.device;
@@ -218,6 +219,7 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   u.args.weight_decay = weight_decay;
   u.args.maximize = maximize;
   u.args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
+  u.args.grad_factor = grad_factor.has_value() ? scalar_ptr(*grad_factor, device, "grad_factor") : nullptr;
   u.args.mask_nonfinite = mask;
   u.args.telemetry = telemetry;
   u.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -246,10 +248,10 @@ std::optional<at::Tensor> launch_update(const PreparedUpdate& u) {
 std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                       at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale,
                                       double lr, double beta1, double beta2, double eps, double weight_decay,
-                                      bool maximize, const std::optional<at::Tensor>& skip, bool telemetry,
-                                      bool mask) {
+                                      bool maximize, const std::optional<at::Tensor>& skip,
+                                      const std::optional<at::Tensor>& grad_factor, bool telemetry, bool mask) {
   const auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
-                                weight_decay, maximize, skip, telemetry, mask);
+                                weight_decay, maximize, skip, grad_factor, telemetry, mask);
   if (!u.has_value()) {  // no params
     const auto opts = at::TensorOptions().dtype(at::kDouble).device(lr_scale.device());
     return telemetry ? std::optional<at::Tensor>(new_output({0, 3}, opts)) : std::nullopt;
@@ -260,17 +262,18 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // The exact gate in one table lookup (python_module.cpp's _C._adamw_exact_): the telemetry
 // pass over the update's table (its entries hold each grad's address, size and dtype: the
 // telemetry kernel reads those), then `decide` (the caller's rules 1-4, enqueued on the same
-// stream), then the update on the same table. Each pass on its own reads every tensor's address
+// stream; it returns max_grad_norm's factor for the update, or nothing), then the update on the
+// same table. Each pass on its own reads every tensor's address
 // for its own table key: the grads' twice. False, nothing launched, where a grad is 16-byte
 // aligned but its param or state is not (the telemetry op would read that grad with vector
 // loads, this table says scalar: other bits); the caller then runs the passes one by one.
 bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
-                     const std::function<void(const at::Tensor&)>& decide) {
+                     const ExactDecideFn& decide) {
   RECORD_FUNCTION("lbw::exact_step", std::vector<c10::IValue>());  // (not a dispatcher op: the profiler's name)
-  const auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
-                                weight_decay, maximize, skip, false, false);
+  auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
+                          weight_decay, maximize, skip, std::nullopt, false, false);
   TORCH_CHECK(u.has_value(), "lbw: exact_step_cuda needs params");
   if (!u->grad_alignment_as_telemetry) return false;
   at::Tensor partials;
@@ -278,7 +281,9 @@ bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     const c10::cuda::CUDAGuard guard(u->opts.device());
     partials = telemetry_rows(u->geo, *u->table, u->opts, u->stream);
   }
-  decide(partials);
+  // (kept alive until the update is enqueued; the allocator frees it in stream order after)
+  const std::optional<at::Tensor> factor = decide(partials);
+  if (factor.has_value()) u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
   launch_update(*u);
   return true;
 }
@@ -287,9 +292,10 @@ const bool exact_step_registered = (cuda_exact_step() = &exact_step_cuda, true);
 
 void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2, double eps,
-                double weight_decay, bool maximize, const std::optional<at::Tensor>& skip) {
+                double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
+                const std::optional<at::Tensor>& grad_factor) {
   update_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize,
-              skip, false, false);
+              skip, grad_factor, false, false);
 }
 
 at::Tensor adamw_telemetry_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -297,7 +303,7 @@ at::Tensor adamw_telemetry_cuda(at::TensorList params, at::TensorList grads, at:
                                 double lr, double beta1, double beta2, double eps, double weight_decay,
                                 bool maximize, bool mask_nonfinite) {
   return *update_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay,
-                      maximize, std::nullopt, true, mask_nonfinite);
+                      maximize, std::nullopt, std::nullopt, true, mask_nonfinite);
 }
 
 cuda::ControllerConfig controller_config(at::ArrayRef<double> config) {

@@ -362,20 +362,22 @@ bool run_op(bool release, Body&& body) {
 }
 
 // The update ops' leading arguments: params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale,
-// lr, beta1, beta2, eps, weight_decay, maximize, then one op-specific argument.
+// lr, beta1, beta2, eps, weight_decay, maximize, then one op-specific argument (and, for
+// _adamw_, an optional second one: grad_factor).
 struct UpdateArgs {
   BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, steps;
   at::Tensor lr_scale;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   int maximize = 0;
   PyObject* last = nullptr;
+  PyObject* extra = nullptr;  // (only where the format has a 14th "O")
   bool release = true;  // releases_gil(params)
 
   // `format`: "OOOOOOdddddpO:<function name>" (the name is PyArg's for its error messages).
   bool parse(PyObject* args, const char* format) {
     PyObject *p, *g, *m, *v, *s, *scale;
     if (!PyArg_ParseTuple(args, format, &p, &g, &m, &v, &s, &scale, &lr, &beta1, &beta2, &eps,
-                          &weight_decay, &maximize, &last))
+                          &weight_decay, &maximize, &last, &extra))
       return false;
     release = releases_gil(p);
     return params.unpack(p, "params", release) && grads.unpack(g, "grads", release) &&
@@ -393,24 +395,29 @@ struct UpdateArgs {
 // The entries return False (_adamw_) or None (the others) without doing anything when a
 // tensor is not what the kernels take (UpdateArgs::kernel_ready): the caller then runs the
 // reference. One pass over the lists unpacks and checks them.
+// An optional tensor argument: None (or absent, nullptr) -> nothing.
+bool unpack_optional(PyObject* obj, const char* what, std::optional<at::Tensor>& out) {
+  if (obj == nullptr || obj == Py_None) return true;
+  at::Tensor t;
+  if (!unpack_tensor(obj, what, t)) return false;
+  out = std::move(t);
+  return true;
+}
+
 PyObject* call_adamw(PyObject*, PyObject* args) {
   UpdateArgs a;
-  if (!a.parse(args, "OOOOOOdddddpO:_adamw_")) return nullptr;
+  if (!a.parse(args, "OOOOOOdddddpO|O:_adamw_")) return nullptr;
   if (!a.kernel_ready()) Py_RETURN_FALSE;
-  std::optional<at::Tensor> skip;
-  if (a.last != Py_None) {
-    at::Tensor t;
-    if (!unpack_tensor(a.last, "skip", t)) return nullptr;
-    skip = std::move(t);
-  }
+  std::optional<at::Tensor> skip, grad_factor;
+  if (!unpack_optional(a.last, "skip", skip) || !unpack_optional(a.extra, "grad_factor", grad_factor)) return nullptr;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lbw::adamw_", "")
                        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                    const at::Tensor&, double, double, double, double, double, bool,
-                                   const std::optional<at::Tensor>&)>();
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   if (!run_op(a.release, [&] {
         op.call(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
-                a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip);
+                a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, grad_factor);
       }))
     return nullptr;
   Py_RETURN_TRUE;
@@ -439,7 +446,8 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 // The CUDA exact gate's call with one table lookup: (params, grads, exp_avgs, exp_avg_sqs,
 // steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide). The telemetry
 // rows of the grads go to decide(partials), a Python callable that enqueues rules 1-4 on the
-// stream; then the update, which reads lr_scale and skip on the device after it. False, with
+// stream and returns None or the gradient factor (max_grad_norm) the update then reads; then
+// the update, which reads lr_scale, skip and that factor on the device after it. False, with
 // nothing done, for tensors the kernels do not take, CPU tensors, a build without CUDA, or a
 // grad aligned where its param or state is not (exact_step_cuda). The GIL stays held but for
 // decide's own torch calls: the borrowed tensors are used only before decide runs; the update
@@ -464,25 +472,29 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   }
   if (exact == nullptr || a.release || !a.kernel_ready()) Py_RETURN_FALSE;
   std::optional<at::Tensor> skip;
-  if (a.last != Py_None) {
-    at::Tensor t;
-    if (!unpack_tensor(a.last, "skip", t)) return nullptr;
-    skip = std::move(t);
-  }
+  if (!unpack_optional(a.last, "skip", skip)) return nullptr;
   // decide runs as Python with the caller's dispatcher state, not the one run_op sets for the
   // op; a Python error it raises is carried through as python_error and restored by run_op.
   const c10::impl::LocalDispatchKeySet caller = c10::impl::tls_local_dispatch_key_set();
-  const std::function<void(const at::Tensor&)> call_decide = [decide, caller](const at::Tensor& partials) {
+  const lbw::ExactDecideFn call_decide = [decide, caller](const at::Tensor& partials) {
     const c10::impl::ForceDispatchKeyGuard as_caller(caller);
     PyObject* rows = THPVariable_Wrap(partials);
     PyObject* result = rows == nullptr ? nullptr : PyObject_CallOneArg(decide, rows);
     Py_XDECREF(rows);
+    if (result != nullptr && result != Py_None && !THPVariable_Check(result)) {
+      Py_DECREF(result);
+      PyErr_SetString(PyExc_TypeError, "lbw: decide must return None or a tensor (the gradient factor)");
+      result = nullptr;
+    }
     if (result == nullptr) {
       python_error error;
       error.persist();  // the Python exception travels with it (restored by HANDLE_TH_ERRORS)
       throw error;
     }
+    std::optional<at::Tensor> factor;
+    if (result != Py_None) factor = THPVariable_Unpack(result);  // (a new reference to the tensor)
     Py_DECREF(result);
+    return factor;
   };
   bool done = false;
   if (!run_op(false, [&] {

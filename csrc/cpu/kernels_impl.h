@@ -241,11 +241,11 @@ void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
 
 template <bool MASK, bool TEL, class P>
 void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
-                const AdamWCoeffs<typename math_type<P>::type>* coeffs, bool maximize, double* ws,
+                const AdamWCoeffs<typename math_type<P>::type>* coeffs, double grad_sign, double* ws,
                 double* out, ParallelFor pf) {
   using M = typename math_type<P>::type;
   const Chunk* chunks = table.chunks.data();
-  const M sign = maximize ? M(-1) : M(1);
+  const M sign = M(grad_sign);  // (+-1 times the clipping factor, rounded once to M)
   for_chunks(table, pf, [&](int64_t c) {
     const Chunk& k = chunks[c];
     const UpdateRef<P>& t = ts[k.tensor];
@@ -257,13 +257,13 @@ void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
 
 template <class P>
 void adamw(const ChunkTable& table, const UpdateRef<P>* ts, const AdamWCoeffs<typename math_type<P>::type>* coeffs,
-           bool maximize, bool mask, bool telemetry, double* ws, double* out, ParallelFor pf) {
+           double grad_sign, bool mask, bool telemetry, double* ws, double* out, ParallelFor pf) {
   if (!telemetry)
-    adamw_pass<false, false>(table, ts, coeffs, maximize, ws, out, pf);
+    adamw_pass<false, false>(table, ts, coeffs, grad_sign, ws, out, pf);
   else if (mask)
-    adamw_pass<true, true>(table, ts, coeffs, maximize, ws, out, pf);
+    adamw_pass<true, true>(table, ts, coeffs, grad_sign, ws, out, pf);
   else
-    adamw_pass<false, true>(table, ts, coeffs, maximize, ws, out, pf);
+    adamw_pass<false, true>(table, ts, coeffs, grad_sign, ws, out, pf);
 }
 
 }  // namespace

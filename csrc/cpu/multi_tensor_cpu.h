@@ -70,12 +70,14 @@ void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, in
 
 // Entry points of one instruction set.
 //  telemetry: `out` gets (sum g^2, sum g, nonfinite) per non-empty gradient; grads may mix dtypes.
-//  adamw_*: rule 5 on tensors of one param dtype with per-tensor coefficients; with `telemetry`
-//    also the rows of the grads as read; `mask`: single_pass's non-finite mask.
+//  adamw_*: rule 5 on tensors of one param dtype with per-tensor coefficients, every gradient
+//    element read times `grad_sign` (-1 when maximizing, times the clipping factor; rounded to
+//    the math type); with `telemetry` also the rows of the grads as read (before that factor);
+//    `mask`: single_pass's non-finite mask.
 //  `ws` holds 2 doubles per chunk (only read/written when telemetry is computed).
 template <class P>
 using AdamWFn = void (*)(const ChunkTable& table, const UpdateRef<P>* ts,
-                         const AdamWCoeffs<typename math_type<P>::type>* coeffs, bool maximize,
+                         const AdamWCoeffs<typename math_type<P>::type>* coeffs, double grad_sign,
                          bool mask, bool telemetry, double* ws, double* out, ParallelFor pf);
 struct Kernels {
   const char* isa;

@@ -262,6 +262,7 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
                                                         const ChunkEntry* __restrict__ chunks, int64_t chunk,
                                                         const AdamWCoeffs<double>* __restrict__ all_coeffs,
                                                         const double* __restrict__ skip, bool maximize,
+                                                        const double* __restrict__ grad_factor,
                                                         double* __restrict__ ws, bool warp_slots) {
   using M = typename math_type<P>::type;
   if (skip != nullptr && *skip != 0.0) return;  // rule 1: a skipped call changes nothing
@@ -269,7 +270,8 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
   const TensorEntry& t = tensors[c.tensor];
   const int64_t n = chunk_len(t, c, chunk);
   const AdamWCoeffs<M> k = coeffs_as<M>(all_coeffs[c.tensor]);
-  const M sign = maximize ? M(-1) : M(1);
+  // -1 when maximizing, times max_grad_norm's factor rounded once to M (the reference's order)
+  const M sign = (maximize ? M(-1) : M(1)) * (grad_factor != nullptr ? M(*grad_factor) : M(1));
   P* __restrict__ p = static_cast<P*>(t.p) + c.begin;
   const P* __restrict__ g = static_cast<const P*>(t.g) + c.begin;
   M* __restrict__ m = static_cast<M*>(t.m) + c.begin;
@@ -292,13 +294,15 @@ void launch_update(const AdamWArgs& a, const TensorEntry* tensors, const ChunkEn
   const dim3 grid(static_cast<unsigned>(nchunks));
   if (!a.telemetry)
     adamw_kernel<P, false, false, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, ws, false);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, a.grad_factor, ws, false);
   else if (a.mask_nonfinite)
     adamw_kernel<P, true, true, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws, warp_slots);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, a.grad_factor, ws,
+                                       warp_slots);
   else
     adamw_kernel<P, false, true, THREADS, ILP>
-        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, ws, warp_slots);
+        <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, a.grad_factor, ws,
+                                       warp_slots);
 }
 
 // The geometry's instantiation (geometry_supported() was checked).

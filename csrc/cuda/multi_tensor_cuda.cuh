@@ -58,6 +58,7 @@ struct AdamWArgs {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
   const double* skip;      // device 0-dim float64 or nullptr; non-zero: nothing changes
+  const double* grad_factor;  // device 0-dim float64 or nullptr: gradients read times it (clipping)
   bool mask_nonfinite;     // single_pass: elements with NaN/Inf grads keep p, m, v
   bool telemetry;          // also write the rows of the grads as read (ws, out)
 };

@@ -80,16 +80,17 @@ struct Problem {
   }
 };
 
-static void test_update(const Kernels& k, bool maximize, bool mask) {
+// grad_sign: -1 when maximizing, times a clipping factor (rounded to float as the kernels do)
+static void test_update(const Kernels& k, double grad_sign, bool mask) {
   Problem a, want;
   a.g[2][5] = want.g[2][5] = std::nanf("");
   ChunkTable table;
   table.build(kSizes);
   std::vector<double> ws(2 * table.nchunks()), out(3 * table.nonempty());
-  k.adamw_f32(table, a.refs.data(), a.coeffs.data(), maximize, mask, true, ws.data(), out.data(), &reversed_pieces);
+  k.adamw_f32(table, a.refs.data(), a.coeffs.data(), grad_sign, mask, true, ws.data(), out.data(), &reversed_pieces);
   for (size_t t = 0; t < kSizes.size(); ++t) {
     for (int64_t i = 0; i < kSizes[t]; ++i) {
-      float g = want.g[t][i] * (maximize ? -1.f : 1.f);
+      float g = want.g[t][i] * float(grad_sign);
       if (mask)
         adamw_element_masked(want.p[t][i], g, want.m[t][i], want.v[t][i], want.coeffs[t]);
       else
@@ -149,8 +150,8 @@ int main() {
   const Kernels* isas[2] = {&kernels_default(), &kernels()};
   for (const Kernels* k : isas) {
     test_telemetry(*k);
-    for (bool maximize : {false, true})
-      for (bool mask : {false, true}) test_update(*k, maximize, mask);
+    for (double grad_sign : {1.0, -1.0, 0.3, -0.3})
+      for (bool mask : {false, true}) test_update(*k, grad_sign, mask);
   }
   test_same_on_every_isa();
   TEST_MAIN_END

@@ -94,6 +94,9 @@ void test_update(const Geometry& geo, bool mask, double skip_value) {
   a.lr_scale = to_device(std::vector<double>{lr_scale});
   a.lr = 1e-2, a.beta1 = 0.9, a.beta2 = 0.999, a.eps = 1e-8, a.weight_decay = 0.1, a.maximize = true;
   a.skip = mask ? nullptr : to_device(std::vector<double>{skip});
+  // The exact gate's update also clips (max_grad_norm): every gradient read times the factor.
+  const float factor = mask ? 1.0f : 0.375f;
+  a.grad_factor = mask ? nullptr : to_device(std::vector<double>{factor});
   a.mask_nonfinite = mask;
   a.telemetry = mask;
   AdamWCoeffs<double>* coeffs = nullptr;
@@ -113,7 +116,7 @@ void test_update(const Geometry& geo, bool mask, double skip_value) {
     for (int64_t i = 0; i < sizes[t]; ++i) {
       float pw = load_as<float>(p[t][i]), mw = m[t][i], vw = v[t][i];
       if (!skipped) {
-        const float gi = -load_as<float>(g[t][i]);
+        const float gi = -load_as<float>(g[t][i]) * factor;
         if (mask) adamw_element_masked(pw, gi, mw, vw, c); else adamw_element(pw, gi, mw, vw, c);
       }
       const float pg = load_as<float>(gp[i]);
