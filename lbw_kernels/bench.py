@@ -445,14 +445,15 @@ def format_table(table: Dict[str, object]) -> str:
         f"copy {table['copy_gbps']:.1f} GB/s; floor {table['floor_ms_28B']:.2f} ms (28 B) / "
         f"{table['floor_ms_32B']:.2f} ms (32 B)"
     )
-    lines = [head, f"{'row':<34} {'ms':>9} {'GB/s':>8} {'x floor':>8} {'vs fused':>9} {'peak MiB':>9}"]
+    w = max([34] + [len(r["name"]) for r in table["rows"]])  # the name column fits the longest name
+    lines = [head, f"{'row':<{w}} {'ms':>9} {'GB/s':>8} {'x floor':>8} {'vs fused':>9} {'peak MiB':>9}"]
     for r in table["rows"]:
         if r["ms"] is None:
-            lines.append(f"{r['name']:<34} ERROR {r['error']}")
+            lines.append(f"{r['name']:<{w}} ERROR {r['error']}")
             continue
         peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
         vs = f"{r['vs_fused']:8.2f}x" if r["vs_fused"] else f"{'-':>9}"
-        lines.append(f"{r['name']:<34} {r['ms']:9.2f} {r['gbps']:8.1f} {r['x_floor']:8.2f} {vs} {peak}")
+        lines.append(f"{r['name']:<{w}} {r['ms']:9.2f} {r['gbps']:8.1f} {r['x_floor']:8.2f} {vs} {peak}")
     return "\n".join(lines)
 
 

@@ -113,8 +113,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     step, from the telemetry's own norm (exact gate only: the norm must be known before the
     update). The update reads every gradient times ``min(1, max_grad_norm / (norm + 1e-6))``;
     the guard reads the gradients before clipping (``telemetry()["grad_norm"]`` is the norm
-    ``clip_grad_norm_`` would return). On the ``triton`` and ``reference`` backends the
-    gradients are left as they are; ``cpp`` and ``cuda`` clip ``.grad`` in place first.
+    ``clip_grad_norm_`` would return); ``.grad`` is left unclipped.
 
     ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
     ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's

@@ -37,7 +37,8 @@ LN256 = math.log(256)
 # Arm name -> (optimizer kind, options). All guard arms read telemetry every call
 # (stats_freq=1) but the one named -sf10, which runs the published default. guard-* arms run
 # the published rules (policy "lbw"), zscore-* arms lbw_kernels.policies.ZScorePolicy;
-# adamw+clip is clip_grad_norm_(1.0), adamw+zclip the adaptive clipping of zclip.py.
+# adamw+clip is clip_grad_norm_(1.0), adamw+zclip the adaptive clipping of zclip.py; the
+# +clip guard arms clip by 1.0 inside the step.
 ARMS: Dict[str, dict] = {
     "adamw": {"kind": "adamw", "clip": None},
     "adamw+clip": {"kind": "adamw", "clip": 1.0},
@@ -49,6 +50,11 @@ ARMS: Dict[str, dict] = {
     "zscore-single_pass": {"kind": "guard", "gate": "single_pass", "stats_freq": 1, "policy": "zscore"},
     # window=0: acts on the first hot call, uncorroborated (the trade-off in docs/policies.md)
     "zscore-exact-w0": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": ZScorePolicy(window=0)},
+    # clip_grad_norm_(1.0) inside the guarded step (max_grad_norm); the guard reads the
+    # gradients before clipping
+    "guard-exact+clip": {"kind": "guard", "gate": "exact", "stats_freq": 1, "max_grad_norm": 1.0},
+    "zscore-exact+clip": {"kind": "guard", "gate": "exact", "stats_freq": 1, "policy": "zscore",
+                          "max_grad_norm": 1.0},
 }
 DEFAULT_ARMS = ("adamw", "adamw+clip", "guard-exact", "guard-single_pass", "guard-exact-sf10", "zscore-exact")
 
@@ -122,6 +128,7 @@ def make_optimizer(arm: str, params, lr: float, s: TrainSettings):
     return GuardedAdamW(
         params, lr=lr, weight_decay=s.weight_decay, gate=spec["gate"],
         stats_freq=spec["stats_freq"], backend=s.backend, policy=spec.get("policy", "lbw"),
+        max_grad_norm=spec.get("max_grad_norm"),
     )
 
 
