@@ -11,8 +11,9 @@ sharded gradient are the sums of its shards' partials:
   over the mesh gives every rank the partials of the unsharded gradients. Every rank then runs
   the controller on identical numbers, with the global numels. The all_reduce happens on every
   ``step()`` that computes telemetry or the finite check: every call when
-  ``skip_nonfinite=True`` (the default), else the telemetry calls (1, f, 2f, ...; every call
-  once a step has been captured in a CUDA graph, see GuardedAdamW._telemetry_due). It is
+  ``skip_nonfinite=True`` (the default) or ``max_grad_norm`` is set (its norm), else the
+  telemetry calls (1, f, 2f, ...; every call once a step has been captured in a CUDA graph,
+  see GuardedAdamW._telemetry_due). It is
   enqueued like any collective: no host sync on NCCL.
 * A row whose gradient is ``Replicate`` on a mesh dim holds the same numbers on every rank of
   that dim; ranks whose coordinate on such a dim is not 0 contribute zeros, so the sum counts

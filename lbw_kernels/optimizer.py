@@ -112,8 +112,9 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``max_grad_norm``: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` inside the
     step, from the telemetry's own norm (exact gate only: the norm must be known before the
     update). The update reads every gradient times ``min(1, max_grad_norm / (norm + 1e-6))``;
-    the guard reads the gradients before clipping (``telemetry()["grad_norm"]`` is the norm
-    ``clip_grad_norm_`` would return); ``.grad`` is left unclipped.
+    the guard reads the gradients before clipping (``telemetry()["grad_norm"]``, of the latest
+    call the guard analysed, is the norm ``clip_grad_norm_`` returns); ``.grad`` is left
+    unclipped.
 
     ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
     ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's
@@ -411,7 +412,8 @@ class GuardedAdamW(torch.optim.Optimizer):
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype):
                 factor = decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
-                backend.adamw_(groups, scale=scale, skip=skip, grad_factor=factor)
+                # (grad_factor only when clipping: a backend registered from outside without it works unclipped)
+                backend.adamw_(groups, scale=scale, skip=skip, **({} if factor is None else {"grad_factor": factor}))
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
                 partials = backend.adamw_telemetry_(

@@ -184,6 +184,13 @@ def check_backend(
         backend.adamw_(actual, scale=scale, skip=skip)
         reference.adamw_(expected, scale=scale, skip=skip)
         failures += compare_groups(actual, expected, dtype, f"adamw_ skip={skip_value:g}")
+    # Exact gate with a gradient factor (max_grad_norm's clipping), read on the device.
+    factor = torch.tensor(0.37, dtype=pdtype, device=device)
+    actual, expected = clone_problem(problem), clone_problem(problem, torch.float64)
+    skip = torch.tensor(0.0, dtype=pdtype, device=device)
+    backend.adamw_(actual, scale=scale, skip=skip, grad_factor=factor)
+    reference.adamw_(expected, scale=scale, skip=skip, grad_factor=factor)
+    failures += compare_groups(actual, expected, dtype, "adamw_ grad_factor=0.37")
 
     # single_pass: update and telemetry in one call, non-finite elements masked.
     for mask in (True, False):

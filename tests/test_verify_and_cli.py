@@ -18,15 +18,15 @@ def test_reference_passes_its_own_suite():
 class LrOff(ReferenceBackend):
     name = "lr_off"
 
-    def adamw_(self, groups, *, scale, skip):
-        super().adamw_(groups, scale=scale * 1.0001, skip=skip)
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
+        super().adamw_(groups, scale=scale * 1.0001, skip=skip, grad_factor=grad_factor)
 
 
 class IgnoresSkip(ReferenceBackend):
     name = "ignores_skip"
 
-    def adamw_(self, groups, *, scale, skip):
-        super().adamw_(groups, scale=scale, skip=None)
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
+        super().adamw_(groups, scale=scale, skip=None, grad_factor=grad_factor)
 
 
 class IgnoresMask(ReferenceBackend):
@@ -39,11 +39,18 @@ class IgnoresMask(ReferenceBackend):
 class LeavesLastElement(ReferenceBackend):
     name = "leaves_last"
 
-    def adamw_(self, groups, *, scale, skip):
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
         saved = [(p, p.view(-1)[-1:].clone()) for g in groups for p in g.params if p.numel() > 1]
-        super().adamw_(groups, scale=scale, skip=skip)
+        super().adamw_(groups, scale=scale, skip=skip, grad_factor=grad_factor)
         for p, last in saved:
             p.view(-1)[-1:] = last
+
+
+class IgnoresGradFactor(ReferenceBackend):
+    name = "ignores_grad_factor"
+
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
+        super().adamw_(groups, scale=scale, skip=skip)
 
 
 class WrongSign(ReferenceBackend):
@@ -55,7 +62,7 @@ class WrongSign(ReferenceBackend):
         return out
 
 
-@pytest.mark.parametrize("backend", [LrOff, IgnoresSkip, LeavesLastElement, WrongSign])
+@pytest.mark.parametrize("backend", [LrOff, IgnoresSkip, LeavesLastElement, IgnoresGradFactor, WrongSign])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_harness_catches_wrong_backends(backend, dtype):
     assert check_backend(backend(), dtype=dtype)
@@ -94,12 +101,12 @@ class TruncatingBf16(ReferenceBackend):
 
     name = "truncating"
 
-    def adamw_(self, groups, *, scale, skip):
+    def adamw_(self, groups, *, scale, skip, grad_factor=None):
         for group in groups:
             wide = [p.float() for p in group.params]
             narrow = group.params
             group.params = wide
-            super().adamw_([group], scale=scale, skip=skip)
+            super().adamw_([group], scale=scale, skip=skip, grad_factor=grad_factor)
             group.params = narrow
             for p, w in zip(narrow, wide):
                 p.copy_((w.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16))
