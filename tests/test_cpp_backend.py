@@ -90,8 +90,8 @@ def test_harness_catches_a_wrong_kernel(cpp):
     """The checks can fail: a backend whose update uses lr*1.0001 or drops a row is caught."""
 
     class WrongLr(type(cpp)):
-        def adamw_(self, groups, *, scale, skip):
-            super().adamw_(groups, scale=scale * 1.0001, skip=skip)
+        def adamw_(self, groups, *, scale, skip, grad_factor=None):
+            super().adamw_(groups, scale=scale * 1.0001, skip=skip, grad_factor=grad_factor)
 
     class DropsRow(type(cpp)):
         def telemetry(self, grads, partials_dtype):
