@@ -18,7 +18,7 @@ from torch import Tensor
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
-from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
+from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards, is_dtensor
 from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
@@ -77,6 +77,22 @@ def _first_device_with_grad(param_groups: List[Dict[str, Any]], grads_per_group:
             if g is not None:
                 return p.device
     return None
+
+
+def _scaler_inputs(opt, guard: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What GradScaler's fused path (GuardedAdamW._step_supports_amp_scaling) set on ``opt`` for
+    this call, on the guard's device: ``1/grad_scale`` as GradScaler computes it (float32, in
+    the guard's dtype) or None (no scale: unscale_ was called, or no scaler), and ``found_inf``
+    or None. (GradScaler sums its per-device flags; over no device that sum is the int 0.)"""
+    grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    inv = None
+    if grad_scale is not None:
+        inv = grad_scale.to(guard.device, non_blocking=True).double().reciprocal().float().to(guard.dtype)
+    if found_inf is not None and not isinstance(found_inf, Tensor):
+        found_inf = None if found_inf == 0 else torch.ones((), dtype=guard.dtype, device=guard.device)
+    elif found_inf is not None:
+        found_inf = found_inf.to(guard.device, non_blocking=True)
+    return inv, found_inf
 
 
 def stream_is_capturing(device: torch.device) -> bool:
@@ -229,6 +245,25 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's fused path, which torch.optim.AdamW(fused=True) takes too: with the
+        exact gate ``scaler.step(opt)`` calls ``step()`` on the still-scaled gradients and sets
+        ``grad_scale`` and ``found_inf`` on the optimizer. The update then reads each gradient
+        times ``1/grad_scale`` (the gradient factor max_grad_norm uses), the telemetry rows are
+        unscaled, and a call with ``found_inf`` changes nothing (reference.kept_on_overflow), all
+        on the device: no host sync and no unscaling pass. GradScaler's own path (unscale_, a
+        host read of the Inf flag) stays for single_pass, which updates before it could skip a
+        call, and for sharded params (DTensor, FSDP2) and pipeline stages: on the fused path
+        GradScaler (ShardedGradScaler too) takes ``found_inf`` from each rank's own gradients,
+        not all-reduced as its ``unscale_`` does, so ranks would disagree on the skip."""
+        if self.gate != "exact" or self.pipeline_group is not None:
+            return False
+        plan = self.__dict__.get("_plan")
+        if plan is not None:
+            return not plan.has_dtensor
+        return not any(is_dtensor(p) for group in self.param_groups for p in group["params"])
+
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
@@ -324,6 +359,11 @@ class GuardedAdamW(torch.optim.Optimizer):
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
         state_init = not self.state and called_by_dcp_state_init()
+        if getattr(self, "found_inf", None) is not None:
+            # GradScaler's fused path: a call it finds overflowed changes nothing, the call count
+            # on the device included, which the host cannot know: rule 2's schedule is read from
+            # the device from now on (as after a CUDA graph capture)
+            self._schedule_on_device = True
         # The layouts go by attribute, read by eager calls only: bytes returned into a traced
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
@@ -371,6 +411,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         # Telemetry rows: gradients of global numel > 0 (a DTensor's numel is global), so every
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard
+        inv_scale, found_inf = _scaler_inputs(self, guard)
         # (a pipeline stage without rows still sends its empty summary: every stage gathers)
         rows = plan.telemetry_rows > 0 or self.pipeline_group is not None
         analyze = rows and self._telemetry_due(device, guard)
@@ -391,6 +432,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 return None
             if measure:
                 partials = self._sharded.reduce_partials_(partials, dtype=guard.dtype, device=device)
+                if inv_scale is not None and partials is not None:  # the unscaled gradients' rows
+                    partials = ref.unscale_partials(partials, inv_scale)
+            before = guard.clone() if found_inf is not None else None
             summary, analyze_now = None, analyze
             if self.pipeline_group is not None:  # once on every call, measured or not: pipeline.py
                 summary, rows_total = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
@@ -400,15 +444,19 @@ class GuardedAdamW(torch.optim.Optimizer):
             if clip:  # from the whole model's norm: after the DTensor reduction, over every stage
                 norm = summary[2] if summary is not None else ref.rows_norm(partials)
                 factor = ref.clip_factor(norm, cfg.max_grad_norm)
+            if inv_scale is not None:  # the update unscales as it reads
+                factor = inv_scale if factor is None else factor * inv_scale
             if summary is not None:
                 backend.decide_summary_(guard, summary, analyze=analyze_now, check_finite=check_finite, cfg=cfg)
             else:
                 backend.decide_(guard, partials, plan.numels, plan.numel_total, analyze=analyze,
                                 check_finite=check_finite, cfg=cfg)
+            if found_inf is not None:
+                guard.copy_(ref.kept_on_overflow(guard, before, found_inf))
             return factor
 
         if self.gate == "exact":
-            skip = guard[ref.SKIP] if check_finite and not state_init else None
+            skip = guard[ref.SKIP] if (check_finite or found_inf is not None) and not state_init else None
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype):
                 factor = decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)

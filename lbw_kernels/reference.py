@@ -177,6 +177,26 @@ def clip_factor(grad_norm: Optional[Tensor], max_norm: float) -> Optional[Tensor
 
 
 # ---------------------------------------------------------------------------------------
+# GradScaler's fused path (GuardedAdamW._step_supports_amp_scaling): scaled gradients
+# ---------------------------------------------------------------------------------------
+def unscale_partials(partials: Tensor, inv_scale: Tensor) -> Tensor:
+    """Telemetry rows of gradients scaled by ``1/inv_scale``, as rows of the unscaled ones:
+    ``sum g^2`` times ``inv^2``, ``sum g`` times ``inv``. For a power-of-two scale (GradScaler's,
+    unless told otherwise) these are the bits the rows of unscaled gradients would have."""
+    one = torch.ones_like(inv_scale)
+    return partials * torch.stack([inv_scale * inv_scale, inv_scale, one]).to(partials.dtype)
+
+
+def kept_on_overflow(decided: Tensor, before: Tensor, found_inf: Tensor) -> Tensor:
+    """GradScaler found an Inf/NaN (``found_inf != 0``): the call changes nothing, as a call
+    GradScaler's own path would not have made (no decision, no count, no cut); only ``SKIP``
+    is set, so the update skips too. Else the state ``decided``."""
+    kept = before.clone()
+    kept[SKIP] = 1.0
+    return torch.where(found_inf != 0, kept, decided)
+
+
+# ---------------------------------------------------------------------------------------
 # Analyzer + controller (rules 1-4)
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Mixed precision: GradScaler's unscale_/step around GuardedAdamW; fp16/bf16 params with fp32
-state and fp32 math."""
+"""Mixed precision: GradScaler's unscale_/step around GuardedAdamW (its own path, and the fused
+path the exact gate takes: _step_supports_amp_scaling); fp16/bf16 params with fp32 state and
+fp32 math."""
 
 import pytest
 import torch
@@ -32,16 +33,118 @@ def test_grad_scaler_unscale_then_step():
     assert opt.telemetry()["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
 
 
-def test_grad_scaler_step_unscales_before_the_guard_reads():
-    """Without an explicit unscale_, scaler.step unscales (GuardedAdamW does not claim
-    GradScaler's fused path, whose grads would arrive scaled)."""
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_grad_scaler_step_the_guard_reads_unscaled_gradients(gate):
+    """Without an explicit unscale_: the exact gate takes GradScaler's fused path (the grads
+    arrive scaled, and stay so; the guard and the update unscale them as they read them),
+    single_pass GradScaler's own (scaler.step unscales .grad first)."""
     p = torch.nn.Parameter(torch.ones(10))
-    opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, fused=True)
+    opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, gate=gate, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaler.scale((p * torch.arange(10.0)).sum()).backward()
     scaler.step(opt)
     assert opt.telemetry()["grad_ms"] == pytest.approx((torch.arange(10.0) ** 2).mean().item())
-    assert not getattr(opt, "_step_supports_amp_scaling", False)
+    fused = gate == "exact"
+    assert opt._step_supports_amp_scaling is fused
+    assert torch.equal(p.grad, torch.arange(10.0) * (2.0**10 if fused else 1.0))
+
+
+class ScalersOwnPath(GuardedAdamW):
+    """GuardedAdamW on GradScaler's own path (unscale_, a host read, step or no step)."""
+
+    _step_supports_amp_scaling = False
+
+
+def _scaled_training(cls, backend, stats_freq, max_grad_norm, overflow_at=(4, 9), spike_at=(6,), dtype=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    opt = cls(model.parameters(), lr=1e-2, stats_freq=stats_freq, backend=backend, max_grad_norm=max_grad_norm)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    for i in range(12):
+        opt.zero_grad()
+        factor = float("inf") if i in overflow_at else 30.0 if i in spike_at else 1.0
+        loss = torch.nn.functional.mse_loss(model(x), y) * factor
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return model, opt, scaler
+
+
+@pytest.mark.parametrize("stats_freq, max_grad_norm", [(1, None), (3, None), (1, 0.5)])
+def test_grad_scalers_fused_path_equals_its_own_path(backend, stats_freq, max_grad_norm):
+    """Bitwise, with GradScaler's power-of-two scales: params, AdamW state and the guard's
+    state after overflowed calls (skipped on both paths, the guard untouched by them: no
+    decision, no count, no cut), scale growth, a spike the guard cuts on, stats_freq's schedule
+    and clipping (its norm from the unscaled gradients)."""
+    fused = _scaled_training(GuardedAdamW, backend, stats_freq, max_grad_norm)
+    own = _scaled_training(ScalersOwnPath, backend, stats_freq, max_grad_norm)
+    assert fused[1]._schedule_on_device and not own[1]._schedule_on_device  # the paths differed
+    for p, q in zip(fused[0].parameters(), own[0].parameters()):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fused[1].state[p][key], own[1].state[q][key]), key
+    assert torch.equal(fused[1]._guard.nan_to_num(7.0), own[1]._guard.nan_to_num(7.0))
+    t = fused[1].telemetry()
+    assert t["step"] == 10 and t["skipped_steps"] == 0 and t["scale"] < 1  # 2 overflows; the spike cut
+    assert fused[2].get_scale() == own[2].get_scale()
+
+
+def test_fp16_params_train_under_grad_scaler_on_the_fused_path(backend):
+    """Pure fp16 training, which GradScaler's own path refuses ("Attempting to unscale FP16
+    gradients"): the fused path reads fp16 gradients times 1/scale in fp32, as the reference."""
+    results = []
+    for name in (backend, "reference"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4).half()
+        opt = GuardedAdamW(model.parameters(), lr=1e-2, stats_freq=1, backend=name)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        x = torch.randn(16, 8).half()
+        for _ in range(5):
+            opt.zero_grad()
+            scaler.scale(model(x).float().square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt.telemetry()))
+    (ours, t), (ref_model, t_ref) = results
+    assert t["step"] == 5 and t["grad_norm"] == pytest.approx(t_ref["grad_norm"], rel=1e-3)
+    for p, q in zip(ours.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=2**-10, atol=2**-14)
+
+
+def test_an_overflowed_call_changes_nothing_but_the_skip_flag(backend):
+    from lbw_kernels import reference as ref
+
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, backend=backend)
+    p.grad = torch.randn(5)
+    opt.step()
+    guard, state = opt._guard.clone(), {k: v.clone() for k, v in opt.state[p].items() if k in ("step", "exp_avg")}
+    before = p.detach().clone()
+    p.grad = torch.full((5,), float("inf"))
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0**16), torch.tensor(1.0)  # as GradScaler.step sets them
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    expected = guard.clone()
+    expected[ref.SKIP] = 1.0
+    assert torch.equal(opt._guard.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def test_grad_scalers_fused_path_reads_nothing_on_the_host(backend):
+    from test_no_sync import host_reads_forbidden
+
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = GuardedAdamW([p], lr=1e-2, stats_freq=2, backend=backend, max_grad_norm=1.0)
+    for flag in (0.0, 1.0, 0.0):
+        p.grad = torch.randn(5) * 2.0**8
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0**8), torch.tensor(flag)
+        with host_reads_forbidden():
+            opt.step()
+    assert opt.telemetry()["step"] == 2
 
 
 def test_grad_scaler_skips_inf_steps_without_calling_step():
@@ -125,3 +228,52 @@ def test_low_precision_stores_of_overflow_and_nonfinite_params_match_the_referen
         out[name] = p.detach()
     assert out["reference"][0] == float("inf") and out["reference"][1] == -float("inf")  # overflowed
     torch.testing.assert_close(out[backend], out["reference"], rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------ GPU
+def _gpu_backends():
+    return [pytest.param(b, marks=pytest.mark.gpu) for b in ("triton", "cuda")]
+
+
+def _require(backend):
+    from lbw_kernels.backends import availability
+
+    reason = availability()[backend]
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("gpu_backend", _gpu_backends())
+def test_gpu_grad_scalers_fused_path_equals_its_own_path_and_never_syncs(gpu_backend):
+    _require(gpu_backend)
+    runs = []
+    for cls in (GuardedAdamW, ScalersOwnPath):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)).cuda()
+        opt = cls(model.parameters(), lr=1e-2, stats_freq=1, backend=gpu_backend, max_grad_norm=0.5)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=3)
+        x, y = torch.randn(64, 8, device="cuda"), torch.randn(64, 1, device="cuda")
+        for i in range(10):
+            opt.zero_grad()
+            factor = float("inf") if i == 4 else 30.0 if i == 6 else 1.0
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y) * factor).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((model, opt))
+    (fused, fused_opt), (own, own_opt) = runs
+    for p, q in zip(fused.parameters(), own.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(fused_opt._guard.nan_to_num(7.0), own_opt._guard.nan_to_num(7.0))
+    assert fused_opt.telemetry()["step"] == 9
+    # the step itself, as GradScaler's fused path calls it, never waits for the device
+    for p in fused.parameters():
+        p.grad = torch.randn_like(p) * 2.0**10
+    fused_opt.grad_scale, fused_opt.found_inf = torch.tensor(2.0**10, device="cuda"), torch.zeros((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            fused_opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        del fused_opt.grad_scale, fused_opt.found_inf

@@ -87,6 +87,8 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy, **options)
     opt = GuardedAdamW(sharded, **kw)
     ref = GuardedAdamW(full, **kw)
+    # GradScaler's fused path reads each rank's own overflow flag: sharded params keep its own path
+    assert not opt._step_supports_amp_scaling and ref._step_supports_amp_scaling == (gate == "exact")
     ours, theirs = [], []
     calls, undo = counting_all_reduce()
     try:

@@ -158,6 +158,8 @@ def _scaler_worker(rank):
     p = torch.nn.Parameter(torch.ones(4))
     opt = GuardedAdamW([p], lr=1e-2, stats_freq=1, pipeline_group=dist.group.WORLD)
     scaler = ShardedGradScaler("cpu", init_scale=2.0**10, process_group=dist.group.WORLD)
+    # GradScaler's fused path would take found_inf from each stage's own gradients: its own path
+    assert not opt._step_supports_amp_scaling
     for it in range(4):
         scaler.scale((p * (rank + 2)).sum()).backward()
         if rank == 0 and it == 1:
