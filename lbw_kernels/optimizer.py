@@ -8,6 +8,8 @@ controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from copy import deepcopy
 from dataclasses import asdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -85,14 +87,36 @@ def _scaler_inputs(opt, guard: Tensor) -> Tuple[Optional[Tensor], Optional[Tenso
     the guard's dtype) or None (no scale: unscale_ was called, or no scaler), and ``found_inf``
     or None. (GradScaler sums its per-device flags; over no device that sum is the int 0.)"""
     grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    # (non_blocking onto a GPU only: a copy to the CPU must have landed before the CPU reads it)
+    async_copy = guard.device.type == "cuda"
     inv = None
     if grad_scale is not None:
-        inv = grad_scale.to(guard.device, non_blocking=True).double().reciprocal().float().to(guard.dtype)
+        inv = grad_scale.to(guard.device, non_blocking=async_copy).double().reciprocal().float().to(guard.dtype)
     if found_inf is not None and not isinstance(found_inf, Tensor):
         found_inf = None if found_inf == 0 else torch.ones((), dtype=guard.dtype, device=guard.device)
     elif found_inf is not None:
-        found_inf = found_inf.to(guard.device, non_blocking=True)
+        found_inf = found_inf.to(guard.device, non_blocking=async_copy)
     return inv, found_inf
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_grad_factor(backend_type: type) -> bool:
+    """Whether a backend class's update takes the gradient factor (every built-in one does;
+    one registered from outside may predate it). Cached per class: GradScaler asks each step."""
+    try:
+        return "grad_factor" in inspect.signature(backend_type.adamw_).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _sharded_across_ranks(param_groups) -> bool:
+    """Whether a param is a DTensor while several ranks run: scanned only under a
+    multi-rank torch.distributed (a DTensor needs one; on one rank its flags agree)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(is_dtensor(p) for group in param_groups for p in group["params"])
 
 
 def stream_is_capturing(device: torch.device) -> bool:
@@ -252,17 +276,24 @@ class GuardedAdamW(torch.optim.Optimizer):
         ``grad_scale`` and ``found_inf`` on the optimizer. The update then reads each gradient
         times ``1/grad_scale`` (the gradient factor max_grad_norm uses), the telemetry rows are
         unscaled, and a call with ``found_inf`` changes nothing (reference.kept_on_overflow), all
-        on the device: no host sync and no unscaling pass. GradScaler's own path (unscale_, a
-        host read of the Inf flag) stays for single_pass, which updates before it could skip a
-        call, and for sharded params (DTensor, FSDP2) and pipeline stages: on the fused path
+        on the device: no host sync, and no write of unscaled gradients (GradScaler's own Inf
+        check still reads them once). GradScaler's own path (unscale_, a host read of the Inf
+        flag) stays for single_pass, which updates before it could skip a call; for sharded
+        params (DTensor, FSDP2) on several ranks and for pipeline stages, since on the fused path
         GradScaler (ShardedGradScaler too) takes ``found_inf`` from each rank's own gradients,
-        not all-reduced as its ``unscale_`` does, so ranks would disagree on the skip."""
+        without the all-reduce its ``unscale_`` does, so ranks would disagree on the skip; and
+        for a backend registered from outside whose update takes no gradient factor."""
         if self.gate != "exact" or self.pipeline_group is not None:
             return False
-        plan = self.__dict__.get("_plan")
-        if plan is not None:
-            return not plan.has_dtensor
-        return not any(is_dtensor(p) for group in self.param_groups for p in group["params"])
+        if _sharded_across_ranks(self.param_groups):
+            return False
+        chosen = list(self.__dict__.get("_backends", {}).values())
+        if not chosen and self.backend != "auto":
+            try:
+                chosen = [get_backend(self.backend)]
+            except (RuntimeError, ValueError):
+                return False
+        return all(_takes_grad_factor(type(b)) for b in chosen)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:

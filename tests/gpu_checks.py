@@ -36,18 +36,41 @@ def device_check_candidates() -> list:
     return " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
 
 
+def kernel_gpu_backends() -> list:
+    """``backend`` parameters of GPU tests that run both kernel backends, marked gpu."""
+    import pytest
+
+    return [pytest.param(b, marks=pytest.mark.gpu) for b in ("triton", "cuda")]
+
+
+def require_backend(name: str) -> None:
+    """Skip, with the reason, where backend ``name`` is not built."""
+    import pytest
+
+    from lbw_kernels.backends import availability
+
+    reason = availability()[name]
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def assert_steps_never_sync(opt: GuardedAdamW, calls: int = 3) -> None:
+    """``calls`` steps of ``opt`` (warmed up already) under set_sync_debug_mode("error")."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(calls):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
     opt = GuardedAdamW(model.parameters(), **{"lr": 1e-3, "stats_freq": 1, **opt_kwargs})
     first = next(model.parameters())
     model(torch.randn(32, first.shape[1], device="cuda")).square().mean().backward()
     opt.step()  # warm-up: kernels compiled, chunk tables built and uploaded
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_steps_never_sync(opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -8,6 +8,7 @@ import torch
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.reference import adamw_
 from lbw_kernels.verify import PARAM_TOLERANCES, worst
+from gpu_checks import assert_steps_never_sync, kernel_gpu_backends, require_backend
 
 
 def test_grad_scaler_unscale_then_step():
@@ -55,10 +56,10 @@ class ScalersOwnPath(GuardedAdamW):
     _step_supports_amp_scaling = False
 
 
-def _scaled_training(cls, backend, stats_freq, max_grad_norm, overflow_at=(4, 9), spike_at=(6,), dtype=None):
+def _scaled_training(cls, backend, options, overflow_at=(4, 9), spike_at=(6,)):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
-    opt = cls(model.parameters(), lr=1e-2, stats_freq=stats_freq, backend=backend, max_grad_norm=max_grad_norm)
+    opt = cls(model.parameters(), lr=1e-2, backend=backend, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     for i in range(12):
@@ -71,14 +72,18 @@ def _scaled_training(cls, backend, stats_freq, max_grad_norm, overflow_at=(4, 9)
     return model, opt, scaler
 
 
-@pytest.mark.parametrize("stats_freq, max_grad_norm", [(1, None), (3, None), (1, 0.5)])
-def test_grad_scalers_fused_path_equals_its_own_path(backend, stats_freq, max_grad_norm):
+@pytest.mark.parametrize("options", [
+    dict(stats_freq=1), dict(stats_freq=3), dict(stats_freq=1, max_grad_norm=0.5),
+    # the skip then comes from found_inf alone (rule 1 is off)
+    dict(stats_freq=10, skip_nonfinite=False), dict(auto_enabled=False, skip_nonfinite=False),
+], ids=["sf1", "sf3", "clip", "sf10-no-finite-check", "guard-off"])
+def test_grad_scalers_fused_path_equals_its_own_path(backend, options):
     """Bitwise, with GradScaler's power-of-two scales: params, AdamW state and the guard's
     state after overflowed calls (skipped on both paths, the guard untouched by them: no
     decision, no count, no cut), scale growth, a spike the guard cuts on, stats_freq's schedule
     and clipping (its norm from the unscaled gradients)."""
-    fused = _scaled_training(GuardedAdamW, backend, stats_freq, max_grad_norm)
-    own = _scaled_training(ScalersOwnPath, backend, stats_freq, max_grad_norm)
+    fused = _scaled_training(GuardedAdamW, backend, options)
+    own = _scaled_training(ScalersOwnPath, backend, options)
     assert fused[1]._schedule_on_device and not own[1]._schedule_on_device  # the paths differed
     for p, q in zip(fused[0].parameters(), own[0].parameters()):
         assert torch.equal(p, q)
@@ -86,30 +91,62 @@ def test_grad_scalers_fused_path_equals_its_own_path(backend, stats_freq, max_gr
             assert torch.equal(fused[1].state[p][key], own[1].state[q][key]), key
     assert torch.equal(fused[1]._guard.nan_to_num(7.0), own[1]._guard.nan_to_num(7.0))
     t = fused[1].telemetry()
-    assert t["step"] == 10 and t["skipped_steps"] == 0 and t["scale"] < 1  # 2 overflows; the spike cut
+    assert t["step"] == 10 and t["skipped_steps"] == 0  # 2 overflowed calls of 12
+    if options.get("stats_freq") in (1, 3):
+        assert t["scale"] < 1  # the spike was cut
     assert fused[2].get_scale() == own[2].get_scale()
+    assert all(torch.isfinite(p).all() for p in fused[0].parameters())
 
 
-def test_fp16_params_train_under_grad_scaler_on_the_fused_path(backend):
-    """Pure fp16 training, which GradScaler's own path refuses ("Attempting to unscale FP16
-    gradients"): the fused path reads fp16 gradients times 1/scale in fp32, as the reference."""
-    results = []
-    for name in (backend, "reference"):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 4).half()
-        opt = GuardedAdamW(model.parameters(), lr=1e-2, stats_freq=1, backend=name)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-        x = torch.randn(16, 8).half()
-        for _ in range(5):
-            opt.zero_grad()
-            scaler.scale(model(x).float().square().mean()).backward()
-            scaler.step(opt)
-            scaler.update()
-        results.append((model, opt.telemetry()))
-    (ours, t), (ref_model, t_ref) = results
-    assert t["step"] == 5 and t["grad_norm"] == pytest.approx(t_ref["grad_norm"], rel=1e-3)
-    for p, q in zip(ours.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=2**-10, atol=2**-14)
+def test_fused_path_unscales_fp16_gradients_in_the_update(backend):
+    """Pure fp16 params, whose gradients GradScaler's own path refuses to unscale: with
+    grad_scale set, the update reads each fp16 gradient times 1/scale in fp32. Against
+    reference.adamw_ on those gradients unscaled in fp32, with eps large enough that a gradient
+    left scaled would move the params elsewhere (the control)."""
+    from lbw_kernels import reference as ref
+
+    scale = 2.0**12
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(300, generator=gen).half().requires_grad_()
+    control = p.detach().clone().requires_grad_()
+    expected, m, v, step = p.detach().clone(), torch.zeros(300), torch.zeros(300), torch.zeros(())
+    kw = dict(lr=1e-2, eps=0.1, weight_decay=0.01, auto_enabled=False, backend=backend)
+    opt, control_opt = GuardedAdamW([p], **kw), GuardedAdamW([control], **kw)
+    for _ in range(3):
+        scaled = (torch.randn(300, generator=gen) * 0.05 * scale).half()
+        p.grad, control.grad = scaled.clone(), scaled.clone()
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)  # as GradScaler.step sets them
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+        control_opt.step()
+        ref.adamw_([expected], [scaled.float() / scale], [m], [v], [step], lr=torch.tensor(1e-2, dtype=torch.float64),
+                   beta1=0.9, beta2=0.999, eps=0.1, weight_decay=0.01)
+    torch.testing.assert_close(p.detach(), expected, rtol=2**-10, atol=2**-14)
+    assert not torch.allclose(control.detach().float(), expected.float(), rtol=2**-8, atol=2**-12)
+
+
+def test_a_backend_without_the_gradient_factor_keeps_grad_scalers_own_path():
+    from lbw_kernels.backends import _FACTORIES, _INSTANCES, ReferenceBackend, register_backend
+
+    class OlderBackend(ReferenceBackend):  # an update written before the gradient factor
+        def adamw_(self, groups, *, scale, skip):
+            super().adamw_(groups, scale=scale, skip=skip)
+
+    register_backend("older", OlderBackend)
+    try:
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = GuardedAdamW([p], lr=1e-2, backend="older")
+        assert not opt._step_supports_amp_scaling
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        scaler.scale(p.sum()).backward()
+        scaler.step(opt)
+        assert opt.telemetry()["step"] == 1 and torch.equal(p.grad, torch.ones(4))  # unscaled by unscale_
+        assert GuardedAdamW([torch.nn.Parameter(torch.ones(2))], backend="reference")._step_supports_amp_scaling
+    finally:
+        _FACTORIES.pop("older")
+        _INSTANCES.pop("older", None)
 
 
 def test_an_overflowed_call_changes_nothing_but_the_skip_flag(backend):
@@ -147,9 +184,12 @@ def test_grad_scalers_fused_path_reads_nothing_on_the_host(backend):
     assert opt.telemetry()["step"] == 2
 
 
-def test_grad_scaler_skips_inf_steps_without_calling_step():
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_grad_scaler_skips_inf_steps(gate):
+    """An overflowed call changes nothing: on GradScaler's own path (single_pass) step() is not
+    called; on its fused path (exact) it is, and leaves params and the guard's count alone."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = GuardedAdamW([p], lr=0.1)
+    opt = GuardedAdamW([p], lr=0.1, gate=gate)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(p.sum() * float("inf")).backward()
     scaler.step(opt)
@@ -231,21 +271,10 @@ def test_low_precision_stores_of_overflow_and_nonfinite_params_match_the_referen
 
 
 # ------------------------------------------------------------------------------ GPU
-def _gpu_backends():
-    return [pytest.param(b, marks=pytest.mark.gpu) for b in ("triton", "cuda")]
 
-
-def _require(backend):
-    from lbw_kernels.backends import availability
-
-    reason = availability()[backend]
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.mark.parametrize("gpu_backend", _gpu_backends())
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 def test_gpu_grad_scalers_fused_path_equals_its_own_path_and_never_syncs(gpu_backend):
-    _require(gpu_backend)
+    require_backend(gpu_backend)
     runs = []
     for cls in (GuardedAdamW, ScalersOwnPath):
         torch.manual_seed(0)
@@ -269,11 +298,7 @@ def test_gpu_grad_scalers_fused_path_equals_its_own_path_and_never_syncs(gpu_bac
     for p in fused.parameters():
         p.grad = torch.randn_like(p) * 2.0**10
     fused_opt.grad_scale, fused_opt.found_inf = torch.tensor(2.0**10, device="cuda"), torch.zeros((), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            fused_opt.step()
+        assert_steps_never_sync(fused_opt)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
         del fused_opt.grad_scale, fused_opt.found_inf

@@ -18,7 +18,7 @@ import torch
 
 from lbw_kernels import GuardedAdamW
 from lbw_kernels import reference as ref
-from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs
+from gpu_checks import assert_graph_replay_matches_eager, assert_step_never_syncs, kernel_gpu_backends, require_backend
 from test_no_sync import host_reads_forbidden
 
 SHAPES = [(5, 4), (0,), (4097,), (1,), (3, 3)]
@@ -224,24 +224,11 @@ def test_clip_factor_is_clip_grad_norm_s():
 
 
 # ------------------------------------------------------------------------------ GPU
-def _gpu_backends():
-    from gpu_checks import extension_devices  # noqa: F401  (gpu marks as the other GPU tests)
 
-    return [pytest.param(b, marks=pytest.mark.gpu) for b in ("triton", "cuda")]
-
-
-def _require(backend):
-    from lbw_kernels.backends import availability
-
-    reason = availability()[backend]
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.mark.parametrize("gpu_backend", _gpu_backends())
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_clipping_matches_the_reference(gpu_backend, dtype):
-    _require(gpu_backend)
+    require_backend(gpu_backend)
     stream = grad_stream(6, dtype)
     stream[3] = [g * 40 for g in stream[3]]
     ours, theirs = new_params(dtype, "cuda"), new_params(dtype, "cuda")
@@ -264,14 +251,14 @@ def _gpu_model():
     return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8)).cuda()
 
 
-@pytest.mark.parametrize("gpu_backend", _gpu_backends())
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 def test_gpu_clipping_step_never_syncs(gpu_backend):
-    _require(gpu_backend)
+    require_backend(gpu_backend)
     assert_step_never_syncs(_gpu_model(), backend=gpu_backend, max_grad_norm=0.01)
 
 
-@pytest.mark.parametrize("gpu_backend", _gpu_backends())
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 def test_gpu_captured_clipping_step_replays_like_eager(gpu_backend):
-    _require(gpu_backend)
+    require_backend(gpu_backend)
     assert_graph_replay_matches_eager(_gpu_model(), rtol=1e-6, atol=1e-7, stats_freq=2, backend=gpu_backend,
                                       max_grad_norm=0.5)
