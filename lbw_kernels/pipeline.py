@@ -144,10 +144,10 @@ def check_same_options(group, options: Sequence[Tuple[str, object]]) -> None:
 
 
 def stage_options(cfg, gate: str) -> Sequence[Tuple[str, object]]:
-    """The guard options the stages must share, as (name, value); the policy by its repr (a
-    dataclass's holds its options; another policy's, its name)."""
+    """The guard options the stages must share, as (name, value): every GuardConfig field (so a
+    new option is compared without being listed here), the policy by its repr (a dataclass's
+    holds its options; another policy's, its name), and the gate."""
     policy = cfg.policy
     described = repr(policy) if dataclasses.is_dataclass(policy) else str(getattr(policy, "name", type(policy).__name__))
-    names = ("auto_enabled", "stress_threshold", "spike_threshold", "min_scale", "recovery_fast", "use_max_rms",
-             "stats_freq", "ema_decay", "skip_nonfinite", "max_grad_norm")
-    return [(name, getattr(cfg, name)) for name in names] + [("gate", gate), ("policy", described)]
+    fields = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "policy"]
+    return fields + [("gate", gate), ("policy", described)]
