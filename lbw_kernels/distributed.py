@@ -18,7 +18,16 @@ sharded gradient are the sums of its shards' partials:
 * A row whose gradient is ``Replicate`` on a mesh dim holds the same numbers on every rank of
   that dim; ranks whose coordinate on such a dim is not 0 contribute zeros, so the sum counts
   it once, exactly (no division). Plain tensors next to DTensors are taken to be replicated
-  over the whole mesh (counted from the rank at coordinate 0 everywhere).
+  over the whole mesh (counted from the rank at coordinate 0 everywhere); with several
+  meshes, over the first one's ranks.
+* **Several meshes** (a MoE's expert params on their own (dp, ep) mesh beside the dense
+  params' mesh, as torchtitan lays out expert parallelism): each row is summed over its own
+  mesh's ranks. Meshes over the same ranks share one reduction; meshes over other sets of
+  ranks get one each (:class:`_MeshSum`), in the order their rows first appear, which must be
+  the same on every rank (it is when every rank builds the same model).
+* **A mesh over some of the ranks** (a pipeline stage's 1-D or n-D mesh, such as (dp, tp)):
+  summed over that mesh's ranks; an n-D one by an ``all_gather`` per mesh dim, so that no
+  process group has to be created (:class:`_MeshSum`).
 * ``Partial`` gradients (not yet reduced) are refused: their partials are not sums of shards.
 * **DDP** (plain replicated params whose gradients DDP has already averaged): every rank holds
   the same gradients, so the same decisions follow with no communication at all.
@@ -52,7 +61,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import GroupTensors
-from .pipeline import check_stage_group
+from .pipeline import all_gather_single, check_stage_group
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -114,7 +123,7 @@ class ShardedTelemetry:
         if key != self._key:
             layout = _Layout.build(groups)
             if self._pipeline_group is not None:
-                check_stage_group(self._pipeline_group, layout.group)
+                check_stage_group(self._pipeline_group, layout.ranks)
             self._layout, self._key = layout, key
         return [
             replace(
@@ -132,15 +141,14 @@ class ShardedTelemetry:
         """Local partials (rows: the locally non-empty gradients, in order; None when there are
         none) -> the partials of the whole gradients ``[T, 3]``, the same on every rank.
 
-        One ``all_reduce`` when the call's tensors include a DTensor; otherwise ``partials``
-        as given (DDP, one process: nothing to reduce).
+        Summed over the ranks of the DTensors' meshes when the call's tensors include one (one
+        ``all_reduce`` in the common case, see :class:`_MeshSum`); otherwise ``partials`` as
+        given (DDP, one process: nothing to reduce).
         """
         if not self.active:
             return partials
         layout = self._layout
-        full = layout.scatter(partials, dtype, torch.device(device))
-        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=layout.group)
-        return full
+        return layout.sum_over_ranks(layout.scatter(partials, dtype, torch.device(device)))
 
 
 def _layout_key(groups: Sequence[GroupTensors]) -> tuple:
@@ -154,18 +162,19 @@ def _layout_key(groups: Sequence[GroupTensors]) -> tuple:
 
 class _Layout:
     """Rows of the global partials (gradients of global numel > 0, in group order), which of
-    them are non-empty here (``index``), which this rank counts (``keep``), and over which
-    process group they are summed."""
+    them are non-empty here (``index``), which this rank counts (``keep``), and the reductions
+    that sum them over the ranks of their meshes (``sums``)."""
 
-    def __init__(self, rows: int, index: Optional[Tensor], keep: Optional[Tensor], group):
-        self.rows, self.index, self.keep, self.group = rows, index, keep, group
+    def __init__(self, rows: int, index: Optional[Tensor], keep: Optional[Tensor], sums: List["_MeshSum"]):
+        self.rows, self.index, self.keep, self.sums = rows, index, keep, sums
+        self.ranks = set().union(*(s.ranks for s in sums))  # every rank of every mesh (pipeline.check_stage_group)
         self._cache = {}
 
     @staticmethod
     def build(groups: Sequence[GroupTensors]) -> "_Layout":
         from torch.distributed.tensor import Partial, Replicate
 
-        mesh = None
+        meshes = []  # distinct meshes, in order of first appearance
         for gi, group in enumerate(groups):
             for pi, (p, g) in enumerate(zip(group.params, group.grads)):
                 if not (is_dtensor(p) or is_dtensor(g)):
@@ -185,33 +194,32 @@ class _Layout:
                         f"the param's {p.placements} on {p.device_mesh}; the update runs on local "
                         "shards, which must line up"
                     )
-                if mesh is None:
-                    mesh = p.device_mesh
-                elif p.device_mesh != mesh:
-                    raise ValueError(
-                        f"{where} lives on {p.device_mesh}, another param on {mesh}: one "
-                        "GuardedAdamW takes one decision per call, so its DTensor params share one mesh"
-                    )
-        coordinate = mesh.get_coordinate()
-        if coordinate is None:
-            raise ValueError(f"this rank is not in the params' mesh {mesh}")
-        group = _mesh_group(mesh)
+                if p.device_mesh not in meshes:
+                    if p.device_mesh.get_coordinate() is None:
+                        raise ValueError(f"{where}: this rank is not in its mesh {p.device_mesh}")
+                    meshes.append(p.device_mesh)
 
-        rows, local_rows, keep = 0, [], []
+        # Rows go to the reduction of their mesh's ranks; plain tensors (replicated wherever this
+        # optimizer runs) to the first mesh's, counted there by its rank at coordinate 0.
+        rows, local_rows, keep, row_ranks = 0, [], [], []
         for group_tensors in groups:
             for g in group_tensors.grads:
                 if g.numel() == 0:  # global numel: no row anywhere
                     continue
                 if _local(g).numel() > 0:
                     local_rows.append(rows)
+                mesh = g.device_mesh if is_dtensor(g) else meshes[0]
                 placements = g.placements if is_dtensor(g) else [Replicate()] * mesh.ndim
+                coordinate = mesh.get_coordinate()
                 keep.append(all(
                     coordinate[d] == 0 for d, pl in enumerate(placements) if isinstance(pl, Replicate)
                 ))
+                row_ranks.append(_ranks_of(mesh))
                 rows += 1
+        sums = _MeshSum.cover(meshes, row_ranks)
         index = None if len(local_rows) == rows else torch.tensor(local_rows, dtype=torch.long)
         keep_t = None if all(keep) else torch.tensor(keep, dtype=torch.bool).reshape(-1, 1)
-        return _Layout(rows, index, keep_t, group)
+        return _Layout(rows, index, keep_t, sums)
 
     def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
         # Cached per device: a host -> device copy every call would be a sync on some devices.
@@ -235,17 +243,83 @@ class _Layout:
             full = torch.where(self._on("keep", self.keep, device), full, torch.zeros((), dtype=dtype, device=device))
         return full
 
+    def sum_over_ranks(self, full: Tensor) -> Tensor:
+        """Every row summed over the ranks of its mesh: the rows of one set of ranks in one
+        reduction (the common case: one, in place), those of another set in their own."""
+        if len(self.sums) == 1:
+            return self.sums[0](full)
+        out = full
+        for i, mesh_sum in enumerate(self.sums):
+            mine = self._on(f"rows{i}", mesh_sum.rows, full.device)
+            # each reduction sums the whole tensor (a few KB) and its own rows are taken from it
+            out = torch.where(mine, mesh_sum(full.clone()), out)
+        return out
 
-def _mesh_group(mesh):
-    """The process group spanning the whole mesh: one all_reduce covers every mesh dim."""
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == dist.get_world_size():
-        return dist.group.WORLD
-    raise NotImplementedError(
-        f"a {mesh.ndim}-D mesh over {mesh.size()} of {dist.get_world_size()} ranks: GuardedAdamW "
-        "reduces telemetry over one process group; use a 1-D mesh or a mesh over all ranks"
-    )
+
+def _ranks_of(mesh) -> Tuple[int, ...]:
+    return tuple(sorted(mesh.mesh.flatten().tolist()))
+
+
+class _MeshSum:
+    """A sum over one set of ranks (those of one or more meshes spanning exactly them), the
+    same bits on every rank:
+
+    * one ``all_reduce`` over a 1-D mesh's group, or over the world when the ranks are all of
+      them (FSDP2, HSDP, TP x FSDP, expert meshes beside dense ones in one job);
+    * else, for an n-D mesh over some of the ranks (a pipeline stage's (dp, tp) mesh: no
+      process group holds exactly its ranks, and none is created here), one ``all_gather``
+      per mesh dim, added up in the order of the mesh's coordinates: the ranks of every
+      slice add the same numbers in the same order (all_reduces one dim after another, as
+      DTensor's own reductions do, could add them in a different order per slice and give
+      slices last bits apart, hence decisions apart).
+
+    ``rows``: [T, 1] bool, the rows summed here (used when several sets are).
+    """
+
+    def __init__(self, ranks: Tuple[int, ...], meshes: list, rows: Tensor):
+        self.ranks, self.rows = set(ranks), rows
+        one_d = [m for m in meshes if m.ndim == 1]
+        if one_d:
+            self.group, self.dims = one_d[0].get_group(), None
+        elif len(ranks) == dist.get_world_size():
+            self.group, self.dims = dist.group.WORLD, None
+        else:
+            self.group, self.dims = None, [_gather_order(meshes[0], d) for d in range(meshes[0].ndim)]
+
+    @staticmethod
+    def cover(meshes: list, row_ranks: List[Tuple[int, ...]]) -> List["_MeshSum"]:
+        """One sum per distinct set of ranks among the meshes, in order of first appearance
+        (the same order on every rank, whose meshes and rows are laid out alike)."""
+        sets = list(dict.fromkeys(_ranks_of(m) for m in meshes))
+        return [
+            _MeshSum(s, [m for m in meshes if _ranks_of(m) == s],
+                     torch.tensor([r == s for r in row_ranks], dtype=torch.bool).reshape(-1, 1))
+            for s in sets
+        ]
+
+    def __call__(self, full: Tensor) -> Tensor:
+        if self.dims is None:
+            dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self.group)
+            return full
+        for group, order in self.dims:
+            n = len(order)
+            gathered = full.new_empty((n * full.shape[0], 3))
+            all_gather_single(gathered, full, group=group)
+            gathered = gathered.view(n, -1, 3)
+            if order != list(range(n)):
+                gathered = gathered[order]
+            full = gathered.sum(0)
+        return full
+
+
+def _gather_order(mesh, dim: int) -> Tuple[object, List[int]]:
+    """Mesh dim ``dim``'s process group here, and the positions of its ranks' contributions in
+    its all_gather (group rank order) listed by their coordinate along ``dim``."""
+    group = mesh.get_group(dim)
+    here = list(mesh.get_coordinate())
+    along = mesh.mesh[tuple(slice(None) if d == dim else c for d, c in enumerate(here))].tolist()
+    gathered = dist.get_process_group_ranks(group)
+    return group, [gathered.index(r) for r in along]
 
 
 def init_state_(optimizer) -> None:

@@ -45,6 +45,9 @@ from torch import Tensor
 
 _FIELDS = 7  # max mean square, sum of mean squares, tensors, sum g, elements, sum g^2, non-finite
 
+# all_gather_into_tensor's newer name (torch 2.13 warns on the old one; older torch has only it)
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def resolve_pipeline_group(group):
     """``pipeline_group`` as the process group to gather over: None, a ProcessGroup, or a 1-D
@@ -99,7 +102,7 @@ def model_summary(group, partials: Optional[Tensor], numels: Optional[Tensor], n
     if stages == 1:
         return combine(mine.unsqueeze(0), use_max_rms)
     gathered = mine.new_empty((stages * _FIELDS,))
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather_single(gathered, mine, group=group)
     return combine(gathered.view(stages, _FIELDS), use_max_rms)
 
 
@@ -111,11 +114,12 @@ def only_rows_analyzed(analyze, rows: Tensor):
     return analyze
 
 
-def check_stage_group(group, mesh_group) -> None:
+def check_stage_group(group, mesh_ranks) -> None:
     """``pipeline_group`` must hold the ranks of the other stages only: a rank that shares this
-    rank's DTensor mesh holds the same stage, and its summary would count a second time (x and
-    the signed mean would survive that, the norm would grow by sqrt(replicas))."""
-    shared = set(dist.get_process_group_ranks(group)) & set(dist.get_process_group_ranks(mesh_group))
+    rank's DTensor meshes (``mesh_ranks``: every rank of every mesh) holds the same stage, and
+    its summary would count a second time (x and the signed mean would survive that, the norm
+    would grow by sqrt(replicas))."""
+    shared = set(dist.get_process_group_ranks(group)) & set(mesh_ranks)
     shared.discard(dist.get_rank())
     if shared:
         raise ValueError(

@@ -51,6 +51,13 @@ def ranks():
     pool.close()
 
 
+@pytest.fixture(scope="module")
+def ranks4():
+    pool = Ranks(world=4)
+    yield pool
+    pool.close()
+
+
 def shard(t, mesh, placements):
     """``t`` (the same on every rank) as a DTensor, each rank cutting its own shard: no communication."""
     from torch.distributed.tensor import distribute_tensor
@@ -76,14 +83,18 @@ def _full(t):
 
 
 def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,),
-                  **options):
+                  shapes=SHAPES, all_reduces=1, **options):
+    """``placements_of(i)``: tensor i's placements on the mesh of ``mesh_shape``, or a (mesh,
+    placements) pair; ``all_reduces``: how many the sharded optimizer makes per call."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", mesh_shape)
     gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    sharded = [p.clone() if i == PLAIN else shard(p, mesh, placements_of(i)) for i, p in enumerate(full)]
+    full = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    layout = [placements_of(i) for i in range(len(shapes))]
+    layout = [pl if isinstance(pl, tuple) else (mesh, pl) for pl in layout]
+    sharded = [p.clone() if i == PLAIN else shard(p, *layout[i]) for i, p in enumerate(full)]
     kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy, **options)
     opt = GuardedAdamW(sharded, **kw)
     ref = GuardedAdamW(full, **kw)
@@ -94,7 +105,7 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     try:
         for grads in stream:
             for p, q, g in zip(sharded, full, grads):
-                p.grad = shard(g, mesh, p.placements) if isinstance(p, DTensor) else g.clone()
+                p.grad = shard(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
                 q.grad = g.clone()
             opt.step()
             ref.step()
@@ -102,9 +113,9 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
             theirs.append(telemetry_row(ref))
     finally:
         undo()
-    # skip_nonfinite=True: one all_reduce of [T, 3] per call, T = tensors of global numel > 0
-    rows = sum(1 for s in SHAPES if math.prod(s) > 0)
-    assert calls == [(rows, 3)] * len(stream)
+    # skip_nonfinite=True: all_reduces of [T, 3] every call, T = tensors of global numel > 0
+    rows = sum(1 for s in shapes if math.prod(s) > 0)
+    assert calls == [(rows, 3)] * all_reduces * len(stream)
     assert_close_records(ours, theirs)
     for p, q in zip(sharded, full):
         torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-12)
@@ -186,15 +197,73 @@ def _hsdp_worker(rank, backend):
         assert [r[1] for r in ours][5] == "nonfinite", ours
 
 
-def test_hsdp_mesh_of_four_ranks_decides_as_one_process():
+def test_hsdp_mesh_of_four_ranks_decides_as_one_process(ranks4):
     """HSDP proper on 4 ranks: a (2, 2) mesh replicating over dim 0 while sharding over dim 1,
     so each replica group's shards are summed once (the 2-rank meshes above have one trivial
     dim)."""
-    pool = Ranks(world=4)
-    try:
-        pool.run(_hsdp_worker, cpu_backend(), timeout=180)
-    finally:
-        pool.close()
+    ranks4.run(_hsdp_worker, cpu_backend(), timeout=180)
+
+
+def _expert_mesh_worker(rank, backend):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    # A MoE as torchtitan lays out expert parallelism: dense params sharded over a 1-D mesh of
+    # the 4 ranks, experts [E, d, h] over a (dp, ep) mesh of the same ranks (experts split over
+    # ep, each expert's rows over dp), an expert bias replicated over dp.
+    shapes = SHAPES + [(4, 6, 5), (4, 3)]
+    expert_w, expert_b = len(SHAPES), len(SHAPES) + 1
+    stream = random_stream(14, shapes, seed=5, spikes=(3, 4, 9), flips=(6,), nan_at=(11,))
+    stream[12][expert_w].view(-1)[-1] = float("nan")  # expert 3's last row: rank 3's shard only
+    experts = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+
+    def moe(i):
+        if i == expert_w:
+            return experts, [Shard(1), Shard(0)]
+        if i == expert_b:
+            return experts, [Replicate(), Shard(0)]
+        return [Replicate()] if i == REPLICATED else [Shard(0)]
+
+    for gate in ("exact", "single_pass"):
+        # both meshes span the same ranks: still one all_reduce per call
+        ours = _dtensor_case(rank, backend, gate, 1, stream, moe, mesh_shape=(4,), shapes=shapes)
+        regimes = [r[1] for r in ours]
+        assert regimes[10] == regimes[12] == "nonfinite" and {"spike", "oscillation", "calm"} <= set(regimes), regimes
+    _dtensor_case(rank, backend, "exact", 1, stream, moe, mesh_shape=(4,), shapes=shapes, max_grad_norm=2.0)
+
+    # Experts on a 1-D mesh over half of the ranks (ranks 0-1 and 2-3 each hold every expert,
+    # replicated outside any mesh): their rows are summed over that half, the dense rows over
+    # all four; two all_reduces per call.
+    halves = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replica", "ep"))["ep"]
+
+    def half(i):
+        if i == expert_w:
+            return halves, [Shard(0)]
+        if i == expert_b:
+            return halves, [Replicate()]
+        return moe(i)
+
+    ours = _dtensor_case(rank, backend, "exact", 1, stream, half, mesh_shape=(4,), shapes=shapes, all_reduces=2)
+    assert [r[1] for r in ours][12] == "nonfinite", ours
+
+    # An n-D mesh over some of the ranks is summed one dim at a time, each dim's gathered rows
+    # added in the order of the mesh's coordinates, not of the group's ranks: on a mesh whose
+    # rows list ranks out of order the two differ.
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from lbw_kernels.distributed import _gather_order
+
+    shuffled = DeviceMesh("cpu", torch.tensor([[0, 1], [3, 2]]))
+    along_dim_1 = {0: [0, 1], 1: [0, 1], 2: [1, 0], 3: [1, 0]}[rank]  # ranks 3, 2 gather as 2, 3
+    assert _gather_order(shuffled, 1)[1] == along_dim_1
+    assert _gather_order(shuffled, 0)[1] == [0, 1]
+
+
+def test_expert_meshes_decide_as_one_process(ranks4):
+    """Params on two meshes in one optimizer (dense and expert-parallel, over the same ranks or
+    the experts over half of them): each row summed over its own mesh's ranks; telemetry, skips
+    and params as one process, on every rank alike."""
+    ranks4.run(_expert_mesh_worker, cpu_backend(), timeout=180)
 
 
 def _refusals_worker(rank):

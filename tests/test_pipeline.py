@@ -271,26 +271,35 @@ def test_pipeline_group_needs_torch_distributed():
         GuardedAdamW([torch.ones(3)], pipeline_group=object())
 
 
-def _pp_dp_worker(rank, backend):
-    """4 ranks as 2 stages x 2 data-parallel shards: DTensor params sharded over the stage's own
-    dp ranks (summed there first, distributed.py), then combined over the pp dim."""
+def _pp_dp_worker(rank, backend, stage_dims):
+    """2 stages, each a mesh of ``stage_dims`` data/tensor-parallel ranks: DTensor params
+    sharded over the stage's own ranks (summed there first, distributed.py), then combined over
+    the pp dim. On a 2-D stage mesh 2-D tensors are sharded over both dims, 1-D ones sharded
+    over dp and replicated over tp."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    names = ("pp", "dp", "tp")[: 1 + len(stage_dims)]
+    mesh = init_device_mesh("cpu", (2, *stage_dims), mesh_dim_names=names)
+    stage_mesh = mesh[names[1:]] if len(names) > 2 else mesh["dp"]
     stage_id = mesh.get_coordinate()[0]
     mine = slice(FIRST[stage_id], FIRST[stage_id] + len(STAGES[stage_id]))
+
+    def sharded(t):
+        placements = [Shard(0)] + [Shard(1) if t.ndim == 2 else Replicate()] * (len(stage_dims) - 1)
+        return distribute_tensor(t.clone(), stage_mesh, placements, src_data_rank=None)
+
     stream = scripted_stream()
     for gate in ("exact", "single_pass"):
         kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend)
         full = whole_model()
-        stage = [distribute_tensor(p.clone(), mesh["dp"], [Shard(0)], src_data_rank=None) for p in full[mine]]
+        stage = [sharded(p) for p in full[mine]]
         opt = GuardedAdamW(stage, pipeline_group=mesh["pp"], **kw)
         whole = GuardedAdamW(full, **kw)
         ours, theirs = [], []
         for grads in stream:
             for p, g in zip(stage, grads[mine]):
-                p.grad = None if g is None else distribute_tensor(g.clone(), mesh["dp"], [Shard(0)], src_data_rank=None)
+                p.grad = None if g is None else sharded(g)
             opt.step()
             ours.append(telemetry_row(opt))
             theirs.append(step_with(whole, full, grads))
@@ -300,17 +309,28 @@ def _pp_dp_worker(rank, backend):
         same_on_every_rank(ours)
         assert [r[1] for r in ours][10] == "nonfinite"
     # the whole world as the pipeline group would count each stage's data-parallel ranks twice
-    stage = [distribute_tensor(p.clone(), mesh["dp"], [Shard(0)], src_data_rank=None) for p in whole_model()[mine]]
+    stage = [sharded(p) for p in whole_model()[mine]]
     opt = GuardedAdamW(stage, pipeline_group=dist.group.WORLD)
     for p in stage:
         p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match=r"pipeline_group shares ranks \[\d\] with the mesh"):
+    with pytest.raises(ValueError, match=r"pipeline_group shares ranks \[\d(, \d)*\] with the mesh"):
         opt.step()
 
 
 def test_pipeline_stages_with_data_parallel_shards_decide_as_one_optimizer():
     pool = Ranks(world=4)
     try:
-        pool.run(_pp_dp_worker, backends()[-1], timeout=180)
+        pool.run(_pp_dp_worker, backends()[-1], (2,), timeout=180)
+    finally:
+        pool.close()
+
+
+def test_pipeline_stages_on_two_dim_meshes_decide_as_one_optimizer():
+    """8 ranks as 2 stages x (dp 2, tp 2), torchtitan's 3-D layout: each stage's rows summed
+    over its own 2-D mesh (no process group holds exactly its ranks: one all_gather per mesh
+    dim), then combined over pp; decisions as one optimizer, the same bits on every rank."""
+    pool = Ranks(world=8)
+    try:
+        pool.run(_pp_dp_worker, backends()[-1], (2, 2), timeout=240)
     finally:
         pool.close()
