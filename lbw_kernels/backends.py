@@ -73,6 +73,10 @@ class Backend:
     #: whether rules 1-4 may run as the extension's controller kernel (bitwise the reference's
     #: ops, one launch instead of ~60); the reference backend runs the ops it is checked against
     fused_controller = True
+    #: whether the backend runs on a tensor subclass it cannot address through the subclass's
+    #: own operators (the reference: torch ops only); kernels need every tensor's address
+    #: (subclasses.py: wrappers whose inner tensor holds their elements are resolved first)
+    runs_subclasses = False
 
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -196,6 +200,7 @@ class ReferenceBackend(Backend):
     priority = 0
     telemetry_in_float64 = False
     fused_controller = False
+    runs_subclasses = True
 
     def supports(self, device: torch.device) -> bool:
         return True

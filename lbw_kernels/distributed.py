@@ -62,13 +62,7 @@ from torch import Tensor
 
 from .backends import GroupTensors
 from .pipeline import all_gather_single, check_stage_group
-
-
-def is_dtensor(t: Tensor) -> bool:
-    # No tensor is a DTensor until torch.distributed.tensor is imported; checking sys.modules
-    # keeps that import (most of a second) out of `import lbw_kernels` and out of step().
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+from .subclasses import is_dtensor, views
 
 
 def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
@@ -92,8 +86,13 @@ def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
 
 def _local(t: Tensor) -> Tensor:
     # Under no_grad, to_local() is the DTensor's own storage (or a view of it): updating it
-    # in place updates the DTensor.
-    return t.to_local() if is_dtensor(t) else t
+    # in place updates the DTensor. A local shard that is a wrapper subclass (FSDP2 with
+    # torchao's float8 all-gather) is taken through its inner tensor (subclasses.py); one
+    # without such a tensor stays as it is, for the reference backend (the step plan refused
+    # it to the kernel backends).
+    local = t.to_local() if is_dtensor(t) else t
+    view = views(local)
+    return local if view is None else view
 
 
 class ShardedTelemetry:

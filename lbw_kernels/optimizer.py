@@ -20,7 +20,8 @@ from torch import Tensor
 from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
-from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards, is_dtensor
+from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
+from .subclasses import is_dtensor
 from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
@@ -373,16 +374,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(self.state, OptimizerState):  # assigned from outside
             self.state = OptimizerState(self.state)
         seen_state, seen_edits = self._state_seen
-        if self._plan is None or self._plan.key != key or seen_state is not self.state or seen_edits != self.state.edits:
+        if (self._plan is None or self._plan.key != key or seen_state is not self.state
+                or seen_edits != self.state.edits or not self._plan.views_current()):
             # The backend first: one that cannot run on the params' device (a model moved after
             # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
             # creates any state. (Moved params rebuild the plan: _prepare.)
             device = _first_device_with_grad(self.param_groups, grads.per_group)
-            if device is not None:
-                self._backend_for(device)
+            backend = None if device is None else self._backend_for(device)
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
             self._plan = StepPlan(key, self.param_groups, grads.per_group, lambda p: dict.get(self.state, p),
-                                  self._state_for, numels)
+                                  self._state_for, numels, runs_subclasses=backend is None or backend.runs_subclasses)
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
         return self._plan

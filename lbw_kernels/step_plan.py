@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
-from .distributed import check_no_fsdp1_shards, is_dtensor
+from .distributed import check_no_fsdp1_shards
+from .subclasses import is_dtensor, is_wrapper, views
 from .validation import check_grad, check_params, check_state_entry
 
 
@@ -27,7 +28,7 @@ from .validation import check_grad, check_params, check_state_entry
 class _GroupPlan:
     group_index: int
     positions: Optional[List[int]]  # params (by position) with a grad; None: all of them
-    params: List[Tensor]
+    params: List[Tensor]  # as the kernels take them: a wrapper subclass's inner tensor (subclasses.py)
     exp_avgs: List[Tensor]
     exp_avg_sqs: List[Tensor]
     steps: List[Tensor]
@@ -93,12 +94,15 @@ class StepPlan:
         existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]],
         state_for: Callable[[Tensor], Dict[str, Tensor]],
         device_numels: Callable[[List[int]], Tensor],
+        runs_subclasses: bool = False,
     ):
         """Checks first (every gradient; the params taking part: one device, each once; their
-        existing states), so that bad input leaves no state behind, then creates the state of
-        params that have none. A plan is built on the first call and after any change to the
-        groups' params lists, to which have grads, or to ``opt.state``: edits made since the
-        params were added (``param_groups[i]["params"].append``, ``opt.state[p] = ...``)."""
+        existing states; tensor subclasses the backend cannot run, ``runs_subclasses`` False),
+        so that bad input leaves no state behind, then creates the state of params that have
+        none. A plan is built on the first call and after any change to the groups' params
+        lists, to which have grads, or to ``opt.state``: edits made since the params were added
+        (``param_groups[i]["params"].append``, ``opt.state[p] = ...``), and when a wrapper
+        subclass's inner tensor was replaced (:meth:`views_current`)."""
         selected = []  # (group index, positions with a grad)
         for gi, grads in enumerate(grads_per_group):
             positions = [i for i, g in enumerate(grads) if g is not None]
@@ -107,7 +111,13 @@ class StepPlan:
             if positions:
                 selected.append((gi, positions))
         _check_taking_part(param_groups, selected, existing_state)
+        # Grads that are wrapper subclasses (other than DTensor) are resolved on every call.
+        self.wrapped_grads = any(is_wrapper(grads_per_group[gi][pi]) for gi, positions in selected for pi in positions)
+        if not runs_subclasses:
+            _check_addressable(param_groups, grads_per_group, selected, existing_state)
         self.key = key
+        self.runs_subclasses = runs_subclasses
+        self.wrapped: List[Tuple[Tensor, Tensor]] = []  # (wrapper, its inner tensor taken in its place)
         self.groups: List[_GroupPlan] = []
         numels: List[int] = []
         for gi, positions in selected:
@@ -120,9 +130,9 @@ class StepPlan:
                 _GroupPlan(
                     group_index=gi,
                     positions=None if len(positions) == len(grads) else positions,
-                    params=params,
-                    exp_avgs=[s["exp_avg"] for s in states],
-                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    params=[self._resolved(p) for p in params],
+                    exp_avgs=[self._resolved(s["exp_avg"]) for s in states],
+                    exp_avg_sqs=[self._resolved(s["exp_avg_sq"]) for s in states],
                     steps=[s["step"] for s in states],
                     telemetry_rows=rows,
                     param_dtypes=frozenset(p.dtype for p in params),
@@ -138,6 +148,25 @@ class StepPlan:
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None
         )
+
+    def _resolved(self, t: Tensor) -> Tensor:
+        """``t``, or the inner tensor holding its elements when it is a wrapper subclass (kept
+        in ``wrapped`` to be checked each call); one without stays itself, for the reference
+        (the checks refused it to the others, unless it is a state just created: zeros_like of
+        a param whose subclass makes its own kind)."""
+        view = views(t)
+        if view is None and not self.runs_subclasses:
+            raise TypeError(f"a {type(t).__name__} AdamW state (zeros_like of its param) cannot be addressed by the "
+                            "kernels (subclasses.py); backend='reference' runs it through its own operators")
+        if view is None or view is t:
+            return t
+        self.wrapped.append((t, view))
+        return view
+
+    def views_current(self) -> bool:
+        """Whether every wrapper's inner tensor is still the one the plan took (one attribute
+        read each; True at once without wrappers)."""
+        return all(views.current(t, inner) for t, inner in self.wrapped)
 
     def telemetry_grads(self, groups: Sequence[GroupTensors]) -> List[Tensor]:
         """The gradients telemetry reads, in row order (``nonempty_grads``). When the plan knows
@@ -158,6 +187,8 @@ class StepPlan:
             layout = None if layouts is None else layouts[gp.group_index]
             if gp.positions is not None:
                 grads_of_group = [grads_of_group[i] for i in gp.positions]
+            if self.wrapped_grads:
+                grads_of_group = [_resolved_grad(g) for g in grads_of_group]
             beta1, beta2 = group["betas"]
             lr, beta1, beta2, eps, weight_decay = map(
                 _zero_dim, (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
@@ -171,6 +202,11 @@ class StepPlan:
                 )
             )
         return out
+
+
+def _resolved_grad(g: Tensor) -> Tensor:
+    view = views(g)
+    return g if view is None else view
 
 
 def _zero_dim(value: Any) -> Any:
@@ -194,6 +230,28 @@ def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[in
         state = existing_state(p)
         if state:
             check_state_entry(p, state, f"opt.state[{where}]")
+
+
+def _check_addressable(param_groups: Sequence[dict], grads_per_group, selected: Sequence[Tuple[int, List[int]]],
+                       existing_state: Callable[[Tensor], Optional[Dict[str, Tensor]]]) -> None:
+    """For a kernel backend: every param, grad and existing state taking part is a plain tensor,
+    a DTensor whose local shard is one, or a wrapper subclass whose elements an inner tensor
+    holds (subclasses.py). Named, with what to do, otherwise."""
+    for gi, positions in selected:
+        for pi in positions:
+            p = param_groups[gi]["params"][pi]
+            state = existing_state(p) or {}
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            for what, t in ((where, p), (f"{where}.grad", grads_per_group[gi][pi]),
+                            *((f"opt.state[{where}]['{k}']", state[k]) for k in ("exp_avg", "exp_avg_sq") if k in state)):
+                local = t.to_local() if is_dtensor(t) else t
+                if views(local) is None:
+                    raise TypeError(
+                        f"{what} is a {type(local).__name__}, a tensor subclass whose elements no inner tensor "
+                        "holds as a plain tensor of its dtype and shape (its aten.alias is not one), so the "
+                        "kernels cannot address them; backend='reference' updates it through the "
+                        "subclass's own operators"
+                    )
 
 
 def check_grads_cheaply(param_groups: Sequence[dict], grads: CallGrads) -> None:

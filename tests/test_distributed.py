@@ -266,6 +266,47 @@ def test_expert_meshes_decide_as_one_process(ranks4):
     ranks4.run(_expert_mesh_worker, cpu_backend(), timeout=180)
 
 
+def _float8_like_worker(rank, backend):
+    """FSDP2 with torchao's float8 all-gather: DTensor params whose local shards are wrapper
+    subclasses (test_tensor_subclasses.CastWrapper, built like torchao's weight wrapper)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from test_tensor_subclasses import CastWrapper
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    shapes = [(6, 5), (17,), (4, 4)]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen) for s in shapes]
+    plain = [shard(t, mesh, [Shard(0)]) for t in full]
+    wrapped = [DTensor.from_local(CastWrapper(t.to_local().clone()), mesh, [Shard(0)], run_check=False,
+                                  shape=t.shape, stride=t.stride()) for t in plain]
+    assert all(type(w._local_tensor) is CastWrapper for w in wrapped)
+    params = [torch.nn.Parameter(t) for t in wrapped]
+    ref_params = [torch.nn.Parameter(t) for t in plain]
+    kw = dict(lr=1e-2, stats_freq=1, backend=backend, max_grad_norm=3.0)
+    opt, ref = GuardedAdamW(params, **kw), GuardedAdamW(ref_params, **kw)
+    for grads in random_stream(6, shapes, seed=4, dtype=torch.float32, spikes=(3,), nan_at=(5,)):
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad = shard(g, mesh, [Shard(0)])
+            q.grad = shard(g, mesh, [Shard(0)])
+        opt.step()
+        ref.step()
+        assert telemetry_row(opt) == telemetry_row(ref)
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p._local_tensor._tensor, q.to_local())
+        assert torch.equal(opt.state[p]["exp_avg"].to_local(), ref.state[q]["exp_avg"].to_local())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dtensor_shards_that_are_wrapper_subclasses(ranks, backend):
+    """Updated through the wrapper's inner tensor, bitwise as plain shards (the Triton backend
+    would launch on the wrapper's address, 0)."""
+    if not available(backend) or (backend == "triton" and not get_backend("triton").supports(torch.device("cpu"))):
+        pytest.skip(f"backend {backend!r} does not run on CPU tensors here")
+    ranks.run(_float8_like_worker, backend)
+
+
 def _refusals_worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
