@@ -28,7 +28,9 @@ sharded gradient are the sums of its shards' partials:
 * **A mesh over some of the ranks** (a pipeline stage's 1-D or n-D mesh, such as (dp, tp)):
   summed over that mesh's ranks; an n-D one by an ``all_gather`` per mesh dim, so that no
   process group has to be created (:class:`_MeshSum`).
-* ``Partial`` gradients (not yet reduced) are refused: their partials are not sums of shards.
+* ``Partial(sum)`` gradients of params that are ``Replicate`` on that dim (tensor parallelism
+  without FSDP2) are summed first, one all_reduce per bucket (partial_grads.py); other
+  ``Partial`` gradients are refused.
 * **DDP** (plain replicated params whose gradients DDP has already averaged): every rank holds
   the same gradients, so the same decisions follow with no communication at all.
 * **Pipeline stages** hold different tensors: their telemetry is combined after this
@@ -61,6 +63,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import GroupTensors
+from .partial_grads import PartialGrads, effective_placements
 from .pipeline import all_gather_single, check_stage_group
 from .subclasses import is_dtensor, views
 
@@ -124,16 +127,19 @@ class ShardedTelemetry:
             if self._pipeline_group is not None:
                 check_stage_group(self._pipeline_group, layout.ranks)
             self._layout, self._key = layout, key
+        grads = [[_local(t) for t in group.grads] for group in groups]
+        if self._layout.partial:
+            self._layout.partial.sum_(grads)
         return [
             replace(
                 group,
                 params=[_local(t) for t in group.params],
-                grads=[_local(t) for t in group.grads],
+                grads=group_grads,
                 exp_avgs=[_local(t) for t in group.exp_avgs],
                 exp_avg_sqs=[_local(t) for t in group.exp_avg_sqs],
                 layout_key=None,  # (the gathered layout was the DTensors', not the shards')
             )
-            for group in groups
+            for group, group_grads in zip(groups, grads)
         ]
 
     def reduce_partials_(self, partials: Optional[Tensor], *, dtype: torch.dtype, device) -> Tensor:
@@ -164,8 +170,9 @@ class _Layout:
     them are non-empty here (``index``), which this rank counts (``keep``), and the reductions
     that sum them over the ranks of their meshes (``sums``)."""
 
-    def __init__(self, rows: int, index: Optional[Tensor], keep: Optional[Tensor], sums: List["_MeshSum"]):
-        self.rows, self.index, self.keep, self.sums = rows, index, keep, sums
+    def __init__(self, rows: int, index: Optional[Tensor], keep: Optional[Tensor], sums: List["_MeshSum"],
+                 partial: PartialGrads):
+        self.rows, self.index, self.keep, self.sums, self.partial = rows, index, keep, sums, partial
         self.ranks = set().union(*(s.ranks for s in sums))  # every rank of every mesh (pipeline.check_stage_group)
         self._cache = {}
 
@@ -181,13 +188,7 @@ class _Layout:
                 where = f"param {pi} of the call's group {gi}"
                 if not (is_dtensor(p) and is_dtensor(g)):
                     raise TypeError(f"{where}: param and grad must both be DTensors or both plain tensors")
-                if any(isinstance(pl, Partial) for pl in g.placements):
-                    raise ValueError(
-                        f"{where}: its grad has placements {g.placements}, with Partial (not yet "
-                        "reduced across ranks); GuardedAdamW needs Shard or Replicate gradients: "
-                        "reduce them first (e.g. grad.redistribute(placements=param.placements))"
-                    )
-                if tuple(g.placements) != tuple(p.placements) or g.device_mesh != p.device_mesh:
+                if effective_placements(p, g, where) != tuple(p.placements) or g.device_mesh != p.device_mesh:
                     raise ValueError(
                         f"{where}: grad placements {g.placements} on {g.device_mesh} differ from "
                         f"the param's {p.placements} on {p.device_mesh}; the update runs on local "
@@ -208,7 +209,9 @@ class _Layout:
                 if _local(g).numel() > 0:
                     local_rows.append(rows)
                 mesh = g.device_mesh if is_dtensor(g) else meshes[0]
-                placements = g.placements if is_dtensor(g) else [Replicate()] * mesh.ndim
+                # (a Partial grad counts as the param's placements: it is summed first, PartialGrads)
+                placements = [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements] if is_dtensor(g) \
+                    else [Replicate()] * mesh.ndim
                 coordinate = mesh.get_coordinate()
                 keep.append(all(
                     coordinate[d] == 0 for d, pl in enumerate(placements) if isinstance(pl, Replicate)
@@ -218,7 +221,7 @@ class _Layout:
         sums = _MeshSum.cover(meshes, row_ranks)
         index = None if len(local_rows) == rows else torch.tensor(local_rows, dtype=torch.long)
         keep_t = None if all(keep) else torch.tensor(keep, dtype=torch.bool).reshape(-1, 1)
-        return _Layout(rows, index, keep_t, sums)
+        return _Layout(rows, index, keep_t, sums, PartialGrads(groups))
 
     def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
         # Cached per device: a host -> device copy every call would be a sync on some devices.

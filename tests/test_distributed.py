@@ -83,9 +83,11 @@ def _full(t):
 
 
 def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,),
-                  shapes=SHAPES, all_reduces=1, **options):
+                  shapes=SHAPES, all_reduces=1, partial_grads=(), **options):
     """``placements_of(i)``: tensor i's placements on the mesh of ``mesh_shape``, or a (mesh,
-    placements) pair; ``all_reduces``: how many the sharded optimizer makes per call."""
+    placements) pair; ``all_reduces``: how many telemetry reductions the sharded optimizer makes
+    per call; tensors in ``partial_grads`` (Replicate params) get Partial(sum) grads, uneven
+    parts of the whole (one all_reduce more per call, with their sums)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -104,8 +106,11 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     calls, undo = counting_all_reduce()
     try:
         for grads in stream:
-            for p, q, g in zip(sharded, full, grads):
-                p.grad = shard(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
+            for i, (p, q, g) in enumerate(zip(sharded, full, grads)):
+                if i in partial_grads:
+                    p.grad = partial_parts(g.clone(), p.device_mesh, (0,), {(0,): 0.75, (1,): 0.25})
+                else:
+                    p.grad = shard(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
                 q.grad = g.clone()
             opt.step()
             ref.step()
@@ -115,7 +120,9 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
         undo()
     # skip_nonfinite=True: all_reduces of [T, 3] every call, T = tensors of global numel > 0
     rows = sum(1 for s in shapes if math.prod(s) > 0)
-    assert calls == [(rows, 3)] * all_reduces * len(stream)
+    partial_elements = sum(math.prod(shapes[i]) for i in partial_grads)
+    per_call = [(partial_elements,)] * bool(partial_grads) + [(rows, 3)] * all_reduces
+    assert calls == per_call * len(stream)
     assert_close_records(ours, theirs)
     for p, q in zip(sharded, full):
         torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-12)
@@ -307,16 +314,91 @@ def test_dtensor_shards_that_are_wrapper_subclasses(ranks, backend):
     ranks.run(_float8_like_worker, backend)
 
 
+def partial_parts(g, mesh, dims, rank_weights):
+    """``g`` (whole, the same on every rank) as a Partial(sum) DTensor over mesh ``dims``: this
+    rank's part is its weight times ``g`` (the weights along those dims sum to 1)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    weight = rank_weights[tuple(mesh.get_coordinate()[d] for d in dims)]
+    return DTensor.from_local(g * weight, mesh, [Partial() if d in dims else None for d in range(mesh.ndim)],
+                              run_check=False)
+
+
+def _tensor_parallel_worker(rank, backend):
+    from torch.distributed.tensor import Replicate, Shard
+
+    # Tensor parallelism without FSDP2: Replicate params (norm weights under SequenceParallel)
+    # whose grads are Partial(sum), beside Shard(0) params with Shard(0) grads.
+    stream = random_stream(8, SHAPES, seed=9, spikes=(3,), flips=(5,), nan_at=(7,))
+    partial = {0, 2, REPLICATED}
+
+    def placements_of(i):
+        return [Replicate()] if i in partial else [Shard(0)]
+
+    for gate in ("exact", "single_pass"):
+        ours = _dtensor_case(rank, backend, gate, 1, stream, placements_of, partial_grads=partial)
+        assert [r[1] for r in ours][6] == "nonfinite", ours
+    _dtensor_case(rank, backend, "exact", 1, stream, placements_of, partial_grads=partial, max_grad_norm=2.0)
+
+
+def _sequence_parallel_worker(rank, backend):
+    """torch's own tensor parallelism: a norm under SequenceParallel (its grads Partial), a
+    column- and a row-wise linear; against the same model in one process, float64."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    whole = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 8)).double()
+    tp = __import__("copy").deepcopy(whole)
+    parallelize_module(tp, init_device_mesh("cpu", (WORLD,)), {
+        "0": SequenceParallel(), "1": ColwiseParallel(input_layouts=Shard(1)),
+        "3": RowwiseParallel(output_layouts=Shard(1)),
+    })
+    kw = dict(lr=1e-2, stats_freq=1, backend=backend, max_grad_norm=1.0)
+    opt, ref = GuardedAdamW(tp.parameters(), **kw), GuardedAdamW(whole.parameters(), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)
+        for model, o, inp in ((tp, opt, x.chunk(WORLD, dim=1)[rank]), (whole, ref, x)):
+            o.zero_grad()
+            out = model(inp)  # (TP: each rank feeds and scores its own sequence shard)
+            (out.to_local() if hasattr(out, "to_local") else out).square().sum().backward()
+        assert tp[0].weight.grad.placements[0].is_partial()  # the case this covers
+        opt.step()
+        ref.step()
+        assert_close_records([telemetry_row(opt)], [telemetry_row(ref)])
+    for p, q in zip(tp.parameters(), whole.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_partial_grads_of_replicated_params_are_summed(ranks, backend):
+    """Partial(sum) grads (tensor parallelism's, FSDP2 absent) summed over the ranks once per
+    call: telemetry, skips (a NaN in one rank's part) and params as one process on the sums."""
+    if not available(backend):
+        pytest.skip(f"backend {backend!r} is not built here")
+    ranks.run(_tensor_parallel_worker, backend)
+    ranks.run(_sequence_parallel_worker, backend)
+
+
 def _refusals_worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     p = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(0)])
     opt = GuardedAdamW([p], backend="reference")
     p.grad = DTensor.from_local(torch.ones(4, 3, dtype=torch.float64), mesh, [Partial()])
-    with pytest.raises(ValueError, match="Partial"):
+    with pytest.raises(ValueError, match=r"its grad is Partial\(sum\) on mesh dim 0, where the param is Shard\(dim=0\)"):
         opt.step()
+    q = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Replicate()])
+    q.grad = DTensor.from_local(torch.ones(4, 3, dtype=torch.float64), mesh, [Partial("max")])
+    with pytest.raises(ValueError, match=r"Partial\(max\) on mesh dim 0.*sums Partial\(sum\) gradients"):
+        GuardedAdamW([q], backend="reference").step()
     p.grad = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(1)])
     with pytest.raises(ValueError, match="placements"):
         opt.step()
@@ -324,7 +406,7 @@ def _refusals_worker(rank):
     assert opt.state[p]["step"].item() == 0 if opt.state[p] else True
 
 
-def test_partial_or_mismatched_grads_are_refused(ranks):
+def test_grads_partial_where_the_param_is_sharded_or_not_summed_are_refused(ranks):
     ranks.run(_refusals_worker)
 
 
