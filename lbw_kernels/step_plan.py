@@ -117,7 +117,7 @@ class StepPlan:
             _check_addressable(param_groups, grads_per_group, selected, existing_state)
         self.key = key
         self.runs_subclasses = runs_subclasses
-        self.wrapped: List[Tuple[Tensor, Tensor]] = []  # (wrapper, its inner tensor taken in its place)
+        self.wrapped: List[Tuple[Tensor, str, Tensor]] = []  # (wrapper, attribute, inner tensor taken in its place)
         self.groups: List[_GroupPlan] = []
         numels: List[int] = []
         for gi, positions in selected:
@@ -154,19 +154,22 @@ class StepPlan:
         in ``wrapped`` to be checked each call); one without stays itself, for the reference
         (the checks refused it to the others, unless it is a state just created: zeros_like of
         a param whose subclass makes its own kind)."""
-        view = views(t)
-        if view is None and not self.runs_subclasses:
+        if not is_wrapper(t):
+            return t
+        found = views.lookup(t)
+        if found is None and not self.runs_subclasses:
             raise TypeError(f"a {type(t).__name__} AdamW state (zeros_like of its param) cannot be addressed by the "
                             "kernels (subclasses.py); backend='reference' runs it through its own operators")
-        if view is None or view is t:
+        if found is None:
             return t
-        self.wrapped.append((t, view))
-        return view
+        self.wrapped.append((t, *found))
+        return found[1]
 
     def views_current(self) -> bool:
-        """Whether every wrapper's inner tensor is still the one the plan took (one attribute
-        read each; True at once without wrappers)."""
-        return all(views.current(t, inner) for t, inner in self.wrapped)
+        """Whether every wrapper still holds the inner tensor the plan took (one attribute read
+        each: a module moved with ``.to()`` gives its wrappers new ones; True at once without
+        wrappers)."""
+        return all(getattr(t, name, None) is inner for t, name, inner in self.wrapped)
 
     def telemetry_grads(self, groups: Sequence[GroupTensors]) -> List[Tensor]:
         """The gradients telemetry reads, in row order (``nonempty_grads``). When the plan knows

@@ -90,19 +90,19 @@ class InnerViews:
     def __call__(self, t: Tensor) -> Optional[Tensor]:
         if type(t) in _PLAIN or not is_wrapper(t):
             return t
+        found = self.lookup(t)
+        return None if found is None else found[1]
+
+    def lookup(self, t: Tensor) -> Optional[Tuple[str, Tensor]]:
+        """For a wrapper ``t``: (attribute, inner tensor), or None (:func:`inner_view`)."""
         hit = self._found.get(id(t))
         if hit is not None and hit[0]() is t and getattr(t, hit[1], None) is hit[2]:
-            return hit[2]
+            return hit[1:]
         found = inner_view(t)
-        if found is None:
-            return None
-        key = id(t)
-        self._found[key] = (weakref.ref(t, lambda _, key=key: self._found.pop(key, None)), *found)
-        return found[1]
-
-    def current(self, t: Tensor, inner: Tensor) -> bool:
-        """Whether ``inner`` is still what :meth:`__call__` gives for the wrapper ``t``."""
-        return self(t) is inner
+        if found is not None:
+            key = id(t)
+            self._found[key] = (weakref.ref(t, lambda _, key=key: self._found.pop(key, None)), *found)
+        return found
 
 
 views = InnerViews()
