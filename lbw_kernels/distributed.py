@@ -308,8 +308,8 @@ class _MeshSum:
             gathered = full.new_empty((n * full.shape[0], 3))
             all_gather_single(gathered, full, group=group)
             gathered = gathered.view(n, -1, 3)
-            if order != list(range(n)):
-                gathered = gathered[order]
+            if order != list(range(n)):  # (slices, not an index list: that would be a host-to-device copy)
+                gathered = torch.stack([gathered[i] for i in order])
             full = gathered.sum(0)
         return full
 

@@ -21,11 +21,11 @@ from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
-from .subclasses import is_dtensor
 from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
+from .subclasses import is_dtensor
 from .validation import (
     STATE_KEYS as _STATE_KEYS,
     check_adamw_switches,
