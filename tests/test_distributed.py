@@ -83,11 +83,12 @@ def _full(t):
 
 
 def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,),
-                  shapes=SHAPES, all_reduces=1, partial_grads=(), **options):
+                  shapes=SHAPES, all_reduces=1, partial_grads=(), compiled=False, **options):
     """``placements_of(i)``: tensor i's placements on the mesh of ``mesh_shape``, or a (mesh,
     placements) pair; ``all_reduces``: how many telemetry reductions the sharded optimizer makes
     per call; tensors in ``partial_grads`` (Replicate params) get Partial(sum) grads, uneven
-    parts of the whole (one all_reduce more per call, with their sums)."""
+    parts of the whole (one all_reduce more per call, with their sums); ``compiled``: the
+    sharded optimizer's step under torch.compile."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -103,6 +104,8 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     # GradScaler's fused path reads each rank's own overflow flag: sharded params keep its own path
     assert not opt._step_supports_amp_scaling and ref._step_supports_amp_scaling == (gate == "exact")
     ours, theirs = [], []
+    if compiled:
+        opt.step = torch.compile(opt.step, backend="aot_eager")
     calls, undo = counting_all_reduce()
     try:
         for grads in stream:
@@ -385,6 +388,24 @@ def test_partial_grads_of_replicated_params_are_summed(ranks, backend):
     ranks.run(_sequence_parallel_worker, backend)
 
 
+def _compiled_worker(rank, backend):
+    from torch.distributed.tensor import Replicate, Shard
+
+    partial = {0, REPLICATED}  # Replicate params, Partial(sum) grads, beside Shard(0) ones
+
+    def placements_of(i):
+        return [Replicate()] if i in partial else [Shard(0)]
+
+    stream = random_stream(6, SHAPES, seed=2, spikes=(3,), nan_at=(5,))
+    _dtensor_case(rank, backend, "exact", 1, stream, placements_of, partial_grads=partial, compiled=True)
+
+
+def test_compiled_step_on_dtensors_decides_as_one_process(ranks):
+    """``torch.compile(opt.step)`` (aot_eager) with DTensor params, Partial grads among them:
+    the telemetry reduction and the Partial sums run inside the compiled step."""
+    ranks.run(_compiled_worker, cpu_backend(), timeout=300)
+
+
 def _refusals_worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -513,6 +534,8 @@ def _ddp_worker(rank, backend, bucket_view):
     opt = GuardedAdamW(model.parameters(), **kw)
     ref = GuardedAdamW(ref_model.parameters(), **kw)
     ours, theirs = [], []
+    if compiled:
+        opt.step = torch.compile(opt.step, backend="aot_eager")
     calls, undo = counting_all_reduce()
     try:
         for x, y in _batches(9):
