@@ -534,8 +534,6 @@ def _ddp_worker(rank, backend, bucket_view):
     opt = GuardedAdamW(model.parameters(), **kw)
     ref = GuardedAdamW(ref_model.parameters(), **kw)
     ours, theirs = [], []
-    if compiled:
-        opt.step = torch.compile(opt.step, backend="aot_eager")
     calls, undo = counting_all_reduce()
     try:
         for x, y in _batches(9):
