@@ -54,6 +54,7 @@ AdamW's state, which the guard recognises and stays out of (:func:`called_by_dcp
 
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
@@ -65,7 +66,7 @@ from torch import Tensor
 from .backends import GroupTensors
 from .partial_grads import PartialGrads, effective_placements
 from .pipeline import all_gather_single, check_stage_group
-from .subclasses import is_dtensor, views
+from .subclasses import dtensor_class, is_dtensor, is_plain, views
 
 
 def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
@@ -88,14 +89,33 @@ def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
 
 
 def _local(t: Tensor) -> Tensor:
-    # Under no_grad, to_local() is the DTensor's own storage (or a view of it): updating it
-    # in place updates the DTensor. A local shard that is a wrapper subclass (FSDP2 with
-    # torchao's float8 all-gather) is taken through its inner tensor (subclasses.py); one
-    # without such a tensor stays as it is, for the reference backend (the step plan refused
-    # it to the kernel backends).
-    local = t.to_local() if is_dtensor(t) else t
-    view = views(local)
-    return local if view is None else view
+    """:func:`_locals` of one tensor."""
+    return _locals([t])[0]
+
+
+def _locals(ts: Sequence[Tensor]) -> List[Tensor]:
+    """The tensors the backends update for ``ts``: a DTensor's own local tensor, what
+    to_local() returns under no_grad (step() runs under it), read without that method's Python
+    overhead (~2 us, for each of thousands of tensors per call under FSDP2): updating it in
+    place updates the DTensor. A local shard that is a wrapper subclass (FSDP2 with torchao's
+    float8 all-gather) is taken through its inner tensor (subclasses.py); one without such a
+    tensor stays as it is, for the reference backend (the step plan refused it to the kernel
+    backends)."""
+    dtensor = dtensor_class()
+    out = [t._local_tensor if isinstance(t, dtensor) else t for t in ts] if dtensor is not None else list(ts)
+    if all(map(is_plain, out)):
+        return out
+    return [x if view is None else view for x, view in zip(out, map(views, out))]
+
+
+def _specs(groups: Sequence[GroupTensors]) -> list:
+    """Each param's and grad's DTensor spec object (None for a plain tensor): FSDP2 makes every
+    call's grads with its params' spec objects, so comparing these by identity tells an
+    unchanged layout in ~0.1 us a tensor (:func:`_layout_key` takes ~10)."""
+    dtensor = dtensor_class()
+    return [group.params for group in groups] + [  # (the step plan's lists: new ones when it is rebuilt)
+        t._spec if isinstance(t, dtensor) else None for group in groups for ts in (group.params, group.grads) for t in ts
+    ]
 
 
 class ShardedTelemetry:
@@ -110,6 +130,7 @@ class ShardedTelemetry:
 
     def __init__(self, pipeline_group=None) -> None:
         self._key: Optional[tuple] = None
+        self._specs: list = []  # the specs of the call the key was last checked on (_specs)
         self._layout: Optional[_Layout] = None
         self.active = False  # whether this call's tensors include a DTensor
         self._pipeline_group = pipeline_group  # must not share the mesh's ranks (pipeline.py)
@@ -121,22 +142,25 @@ class ShardedTelemetry:
             self.active = has_dtensor
         if not self.active:
             return list(groups)
-        key = _layout_key(groups)
-        if key != self._key:
-            layout = _Layout.build(groups)
-            if self._pipeline_group is not None:
-                check_stage_group(self._pipeline_group, layout.ranks)
-            self._layout, self._key = layout, key
-        grads = [[_local(t) for t in group.grads] for group in groups]
+        specs = _specs(groups)
+        if not (len(specs) == len(self._specs) and all(map(operator.is_, specs, self._specs))):
+            key = _layout_key(groups)
+            if key != self._key:
+                layout = _Layout.build(groups)
+                if self._pipeline_group is not None:
+                    check_stage_group(self._pipeline_group, layout.ranks)
+                self._layout, self._key = layout, key
+            self._specs = specs
+        grads = [_locals(group.grads) for group in groups]
         if self._layout.partial:
             self._layout.partial.sum_(grads)
         return [
             replace(
                 group,
-                params=[_local(t) for t in group.params],
+                params=_locals(group.params),
                 grads=group_grads,
-                exp_avgs=[_local(t) for t in group.exp_avgs],
-                exp_avg_sqs=[_local(t) for t in group.exp_avg_sqs],
+                exp_avgs=_locals(group.exp_avgs),
+                exp_avg_sqs=_locals(group.exp_avg_sqs),
                 layout_key=None,  # (the gathered layout was the DTensors', not the shards')
             )
             for group, group_grads in zip(groups, grads)

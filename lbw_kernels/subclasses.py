@@ -36,11 +36,28 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def dtensor_class() -> Optional[type]:
+    """DTensor once torch.distributed.tensor is imported, else None: no tensor is a DTensor
+    before that, and checking sys.modules keeps that import (most of a second) out of
+    `import lbw_kernels` and out of step()."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = getattr(module, "DTensor", None) if module is not None else None
+    return _DTENSOR
+
+
+_DTENSOR: Optional[type] = None
+
+
 def is_dtensor(t: Tensor) -> bool:
-    # No tensor is a DTensor until torch.distributed.tensor is imported; checking sys.modules
-    # keeps that import (most of a second) out of `import lbw_kernels` and out of step().
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, getattr(module, "DTensor", ()))
+    dtensor = _DTENSOR or dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def is_plain(t: Tensor) -> bool:
+    """A tensor or Parameter itself, no subclass: what the kernels take as it is."""
+    return type(t) in _PLAIN
 
 
 def is_wrapper(t: Tensor) -> bool:
