@@ -83,12 +83,13 @@ def _full(t):
 
 
 def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy="lbw", mesh_shape=(WORLD,),
-                  shapes=SHAPES, all_reduces=1, partial_grads=(), compiled=False, **options):
+                  shapes=SHAPES, all_reduces=1, partial_grads=(), partial_calls=None, compiled=False, **options):
     """``placements_of(i)``: tensor i's placements on the mesh of ``mesh_shape``, or a (mesh,
     placements) pair; ``all_reduces``: how many telemetry reductions the sharded optimizer makes
     per call; tensors in ``partial_grads`` (Replicate params) get Partial(sum) grads, uneven
-    parts of the whole (one all_reduce more per call, with their sums); ``compiled``: the
-    sharded optimizer's step under torch.compile."""
+    parts of the whole (one all_reduce more per call, with their sums), on every call or on
+    those in ``partial_calls`` (counted from 1; Replicate grads on the others); ``compiled``:
+    the sharded optimizer's step under torch.compile."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -108,9 +109,10 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
         opt.step = torch.compile(opt.step, backend="aot_eager")
     calls, undo = counting_all_reduce()
     try:
-        for grads in stream:
+        for k, grads in enumerate(stream, 1):
+            partial_now = partial_grads if partial_calls is None or k in partial_calls else ()
             for i, (p, q, g) in enumerate(zip(sharded, full, grads)):
-                if i in partial_grads:
+                if i in partial_now:
                     p.grad = partial_parts(g.clone(), p.device_mesh, (0,), {(0,): 0.75, (1,): 0.25})
                 else:
                     p.grad = shard(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g.clone()
@@ -124,8 +126,11 @@ def _dtensor_case(rank, backend, gate, stats_freq, stream, placements_of, policy
     # skip_nonfinite=True: all_reduces of [T, 3] every call, T = tensors of global numel > 0
     rows = sum(1 for s in shapes if math.prod(s) > 0)
     partial_elements = sum(math.prod(shapes[i]) for i in partial_grads)
-    per_call = [(partial_elements,)] * bool(partial_grads) + [(rows, 3)] * all_reduces
-    assert calls == per_call * len(stream)
+    expected = []
+    for k in range(1, len(stream) + 1):
+        partial_now = bool(partial_grads) and (partial_calls is None or k in partial_calls)
+        expected += [(partial_elements,)] * partial_now + [(rows, 3)] * all_reduces
+    assert calls == expected
     assert_close_records(ours, theirs)
     for p, q in zip(sharded, full):
         torch.testing.assert_close(_full(p), q, rtol=1e-12, atol=1e-12)
@@ -342,6 +347,9 @@ def _tensor_parallel_worker(rank, backend):
         ours = _dtensor_case(rank, backend, gate, 1, stream, placements_of, partial_grads=partial)
         assert [r[1] for r in ours][6] == "nonfinite", ours
     _dtensor_case(rank, backend, "exact", 1, stream, placements_of, partial_grads=partial, max_grad_norm=2.0)
+    # Partial on odd calls only, Replicate on the others: the layout (which grads to sum)
+    # follows every change of the grads' placements
+    _dtensor_case(rank, backend, "exact", 1, stream, placements_of, partial_grads=partial, partial_calls={1, 3, 5, 7})
 
 
 def _sequence_parallel_worker(rank, backend):
