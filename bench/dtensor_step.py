@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import time
@@ -45,7 +46,10 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
+    if "MASTER_PORT" not in os.environ:  # a free port: another run may hold any fixed one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         from torch.distributed.device_mesh import init_device_mesh
