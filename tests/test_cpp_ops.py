@@ -229,6 +229,22 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
         i.grad_dtype = None
         i.grad = torch.ones(3, dtype=torch.int32)
         assert _C._gather_grads([[a, i]])[2] is False  # not floating-point: the full check names it
+    # A subclass that overrides neither .grad nor __torch_function__ (as DTensor) has its grad
+    # read in C++: the same object; one that overrides .grad is asked through getattr.
+    class Disabled(torch.Tensor):
+        __torch_function__ = torch._C._disabled_torch_function_impl
+
+    class OwnGrad(Disabled):
+        @property
+        def grad(self):
+            return "its own"
+
+    e = torch.zeros(2).as_subclass(Disabled).requires_grad_()
+    e.grad = torch.ones(2)
+    f = torch.zeros(2).as_subclass(OwnGrad)
+    gathered = _C._gather_grads([[e, f]])
+    assert gathered[0][0][0] is e.grad and gathered[0][0][1] == "its own" and gathered[2] is False
+    assert gathered[3][0] is None  # subclass params: no layout
     with pytest.raises(TypeError, match="must be a sequence"):
         _C._gather_grads([3])
     with pytest.raises(AttributeError, match="grad"):
