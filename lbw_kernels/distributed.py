@@ -66,7 +66,7 @@ from torch import Tensor
 from .backends import GroupTensors
 from .partial_grads import PartialGrads, effective_placements
 from .pipeline import all_gather_single, check_stage_group
-from .subclasses import dtensor_class, is_dtensor, is_plain, views
+from .subclasses import dtensor_class, is_dtensor, is_plain, kernel_tensor
 
 
 def check_no_fsdp1_shards(named: Sequence[Tuple[str, Tensor]]) -> None:
@@ -105,7 +105,7 @@ def _locals(ts: Sequence[Tensor]) -> List[Tensor]:
     out = [t._local_tensor if isinstance(t, dtensor) else t for t in ts] if dtensor is not None else list(ts)
     if all(map(is_plain, out)):
         return out
-    return [x if view is None else view for x, view in zip(out, map(views, out))]
+    return list(map(kernel_tensor, out))
 
 
 def _specs(groups: Sequence[GroupTensors]) -> list:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
 from .distributed import check_no_fsdp1_shards
-from .subclasses import is_dtensor, is_wrapper, views
+from .subclasses import is_dtensor, is_wrapper, kernel_tensor, views
 from .validation import check_grad, check_params, check_state_entry
 
 
@@ -191,7 +191,7 @@ class StepPlan:
             if gp.positions is not None:
                 grads_of_group = [grads_of_group[i] for i in gp.positions]
             if self.wrapped_grads:
-                grads_of_group = [_resolved_grad(g) for g in grads_of_group]
+                grads_of_group = list(map(kernel_tensor, grads_of_group))
             beta1, beta2 = group["betas"]
             lr, beta1, beta2, eps, weight_decay = map(
                 _zero_dim, (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
@@ -205,11 +205,6 @@ class StepPlan:
                 )
             )
         return out
-
-
-def _resolved_grad(g: Tensor) -> Tensor:
-    view = views(g)
-    return g if view is None else view
 
 
 def _zero_dim(value: Any) -> Any:

@@ -51,7 +51,7 @@ _DTENSOR: Optional[type] = None
 
 
 def is_dtensor(t: Tensor) -> bool:
-    dtensor = _DTENSOR or dtensor_class()
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(t, dtensor)
 
 
@@ -105,7 +105,7 @@ class InnerViews:
         self._found: Dict[int, Tuple["weakref.ref[Tensor]", str, Tensor]] = {}
 
     def __call__(self, t: Tensor) -> Optional[Tensor]:
-        if type(t) in _PLAIN or not is_wrapper(t):
+        if not is_wrapper(t):
             return t
         found = self.lookup(t)
         return None if found is None else found[1]
@@ -123,3 +123,10 @@ class InnerViews:
 
 
 views = InnerViews()
+
+
+def kernel_tensor(t: Tensor) -> Tensor:
+    """``views(t)``, or ``t`` itself for a wrapper no inner tensor holds (only the reference
+    backend is given those: the step plan refuses them to the kernel backends)."""
+    view = views(t)
+    return t if view is None else view

@@ -202,7 +202,8 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     bool any_missing = false;
     for (Py_ssize_t i = 0; i < n; ++i, row += 6) {
       PyObject* grad = nullptr;
-      if (THPVariable_CheckExact(items[i])) {
+      const bool exact = THPVariable_CheckExact(items[i]);
+      if (exact || (THPVariable_Check(items[i]) && grad_read_directly(Py_TYPE(items[i])))) {
         const at::Tensor& p = THPVariable_Unpack(items[i]);
         const at::Tensor& g = p.grad();
         if (g.defined()) {
@@ -212,26 +213,22 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         } else {
           grad = Py_NewRef(Py_None);
         }
+        // A subclass has no layout here: its address is not its elements' (a wrapper's is 0).
         // (Unvalidated tensors: one whose address or size cannot be read, a nested tensor say,
         // leaves the group without a layout rather than raising here.)
-        try {
-          row[0] = address(p);
-          row[1] = p.numel();
-          row[2] = layout_code(p, appendix, 2 * i);
-          row[3] = g.defined() ? address(g) : 0;
-          row[4] = g.defined() ? g.numel() : 0;
-          row[5] = g.defined() ? layout_code(g, appendix, 2 * i + 1) : -1;
-        } catch (const std::exception&) {
+        if (!exact) {
           layout_known = false;
-        }
-      } else if (THPVariable_Check(items[i]) && grad_read_directly(Py_TYPE(items[i]))) {
-        layout_known = false;
-        const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
-        if (g.defined()) {
-          grad = THPVariable_Wrap(g);
-          dense_real = dense_real && g.layout() == at::kStrided && at::isFloatingType(g.scalar_type());
         } else {
-          grad = Py_NewRef(Py_None);
+          try {
+            row[0] = address(p);
+            row[1] = p.numel();
+            row[2] = layout_code(p, appendix, 2 * i);
+            row[3] = g.defined() ? address(g) : 0;
+            row[4] = g.defined() ? g.numel() : 0;
+            row[5] = g.defined() ? layout_code(g, appendix, 2 * i + 1) : -1;
+          } catch (const std::exception&) {
+            layout_known = false;
+          }
         }
       } else {
         layout_known = false;
