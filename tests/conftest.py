@@ -39,3 +39,12 @@ def backend(request):
     if not get_backend(request.param).supports(torch.device("cpu")):
         pytest.skip(f"backend {request.param!r} does not run on CPU tensors here")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Two CPU worker processes serving a test module's multi-process tests (rank_pool.py)."""
+    from rank_pool import Ranks
+
+    with Ranks() as pool:
+        yield pool

@@ -74,6 +74,12 @@ class Ranks:
         if errors:
             pytest.fail("\n".join(errors), pytrace=False)
 
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         for q, p in zip(self.tasks, self.procs):
             if p.is_alive():
@@ -109,3 +115,12 @@ def assert_close_records(ours, theirs) -> None:
 def telemetry_row(opt) -> tuple:
     t = opt.telemetry()
     return tuple(t[k] for k in RECORD)
+
+
+def step_with(opt, params, grads, reader=None) -> tuple:
+    """Put ``grads`` (None: no gradient) on ``params``, ``opt.step()``, and return the telemetry
+    row of ``reader`` (default ``opt``; a ZeroRedundancyOptimizer's local optimizer)."""
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    opt.step()
+    return telemetry_row(opt if reader is None else reader)

@@ -45,13 +45,6 @@ def cpu_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    pool = Ranks()
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="module")
 def ranks4():
     pool = Ranks(world=4)
     yield pool

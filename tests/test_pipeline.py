@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import availability
-from rank_pool import Ranks, assert_close_records, same_on_every_rank, telemetry_row
+from rank_pool import Ranks, assert_close_records, same_on_every_rank, step_with, telemetry_row
 from streams import random_stream
 
 pytestmark = pytest.mark.skipif(
@@ -48,13 +48,6 @@ def scripted_stream():
 def whole_model():
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-
-
-def step_with(opt, params, grads):
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
-    opt.step()
-    return telemetry_row(opt)
 
 
 def _stages_worker(rank, backend):
@@ -121,13 +114,6 @@ def _no_rows_worker(rank, backend):
                 assert ours[5][1] == "nonfinite", ours
                 if policy == "lbw":
                     assert ours[4][1] == "spike", ours
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    pool = Ranks()
-    yield pool
-    pool.close()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
@@ -318,19 +304,13 @@ def _pp_dp_worker(rank, backend, stage_dims):
 
 
 def test_pipeline_stages_with_data_parallel_shards_decide_as_one_optimizer():
-    pool = Ranks(world=4)
-    try:
+    with Ranks(world=4) as pool:
         pool.run(_pp_dp_worker, backends()[-1], (2,), timeout=180)
-    finally:
-        pool.close()
 
 
 def test_pipeline_stages_on_two_dim_meshes_decide_as_one_optimizer():
     """8 ranks as 2 stages x (dp 2, tp 2), torchtitan's 3-D layout: each stage's rows summed
     over its own 2-D mesh (no process group holds exactly its ranks: one all_gather per mesh
     dim), then combined over pp; decisions as one optimizer, the same bits on every rank."""
-    pool = Ranks(world=8)
-    try:
+    with Ranks(world=8) as pool:
         pool.run(_pp_dp_worker, backends()[-1], (2, 2), timeout=240)
-    finally:
-        pool.close()
