@@ -35,9 +35,9 @@ sharded gradient are the sums of its shards' partials:
   the same gradients, so the same decisions follow with no communication at all.
 * **Pipeline stages** hold different tensors: their telemetry is combined after this
   reduction, over ``pipeline_group`` (pipeline.py).
-* **FSDP1** parameters are refused (check_no_fsdp1_shards). ``ZeroRedundancyOptimizer`` is not
-  supported either, and cannot be seen from here: it gives each rank's optimizer only that
-  rank's params, so each rank would decide on its own partition.
+* **ZeroRedundancyOptimizer** gives each rank's optimizer only that rank's partition of the
+  params: their telemetry is combined as pipeline stages' is (zero.py).
+* **FSDP1** parameters are refused (check_no_fsdp1_shards).
 
 The update runs on the local shards (params, grads, ``exp_avg``, ``exp_avg_sq``) through
 whichever backend applies: backends take plain tensors.

@@ -26,6 +26,7 @@ from .pipeline import check_same_options, model_summary, only_rows_analyzed, res
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .subclasses import is_dtensor
+from .zero import adopt_states_after_zero_loads, building_zero, zero_group
 from .validation import (
     STATE_KEYS as _STATE_KEYS,
     check_adamw_switches,
@@ -160,6 +161,9 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
     ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's
     telemetry is combined over them so every stage takes one decision (lbw_kernels.pipeline).
+    Built by ``torch.distributed.optim.ZeroRedundancyOptimizer`` (``optimizer_class=GuardedAdamW``),
+    it combines its telemetry over ZeRO's ranks the same way, so that the partitions take one
+    decision, and resumes from ZeRO's checkpoints (lbw_kernels.zero).
 
     ``amsgrad``, ``foreach``, ``capturable``, ``differentiable``, ``fused``: torch.optim.AdamW's
     switches, taken so that a call written for it works unchanged. ``backend`` chooses the
@@ -200,6 +204,8 @@ class GuardedAdamW(torch.optim.Optimizer):
     ):
         check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused)
         pipeline = resolve_pipeline_group(pipeline_group)
+        zero = building_zero()  # a ZeroRedundancyOptimizer building its local optimizer (zero.py)
+        zero_ranks = zero_group(zero, pipeline_group) if zero is not None else None
         # numpy scalars as the Python numbers they hold (torch.optim.AdamW takes them; a config or
         # checkpoint holding numpy objects would not load with torch.load(weights_only=True))
         stress_threshold, spike_threshold, min_scale, recovery_fast, stats_freq, ema_decay, max_grad_norm = map(
@@ -234,6 +240,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.gate = gate
         self.backend = backend
         self.pipeline_group = pipeline  # a ProcessGroup or None (pipeline.py)
+        # the groups each call's telemetry summary is gathered over, in order (pipeline.py)
+        self._summary_groups = tuple(g for g in (zero_ranks, pipeline) if g is not None)
+        self._guard_in_every_state = zero is not None  # zero.py: whichever params a rank owns
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
@@ -247,19 +256,24 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
         self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
-        if pipeline is not None:  # (a collective: every stage builds its optimizer)
-            check_same_options(pipeline, stage_options(config, gate))
+        for group in self._summary_groups:  # (a collective: every part builds its optimizer)
+            what = "pipeline_group" if group is pipeline else "ZeroRedundancyOptimizer"
+            check_same_options(group, stage_options(config, gate), what)
+        if zero is not None:
+            adopt_states_after_zero_loads(zero, self)
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
     # attributes go with them. Caches (backends, step plan, sharding layout) are rebuilt.
     _PICKLED = ("guard_config", "gate", "backend", "_guard", "_guard_holder", "_policy_tag", "_calls",
-                "_schedule_on_device")
+                "_schedule_on_device", "_guard_in_every_state")
 
     def __getstate__(self) -> Dict[str, Any]:
-        if self.__dict__.get("pipeline_group") is not None:
-            raise TypeError("a GuardedAdamW with a pipeline_group cannot be copied or pickled (its ProcessGroup "
-                            "cannot be); save its state_dict() instead")
+        if self.__dict__.get("_summary_groups"):
+            which = ("with a pipeline_group" if self.__dict__.get("pipeline_group") is not None
+                     else "built by a ZeroRedundancyOptimizer over several ranks")
+            raise TypeError(f"a GuardedAdamW {which} cannot be copied or pickled (its ProcessGroup cannot be); "
+                            "save its state_dict() instead")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -268,6 +282,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("pipeline_group", None)
+        self.__dict__.setdefault("_summary_groups", ())
+        self.__dict__.setdefault("_guard_in_every_state", False)
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
 
     @property
@@ -284,7 +300,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         GradScaler (ShardedGradScaler too) takes ``found_inf`` from each rank's own gradients,
         without the all-reduce its ``unscale_`` does, so ranks would disagree on the skip; and
         for a backend registered from outside whose update takes no gradient factor."""
-        if self.gate != "exact" or self.pipeline_group is not None:
+        if self.gate != "exact" or self._summary_groups:
             return False
         if self._params_sharded_across_ranks():
             return False
@@ -321,6 +337,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(params, Tensor) and not isinstance(params, Iterable):
             raise TypeError(f"param_group['params'] must be a Tensor or a list of them, got {type(params).__name__}")
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        if self.__dict__.get("_guard_in_every_state") and any(map(is_dtensor, group["params"])):
+            # (ZeRO's ranks would be gathered over on top of the DTensors' own reduction)
+            raise ValueError("param_group['params'] holds DTensors, which a ZeroRedundancyOptimizer does not "
+                             "partition: shard them with FSDP2 (fully_shard) instead")
         plain_hyperparameters(group)
         candidate = {**self.defaults, **group}
         where = f"param_groups[{len(self.param_groups)}]"
@@ -357,14 +377,22 @@ class GuardedAdamW(torch.optim.Optimizer):
         tensor itself and its policy's tag. torch's unflattening of optimizer state dicts keeps
         only the keys the live state has, hence live entries. Runs when a step plan is built
         (new states appear only then), in ``state_dict()`` (states may have been edited) and
-        when the guard tensor is replaced; the scan stops at the first param with state."""
+        when the guard tensor is replaced; the scan stops at the first param with state. In a
+        ZeroRedundancyOptimizer's local optimizer, in every param state (zero.py)."""
+        entries = (self._guard, self._policy_tag)
+        if self._guard_in_every_state:
+            for p in (p for g in self.param_groups for p in g["params"]):
+                state = dict.get(self.state, p)
+                if state:
+                    dict.update(state, zip(_GUARD_IN_PARAM_STATE, entries))
+            return
         first = next((p for g in self.param_groups for p in g["params"] if self.state.get(p)), None)
         if self._guard_holder is not None and self._guard_holder is not first:
             for key in _GUARD_IN_PARAM_STATE:
                 dict.pop(self.state.get(self._guard_holder, {}), key, None)
         self._guard_holder = first
         if first is not None:  # (dict's own update: the guard's entries are not the plan's business)
-            dict.update(self.state[first], zip(_GUARD_IN_PARAM_STATE, (self._guard, self._policy_tag)))
+            dict.update(self.state[first], zip(_GUARD_IN_PARAM_STATE, entries))
 
     def _plan_for(self, grads: CallGrads) -> StepPlan:
         key = presence_key(grads)
@@ -442,9 +470,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         if backend is None:
             if state_init:  # (a frozen stage's: nothing to create, and no stage gathers)
                 return loss
-            if self.pipeline_group is None:
+            if not self._summary_groups:
                 self._guard[ref.CALLS] += 1
-            else:  # the other stages gather this call's summary
+            else:  # the other parts gather this call's summary
                 self._decide_without_grads()
             self._count_call()
             return loss
@@ -456,8 +484,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         # rank has the same rows; backends work on the local shards (distributed.py).
         guard = self._guard
         inv_scale, found_inf = _scaler_inputs(self, guard)
-        # (a pipeline stage without rows still sends its empty summary: every stage gathers)
-        rows = plan.telemetry_rows > 0 or self.pipeline_group is not None
+        # (a part without rows still sends its empty summary: every part gathers)
+        rows = plan.telemetry_rows > 0 or bool(self._summary_groups)
         analyze = rows and self._telemetry_due(device, guard)
         check_finite = rows and cfg.skip_nonfinite
         # DCP's state-creating call is AdamW's alone: no reading, no decision, not counted
@@ -480,8 +508,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                     partials = ref.unscale_partials(partials, inv_scale)
             before = guard.clone() if found_inf is not None else None
             summary, analyze_now = None, analyze
-            if self.pipeline_group is not None:  # once on every call, measured or not: pipeline.py
-                summary, rows_total = model_summary(self.pipeline_group, partials, plan.numels, plan.numel_total,
+            if self._summary_groups:  # once on every call, measured or not: pipeline.py
+                summary, rows_total = model_summary(self._summary_groups, partials, plan.numels, plan.numel_total,
                                                     cfg.use_max_rms, guard.dtype, device)
                 analyze_now = only_rows_analyzed(analyze, rows_total)
             factor = None
@@ -520,10 +548,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         return loss
 
     def _decide_without_grads(self) -> None:
-        """A pipeline stage's call with no gradient at all: rules 1-4 on the other stages'
-        summaries, gathered with an empty one from here (the gather is a collective)."""
+        """A call with no gradient at all on a pipeline stage or ZeRO partition: rules 1-4 on the
+        other parts' summaries, gathered with an empty one from here (the gather is a collective)."""
         cfg, guard = self.guard_config, self._guard
-        summary, rows_total = model_summary(self.pipeline_group, None, None, None, cfg.use_max_rms, guard.dtype,
+        summary, rows_total = model_summary(self._summary_groups, None, None, None, cfg.use_max_rms, guard.dtype,
                                             guard.device)
         analyze = only_rows_analyzed(self._telemetry_due(guard.device, guard), rows_total)
         # (the controller the stages with gradients run: the kernel unless backend="reference")
@@ -588,10 +616,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                         "policy": self.guard_config.policy.name, "gate": self.gate}
         # Plain dicts (torch.load(weights_only=True) takes nothing else), with the same tensors.
         out["state"] = {pid: dict(entry) if isinstance(entry, dict) else entry for pid, entry in out["state"].items()}
-        for entry in out["state"].values():
+        for entry in out["state"].values():  # (one entry; every one in a ZeroRedundancyOptimizer's)
             if _GUARD_IN_PARAM_STATE[0] in entry:
                 entry[_GUARD_IN_PARAM_STATE[0]] = guard
-                break
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -615,6 +642,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._schedule_on_device = False
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def adopt_installed_state(self) -> None:
+        """Load the states put into ``self.state`` from outside as :meth:`load_state_dict` loads
+        a checkpoint: ZeroRedundancyOptimizer.load_state_dict installs each param's saved state
+        itself (zero.py). Checked the same way (a ValueError names what is wrong), moved to the
+        params' devices and dtypes, and the guard taken from the copy the states carry (a fresh
+        guard when none does: a torch.optim.AdamW checkpoint)."""
+        self.load_state_dict(torch.optim.Optimizer.state_dict(self))
 
     def _checked_state(self, state_dict: Dict[str, Any]):
         for key in ("state", "param_groups"):
@@ -648,19 +683,21 @@ class GuardedAdamW(torch.optim.Optimizer):
             groups.append(new_group)
 
         state = OptimizerState()
-        guard_in_param_state = None
+        guard_in_param_state, riders = None, []
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
             p = id_map[pid]
             if not isinstance(saved, dict):
                 raise ValueError(f"state_dict state[{pid!r}] must be a dict, got {type(saved).__name__}")
-            if _GUARD_IN_PARAM_STATE[0] in saved:
-                if guard_in_param_state is not None:
-                    raise ValueError(f"state_dict state[{pid!r}] holds a second '{_GUARD_IN_PARAM_STATE[0]}' entry")
-                guard_in_param_state = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
-                                        "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1])),
-                                        "where": f"state_dict['state'][{pid!r}]['{_GUARD_IN_PARAM_STATE[0]}']"}
+            if _GUARD_IN_PARAM_STATE[0] in saved:  # (in every state of a ZeroRedundancyOptimizer's: zero.py)
+                rider = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
+                         "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1])),
+                         "where": f"state_dict['state'][{pid!r}]['{_GUARD_IN_PARAM_STATE[0]}']"}
+                if guard_in_param_state is None:
+                    guard_in_param_state, riders = rider, [rider]
+                elif rider["state"] is not riders[-1]["state"] or rider["policy"] != riders[-1]["policy"]:
+                    riders.append(rider)  # (one tensor in many states: compared once)
             keys = set(saved) - set(_GUARD_IN_PARAM_STATE)
             if keys != set(_STATE_KEYS):
                 raise ValueError(
@@ -687,6 +724,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
             })
 
+        if len(riders) > 1:
+            _check_copies_agree(riders)
         guard_entry = state_dict.get("guard")
         if guard_entry is not None and not isinstance(guard_entry, dict):
             raise ValueError(f"state_dict['guard'] must be a dict, got {type(guard_entry).__name__}")
@@ -722,6 +761,22 @@ class GuardedAdamW(torch.optim.Optimizer):
         values = guard.tolist()  # loading a checkpoint may wait for the device
         check_guard_values(values, where)
         return groups, state, guard, int(values[ref.CALLS])
+
+
+def _check_copies_agree(riders: List[Dict[str, Any]]) -> None:
+    """The guard's copies in several param states (a ZeroRedundancyOptimizer's checkpoint: every
+    state holds one) hold the same values and policy: compared in one batch, one host read."""
+    first = riders[0]
+    if not isinstance(first["state"], Tensor):
+        return  # (refused as it is checked for loading)
+    for rider in riders[1:]:
+        same_shape = isinstance(rider["state"], Tensor) and rider["state"].shape == first["state"].shape
+        if not same_shape or rider["policy"] != first["policy"]:
+            raise ValueError(f"{rider['where']} and {first['where']} differ")
+    copies = torch.stack([r["state"].detach().to(first["state"].device, torch.float64) for r in riders]).nan_to_num(7.25)
+    differs = (copies != copies[:1]).reshape(len(riders), -1).any(1).tolist()
+    if any(differs):
+        raise ValueError(f"{riders[differs.index(True)]['where']} and {first['where']} differ")
 
 
 def _check_saved_tensor(t: Any, where: str) -> None:

@@ -22,7 +22,9 @@ formed from the stages' summaries:
 * ``nonfinite``: the sum of their counts.
 
 ``x`` under ``use_max_rms`` and ``nonfinite`` are exactly what one optimizer over all the
-params computes; the sums are added in another order (the last bits may differ).
+params computes; the sums are added in another order (the last bits may differ). The same
+summaries combine a ZeroRedundancyOptimizer's partitions (zero.py): a message is gathered over
+each group in turn (ZeRO's ranks, then the stages) and merged (:func:`merge`).
 
 The gather is a collective, so every stage's optimizer gathers exactly once per ``step()``,
 whatever its own telemetry schedule says (a call it does not measure sends an empty summary:
@@ -84,26 +86,35 @@ def stage_summary(partials: Optional[Tensor], numels: Optional[Tensor], numel_to
                         nonfinite.sum()])
 
 
-def combine(summaries: Tensor, use_max_rms: bool) -> Tuple[Tensor, Tensor]:
-    """The stages' messages ``[stages, 7]`` -> the whole model's ``[x, signed_mean, grad_norm,
-    nonfinite]``, as reference.summarize gives for all the rows, and the number of rows (0: no
-    stage had any, and the summary means nothing)."""
-    ms_max, ms_sum, tensors, sums, elements, sumsq, nonfinite = summaries.unbind(1)
-    rows = tensors.sum()
-    x = ms_max.amax() if use_max_rms else ms_sum.sum() / rows
-    return torch.stack([x, sums.sum() / elements.sum(), sumsq.sum().sqrt(), nonfinite.sum()]), rows
+def merge(summaries: Tensor) -> Tensor:
+    """Several parts' messages ``[parts, 7]`` -> the message of their union ``[7]``: the max of
+    the max mean squares, the sums of the rest (in the parts' order, the same on every rank)."""
+    ms_max, *summed = summaries.unbind(1)
+    return torch.stack([ms_max.amax(), *(field.sum() for field in summed)])
 
 
-def model_summary(group, partials: Optional[Tensor], numels: Optional[Tensor], numel_total: Optional[Tensor],
-                  use_max_rms: bool, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
-    """:func:`combine` over every stage's telemetry rows: the same on every rank of ``group``."""
-    mine = stage_summary(partials, numels, numel_total, dtype, device)
-    stages = dist.get_world_size(group)
-    if stages == 1:
-        return combine(mine.unsqueeze(0), use_max_rms)
-    gathered = mine.new_empty((stages * _FIELDS,))
-    all_gather_single(gathered, mine, group=group)
-    return combine(gathered.view(stages, _FIELDS), use_max_rms)
+def finish(summary: Tensor, use_max_rms: bool) -> Tuple[Tensor, Tensor]:
+    """The whole model's message ``[7]`` -> its ``[x, signed_mean, grad_norm, nonfinite]``, as
+    reference.summarize gives for all the rows, and the number of rows (0: no part had any,
+    and the summary means nothing)."""
+    ms_max, ms_sum, rows, sums, elements, sumsq, nonfinite = summary.unbind(0)
+    x = ms_max if use_max_rms else ms_sum / rows
+    return torch.stack([x, sums / elements, sumsq.sqrt(), nonfinite]), rows
+
+
+def model_summary(groups: Sequence, partials: Optional[Tensor], numels: Optional[Tensor],
+                  numel_total: Optional[Tensor], use_max_rms: bool, dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """:func:`finish` of every part's telemetry rows: this rank's message is gathered over each
+    of ``groups`` in turn and the gathered messages merged (ZeroRedundancyOptimizer's ranks,
+    then the pipeline stages: zero.py), the same on every rank of every group."""
+    summary = stage_summary(partials, numels, numel_total, dtype, device)
+    for group in groups:
+        parts = dist.get_world_size(group)
+        if parts > 1:
+            gathered = summary.new_empty((parts * _FIELDS,))
+            all_gather_single(gathered, summary, group=group)
+            summary = merge(gathered.view(parts, _FIELDS))
+    return finish(summary, use_max_rms)
 
 
 def only_rows_analyzed(analyze, rows: Tensor):
@@ -128,12 +139,12 @@ def check_stage_group(group, mesh_ranks) -> None:
         )
 
 
-def check_same_options(group, options: Sequence[Tuple[str, object]]) -> None:
+def check_same_options(group, options: Sequence[Tuple[str, object]], what: str = "pipeline_group") -> None:
     """Every stage's guard options are the same (else the stages would decide apart while
     looking as one): gathered when each stage builds its optimizer (a collective, like building
     DDP; none in ``step()``; on NCCL, as for any object collective, after the rank's
     ``torch.cuda.set_device``). Every rank compares the same gathered lists, so all of them
-    raise together, naming the option and each rank's value."""
+    raise together, naming the option and each rank's value; ``what`` names the parts."""
     gathered: List[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, list(options), group=group)
     ranks = dist.get_process_group_ranks(group)
@@ -143,8 +154,8 @@ def check_same_options(group, options: Sequence[Tuple[str, object]]) -> None:
         if any(v != values[0] for v in values):
             differ.append(f"{name} is " + ", ".join(f"{v!r} on rank {r}" for r, v in zip(ranks, values)))
     if differ:
-        raise ValueError(f"pipeline_group: the stages' GuardedAdamW options differ: {'; '.join(differ)}; every "
-                         "stage must take the same guard options (gate, policy and thresholds)")
+        raise ValueError(f"{what}: the parts' GuardedAdamW options differ: {'; '.join(differ)}; every "
+                         "part of the model must take the same guard options (gate, policy and thresholds)")
 
 
 def stage_options(cfg, gate: str) -> Sequence[Tuple[str, object]]:

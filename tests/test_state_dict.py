@@ -238,9 +238,18 @@ def test_disagreeing_guard_copies_are_refused():
     edited = opt.state_dict()
     edited["state"][0] = {**edited["state"][0], "lbw_guard": edited["state"][0]["lbw_guard"] + 1}
     _refused(opt, edited, "differ")
+    # copies in several param states (a ZeroRedundancyOptimizer's checkpoint has one in each) load
+    # when they agree, values and policy
     twice = opt.state_dict()
-    twice["state"][1] = {**twice["state"][1], "lbw_guard": twice["state"][0]["lbw_guard"]}
-    _refused(opt, twice, "second")
+    twice["state"][1] = {**twice["state"][1], "lbw_guard": twice["state"][0]["lbw_guard"].clone(),
+                         "lbw_guard_policy": twice["state"][0]["lbw_guard_policy"]}
+    opt.load_state_dict(twice)
+    assert torch.equal(opt._guard, twice["guard"]["state"])
+    twice["state"][1]["lbw_guard"] = twice["state"][1]["lbw_guard"] + 1
+    _refused(opt, twice, r"state_dict\['state'\]\[1\]\['lbw_guard'\] and state_dict\['state'\]\[0\]\['lbw_guard'\] differ")
+    twice["state"][1] = {**twice["state"][1], "lbw_guard": twice["state"][0]["lbw_guard"],
+                         "lbw_guard_policy": torch.tensor(list(b"zscore"), dtype=torch.uint8)}
+    _refused(opt, twice, "differ")
 
 
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])

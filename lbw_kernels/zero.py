@@ -1,0 +1,79 @@
+"""``ZeroRedundancyOptimizer(params, optimizer_class=GuardedAdamW, ...)``: one decision for a
+model whose optimizer state is partitioned over the ranks (ZeRO stage 1).
+
+ZeroRedundancyOptimizer (torch.distributed.optim) builds one GuardedAdamW per rank over that
+rank's partition of the params, and after each local step broadcasts every partition's params
+from its owner. Each local optimizer would read only its own partition's gradients: every rank
+would scale its partition's learning rate on its own, and a NaN in one partition would skip
+that partition alone, leaving the model half stepped. So a GuardedAdamW that a
+ZeroRedundancyOptimizer builds (found on the call stack while it is built: :func:`building_zero`)
+combines its telemetry over ZeRO's ranks as pipeline stages do (pipeline.py: one
+``all_gather`` of a 7-number summary per call). ZeRO partitions whole params, so every
+per-tensor number is exact; the decisions are those of one optimizer over all the params.
+
+Checkpoints: ``consolidate_state_dict()`` gathers each rank's ``state_dict()``, and
+``ZeroRedundancyOptimizer.load_state_dict`` installs each param's saved state straight into
+the rank that owns it now (``optim.state[p] = ...``, never calling the local optimizer's
+``load_state_dict``). So that every rank finds the guard in what it is given, whichever params
+it owns (another number of ranks partitions the params otherwise), the guard rides in every
+param's state of such an optimizer (one tensor, saved once), and a hook that ZeRO runs after
+installing the states (:func:`adopt_states_after_zero_loads`) passes them through
+GuardedAdamW's own checks and loading.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Optional
+
+_ZERO_MODULE = "torch.distributed.optim.zero_redundancy_optimizer"
+
+
+def building_zero(max_depth: int = 8):
+    """The ZeroRedundancyOptimizer whose ``_init_local_optimizer`` is building the caller's
+    optimizer, else None (a stack walk when an optimizer is built; nothing per step)."""
+    module = sys.modules.get(_ZERO_MODULE)
+    if module is None:  # not imported: no ZeroRedundancyOptimizer exists
+        return None
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_init_local_optimizer":
+            zero = frame.f_locals.get("self")
+            return zero if isinstance(zero, module.ZeroRedundancyOptimizer) else None
+    return None
+
+
+def zero_group(zero, pipeline_group) -> Optional[object]:
+    """The process group over which the local optimizer that ``zero`` builds combines its
+    telemetry (None for one rank: nothing to combine)."""
+    if pipeline_group is not None:
+        # ZeroRedundancyOptimizer copies every keyword into its param groups, which its
+        # state_dict() returns: a ProcessGroup there cannot be saved
+        raise ValueError(
+            "pipeline_group cannot be given through ZeroRedundancyOptimizer: it copies every keyword "
+            "argument into its param_groups, and its state_dict() (a ProcessGroup inside) could not be saved"
+        )
+    import torch.distributed as dist
+
+    group = zero.process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def adopt_states_after_zero_loads(zero, optimizer) -> None:
+    """Register on ``zero`` the hook that loads, into ``optimizer`` (its local optimizer), the
+    states ZeroRedundancyOptimizer.load_state_dict has just put in ``optimizer.state``: AdamW's
+    moments and step counts checked and moved to their params' devices and dtypes (ZeRO moves
+    0-dim tensors to the CPU), and the guard they carry adopted (GuardedAdamW.adopt_installed_state).
+    The hook holds the optimizer weakly (``zero.optim`` holds it)."""
+    ref = weakref.ref(optimizer)
+
+    def hook(_zero) -> None:
+        local = ref()
+        if local is not None:
+            local.adopt_installed_state()
+
+    zero.register_load_state_dict_post_hook(hook)

@@ -1,0 +1,256 @@
+"""``ZeroRedundancyOptimizer(optimizer_class=GuardedAdamW)``: the ranks' partitions take the
+decisions one optimizer over the whole model takes, and resume from ZeRO's checkpoints.
+
+Every rank holds the whole model and every gradient (as after DDP's all-reduce); ZeRO gives
+each rank's GuardedAdamW its partition of the params and broadcasts the stepped partitions.
+Beside it runs one GuardedAdamW over all the params on the same gradients. Float64; telemetry
+to 1e-12, since the partitions' sums are added in another order than one optimizer's (x and
+the non-finite count are exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lbw_kernels import GuardedAdamW
+from gpu_checks import require_backend
+from rank_pool import Ranks, assert_close_records, same_on_every_rank, step_with
+from streams import random_stream
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+# ZeRO assigns params largest first to the rank holding the fewest elements: rank 0 gets
+# (40,), (2, 3), (5,) and rank 1 (6, 5), (17,), (3,), (0,).
+SHAPES = [(6, 5), (17,), (0,), (40,), (3,), (2, 3), (5,)]
+NAN_PARAM = 1  # (17,): held by rank 1 only
+
+
+def zero_optimizer(params, **kw):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=GuardedAdamW, **kw)
+
+
+def whole_model():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+
+
+def scripted_stream(calls=14):
+    """Spikes at 3, 4, 9, a flip at 6, a NaN in rank 1's partition only at call 11, no gradient
+    for rank 0's params at call 8 and for none at call 13."""
+    stream = random_stream(calls, SHAPES, seed=5, spikes=(3, 4, 9), flips=(6,))
+    stream[10][NAN_PARAM][3] = float("nan")
+    stream[7] = [None if s in ((40,), (2, 3), (5,)) else g for s, g in zip(SHAPES, stream[7])]
+    stream[12] = [None] * len(SHAPES)
+    return stream
+
+
+def _partitions_worker(rank, backend):
+    stream = scripted_stream()
+    cases = [(gate, stats_freq, policy, None, False) for gate in ("exact", "single_pass") for stats_freq in (1, 3)
+             for policy in ("lbw", "zscore")]
+    cases += [("exact", 1, "lbw", 2.0, False), ("exact", 3, "lbw", None, True)]  # clipping; bucket views
+    for gate, stats_freq, policy, max_grad_norm, bucket_view in cases:
+        kw = dict(lr=1e-2, stats_freq=stats_freq, gate=gate, backend=backend, policy=policy,
+                  max_grad_norm=max_grad_norm)
+        where = f"{gate} stats_freq={stats_freq} {policy} clip={max_grad_norm} bucket_view={bucket_view}"
+        full = whole_model()
+        params = [p.clone().requires_grad_() for p in full]  # (ZeRO buckets trainable params only)
+        zero = zero_optimizer(params, parameters_as_bucket_view=bucket_view, **kw)
+        local = zero.optim
+        mine = {id(p) for p in local.param_groups[0]["params"]}
+        assert 0 < len(mine) < len(params) and (id(params[NAN_PARAM]) in mine) == (rank == 1), where
+        # the control: this rank's partition alone, without ZeRO
+        alone_idx = [i for i, p in enumerate(params) if id(p) in mine]
+        alone = [full[i].clone() for i in alone_idx]
+        opt_alone = GuardedAdamW(alone, **kw)
+        whole = GuardedAdamW(full, **kw)
+        ours, theirs, alone_rows = [], [], []
+        for grads in stream:
+            ours.append(step_with(zero, params, grads, local))
+            theirs.append(step_with(whole, full, grads))
+            alone_rows.append(step_with(opt_alone, alone, [grads[i] for i in alone_idx]))
+        assert_close_records(ours, theirs)
+        for p, q in zip(params, full):  # every partition, broadcast by ZeRO
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=where)
+        same_on_every_rank(ours)
+        regimes = [r[1] for r in ours]
+        assert regimes[10] == "nonfinite" and ours[-1][2] == 1, (where, regimes)
+        if stats_freq == 1 and policy == "lbw":  # the stream reaches every regime
+            assert {"spike", "oscillation", "calm"} <= set(regimes), (where, regimes)
+        # on its own, rank 0's partition misses rank 1's NaN
+        assert alone_rows[-1][2] == rank, (where, alone_rows[-1])
+
+
+def _empty_partition_worker(rank, backend):
+    """One param for two ranks: rank 1's GuardedAdamW holds none, steps with ZeRO on every call
+    and takes part in the gather; the decisions are the whole model's."""
+    stream = random_stream(8, [(9,)], seed=3, spikes=(5,), nan_at=(7,))
+    for gate in ("exact", "single_pass"):
+        kw = dict(lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+        p, q = torch.ones(9, dtype=torch.float64), torch.ones(9, dtype=torch.float64)
+        zero, whole = zero_optimizer([p], **kw), GuardedAdamW([q], **kw)
+        assert len(zero.optim.param_groups[0]["params"]) == 1 - rank
+        ours = [step_with(zero, [p], g, zero.optim) for g in stream]
+        theirs = [step_with(whole, [q], g) for g in stream]
+        if rank == 0:
+            assert_close_records(ours, theirs)
+        else:  # no rows here: its guard is told the decision all the same
+            assert [r[:3] for r in ours] == [r[:3] for r in theirs], (ours, theirs)
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def _train(zero, local, params, stream):
+    return [step_with(zero, params, grads, local) for grads in stream]
+
+
+def _checkpoint_worker(rank, backend):
+    """Save through consolidate_state_dict, load into a fresh ZeroRedundancyOptimizer on every
+    rank, on one rank each (another partition: every param on each) and into a plain
+    GuardedAdamW: each continues as the uninterrupted run does, guard included."""
+    stream = scripted_stream(18)
+    first, rest = stream[:9], stream[9:]
+    kw = dict(lr=1e-2, stats_freq=3, backend=backend)
+    params = whole_model()
+    zero = zero_optimizer(params, **kw)
+    _train(zero, zero.optim, params, first)
+    zero.consolidate_state_dict(to=0)
+    buffer = io.BytesIO()
+    if rank == 0:
+        torch.save(zero.state_dict(), buffer)
+    saved = [buffer.getvalue()]
+    dist.broadcast_object_list(saved, src=0)
+    checkpoint = lambda: torch.load(io.BytesIO(saved[0]), weights_only=True)  # noqa: E731
+    resumed_from = [p.detach().clone() for p in params]
+    expected = _train(zero, zero.optim, params, rest)
+    assert {r[1] for r in expected} >= {"spike", "nonfinite"}, expected
+
+    # the checkpoint carries the guard in every param's state, one tensor per saving rank
+    loaded = checkpoint()
+    riders = [s["lbw_guard"] for s in loaded["state"].values()]
+    assert len(riders) == len(SHAPES) and len({r.data_ptr() for r in riders}) == 2
+
+    again = [p.clone() for p in resumed_from]
+    fresh = zero_optimizer(again, **kw)
+    fresh.load_state_dict(checkpoint())
+    local = fresh.optim
+    assert local._calls == 9 and all(local.state[p]["lbw_guard"] is local._guard for p in local.state)
+    assert _train(fresh, local, again, rest) == expected
+    assert all(torch.equal(p, q) for p, q in zip(again, params))
+
+    one_rank = [dist.new_group([r]) for r in range(2)][rank]  # every rank builds every group
+    again = [p.clone() for p in resumed_from]
+    alone = zero_optimizer(again, process_group=one_rank, **kw)
+    alone.load_state_dict(checkpoint())
+    assert_close_records(_train(alone, alone.optim, again, rest), expected)
+
+    again = [p.clone() for p in resumed_from]
+    plain = GuardedAdamW(again, **kw)
+    plain.load_state_dict(checkpoint())
+    assert_close_records(_train(plain, plain, again, rest), expected)
+
+    # saved by one rank, loaded by two: rank 1 now owns none of the params rank 0 saw first
+    params = whole_model()
+    alone = zero_optimizer(params, process_group=one_rank, **kw)
+    _train(alone, alone.optim, params, first)
+    alone.consolidate_state_dict(to=0)
+    buffer = io.BytesIO()
+    torch.save(alone.state_dict(), buffer)  # (a copy: the consolidated state holds the live tensors)
+    saved_alone = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed_from = [p.detach().clone() for p in params]
+    expected = _train(alone, alone.optim, params, rest)
+    again = [p.clone() for p in resumed_from]
+    both = zero_optimizer(again, **kw)
+    both.load_state_dict(saved_alone)
+    assert_close_records(_train(both, both.optim, again, rest), expected)
+    for p, q in zip(again, params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def _refusals_worker(rank):
+    with pytest.raises(ValueError, match="pipeline_group cannot be given through ZeroRedundancyOptimizer"):
+        zero_optimizer([torch.ones(3)], pipeline_group=dist.group.WORLD)
+    zero = zero_optimizer([torch.ones(3), torch.ones(2)], lr=0.1)
+    with pytest.raises(TypeError, match="built by a ZeroRedundancyOptimizer over several ranks cannot be copied"):
+        copy.deepcopy(zero.optim)
+    with pytest.raises(ValueError, match="stats_freq is 1 on rank 0, 2 on rank 1"):
+        zero_optimizer([torch.ones(3), torch.ones(2)], stats_freq=1 + rank)
+    # copies of the guard that disagree are refused, naming both
+    zero.step()  # (no gradients: no state yet)
+    for p in zero.optim.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    zero.step()
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        sd = zero.state_dict()
+        sd["state"][1] = {**sd["state"][1], "lbw_guard": sd["state"][1]["lbw_guard"] + 1}
+        with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['lbw_guard'\] and .* differ"):
+            GuardedAdamW([torch.ones(3), torch.ones(2)]).load_state_dict(sd)
+
+
+def _resume_on_one_rank_worker(rank, backend, device):
+    """One rank (on the GPU: ``device`` "cuda"): ZeroRedundancyOptimizer.load_state_dict moves
+    0-dim states (the step counts) to the CPU; the local optimizer takes them back to the params'
+    device, and training resumes bitwise as uninterrupted."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    kw = dict(lr=1e-2, stats_freq=3, backend=backend)
+    stream = [[None if g is None else g.to(device) for g in grads] for grads in scripted_stream(14)]
+    params = [p.to(device).requires_grad_() for p in whole_model()]
+    zero = zero_optimizer(params, **kw)
+    _train(zero, zero.optim, params, stream[:6])
+    zero.consolidate_state_dict(to=0)
+    buffer = io.BytesIO()
+    torch.save(zero.state_dict(), buffer)
+    resumed_from = [p.detach().clone() for p in params]
+    expected = _train(zero, zero.optim, params, stream[6:])
+    again = [p.clone().requires_grad_() for p in resumed_from]
+    fresh = zero_optimizer(again, **kw)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True))
+    local = fresh.optim
+    assert all(s["step"].device == s["exp_avg"].device == local._guard.device == params[0].device
+               and s["lbw_guard"] is local._guard for s in local.state.values())
+    assert local._calls == 6
+    assert _train(fresh, local, again, stream[6:]) == expected
+    assert all(torch.equal(p, q) for p, q in zip(again, params))
+
+
+@pytest.mark.parametrize("backend,device", [("cpp", "cpu")] + [
+    pytest.param(b, "cuda", marks=pytest.mark.gpu) for b in ("triton", "cuda")])
+def test_zero_resumes_on_one_rank(backend, device):
+    require_backend(backend)
+    with Ranks(world=1) as pool:
+        pool.run(_resume_on_one_rank_worker, backend, device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_partitions_decide_as_one_optimizer_over_the_whole_model(ranks, backend):
+    """Both gates, stats_freq 1 and 3, both policies, clipping, bucket views: a NaN in one
+    rank's partition skips the call on every rank, a call with no gradient in one partition
+    still decides on the other's, and telemetry and params equal one optimizer's."""
+    require_backend(backend)
+    ranks.run(_partitions_worker, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_rank_without_params_takes_part(ranks, backend):
+    require_backend(backend)
+    ranks.run(_empty_partition_worker, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_zero_checkpoints_resume_the_guard(ranks, backend):
+    require_backend(backend)
+    ranks.run(_checkpoint_worker, backend)
+
+
+def test_zero_refusals(ranks):
+    ranks.run(_refusals_worker)
