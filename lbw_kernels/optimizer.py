@@ -26,7 +26,7 @@ from .pipeline import check_same_options, model_summary, only_rows_analyzed, res
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .subclasses import is_dtensor
-from .zero import adopt_states_after_zero_loads, building_zero, zero_group
+from .zero import adopt_states_after_zero_loads, building_zero, check_not_wrapped_by_deepspeed, zero_group
 from .validation import (
     STATE_KEYS as _STATE_KEYS,
     check_adamw_switches,
@@ -407,6 +407,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             # The backend first: one that cannot run on the params' device (a model moved after
             # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
             # creates any state. (Moved params rebuild the plan: _prepare.)
+            check_not_wrapped_by_deepspeed(self)
             device = _first_device_with_grad(self.param_groups, grads.per_group)
             backend = None if device is None else self._backend_for(device)
             numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731

@@ -19,6 +19,11 @@ it owns (another number of ranks partitions the params otherwise), the guard rid
 param's state of such an optimizer (one tensor, saved once), and a hook that ZeRO runs after
 installing the states (:func:`adopt_states_after_zero_loads`) passes them through
 GuardedAdamW's own checks and loading.
+
+DeepSpeed's ZeRO (stages 1-3) and its bf16/fp16 optimizers are refused instead
+(:func:`check_not_wrapped_by_deepspeed`): they replace each param group's params by one flat
+fp32 tensor (this rank's slice of the group, or the whole group), from which the per-tensor
+mean squares of rule 2 cannot be read, and each rank would decide on its own slice.
 """
 
 from __future__ import annotations
@@ -77,3 +82,31 @@ def adopt_states_after_zero_loads(zero, optimizer) -> None:
             local.adopt_installed_state()
 
     zero.register_load_state_dict_post_hook(hook)
+
+
+def check_not_wrapped_by_deepspeed(optimizer, max_depth: int = 16) -> None:
+    """Raise ValueError when one of DeepSpeed's optimizer wrappers (every one derives from its
+    ``DeepSpeedOptimizer``) is stepping ``optimizer``: found on the call stack as a step plan is
+    built, so once per layout, and only where DeepSpeed is imported. DeepSpeed's engine stepping
+    the optimizer itself (ZeRO stage 0 in fp32) keeps the params as they are, and is taken."""
+    if "deepspeed" not in sys.modules:
+        return
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if owner is None or owner is optimizer or not _is_deepspeed_optimizer(type(owner)):
+            continue
+        if getattr(owner, "optimizer", None) is optimizer:
+            raise ValueError(
+                f"GuardedAdamW is stepped by DeepSpeed's {type(owner).__name__}, which hands it one flat fp32 "
+                "tensor per param group (a slice of it per rank under ZeRO): the guard's per-tensor telemetry "
+                "cannot be read from that, and each rank would decide alone. Use torch's FSDP2 or "
+                "ZeroRedundancyOptimizer, or DeepSpeed without ZeRO and without its bf16/fp16 optimizers"
+            )
+
+
+def _is_deepspeed_optimizer(cls) -> bool:
+    return any(c.__name__ == "DeepSpeedOptimizer" and c.__module__.startswith("deepspeed.") for c in cls.__mro__)

@@ -254,3 +254,43 @@ def test_zero_checkpoints_resume_the_guard(ranks, backend):
 
 def test_zero_refusals(ranks):
     ranks.run(_refusals_worker)
+
+
+def test_deepspeed_optimizer_wrappers_are_refused(monkeypatch):
+    """DeepSpeed's ZeRO and bf16/fp16 optimizers step GuardedAdamW on one flat tensor per group:
+    refused, naming the wrapper, before any state exists. DeepSpeed is not installed here: the
+    stand-in derives, as each of DeepSpeed's wrappers does, from a class named
+    DeepSpeedOptimizer in a deepspeed module, and flattens the groups as they do."""
+    import sys
+    import types
+
+    base = type("DeepSpeedOptimizer", (), {"__module__": "deepspeed.runtime.base_optimizer"})
+
+    class FlatGroups(base):
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+            for group in optimizer.param_groups:
+                group["params"] = [torch.cat([p.detach().reshape(-1) for p in group["params"]]).requires_grad_()]
+
+        def step(self):
+            for group in self.optimizer.param_groups:
+                group["params"][0].grad = torch.ones_like(group["params"][0])
+            self.optimizer.step()
+
+    class Engine:  # DeepSpeed's engine steps an optimizer it does not wrap as it is
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    opt = GuardedAdamW([torch.ones(3), torch.ones(2)], lr=0.1)
+    with pytest.raises(ValueError, match="stepped by DeepSpeed's FlatGroups, which hands it one flat fp32 tensor"):
+        FlatGroups(opt).step()
+    assert not opt.state
+    p = torch.ones(3)
+    plain = GuardedAdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    Engine(plain).step()
+    assert len(plain.state) == 1
