@@ -26,7 +26,14 @@ from .pipeline import check_same_options, model_summary, only_rows_analyzed, res
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
 from .subclasses import is_dtensor
-from .zero import adopt_states_after_zero_loads, building_zero, check_not_wrapped_by_deepspeed, zero_group
+from .zero import (
+    adopt_states_after_zero_loads,
+    agree_on_loaded_guard,
+    building_zero,
+    check_not_wrapped_by_deepspeed,
+    zero_device,
+    zero_group,
+)
 from .validation import (
     STATE_KEYS as _STATE_KEYS,
     check_adamw_switches,
@@ -65,7 +72,8 @@ def _same_values(a: Any, b: Any) -> bool:
     """Two guard states hold the same values (NaN slots equal)."""
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
         return False
-    return torch.equal(a.detach().cpu().double().nan_to_num(7.25), b.detach().cpu().double().nan_to_num(7.25))
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 # torch.compiler.disable, applied lazily: decorating with it imports torch._dynamo (~1 s, and
@@ -245,7 +253,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._guard_in_every_state = zero is not None  # zero.py: whichever params a rank owns
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
-        device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else "cpu"
+        held = [p for g in self.param_groups for p in g["params"]]
+        device = held[0].device if held else zero_device(zero) if zero is not None else "cpu"
         self._guard = ref.new_guard_state(device, config.policy)
         self._guard_holder: Optional[Tensor] = None  # the param whose state carries the guard
         self._policy_tag = _policy_tag(config.policy.name)
@@ -260,7 +269,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             what = "pipeline_group" if group is pipeline else "ZeroRedundancyOptimizer"
             check_same_options(group, stage_options(config, gate), what)
         if zero is not None:
-            adopt_states_after_zero_loads(zero, self)
+            adopt_states_after_zero_loads(zero, self, zero_ranks)
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
@@ -636,23 +645,51 @@ class GuardedAdamW(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups, state, guard, calls = self._checked_state(state_dict)
+        self._apply_loaded(*self._checked_state(state_dict)[:4])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _apply_loaded(self, groups, state, guard: Tensor, calls: int) -> None:
         self.__setstate__({"state": state, "param_groups": groups})
         self._guard, self._calls, self._plan = guard, calls, None
         self._attach_guard()
         self._schedule_on_device = False
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
 
-    def adopt_installed_state(self) -> None:
+    def adopt_installed_state(self, group=None) -> None:
         """Load the states put into ``self.state`` from outside as :meth:`load_state_dict` loads
         a checkpoint: ZeroRedundancyOptimizer.load_state_dict installs each param's saved state
         itself (zero.py). Checked the same way (a ValueError names what is wrong), moved to the
-        params' devices and dtypes, and the guard taken from the copy the states carry (a fresh
-        guard when none does: a torch.optim.AdamW checkpoint)."""
-        self.load_state_dict(torch.optim.Optimizer.state_dict(self))
+        params' devices and dtypes, and the guard taken from the copies the states carry (a
+        fresh guard when none does: a torch.optim.AdamW checkpoint). Copies of the live guard
+        are not the checkpoint's: states from before the load that it did not replace hold them.
+
+        ``group``: ZeRO's ranks, when several. Then every rank's outcome is gathered first (a
+        collective: every rank loads), so that all take the guard one of them found, or all
+        start fresh, and an error on one rank is raised on every rank, with nothing applied.
+        """
+        index: Dict[int, int] = {}
+        packed_groups = []
+        for g in self.param_groups:
+            ids = [index.setdefault(id(p), len(index)) for p in g["params"]]
+            packed_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        live = (self._guard, self._policy_tag)
+        packed_state = {
+            index[id(p)]: {k: v for k, v in entry.items() if not any(v is x for x in live)}
+            for p, entry in self.state.items() if id(p) in index and isinstance(entry, dict)
+        }
+        try:
+            checked, error = self._checked_state({"state": packed_state, "param_groups": packed_groups}), None
+        except ValueError as err:
+            checked, error = None, str(err)
+        if group is not None:
+            checked = agree_on_loaded_guard(group, checked, error, self._guard)
+        elif error is not None:
+            raise ValueError(error)
+        self._apply_loaded(*checked[:4])
 
     def _checked_state(self, state_dict: Dict[str, Any]):
+        """``state_dict`` checked and converted, nothing changed yet: (groups, state, guard, call
+        count, whether the guard came from the state_dict)."""
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r} entry")
@@ -684,7 +721,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             groups.append(new_group)
 
         state = OptimizerState()
-        guard_in_param_state, riders = None, []
+        riders: List[Dict[str, Any]] = []
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state_dict has state for param id {pid!r}, which no group lists")
@@ -695,9 +732,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 rider = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
                          "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1])),
                          "where": f"state_dict['state'][{pid!r}]['{_GUARD_IN_PARAM_STATE[0]}']"}
-                if guard_in_param_state is None:
-                    guard_in_param_state, riders = rider, [rider]
-                elif rider["state"] is not riders[-1]["state"] or rider["policy"] != riders[-1]["policy"]:
+                # one whose tag another optimizer's load cast is stale: left out (a fresh guard)
+                if rider["policy"] is not None and (
+                        not riders or rider["state"] is not riders[-1]["state"] or rider["policy"] != riders[-1]["policy"]):
                     riders.append(rider)  # (one tensor in many states: compared once)
             keys = set(saved) - set(_GUARD_IN_PARAM_STATE)
             if keys != set(_STATE_KEYS):
@@ -727,18 +764,17 @@ class GuardedAdamW(torch.optim.Optimizer):
 
         if len(riders) > 1:
             _check_copies_agree(riders)
+        guard_in_param_state = riders[0] if riders else None
         guard_entry = state_dict.get("guard")
         if guard_entry is not None and not isinstance(guard_entry, dict):
             raise ValueError(f"state_dict['guard'] must be a dict, got {type(guard_entry).__name__}")
         policy = self.guard_config.policy
-        if guard_entry is None and guard_in_param_state is not None and guard_in_param_state["policy"] is None:
-            guard_in_param_state = None  # cast by another optimizer's load: stale, start fresh
         if guard_entry is None:
             guard_entry = guard_in_param_state
         elif guard_in_param_state is not None and not _same_values(guard_entry.get("state"), guard_in_param_state["state"]):
             raise ValueError(f"state_dict['guard']['state'] and {guard_in_param_state['where']} differ")
         if guard_entry is None:  # a torch.optim.AdamW checkpoint: the guard starts fresh
-            return groups, state, ref.new_guard_state(self._guard.device, policy), 0
+            return groups, state, ref.new_guard_state(self._guard.device, policy), 0, False
         where = guard_entry.get("where", "state_dict['guard']['state']")
         saved_guard = guard_entry.get("state")
         saved_policy = guard_entry.get("policy", "lbw")  # checkpoints from before policies: lbw
@@ -761,7 +797,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
         values = guard.tolist()  # loading a checkpoint may wait for the device
         check_guard_values(values, where)
-        return groups, state, guard, int(values[ref.CALLS])
+        return groups, state, guard, int(values[ref.CALLS]), True
 
 
 def _check_copies_agree(riders: List[Dict[str, Any]]) -> None:
@@ -774,8 +810,9 @@ def _check_copies_agree(riders: List[Dict[str, Any]]) -> None:
         same_shape = isinstance(rider["state"], Tensor) and rider["state"].shape == first["state"].shape
         if not same_shape or rider["policy"] != first["policy"]:
             raise ValueError(f"{rider['where']} and {first['where']} differ")
-    copies = torch.stack([r["state"].detach().to(first["state"].device, torch.float64) for r in riders]).nan_to_num(7.25)
-    differs = (copies != copies[:1]).reshape(len(riders), -1).any(1).tolist()
+    copies = torch.stack([r["state"].detach().to(first["state"].device, torch.float64) for r in riders])
+    same = (copies == copies[:1]) | (copies.isnan() & copies[:1].isnan())
+    differs = (~same).reshape(len(riders), -1).any(1).tolist()
     if any(differs):
         raise ValueError(f"{riders[differs.index(True)]['where']} and {first['where']} differ")
 

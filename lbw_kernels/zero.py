@@ -14,11 +14,12 @@ per-tensor number is exact; the decisions are those of one optimizer over all th
 Checkpoints: ``consolidate_state_dict()`` gathers each rank's ``state_dict()``, and
 ``ZeroRedundancyOptimizer.load_state_dict`` installs each param's saved state straight into
 the rank that owns it now (``optim.state[p] = ...``, never calling the local optimizer's
-``load_state_dict``). So that every rank finds the guard in what it is given, whichever params
-it owns (another number of ranks partitions the params otherwise), the guard rides in every
-param's state of such an optimizer (one tensor, saved once), and a hook that ZeRO runs after
-installing the states (:func:`adopt_states_after_zero_loads`) passes them through
-GuardedAdamW's own checks and loading.
+``load_state_dict``). The guard rides in every param's state of such an optimizer (one tensor,
+saved once), and a hook that ZeRO runs after installing the states
+(:func:`adopt_states_after_zero_loads`) passes them through GuardedAdamW's own checks and
+loading, then gathers every rank's outcome (:func:`agree_on_loaded_guard`): a rank may own no
+param that had state when saved (another number of ranks partitions the params otherwise), and
+still takes the guard the others found.
 
 DeepSpeed's ZeRO (stages 1-3) and its bf16/fp16 optimizers are refused instead
 (:func:`check_not_wrapped_by_deepspeed`): they replace each param group's params by one flat
@@ -31,6 +32,8 @@ from __future__ import annotations
 import sys
 import weakref
 from typing import Optional
+
+from .reference import CALLS
 
 _ZERO_MODULE = "torch.distributed.optim.zero_redundancy_optimizer"
 
@@ -68,20 +71,57 @@ def zero_group(zero, pipeline_group) -> Optional[object]:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def adopt_states_after_zero_loads(zero, optimizer) -> None:
+def zero_device(zero):
+    """The device of ZeRO's params: the guard's on a rank whose partition is empty, so that its
+    share of each call's gather is on the device the other ranks gather on (NCCL: CUDA)."""
+    return getattr(zero, "_default_device", None) or zero._all_params[0].device
+
+
+def adopt_states_after_zero_loads(zero, optimizer, group) -> None:
     """Register on ``zero`` the hook that loads, into ``optimizer`` (its local optimizer), the
     states ZeroRedundancyOptimizer.load_state_dict has just put in ``optimizer.state``: AdamW's
     moments and step counts checked and moved to their params' devices and dtypes (ZeRO moves
-    0-dim tensors to the CPU), and the guard they carry adopted (GuardedAdamW.adopt_installed_state).
-    The hook holds the optimizer weakly (``zero.optim`` holds it)."""
+    0-dim tensors to the CPU), and the guard they carry adopted on every rank of ``group``
+    (None: one rank), which makes ZeRO's load_state_dict a collective
+    (GuardedAdamW.adopt_installed_state). The hook holds the optimizer weakly (``zero.optim``
+    holds it)."""
     ref = weakref.ref(optimizer)
 
     def hook(_zero) -> None:
         local = ref()
         if local is not None:
-            local.adopt_installed_state()
+            local.adopt_installed_state(group)
 
     zero.register_load_state_dict_post_hook(hook)
+
+
+def agree_on_loaded_guard(group, checked: Optional[tuple], error: Optional[str], guard):
+    """Every rank's outcome of loading its partition's states (GuardedAdamW._checked_state's
+    result, or the error it raised) gathered over ``group``: an error on any rank is raised on
+    every rank; else the guard found in the states of the lowest rank that found one (copies
+    that differ are refused), or on every rank a fresh one when none did (a rank may own no
+    param with saved state: its partition changed, or it held no state when saved). Returns
+    this rank's result with that guard (on ``guard``'s device and dtype) and call count."""
+    import torch
+    import torch.distributed as dist
+
+    found = checked[2].tolist() if checked is not None and checked[4] else None
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (error, found), group=group)
+    ranks = dist.get_process_group_ranks(group)
+    errors = [f"rank {r}: {e}" for r, (e, _) in zip(ranks, gathered) if e is not None]
+    if errors:
+        raise ValueError("ZeroRedundancyOptimizer.load_state_dict: " + "; ".join(errors))
+    copies = [(r, values) for r, (_, values) in zip(ranks, gathered) if values is not None]
+    if not copies:
+        return checked
+    (first, values), same = copies[0], lambda a, b: a == b or (a != a and b != b)  # (NaN slots equal)
+    for r, other in copies[1:]:
+        if len(other) != len(values) or not all(map(same, other, values)):
+            raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: the guard in rank {r}'s states differs "
+                             f"from the one in rank {first}'s")
+    groups, state = checked[:2]
+    return groups, state, torch.tensor(values, dtype=guard.dtype, device=guard.device), int(values[CALLS]), True
 
 
 def check_not_wrapped_by_deepspeed(optimizer, max_depth: int = 16) -> None:

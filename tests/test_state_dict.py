@@ -190,6 +190,16 @@ def test_guarded_checkpoint_loads_into_torch_adamw():
     back.load_state_dict(through_bytes(adamw.state_dict()))
     assert back.telemetry()["step"] == 0 and back.telemetry()["scale"] == 1.0
     assert back.state[back.param_groups[0]["params"][0]]["step"].item() == 5
+    # a checkpoint with a copy in every state (a ZeroRedundancyOptimizer's) through an AdamW
+    # whose params have several dtypes: every copy cast to its own param's dtype, all stale
+    saved = through_bytes(opt.state_dict())
+    for pid, dtype in zip(saved["state"], (torch.float32, torch.bfloat16, torch.float64)):
+        entry = saved["state"][pid]
+        entry["lbw_guard"], entry["lbw_guard_policy"] = saved["guard"]["state"].to(dtype), entry.get(
+            "lbw_guard_policy", back._policy_tag).to(dtype)
+    del saved["guard"]
+    back.load_state_dict(saved)
+    assert back.telemetry()["step"] == 0 and back.telemetry()["scale"] == 1.0
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -122,13 +122,8 @@ def _checkpoint_worker(rank, backend):
     params = whole_model()
     zero = zero_optimizer(params, **kw)
     _train(zero, zero.optim, params, first)
-    zero.consolidate_state_dict(to=0)
-    buffer = io.BytesIO()
-    if rank == 0:
-        torch.save(zero.state_dict(), buffer)
-    saved = [buffer.getvalue()]
-    dist.broadcast_object_list(saved, src=0)
-    checkpoint = lambda: torch.load(io.BytesIO(saved[0]), weights_only=True)  # noqa: E731
+    saved = _saved(zero)
+    checkpoint = lambda: _loaded(saved)  # noqa: E731
     resumed_from = [p.detach().clone() for p in params]
     expected = _train(zero, zero.optim, params, rest)
     assert {r[1] for r in expected} >= {"spike", "nonfinite"}, expected
@@ -161,10 +156,7 @@ def _checkpoint_worker(rank, backend):
     params = whole_model()
     alone = zero_optimizer(params, process_group=one_rank, **kw)
     _train(alone, alone.optim, params, first)
-    alone.consolidate_state_dict(to=0)
-    buffer = io.BytesIO()
-    torch.save(alone.state_dict(), buffer)  # (a copy: the consolidated state holds the live tensors)
-    saved_alone = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    saved_alone = _loaded(_saved(alone))  # (a copy: the consolidated state holds the live tensors)
     resumed_from = [p.detach().clone() for p in params]
     expected = _train(alone, alone.optim, params, rest)
     again = [p.clone() for p in resumed_from]
@@ -173,6 +165,71 @@ def _checkpoint_worker(rank, backend):
     assert_close_records(_train(both, both.optim, again, rest), expected)
     for p, q in zip(again, params):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def _saved(zero) -> bytes:
+    """``zero``'s consolidated state_dict, saved by rank 0, as every rank receives it."""
+    zero.consolidate_state_dict(to=0)
+    buffer = io.BytesIO()
+    if dist.get_rank() == 0:
+        torch.save(zero.state_dict(), buffer)
+    saved = [buffer.getvalue()]
+    dist.broadcast_object_list(saved, src=0)
+    return saved[0]
+
+
+def _loaded(saved: bytes):
+    return torch.load(io.BytesIO(saved), weights_only=True)
+
+
+def _guard_everywhere_worker(rank):
+    """Every rank resumes the same guard, also where its own states carry none: rank 1's params
+    had no gradient before the save; a plain GuardedAdamW's checkpoint (the guard in one state);
+    a ZeRO that stepped before loading (its states that the checkpoint does not replace hold the
+    live guard). An error in one rank's states is raised on every rank."""
+    kw = dict(lr=1e-2, stats_freq=3, backend="reference")
+    stream = scripted_stream(14)
+    frozen = [[None if s in ((6, 5), (17,), (3,), (0,)) else g for s, g in zip(SHAPES, grads)] for grads in stream[:6]]
+    params = [p.requires_grad_() for p in whole_model()]
+    zero = zero_optimizer(params, **kw)
+    _train(zero, zero.optim, params, frozen)
+    assert (len(zero.optim.state) == 0) == (rank == 1)
+    saved = _saved(zero)
+    resumed_from = [p.detach().clone() for p in params]
+    expected = _train(zero, zero.optim, params, stream[6:])
+    again = [p.clone().requires_grad_() for p in resumed_from]
+    fresh = zero_optimizer(again, **kw)
+    fresh.load_state_dict(_loaded(saved))
+    assert fresh.optim._calls == 6
+    assert _train(fresh, fresh.optim, again, stream[6:]) == expected
+    assert all(torch.equal(p, q) for p, q in zip(again, params))
+    later = _saved(fresh)  # the next checkpoint's copies agree
+    GuardedAdamW([torch.zeros(s, dtype=torch.float64) for s in SHAPES], **kw).load_state_dict(_loaded(later))
+
+    full = whole_model()
+    plain = GuardedAdamW(full, **kw)
+    _train(plain, plain, full, stream[:6])
+    buffer = io.BytesIO()
+    torch.save(plain.state_dict(), buffer)
+    again = [p.detach().clone().requires_grad_() for p in full]
+    expected = _train(plain, plain, full, stream[6:])
+    into_zero = zero_optimizer(again, **kw)
+    into_zero.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert into_zero.optim._calls == 6
+    assert_close_records(_train(into_zero, into_zero.optim, again, stream[6:]), expected)
+
+    # rank 1's states from a step before the load stay (ZeRO replaces only the saved ones)
+    stepped = zero_optimizer([p.clone().requires_grad_() for p in resumed_from], **kw)
+    params = [p for g in stepped.param_groups for p in g["params"]]
+    _train(stepped, stepped.optim, params, stream[:1])
+    stepped.load_state_dict(_loaded(saved))
+    assert stepped.optim._calls == 6 and len(stepped.optim.state) == (3, 4)[rank]
+    same_on_every_rank(_train(stepped, stepped.optim, params, stream[6:]))
+
+    bad = _loaded(later)
+    bad["state"][1]["exp_avg"] = torch.zeros(5, dtype=torch.float64)  # (17,) is rank 1's
+    with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer.load_state_dict: rank 1: .*has shape \(5,\)"):
+        zero_optimizer([p.clone() for p in resumed_from], **kw).load_state_dict(bad)
 
 
 def _refusals_worker(rank):
@@ -207,14 +264,12 @@ def _resume_on_one_rank_worker(rank, backend, device):
     params = [p.to(device).requires_grad_() for p in whole_model()]
     zero = zero_optimizer(params, **kw)
     _train(zero, zero.optim, params, stream[:6])
-    zero.consolidate_state_dict(to=0)
-    buffer = io.BytesIO()
-    torch.save(zero.state_dict(), buffer)
+    saved = _saved(zero)
     resumed_from = [p.detach().clone() for p in params]
     expected = _train(zero, zero.optim, params, stream[6:])
     again = [p.clone().requires_grad_() for p in resumed_from]
     fresh = zero_optimizer(again, **kw)
-    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True))
+    fresh.load_state_dict(torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True))
     local = fresh.optim
     assert all(s["step"].device == s["exp_avg"].device == local._guard.device == params[0].device
                and s["lbw_guard"] is local._guard for s in local.state.values())
@@ -250,6 +305,10 @@ def test_a_rank_without_params_takes_part(ranks, backend):
 def test_zero_checkpoints_resume_the_guard(ranks, backend):
     require_backend(backend)
     ranks.run(_checkpoint_worker, backend)
+
+
+def test_every_rank_resumes_the_same_guard(ranks):
+    ranks.run(_guard_everywhere_worker)
 
 
 def test_zero_refusals(ranks):
