@@ -104,7 +104,8 @@ setup(
     ext_modules=extensions,
     cmdclass=cmdclass,
     # A lower bound only: pip keeps the torch that is installed (a CUDA build on a GPU machine).
-    install_requires=["torch>=2.4", "numpy"],
+    # 2.5: DTensor support reads the public torch.distributed.tensor (2.4 has only _tensor).
+    install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.6", "ninja", "pybind11"],
