@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from lbw_kernels import GuardedAdamW
 from gpu_checks import require_backend
-from rank_pool import Ranks, assert_close_records, same_on_every_rank, step_with
+from rank_pool import Ranks, assert_close_records, same_on_every_rank, step_with, telemetry_row
 from streams import random_stream
 
 pytestmark = pytest.mark.skipif(
@@ -106,6 +106,34 @@ def _empty_partition_worker(rank, backend):
         else:  # no rows here: its guard is told the decision all the same
             assert [r[:3] for r in ours] == [r[:3] for r in theirs], (ours, theirs)
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def _grad_scaler_worker(rank):
+    """torch.amp.GradScaler over the ZeroRedundancyOptimizer (its own unscale_ path, over every
+    param's gradient): an overflow in one partition skips the call on every rank, and training
+    matches one GuardedAdamW under its own scaler (whose fused path it takes)."""
+    stream = [[g.float() for g in grads] for grads in random_stream(8, SHAPES, seed=5, spikes=(3,))]
+    stream[4][NAN_PARAM][0] = float("inf")
+    full = [p.float() for p in whole_model()]
+    params = [p.clone().requires_grad_() for p in full]
+    zero, whole = zero_optimizer(params, lr=1e-2, stats_freq=1), GuardedAdamW(full, lr=1e-2, stats_freq=1)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2) for _ in range(2)]
+    ours, theirs = [], []
+    for grads in stream:
+        for opt, ps, scaler, rows, local in ((zero, params, scalers[0], ours, zero.optim),
+                                             (whole, full, scalers[1], theirs, whole)):
+            factor = scaler.scale(torch.ones(()))  # (as scaler.scale(loss) before backward)
+            for p, g in zip(ps, grads):
+                p.grad = g * factor
+            scaler.step(opt)
+            scaler.update()
+            rows.append((scaler.get_scale(),) + telemetry_row(local))
+    assert ours[4][0] == ours[3][0] / 2 and ours[4][1:] == ours[3][1:], ours  # skipped, scale halved
+    assert_close_records([r[1:] for r in ours], [r[1:] for r in theirs])
+    assert [r[0] for r in ours] == [r[0] for r in theirs]
+    for p, q in zip(params, full):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    same_on_every_rank(ours)
 
 
 def _train(zero, local, params, stream):
@@ -309,6 +337,10 @@ def test_zero_checkpoints_resume_the_guard(ranks, backend):
 
 def test_every_rank_resumes_the_same_guard(ranks):
     ranks.run(_guard_everywhere_worker)
+
+
+def test_grad_scaler_over_zero_skips_every_rank_together(ranks):
+    ranks.run(_grad_scaler_worker)
 
 
 def test_zero_refusals(ranks):
