@@ -112,12 +112,12 @@ def agree_on_loaded_guard(group, checked: Optional[tuple], error: Optional[str],
     errors = [f"rank {r}: {e}" for r, (e, _) in zip(ranks, gathered) if e is not None]
     if errors:
         raise ValueError("ZeroRedundancyOptimizer.load_state_dict: " + "; ".join(errors))
-    copies = [(r, values) for r, (_, values) in zip(ranks, gathered) if values is not None]
+    copies = [(r, values) for r, (_, values) in zip(ranks, gathered) if values is not None]  # (NaN slots equal)
     if not copies:
         return checked
-    (first, values), same = copies[0], lambda a, b: a == b or (a != a and b != b)  # (NaN slots equal)
+    first, values = copies[0]
     for r, other in copies[1:]:
-        if len(other) != len(values) or not all(map(same, other, values)):
+        if len(other) != len(values) or not all(a == b or (a != a and b != b) for a, b in zip(other, values)):
             raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: the guard in rank {r}'s states differs "
                              f"from the one in rank {first}'s")
     groups, state = checked[:2]
