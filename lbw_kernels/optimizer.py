@@ -253,8 +253,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._guard_in_every_state = zero is not None  # zero.py: whichever params a rank owns
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
-        held = [p for g in self.param_groups for p in g["params"]]
-        device = held[0].device if held else zero_device(zero) if zero is not None else "cpu"
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None else zero_device(zero) if zero is not None else "cpu"
         self._guard = ref.new_guard_state(device, config.policy)
         self._guard_holder: Optional[Tensor] = None  # the param whose state carries the guard
         self._policy_tag = _policy_tag(config.policy.name)
