@@ -18,6 +18,9 @@
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
 # Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick".
+# For a second, shorter run in the same lease (after a fix): LBW_CHECK_SKIP="bench_* tune_*"
+# (phases whose names match one of these patterns are recorded as skipped, not run) and
+# LBW_CHECK_TESTS="tests/test_x.py" (what tests_gpu runs instead of every GPU test).
 # LBW_COMMIT=<sha>: the commit to record where the checkout's .git is not its tree's (the
 # device tool's copy of a working tree kept the session's first .git).
 set -u
@@ -40,6 +43,14 @@ FAILED=0
 phase() {
     local name=$1 limit=$2
     shift 2
+    local pattern patterns
+    read -ra patterns <<<"${LBW_CHECK_SKIP:-}"  # (read: split on spaces, no file globbing)
+    for pattern in "${patterns[@]}"; do
+        if [[ $name == $pattern ]]; then  # (unquoted on the right: a pattern)
+            echo "$name SKIPPED (LBW_CHECK_SKIP)" | tee -a "$SUMMARY"
+            return
+        fi
+    done
     local left=$((BUDGET - ($(date +%s) - START)))
     ((limit > left)) && limit=$left
     if ((limit < 10)); then
@@ -125,7 +136,7 @@ bench_layout() {
 # first: it carries the issue's headline targets.
 LAYOUTS=(${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536})
 bench_layout "${LAYOUTS[0]}" 90
-phase tests_gpu 240 "$PY" -m pytest -m gpu tests -q -rs "${PYTEST_TIMEOUT[@]}"
+phase tests_gpu 240 "$PY" -m pytest -m gpu ${LBW_CHECK_TESTS:-tests} -q -rs "${PYTEST_TIMEOUT[@]}"
 for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done

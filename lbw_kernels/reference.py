@@ -192,7 +192,9 @@ def kept_on_overflow(decided: Tensor, before: Tensor, found_inf: Tensor) -> Tens
     GradScaler's own path would not have made (no decision, no count, no cut); only ``SKIP``
     is set, so the update skips too. Else the state ``decided``."""
     kept = before.clone()
-    kept[SKIP] = 1.0
+    # (fill_, not ``kept[SKIP] = 1.0``: on CUDA, torch 2.11 sends that Python number through a
+    # host-to-device copy that waits, seen under set_sync_debug_mode("error"))
+    kept.narrow(0, SKIP, 1).fill_(1.0)
     return torch.where(found_inf != 0, kept, decided)
 
 

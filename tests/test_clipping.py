@@ -223,17 +223,16 @@ def test_clip_factor_is_clip_grad_norm_s():
     assert ref.clip_factor(None, 2.0) is None
 
 
-# ------------------------------------------------------------------------------ GPU
-
-@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
+@pytest.mark.parametrize("backend", ["cpp", *kernel_gpu_backends()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_clipping_matches_the_reference(gpu_backend, dtype):
-    require_backend(gpu_backend)
+def test_kernels_clipping_matches_the_reference(backend, dtype):
+    require_backend(backend)
+    device = "cpu" if backend == "cpp" else "cuda"
     stream = grad_stream(6, dtype)
     stream[3] = [g * 40 for g in stream[3]]
-    ours, theirs = new_params(dtype, "cuda"), new_params(dtype, "cuda")
+    ours, theirs = new_params(dtype, device), new_params(dtype, device)
     kw = dict(lr=1e-2, weight_decay=0.1, stats_freq=1, max_grad_norm=MAX_NORM)
-    opt = GuardedAdamW(ours, backend=gpu_backend, **kw)
+    opt = GuardedAdamW(ours, backend=backend, **kw)
     ref_opt = GuardedAdamW(theirs, backend="reference", **kw)
     for grads in stream:
         feed(ours, grads)
@@ -242,9 +241,17 @@ def test_gpu_clipping_matches_the_reference(gpu_backend, dtype):
         ref_opt.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **tolerance(dtype))
-    torch.testing.assert_close(opt._guard, ref_opt._guard, rtol=1e-9, atol=1e-12, equal_nan=True)
+    # The reference sums fp32/bf16 gradients in fp32 (telemetry_partials), the kernels in
+    # float64: the guard's telemetry slots differ by fp32 summation error, seen up to 7e-7
+    # relative on these tensors of <= 4097 elements (its bound n * 2^-24 is 2.4e-4); the
+    # scale, counts and regime are the same.
+    torch.testing.assert_close(opt._guard, ref_opt._guard, rtol=1e-5, atol=1e-12, equal_nan=True)
+    assert torch.equal(opt._guard[[ref.SCALE, ref.ANALYZED, ref.SKIPPED, ref.REGIME, ref.CALLS]],
+                       ref_opt._guard[[ref.SCALE, ref.ANALYZED, ref.SKIPPED, ref.REGIME, ref.CALLS]])
     assert opt.telemetry()["scale"] < 1
 
+
+# ------------------------------------------------------------------------------ GPU
 
 def _gpu_model():
     torch.manual_seed(0)
