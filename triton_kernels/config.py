@@ -41,14 +41,17 @@ class Geometry:
     # element a thread holds). With a fold up to the elements per thread the sums stay inside
     # a thread: fewer registers (bench/triton_registers.py: single_pass under Triton 3.6,
     # block 1024 x 4 warps, 138 -> 114 at fold 4), so more programs per SM. Another fixed
-    # order (bits differ from fold 1), as deterministic. Not yet timed on a GPU.
+    # order (bits differ from fold 1), as deterministic. Timed on an H200 (2026-11-27, block 512
+    # x 4 warps, fold 4; bench/results/nvidia-h200-geometry-20261127.json): single_pass 2%
+    # faster, exact 2% slower than the default, so not the default.
     telemetry_fold: int = 1
     # Registers per thread the single_pass update kernel may use (ptxas .maxnreg; 0: the
     # compiler's choice). Under Triton 3.6, block 512 x 4 warps with telemetry_fold 4 gives
     # it 71 registers (7 programs of 128 threads per SM); 64 fits 8 (1024 threads, as the
     # CUDA kernels) for 4 bytes of spill stores (bench/triton_registers.py). Not applied to
     # the other kernels: given 64, ptxas took 63 for the exact update (56 without: 9
-    # programs). Not yet timed on a GPU. Registers only: the results are the same bits.
+    # programs). Registers only: the results are the same bits. Timed on an H200 (2026-11-27,
+    # with block 512 and fold 4): single_pass 4% slower than the default, exact 1% slower.
     maxnreg: int = 0
     # Software pipelining of the passes' loops over a chunk (1: off). With num_stages S > 1 the
     # whole blocks run in a branch-free loop (blocks past them masked off, uniformly, so the
@@ -57,7 +60,8 @@ class Geometry:
     # then cost shared memory (S - 1 blocks of p, g, m, v: 32 KB for S=3 at block 1024, fp32)
     # instead of registers, which bound Triton's occupancy (bench/triton_registers.py). The
     # same per-lane order: bits as num_stages=1 but for the sign of an all-zero sum. Checked
-    # in the PTX (cp.async under Triton 3.6 and 3.9), not yet timed on a GPU. Why it may pay:
+    # in the PTX (cp.async under Triton 3.6 and 3.9). Timed on an H200 (2026-11-27, S=3): 3%
+    # faster on single_pass, 0.3% slower on the exact gate, in one run. Why it may pay:
     # with num_stages=1 each iteration issues its block's loads only after the previous
     # block's stores (SASS of the fp32 exact update, Triton 3.6 and 3.9, sm_90: 8 LDG.128 at
     # the top of the loop body of ~500 instructions, 6 STG.128 at its end), so a program has
