@@ -140,13 +140,8 @@ phase tests_gpu 240 "$PY" -m pytest -m gpu ${LBW_CHECK_TESTS:-tests} -q -rs "${P
 for layout in "${LAYOUTS[@]:1}"; do
     bench_layout "$layout" 60
 done
-# Triton's direct launches (triton_kernels/launch.py, off by default) where launches count: the
-# many-tensors layout, host-bound. Its triton rows beside the default bench's, each against the
-# torch fused AdamW of its own process.
-if [[ " ${LAYOUTS[*]} " == *" 2000x65536 "* ]]; then
-    phase bench_2000x65536_direct_launch 45 env LBW_TRITON_DIRECT_LAUNCH=1 "$PY" -m lbw_kernels bench \
-        --layout 2000x65536 --backend triton --reps 20 --budget 1.5 --no-plot --out "$OUT_DIR/bench-2000x65536-direct"
-fi
+# (Triton's direct launches, LBW_TRITON_DIRECT_LAUNCH=1, are no longer timed here: on the H200
+# on 2026-11-27 they gained nothing on 2000 tensors; triton_kernels/launch.py.)
 collect_results
 # The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
 # kernels, every launch geometry, beside plain kernels that move the same bytes with no math
@@ -160,16 +155,13 @@ phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | t
 # baselines of the same process: the evidence for the defaults. Each entry is
 # BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
 # skips them. (Earlier candidates and what they gave: bench/results/nvidia-h200-cuda-geometry-
-# 20261126.json, ...-triton-geometry-20261126.json. 512 x 2 at the default chunk came within
-# 1% of the default in two runs, chunk 65536 against 16384 in three; Triton's chunk (16384,
-# 8192) changed nothing, its per-thread width was not varied below 8 fp32:
-# bench/triton_registers.py says its single_pass kernel is register-bound at 3 programs per
-# SM, 6 at block 512, 7 with the telemetry fold as well, 8 with maxnreg=64 on top; num_stages=3
-# keeps the next blocks' loads in flight in shared memory instead (config.py). CUDA's
-# warp_partials: telemetry partials per warp, no barrier, for smaller chunks: geometry.h.)
-TUNE_DEFAULT="cuda:warp_partials=1 cuda:warp_partials=1,chunk=8192 triton:block=512,num_warps=4,telemetry_fold=4"
-TUNE_DEFAULT+=" triton:block=512,num_warps=4,telemetry_fold=4,maxnreg=64 triton:num_stages=3"
-TUNE_DEFAULT+=" triton:block=512,num_warps=4,telemetry_fold=4,num_stages=3"
+# 20261126.json, ...-triton-geometry-20261126.json, ...-geometry-20261127.json. 512 x 2 at the
+# default chunk came within 1% of the default in two runs, chunk 65536 against 16384 in three;
+# CUDA's warp_partials 1-2% slower; Triton's chunk (16384, 8192) changed nothing; maxnreg=64
+# slower on both gates. The two below were faster on single_pass alone in the 2026-11-27 run
+# (num_stages=3 by 3%, block 512 with telemetry_fold 4 by 2%) and slower on the exact gate:
+# timed again, a gain that repeats would make them the single_pass kernel's defaults.)
+TUNE_DEFAULT="triton:num_stages=3 triton:block=512,num_warps=4,telemetry_fold=4"
 i=0
 for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
     i=$((i + 1))
@@ -191,9 +183,12 @@ for layout in "${LAYOUTS[@]}"; do
     phase "timeline_$layout" 40 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
         --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
 done
-# Where the host time of a step goes on the many-tensors layout (host-bound): cProfile and
-# torch.profiler op/launch counts per step.
-phase profile_host 60 "$PY" bench/profile_step.py --layout 2000x65536 --steps 20 --top 12
+# Where the host time of a step goes (cProfile, torch.profiler op/launch counts per step): on
+# the many-tensors layout (host-bound), and on the first (TinyLlama: 0.4-0.5 ms of host time
+# before the first launch per step in the 2026-11-27 run, left unexplained by 201 tensors).
+for layout in "${LAYOUTS[0]}" 2000x65536; do
+    phase "profile_host_$layout" 60 "$PY" bench/profile_step.py --layout "$layout" --steps 20 --top 12
+done
 # Host time of one launch by route (Triton JIT vs its compiled kernel launched directly, the
 # CUDA op, a torch op): launch_overhead.jsonl.
 phase launch_overhead 40 bash -c 'set -o pipefail; "$0" bench/launch_overhead.py | tee "$1"' "$PY" \

@@ -12,6 +12,11 @@ torch.profiler trace (CPU and CUDA activity, one clock):
 * **gaps**: the device idle between the step's first and last kernel (host work between
   launches that the device outran).
 
+**launch** splits the prefix: from the step's start to the host's first call that puts work
+on the device (a kernel launch, an async memcpy or memset, as the CUDA runtime and driver
+calls are named in the trace). ``prefix - launch`` is then the time from that call to the
+work's start on the device: launch latency, or a wait the device had before it.
+
 ``span = prefix + busy + gaps`` (or the host call's length, where the host returns after the
 device is done: the bench's end event then fires when the host records it). On TinyLlama's
 layout the question is whether a row over 1.05x the floor is over it in its kernels (busy /
@@ -58,6 +63,7 @@ class StepSplit:
 
     host: float  # the step() call on the host
     prefix: float
+    launch: Optional[float]  # the step's first launch call on the host (None: the step launched nothing)
     busy: float
     gaps: float
     span: float
@@ -73,16 +79,20 @@ def _union_length(spans: Sequence[Span]) -> float:
     return total
 
 
-def split_steps(steps: Sequence[Span], device: Sequence[Span]) -> List[StepSplit]:
+def split_steps(steps: Sequence[Span], device: Sequence[Span], launches: Sequence[Span] = ()) -> List[StepSplit]:
     """Each step's split. A device event belongs to the step it starts after (and before the
-    next step's start): steps are synchronised one by one, so their work does not interleave."""
+    next step's start): steps are synchronised one by one, so their work does not interleave.
+    ``launches``: the host's launch calls (:func:`is_launch_call`); those inside a step's host
+    call give its ``launch``."""
     steps = sorted(steps, key=lambda s: s.start)
     out = []
     for i, step in enumerate(steps):
         until = steps[i + 1].start if i + 1 < len(steps) else float("inf")
         mine = [d for d in device if step.start <= d.start < until]
+        calls = [c.start for c in launches if step.start <= c.start <= step.end]
+        launch = min(calls) - step.start if calls else None
         if not mine:
-            out.append(StepSplit(host=step.end - step.start, prefix=0.0, busy=0.0, gaps=0.0,
+            out.append(StepSplit(host=step.end - step.start, prefix=0.0, launch=launch, busy=0.0, gaps=0.0,
                                  span=step.end - step.start))
             continue
         first, last = min(d.start for d in mine), max(d.end for d in mine)
@@ -90,7 +100,7 @@ def split_steps(steps: Sequence[Span], device: Sequence[Span]) -> List[StepSplit
         kernels: Dict[str, float] = {}
         for d in mine:
             kernels[d.name] = kernels.get(d.name, 0.0) + (d.end - d.start)
-        out.append(StepSplit(host=step.end - step.start, prefix=first - step.start, busy=busy,
+        out.append(StepSplit(host=step.end - step.start, prefix=first - step.start, launch=launch, busy=busy,
                              gaps=(last - first) - busy, span=max(last, step.end) - step.start, kernels=kernels))
     return out
 
@@ -98,9 +108,11 @@ def split_steps(steps: Sequence[Span], device: Sequence[Span]) -> List[StepSplit
 def median_split(splits: Sequence[StepSplit]) -> StepSplit:
     """Field-wise medians; a kernel's median over the steps that ran it."""
     names = sorted({k for s in splits for k in s.kernels})
+    launches = [s.launch for s in splits if s.launch is not None]
     return StepSplit(
         host=statistics.median(s.host for s in splits),
         prefix=statistics.median(s.prefix for s in splits),
+        launch=statistics.median(launches) if launches else None,
         busy=statistics.median(s.busy for s in splits),
         gaps=statistics.median(s.gaps for s in splits),
         span=statistics.median(s.span for s in splits),
@@ -108,18 +120,27 @@ def median_split(splits: Sequence[StepSplit]) -> StepSplit:
     )
 
 
+def is_launch_call(name: str) -> bool:
+    """A host-side CUDA runtime or driver call that enqueues work on the device, as the trace
+    names it (cudaLaunchKernel, cuLaunchKernelEx for Triton's kernels, cudaMemcpyAsync, ...)."""
+    return name.startswith(("cudaLaunch", "cuLaunch")) or name in ("cudaMemcpyAsync", "cudaMemsetAsync")
+
+
 def spans_of(prof) -> tuple:
-    """(step spans on the host, device activity spans) of a finished torch.profiler run."""
-    steps, device = [], []
+    """(step spans on the host, device activity spans, launch calls on the host) of a finished
+    torch.profiler run."""
+    steps, device, launches = [], [], []
     for e in prof.events():
         kind = getattr(e.device_type, "name", str(e.device_type))
         if kind == "CPU":
             if e.name.startswith(STEP_PREFIX):
                 steps.append(Span(e.name, e.time_range.start, e.time_range.end))
+            elif is_launch_call(e.name):
+                launches.append(Span(e.name, e.time_range.start, e.time_range.end))
         elif not (e.name.startswith(STEP_PREFIX) or getattr(e, "is_user_annotation", False)
                   or e.name in PROFILER_OVERHEAD or str(getattr(e, "activity_type", "")) == "overhead"):
             device.append(Span(e.name, e.time_range.start, e.time_range.end))
-    return steps, device
+    return steps, device, launches
 
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int = 3) -> List[StepSplit]:
@@ -150,12 +171,16 @@ def _shorten(name: str, width: int = 60) -> str:
 
 
 def format_rows(layout: str, rows: Sequence[Row]) -> str:
-    lines = [f"{layout}: per step, median (us); busy/floor = the device's time over the floor of the row's bytes"]
-    lines.append(f"{'row':38s} {'span':>9s} {'prefix':>8s} {'busy':>9s} {'gaps':>8s} {'host':>9s} {'busy/floor':>10s}")
+    lines = [f"{layout}: per step, median (us); launch = the host's first launch call (within the prefix); "
+             "busy/floor = the device's time over the floor of the row's bytes"]
+    lines.append(f"{'row':38s} {'span':>9s} {'prefix':>8s} {'launch':>8s} {'busy':>9s} {'gaps':>8s} {'host':>9s} "
+                 f"{'busy/floor':>10s}")
     for r in rows:
         s = r.split
         ratio = f"{s.busy / r.floor_us:.3f}" if s.busy else "-"
-        lines.append(f"{r.name:38s} {s.span:9.1f} {s.prefix:8.1f} {s.busy:9.1f} {s.gaps:8.1f} {s.host:9.1f} {ratio:>10s}")
+        launch = "-" if s.launch is None else f"{s.launch:.1f}"
+        lines.append(f"{r.name:38s} {s.span:9.1f} {s.prefix:8.1f} {launch:>8s} {s.busy:9.1f} {s.gaps:8.1f} "
+                     f"{s.host:9.1f} {ratio:>10s}")
         for k, us in sorted(s.kernels.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {_shorten(k):60s} {us:9.1f}")
     return "\n".join(lines)
