@@ -17,6 +17,11 @@ on the device (a kernel launch, an async memcpy or memset, as the CUDA runtime a
 calls are named in the trace). ``prefix - launch`` is then the time from that call to the
 work's start on the device: launch latency, or a wait the device had before it.
 
+**loop** is another measurement, without the profiler: the time per step of steps run back to
+back (CUDA events around them, one sync at the end), as in a training loop whose host runs
+ahead of the device: a step's host work before its first launch then overlaps the previous
+step's kernels, and what is left is the device's time plus any gaps the host still causes.
+
 ``span = prefix + busy + gaps`` (or the host call's length, where the host returns after the
 device is done: the bench's end event then fires when the host records it). On TinyLlama's
 layout the question is whether a row over 1.05x the floor is over it in its kernels (busy /
@@ -36,6 +41,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -143,6 +149,27 @@ def spans_of(prof) -> tuple:
     return steps, device, launches
 
 
+def loop_us(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """Microseconds per step over ``steps`` steps run back to back after one untimed step whose
+    device work is still queued when the timing starts (so the first timed step's host work
+    overlaps it too, as every later one's overlaps its predecessor's)."""
+    if device.type != "cuda":
+        step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - t0) / steps * 1e6
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step()
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps * 1e3
+
+
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int = 3) -> List[StepSplit]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -164,6 +191,7 @@ class Row:
     bytes_per_param: int
     split: StepSplit
     floor_us: float
+    loop_us: float  # per step, steps back to back (loop_us())
 
 
 def _shorten(name: str, width: int = 60) -> str:
@@ -172,15 +200,16 @@ def _shorten(name: str, width: int = 60) -> str:
 
 def format_rows(layout: str, rows: Sequence[Row]) -> str:
     lines = [f"{layout}: per step, median (us); launch = the host's first launch call (within the prefix); "
-             "busy/floor = the device's time over the floor of the row's bytes"]
+             "busy/floor = the device's time over the floor of the row's bytes; loop = per step, steps back "
+             "to back (no profiler)"]
     lines.append(f"{'row':38s} {'span':>9s} {'prefix':>8s} {'launch':>8s} {'busy':>9s} {'gaps':>8s} {'host':>9s} "
-                 f"{'busy/floor':>10s}")
+                 f"{'busy/floor':>10s} {'loop':>9s} {'loop/floor':>10s}")
     for r in rows:
         s = r.split
         ratio = f"{s.busy / r.floor_us:.3f}" if s.busy else "-"
         launch = "-" if s.launch is None else f"{s.launch:.1f}"
         lines.append(f"{r.name:38s} {s.span:9.1f} {s.prefix:8.1f} {launch:>8s} {s.busy:9.1f} {s.gaps:8.1f} "
-                     f"{s.host:9.1f} {ratio:>10s}")
+                     f"{s.host:9.1f} {ratio:>10s} {r.loop_us:9.1f} {r.loop_us / r.floor_us:10.3f}")
         for k, us in sorted(s.kernels.items(), key=lambda kv: -kv[1]):
             lines.append(f"    {_shorten(k):60s} {us:9.1f}")
     return "\n".join(lines)
@@ -192,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--backend", action="append", help="repeatable; default: cuda and triton (cpp on CPU)")
     ap.add_argument("--gate", action="append", choices=["exact", "single_pass"])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--loop-steps", type=int, default=20, help="steps timed back to back for the loop column")
     ap.add_argument("--json", help="append one JSON line per row to this file")
     args = ap.parse_args(argv)
     from lbw_kernels import GuardedAdamW
@@ -213,17 +243,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, bytes_per_param, make in candidates:
         opt = make()
         splits = profile_steps(opt.step, device, args.steps)
+        loop = loop_us(opt.step, device, args.loop_steps)
         del opt
         if not splits:
             print(f"{name}: no step annotations in the trace", file=sys.stderr)
             continue
-        rows.append(Row(name, bytes_per_param, median_split(splits), bytes_per_param * numel / bandwidth * 1e6))
+        rows.append(Row(name, bytes_per_param, median_split(splits), bytes_per_param * numel / bandwidth * 1e6, loop))
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(dict(layout=args.layout, device=str(torch.cuda.get_device_name(device))
                                         if device.type == "cuda" else "cpu", copy_gbps=bandwidth / 1e9,
                                         steps=args.steps, row=name, floor_us=rows[-1].floor_us,
-                                        **asdict(rows[-1].split))) + "\n")
+                                        loop_steps=args.loop_steps, loop_us=loop, **asdict(rows[-1].split))) + "\n")
     print(format_rows(args.layout, rows))
     return 0
 

@@ -310,4 +310,5 @@ def test_step_timeline_runs_on_cpu(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == ["torch AdamW fused", "guard reference exact sf=1"], done.stdout
     assert all(r["host"] > 0 and r["busy"] == 0 and r["span"] == r["host"] and r["launch"] is None for r in rows)
+    assert all(r["loop_us"] > 0 and r["loop_steps"] == 20 for r in rows)
     assert "guard reference exact sf=1" in done.stdout
