@@ -294,13 +294,12 @@ class CudaBackend(CppBackend):
         super().__init__()
 
     def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
-        """One table lookup for both passes (_C._adamw_exact_: the telemetry pass over the update's
-        table, then ``decide``, then the update, with the gradient factor ``decide`` returns), for
-        the common call: eager, one group of one
+        """Both passes in one call from Python (_C._adamw_exact_: the telemetry op over the grads,
+        launched before the update's tensors are checked, then ``decide``, then the update, with
+        the gradient factor ``decide`` returns), for the common call: eager, one group of one
         dtype, a float lr (a tensor lr's ``lr * scale`` must be formed after ``decide``), float64
-        rows, telemetry due. Anything else, tensors the kernels do not take, or a grad 16-byte
-        aligned where its param or state is not (its telemetry would add in another order than
-        the telemetry op's): False, nothing done, and the optimizer runs the passes one by one."""
+        rows, telemetry due. Anything else, or tensors the kernels do not take: False, nothing
+        done, and the optimizer runs the passes one by one (the same bits)."""
         if torch.compiler.is_compiling() or len(groups) != 1 or not grads or partials_dtype != torch.float64:
             return False
         group = groups[0]

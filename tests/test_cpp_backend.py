@@ -255,9 +255,9 @@ def test_gpu_cuda_matches_reference(cuda_backend, poisoned, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
-def test_gpu_cuda_exact_call_in_one_lookup_matches_the_passes_one_by_one(cuda_backend, policy, monkeypatch):
-    """CudaBackend.exact_step_ (_C._adamw_exact_: telemetry over the update's table, decide,
-    update) against the same optimizer with it off (the optimizer then runs telemetry, decide
+def test_gpu_cuda_exact_call_matches_the_passes_one_by_one(cuda_backend, policy, monkeypatch):
+    """CudaBackend.exact_step_ (_C._adamw_exact_: the telemetry op, decide, update in one call)
+    against the same optimizer with it off (the optimizer then runs telemetry, decide
     and update one by one): bitwise params, states and guard over a stream with spikes, a flip,
     a NaN and a zero-element param, fp32 and bf16; the fused call taken on every step."""
     from lbw_kernels import _C
@@ -289,23 +289,29 @@ def test_gpu_cuda_exact_call_in_one_lookup_matches_the_passes_one_by_one(cuda_ba
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_exact_call_declines_a_grad_aligned_where_its_param_is_not(cuda_backend):
-    """A param viewed 4 bytes past a 16-byte boundary beside an aligned grad: the update's table
-    says scalar loads where the telemetry op reads that grad with vectors (another order of
-    the sum), so _C._adamw_exact_ declines (False), decide is not called, nothing changes."""
-    problem = make_problem(4, shapes=((5,), (4099,)), device="cuda", n_groups=1)
-    group = problem[0]
-    flat = torch.zeros(4100, device="cuda")
-    flat[1:].copy_(group.params[1])
-    group.params[1] = flat[1:]
-    before = [t.clone() for t in (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)]
-    called = []
-    scale = torch.tensor(1.0, dtype=torch.float64, device="cuda")
-    assert cuda_backend.exact_step_([group], group.grads, decide=called.append, scale=scale, skip=None,
-                                    partials_dtype=torch.float64) is False
-    assert not called
-    after = (*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+def test_gpu_cuda_exact_call_takes_a_grad_aligned_where_its_param_is_not(cuda_backend):
+    """A param viewed 4 bytes past a 16-byte boundary beside an aligned grad (the update reads
+    that tensor with scalar loads, the telemetry op its grad with vectors, another order of the
+    sum): _C._adamw_exact_ takes the call, and its rows and update are bitwise the telemetry op
+    and the update op run one by one."""
+    outs = []
+    for fused in (True, False):
+        problem = make_problem(4, shapes=((5,), (4099,)), device="cuda", n_groups=1)
+        group = problem[0]
+        flat = torch.zeros(4100, device="cuda")
+        flat[1:].copy_(group.params[1])
+        group.params[1] = flat[1:]
+        assert group.params[1].data_ptr() % 16 and group.grads[1].data_ptr() % 16 == 0
+        scale = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+        rows = []
+        if fused:
+            assert cuda_backend.exact_step_([group], group.grads, decide=rows.append, scale=scale, skip=None,
+                                            partials_dtype=torch.float64) is True
+        else:
+            rows.append(cuda_backend.telemetry(group.grads, torch.float64))
+            cuda_backend.adamw_([group], scale=scale, skip=None)
+        outs.append([rows[0], *group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 @pytest.mark.gpu

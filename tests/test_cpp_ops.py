@@ -343,7 +343,7 @@ def test_gather_grads_in_cpp_matches_the_python_fallback():
 
 
 def test_exact_entry_takes_cuda_tensors_only_and_checks_its_arguments():
-    """_C._adamw_exact_ (the CUDA exact gate's call in one table lookup): on CPU tensors (or
+    """_C._adamw_exact_ (the CUDA exact gate in one call): on CPU tensors (or
     in a build without CUDA) False, with nothing done and decide never called; a bad call
     raises TypeError naming what is wrong."""
     from lbw_kernels import _C

@@ -25,8 +25,8 @@ std::atomic<bool>& poison_outputs();
 // (_C._cuda_geometry, LBW_CUDA_GEOMETRY) between steps, read by every CUDA launch.
 cuda::Geometry& cuda_geometry();
 
-// The CUDA exact gate's call with one table lookup (ops_cuda.cpp's exact_step_cuda: telemetry,
-// `decide`, update; false, nothing launched, where it does not apply), for the eager entry
+// The CUDA exact gate in one call (ops_cuda.cpp's exact_step_cuda: telemetry, the update's
+// checks, `decide`, update), for the eager entry
 // _C._adamw_exact_. Set when the CUDA kernels are linked in (ops_cuda.cpp registers it at
 // load); null in a CPU-only build.
 // decide(partials): rules 1-4, enqueued; returns the gradient factor for the update (max_grad_norm) or nothing.

@@ -128,8 +128,8 @@ at::Tensor telemetry_workspace(const cuda::Geometry& geo, const DeviceTable& tab
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
 
-// The telemetry pass over a table (the telemetry op's own, or an update's: exact_step_cuda):
-// its [nrows, 3] rows, the device guard of `opts`' device set by the caller.
+// The telemetry op's pass over its table: its [nrows, 3] rows, the device guard of `opts`'
+// device set by the caller.
 at::Tensor telemetry_rows(const cuda::Geometry& geo, const DeviceTable& table, const at::TensorOptions& opts,
                           cudaStream_t stream) {
   at::Tensor out = new_output({table.nrows, 3}, opts);
@@ -164,18 +164,13 @@ const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const ch
   return t.data_ptr<double>();
 }
 
-// An update pass checked and its table found, not yet launched (update_cuda; the exact gate's
-// telemetry pass runs over the same table first: exact_step_cuda).
+// An update pass checked and its table found, not yet launched (update_cuda, exact_step_cuda).
 struct PreparedUpdate {
   TablePtr table;
   cuda::AdamWArgs args{};
   cuda::Geometry geo;
   at::TensorOptions opts;  // float64 on the params' device
   cudaStream_t stream = nullptr;
-  // Whether each entry's `aligned` (p, g, m, v all 16-byte aligned) is also its grad's alone, as
-  // a telemetry table's would be: telemetry over this table then reads each grad the way the
-  // telemetry op does (the vector and scalar paths add in different orders).
-  bool grad_alignment_as_telemetry = true;
 };
 
 std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -190,7 +185,6 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   const cuda::Geometry geo = cuda_geometry();
   const int32_t param_code = params.empty() ? 0 : int32_t(dtype_code(params[0], "params"));
   TableKey key{device.index(), geo.chunk, std::vector<TensorEntry>(params.size())};
-  bool grad_alignment_as_telemetry = true;
   for (size_t i = 0; i < params.size(); ++i) {
     check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
     TensorEntry& e = key.entries[i];
@@ -202,12 +196,10 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
     e.numel = params[i].numel();
     e.dtype = param_code;
     e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
-    grad_alignment_as_telemetry = grad_alignment_as_telemetry && int32_t(aligned16(e.g)) == e.aligned;
   }
   if (params.empty()) return std::nullopt;
   const c10::cuda::CUDAGuard guard(device);
   PreparedUpdate u;
-  u.grad_alignment_as_telemetry = grad_alignment_as_telemetry;
   u.geo = geo;
   u.opts = at::TensorOptions().dtype(at::kDouble).device(device);
   u.args.param_dtype = DType(param_code);
@@ -259,29 +251,29 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
   return launch_update(*u);
 }
 
-// The exact gate in one table lookup (python_module.cpp's _C._adamw_exact_): the telemetry
-// pass over the update's table (its entries hold each grad's address, size and dtype: the
-// telemetry kernel reads those), then `decide` (the caller's rules 1-4, enqueued on the same
-// stream; it returns max_grad_norm's factor for the update, or nothing), then the update on the
-// same table. Each pass on its own reads every tensor's address
-// for its own table key: the grads' twice. False, nothing launched, where a grad is 16-byte
-// aligned but its param or state is not (the telemetry op would read that grad with vector
-// loads, this table says scalar: other bits); the caller then runs the passes one by one.
+// The exact gate in one call from Python (python_module.cpp's _C._adamw_exact_): the telemetry
+// op over the grads (its own table, keyed by the grads alone), then the update's checks and
+// table, then `decide` (the caller's rules 1-4, enqueued on the same stream; it returns
+// max_grad_norm's factor for the update, or nothing), then the update. The telemetry launch
+// comes before the update's checks and key on purpose: those read the addresses of five lists
+// (10,000 tensors for 2000 params), and in a step timed alone the device sits idle through
+// them (on the H200 on 2026-11-27, with them first, the step's first kernel started ~0.3 ms
+// later than the Triton backend's, which launches its telemetry before its update's key;
+// bench/results/nvidia-h200-timeline-20261127.txt); launched first, the telemetry kernel runs
+// meanwhile. Its rows are the telemetry op's, so the call is bitwise the passes run
+// one by one (CudaBackend's fallback) for any alignment of params, grads and states. Nothing
+// is written but the rows before `decide` returns: an error in the update's checks changes no
+// param, state or guard.
 bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
                      const ExactDecideFn& decide) {
   RECORD_FUNCTION("lbw::exact_step", std::vector<c10::IValue>());  // (not a dispatcher op: the profiler's name)
+  TORCH_CHECK(!params.empty(), "lbw: exact_step_cuda needs params");
+  // (kept alive until the update is enqueued; the allocator frees it in stream order after)
+  const at::Tensor partials = telemetry_cuda(grads);
   auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
                           weight_decay, maximize, skip, std::nullopt, false, false);
-  TORCH_CHECK(u.has_value(), "lbw: exact_step_cuda needs params");
-  if (!u->grad_alignment_as_telemetry) return false;
-  at::Tensor partials;
-  {
-    const c10::cuda::CUDAGuard guard(u->opts.device());
-    partials = telemetry_rows(u->geo, *u->table, u->opts, u->stream);
-  }
-  // (kept alive until the update is enqueued; the allocator frees it in stream order after)
   const std::optional<at::Tensor> factor = decide(partials);
   if (factor.has_value()) u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
   launch_update(*u);

@@ -479,13 +479,13 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
   return THPVariable_Wrap(std::move(out));
 }
 
-// The CUDA exact gate's call with one table lookup: (params, grads, exp_avgs, exp_avg_sqs,
+// The CUDA exact gate in one call: (params, grads, exp_avgs, exp_avg_sqs,
 // steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide). The telemetry
 // rows of the grads go to decide(partials), a Python callable that enqueues rules 1-4 on the
 // stream and returns None or the gradient factor (max_grad_norm) the update then reads; then
 // the update, which reads lr_scale, skip and that factor on the device after it. False, with
-// nothing done, for tensors the kernels do not take, CPU tensors, a build without CUDA, or a
-// grad aligned where its param or state is not (exact_step_cuda). The GIL stays held but for
+// nothing done, for tensors the kernels do not take, CPU tensors or a build without CUDA
+// (exact_step_cuda). The GIL stays held but for
 // decide's own torch calls: the borrowed tensors are used only before decide runs; the update
 // then reads the table's addresses, whose tensors the caller's lists (the optimizer's
 // GroupTensors, alive for the whole call) keep alive even if another thread resets .grad.
@@ -563,7 +563,7 @@ static PyMethodDef methods[] = {
      "torch.ops.lbw.adamw_telemetry_ for eager callers (positional arguments); None (nothing done) where "
      "_adamw_ gives False."},
     {"_adamw_exact_", call_adamw_exact, METH_VARARGS,
-     "The exact gate's call on CUDA tensors with one table lookup: the grads' telemetry rows to decide(rows), then "
+     "The exact gate's call on CUDA tensors in one call: the grads' telemetry rows to decide(rows), then "
      "torch.ops.lbw.adamw_'s update (arguments: adamw_'s, then decide); False, nothing done, where the kernels do "
      "not take the tensors, on CPU, or without CUDA."},
     {"_telemetry", call_telemetry, METH_O,
