@@ -183,6 +183,35 @@ def test_pipelined_loops_match_the_reference(triton_backend, monkeypatch, stages
         config._overridden(config.GPU, "num_stages=9")
 
 
+def test_single_pass_stages_reach_the_single_pass_update_alone(triton_backend, monkeypatch):
+    """config.Geometry.single_pass_num_stages (0 by default: num_stages): the single_pass update
+    launches pipeline their loops that deep, the exact gate's update and the telemetry pass
+    keep num_stages; the results match the reference and the fused pass gives the telemetry
+    pass's bits."""
+    from dataclasses import replace
+
+    from lbw_kernels.triton_kernels import config, guarded_adamw, telemetry
+
+    seen = set()
+    for module, name in ((guarded_adamw, "_UPDATE"), (telemetry, "_TELEMETRY")):
+        real = getattr(module, name)
+
+        def spy(grid, args, constexprs, options, real=real):
+            seen.add((constexprs.get("TELEMETRY"), constexprs["STAGES"]))
+            return real(grid, args, constexprs, options)
+
+        monkeypatch.setattr(module, name, spy)
+    block, chunk = config.INTERPRETER.block, config.INTERPRETER.chunk
+    _assert_geometry_option_matches_reference(triton_backend, monkeypatch, dict(single_pass_num_stages=3), seed=19,
+                                              shapes=ODD_SIZES + ((chunk + block + 5,), (block - 1,)))
+    # (TELEMETRY: True for the single_pass update, False for the exact gate's, None for the telemetry pass)
+    assert seen == {(True, 3), (False, 1), (None, 1)}
+    assert config.pass_stages(replace(config.GPU, num_stages=2)) == 2
+    assert config.pass_stages(replace(config.GPU, num_stages=2), single_pass=True) == 2
+    with pytest.raises(ValueError, match="single_pass_num_stages"):
+        config._overridden(config.GPU, "single_pass_num_stages=9")
+
+
 def test_a_register_cap_is_passed_to_the_launches_and_changes_no_result(triton_backend, monkeypatch):
     """config.Geometry.maxnreg (a tuning option, 0 by default) reaches the single_pass update
     launches (and no other); the launches accept it and compute the same rows and updates

@@ -68,6 +68,11 @@ class Geometry:
     # nothing in flight while it computes, at 5 programs per SM (86-87 registers); the CUDA
     # kernel keeps 1024 threads per SM with half the elements per thread between loads.
     num_stages: int = 1
+    # num_stages for the single_pass update kernel alone (0: num_stages). On the H200 on
+    # 2026-11-27 num_stages=3 made single_pass 3% faster and the exact gate 0.3% slower: this
+    # times the one without the other (the exact rows of such a run are the default's, a
+    # control for the noise between processes).
+    single_pass_num_stages: int = 0
 
 
 # The reduction reads 16 B per chunk (~0.1% of the update's traffic): 128 rows per iteration
@@ -97,10 +102,11 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     fold = geo.telemetry_fold
     if (geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1)
             or fold & (fold - 1) or fold > geo.block or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)
-            or not 1 <= geo.num_stages <= 8):
+            or not 1 <= geo.num_stages <= 8 or not 0 <= geo.single_pass_num_stages <= 8):
         raise ValueError(
             "LBW_TRITON_GEOMETRY: block, num_warps and telemetry_fold must be powers of two, chunk a multiple "
-            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, num_stages 1 to 8, got {geo}"
+            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, num_stages 1 to 8, "
+            f"single_pass_num_stages 0 (num_stages) to 8, got {geo}"
         )
     return geo
 
@@ -112,6 +118,11 @@ def pass_options(geo: Geometry, single_pass: bool = False) -> dict:
     if single_pass and geo.maxnreg:
         options["maxnreg"] = geo.maxnreg
     return options
+
+
+def pass_stages(geo: Geometry, single_pass: bool = False) -> int:
+    """The software-pipelining depth of a pass's loop (the kernels' STAGES)."""
+    return (geo.single_pass_num_stages or geo.num_stages) if single_pass else geo.num_stages
 
 
 def geometry() -> Geometry:

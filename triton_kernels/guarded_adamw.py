@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .chunk_table import COEF_COLS, TENSOR_COLS, UpdatePlan
 from .coefficients import adamw_coefficients_
-from .config import geometry, pass_options
+from .config import geometry, pass_options, pass_stages
 from .launch import Launcher
 from .pointers import BF16, FP32, as_pointer, round_to_bf16
 from .telemetry import accumulate_telemetry, finish_tensor
@@ -209,7 +209,7 @@ def guarded_adamw_(
             dict(P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
                  HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
                  CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-                 RBLOCK=geo.reduce_block, STAGES=geo.num_stages),
+                 RBLOCK=geo.reduce_block, STAGES=pass_stages(geo, single_pass=out is not None)),
             pass_options(geo, single_pass=out is not None),
         )
 

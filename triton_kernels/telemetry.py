@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunk_table import TelemetryLayout
-from .config import geometry, pass_options, poison_enabled
+from .config import geometry, pass_options, pass_stages, poison_enabled
 from .launch import Launcher
 from .pointers import as_pointer
 
@@ -161,7 +161,7 @@ def telemetry_chunks_(layout: TelemetryLayout, out: Tensor) -> None:
             (lst.n_chunks,),
             (lst.table, layout.workspace, layout.first_chunk, layout.counters, out),
             dict(G_CODE=lst.code, ALIGNED=lst.aligned, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
-                 RBLOCK=geo.reduce_block, STAGES=geo.num_stages),
+                 RBLOCK=geo.reduce_block, STAGES=pass_stages(geo)),
             pass_options(geo),
         )
 
