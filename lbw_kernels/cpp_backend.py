@@ -299,7 +299,9 @@ class CudaBackend(CppBackend):
         the gradient factor ``decide`` returns), for the common call: eager, one group of one
         dtype, a float lr (a tensor lr's ``lr * scale`` must be formed after ``decide``), float64
         rows, telemetry due. Anything else, or tensors the kernels do not take: False, nothing
-        done, and the optimizer runs the passes one by one (the same bits)."""
+        done, and the optimizer runs the passes one by one (the same bits). ``grads`` is asked
+        only whether it is empty: the call reads the group's own grads, whose zero-element ones
+        give no row, so its rows are those of ``grads`` (the nonempty ones, in order)."""
         if torch.compiler.is_compiling() or len(groups) != 1 or not grads or partials_dtype != torch.float64:
             return False
         group = groups[0]

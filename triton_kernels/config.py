@@ -68,7 +68,9 @@ class Geometry:
     # nothing in flight while it computes, at 5 programs per SM (86-87 registers); the CUDA
     # kernel keeps 1024 threads per SM with half the elements per thread between loads.
     num_stages: int = 1
-    # num_stages for the single_pass update kernel alone (0: num_stages). On the H200 on
+    # num_stages for the single_pass update kernel alone, the launches that also read the
+    # telemetry (0: num_stages; a single_pass call that measures nothing runs the plain update,
+    # with num_stages). On the H200 on
     # 2026-11-27 num_stages=3 made single_pass 3% faster and the exact gate 0.3% slower: this
     # times the one without the other (the exact rows of such a run are the default's, a
     # control for the noise between processes).
