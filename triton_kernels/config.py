@@ -70,10 +70,9 @@ class Geometry:
     num_stages: int = 1
     # num_stages for the single_pass update kernel alone, the launches that also read the
     # telemetry (0: num_stages; a single_pass call that measures nothing runs the plain update,
-    # with num_stages). On the H200 on
-    # 2026-11-27 num_stages=3 made single_pass 3% faster and the exact gate 0.3% slower: this
-    # times the one without the other (the exact rows of such a run are the default's, a
-    # control for the noise between processes).
+    # with num_stages). On the H200 on 2026-11-27 num_stages=3 made single_pass 3% faster and
+    # the exact gate 0.3% slower: this times the one without the other (the exact rows of such
+    # a run are the default's, a control for the noise between processes).
     single_pass_num_stages: int = 0
 
 
