@@ -255,12 +255,15 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // op over the grads (its own table, keyed by the grads alone), then the update's checks and
 // table, then `decide` (the caller's rules 1-4, enqueued on the same stream; it returns
 // max_grad_norm's factor for the update, or nothing), then the update. The telemetry launch
-// comes before the update's checks and key on purpose: those read the addresses of five lists
-// (10,000 tensors for 2000 params), and in a step timed alone the device sits idle through
-// them (on the H200 on 2026-11-27, with them first, the step's first kernel started ~0.3 ms
-// later than the Triton backend's, which launches its telemetry before its update's key;
-// bench/results/nvidia-h200-timeline-20261127.txt); launched first, the telemetry kernel runs
-// meanwhile. Its rows are the telemetry op's, so the call is bitwise the passes run
+// comes before the update's checks and key on purpose: those read the addresses of five lists,
+// and in a step timed alone the device sits idle through them (on the H200 on 2026-11-27, with
+// them first, the step's first kernel started ~0.3 ms later than the Triton backend's, which
+// launches its telemetry before its update's key; bench/results/nvidia-h200-timeline-20261127.txt).
+// Launched first, the telemetry kernel runs meanwhile: where it outlasts that host work
+// (TinyLlama: ~1 ms of telemetry against 1,000 tensors' checks) the update starts earlier by
+// that work less the grads' second key (~4/5 of it); where it does not (2000 small tensors:
+// 0.13 ms against 10,000 tensors' checks and the decision) the update's launch is what the
+// device waits for, and it comes no sooner. Its rows are the telemetry op's, so the call is bitwise the passes run
 // one by one (CudaBackend's fallback) for any alignment of params, grads and states. Nothing
 // is written but the rows before `decide` returns: an error in the update's checks changes no
 // param, state or guard.
