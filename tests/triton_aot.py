@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from lbw_kernels.triton_kernels import coefficients, guarded_adamw, telemetry
 from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS
-from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU
+from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU, pass_stages
 from lbw_kernels.triton_kernels.pointers import BF16, FP16, FP32, FP64
 
 CODE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", FP64: "fp64"}
@@ -62,7 +62,8 @@ def variants():
                        UPDATE_TYPES,
                        dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                             TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
-                            FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block, STAGES=GPU.num_stages),
+                            FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block,
+                            STAGES=pass_stages(GPU, single_pass=tel)),  # (as guarded_adamw_ launches it)
                        GPU.num_warps)
     # The software-pipelined loops (config.Geometry.num_stages, a tuning option): both passes
     yield ("telemetry fp32 aligned=True stages=3", telemetry._telemetry_chunks_kernel, TELEMETRY_TYPES,
