@@ -112,11 +112,12 @@ def agree_on_loaded_guard(group, checked: Optional[tuple], error: Optional[str],
     errors = [f"rank {r}: {e}" for r, (e, _) in zip(ranks, gathered) if e is not None]
     if errors:
         raise ValueError("ZeroRedundancyOptimizer.load_state_dict: " + "; ".join(errors))
-    copies = [(r, values) for r, (_, values) in zip(ranks, gathered) if values is not None]  # (NaN slots equal)
+    copies = [(r, values) for r, (_, values) in zip(ranks, gathered) if values is not None]
     if not copies:
         return checked
     first, values = copies[0]
     for r, other in copies[1:]:
+        # (NaN slots equal: a != a only for NaN)
         if len(other) != len(values) or not all(a == b or (a != a and b != b) for a, b in zip(other, values)):
             raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: the guard in rank {r}'s states differs "
                              f"from the one in rank {first}'s")

@@ -263,10 +263,10 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // (TinyLlama: ~1 ms of telemetry against 1,000 tensors' checks) the update starts earlier by
 // that work less the grads' second key (~4/5 of it); where it does not (2000 small tensors:
 // 0.13 ms against 10,000 tensors' checks and the decision) the update's launch is what the
-// device waits for, and it comes no sooner. Its rows are the telemetry op's, so the call is bitwise the passes run
-// one by one (CudaBackend's fallback) for any alignment of params, grads and states. Nothing
-// is written but the rows before `decide` returns: an error in the update's checks changes no
-// param, state or guard.
+// device waits for, and it comes no sooner. Its rows are the telemetry op's, so the call is
+// bitwise the passes run one by one (CudaBackend's fallback) for any alignment of params,
+// grads and states. Nothing is written but the rows before `decide` returns: an error in the
+// update's checks changes no param, state or guard.
 bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
