@@ -96,6 +96,13 @@ class Backend:
         """Exact gate's first pass: partials of ``grads`` (all non-empty)."""
         raise NotImplementedError
 
+    def gathered_telemetry(self, grads: Sequence[Tensor], layouts: Sequence[bytes], partials_dtype: torch.dtype) -> Tensor:
+        """:meth:`telemetry` of ``grads``: every gradient of the groups whose params' and grads'
+        layouts the optimizer gathered as ``layouts`` (``GroupTensors.layout_key``, in the same
+        order), which fix those gradients: a backend that keeps tables by storage may find them
+        by these, without reading each gradient's address. By default, :meth:`telemetry`."""
+        return self.telemetry(grads, partials_dtype)
+
     def adamw_(
         self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
         grad_factor: Optional[Tensor] = None,

@@ -21,6 +21,7 @@ from . import reference as ref
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
+from .early_telemetry import Launched, Recipe, launch, reads_every_call, recipe_after
 from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
@@ -264,6 +265,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._backends: Dict[torch.device, Backend] = {}
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
+        self._early_recipe: Optional[Recipe] = None  # what the next exact call may launch first (early_telemetry.py)
         self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
         for group in self._summary_groups:  # (a collective: every part builds its optimizer)
             what = "pipeline_group" if group is pipeline else "ZeroRedundancyOptimizer"
@@ -290,6 +292,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
+        self.__dict__.setdefault("_early_recipe", None)
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_summary_groups", ())
         self.__dict__.setdefault("_guard_in_every_state", False)
@@ -432,15 +435,22 @@ class GuardedAdamW(torch.optim.Optimizer):
     # (a compiled step with stats_freq=10 analysed every call); and torch 2.11's dynamo
     # fails on attribute writes to an optimizer passed into a compiled function.
     @_run_eagerly
-    def _prepare(self) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]], bool]:
+    def _prepare(
+        self, eager: bool
+    ) -> Tuple[StepPlan, Optional[Backend], List[List[Optional[Tensor]]], bool, Optional[Launched]]:
         """The call's gradients, its validated plan and its backend (None when no param has a
         gradient), with the guard moved to the params' device if they moved since construction;
-        and whether this is DCP's state-creating call (asked before the plan creates state, and
-        only while there is none)."""
+        whether this is DCP's state-creating call (asked before the plan creates state, and
+        only while there is none); and the exact gate's telemetry pass when an ``eager`` call
+        could launch it as soon as the gradients were gathered (early_telemetry.py), else None."""
         check_groups_at_step(self.param_groups)
         grads = gather_grads(self.param_groups)
         check_grads_cheaply(self.param_groups, grads)
         state_init = not self.state and called_by_dcp_state_init()
+        early = None
+        if (eager and self._early_recipe is not None and self.gate == "exact" and self.state
+                and reads_every_call(self.guard_config) and not stream_is_capturing(self._guard.device)):
+            early = launch(self._early_recipe, grads, self._guard.dtype)
         if getattr(self, "found_inf", None) is not None:
             # GradScaler's fused path: a call it finds overflowed changes nothing, the call count
             # on the device included, which the host cannot know: rule 2's schedule is read from
@@ -451,14 +461,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._call_layouts = grads.layouts
         plan = self._plan_for(grads)
         if not plan.groups:
-            return plan, None, grads.per_group, state_init
+            return plan, None, grads.per_group, state_init, early
         device = plan.groups[0].params[0].device
         if device != plan.device or device != self._guard.device:  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
-        return plan, self._backend_for(device), grads.per_group, state_init
+        return plan, self._backend_for(device), grads.per_group, state_init, early
 
     @_run_eagerly
     def _count_call(self) -> None:
@@ -476,7 +486,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan, backend, grads_per_group, state_init = self._prepare()
+        plan, backend, grads_per_group, state_init, early = self._prepare(not torch.compiler.is_compiling())
         if backend is None:
             if state_init:  # (a frozen stage's: nothing to create, and no stage gathers)
                 return loss
@@ -539,11 +549,22 @@ class GuardedAdamW(torch.optim.Optimizer):
 
         if self.gate == "exact":
             skip = guard[ref.SKIP] if (check_finite or found_inf is not None) and not state_init else None
-            if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
-                                       partials_dtype=guard.dtype):
-                factor = decide(backend.telemetry(local_grads, guard.dtype) if measure and local_grads else None)
+            # (partials launched early: the passes one by one from there, as without them)
+            served = early is not None and measure and early.serves(plan, backend)
+            partials = early.partials if served else None
+            if served or not backend.exact_step_(
+                groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip, partials_dtype=guard.dtype
+            ):
+                if partials is None and measure and local_grads:
+                    partials = backend.telemetry(local_grads, guard.dtype)
+                factor = decide(partials)
                 # (grad_factor only when clipping: a backend registered from outside without it works unclipped)
                 backend.adamw_(groups, scale=scale, skip=skip, **({} if factor is None else {"grad_factor": factor}))
+            # Eager calls only (a compiled step writes no attribute, nor launches early). A recipe
+            # that served this call holds: kept, with the layouts the backend's tables were first
+            # found by (their comparison is then one of identity, not of 48 bytes a param).
+            if layouts is not None and not served:
+                self._early_recipe = recipe_after(layouts, plan, backend)
         else:  # single_pass: update with the scale decided so far, decide for the next call
             if measure and local_grads:
                 partials = backend.adamw_telemetry_(

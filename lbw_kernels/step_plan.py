@@ -148,6 +148,12 @@ class StepPlan:
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None
         )
+        # The groups whose gathered grads lists, joined in this order, are the telemetry rows
+        # (every param of those groups has a grad with elements, none a wrapper or a DTensor),
+        # or None when the rows need the plan (positions, resolved wrappers, local shards).
+        plain_rows = (self.all_nonempty and not self.has_dtensor and not self.wrapped_grads
+                      and all(gp.positions is None for gp in self.groups))
+        self.row_groups = tuple(gp.group_index for gp in self.groups) if plain_rows and self.groups else None
 
     def _resolved(self, t: Tensor) -> Tensor:
         """``t``, or the inner tensor holding its elements when it is a wrapper subclass (kept

@@ -69,6 +69,9 @@ class TritonBackend(Backend):
             return torch.ops.lbw_triton.adamw_(**ops.flatten(groups), scale=scale, skip=skip, grad_factor=grad_factor)
         ops.adamw_impl(groups, scale, skip, grad_factor)
 
+    def gathered_telemetry(self, grads, layouts, partials_dtype):
+        return ops.gathered_telemetry_impl(grads, layouts, partials_dtype)
+
     def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
         if _compiling() or not groups:  # compiled: the custom ops, one per pass (the caller runs them)
             return False

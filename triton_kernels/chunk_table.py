@@ -166,11 +166,13 @@ def telemetry_key(grads: Sequence[Tensor], chunk: int, device: torch.device) -> 
     return (device, "telemetry", chunk), (layout_key(grads),)
 
 
-def exact_telemetry_key(groups: Sequence[Any], grads: Sequence[Tensor], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
-    """The exact gate's telemetry pass over ``grads`` (= ``nonempty_grads(groups)``): keyed by the
-    params' and grads' layouts the optimizer gathered this call (``GroupTensors.layout_key``;
-    they fix those gradients) when it did, a lookup with no walk over any tensor list."""
-    gathered = tuple(g.layout_key for g in groups)
+def exact_telemetry_key(layouts: Sequence[Optional[bytes]], grads: Sequence[Tensor], chunk: int,
+                        device: torch.device) -> Tuple[tuple, tuple]:
+    """The exact gate's telemetry pass over ``grads`` (the nonempty grads of the groups whose
+    ``layouts`` these are): keyed by the params' and grads' layouts the optimizer gathered this
+    call (``GroupTensors.layout_key``; they fix those gradients) when it did, a lookup with no
+    walk over any tensor list."""
+    gathered = tuple(layouts)
     if any(k is None for k in gathered):
         return telemetry_key(grads, chunk, device)
     return (device, "exact telemetry", chunk), gathered

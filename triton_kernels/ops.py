@@ -12,7 +12,7 @@ call costs host time comparable to the whole update of small models.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -125,6 +125,23 @@ def adamw_impl(groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Ten
     _update(plan, device, groups, scale, skip, grad_factor)
 
 
+def _exact_telemetry(layouts: Sequence[Optional[bytes]], grads: Sequence[Tensor], rows: Callable[[], List[Tensor]],
+                     partials_dtype: torch.dtype) -> Tensor:
+    """The exact gate's telemetry pass over ``grads`` (non-empty), its layout found by the
+    gathered ``layouts`` of their groups (``exact_telemetry_key``), else built over ``rows()``."""
+    device = grads[0].device
+    chunk = geometry().chunk
+    layout = _plan(exact_telemetry_key(layouts, grads, chunk, device), lambda: build_telemetry(rows(), chunk, device),
+                   device)
+    with _on_device(device):
+        return telemetry_partials(layout, partials_dtype)
+
+
+def gathered_telemetry_impl(grads: Sequence[Tensor], layouts: Sequence[bytes], partials_dtype: torch.dtype) -> Tensor:
+    """``Backend.gathered_telemetry``: the same layout as the exact call's over the same grads."""
+    return _exact_telemetry(layouts, grads, lambda: list(grads), partials_dtype)
+
+
 def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], decide, scale: Tensor,
                     skip: Optional[Tensor], partials_dtype: torch.dtype) -> None:
     """The exact gate's call (``Backend.exact_step_``): the telemetry launch first, from a layout
@@ -133,17 +150,13 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
     the device runs the telemetry pass. With 2000 tensors those walks are ~0.1 ms of host time
     that came before the first kernel, with the device idle; the update can now start up to
     that much earlier, as far as the telemetry pass outlasts the host's decide and launches."""
-    device = groups[0].params[0].device
     partials = None
     if grads:
-        chunk = geometry().chunk
         # Built over what the key describes, nonempty_grads(groups): the same tensors as grads
         # unless the optimizer's plan is stale (a param emptied since: then numels disagree and
         # the step raises, rather than caching a layout its key does not determine).
-        layout = _plan(exact_telemetry_key(groups, grads, chunk, device),
-                       lambda: build_telemetry(nonempty_grads(groups), chunk, device), device)
-        with _on_device(device):
-            partials = telemetry_partials(layout, partials_dtype)
+        partials = _exact_telemetry([g.layout_key for g in groups], grads, lambda: nonempty_grads(groups),
+                                    partials_dtype)
     plan, device = _update_plan(groups)
     grad_factor = decide(partials)  # (max_grad_norm's factor, or None)
     _update(plan, device, groups, scale, skip, grad_factor)

@@ -1,0 +1,187 @@
+"""The exact gate's telemetry pass launched as soon as a call's gradients are gathered
+(lbw_kernels/early_telemetry.py): taken when the previous call's rows and layouts hold, the
+same bits as the call without it on every backend, and nothing applied by a call that raises
+after it."""
+
+import pytest
+import torch
+
+from lbw_kernels import GuardedAdamW, optimizer
+from streams import random_stream
+
+# Two groups (decay / no decay), as most training scripts have: the rows are both groups' grads.
+SHAPES = [(7,), (4097,), (3,), (33, 65)]
+GROUPS = [[0, 1], [2, 3]]
+
+
+def _model(backend, device="cpu", dtype=torch.float32, **options):
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in SHAPES]
+    groups = [{"params": [params[i] for i in GROUPS[0]], "weight_decay": 0.1},
+              {"params": [params[i] for i in GROUPS[1]], "weight_decay": 0.0}]
+    opt = GuardedAdamW(groups, lr=0.05, backend=backend, gate="exact", **options)
+    return params, opt
+
+
+def _snapshot(params, opt):
+    return [t.clone() for p in params for t in (p, *(opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step")))] + [
+        opt._guard.clone()]
+
+
+@pytest.fixture
+def early_launches(monkeypatch):
+    """The early passes the optimizer launches: one entry per call, True where it launched one."""
+    taken = []
+    real = optimizer.launch
+    monkeypatch.setattr(optimizer, "launch", lambda *a: taken.append(real(*a)) or taken[-1])
+    return taken
+
+
+def _run(backend, stream, early, monkeypatch, device="cpu", dtype=torch.float32, realloc_at=(), no_sync=False,
+         **options):
+    """Feed ``stream`` through grads refilled in place (so each call's layouts are the last's),
+    with new grad tensors on the calls in ``realloc_at`` (the old ones kept alive, so the new
+    addresses differ); each step() under ``set_sync_debug_mode("error")`` when ``no_sync``.
+    Returns the final snapshot and, per call, whether an early pass ran."""
+    launched = []
+    real = optimizer.launch
+    monkeypatch.setattr(optimizer, "launch", lambda *a: launched.append(real(*a) if early else None) or launched[-1])
+    stream = [[g.to(device=device, dtype=dtype) for g in grads] for grads in stream]
+    params, opt = _model(backend, device, dtype, **options)
+    kept, taken = [], []
+    for call, grads in enumerate(stream, start=1):
+        for p, g in zip(params, grads):
+            if p.grad is None or call in realloc_at:
+                kept.append(p.grad)
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        before = len(launched)
+        if no_sync:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            if no_sync:
+                torch.cuda.set_sync_debug_mode(0)
+        taken.append(any(x is not None for x in launched[before:]))
+    return _snapshot(params, opt), taken
+
+
+def _assert_same_bits(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_early_pass_is_taken_and_gives_the_bits_of_the_call_without_it(backend, dtype, monkeypatch):
+    """From the second call on (the first leaves the recipe) every call launches its telemetry
+    early, through spikes, a flip and a NaN call (skipped), and ends bitwise where the same
+    optimizer ends without early passes."""
+    stream = random_stream(8, SHAPES, seed=3, spikes=(3,), flips=(5,), nan_at=(6,))
+    with_early, taken = _run(backend, stream, True, monkeypatch, dtype=dtype, stats_freq=1)
+    without, not_taken = _run(backend, stream, False, monkeypatch, dtype=dtype, stats_freq=1)
+    assert taken == [False] + [True] * 7
+    assert not any(not_taken)
+    _assert_same_bits(with_early, without)
+
+
+def test_new_grad_storage_is_not_taken_for_the_old(backend, monkeypatch):
+    """A call whose grads were reallocated launches nothing early (its layouts are not the
+    last call's) and the next one does again; the results are those without early passes."""
+    stream = random_stream(6, SHAPES, seed=4, spikes=(4,))
+    with_early, taken = _run(backend, stream, True, monkeypatch, realloc_at=(4,), stats_freq=1)
+    without, _ = _run(backend, stream, False, monkeypatch, realloc_at=(4,), stats_freq=1)
+    assert taken == [False, True, True, False, True, True]
+    _assert_same_bits(with_early, without)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(stats_freq=10), True),  # the finite check reads every call
+    (dict(stats_freq=10, skip_nonfinite=False), False),  # 9 calls in 10 read nothing
+    (dict(stats_freq=1, skip_nonfinite=False), True),
+    (dict(stats_freq=10, skip_nonfinite=False, max_grad_norm=1.0), True),  # clipping reads every call
+    (dict(stats_freq=1, auto_enabled=False, skip_nonfinite=False), False),  # nothing reads telemetry
+])
+def test_taken_only_where_every_call_reads_its_telemetry(options, expected, monkeypatch):
+    stream = random_stream(4, SHAPES, seed=5)
+    with_early, taken = _run("reference", stream, True, monkeypatch, **options)
+    without, _ = _run("reference", stream, False, monkeypatch, **options)
+    assert taken == [False] + [expected] * 3
+    _assert_same_bits(with_early, without)
+
+
+def test_rows_that_need_the_plan_leave_no_recipe():
+    """A zero-element param (it has no row, so the rows are not the gathered lists) and a param
+    without a grad (the plan picks positions): the next call runs its passes as usual."""
+    for grad_of_second in ("zero elements", "none"):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(5,), (0,) if grad_of_second == "zero elements" else (4,)]]
+        opt = GuardedAdamW(params, lr=0.05, backend="reference", gate="exact", stats_freq=1)
+        params[0].grad = torch.randn(5)
+        if grad_of_second == "zero elements":
+            params[1].grad = torch.randn(0)
+        opt.step()
+        assert opt._early_recipe is None, grad_of_second
+        opt.step()
+        assert opt._early_recipe is None, grad_of_second
+
+
+def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_launches):
+    """The early pass writes only its own partials: a call refused afterwards (an AdamW state of
+    the wrong shape put into ``opt.state``, found when the plan is rebuilt) leaves params,
+    states, guard and call count as they were, and the next good call goes on."""
+    params, opt = _model(backend)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    opt.step()
+    assert early_launches[-1] is not None
+    before, calls = _snapshot(params, opt), opt._calls
+    good = opt.state[params[1]]["exp_avg"]
+    opt.state[params[1]]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+    assert early_launches[-1] is not None  # (it did launch before the refusal)
+    opt.state[params[1]]["exp_avg"] = good
+    _assert_same_bits(_snapshot(params, opt), before)
+    assert opt._calls == calls
+    opt.step()
+    assert opt._calls == calls + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_early_pass_same_bits_and_no_sync(backend_name, dtype, monkeypatch):
+    """On the GPU: the early pass is taken, its calls never wait for the device, and the
+    results are bitwise those without it."""
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    stream = random_stream(8, SHAPES, seed=6, spikes=(3,), flips=(5,), nan_at=(6,))
+    with_early, taken = _run(backend_name, stream, True, monkeypatch, device="cuda", dtype=dtype, no_sync=True,
+                             stats_freq=1)
+    without, _ = _run(backend_name, stream, False, monkeypatch, device="cuda", dtype=dtype, stats_freq=1)
+    assert taken == [False] + [True] * 7
+    _assert_same_bits(with_early, without)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    """``LBW_EARLY_TELEMETRY=0`` at import turns the early pass off (bench/device_check.sh's
+    same-run baseline); the steps are then those without it."""
+    import os
+    import subprocess
+    import sys
+
+    from lbw_kernels import early_telemetry
+
+    read = "import lbw_kernels.early_telemetry as e; print(e.ENABLED)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LBW_EARLY_TELEMETRY": value}).stdout
+        assert out.strip() == expected
+    monkeypatch.setattr(early_telemetry, "ENABLED", False)
+    _, taken = _run("reference", random_stream(3, SHAPES, seed=7), True, monkeypatch)
+    assert taken == [False] * 3
