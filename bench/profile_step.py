@@ -19,7 +19,8 @@ after a host-side change; a GPU adds each launch's own cost on top.
 With the stub it also prints when each launch is issued, in microseconds from the start of
 ``step()`` (median over the timed calls): the host time before the first kernel is time the
 device sits idle in a step timed alone, and host time between launches is hidden only while
-the device still runs the previous kernel.
+the device still runs the previous kernel. The exact gate's line comes twice, with its early
+telemetry pass (lbw_kernels/early_telemetry.py) and without, their steps interleaved.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import io
 import pstats
 import statistics
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -64,20 +65,33 @@ def stub_triton_kernels() -> List[Tuple[str, float]]:
     return launches
 
 
-def launch_times(opt, launches: List[Tuple[str, float]], steps: int) -> str:
+def launch_times(opt, launches: List[Tuple[str, float]], steps: int, early: Optional[List[bool]] = None) -> List[str]:
     """``telemetry 190 us, coefficients 400 us, ..., return 435 us``: when each launch of a
-    step is issued, from the start of ``step()``, median over ``steps`` calls."""
-    rows = []
-    for _ in range(steps):
+    step is issued, from the start of ``step()``, median over ``steps`` calls. With ``early``
+    (booleans), one such line per value, the steps interleaved: the exact gate's early
+    telemetry pass on and off (lbw_kernels/early_telemetry.py) in the same process."""
+    from lbw_kernels import early_telemetry
+
+    settings = early or [early_telemetry.ENABLED]
+    rows: dict = {on: [] for on in settings}
+    for i in range(steps * len(settings)):
+        on = settings[i % len(settings)]
+        early_telemetry.ENABLED = on
         launches.clear()
         t0 = time.perf_counter()
         opt.step()
         end = time.perf_counter()
-        rows.append([(name, t - t0) for name, t in launches] + [("return", end - t0)])
-    if len({tuple(name for name, _ in row) for row in rows}) > 1:
-        return "launches differ between calls (stats_freq > 1?): no median"
-    return ", ".join(f"{name} {statistics.median(row[i][1] for row in rows) * 1e6:.0f} us"
-                     for i, (name, _) in enumerate(rows[0]))
+        rows[on].append([(name, t - t0) for name, t in launches] + [("return", end - t0)])
+    early_telemetry.ENABLED = settings[0]
+    out = []
+    for on, calls in rows.items():
+        label = "" if early is None else f"early telemetry {'on' if on else 'off'}: "
+        if len({tuple(name for name, _ in row) for row in calls}) > 1:
+            out.append(label + "launches differ between calls (stats_freq > 1?): no median")
+            continue
+        out.append(label + ", ".join(f"{name} {statistics.median(row[i][1] for row in calls) * 1e6:.0f} us"
+                                     for i, (name, _) in enumerate(calls[0])))
+    return out
 
 
 def main() -> None:
@@ -132,7 +146,9 @@ def main() -> None:
             print(f"\n=== {args.layout} {backend} {gate} sf={args.stats_freq}: host {host_ms:.3f} ms/step, "
                   f"{aten / args.steps:.0f} aten ops and {n_launches / args.steps:.0f} kernel launches per step")
             if launches is not None:
-                print(f"launches issued at (from step start, median): {launch_times(opt, launches, args.steps * 5)}")
+                # (the exact gate: with its early telemetry pass and without, steps interleaved)
+                for line in launch_times(opt, launches, args.steps * 5, [True, False] if gate == "exact" else None):
+                    print(f"launches issued at (from step start, median): {line}")
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
             print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))

@@ -140,13 +140,15 @@ def test_device_check_script_parses_and_its_geometry_candidates_exist():
     geometry it times by default must be one the kernels accept (a typo would cost a phase)."""
     import subprocess
 
-    from gpu_checks import DEVICE_CHECK, device_check_candidates
+    from gpu_checks import DEVICE_CHECK, device_check_candidates, device_check_entries
 
     subprocess.run(["bash", "-n", str(DEVICE_CHECK)], check=True)
     assert "${LBW_CHECK_TUNE-$TUNE_DEFAULT}" in DEVICE_CHECK.read_text()
-    entries = device_check_candidates()
+    entries = device_check_entries()
     assert {e.split(":", 1)[0] for e in entries} <= {"cuda", "triton"} and len(entries) >= 2  # (the regex found them)
-    for entry in entries:
+    switches = [e.split(":", 1)[1] for e in entries if e not in device_check_candidates()]
+    assert set(switches) <= {"LBW_EARLY_TELEMETRY=0"}, switches  # (the switches the package reads)
+    for entry in device_check_candidates():
         backend, spec = entry.split(":", 1)
         if backend == "triton":
             from lbw_kernels.triton_kernels.config import GPU, _overridden
@@ -218,21 +220,26 @@ def test_tune_table_puts_each_candidate_beside_the_default(tmp_path):
         report(10.0, [("guard cuda exact sf=1", "cuda", 9.0, 1.08), ("guard triton exact sf=1", "triton", 9.5, 1.1)]))
     (tmp_path / "tune-1").mkdir()
     (tmp_path / "tune-1" / "bench.json").write_text(report(10.2, [("guard cuda exact sf=1", "cuda", 8.8, 1.05)]))
+    (tmp_path / "tune-3").mkdir()
+    (tmp_path / "tune-3" / "bench.json").write_text(report(9.9, [("guard cuda exact sf=1", "cuda", 9.1, 1.09)]))
     (tmp_path / "tune.txt").write_text("tune_1 cuda LBW_CUDA_GEOMETRY=warp_partials=1\n"
-                                       "tune_2 cuda LBW_CUDA_GEOMETRY=chunk=8192\n")
+                                       "tune_2 cuda LBW_CUDA_GEOMETRY=chunk=8192\n"
+                                       "tune_3 cuda LBW_EARLY_TELEMETRY=0\n")
     script = Path(__file__).resolve().parents[1] / "bench" / "tune_table.py"
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     assert "| cuda | guard cuda exact sf=1 | default | 9.000 | 1.080 | 0.900 |" in lines
     assert "| cuda | guard cuda exact sf=1 | warp_partials=1 | 8.800 | 1.050 | 0.863 |" in lines
     assert "| cuda | guard cuda exact sf=1 | chunk=8192 (no result) | - | - | - |" in lines
+    assert "| cuda | guard cuda exact sf=1 | LBW_EARLY_TELEMETRY=0 | 9.100 | 1.090 | 0.919 |" in lines
     assert not any("triton" in line for line in lines)  # only the tuned backends
 
 
 def test_profile_step_measures_the_triton_host_path_without_launching():
     """bench/profile_step.py --stub-triton-kernels (host time of a Triton step on a CPU-only
     machine): both gates are profiled, no kernel runs (the stubs replace every launch), and
-    when each launch is issued is reported, in the order the step issues them."""
+    when each launch is issued is reported, in the order the step issues them (the exact gate
+    with its early telemetry pass and without)."""
     import os
     import re
     import subprocess
@@ -248,10 +255,13 @@ def test_profile_step_measures_the_triton_host_path_without_launching():
     assert heads == ["exact", "single_pass"], out
     assert "lbw::summarize_decide_" in out or "summarize_decide_" in out  # the step ran up to its decision
     assert "interpreter.py" not in out  # no kernel went through Triton's interpreter
-    issued = re.findall(r"launches issued at \(from step start, median\): (.*)", out)
-    names = [[item.split()[0] for item in line.split(", ")] for line in issued]
-    assert names == [["telemetry", "coefficients", "update", "return"], ["coefficients", "update", "return"]], out
-    times = [[float(item.split()[1]) for item in line.split(", ")] for line in issued]
+    issued = re.findall(r"launches issued at \(from step start, median\): (early telemetry \w+: )?(.*)", out)
+    # The exact gate twice, with its early telemetry pass and without (steps interleaved)
+    assert [label for label, _ in issued] == ["early telemetry on: ", "early telemetry off: ", ""], out
+    names = [[item.split()[0] for item in line.split(", ")] for _, line in issued]
+    exact = ["telemetry", "coefficients", "update", "return"]
+    assert names == [exact, exact, ["coefficients", "update", "return"]], out
+    times = [[float(item.split()[1]) for item in line.split(", ")] for _, line in issued]
     assert all(t == sorted(t) and t[0] > 0 for t in times), out
 
 
