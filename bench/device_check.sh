@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One check on a lent GPU machine (Python 3.12, torch CUDA, triton, nvcc, ninja, no internet):
 # install (builds the C++/CUDA extension), info, the benchmarks on the three full layouts, the
-# GPU tests, launch geometry candidates, each step split into host prefix, kernels and gaps
-# (timeline.txt), a host-time profile, the host time of one launch by route, the torch-free CUDA
-# test binary, verify. Everything lands in the output folder: one
+# GPU tests, launch geometry candidates and the exact gate without its early telemetry pass,
+# each step split into host prefix, kernels and gaps (timeline.txt), a host-time profile and
+# the step's Python path on this host's CPU alone, the torch-free CUDA build (memory floor,
+# test binary), verify. Everything lands in the output folder: one
 # log per phase, bench JSON+PNG per layout, results/ (the JSON under the names bench/results/
 # keeps), tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
 #
@@ -13,7 +14,8 @@
 # (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
 # recorded and the next one runs. The exit status is non-zero when any phase failed.
 # Order: the timing targets come before the long test phase, so a hanging test cannot cost
-# the numbers; then the other layouts, geometry candidates, the CUDA test binary and verify. Every phase's output is kept either way.
+# the numbers; then the other layouts, the candidates, the host-time phases, the CUDA build and
+# verify (results already on record last). Every phase's output is kept either way.
 # LBW_CHECK_ARCHIVE=FILE.tgz: after every phase, the whole folder is packed into FILE (and
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
@@ -143,34 +145,35 @@ done
 # (Triton's direct launches, LBW_TRITON_DIRECT_LAUNCH=1, are no longer timed here: on the H200
 # on 2026-11-27 they gained nothing on 2000 tensors; triton_kernels/launch.py.)
 collect_results
-# The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
-# kernels, every launch geometry, beside plain kernels that move the same bytes with no math
-# (memory_floor.jsonl: whether 4-read/3-write traffic itself can come within 1.05x of a copy).
-CMAKE_GPU=(cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON)
-[[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]] && CMAKE_GPU+=("-DCMAKE_CUDA_ARCHITECTURES=${TORCH_CUDA_ARCH_LIST//./}")
-phase csrc_cuda_build 150 bash -c '"$@" >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}"' _ "${CMAKE_GPU[@]}"
-phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | tee "$0"' "$OUT_DIR/memory_floor.jsonl"
 # Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
 # triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
 # baselines of the same process: the evidence for the defaults. Each entry is
-# BACKEND:GEOMETRY; output in tune-N/ (not results/), listed in tune.txt; LBW_CHECK_TUNE=""
-# skips them. (Earlier candidates and what they gave: bench/results/nvidia-h200-cuda-geometry-
-# 20261126.json, ...-triton-geometry-20261126.json, ...-geometry-20261127.json. 512 x 2 at the
-# default chunk came within 1% of the default in two runs, chunk 65536 against 16384 in three;
-# CUDA's warp_partials 1-2% slower; Triton's chunk (16384, 8192) changed nothing; maxnreg=64
-# slower on both gates; num_stages=3 3% faster on single_pass and 0.3% slower on the exact gate,
-# block 512 with telemetry_fold 4 2% faster and 2% slower. Below: pipelining in the single_pass
-# update alone, the exact gate's kernels as the default's (their rows: a noise control). If
-# single_pass gains >= 1% again, it becomes that kernel's default in triton_kernels/config.py.)
-TUNE_DEFAULT="triton:single_pass_num_stages=3 triton:single_pass_num_stages=4"
+# BACKEND:GEOMETRY, or BACKEND:LBW_NAME=VALUE for another switch; output in tune-N/ (not
+# results/), listed in tune.txt; LBW_CHECK_TUNE="" skips them. (Earlier candidates and what
+# they gave: bench/results/nvidia-h200-cuda-geometry-20261126.json,
+# ...-triton-geometry-20261126.json, ...-geometry-20261127.json. 512 x 2 at the default chunk
+# came within 1% of the default in two runs, chunk 65536 against 16384 in three; CUDA's
+# warp_partials 1-2% slower; Triton's chunk (16384, 8192) changed nothing; maxnreg=64 slower on
+# both gates; num_stages=3 3% faster on single_pass and 0.3% slower on the exact gate, block 512
+# with telemetry_fold 4 2% faster and 2% slower; single_pass_num_stages=4 not timed yet.)
+# Below: pipelining in the single_pass update alone, the exact gate's kernels as the default's
+# (their rows: a noise control); if single_pass gains >= 1% again, it becomes that kernel's
+# default in triton_kernels/config.py. Then both backends without the exact gate's early
+# telemetry pass (lbw_kernels/early_telemetry.py): the same run's baseline for what launching
+# it first gains.
+TUNE_DEFAULT="triton:single_pass_num_stages=3 cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
 i=0
 for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
     i=$((i + 1))
     backend=${entry%%:*}
-    geo=${entry#*:}
-    var=LBW_$(echo "$backend" | tr a-z A-Z)_GEOMETRY
-    echo "tune_$i $backend $var=$geo" >>"$OUT_DIR/tune.txt"
-    phase "tune_$i" 45 env "$var=$geo" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
+    setting=${entry#*:}
+    if [[ $setting == LBW_* ]]; then
+        var=${setting%%=*} value=${setting#*=}
+    else
+        var=LBW_$(echo "$backend" | tr a-z A-Z)_GEOMETRY value=$setting
+    fi
+    echo "tune_$i $backend $var=$value" >>"$OUT_DIR/tune.txt"
+    phase "tune_$i" 45 env "$var=$value" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
         --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
 done
 # The candidates beside the defaults in one table (tune_table.md).
@@ -184,16 +187,24 @@ for layout in "${LAYOUTS[@]}"; do
     phase "timeline_$layout" 40 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
         --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
 done
-# Where the host time of a step goes (cProfile, torch.profiler op/launch counts per step): on
-# the many-tensors layout (host-bound), and on the first (TinyLlama: 0.4-0.5 ms of host time
-# before the first launch per step in the 2026-11-27 run, left unexplained by 201 tensors).
-for layout in "${LAYOUTS[0]}" 2000x65536; do
-    phase "profile_host_$layout" 60 "$PY" bench/profile_step.py --layout "$layout" --steps 20 --top 12
-done
-# Host time of one launch by route (Triton JIT vs its compiled kernel launched directly, the
-# CUDA op, a torch op): launch_overhead.jsonl.
-phase launch_overhead 40 bash -c 'set -o pipefail; "$0" bench/launch_overhead.py | tee "$1"' "$PY" \
-    "$OUT_DIR/launch_overhead.jsonl"
+# Where the host time of a step goes (cProfile, torch.profiler op/launch counts per step) on
+# the first layout (TinyLlama: 0.4-0.5 ms of host time before the first launch per step in the
+# 2026-11-27 run; the 2000-tensor layout's profile is in bench/results/, twice). Then the same
+# step's host work on this host's CPU with the Triton launches stubbed out (CPU tensors,
+# TRITON_INTERPRET=1: no CUDA call at all): how fast this host runs the Python step path, to set
+# beside the same command's output on the 2-core CI machine (bench/results/cpu-*-profile-host-
+# stub-*) and beside the prefix the timeline measures. (The host time of one launch by route,
+# bench/launch_overhead.py, is recorded in ...-launch-overhead-20261127.jsonl; not rerun.)
+phase "profile_host_${LAYOUTS[0]}" 60 "$PY" bench/profile_step.py --layout "${LAYOUTS[0]}" --steps 20 --top 12
+phase host_stub 60 env TRITON_INTERPRET=1 "$PY" bench/profile_step.py --stub-triton-kernels --layout "${LAYOUTS[0]}" \
+    --steps 200 --top 0
+# The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
+# kernels, every launch geometry, beside plain kernels that move the same bytes with no math
+# (memory_floor.jsonl: whether 4-read/3-write traffic itself can come within 1.05x of a copy).
+CMAKE_GPU=(cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLBW_CUDA=ON -DLBW_CUDA_TESTS=ON)
+[[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]] && CMAKE_GPU+=("-DCMAKE_CUDA_ARCHITECTURES=${TORCH_CUDA_ARCH_LIST//./}")
+phase csrc_cuda_build 150 bash -c '"$@" >/dev/null && cmake --build build/gpu -j "${MAX_JOBS:-16}"' _ "${CMAKE_GPU[@]}"
+phase memory_floor 60 bash -c 'set -o pipefail; build/gpu/bench_memory_floor | tee "$0"' "$OUT_DIR/memory_floor.jsonl"
 # The torch-free CUDA kernels' own test binary (csrc/tests), from the build above.
 phase csrc_cuda_test 60 ctest --test-dir build/gpu --output-on-failure
 # lbw-kernels verify on CUDA (every backend against the reference, as a user would run it).

@@ -29,10 +29,13 @@ def candidates(folder: Path) -> list:
     for line in (folder / "tune.txt").read_text().splitlines():
         name, backend, setting = line.split(maxsplit=2)
         report = folder / name.replace("tune_", "tune-") / "bench.json"
+        # A geometry by its fields; another switch (LBW_EARLY_TELEMETRY=0) as set
+        variable, value = setting.split("=", 1)
+        label = value if variable == f"LBW_{backend.upper()}_GEOMETRY" else setting
         if report.exists():
-            entries.append((setting.split("=", 1)[1], backend, _table(report)))
+            entries.append((label, backend, _table(report)))
         else:
-            entries.append((setting.split("=", 1)[1] + " (no result)", backend, None))
+            entries.append((label + " (no result)", backend, None))
     if not entries:
         return []
     layout = next((t["layout"] for _, _, t in entries if t is not None), None)
@@ -42,7 +45,7 @@ def candidates(folder: Path) -> list:
 
 
 def render(entries: list) -> str:
-    lines = ["| backend | row | geometry | ms | x floor | vs fused (same process) |", "|---|---|---|---|---|---|"]
+    lines = ["| backend | row | setting | ms | x floor | vs fused (same process) |", "|---|---|---|---|---|---|"]
     for backend in dict.fromkeys(b for _, b, _ in entries):
         mine = [(label, t) for label, b, t in entries if b == backend]
         names = [r["name"] for _, t in mine if t is not None for r in t["rows"] if r["backend"] == backend]

@@ -30,10 +30,16 @@ def extension_devices() -> list:
     return ["cpu", pytest.param("cuda", marks=cuda_marks)]
 
 
-def device_check_candidates() -> list:
-    """``BACKEND:GEOMETRY`` entries device_check times by default (its TUNE_DEFAULT lines)."""
+def device_check_entries() -> list:
+    """The entries device_check times by default (its TUNE_DEFAULT lines): ``BACKEND:GEOMETRY``
+    and ``BACKEND:LBW_NAME=VALUE`` (another switch)."""
     text = DEVICE_CHECK.read_text()
     return " ".join(re.findall(r'^TUNE_DEFAULT\+?="([^"]*)"', text, flags=re.M)).split()
+
+
+def device_check_candidates() -> list:
+    """The ``BACKEND:GEOMETRY`` entries among them: the launch geometries."""
+    return [e for e in device_check_entries() if not e.split(":", 1)[1].startswith("LBW_")]
 
 
 def kernel_gpu_backends() -> list:
