@@ -72,17 +72,19 @@ def launch_times(opt, launches: List[Tuple[str, float]], steps: int, early: Opti
     telemetry pass on and off (lbw_kernels/early_telemetry.py) in the same process."""
     from lbw_kernels import early_telemetry
 
-    settings = early or [early_telemetry.ENABLED]
+    settings, enabled = early or [early_telemetry.ENABLED], early_telemetry.ENABLED
     rows: dict = {on: [] for on in settings}
-    for i in range(steps * len(settings)):
-        on = settings[i % len(settings)]
-        early_telemetry.ENABLED = on
-        launches.clear()
-        t0 = time.perf_counter()
-        opt.step()
-        end = time.perf_counter()
-        rows[on].append([(name, t - t0) for name, t in launches] + [("return", end - t0)])
-    early_telemetry.ENABLED = settings[0]
+    try:
+        for i in range(steps * len(settings)):
+            on = settings[i % len(settings)]
+            early_telemetry.ENABLED = on
+            launches.clear()
+            t0 = time.perf_counter()
+            opt.step()
+            end = time.perf_counter()
+            rows[on].append([(name, t - t0) for name, t in launches] + [("return", end - t0)])
+    finally:
+        early_telemetry.ENABLED = enabled
     out = []
     for on, calls in rows.items():
         label = "" if early is None else f"early telemetry {'on' if on else 'off'}: "

@@ -77,6 +77,8 @@ class Backend:
     #: own operators (the reference: torch ops only); kernels need every tensor's address
     #: (subclasses.py: wrappers whose inner tensor holds their elements are resolved first)
     runs_subclasses = False
+    #: whether :meth:`exact_step_` takes ``partials`` (the optimizer's early telemetry pass)
+    exact_step_takes_partials = False
 
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -133,6 +135,7 @@ class Backend:
         scale: Tensor,
         skip: Optional[Tensor],
         partials_dtype: torch.dtype,
+        partials: Optional[Tensor] = None,
     ) -> bool:
         """The exact gate's call in one go, for a backend that can find its tensors once for
         both passes (each pass on its own reads every tensor's address: the gradients' twice):
@@ -140,7 +143,10 @@ class Backend:
         nothing) handed to ``decide`` (rules 1-4, on the device), then rule 5 on ``groups``
         with ``skip`` as decided and the ``grad_factor`` that ``decide`` returns (None: none).
         Returns False, having done nothing, where the backend does
-        not offer it: the caller then runs :meth:`telemetry`, ``decide`` and :meth:`adamw_`."""
+        not offer it: the caller then runs :meth:`telemetry`, ``decide`` and :meth:`adamw_`.
+        ``partials`` (only where ``exact_step_takes_partials``): the rows of ``grads``, launched
+        already (lbw_kernels/early_telemetry.py), to take instead of a telemetry pass; the
+        update's checks still come before ``decide``."""
         return False
 
     def decide_(

@@ -293,7 +293,9 @@ class CudaBackend(CppBackend):
         _apply_cuda_geometry_override()
         super().__init__()
 
-    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
+    exact_step_takes_partials = True
+
+    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype, partials=None):
         """Both passes in one call from Python (_C._adamw_exact_: the telemetry op over the grads,
         launched before the update's tensors are checked, then ``decide``, then the update, with
         the gradient factor ``decide`` returns), for the common call: eager, one group of one
@@ -301,11 +303,12 @@ class CudaBackend(CppBackend):
         rows, telemetry due. Anything else, or tensors the kernels do not take: False, nothing
         done, and the optimizer runs the passes one by one (the same bits). ``grads`` is asked
         only whether it is empty: the call reads the group's own grads, whose zero-element ones
-        give no row, so its rows are those of ``grads`` (the nonempty ones, in order)."""
+        give no row, so its rows are those of ``grads`` (the nonempty ones, in order). Given
+        ``partials`` (the telemetry op's rows of them, launched early), the call takes those."""
         if torch.compiler.is_compiling() or len(groups) != 1 or not grads or partials_dtype != torch.float64:
             return False
         group = groups[0]
         if isinstance(group.lr, Tensor) or (group.param_dtypes is not None and len(group.param_dtypes) > 1):
             return False
         lr_scale, lr = self._lr(scale, group.lr)
-        return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide)
+        return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide, partials)

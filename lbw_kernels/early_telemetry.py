@@ -13,10 +13,12 @@ and strides, as ``gather_grads`` read them), so the previous call's rows are thi
 the backend's cached tables for them still hold. And only when the call will read the
 telemetry whatever its schedule says (the finite check, clipping, or telemetry every call),
 eagerly, outside a CUDA graph capture, with state already created (not DCP's state-creating
-call). The pass writes nothing but a fresh partials tensor and the backend's workspace, so a
-call that raises after it has changed nothing the caller sees. The step then decides and
-updates from these partials, in the order the one-by-one passes use: the same bits as a call
-without the early launch.
+call). The pass itself writes nothing but a fresh partials tensor and the backend's workspace.
+The step hands these partials to the backend's one-call exact step (``Backend.exact_step_``'s
+``partials``: triton, cuda), which checks the update's tensors before ``decide`` writes the
+guard, as it does without them; a backend without one runs ``decide`` and the update one by
+one, as it does without them. Either way, the same bits as a call without the early launch,
+and a call refused by the update's checks changes what it changed without it.
 
 ``LBW_EARLY_TELEMETRY=0`` in the environment when this module is imported turns it off (read
 once: a step reads no environment), so that a benchmark can time the step without it in the
@@ -69,8 +71,12 @@ def reads_every_call(cfg: GuardConfig) -> bool:
 
 def recipe_after(layouts: Optional[Sequence[Optional[bytes]]], plan: StepPlan, backend: Backend) -> Optional[Recipe]:
     """The recipe an eager exact call that read the telemetry of ``plan``'s rows leaves, or None
-    where the next call could not tell from its layouts alone that its rows are the same."""
+    where the next call could not tell from its layouts alone that its rows are the same, or
+    where the backend's one-call exact step cannot take rows launched already (one registered
+    from outside: it would be bypassed, and with it the update's checks before ``decide``)."""
     if layouts is None or plan.row_groups is None or any(layout is None for layout in layouts):
+        return None
+    if type(backend).exact_step_ is not Backend.exact_step_ and not backend.exact_step_takes_partials:
         return None
     return Recipe(tuple(layouts), plan.row_groups, backend)
 

@@ -549,12 +549,13 @@ class GuardedAdamW(torch.optim.Optimizer):
 
         if self.gate == "exact":
             skip = guard[ref.SKIP] if (check_finite or found_inf is not None) and not state_init else None
-            # (partials launched early: the passes one by one from there, as without them)
+            # Rows launched early (early_telemetry.py) go to the backend's one-call step, which
+            # checks the update's tensors before decide writes the guard, or where it has none
+            # (or declines) to the passes one by one, as without them.
             served = early is not None and measure and early.serves(plan, backend)
             partials = early.partials if served else None
-            if served or not backend.exact_step_(
-                groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip, partials_dtype=guard.dtype
-            ):
+            if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
+                                       partials_dtype=guard.dtype, **({"partials": partials} if served else {})):
                 if partials is None and measure and local_grads:
                     partials = backend.telemetry(local_grads, guard.dtype)
                 factor = decide(partials)

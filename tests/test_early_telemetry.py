@@ -41,8 +41,9 @@ def _run(backend, stream, early, monkeypatch, device="cpu", dtype=torch.float32,
          **options):
     """Feed ``stream`` through grads refilled in place (so each call's layouts are the last's),
     with new grad tensors on the calls in ``realloc_at`` (the old ones kept alive, so the new
-    addresses differ); each step() under ``set_sync_debug_mode("error")`` when ``no_sync``.
-    Returns the final snapshot and, per call, whether an early pass ran."""
+    addresses differ); each step() after the first (which builds the plan, uploading its
+    sizes) under ``set_sync_debug_mode("error")`` when ``no_sync``. Returns the final snapshot
+    and, per call, whether an early pass ran."""
     launched = []
     real = optimizer.launch
     monkeypatch.setattr(optimizer, "launch", lambda *a: launched.append(real(*a) if early else None) or launched[-1])
@@ -57,12 +58,13 @@ def _run(backend, stream, early, monkeypatch, device="cpu", dtype=torch.float32,
             else:
                 p.grad.copy_(g)
         before = len(launched)
-        if no_sync:
+        watch = no_sync and call > 1
+        if watch:
             torch.cuda.set_sync_debug_mode("error")
         try:
             opt.step()
         finally:
-            if no_sync:
+            if watch:
                 torch.cuda.set_sync_debug_mode(0)
         taken.append(any(x is not None for x in launched[before:]))
     return _snapshot(params, opt), taken
@@ -125,6 +127,61 @@ def test_rows_that_need_the_plan_leave_no_recipe():
         assert opt._early_recipe is None, grad_of_second
         opt.step()
         assert opt._early_recipe is None, grad_of_second
+
+
+def test_one_telemetry_pass_per_call(backend, monkeypatch):
+    """The early partials are the call's: no second telemetry pass runs (the backend's own
+    telemetry, or its one-call exact step's) on the calls that launched one."""
+    from lbw_kernels.backends import get_backend
+
+    cls = type(get_backend(backend))
+    passes = []
+    real_telemetry, real_gathered = cls.telemetry, cls.gathered_telemetry
+    monkeypatch.setattr(cls, "telemetry", lambda self, *a: passes.append("telemetry") or real_telemetry(self, *a))
+    monkeypatch.setattr(cls, "gathered_telemetry",
+                        lambda self, *a: passes.append("early") or real_gathered(self, *a))
+    if backend == "triton":  # (its one-call step launches through ops, not the methods above)
+        from lbw_kernels.triton_kernels import ops
+
+        real_exact = ops._exact_telemetry
+        monkeypatch.setattr(ops, "_exact_telemetry", lambda *a: passes.append("exact") or real_exact(*a))
+    params, opt = _model(backend, stats_freq=1)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    per_call = []
+    for _ in range(3):
+        passes.clear()
+        opt.step()
+        per_call.append(list(passes))
+    one = "exact" if backend == "triton" else "telemetry"  # (the early pass runs through it too)
+    assert per_call == [[one], ["early", one], ["early", one]]
+
+
+def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches):
+    """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to a dtype the
+    update refuses: after an early pass, the call raises with the guard and call count as they
+    were, as without the early pass where the backend checks the update before deciding (its
+    one-call exact step: triton; cuda on a GPU). The others decide first, with or without it."""
+    if backend != "triton":
+        pytest.skip("the reference and cpp backends decide before the update's checks, early pass or not")
+    params, opt = _model(backend)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    opt.step()
+    assert early_launches[-1] is not None
+    guard, calls = opt._guard.clone(), opt._calls
+    exp_avg = opt.state[params[1]]["exp_avg"]
+    good = exp_avg.data
+    exp_avg.data = good.double()
+    with pytest.raises(TypeError, match="fp32"):
+        opt.step()
+    assert early_launches[-1] is not None  # (launched before the refusal)
+    torch.testing.assert_close(opt._guard, guard, rtol=0, atol=0, equal_nan=True)
+    assert opt._calls == calls
+    exp_avg.data = good
+    opt.step()
+    assert opt.telemetry()["step"] == opt._calls == calls + 1
 
 
 def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_launches):

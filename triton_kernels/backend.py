@@ -72,10 +72,12 @@ class TritonBackend(Backend):
     def gathered_telemetry(self, grads, layouts, partials_dtype):
         return ops.gathered_telemetry_impl(grads, layouts, partials_dtype)
 
-    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype):
+    exact_step_takes_partials = True
+
+    def exact_step_(self, groups, grads, *, decide, scale, skip, partials_dtype, partials=None):
         if _compiling() or not groups:  # compiled: the custom ops, one per pass (the caller runs them)
             return False
-        ops.exact_step_impl(groups, grads, decide, scale, skip, partials_dtype)
+        ops.exact_step_impl(groups, grads, decide, scale, skip, partials_dtype, partials)
         return True
 
     def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):

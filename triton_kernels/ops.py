@@ -143,15 +143,16 @@ def gathered_telemetry_impl(grads: Sequence[Tensor], layouts: Sequence[bytes], p
 
 
 def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], decide, scale: Tensor,
-                    skip: Optional[Tensor], partials_dtype: torch.dtype) -> None:
+                    skip: Optional[Tensor], partials_dtype: torch.dtype, partials: Optional[Tensor] = None) -> None:
     """The exact gate's call (``Backend.exact_step_``): the telemetry launch first, from a layout
     found by the layouts the optimizer gathered (``exact_telemetry_key``), then the update
     plan's key (every AdamW state's address: 3 walks of Python objects per group) is read while
     the device runs the telemetry pass. With 2000 tensors those walks are ~0.1 ms of host time
     that came before the first kernel, with the device idle; the update can now start up to
-    that much earlier, as far as the telemetry pass outlasts the host's decide and launches."""
-    partials = None
-    if grads:
+    that much earlier, as far as the telemetry pass outlasts the host's decide and launches.
+    ``partials``: the rows of ``grads``, launched already (the optimizer's early pass). Either
+    way the update's plan, and its checks, come before ``decide`` writes the guard."""
+    if partials is None and grads:
         # Built over what the key describes, nonempty_grads(groups): the same tensors as grads
         # unless the optimizer's plan is stale (a param emptied since: then numels disagree and
         # the step raises, rather than caching a layout its key does not determine).

@@ -25,8 +25,8 @@ std::atomic<bool>& poison_outputs();
 // (_C._cuda_geometry, LBW_CUDA_GEOMETRY) between steps, read by every CUDA launch.
 cuda::Geometry& cuda_geometry();
 
-// The CUDA exact gate in one call (ops_cuda.cpp's exact_step_cuda: telemetry, the update's
-// checks, `decide`, update), for the eager entry
+// The CUDA exact gate in one call (ops_cuda.cpp's exact_step_cuda: telemetry, unless its rows
+// are given, the update's checks, `decide`, update), for the eager entry
 // _C._adamw_exact_. Set when the CUDA kernels are linked in (ops_cuda.cpp registers it at
 // load); null in a CPU-only build.
 // decide(partials): rules 1-4, enqueued; returns the gradient factor for the update (max_grad_norm) or nothing.
@@ -34,7 +34,8 @@ using ExactDecideFn = std::function<std::optional<at::Tensor>(const at::Tensor&)
 using ExactStepFn = bool (*)(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
                              double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                             const std::optional<at::Tensor>& skip, const ExactDecideFn& decide);
+                             const std::optional<at::Tensor>& skip, const ExactDecideFn& decide,
+                             const std::optional<at::Tensor>& partials);
 ExactStepFn& cuda_exact_step();
 
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {

@@ -266,18 +266,19 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // device waits for, and it comes no sooner. Its rows are the telemetry op's, so the call is
 // bitwise the passes run one by one (CudaBackend's fallback) for any alignment of params,
 // grads and states. Nothing is written but the rows before `decide` returns: an error in the
-// update's checks changes no param, state or guard.
+// update's checks changes no param, state or guard. `partials`: the telemetry op's rows of
+// these grads, launched already (the optimizer's early telemetry pass), taken instead.
 bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool maximize, const std::optional<at::Tensor>& skip,
-                     const ExactDecideFn& decide) {
+                     const ExactDecideFn& decide, const std::optional<at::Tensor>& partials) {
   RECORD_FUNCTION("lbw::exact_step", std::vector<c10::IValue>());  // (not a dispatcher op: the profiler's name)
   TORCH_CHECK(!params.empty(), "lbw: exact_step_cuda needs params");
   // (kept alive until the update is enqueued; the allocator frees it in stream order after)
-  const at::Tensor partials = telemetry_cuda(grads);
+  const at::Tensor rows = partials.has_value() ? *partials : telemetry_cuda(grads);
   auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
                           weight_decay, maximize, skip, std::nullopt, false, false);
-  const std::optional<at::Tensor> factor = decide(partials);
+  const std::optional<at::Tensor> factor = decide(rows);
   if (factor.has_value()) u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
   launch_update(*u);
   return true;

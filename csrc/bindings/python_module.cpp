@@ -480,8 +480,9 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 }
 
 // The CUDA exact gate in one call: (params, grads, exp_avgs, exp_avg_sqs,
-// steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide). The telemetry
-// rows of the grads go to decide(partials), a Python callable that enqueues rules 1-4 on the
+// steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide[, partials]). The
+// telemetry rows of the grads (or `partials`, when given and not None: rows launched already,
+// lbw_kernels/early_telemetry.py) go to decide(partials), a Python callable that enqueues rules 1-4 on the
 // stream and returns None or the gradient factor (max_grad_norm) the update then reads; then
 // the update, which reads lr_scale, skip and that factor on the device after it. False, with
 // nothing done, for tensors the kernels do not take, CPU tensors or a build without CUDA
@@ -491,8 +492,8 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
 // GroupTensors, alive for the whole call) keep alive even if another thread resets .grad.
 PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   const lbw::ExactStepFn exact = lbw::cuda_exact_step();
-  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 14) {
-    PyErr_SetString(PyExc_TypeError, "_adamw_exact_ takes 14 positional arguments");
+  if (!PyTuple_Check(args) || (PyTuple_GET_SIZE(args) != 14 && PyTuple_GET_SIZE(args) != 15)) {
+    PyErr_SetString(PyExc_TypeError, "_adamw_exact_ takes 14 positional arguments (15 with the rows)");
     return nullptr;
   }
   PyObject* head = PyTuple_GetSlice(args, 0, 13);
@@ -507,8 +508,9 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
     return nullptr;
   }
   if (exact == nullptr || a.release || !a.kernel_ready()) Py_RETURN_FALSE;
-  std::optional<at::Tensor> skip;
+  std::optional<at::Tensor> skip, rows;
   if (!unpack_optional(a.last, "skip", skip)) return nullptr;
+  if (PyTuple_GET_SIZE(args) == 15 && !unpack_optional(PyTuple_GET_ITEM(args, 14), "partials", rows)) return nullptr;
   // decide runs as Python with the caller's dispatcher state, not the one run_op sets for the
   // op; a Python error it raises is carried through as python_error and restored by run_op.
   const c10::impl::LocalDispatchKeySet caller = c10::impl::tls_local_dispatch_key_set();
@@ -535,7 +537,8 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   bool done = false;
   if (!run_op(false, [&] {
         done = exact(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(), a.steps.list(),
-                     a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, call_decide);
+                     a.lr_scale, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize != 0, skip, call_decide,
+                     rows);
       }))
     return nullptr;
   return PyBool_FromLong(done);
