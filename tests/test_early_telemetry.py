@@ -14,11 +14,11 @@ SHAPES = [(7,), (4097,), (3,), (33, 65)]
 GROUPS = [[0, 1], [2, 3]]
 
 
-def _model(backend, device="cpu", dtype=torch.float32, **options):
+def _model(backend, device="cpu", dtype=torch.float32, one_group=False, **options):
     torch.manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in SHAPES]
-    groups = [{"params": [params[i] for i in GROUPS[0]], "weight_decay": 0.1},
-              {"params": [params[i] for i in GROUPS[1]], "weight_decay": 0.0}]
+    groups = [{"params": params}] if one_group else [{"params": [params[i] for i in GROUPS[0]], "weight_decay": 0.1},
+                                                    {"params": [params[i] for i in GROUPS[1]], "weight_decay": 0.0}]
     opt = GuardedAdamW(groups, lr=0.05, backend=backend, gate="exact", **options)
     return params, opt
 
@@ -157,24 +157,25 @@ def test_one_telemetry_pass_per_call(backend, monkeypatch):
     assert per_call == [[one], ["early", one], ["early", one]]
 
 
-def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches):
-    """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to a dtype the
-    update refuses: after an early pass, the call raises with the guard and call count as they
-    were, as without the early pass where the backend checks the update before deciding (its
-    one-call exact step: triton; cuda on a GPU). The others decide first, with or without it."""
-    if backend != "triton":
-        pytest.skip("the reference and cpp backends decide before the update's checks, early pass or not")
-    params, opt = _model(backend)
+def _after_an_early_pass(backend, early_launches, device="cpu", one_group=False):
+    """A model whose second step launched its telemetry early."""
+    params, opt = _model(backend, device, one_group=one_group)
     for p in params:
-        p.grad = torch.randn(p.shape)
+        p.grad = torch.randn(p.shape, device=device)
     opt.step()
     opt.step()
     assert early_launches[-1] is not None
+    return params, opt
+
+
+def _refused_state_leaves_the_guard(backend, early_launches, device="cpu"):
+    # (one group: the cuda backend's one-call step takes a single group; triton's any)
+    params, opt = _after_an_early_pass(backend, early_launches, device, one_group=True)
     guard, calls = opt._guard.clone(), opt._calls
     exp_avg = opt.state[params[1]]["exp_avg"]
     good = exp_avg.data
     exp_avg.data = good.double()
-    with pytest.raises(TypeError, match="fp32"):
+    with pytest.raises((TypeError, RuntimeError), match="fp32|float32|Float"):
         opt.step()
     assert early_launches[-1] is not None  # (launched before the refusal)
     torch.testing.assert_close(opt._guard, guard, rtol=0, atol=0, equal_nan=True)
@@ -184,16 +185,24 @@ def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early
     assert opt.telemetry()["step"] == opt._calls == calls + 1
 
 
+def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(early_launches):
+    """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to a dtype the
+    update refuses: after an early pass, the call raises with the guard and call count as they
+    were, as without the early pass where the backend checks the update's tensors before
+    deciding (its one-call exact step: triton here, cuda and triton on a GPU below). The
+    reference and cpp backends decide first, with or without the early pass."""
+    from lbw_kernels.backends import availability, get_backend
+
+    if availability()["triton"] is not None or not get_backend("triton").supports(torch.device("cpu")):
+        pytest.skip("Triton on CPU tensors (its interpreter) is not available here")
+    _refused_state_leaves_the_guard("triton", early_launches)
+
+
 def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_launches):
     """The early pass writes only its own partials: a call refused afterwards (an AdamW state of
     the wrong shape put into ``opt.state``, found when the plan is rebuilt) leaves params,
     states, guard and call count as they were, and the next good call goes on."""
-    params, opt = _model(backend)
-    for p in params:
-        p.grad = torch.randn(p.shape)
-    opt.step()
-    opt.step()
-    assert early_launches[-1] is not None
+    params, opt = _after_an_early_pass(backend, early_launches)
     before, calls = _snapshot(params, opt), opt._calls
     good = opt.state[params[1]]["exp_avg"]
     opt.state[params[1]]["exp_avg"] = torch.zeros(3)
@@ -205,6 +214,16 @@ def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_
     assert opt._calls == calls
     opt.step()
     assert opt._calls == calls + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_gpu_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend_name, early_launches):
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    _refused_state_leaves_the_guard(backend_name, early_launches, "cuda")
 
 
 @pytest.mark.gpu
