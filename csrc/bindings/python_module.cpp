@@ -479,14 +479,14 @@ PyObject* call_adamw_telemetry(PyObject*, PyObject* args) {
   return THPVariable_Wrap(std::move(out));
 }
 
-// The CUDA exact gate in one call: (params, grads, exp_avgs, exp_avg_sqs,
-// steps, lr_scale, lr, beta1, beta2, eps, weight_decay, maximize, skip, decide[, partials]). The
-// telemetry rows of the grads (or `partials`, when given and not None: rows launched already,
-// lbw_kernels/early_telemetry.py) go to decide(partials), a Python callable that enqueues rules 1-4 on the
-// stream and returns None or the gradient factor (max_grad_norm) the update then reads; then
-// the update, which reads lr_scale, skip and that factor on the device after it. False, with
-// nothing done, for tensors the kernels do not take, CPU tensors or a build without CUDA
-// (exact_step_cuda). The GIL stays held but for
+// The CUDA exact gate in one call: (params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr,
+// beta1, beta2, eps, weight_decay, maximize, skip, decide[, partials]). The telemetry rows of
+// the grads (or `partials`, when given and not None: rows launched already,
+// lbw_kernels/early_telemetry.py) go to decide(partials), a Python callable that enqueues rules
+// 1-4 on the stream and returns None or the gradient factor (max_grad_norm) the update then
+// reads; then the update, which reads lr_scale, skip and that factor on the device after it.
+// False, with nothing done, for tensors the kernels do not take, CPU tensors or a build without
+// CUDA (exact_step_cuda). The GIL stays held but for
 // decide's own torch calls: the borrowed tensors are used only before decide runs; the update
 // then reads the table's addresses, whose tensors the caller's lists (the optimizer's
 // GroupTensors, alive for the whole call) keep alive even if another thread resets .grad.
