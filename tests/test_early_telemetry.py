@@ -132,20 +132,19 @@ def test_rows_that_need_the_plan_leave_no_recipe():
 def test_one_telemetry_pass_per_call(backend, monkeypatch):
     """The early partials are the call's: no second telemetry pass runs (the backend's own
     telemetry, or its one-call exact step's) on the calls that launched one."""
-    from lbw_kernels.backends import get_backend
-
-    cls = type(get_backend(backend))
+    params, opt = _model(backend, stats_freq=1)
+    # (the instance the optimizer uses: another test's monkeypatch may have left instance
+    # attributes on the shared backend object, which a class-level patch would not reach)
+    used = opt._backend_for(params[0].device)
     passes = []
-    real_telemetry, real_gathered = cls.telemetry, cls.gathered_telemetry
-    monkeypatch.setattr(cls, "telemetry", lambda self, *a: passes.append("telemetry") or real_telemetry(self, *a))
-    monkeypatch.setattr(cls, "gathered_telemetry",
-                        lambda self, *a: passes.append("early") or real_gathered(self, *a))
+    real_telemetry, real_gathered = used.telemetry, used.gathered_telemetry
+    monkeypatch.setattr(used, "telemetry", lambda *a: passes.append("telemetry") or real_telemetry(*a))
+    monkeypatch.setattr(used, "gathered_telemetry", lambda *a: passes.append("early") or real_gathered(*a))
     if backend == "triton":  # (its one-call step launches through ops, not the methods above)
         from lbw_kernels.triton_kernels import ops
 
         real_exact = ops._exact_telemetry
         monkeypatch.setattr(ops, "_exact_telemetry", lambda *a: passes.append("exact") or real_exact(*a))
-    params, opt = _model(backend, stats_freq=1)
     for p in params:
         p.grad = torch.randn(p.shape)
     per_call = []
