@@ -52,10 +52,12 @@ class Recipe:
 
 
 class Launched(NamedTuple):
-    """An early telemetry pass in flight: its partials, and the rows and backend it ran for.
-    (A tuple: one is made every call, and a frozen dataclass's __init__ costs ~1 us a field.)"""
+    """An early telemetry pass in flight: its partials, the gradients it read (the rows, in
+    order), which groups' they are and the backend it ran on. (A tuple: one is made every call,
+    and a frozen dataclass's __init__ costs ~1 us a field.)"""
 
     partials: Tensor
+    rows: Sequence[Tensor]
     row_groups: Tuple[int, ...]
     backend: Backend
 
@@ -90,4 +92,4 @@ def launch(recipe: Optional[Recipe], grads: CallGrads, partials_dtype: torch.dty
     rows = grads.per_group[groups[0]] if len(groups) == 1 else [g for gi in groups for g in grads.per_group[gi]]
     # (the recipe's layouts, equal to this call's: the objects the backend's tables were keyed by)
     partials = recipe.backend.gathered_telemetry(rows, [recipe.layouts[gi] for gi in groups], partials_dtype)
-    return Launched(partials, groups, recipe.backend)
+    return Launched(partials, rows, groups, recipe.backend)
