@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import reference
 from .controller_op import fused_decide_, summary_decide_
+from .validation import check_update_states
 
 
 @dataclass
@@ -222,6 +223,7 @@ class ReferenceBackend(Backend):
         return reference.telemetry_partials(grads, partials_dtype)
 
     def adamw_(self, groups, *, scale, skip, grad_factor=None):
+        check_update_states(groups)  # (all groups before the first is written)
         for group in groups:
             lr = scale * group.lr
             for part in split_by_dtype(group):
@@ -232,6 +234,7 @@ class ReferenceBackend(Backend):
                 )
 
     def adamw_telemetry_(self, groups, *, scale, mask_nonfinite, partials_dtype):
+        check_update_states(groups)
         # The reference reads the gradients twice; the kernels fuse both into one pass.
         partials = reference.telemetry_partials(nonempty_grads(groups), partials_dtype)
         for group in groups:

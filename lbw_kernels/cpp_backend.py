@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
-from .validation import parse_int_overrides
+from .validation import check_update_states, parse_int_overrides
 
 try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.lbw.*)
@@ -174,6 +174,29 @@ def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: 
     return torch.ops.lbw.adamw_telemetry_(*args) if _kernel_ready(True, *args[:4]) else None
 
 
+def _check_fallback(part: GroupTensors, group: GroupTensors, gi: int) -> None:
+    """The states of a part the kernels did not take, before the reference updates it: a clear
+    error for a state moved through `.data` to a dtype the kernels refuse, where the reference's
+    foreach ops would fail halfway through the part."""
+    split = part is not group  # (param indices are then those within the part's dtype)
+    check_update_states([part], f"the step's group {gi}" + (f" (its {part.params[0].dtype} params)" if split else ""))
+
+
+def _checked_parts(groups: Sequence[GroupTensors]) -> List[List[GroupTensors]]:
+    """Each group's parts (one op call each: split_by_dtype). Each op checks its own part before
+    writing it, so with several parts all are checked first (_C._check_update_, ~25 ns a
+    tensor): a later part refused (a state moved through `.data` to a tensor the kernels refuse)
+    then leaves the earlier ones as they were. (Eagerly: a compiled step's ops are traced.)"""
+    parts = [split_by_dtype(group) for group in groups]
+    if sum(map(len, parts)) > 1 and not torch.compiler.is_compiling():
+        for gi, (group, of_group) in enumerate(zip(groups, parts)):
+            for part in of_group:
+                if part.params and not _C._check_update_(part.params, part.grads, part.exp_avgs,
+                                                         part.exp_avg_sqs, part.steps):
+                    _check_fallback(part, group, gi)
+    return parts
+
+
 class CppBackend(Backend):
     """Multi-tensor C++ kernels on CPU (at::parallel_for, one fused loop per chunk)."""
 
@@ -200,10 +223,11 @@ class CppBackend(Backend):
 
     def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
                grad_factor: Optional[Tensor] = None) -> None:
-        for group in groups:
+        for gi, (group, parts) in enumerate(zip(groups, _checked_parts(groups))):
             lr_scale, lr = self._lr(scale, group.lr)
-            for part in split_by_dtype(group):
+            for part in parts:
                 if part.params and not _run_adamw(part, lr_scale, lr, skip, grad_factor):
+                    _check_fallback(part, group, gi)
                     reference.adamw_(
                         part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
                         lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
@@ -219,19 +243,21 @@ class CppBackend(Backend):
         partials_dtype: torch.dtype,
     ) -> Tensor:
         rows: List[Tensor] = []
-        for group in groups:
+        for gi, (group, parts) in enumerate(zip(groups, _checked_parts(groups))):
             lr_scale, lr = self._lr(scale, group.lr)
-            parts = split_by_dtype(group)
-            got = [self._update_telemetry(part, lr_scale, lr, mask_nonfinite) for part in parts]
+            got = [self._update_telemetry(part, group, gi, lr_scale, lr, mask_nonfinite) for part in parts]
             rows.append(got[0] if len(parts) == 1 else self._group_order(group, parts, got))
         out = rows[0] if len(rows) == 1 else torch.cat(rows)
         return self._as(out, partials_dtype)
 
     # ----------------------------------------------------------------- helpers
-    def _update_telemetry(self, part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Tensor:
+    def _update_telemetry(self, part: GroupTensors, group: GroupTensors, gi: int, lr_scale: Tensor, lr: float,
+                          mask: bool) -> Tensor:
         rows = _run_adamw_telemetry(part, lr_scale, lr, mask) if part.params else None
         if rows is not None:
             return rows
+        if part.params:
+            _check_fallback(part, group, gi)
         grads = [g for g in part.grads if g.numel() > 0]
         rows = (
             reference.telemetry_partials(grads, torch.float64)

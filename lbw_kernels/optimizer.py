@@ -560,9 +560,19 @@ class GuardedAdamW(torch.optim.Optimizer):
                                        partials_dtype=guard.dtype, **({"partials": partials} if served else {})):
                 if partials is None and measure and local_grads:
                     partials = backend.telemetry(local_grads, guard.dtype)
+                # Here decide writes the guard before the update checks its tensors: an update
+                # that refuses them (a state moved through `.data` to one it does not take) must
+                # leave the guard as it was, as the one-call steps do by checking first. Eager
+                # calls (a traced step keeps no try); the copy is a few dozen float64.
+                kept = None if torch.compiler.is_compiling() else guard.clone()
                 factor = decide(partials)
-                # (grad_factor only when clipping: a backend registered from outside without it works unclipped)
-                backend.adamw_(groups, scale=scale, skip=skip, **({} if factor is None else {"grad_factor": factor}))
+                try:
+                    # (grad_factor only when clipping: a backend registered from outside without it works unclipped)
+                    backend.adamw_(groups, scale=scale, skip=skip, **({} if factor is None else {"grad_factor": factor}))
+                except BaseException:
+                    if kept is not None:
+                        guard.copy_(kept)
+                    raise
             # Eager calls only (a compiled step writes no attribute, nor launches early). A recipe
             # that served this call holds: kept, with the layouts the backend's tables were first
             # found by (their comparison is then one of identity, not of 48 bytes a param).

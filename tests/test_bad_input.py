@@ -306,3 +306,73 @@ def test_numpy_scalars_are_taken_as_torch_optim_takes_them():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+# A state tensor moved through ``.data`` (state offload and reload) changes behind the optimizer:
+# no ``opt.state`` edit, so the step plan stands. A tensor the update cannot take must be refused
+# by the update itself, before anything is written (a shorter one would be written past its end).
+MOVED_STATES = {
+    "exp_avg to float64": (lambda st: st["exp_avg"], torch.float64, None, TypeError, r"\['exp_avg'\] must be a dense"),
+    "exp_avg_sq shorter": (lambda st: st["exp_avg_sq"], None, -1, (ValueError, RuntimeError), "exp_avg"),
+    "step to float64": (lambda st: st["step"], torch.float64, None, (TypeError, RuntimeError), "step"),
+}
+
+
+def _moved_state_model(backend, gate, moved_group, one_group, device="cpu"):
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(7,), (33, 65), (5,), (129,)]]
+    groups = [{"params": params}] if one_group else [{"params": params[:2], "weight_decay": 0.1},
+                                                    {"params": params[2:], "weight_decay": 0.0}]
+    opt = GuardedAdamW(groups, lr=0.05, backend=backend, gate=gate)
+    for q in params:
+        q.grad = torch.randn(q.shape, device=device)
+    opt.step()
+    opt.step()
+    return params, opt, params[1 if moved_group == 0 else 3]
+
+
+def _everything(params, opt):
+    return [t.clone() for q in params for t in (q, *(opt.state[q][k] for k in ("exp_avg", "exp_avg_sq", "step")))] + [
+        opt._guard.clone()]
+
+
+def _moved_state_is_refused(backend, gate, moved, layout, device="cpu"):
+    pick, dtype, shorter, error, match = MOVED_STATES[moved]
+    params, opt, moved_param = _moved_state_model(backend, gate, 0 if "first" in layout or "one" in layout else 1,
+                                                  layout == "one group", device)
+    tensor = pick(opt.state[moved_param])
+    good = tensor.data
+    before, calls = _everything(params, opt), opt._calls
+    tensor.data = good.to(dtype) if dtype is not None else good.flatten()[:shorter].clone()
+    with pytest.raises(error, match=match):
+        opt.step()
+    tensor.data = good
+    after = _everything(params, opt)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, after))
+    assert opt._calls == calls
+    opt.step()
+    assert opt._calls == opt.telemetry()["step"] == calls + 1
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("moved", list(MOVED_STATES))
+@pytest.mark.parametrize("layout", ["one group", "two groups, the first moved", "two groups, the second moved"])
+def test_state_moved_through_data_is_refused_before_anything_changes(backend, gate, moved, layout):
+    """The step raises an error naming the state, with params, states, guard and call count as
+    they were (a refused second group included: each backend checks every group before it
+    writes the first); the state moved back, the next step goes on."""
+    _moved_state_is_refused(backend, gate, moved, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("moved", list(MOVED_STATES))
+def test_gpu_state_moved_through_data_is_refused_before_anything_changes(backend_name, gate, moved):
+    """The same on the GPU, the second of two groups refused (cuda: one op call per group, all
+    checked first by _C._check_update_; the exact gate's one-by-one path puts the guard back)."""
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    _moved_state_is_refused(backend_name, gate, moved, "two groups, the second moved", "cuda")

@@ -184,17 +184,13 @@ def _refused_state_leaves_the_guard(backend, early_launches, device="cpu"):
     assert opt.telemetry()["step"] == opt._calls == calls + 1
 
 
-def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(early_launches):
+def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches):
     """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to a dtype the
     update refuses: after an early pass, the call raises with the guard and call count as they
-    were, as without the early pass where the backend checks the update's tensors before
-    deciding (its one-call exact step: triton here, cuda and triton on a GPU below). The
-    reference and cpp backends decide first, with or without the early pass."""
-    from lbw_kernels.backends import availability, get_backend
-
-    if availability()["triton"] is not None or not get_backend("triton").supports(torch.device("cpu")):
-        pytest.skip("Triton on CPU tensors (its interpreter) is not available here")
-    _refused_state_leaves_the_guard("triton", early_launches)
+    were: the one-call exact steps (triton; cuda on a GPU below) check the update's tensors
+    before deciding, and the one-by-one path (reference, cpp) puts the guard back when the
+    update refuses them after ``decide``."""
+    _refused_state_leaves_the_guard(backend, early_launches)
 
 
 def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_launches):

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from lbw_kernels.validation import check_state_tensors
+
 from .pointers import DTYPE_CODES, FP64
 
 # Columns of the per-tensor table of an update plan (int64).
@@ -353,6 +355,9 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             code = _code(p.dtype, "param")
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise TypeError(f"group {gi} param {ti}: grad {g.dtype}{tuple(g.shape)} does not match param {p.dtype}{tuple(p.shape)}")
+            # The states as the update finds them: a key of new addresses (state moved through
+            # `.data`) may bring a tensor of another shape, which the kernel would write past.
+            check_state_tensors(p, m, v, s, f"the state of the step's group {gi}, param {ti}")
             n = p.numel()
             _check_dense([g], f"group {gi} param {ti}'s grad")
             if code == FP64 or len({_element_order(t) for t in (p, g, m, v)}) > 1:
@@ -363,8 +368,6 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
                         tel_rows.setdefault(kind, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
                     tel += 1
                 continue
-            if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32 or s.numel() != 1:
-                raise TypeError(f"group {gi} param {ti}: exp_avg/exp_avg_sq must be fp32 and step a float32 scalar")
             row = len(tensor_rows)
             tensor_rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), n, gi, 0))
             addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())

@@ -397,11 +397,27 @@ bool run_op(bool release, Body&& body) {
   END_HANDLE_TH_ERRORS_RET(false)
 }
 
-// The update ops' leading arguments: params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale,
-// lr, beta1, beta2, eps, weight_decay, maximize, then one op-specific argument (and, for
-// _adamw_, an optional second one: grad_factor).
-struct UpdateArgs {
+// The five tensor lists of an update op: params, grads, exp_avgs, exp_avg_sqs, steps.
+struct UpdateLists {
   BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, steps;
+
+  bool unpack(PyObject* p, PyObject* g, PyObject* m, PyObject* v, PyObject* s, bool hold) {
+    return params.unpack(p, "params", hold) && grads.unpack(g, "grads", hold) &&
+           exp_avgs.unpack(m, "exp_avgs", hold) && exp_avg_sqs.unpack(v, "exp_avg_sqs", hold) &&
+           steps.unpack(s, "steps", hold);
+  }
+
+  // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
+  // per list (the op's own checks then say what else is wrong).
+  bool kernel_ready() const {
+    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true);
+  }
+};
+
+// The update ops' leading arguments: the lists, lr_scale, lr, beta1, beta2, eps, weight_decay,
+// maximize, then one op-specific argument (and, for _adamw_, an optional second one:
+// grad_factor).
+struct UpdateArgs : UpdateLists {
   at::Tensor lr_scale;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   int maximize = 0;
@@ -416,15 +432,7 @@ struct UpdateArgs {
                           &weight_decay, &maximize, &last, &extra))
       return false;
     release = releases_gil(p);
-    return params.unpack(p, "params", release) && grads.unpack(g, "grads", release) &&
-           exp_avgs.unpack(m, "exp_avgs", release) && exp_avg_sqs.unpack(v, "exp_avg_sqs", release) &&
-           steps.unpack(s, "steps", release) && unpack_tensor(scale, "lr_scale", lr_scale);
-  }
-
-  // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
-  // per list (the op's own checks then say what else is wrong).
-  bool kernel_ready() const {
-    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true);
+    return unpack(p, g, m, v, s, release) && unpack_tensor(scale, "lr_scale", lr_scale);
   }
 };
 
@@ -544,6 +552,27 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   return PyBool_FromLong(done);
 }
 
+// The update ops' checks alone, on (params, grads, exp_avgs, exp_avg_sqs, steps) of one part:
+// True when they pass, False (nothing checked) for tensors the kernels do not take (the caller
+// checks those for the reference), an error naming the tensor otherwise. For a step of several
+// parts (param groups), one op call each: all are checked before the first writes, so a part
+// refused (a state moved through `.data` to a tensor the kernels refuse) leaves the others as
+// they were. The GIL stays held: nothing is computed, and the borrows need no holds.
+PyObject* call_check_update(PyObject*, PyObject* args) {
+  PyObject *p, *g, *m, *v, *s;
+  if (!PyArg_ParseTuple(args, "OOOOO:_check_update_", &p, &g, &m, &v, &s)) return nullptr;
+  UpdateLists a;
+  if (!a.unpack(p, g, m, v, s, false)) return nullptr;
+  if (!a.kernel_ready()) Py_RETURN_FALSE;
+  if (a.params.list().empty()) Py_RETURN_TRUE;
+  if (!run_op(false, [&] {
+        lbw::check_update_args(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(),
+                               a.steps.list(), a.params.list()[0].device().type());
+      }))
+    return nullptr;
+  Py_RETURN_TRUE;
+}
+
 PyObject* call_telemetry(PyObject*, PyObject* arg) {
   BorrowedTensors grads;
   const bool release = releases_gil(arg);
@@ -569,6 +598,9 @@ static PyMethodDef methods[] = {
      "The exact gate's call on CUDA tensors in one call: the grads' telemetry rows to decide(rows), then "
      "torch.ops.lbw.adamw_'s update (arguments: adamw_'s, then decide); False, nothing done, where the kernels do "
      "not take the tensors, on CPU, or without CUDA."},
+    {"_check_update_", call_check_update, METH_VARARGS,
+     "The checks of torch.ops.lbw.adamw_ alone on (params, grads, exp_avgs, exp_avg_sqs, steps): True, an error "
+     "naming the tensor, or False (nothing checked) where _adamw_ would give False."},
     {"_telemetry", call_telemetry, METH_O,
      "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
