@@ -50,6 +50,9 @@ class CallGrads(NamedTuple):
     # Per group, which objects its params list holds (their ids, as bytes from the extension,
     # else a tuple): a param replaced in place in the list rebuilds the plan.
     identities: Tuple[Any, ...]
+    # Whether every grad is a plain tensor: a grad that turns into a subclass (a wrapper, whose
+    # address is not its elements') rebuilds the plan, which then resolves wrappers every call.
+    plain_grads: bool
 
 
 def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
@@ -59,7 +62,11 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
     dense_real = all(layout == torch.strided and dtype.is_floating_point for layout, dtype in kinds)
     identities = tuple(tuple(map(id, group["params"])) for group in param_groups)
-    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities)
+    plain = all(type(g) in _PLAIN for grads in per_group for g in grads if g is not None)
+    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities, plain)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (the extension's THPVariable_CheckExact)
 
 
 def _gather_function():
@@ -77,12 +84,12 @@ gather_grads = _gather_function()
 
 def presence_key(grads: CallGrads) -> tuple:
     """What a plan depends on: each group's params (the objects its list holds: a param replaced
-    in the list, ``param_groups[0]["params"][3] = new``, must be the one updated), and which of
-    them have a grad."""
+    in the list, ``param_groups[0]["params"][3] = new``, must be the one updated), which of
+    them have a grad, and whether all grads are plain tensors."""
     return tuple(
         (ids, tuple(g is not None for g in per) if missing else None)
         for ids, per, missing in zip(grads.identities, grads.per_group, grads.missing)
-    )
+    ) + (grads.plain_grads,)
 
 
 class StepPlan:

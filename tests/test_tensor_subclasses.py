@@ -86,7 +86,8 @@ def feed(params, grads, wrap_grads=False):
 
 
 def run_pair(backend, device, gate, dtype=torch.float32, wrap_grads=False, replace_inner_at=None, **options):
-    """Steps over wrappers and over plain tensors with the same values; returns both."""
+    """Steps over wrappers and over plain tensors with the same values; returns both.
+    ``wrap_grads``: the wrapped params' grads are wrappers too (from that call on, if a number)."""
     params, plain = make(device, dtype)
     kw = dict(lr=1e-2, weight_decay=0.1, stats_freq=1, gate=gate, backend=backend, **options)
     opt, ref_opt = GuardedAdamW(params, **kw), GuardedAdamW(plain, **kw)
@@ -95,7 +96,7 @@ def run_pair(backend, device, gate, dtype=torch.float32, wrap_grads=False, repla
         if k == replace_inner_at:  # what module.to() does to a wrapper: a new inner tensor
             for i in WRAPPED:
                 params[i]._tensor = params[i]._tensor.clone()
-        feed(params, grads, wrap_grads)
+        feed(params, grads, wrap_grads is True or (wrap_grads is not False and k >= wrap_grads))
         feed(plain, grads)
         opt.step()
         ref_opt.step()
@@ -131,6 +132,21 @@ def test_wrapped_grads_are_read_through_their_inner_tensor(backend):
     assert all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in handed), [type(t) for t in handed]
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("gathered_by", ["extension", "python"])
+def test_grads_that_turn_into_wrappers_are_resolved(backend, gate, gathered_by, monkeypatch):
+    """Plain grads for three calls, then wrappers (a float8 recipe switched on mid-run): the
+    plan is rebuilt when a grad turns into a subclass, so its inner tensor is what the backend
+    reads (before, Triton's kernels were given address 0: a segfault on CPU, an illegal
+    address on a GPU); bitwise the plain run, with the grads gathered by the extension or by
+    Python."""
+    from lbw_kernels import optimizer, step_plan
+
+    if gathered_by == "python":
+        monkeypatch.setattr(optimizer, "gather_grads", step_plan._gather_grads_python)
+    assert_bitwise_equal(*run_pair(backend, "cpu", gate, wrap_grads=4))
+
+
 def test_a_replaced_inner_tensor_is_the_one_updated(backend):
     """After ``w._tensor = new`` (as ``module.to()`` leaves a wrapper) the plan takes the new
     inner tensor: the old one is no longer the param's, and updating it would leave the param."""
@@ -156,6 +172,13 @@ def test_kernel_backends_refuse_what_no_inner_tensor_holds(backend):
 def test_wrapped_params_step_as_plain_ones_on_gpu(name, gate):
     require_backend(name)
     assert_bitwise_equal(*run_pair(name, "cuda", gate))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", kernel_gpu_backends())
+def test_grads_that_turn_into_wrappers_are_resolved_on_gpu(name):
+    require_backend(name)
+    assert_bitwise_equal(*run_pair(name, "cuda", "exact", wrap_grads=4))
 
 
 def test_torchao_float8_training_weights(backend):

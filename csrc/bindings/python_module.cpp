@@ -167,6 +167,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
   PyObject* layouts = PyTuple_New(ngroups);
   PyObject* identities = PyTuple_New(ngroups);
   bool dense_real = true;
+  bool plain_grads = true;  // no grad is a tensor subclass (a wrapper's address is not its elements')
   auto fail = [&]() -> PyObject* {
     Py_XDECREF(per_group);
     Py_XDECREF(missing);
@@ -208,6 +209,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         const at::Tensor& g = p.grad();
         if (g.defined()) {
           grad = THPVariable_Wrap(g);  // the grad's own Python object (identity kept)
+          plain_grads = plain_grads && grad != nullptr && THPVariable_CheckExact(grad);
           const auto dtype = g.scalar_type();
           dense_real = dense_real && g.layout() == at::kStrided && at::isFloatingType(dtype);
         } else {
@@ -234,6 +236,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         layout_known = false;
         grad = PyObject_GetAttrString(items[i], "grad");
         if (grad != nullptr && grad != Py_None) {
+          plain_grads = plain_grads && THPVariable_CheckExact(grad);
           if (!THPVariable_Check(grad)) {
             dense_real = false;  // the full check names it
           } else {
@@ -262,7 +265,8 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     PyTuple_SET_ITEM(layouts, gi, layout);  // steals
   }
   Py_DECREF(groups);
-  PyObject* out = Py_BuildValue("(NNONN)", per_group, missing, dense_real ? Py_True : Py_False, layouts, identities);
+  PyObject* out = Py_BuildValue("(NNONNO)", per_group, missing, dense_real ? Py_True : Py_False, layouts, identities,
+                                plain_grads ? Py_True : Py_False);
   return out;
 }
 
