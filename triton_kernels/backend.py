@@ -15,8 +15,9 @@ Plans (device-side chunk tables) are cached by storage and rebuilt only when it 
 launcher syncs with the host, allocates per parameter, or branches on device values, so a
 step can be captured in a CUDA graph (after one warm-up call has built the plans).
 fp64 params, and params whose grad or AdamW states hold their elements in another order than
-the param (other strides), are updated by the reference (``lbw_kernels.reference.adamw_``),
-their telemetry still read by the kernel. Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
+the param (other strides) or whose grad is not dense, are updated by the reference
+(``lbw_kernels.reference.adamw_``), their telemetry still read by the kernel (a grad that is
+not dense through a buffer of the plan's: chunk_table.stage_). Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations

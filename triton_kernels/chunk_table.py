@@ -97,6 +97,10 @@ class TelemetryLayout:
     counters: Tensor  # [n_tensors] int32: chunks of tensor t done so far in a pass (0 between passes)
     lists: List[ChunkList]  # telemetry-only passes (the exact gate; delegated params' grads in single_pass)
     keep: List[Tensor] = field(default_factory=list)  # pinned sources of async uploads
+    # Gradients that are not dense (expanded, gapped: what a kernel cannot walk as a flat array)
+    # are read from a dense buffer of the layout's own, copied into before each pass: (index of
+    # the gradient in the list the layout was built over, buffer). See stage_.
+    staged: List[Tuple[int, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -144,15 +148,24 @@ def _element_order(t: Tensor) -> Optional[Tuple[int, ...]]:
     return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
 
 
-def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
-    orders = set()
-    for t in tensors:
-        order = _element_order(t)
-        if order is None:
-            raise ValueError(f"the Triton backend needs dense tensors; {what} has strides {t.stride()}")
-        orders.add(order)
-    if len(orders) > 1:
-        raise ValueError(f"the Triton backend needs {what} (param, grad, exp_avg, exp_avg_sq) to share strides")
+def _telemetry_source(g: Tensor, index: int, staged: List[Tuple[int, Tensor]]) -> Tensor:
+    """What the telemetry kernel reads for gradient ``g`` (``index`` in the list the layout is
+    built over): ``g`` itself when dense in any order, else a dense buffer, recorded in
+    ``staged``, that stage_ fills before each pass. torch lets a .grad be any tensor of the
+    param's shape (an expanded one, a slice with a step); the sums do not depend on the order."""
+    if _element_order(g) is not None:
+        return g
+    buffer = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    staged.append((index, buffer))
+    return buffer
+
+
+def stage_(layout: TelemetryLayout, grads: Sequence[Tensor]) -> None:
+    """Copy the gradients the layout reads through buffers of its own (``layout.staged``) into
+    them: one device copy each, before the pass that reads them. ``grads``: the list the layout
+    was built over (for an update plan's, every grad of its groups in order)."""
+    for index, buffer in layout.staged:
+        buffer.copy_(grads[index])
 
 
 def _chunk_starts(numel: int, chunk: int) -> range:
@@ -310,15 +323,15 @@ def _chunk_lists(rows_by_kind: Dict[Tuple[int, bool], list], cols: int, device, 
 def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -> TelemetryLayout:
     """Layout of the exact gate's telemetry pass over ``grads`` (all non-empty)."""
     keep: list = []
+    staged: List[Tuple[int, Tensor]] = []
     first, fields = _layout([g.numel() for g in grads], chunk, device, keep)
     rows: Dict[Tuple[int, bool], list] = {}
     for t, g in enumerate(grads):
         code = _code(g.dtype, "gradient")
-        _check_dense([g], f"gradient {t}")
-        addr = g.data_ptr()
+        addr = _telemetry_source(g, t, staged).data_ptr()
         for c, start in enumerate(_chunk_starts(g.numel(), chunk)):
             rows.setdefault((code, addr % 16 == 0), []).append((addr, g.numel(), start, first[t] + c, t))
-    return TelemetryLayout(**fields, lists=_chunk_lists(rows, 5, device, keep), keep=keep)
+    return TelemetryLayout(**fields, lists=_chunk_lists(rows, 5, device, keep), keep=keep, staged=staged)
 
 
 def _code(dtype: torch.dtype, what: str) -> int:
@@ -333,10 +346,13 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     *Delegated* to the reference update: fp64 params (their math is fp64), and params whose
     p, grad, exp_avg and exp_avg_sq do not all hold their elements in one order (a grad of
     other strides than its param's, a param sliced with a step: the update kernel walks the
-    four as flat arrays). Their gradients are still read by the telemetry kernel (which needs
-    each grad dense, in any order) so the partials keep the order of ``nonempty_grads``.
+    four as flat arrays; a grad that is not dense). Their gradients are still read by the
+    telemetry kernel (a grad that is not dense through a buffer: _telemetry_source) so the
+    partials keep the order of ``nonempty_grads``.
     """
     keep: list = []
+    staged: List[Tuple[int, Tensor]] = []
+    flat = 0  # index of the current grad among all the groups' grads (stage_'s list)
     tensor_rows, group_rows = [], []
     update_rows: Dict[Tuple[int, bool], list] = {}
     tel_rows: Dict[Tuple[int, bool], list] = {}
@@ -359,13 +375,14 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             # `.data`) may bring a tensor of another shape, which the kernel would write past.
             check_state_tensors(p, m, v, s, f"the state of the step's group {gi}, param {ti}")
             n = p.numel()
-            _check_dense([g], f"group {gi} param {ti}'s grad")
+            flat += 1
             if code == FP64 or len({_element_order(t) for t in (p, g, m, v)}) > 1:
                 delegated_idx.append(ti)
                 if n > 0:  # its telemetry still comes from the kernel
-                    kind = (code, g.data_ptr() % 16 == 0)
+                    addr = _telemetry_source(g, flat - 1, staged).data_ptr()
+                    kind = (code, addr % 16 == 0)
                     for c, start in enumerate(_chunk_starts(n, chunk)):
-                        tel_rows.setdefault(kind, []).append((g.data_ptr(), n, start, first[tel] + c, tel))
+                        tel_rows.setdefault(kind, []).append((addr, n, start, first[tel] + c, tel))
                     tel += 1
                 continue
             row = len(tensor_rows)
@@ -396,7 +413,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             copies.append((gi, LR))
         copies += [(gi, col) for col in (BETA1, BETA2, EPS, WEIGHT_DECAY)
                    if not read_on_host(getattr(group, HYPER_FIELDS[col]), device)]
-    telemetry = TelemetryLayout(**fields, lists=_chunk_lists(tel_rows, 5, device, keep), keep=keep)
+    telemetry = TelemetryLayout(**fields, lists=_chunk_lists(tel_rows, 5, device, keep), keep=keep, staged=staged)
     updates = _chunk_lists(update_rows, 4, device, keep)
     return UpdatePlan(
         tensors=_upload(tensor_rows, TENSOR_COLS, torch.int64, device, keep),

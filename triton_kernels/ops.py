@@ -21,7 +21,7 @@ from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
 
 from .chunk_table import (
-    HYPER_FIELDS, PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper,
+    HYPER_FIELDS, PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, stage_,
     telemetry_key, update_key,
 )
 from .config import geometry
@@ -83,6 +83,7 @@ def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tens
     chunk = geometry().chunk
     layout = _plan(telemetry_key(grads, chunk, device), lambda: build_telemetry(grads, chunk, device), device)
     with _on_device(device):
+        stage_(layout, grads)
         return telemetry_partials(layout, partials_dtype)
 
 
@@ -134,6 +135,7 @@ def _exact_telemetry(layouts: Sequence[Optional[bytes]], grads: Sequence[Tensor]
     layout = _plan(exact_telemetry_key(layouts, grads, chunk, device), lambda: build_telemetry(rows(), chunk, device),
                    device)
     with _on_device(device):
+        stage_(layout, grads)
         return telemetry_partials(layout, partials_dtype)
 
 
@@ -174,6 +176,8 @@ def adamw_telemetry_impl(
     with _on_device(device):
         partials = new_partials(plan.telemetry, partials_dtype)
         guarded_adamw_(plan, scale=scale, skip=None, mask_nonfinite=mask_nonfinite, out=partials)
+        if plan.telemetry.staged:
+            stage_(plan.telemetry, [g for group in groups for g in group.grads])
         telemetry_chunks_(plan.telemetry, partials)  # the delegated params' gradients only
     _delegate(plan, groups, scale, mask_nonfinite=mask_nonfinite)
     return partials
