@@ -4,11 +4,11 @@ The kernel backends keep what a call can reuse (the step plan of which params ha
 their states, Triton's plans and the CUDA op's chunk tables keyed by addresses): host time
 that would otherwise dominate steps of many small tensors. This drives one optimizer through
 a random sequence of what training code does between steps (grads set to None for some
-params, zeroed in place or reallocated; learning rates changed, as floats or tensors; param
-groups added; a checkpoint saved and loaded into a new optimizer; params and AdamW states moved
-to new storage behind the optimizer's back) beside torch.optim.AdamW given the same sequence,
-and compares after every step: a cache that outlived what it describes shows up as a
-difference (or, with a freed address, as garbage).
+params, zeroed in place or reallocated, given as views with gaps; learning rates changed, as
+floats or tensors; param groups added; a checkpoint saved and loaded into a new optimizer;
+params and AdamW states moved to new storage behind the optimizer's back) beside
+torch.optim.AdamW given the same sequence, and compares after every step: a cache that
+outlived what it describes shows up as a difference (or, with a freed address, as garbage).
 """
 
 import random
@@ -29,8 +29,8 @@ TOL = 1e-6
 # Most steps write the grads in place, as a training loop's backward does into grads it keeps
 # (and as CUDA's caching allocator tends to hand a freed grad's block back): only then do
 # calls find their cached plans, the state this test is after. "step" reallocates them.
-OPS = ("step_in_place",) * 5 + ("step", "some_grads_none", "zero_grad", "lr", "lr_tensor", "add_group",
-                                "checkpoint", "move_param", "move_state")
+OPS = ("step_in_place",) * 5 + ("step", "step_not_dense", "some_grads_none", "zero_grad", "lr", "lr_tensor",
+                                "add_group", "checkpoint", "move_param", "move_state")
 
 
 def _close(a, b):
@@ -54,12 +54,14 @@ def _run(backend: str, gate: str, seed: int, device: str) -> int:
     added = list(ADDED)
     steps = 0
 
-    def set_grads(which, in_place=False):
+    def set_grads(which, in_place=False, not_dense=False):
         for i in which:
             g = torch.randn(ours[i].shape, generator=gen).to(device)
             for p in (ours[i], theirs[i]):
                 if in_place and p.grad is not None:
                     p.grad.copy_(g)
+                elif not_dense:  # every other element of a buffer twice the size
+                    p.grad = torch.stack([g, torch.full_like(g, float("nan"))], dim=-1)[..., 0]
                 else:
                     p.grad = g.clone()
 
@@ -87,6 +89,9 @@ def _run(backend: str, gate: str, seed: int, device: str) -> int:
             set_to_none = rnd.random() < 0.5
             opt.zero_grad(set_to_none=set_to_none)
             ref.zero_grad(set_to_none=set_to_none)
+        elif op == "step_not_dense":  # grads as views with gaps (torch allows any grad of the param's shape)
+            set_grads(range(n), not_dense=True)
+            step()
         elif op == "step_in_place":  # the grads' storage kept (the usual loop: zero_grad(False), backward)
             set_grads(range(n), in_place=True)
             step()
