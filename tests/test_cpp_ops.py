@@ -211,12 +211,20 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
     a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
-    per_group, missing, dense_real, layouts, identities = _C._gather_grads([[a, b, c], [c, d]])
+    per_group, missing, dense_real, layouts, identities, plain_grads = _C._gather_grads([[a, b, c], [c, d]])
     assert array.array("q", identities[0]).tolist() == [id(a), id(b), id(c)]  # the objects the list holds
     assert array.array("q", identities[1]).tolist() == [id(c), id(d)]
     assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
     assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
-    assert missing == (True, False) and dense_real is True
+    assert missing == (True, False) and dense_real is True and plain_grads is True
+    # A grad that is a subclass (a wrapper's address is not its elements'): the plan is rebuilt
+    # for it (step_plan.presence_key); the Python twin says the same.
+    from lbw_kernels.step_plan import _gather_grads_python
+
+    c.grad = torch.ones(3).as_subclass(Tagged)
+    assert _C._gather_grads([[a, c]])[5] is False and _gather_grads_python([{"params": [a, c]}]).plain_grads is False
+    assert _C._gather_grads([[a, d]])[5] is True and _gather_grads_python([{"params": [a, d]}]).plain_grads is True
+    c.grad = torch.ones(3)
     b.grad = torch.ones(3).to_sparse()
     assert _C._gather_grads([[a, b]])[2] is False
     assert layouts[1] is None  # a subclass param: its layout is not read here
