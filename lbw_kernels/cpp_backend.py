@@ -129,12 +129,13 @@ def _apply_cuda_geometry_override() -> None:
 # their declared mutations), after the same check in Python.
 def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     """Whether the kernels take every tensor of these lists (dense, contiguous, kernel dtype;
-    with ``uniform``, one dtype per list): the entries' check, for the traced path."""
+    with ``uniform``, one dtype per list, and the update's grads of its params' dtype): the
+    entries' check (UpdateLists::kernel_ready), for the traced path."""
     return all(
         t.layout == torch.strided and t.is_contiguous() and t.dtype in _KERNEL_DTYPES
         and (not uniform or t.dtype == ts[0].dtype)
         for ts in lists for t in ts
-    )
+    ) and not (uniform and len(lists) > 1 and lists[0] and lists[1] and lists[1][0].dtype != lists[0][0].dtype)
 
 
 def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:

@@ -248,6 +248,62 @@ def test_a_param_cast_after_the_plan_was_built_keeps_stepping(gate, backend):
         assert worst(a, b, 5 * atol, 5 * rtol) is None, worst(a, b, 5 * atol, 5 * rtol)
 
 
+def _grads_of_another_dtype(backend, gate, dtype, device="cpu"):
+    """Params and states after a stream (a spike on call 4) over three low-precision params in
+    two groups, two of them holding fp32 grads (``grad_dtype``), one its own dtype's."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(5, 7), (4097,), (3,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
+    for p in params[:2]:
+        p.grad_dtype = torch.float32
+    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
+    opt = GuardedAdamW(groups, lr=1e-2, gate=gate, stats_freq=1, backend=backend)
+    for k in range(6):
+        for p in params:
+            g = torch.randn(p.shape, generator=gen) * (30.0 if k == 3 else 1.0)
+            p.grad = g.to(device, p.grad_dtype)
+        opt.step()
+    return [t.clone() for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])], opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, backend):
+    """torch >= 2.10 lets a bf16/fp16 param hold fp32 grads (``p.grad_dtype = torch.float32``:
+    grads accumulated in fp32). Every backend takes them (the kernel backends hand such a
+    param's update to the reference, its grad read in fp32, not rounded to the param's dtype;
+    the Triton telemetry kernel reads the fp32 grad), and the results are the reference's:
+    bitwise for those params and states (the same foreach chain), within verify's tolerances
+    for the param with grads of its own dtype (the kernels' update), the guard within its
+    telemetry's summing (float64 in the kernels, the grads' fp32 in the reference)."""
+    if not hasattr(torch.empty(0), "grad_dtype"):
+        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
+    got, opt = _grads_of_another_dtype(backend, gate, dtype)
+    want, ref_opt = _grads_of_another_dtype("reference", gate, dtype)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for a, b in zip(got[:6], want[:6]):  # params 0 and 1 (fp32 grads), with their states
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(got[6:], want[6:]):
+        atol, rtol = PARAM_TOLERANCES[b.dtype]
+        assert worst(a, b, 6 * atol, 6 * rtol) is None, worst(a, b, 6 * atol, 6 * rtol)
+    t, r = opt.telemetry(), ref_opt.telemetry()
+    assert t["regime"] == r["regime"] and t["grad_ms"] == pytest.approx(r["grad_ms"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_bf16_params_with_fp32_grads_match_the_reference(gpu_backend, gate):
+    require_backend(gpu_backend)
+    if not hasattr(torch.empty(0), "grad_dtype"):
+        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
+    got, _ = _grads_of_another_dtype(gpu_backend, gate, torch.bfloat16, "cuda")
+    want, _ = _grads_of_another_dtype("reference", gate, torch.bfloat16, "cuda")
+    for a, b in zip(got, want):  # (verify's tolerances: the reference sums its telemetry on the GPU in fp32)
+        atol, rtol = PARAM_TOLERANCES[b.dtype]
+        assert worst(a, b, 6 * atol, 6 * rtol) is None, worst(a, b, 6 * atol, 6 * rtol)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (Triton's interpreter, in numpy)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])

@@ -343,10 +343,11 @@ def _code(dtype: torch.dtype, what: str) -> int:
 def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> UpdatePlan:
     """Plan of one guarded-AdamW pass over ``groups`` (``GroupTensors``), telemetry included.
 
-    *Delegated* to the reference update: fp64 params (their math is fp64), and params whose
-    p, grad, exp_avg and exp_avg_sq do not all hold their elements in one order (a grad of
-    other strides than its param's, a param sliced with a step: the update kernel walks the
-    four as flat arrays; a grad that is not dense). Their gradients are still read by the
+    *Delegated* to the reference update: fp64 params (their math is fp64), params whose grad
+    has another dtype (a bf16 param with fp32 grads: torch >= 2.10's ``grad_dtype``), and
+    params whose p, grad, exp_avg and exp_avg_sq do not all hold their elements in one order (a
+    grad of other strides than its param's, a param sliced with a step: the update kernel walks
+    the four as flat arrays; a grad that is not dense). Their gradients are still read by the
     telemetry kernel (a grad that is not dense through a buffer: _telemetry_source) so the
     partials keep the order of ``nonempty_grads``.
     """
@@ -369,18 +370,18 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
         delegated_idx = []
         for ti, (p, g, m, v, s) in enumerate(zip(group.params, group.grads, group.exp_avgs, group.exp_avg_sqs, group.steps)):
             code = _code(p.dtype, "param")
-            if g.dtype != p.dtype or g.shape != p.shape:
+            if g.shape != p.shape:
                 raise TypeError(f"group {gi} param {ti}: grad {g.dtype}{tuple(g.shape)} does not match param {p.dtype}{tuple(p.shape)}")
             # The states as the update finds them: a key of new addresses (state moved through
             # `.data`) may bring a tensor of another shape, which the kernel would write past.
             check_state_tensors(p, m, v, s, f"the state of the step's group {gi}, param {ti}")
             n = p.numel()
             flat += 1
-            if code == FP64 or len({_element_order(t) for t in (p, g, m, v)}) > 1:
+            if code == FP64 or g.dtype != p.dtype or len({_element_order(t) for t in (p, g, m, v)}) > 1:
                 delegated_idx.append(ti)
-                if n > 0:  # its telemetry still comes from the kernel
+                if n > 0:  # its telemetry still comes from the kernel, which reads the grad's dtype
                     addr = _telemetry_source(g, flat - 1, staged).data_ptr()
-                    kind = (code, addr % 16 == 0)
+                    kind = (_code(g.dtype, "gradient"), addr % 16 == 0)
                     for c, start in enumerate(_chunk_starts(n, chunk)):
                         tel_rows.setdefault(kind, []).append((addr, n, start, first[tel] + c, tel))
                     tel += 1

@@ -88,17 +88,22 @@ def telemetry_impl(grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tens
 
 
 def _delegate(plan, groups: Sequence[GroupTensors], scale: Tensor, **kwargs) -> None:
-    """fp64 params (their math dtype is fp64, which the kernels do not do) and params whose
-    tensors differ in element order (chunk_table.build_update): the reference updates them
-    (one foreach chain per group), reading scale/skip on the device too."""
-    for gi, idx in plan.delegated:
+    """fp64 params (their math dtype is fp64, which the kernels do not do), params with grads of
+    another dtype and params whose tensors differ in element order (chunk_table.build_update):
+    the reference updates them (one foreach chain per group and param dtype), reading
+    scale/skip on the device too."""
+    for gi, delegated in plan.delegated:
         g = groups[gi]
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        reference.adamw_(
-            pick(g.params), pick(g.grads), pick(g.exp_avgs), pick(g.exp_avg_sqs), pick(g.steps),
-            lr=scale * g.lr, beta1=g.beta1, beta2=g.beta2, eps=g.eps,
-            weight_decay=g.weight_decay, maximize=g.maximize, **kwargs,
-        )
+        by_dtype: dict = {}  # (reference.adamw_ takes params of one dtype: its math dtype)
+        for i in delegated:
+            by_dtype.setdefault(g.params[i].dtype, []).append(i)
+        for idx in by_dtype.values():
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            reference.adamw_(
+                pick(g.params), pick(g.grads), pick(g.exp_avgs), pick(g.exp_avg_sqs), pick(g.steps),
+                lr=scale * g.lr, beta1=g.beta1, beta2=g.beta2, eps=g.eps,
+                weight_decay=g.weight_decay, maximize=g.maximize, **kwargs,
+            )
 
 
 def _update_plan(groups: Sequence[GroupTensors]):

@@ -344,6 +344,8 @@ class BorrowedTensors {
   at::TensorList list() const { return tensors_; }
   // Whether the kernels take every tensor; with `uniform`, also whether they share one dtype.
   bool ready(bool uniform) const { return ready_ && (uniform_ || !uniform); }
+  // The first tensor's dtype (Undefined for an empty list).
+  at::ScalarType dtype() const { return first_; }
 
  private:
   std::vector<PyObject*> held_;
@@ -412,9 +414,12 @@ struct UpdateLists {
   }
 
   // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
-  // per list (the op's own checks then say what else is wrong).
+  // per list, grads of the params' (a bf16 param may hold fp32 grads, torch >= 2.10's
+  // grad_dtype: the reference updates those), and the op's own checks then say what else is
+  // wrong.
   bool kernel_ready() const {
-    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true);
+    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true) &&
+           grads.dtype() == params.dtype();
   }
 };
 
