@@ -105,7 +105,7 @@ def main() -> None:
         rows = []
         for code, dtype in ((FP32, "fp32"), (BF16, "bf16")):
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
-                consts = dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
+                consts = dict(P_CODE=code, G_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
                               FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block, STAGES=geo.num_stages)
                 rows.append((f"{name} {dtype}", compile_kernel(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,

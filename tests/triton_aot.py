@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lbw_kernels.triton_kernels import coefficients, guarded_adamw, telemetry
-from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS
+from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, GROUP_COLS, TENSOR_COLS, UPDATE_GRAD_CODES
 from lbw_kernels.triton_kernels.config import COMPILE_OPTIONS, GPU, pass_stages
 from lbw_kernels.triton_kernels.pointers import BF16, FP16, FP32, FP64
 
@@ -55,12 +55,15 @@ def variants():
                 "skip_ptr": "*fp64", "factor_ptr": "*fp64", "coefs": "*fp32", "n_tensors": "i32"},
                dict(HAS_SKIP=has_skip, HAS_FACTOR=has_factor, TENSOR_COLS_=TENSOR_COLS, GROUP_COLS_=GROUP_COLS, COEF_COLS_=COEF_COLS,
                     BLOCK_T=GPU.tensors_per_program), 4)
-    for code in (FP32, BF16, FP16):
+    # (param, grad) dtype codes: each dtype with its own grads, and bf16/fp16 params with fp32 grads
+    pairs = [(code, code) for code in (FP32, BF16, FP16)] + sorted(UPDATE_GRAD_CODES)
+    for code, g_code in pairs:
+        grads = "" if g_code == code else f" with {CODE_NAMES[g_code]} grads"
         for mode, (tel, mask, skip) in UPDATE_MODES.items():
             for aligned in (True, False):
-                yield (f"update {CODE_NAMES[code]} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
+                yield (f"update {CODE_NAMES[code]}{grads} {mode} aligned={aligned}", guarded_adamw._guarded_adamw_kernel,
                        UPDATE_TYPES,
-                       dict(P_CODE=code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
+                       dict(P_CODE=code, G_CODE=g_code, ALIGNED=aligned, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                             TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
                             FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block,
                             STAGES=pass_stages(GPU, single_pass=tel)),  # (as guarded_adamw_ launches it)
@@ -74,7 +77,7 @@ def variants():
             tel, mask, skip = UPDATE_MODES[mode]
             yield (f"update {CODE_NAMES[code]} {mode} aligned=True stages=3", guarded_adamw._guarded_adamw_kernel,
                    UPDATE_TYPES,
-                   dict(P_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
+                   dict(P_CODE=code, G_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=mask, HAS_SKIP=skip,
                         TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=GPU.chunk, BLOCK=GPU.block,
                         FOLD=GPU.telemetry_fold, RBLOCK=GPU.reduce_block, STAGES=3),
                    GPU.num_warps)

@@ -14,8 +14,9 @@ for the update plan's key while the device runs it (ops.exact_step_impl).
 Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
 launcher syncs with the host, allocates per parameter, or branches on device values, so a
 step can be captured in a CUDA graph (after one warm-up call has built the plans).
-fp64 params, and params whose grad or AdamW states hold their elements in another order than
-the param (other strides) or whose grad is not dense, are updated by the reference
+fp64 params, params whose grad or AdamW states hold their elements in another order than
+the param (other strides), whose grad is not dense or of a dtype the kernel does not pair with
+the param's (it takes the param's, and fp32 for bf16/fp16 params), are updated by the reference
 (``lbw_kernels.reference.adamw_``), their telemetry still read by the kernel (a grad that is
 not dense through a buffer of the plan's: chunk_table.stage_). Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lbw_kernels.validation import check_state_tensors
 
-from .pointers import DTYPE_CODES, FP64
+from .pointers import BF16, DTYPE_CODES, FP16, FP32, FP64
 
 # Columns of the per-tensor table of an update plan (int64).
 P, G, M, V, STEP, NUMEL, GROUP = range(7)
@@ -72,7 +72,8 @@ layout_key, address_key = _key_functions()
 
 @dataclass
 class ChunkList:
-    """Chunks of the tensors of one dtype and alignment: rows of ``table`` are one program each.
+    """Chunks of the tensors of one dtype (update lists: of one param and one grad dtype) and
+    alignment: rows of ``table`` are one program each.
 
     Update lists: ``(tensor row, first element, partial row, telemetry row)``. Telemetry-only
     lists: ``(gradient address, numel, first element, partial row, telemetry row)``.
@@ -86,6 +87,9 @@ class ChunkList:
     # takes only itself to scalar access, and a tensor's telemetry bits follow its own
     # alignment, not that of the others of its dtype.
     aligned: bool
+    # Update lists: the grads' dtype code (the params' but for bf16/fp16 params holding fp32
+    # grads, UPDATE_GRAD_CODES); telemetry lists: ``code`` is the grads'.
+    g_code: int = -1
 
 
 @dataclass
@@ -311,13 +315,20 @@ def _layout(numels: Sequence[int], chunk: int, device: torch.device, keep: list)
     )
 
 
-def _chunk_lists(rows_by_kind: Dict[Tuple[int, bool], list], cols: int, device, keep) -> List[ChunkList]:
-    """One list per (dtype code, aligned) that has rows."""
+def _chunk_lists(rows_by_kind: Dict[Tuple, list], cols: int, device, keep) -> List[ChunkList]:
+    """One list per kind that has rows: (dtype code, aligned), and for update lists the grads'
+    dtype code after them."""
     return [
-        ChunkList(code, _upload(rows, cols, torch.int64, device, keep), len(rows), aligned)
-        for (code, aligned), rows in sorted(rows_by_kind.items())
+        ChunkList(kind[0], _upload(rows, cols, torch.int64, device, keep), len(rows), kind[1], *kind[2:])
+        for kind, rows in sorted(rows_by_kind.items())
         if rows
     ]
+
+
+# The (param, grad) dtype codes of the update kernel when they differ: bf16/fp16 params with
+# fp32 grads (torch >= 2.10's grad_dtype; the math is fp32 either way). Other pairs go to the
+# reference.
+UPDATE_GRAD_CODES = {(BF16, FP32), (FP16, FP32)}
 
 
 def build_telemetry(grads: Sequence[Tensor], chunk: int, device: torch.device) -> TelemetryLayout:
@@ -344,7 +355,8 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
     """Plan of one guarded-AdamW pass over ``groups`` (``GroupTensors``), telemetry included.
 
     *Delegated* to the reference update: fp64 params (their math is fp64), params whose grad
-    has another dtype (a bf16 param with fp32 grads: torch >= 2.10's ``grad_dtype``), and
+    has another dtype (except bf16/fp16 params with fp32 grads, torch >= 2.10's ``grad_dtype``,
+    which the kernel reads: UPDATE_GRAD_CODES), and
     params whose p, grad, exp_avg and exp_avg_sq do not all hold their elements in one order (a
     grad of other strides than its param's, a param sliced with a step: the update kernel walks
     the four as flat arrays; a grad that is not dense). Their gradients are still read by the
@@ -377,11 +389,13 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             check_state_tensors(p, m, v, s, f"the state of the step's group {gi}, param {ti}")
             n = p.numel()
             flat += 1
-            if code == FP64 or g.dtype != p.dtype or len({_element_order(t) for t in (p, g, m, v)}) > 1:
+            g_code = _code(g.dtype, "gradient")
+            if (code == FP64 or (g_code != code and (code, g_code) not in UPDATE_GRAD_CODES)
+                    or len({_element_order(t) for t in (p, g, m, v)}) > 1):
                 delegated_idx.append(ti)
                 if n > 0:  # its telemetry still comes from the kernel, which reads the grad's dtype
                     addr = _telemetry_source(g, flat - 1, staged).data_ptr()
-                    kind = (_code(g.dtype, "gradient"), addr % 16 == 0)
+                    kind = (g_code, addr % 16 == 0)
                     for c, start in enumerate(_chunk_starts(n, chunk)):
                         tel_rows.setdefault(kind, []).append((addr, n, start, first[tel] + c, tel))
                     tel += 1
@@ -389,7 +403,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             row = len(tensor_rows)
             tensor_rows.append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), n, gi, 0))
             addrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-            kind = (code, all(a % 16 == 0 for a in addrs))
+            kind = (code, all(a % 16 == 0 for a in addrs), g_code)
             if n > 0:
                 for c, start in enumerate(_chunk_starts(n, chunk)):
                     update_rows.setdefault(kind, []).append((row, start, first[tel] + c, tel))

@@ -17,7 +17,8 @@ With ``TELEMETRY`` the same gradient loads also feed the float64 telemetry accum
 written per chunk and finished per tensor like :mod:`.telemetry` does (single_pass: one read
 of each gradient, and no launch after the update).
 
-Shapes/dtypes: params and grads fp32, bf16 or fp16 (one dtype per launch, ``P_CODE``);
+Shapes/dtypes: params fp32, bf16 or fp16 (one dtype per launch, ``P_CODE``), grads of the
+params' dtype or, for bf16/fp16 params, fp32 (torch >= 2.10's ``grad_dtype``; ``G_CODE``);
 exp_avg/exp_avg_sq fp32; all dense, in one element order. fp64 params never reach this
 kernel, nor params whose four tensors differ in order: the backend delegates them to the
 reference (chunk_table.build_update).
@@ -107,6 +108,7 @@ def _guarded_adamw_kernel(
     counters,  # [T] int32 (when TELEMETRY)
     out,  # [T, 3] partials (written when TELEMETRY)
     P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
     ALIGNED: tl.constexpr,
     TELEMETRY: tl.constexpr,
     MASK_NONFINITE: tl.constexpr,
@@ -125,7 +127,7 @@ def _guarded_adamw_kernel(
     start = tl.multiple_of(tl.load(row + 1), CHUNK)
     trow = tensors + t * TENSOR_COLS_
     p_ptr = as_pointer(tl.load(trow + 0), P_CODE, ALIGNED) + start
-    g_ptr = as_pointer(tl.load(trow + 1), P_CODE, ALIGNED) + start
+    g_ptr = as_pointer(tl.load(trow + 1), G_CODE, ALIGNED) + start
     m_ptr = as_pointer(tl.load(trow + 2), 0, ALIGNED) + start
     v_ptr = as_pointer(tl.load(trow + 3), 0, ALIGNED) + start
     n = tl.minimum(tl.load(trow + 5) - start, CHUNK)
@@ -206,7 +208,8 @@ def guarded_adamw_(
             (lst.n_chunks,),
             (lst.table, plan.tensors, plan.coefs, tel.workspace, tel.first_chunk, tel.counters,
              tel.workspace if out is None else out),  # (out: not written without telemetry)
-            dict(P_CODE=lst.code, ALIGNED=lst.aligned, TELEMETRY=out is not None, MASK_NONFINITE=mask_nonfinite,
+            dict(P_CODE=lst.code, G_CODE=lst.g_code, ALIGNED=lst.aligned, TELEMETRY=out is not None,
+                 MASK_NONFINITE=mask_nonfinite,
                  HAS_SKIP=skip is not None, TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS,
                  CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
                  RBLOCK=geo.reduce_block, STAGES=pass_stages(geo, single_pass=out is not None)),
