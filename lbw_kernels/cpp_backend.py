@@ -175,27 +175,41 @@ def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: 
     return torch.ops.lbw.adamw_telemetry_(*args) if _kernel_ready(True, *args[:4]) else None
 
 
-def _check_fallback(part: GroupTensors, group: GroupTensors, gi: int) -> None:
-    """The states of a part the kernels did not take, before the reference updates it: a clear
-    error for a state moved through `.data` to a dtype the kernels refuse, where the reference's
-    foreach ops would fail halfway through the part."""
+def _check_states(part: GroupTensors, group: GroupTensors, gi: int) -> None:
+    """The Python check of a part's states (validation.check_update_states), naming the group
+    and param: before the reference updates a part the kernels did not take (its foreach ops
+    would fail halfway through), and to name the state an op refused (the C++ checks know the
+    part's lists only: "exp_avgs[1]" of a part split by dtype is not the group's param 1)."""
     split = part is not group  # (param indices are then those within the part's dtype)
     check_update_states([part], f"the step's group {gi}" + (f" (its {part.params[0].dtype} params)" if split else ""))
 
 
-def _checked_parts(groups: Sequence[GroupTensors]) -> List[List[GroupTensors]]:
-    """Each group's parts (one op call each: split_by_dtype). Each op checks its own part before
-    writing it, so with several parts all are checked first (_C._check_update_, ~25 ns a
-    tensor): a later part refused (a state moved through `.data` to a tensor the kernels refuse)
-    then leaves the earlier ones as they were. (Eagerly: a compiled step's ops are traced.)"""
+def _named(error: RuntimeError, part: GroupTensors, group: GroupTensors, gi: int) -> RuntimeError:
+    """An op's refusal of ``part``: the Python check's error when a state is the cause (raised
+    from here), else ``error`` itself, for the caller to raise."""
+    _check_states(part, group, gi)
+    return error
+
+
+def _parts(groups: Sequence[GroupTensors]) -> Tuple[List[List[GroupTensors]], bool]:
+    """Each group's parts (one op call each: split_by_dtype), and whether their states were all
+    checked here. Each op checks its own part before writing it, so with several parts all are
+    checked first (_C._check_update_, ~25 ns a tensor; the Python check for parts the kernels
+    do not take): a later part refused (a state moved through `.data` to a tensor the kernels
+    refuse) then leaves the earlier ones as they were. (Eagerly: a compiled step's ops are
+    traced.)"""
     parts = [split_by_dtype(group) for group in groups]
-    if sum(map(len, parts)) > 1 and not torch.compiler.is_compiling():
-        for gi, (group, of_group) in enumerate(zip(groups, parts)):
-            for part in of_group:
-                if part.params and not _C._check_update_(part.params, part.grads, part.exp_avgs,
-                                                         part.exp_avg_sqs, part.steps):
-                    _check_fallback(part, group, gi)
-    return parts
+    if sum(map(len, parts)) == 1 or torch.compiler.is_compiling():
+        return parts, False
+    for gi, (group, of_group) in enumerate(zip(groups, parts)):
+        for part in of_group:
+            try:
+                ready = _C._check_update_(part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps)
+            except RuntimeError as err:
+                raise _named(err, part, group, gi)
+            if not ready:
+                _check_states(part, group, gi)
+    return parts, True
 
 
 class CppBackend(Backend):
@@ -224,11 +238,19 @@ class CppBackend(Backend):
 
     def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
                grad_factor: Optional[Tensor] = None) -> None:
-        for gi, (group, parts) in enumerate(zip(groups, _checked_parts(groups))):
+        parts_of, checked = _parts(groups)
+        for gi, (group, parts) in enumerate(zip(groups, parts_of)):
             lr_scale, lr = self._lr(scale, group.lr)
             for part in parts:
-                if part.params and not _run_adamw(part, lr_scale, lr, skip, grad_factor):
-                    _check_fallback(part, group, gi)
+                if not part.params:
+                    continue
+                try:
+                    done = _run_adamw(part, lr_scale, lr, skip, grad_factor)
+                except RuntimeError as err:
+                    raise _named(err, part, group, gi)
+                if not done:
+                    if not checked:
+                        _check_states(part, group, gi)
                     reference.adamw_(
                         part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,
                         lr=lr_scale * lr, beta1=part.beta1, beta2=part.beta2, eps=part.eps,
@@ -244,21 +266,25 @@ class CppBackend(Backend):
         partials_dtype: torch.dtype,
     ) -> Tensor:
         rows: List[Tensor] = []
-        for gi, (group, parts) in enumerate(zip(groups, _checked_parts(groups))):
+        parts_of, checked = _parts(groups)
+        for gi, (group, parts) in enumerate(zip(groups, parts_of)):
             lr_scale, lr = self._lr(scale, group.lr)
-            got = [self._update_telemetry(part, group, gi, lr_scale, lr, mask_nonfinite) for part in parts]
+            got = [self._update_telemetry(part, group, gi, checked, lr_scale, lr, mask_nonfinite) for part in parts]
             rows.append(got[0] if len(parts) == 1 else self._group_order(group, parts, got))
         out = rows[0] if len(rows) == 1 else torch.cat(rows)
         return self._as(out, partials_dtype)
 
     # ----------------------------------------------------------------- helpers
-    def _update_telemetry(self, part: GroupTensors, group: GroupTensors, gi: int, lr_scale: Tensor, lr: float,
-                          mask: bool) -> Tensor:
-        rows = _run_adamw_telemetry(part, lr_scale, lr, mask) if part.params else None
+    def _update_telemetry(self, part: GroupTensors, group: GroupTensors, gi: int, checked: bool, lr_scale: Tensor,
+                          lr: float, mask: bool) -> Tensor:
+        try:
+            rows = _run_adamw_telemetry(part, lr_scale, lr, mask) if part.params else None
+        except RuntimeError as err:
+            raise _named(err, part, group, gi)
         if rows is not None:
             return rows
-        if part.params:
-            _check_fallback(part, group, gi)
+        if part.params and not checked:
+            _check_states(part, group, gi)
         grads = [g for g in part.grads if g.numel() > 0]
         rows = (
             reference.telemetry_partials(grads, torch.float64)
@@ -338,4 +364,7 @@ class CudaBackend(CppBackend):
         if isinstance(group.lr, Tensor) or (group.param_dtypes is not None and len(group.param_dtypes) > 1):
             return False
         lr_scale, lr = self._lr(scale, group.lr)
-        return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide, partials)
+        try:
+            return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide, partials)
+        except RuntimeError as err:
+            raise _named(err, group, group, 0)

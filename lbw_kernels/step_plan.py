@@ -50,9 +50,11 @@ class CallGrads(NamedTuple):
     # Per group, which objects its params list holds (their ids, as bytes from the extension,
     # else a tuple): a param replaced in place in the list rebuilds the plan.
     identities: Tuple[Any, ...]
-    # Whether every grad is a plain tensor: a grad that turns into a subclass (a wrapper, whose
-    # address is not its elements') rebuilds the plan, which then resolves wrappers every call.
-    plain_grads: bool
+    # Which grads are tensor subclasses, and of which type (empty when none): a grad that turns
+    # into one (a wrapper, whose address is not its elements') rebuilds the plan, which then
+    # resolves wrappers every call. Bytes of (index among all params, type) from the
+    # extension, else a tuple.
+    subclass_grads: Any
 
 
 def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
@@ -62,8 +64,9 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
     dense_real = all(layout == torch.strided and dtype.is_floating_point for layout, dtype in kinds)
     identities = tuple(tuple(map(id, group["params"])) for group in param_groups)
-    plain = all(type(g) in _PLAIN for grads in per_group for g in grads if g is not None)
-    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities, plain)
+    every = (g for grads in per_group for g in grads)
+    subclasses = tuple((k, type(g)) for k, g in enumerate(every) if g is not None and type(g) not in _PLAIN)
+    return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities, subclasses)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # (the extension's THPVariable_CheckExact)
@@ -85,11 +88,11 @@ gather_grads = _gather_function()
 def presence_key(grads: CallGrads) -> tuple:
     """What a plan depends on: each group's params (the objects its list holds: a param replaced
     in the list, ``param_groups[0]["params"][3] = new``, must be the one updated), which of
-    them have a grad, and whether all grads are plain tensors."""
+    them have a grad, and which grads are tensor subclasses."""
     return tuple(
         (ids, tuple(g is not None for g in per) if missing else None)
         for ids, per, missing in zip(grads.identities, grads.per_group, grads.missing)
-    ) + (grads.plain_grads,)
+    ) + (grads.subclass_grads,)
 
 
 class StepPlan:

@@ -311,10 +311,17 @@ def test_numpy_scalars_are_taken_as_torch_optim_takes_them():
 # A state tensor moved through ``.data`` (state offload and reload) changes behind the optimizer:
 # no ``opt.state`` edit, so the step plan stands. A tensor the update cannot take must be refused
 # by the update itself, before anything is written (a shorter one would be written past its end).
+# (the state's key, what its .data becomes, the error, what the message says after "param 1")
 MOVED_STATES = {
-    "exp_avg to float64": (lambda st: st["exp_avg"], torch.float64, None, TypeError, r"\['exp_avg'\] must be a dense"),
-    "exp_avg_sq shorter": (lambda st: st["exp_avg_sq"], None, -1, (ValueError, RuntimeError), "exp_avg"),
-    "step to float64": (lambda st: st["step"], torch.float64, None, (TypeError, RuntimeError), "step"),
+    "exp_avg to float64": ("exp_avg", lambda t: t.double(), TypeError, "must be a dense torch.float32"),
+    "exp_avg_sq shorter": ("exp_avg_sq", lambda t: t.flatten()[:-1].clone(), ValueError, "has shape"),
+    "step to float64": ("step", lambda t: t.double(), TypeError, "must be a one-element float32"),
+    # at the state's own address (a view of itself, or what an allocator hands back from the
+    # block the old tensor freed): a table keyed by addresses alone would be reused, and the
+    # kernels would write past the view's end
+    "exp_avg_sq shorter, same address": ("exp_avg_sq", lambda t: t.flatten()[:-1], ValueError, "has shape"),
+    "exp_avg as int32, same address": ("exp_avg", lambda t: t.view(torch.int32), TypeError,
+                                       "must be a dense torch.float32"),
 }
 
 
@@ -337,14 +344,14 @@ def _everything(params, opt):
 
 
 def _moved_state_is_refused(backend, gate, moved, layout, device="cpu"):
-    pick, dtype, shorter, error, match = MOVED_STATES[moved]
-    params, opt, moved_param = _moved_state_model(backend, gate, 0 if "first" in layout or "one" in layout else 1,
-                                                  layout == "one group", device)
-    tensor = pick(opt.state[moved_param])
+    key, move, error, says = MOVED_STATES[moved]
+    group = 0 if "first" in layout or "one" in layout else 1
+    params, opt, moved_param = _moved_state_model(backend, gate, group, layout == "one group", device)
+    tensor = opt.state[moved_param][key]
     good = tensor.data
     before, calls = _everything(params, opt), opt._calls
-    tensor.data = good.to(dtype) if dtype is not None else good.flatten()[:shorter].clone()
-    with pytest.raises(error, match=match):
+    tensor.data = move(good)
+    with pytest.raises(error, match=rf"the step's group {group}, param 1\['{key}'\] {says}"):
         opt.step()
     tensor.data = good
     after = _everything(params, opt)

@@ -93,7 +93,7 @@ def test_fake_shapes_under_fake_tensor_mode():
         assert torch.ops.lbw.adamw_telemetry_(*args, True).shape == (2, 3)
 
 
-def test_layout_and_address_keys_read_each_tensor():
+def test_layout_keys_read_each_tensor():
     from lbw_kernels import _C
 
     base = torch.zeros(10)
@@ -108,11 +108,6 @@ def test_layout_and_address_keys_read_each_tensor():
     assert _C._layout_key(()) == b""
     with pytest.raises(TypeError, match="_layout_key: item 1 is not a tensor"):
         _C._layout_key([base, 3.0])
-    # the addresses alone (lists whose sizes and dtypes follow the params')
-    assert array.array("q", _C._address_key(tensors)).tolist() == [t.data_ptr() for t in tensors]
-    assert _C._address_key(()) == b""
-    with pytest.raises(TypeError, match="_address_key: item 1 is not a tensor"):
-        _C._address_key([base, 3.0])
 
 
 def test_layout_keys_carry_the_strides_of_tensors_that_are_not_contiguous():
@@ -141,7 +136,7 @@ def test_triton_plan_keys_use_the_extension():
     from lbw_kernels import _C
     from lbw_kernels.triton_kernels import chunk_table
 
-    assert chunk_table.layout_key is _C._layout_key and chunk_table.address_key is _C._address_key
+    assert chunk_table.layout_key is _C._layout_key
     a, b = torch.zeros(3), torch.zeros(3)
     assert chunk_table.telemetry_key([a], 64, a.device) != chunk_table.telemetry_key([b], 64, b.device)  # another address
 
@@ -211,19 +206,27 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
     a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
-    per_group, missing, dense_real, layouts, identities, plain_grads = _C._gather_grads([[a, b, c], [c, d]])
+    per_group, missing, dense_real, layouts, identities, subclass_grads = _C._gather_grads([[a, b, c], [c, d]])
     assert array.array("q", identities[0]).tolist() == [id(a), id(b), id(c)]  # the objects the list holds
     assert array.array("q", identities[1]).tolist() == [id(c), id(d)]
     assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
     assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
-    assert missing == (True, False) and dense_real is True and plain_grads is True
-    # A grad that is a subclass (a wrapper's address is not its elements'): the plan is rebuilt
-    # for it (step_plan.presence_key); the Python twin says the same.
+    assert missing == (True, False) and dense_real is True and subclass_grads == b""
+    # Grads that are subclasses, by index among all params and type (a wrapper's address is not
+    # its elements': the plan is rebuilt when these change, step_plan.presence_key); the
+    # Python twin says the same in a tuple.
     from lbw_kernels.step_plan import _gather_grads_python
 
+    class Other(torch.Tensor):
+        pass
+
     c.grad = torch.ones(3).as_subclass(Tagged)
-    assert _C._gather_grads([[a, c]])[5] is False and _gather_grads_python([{"params": [a, c]}]).plain_grads is False
-    assert _C._gather_grads([[a, d]])[5] is True and _gather_grads_python([{"params": [a, d]}]).plain_grads is True
+    found = array.array("q", _C._gather_grads([[a], [d, c]])[5]).tolist()
+    assert found == [2, id(Tagged)]  # (a type's id is its address)
+    assert _gather_grads_python([{"params": [a]}, {"params": [d, c]}]).subclass_grads == ((2, Tagged),)
+    c.grad = torch.ones(3).as_subclass(Other)
+    assert array.array("q", _C._gather_grads([[a], [d, c]])[5]).tolist() == [2, id(Other)]
+    assert _C._gather_grads([[a, d]])[5] == b"" and _gather_grads_python([{"params": [a, d]}]).subclass_grads == ()
     c.grad = torch.ones(3)
     b.grad = torch.ones(3).to_sparse()
     assert _C._gather_grads([[a, b]])[2] is False

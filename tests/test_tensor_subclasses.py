@@ -147,6 +147,32 @@ def test_grads_that_turn_into_wrappers_are_resolved(backend, gate, gathered_by, 
     assert_bitwise_equal(*run_pair(backend, "cpu", gate, wrap_grads=4))
 
 
+class Tagged(torch.Tensor):
+    """A subclass with storage of its own (``as_subclass``): not a wrapper, read at its address."""
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_wrapper_grad_beside_a_grad_that_was_a_subclass_already_is_resolved(backend, gate):
+    """One grad is a ``Tagged`` subclass from the first call; from call 4 another turns into a
+    wrapper. The plan's key names which grads are subclasses and of which type, so the wrapper
+    rebuilds the plan even though some grad was a subclass before (a key of "all grads plain"
+    would not change: the Triton kernels were then given the wrapper's address 0)."""
+    out = []
+    for wrapped in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (17,), (4,))]
+        opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+        for k in range(1, 7):
+            grads = [torch.randn(q.shape, generator=gen) for q in params]
+            params[0].grad = CastWrapper(grads[0]) if wrapped and k >= 4 else grads[0]
+            params[1].grad = grads[1]
+            params[2].grad = grads[2].as_subclass(Tagged) if wrapped else grads[2]
+            opt.step()
+        out.append([t.clone() for q in params for t in (q.detach(), opt.state[q]["exp_avg"], opt.state[q]["exp_avg_sq"])])
+    for a, b in zip(*out):
+        assert torch.equal(a.as_subclass(torch.Tensor), b)
+
+
 def test_a_replaced_inner_tensor_is_the_one_updated(backend):
     """After ``w._tensor = new`` (as ``module.to()`` leaves a wrapper) the plan takes the new
     inner tensor: the old one is no longer the param's, and updating it would leave the param."""

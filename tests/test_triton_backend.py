@@ -455,16 +455,15 @@ def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, 
 def test_plans_are_keyed_with_the_layouts_the_optimizer_gathered(triton_backend, gate, monkeypatch):
     """With the C++ extension, the optimizer gathers each group's params and grads with their
     layout (GroupTensors.layout_key): a steady-state step then reads only the AdamW states'
-    addresses for the plan key (3 lists a group, not 5, and none for the exact gate's telemetry)."""
+    layouts for the plan key (3 lists a group, not 5, and none for the exact gate's telemetry)."""
     from lbw_kernels.backends import availability
     from lbw_kernels.triton_kernels import chunk_table
 
     if availability()["cpp"] is not None:
         pytest.skip("the layouts are gathered by the C++ extension")
     read = []
-    for name in ("layout_key", "address_key"):
-        real = getattr(chunk_table, name)
-        monkeypatch.setattr(chunk_table, name, lambda ts, real=real: read.append(len(ts)) or real(ts))
+    real = chunk_table.layout_key
+    monkeypatch.setattr(chunk_table, "layout_key", lambda ts: read.append(len(ts)) or real(ts))
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 3)]
     opt = GuardedAdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.02}], lr=1e-2, backend="triton",
                        gate=gate, stats_freq=1)
@@ -515,7 +514,6 @@ def test_plan_follows_swapped_params_and_state_and_holds_nothing_alive(triton_ba
 
     if keys == "python":  # as without the extension: the optimizer gathers no layouts either
         monkeypatch.setattr(chunk_table, "layout_key", chunk_table._layout_key_python)
-        monkeypatch.setattr(chunk_table, "address_key", chunk_table._address_key_python)
         monkeypatch.setattr(optimizer, "gather_grads", step_plan._gather_grads_python)
 
     torch.manual_seed(0)
@@ -708,6 +706,33 @@ def test_grads_that_are_not_dense_are_read_through_a_buffer_refilled_each_call(t
         # (the reference sums in the gradients' fp32, the kernel in float64; a stale buffer
         # would be off by the call's own values, a factor up to 16 here)
         assert t["regime"] == r["regime"] and t["grad_ms"] == pytest.approx(r["grad_ms"], rel=1e-6)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_param_whose_tensors_all_have_gaps_goes_to_the_reference(triton_backend, gate):
+    """p, grad, exp_avg and exp_avg_sq all every other column of larger buffers: one element
+    order for all four (none), which is no order a kernel can walk as a flat array. The update
+    goes to the reference: the gaps (other tensors' memory) stay as they were, NaN here."""
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(11)
+        base, grad_base = torch.full((6, 10), float("nan")), torch.full((6, 10), float("nan"))
+        base[:, ::2] = torch.randn(6, 5)
+        q = torch.nn.Parameter(base[:, ::2])
+        opt = GuardedAdamW([q], lr=0.05, backend=backend, gate=gate, stats_freq=1)
+        states = [torch.full((6, 10), float("nan")) for _ in range(2)]
+        for k in range(3):
+            grad_base[:, ::2] = torch.randn(6, 5)
+            q.grad = grad_base[:, ::2]
+            opt.step()
+            if k == 0:  # states moved (through .data) to views with gaps too
+                for key, buf in zip(("exp_avg", "exp_avg_sq"), states):
+                    buf[:, ::2] = opt.state[q][key]
+                    opt.state[q][key].data = buf[:, ::2]
+        for t in (base, grad_base, *states):
+            assert t[:, 1::2].isnan().all()
+        out[backend] = q.detach().clone()
+    assert worst(out["triton"], out["reference"], *(2 * x for x in PARAM_TOLERANCES[torch.float32])) is None
 
 
 def test_grad_buffer_reused_with_other_strides_rebuilds_the_plan(triton_backend):

@@ -9,7 +9,7 @@ Per ``step()``, for all groups together (one launch per param dtype, not per ten
   telemetry rows (28 B per fp32 parameter).
 
 An eager exact call (``exact_step_``) launches its telemetry pass first, from a layout keyed by
-the params' and grads' layouts the optimizer gathered, and reads the AdamW states' addresses
+the params' and grads' layouts the optimizer gathered, and reads the AdamW states' layouts
 for the update plan's key while the device runs it (ops.exact_step_impl).
 Plans (device-side chunk tables) are cached by storage and rebuilt only when it changes; no
 launcher syncs with the host, allocates per parameter, or branches on device values, so a

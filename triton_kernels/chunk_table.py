@@ -47,27 +47,23 @@ def _layout_key_python(tensors: Sequence[Tensor]) -> tuple:
     return tuple(map(_ptr, tensors)) + tuple(map(_numel, tensors)) + tuple(t.dtype for t in tensors) + strides
 
 
-def _address_key_python(tensors: Sequence[Tensor]) -> tuple:
-    return tuple(map(_ptr, tensors))
-
-
-def _key_functions():
-    """``(layout_key, address_key)``: (address, numel, dtype) of every tensor and the strides of
-    those that are not contiguous (a grad buffer reused with other strides must not find the
-    old plan: the kernels walk p, g, m, v in one element order), and addresses only (for lists
-    whose sizes, dtypes and strides follow the params': AdamW states). From the
-    C++ extension when it is built (one call reads a list into one bytes object: ~0.05 ms
+def _key_function():
+    """``layout_key``: (address, numel, dtype) of every tensor and the strides of those that are
+    not contiguous (a grad buffer reused with other strides must not find the old plan: the
+    kernels walk p, g, m, v in one element order; a state moved through `.data` to a view of
+    itself, or to another dtype the allocator put at the freed address, must not either). From
+    the C++ extension when it is built (one call reads a list into one bytes object: ~0.05 ms
     for 2000 tensors against ~0.75 ms of Python, and a bytes key hashes and compares at memory
-    speed), else in Python. Either way every call reads every tensor's address:
-    a table must never outlive its memory."""
+    speed), else in Python. Either way every call reads every tensor's address: a table must
+    never outlive its memory."""
     try:
-        from lbw_kernels._C import _address_key, _layout_key
+        from lbw_kernels._C import _layout_key
     except ImportError:  # the extension is optional; so are its attributes in an older build
-        return _layout_key_python, _address_key_python
-    return _layout_key, _address_key
+        return _layout_key_python
+    return _layout_key
 
 
-layout_key, address_key = _key_functions()
+layout_key = _key_function()
 
 
 @dataclass
@@ -179,7 +175,7 @@ def _chunk_starts(numel: int, chunk: int) -> range:
 # ---------------------------------------------------------------------------------------
 # Cache keys: the only per-call Python work proportional to the number of tensors. A key is
 # (kind, layout): kind a small tuple (device, pass, chunk, group hyper-parameters), layout
-# the bytes objects of layout_key/address_key (tens of kB for thousands of tensors).
+# the bytes objects of layout_key (tens of kB for thousands of tensors).
 # ---------------------------------------------------------------------------------------
 def telemetry_key(grads: Sequence[Tensor], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
     return (device, "telemetry", chunk), (layout_key(grads),)
@@ -213,7 +209,7 @@ def _hyper_key(value: Any, device: torch.device) -> Any:
 
 
 def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
-    # Every tensor's address, every call: optimizer state can be moved behind the optimizer's
+    # Every tensor's layout, every call: optimizer state can be moved behind the optimizer's
     # back (state offload through `.data`), and a stale table would write through freed memory.
     kind: List[Any] = [device, "update", chunk]
     layout: List[Any] = []
@@ -226,8 +222,11 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
         # The params and grads as the optimizer gathered them this call, when it did (every
         # param of the group: the sub-list with grads follows from it), else read here.
         gathered = g.layout_key
-        layout += ((gathered,) if gathered is not None else (layout_key(g.params), address_key(g.grads)))
-        layout += (address_key(g.exp_avgs), address_key(g.exp_avg_sqs), address_key(g.steps))
+        layout += ((gathered,) if gathered is not None else (layout_key(g.params), layout_key(g.grads)))
+        # The states by address, numel, dtype and strides: a state moved through `.data` to a
+        # tensor at the same address (a view of itself, another dtype the allocator put in the
+        # freed block) must rebuild the plan, whose build checks it (check_state_tensors).
+        layout += (layout_key(g.exp_avgs), layout_key(g.exp_avg_sqs), layout_key(g.steps))
     return tuple(kind), tuple(layout)
 
 
@@ -390,8 +389,9 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             n = p.numel()
             flat += 1
             g_code = _code(g.dtype, "gradient")
+            orders = {_element_order(t) for t in (p, g, m, v)}  # (None: not dense)
             if (code == FP64 or (g_code != code and (code, g_code) not in UPDATE_GRAD_CODES)
-                    or len({_element_order(t) for t in (p, g, m, v)}) > 1):
+                    or None in orders or len(orders) > 1):
                 delegated_idx.append(ti)
                 if n > 0:  # its telemetry still comes from the kernel, which reads the grad's dtype
                     addr = _telemetry_source(g, flat - 1, staged).data_ptr()

@@ -153,7 +153,7 @@ def exact_step_impl(groups: Sequence[GroupTensors], grads: Sequence[Tensor], dec
                     skip: Optional[Tensor], partials_dtype: torch.dtype, partials: Optional[Tensor] = None) -> None:
     """The exact gate's call (``Backend.exact_step_``): the telemetry launch first, from a layout
     found by the layouts the optimizer gathered (``exact_telemetry_key``), then the update
-    plan's key (every AdamW state's address: 3 walks of Python objects per group) is read while
+    plan's key (every AdamW state's layout: 3 walks of Python objects per group) is read while
     the device runs the telemetry pass. With 2000 tensors those walks are ~0.1 ms of host time
     that came before the first kernel, with the device idle; the update can now start up to
     that much earlier, as far as the telemetry pass outlasts the host's decide and launches.

@@ -81,12 +81,10 @@ static PyObject* strides_appendix(PyObject* key, const std::vector<int64_t>& app
 // object, with the strides of those that are not contiguous after them (layout_code): the
 // Triton backend's plan-cache key. Bytes compare at memory speed (the cache compares
 // them, it does not hash them: chunk_table.PlanCache); a tuple of Python ints for 2000 tensors
-// took ~1 ms per call to build, hash and compare. address_key: the addresses alone, for lists
-// whose sizes and dtypes follow the params' (AdamW states): a third of the bytes to write and
-// compare, and two fields less to read per tensor.
-template <bool kWithLayout>
-static PyObject* tensor_key(PyObject* arg, const char* name) {
-  constexpr Py_ssize_t kFields = kWithLayout ? 3 : 1;
+// took ~1 ms per call to build, hash and compare.
+static PyObject* layout_key(PyObject*, PyObject* arg) {
+  const char* name = "_layout_key";
+  constexpr Py_ssize_t kFields = 3;
   PyObject* seq = PySequence_Fast(arg, "expected a sequence of tensors");
   if (seq == nullptr) return nullptr;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -107,17 +105,12 @@ static PyObject* tensor_key(PyObject* arg, const char* name) {
     }
     const at::Tensor& t = THPVariable_Unpack(items[i]);
     values[kFields * i] = int64_t(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
-    if (kWithLayout) {
-      values[kFields * i + 1] = t.numel();
-      values[kFields * i + 2] = layout_code(t, appendix, i);
-    }
+    values[kFields * i + 1] = t.numel();
+    values[kFields * i + 2] = layout_code(t, appendix, i);
   }
   Py_DECREF(seq);
   return strides_appendix(out, appendix);
 }
-
-static PyObject* layout_key(PyObject*, PyObject* arg) { return tensor_key<true>(arg, "_layout_key"); }
-static PyObject* address_key(PyObject*, PyObject* arg) { return tensor_key<false>(arg, "_address_key"); }
 
 // Whether .grad of a param of this Python type is the tensor's own C++ grad, readable without
 // Python: its type overrides neither the `grad` attribute nor __torch_function__ (DTensor and
@@ -167,7 +160,10 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
   PyObject* layouts = PyTuple_New(ngroups);
   PyObject* identities = PyTuple_New(ngroups);
   bool dense_real = true;
-  bool plain_grads = true;  // no grad is a tensor subclass (a wrapper's address is not its elements')
+  // (index among all the groups' params, Python type) of each grad that is a tensor subclass: a
+  // wrapper's address is not its elements', so a plan must be rebuilt when these change.
+  std::vector<int64_t> subclass_grads;
+  Py_ssize_t offset = 0;  // of the current group's params among all
   auto fail = [&]() -> PyObject* {
     Py_XDECREF(per_group);
     Py_XDECREF(missing);
@@ -209,7 +205,6 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         const at::Tensor& g = p.grad();
         if (g.defined()) {
           grad = THPVariable_Wrap(g);  // the grad's own Python object (identity kept)
-          plain_grads = plain_grads && grad != nullptr && THPVariable_CheckExact(grad);
           const auto dtype = g.scalar_type();
           dense_real = dense_real && g.layout() == at::kStrided && at::isFloatingType(dtype);
         } else {
@@ -236,7 +231,6 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         layout_known = false;
         grad = PyObject_GetAttrString(items[i], "grad");
         if (grad != nullptr && grad != Py_None) {
-          plain_grads = plain_grads && THPVariable_CheckExact(grad);
           if (!THPVariable_Check(grad)) {
             dense_real = false;  // the full check names it
           } else {
@@ -252,9 +246,14 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
         return fail();
       }
       any_missing = any_missing || grad == Py_None;
+      if (grad != Py_None && !THPVariable_CheckExact(grad)) {
+        subclass_grads.push_back(int64_t(offset + i));
+        subclass_grads.push_back(int64_t(reinterpret_cast<uintptr_t>(Py_TYPE(grad))));
+      }
       PyList_SET_ITEM(grads, i, grad);  // steals
     }
     Py_DECREF(params);
+    offset += n;
     PyList_SET_ITEM(per_group, gi, grads);  // steals
     PyTuple_SET_ITEM(missing, gi, PyBool_FromLong(any_missing));
     if (!layout_known) {
@@ -264,9 +263,12 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     }
     PyTuple_SET_ITEM(layouts, gi, layout);  // steals
   }
+  PyObject* subclasses = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(subclass_grads.data()),
+                                                   Py_ssize_t(subclass_grads.size() * sizeof(int64_t)));
+  if (subclasses == nullptr) return fail();
   Py_DECREF(groups);
-  PyObject* out = Py_BuildValue("(NNONNO)", per_group, missing, dense_real ? Py_True : Py_False, layouts, identities,
-                                plain_grads ? Py_True : Py_False);
+  PyObject* out = Py_BuildValue("(NNONNN)", per_group, missing, dense_real ? Py_True : Py_False, layouts, identities,
+                                subclasses);
   return out;
 }
 
@@ -561,7 +563,7 @@ PyObject* call_adamw_exact(PyObject*, PyObject* args) {
   return PyBool_FromLong(done);
 }
 
-// The update ops' checks alone, on (params, grads, exp_avgs, exp_avg_sqs, steps) of one part:
+// The update ops' checks alone, and the states' shapes, on (params, grads, exp_avgs, exp_avg_sqs, steps) of one part:
 // True when they pass, False (nothing checked) for tensors the kernels do not take (the caller
 // checks those for the reference), an error naming the tensor otherwise. For a step of several
 // parts (param groups), one op call each: all are checked before the first writes, so a part
@@ -577,6 +579,13 @@ PyObject* call_check_update(PyObject*, PyObject* args) {
   if (!run_op(false, [&] {
         lbw::check_update_args(a.params.list(), a.grads.list(), a.exp_avgs.list(), a.exp_avg_sqs.list(),
                                a.steps.list(), a.params.list()[0].device().type());
+        // The states' shapes too (the ops need their element counts only; the reference's
+        // foreach ops, which the callers also check for, need the shapes)
+        for (size_t i = 0; i < a.params.list().size(); ++i) {
+          const auto sizes = a.params.list()[i].sizes();
+          TORCH_CHECK(a.exp_avgs.list()[i].sizes() == sizes && a.exp_avg_sqs.list()[i].sizes() == sizes,
+                      "lbw: exp_avgs[", i, "] or exp_avg_sqs[", i, "] is not shaped like params[", i, "] ", sizes);
+        }
       }))
     return nullptr;
   Py_RETURN_TRUE;
@@ -618,7 +627,6 @@ static PyMethodDef methods[] = {
     {"_layout_key", layout_key, METH_O,
      "(data_ptr, numel, dtype code) of each tensor of a sequence, packed as int64s in one bytes object, then "
      "(index, ndim, strides) of each that is not contiguous."},
-    {"_address_key", address_key, METH_O, "data_ptr of each tensor of a sequence, packed as int64s in one bytes object."},
     {"_cuda_geometry", cuda_geometry, METH_VARARGS,
      "_cuda_geometry([threads, ilp, chunk, warp_partials]): the CUDA kernels' launch geometry (csrc/cuda/geometry.h); "
      "with arguments, sets it and returns the previous one."},
