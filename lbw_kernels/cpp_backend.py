@@ -129,13 +129,20 @@ def _apply_cuda_geometry_override() -> None:
 # their declared mutations), after the same check in Python.
 def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     """Whether the kernels take every tensor of these lists (dense, contiguous, kernel dtype;
-    with ``uniform``, one dtype per list, and the update's grads of its params' dtype): the
-    entries' check (UpdateLists::kernel_ready), for the traced path."""
+    with ``uniform``, one dtype per list): the entries' check, for the traced path."""
     return all(
         t.layout == torch.strided and t.is_contiguous() and t.dtype in _KERNEL_DTYPES
         and (not uniform or t.dtype == ts[0].dtype)
         for ts in lists for t in ts
-    ) and not (uniform and len(lists) > 1 and lists[0] and lists[1] and lists[1][0].dtype != lists[0][0].dtype)
+    )
+
+
+def _update_ready(params, grads, exp_avgs, exp_avg_sqs, *_) -> bool:
+    """The update ops' entries' check (UpdateLists::kernel_ready), for the traced path: the four
+    lists kernel-ready with one dtype each, and the grads of the params' dtype (a bf16 param may
+    hold fp32 grads, torch >= 2.10's grad_dtype: the reference updates those)."""
+    return _kernel_ready(True, params, grads, exp_avgs, exp_avg_sqs) and (
+        not params or grads[0].dtype == params[0].dtype)
 
 
 def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
@@ -162,7 +169,7 @@ def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[T
     args = _update_args(part, lr_scale, lr, skip) + (grad_factor,)
     if not torch.compiler.is_compiling():
         return _C._adamw_(*args)
-    if not _kernel_ready(True, *args[:4]):
+    if not _update_ready(*args):
         return False
     torch.ops.lbw.adamw_(*args)
     return True
@@ -172,7 +179,7 @@ def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: 
     args = _update_args(part, lr_scale, lr, mask)
     if not torch.compiler.is_compiling():
         return _C._adamw_telemetry_(*args)
-    return torch.ops.lbw.adamw_telemetry_(*args) if _kernel_ready(True, *args[:4]) else None
+    return torch.ops.lbw.adamw_telemetry_(*args) if _update_ready(*args) else None
 
 
 def _check_states(part: GroupTensors, group: GroupTensors, gi: int) -> None:
