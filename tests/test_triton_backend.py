@@ -1279,3 +1279,36 @@ def test_geometry_override_for_tuning_runs(monkeypatch):
             config.geometry()
     monkeypatch.delenv("LBW_TRITON_GEOMETRY")
     assert config.geometry() == config.GPU
+
+
+def test_switches_are_read_as_os_environ_has_them(monkeypatch):
+    from lbw_kernels.triton_kernels import config
+
+    for value in ("1", "", "block=512, num_warps=4", "caf\u00e9"):
+        monkeypatch.setenv("LBW_TEST_SWITCH", value)
+        assert config.environ_get("LBW_TEST_SWITCH") == os.environ.get("LBW_TEST_SWITCH") == value
+    monkeypatch.delenv("LBW_TEST_SWITCH")
+    assert config.environ_get("LBW_TEST_SWITCH") is None
+    monkeypatch.setenv("LBW_POISON", "1")
+    assert config.poison_enabled()
+    monkeypatch.setenv("LBW_POISON", "0")
+    assert not config.poison_enabled()
+
+
+def test_a_step_asks_os_environ_for_no_switch(triton_backend, monkeypatch):
+    """os.environ.get of a name that is not set costs ~2 us (a KeyError raised and caught); a
+    Triton step read ~15 such switches per call (config.environ_get)."""
+    from lbw_kernels import GuardedAdamW
+
+    params = [torch.randn(n, requires_grad=True) for n in (5, 4097)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for gate in ("exact", "single_pass"):
+        opt = GuardedAdamW(params, lr=1e-3, gate=gate, backend="triton")
+        opt.step()  # (plans built)
+        asked = []
+        original = os._Environ.__getitem__
+        monkeypatch.setattr(os._Environ, "__getitem__", lambda self, key: asked.append(key) or original(self, key))
+        opt.step()
+        monkeypatch.setattr(os._Environ, "__getitem__", original)
+        assert asked == [], gate

@@ -23,8 +23,6 @@ not dense through a buffer of the plan's: chunk_table.stage_). Runs on CUDA, and
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lbw_kernels.backends import Backend
@@ -35,6 +33,7 @@ except ImportError as err:  # the registry reports this as the reason the backen
     raise ImportError(f"triton is not installed ({err}); pip install 'lbw-kernels[triton]'") from err
 
 from . import ops
+from .config import interpreting
 
 
 def _compiling() -> bool:
@@ -49,7 +48,7 @@ class TritonBackend(Backend):
         device = torch.device(device)
         if device.type == "cuda":
             return True
-        return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return device.type == "cpu" and interpreting()
 
     def device_hint(self, device: torch.device) -> str:
         if torch.device(device).type == "cpu":

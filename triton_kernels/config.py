@@ -92,8 +92,32 @@ INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_block=4, tens
 COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
+# The switches below are read from the environment at each launch, so that tests (and a tuning
+# run's bench) can change them in-process. os.environ.get of a name that is not set raises and
+# catches a KeyError inside: ~2 us on the 2-core CI VM, and a Triton step asked ~15 times (5
+# geometry() calls of 2 reads, 2 poison checks, one direct-launch check per launch), ~30 us
+# of host time per step, most of it before the first launch. os.environ keeps its values in
+# `_data` under encoded names (bytes on POSIX); a dict lookup there is ~0.1 us, and sees what
+# os.environ[...] = ... and monkeypatch.setenv write. Elsewhere (Windows keys are upper-cased
+# str), os.environ.get.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+@functools.cache
+def _encoded(name: str) -> bytes:
+    return os.fsencode(name)
+
+
+def environ_get(name: str):
+    """``os.environ.get(name)`` without its cost for a name that is not set (see above)."""
+    if _ENVIRON_DATA is None:
+        return os.environ.get(name)
+    value = _ENVIRON_DATA.get(_encoded(name))
+    return None if value is None else os.fsdecode(value)
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return environ_get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,11 +155,11 @@ def geometry() -> Geometry:
     fields of the GPU geometry, for tuning runs (bench/device_check.sh compares a few)."""
     if interpreting():
         return INTERPRETER
-    spec = os.environ.get("LBW_TRITON_GEOMETRY")
+    spec = environ_get("LBW_TRITON_GEOMETRY")
     return _overridden(GPU, spec) if spec else GPU
 
 
 def poison_enabled() -> bool:
     """``LBW_POISON=1``: fill every workspace and output with NaN before each launch, so a row
     a kernel forgot to write shows up as NaN in the result (tests set it; off in production)."""
-    return os.environ.get("LBW_POISON") == "1"
+    return environ_get("LBW_POISON") == "1"

@@ -21,15 +21,16 @@ launcher (the key built here costs the difference), and the 2000 x 65,536 step w
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .config import environ_get, interpreting
+
 
 def direct_launch_enabled() -> bool:
-    return os.environ.get("LBW_TRITON_DIRECT_LAUNCH") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+    return environ_get("LBW_TRITON_DIRECT_LAUNCH") == "1" and not interpreting()
 
 
 class _Unkeyed(Exception):
