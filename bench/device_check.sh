@@ -19,7 +19,8 @@
 # LBW_CHECK_ARCHIVE=FILE.tgz: after every phase, the whole folder is packed into FILE (and
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
-# Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick".
+# Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick",
+# LBW_CHECK_BENCH_BACKENDS="cpp".
 # For a second, shorter run in the same lease (after a fix): LBW_CHECK_SKIP="bench_* tune_*"
 # (phases whose names match one of these patterns are recorded as skipped, not run) and
 # LBW_CHECK_TESTS="tests/test_x.py" (what tests_gpu runs instead of every GPU test).
@@ -130,9 +131,19 @@ phase info 30 "$PY" -m lbw_kernels info
 # pytest-timeout (when installed) ends one hanging test instead of the whole phase.
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 90)
+# Three rounds, samples pooled (bench.bench_layout): the rows' sequence runs three times, so a
+# stretch of a slow host lands on every row's samples, not on one row's. On 2000 x 65,536,
+# where a step is host time, torch fused's median moved from 6.99 to 8.02 to 9.91 ms between
+# runs on the same H200 (bench/results/nvidia-h200-2000x65536-*), more than any row's distance
+# to its target. The reference backend is left out of these tables (one row took 58-440 ms a
+# step; its GPU rows are on record in bench/results/nvidia-h200-*-20261127.json): the time
+# goes to the rounds. LBW_CHECK_BENCH_BACKENDS (default "cuda triton") names them; a dry run
+# on a CPU machine sets "cpp" (Triton's interpreter would take minutes a row).
+BENCH_BACKENDS=()
+for b in ${LBW_CHECK_BENCH_BACKENDS-cuda triton}; do BENCH_BACKENDS+=(--backend "$b"); done
 bench_layout() {
-    phase "bench_$1" "$2" "$PY" -m lbw_kernels bench --layout "$1" --reps 20 --budget 1.5 \
-        --out "$OUT_DIR/bench-$1"
+    phase "bench_$1" "$2" "$PY" -m lbw_kernels bench --layout "$1" "${BENCH_BACKENDS[@]}" --rounds 3 \
+        --reps 20 --budget 1.5 --out "$OUT_DIR/bench-$1"
 }
 # One process per layout, so a failure or timeout in one keeps the others' JSON. TinyLlama
 # first: it carries the issue's headline targets.
