@@ -1312,3 +1312,19 @@ def test_a_step_asks_os_environ_for_no_switch(triton_backend, monkeypatch):
         opt.step()
         monkeypatch.setattr(os._Environ, "__getitem__", original)
         assert asked == [], gate
+
+
+def test_cuda_tensors_are_refused_while_the_interpreter_is_on(monkeypatch):
+    """The interpreter copies a launch's tensors to the host: the chunk tables' addresses of
+    CUDA tensors would then be read as host memory (a segfault). With TRITON_INTERPRET=1 (a
+    user debugging kernels of their own), CUDA params get a clear error, and "auto" another backend."""
+    from lbw_kernels.backends import get_backend, select_backend
+
+    triton = get_backend("triton")
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton.supports(cuda) and not triton.auto_selectable(cuda)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 is set"):
+        select_backend("triton", cuda)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton.supports(cuda) and triton.auto_selectable(cuda)

@@ -45,20 +45,24 @@ class TritonBackend(Backend):
     priority = 20
 
     def supports(self, device: torch.device) -> bool:
+        # Under the interpreter, CPU tensors only: it copies a launch's tensor arguments to the
+        # host, and the chunk tables' addresses of CUDA tensors would be read as host memory.
         device = torch.device(device)
         if device.type == "cuda":
-            return True
+            return not interpreting()
         return device.type == "cpu" and interpreting()
 
     def device_hint(self, device: torch.device) -> str:
         if torch.device(device).type == "cpu":
             return ("Triton runs CPU tensors only through its interpreter, TRITON_INTERPRET=1 in the "
                     "environment from the start (Triton reads it when the kernels are defined)")
+        if torch.device(device).type == "cuda" and interpreting():
+            return "TRITON_INTERPRET=1 is set: Triton's interpreter takes CPU tensors only; unset it for CUDA tensors"
         return ""
 
     def auto_selectable(self, device: torch.device) -> bool:
         # The interpreter only emulates a GPU (and slowly): CPU runs it when asked by name.
-        return torch.device(device).type == "cuda"
+        return torch.device(device).type == "cuda" and not interpreting()
 
     def telemetry(self, grads, partials_dtype):
         if _compiling():
