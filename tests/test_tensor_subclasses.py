@@ -173,6 +173,31 @@ def test_a_wrapper_grad_beside_a_grad_that_was_a_subclass_already_is_resolved(ba
         assert torch.equal(a.as_subclass(torch.Tensor), b)
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_wrapper_grad_whose_inner_tensor_moves_each_call_is_read_where_it_is(backend, gate):
+    """A wrapper grad around a new tensor each call (the old ones kept alive, so the new ones
+    land elsewhere), beside a plain grad reused in place: the same wrapper type every call, so
+    the plan's subclass key does not change. The plans must still follow the inner tensor
+    (before, the gathered layout held the wrapper's address, 0, every call: Triton kept its
+    first plan and read the first call's gradient again); bitwise the plain run."""
+    out = []
+    for wrapped in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (17,))]
+        opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, gate=gate, backend=backend)
+        reused, kept = torch.zeros(17), []
+        for _ in range(6):
+            grads = [torch.randn(q.shape, generator=gen) for q in params]
+            kept.append(grads)
+            params[0].grad = CastWrapper(grads[0]) if wrapped else grads[0]
+            reused.copy_(grads[1])
+            params[1].grad = reused
+            opt.step()
+        out.append([t.clone() for q in params for t in (q.detach(), opt.state[q]["exp_avg"], opt.state[q]["exp_avg_sq"])])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 def test_a_replaced_inner_tensor_is_the_one_updated(backend):
     """After ``w._tensor = new`` (as ``module.to()`` leaves a wrapper) the plan takes the new
     inner tensor: the old one is no longer the param's, and updating it would leave the param."""

@@ -145,7 +145,7 @@ static bool grad_read_directly(PyTypeObject* type) {
 // params and grads as read on the way, as bytes (GroupTensors.layout_key: 6 int64 per param,
 // its address, numel and layout_code, then its grad's, code -1 for no grad; the strides of
 // those that are not contiguous after the rows), or None when a param is not a plain tensor or
-// nn.Parameter; and per group which objects its list holds (their addresses, as bytes: the step
+// nn.Parameter or a grad is a tensor subclass; and per group which objects its list holds (their addresses, as bytes: the step
 // plan's key sees a param replaced in its list). ~20 ns per param, against ~0.4 us for the
 // three Python passes it replaces. Params that are not plain tensors or nn.Parameters have no
 // layout here (a wrapper subclass's address is not its elements'); their .grad is read in C++
@@ -249,6 +249,9 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
       if (grad != Py_None && !THPVariable_CheckExact(grad)) {
         subclass_grads.push_back(int64_t(offset + i));
         subclass_grads.push_back(int64_t(reinterpret_cast<uintptr_t>(Py_TYPE(grad))));
+        // Nor has its group a layout then: a wrapper's address (0) is not its elements', and the
+        // plans read the inner tensors the step resolves it to, whose moves this row would miss.
+        layout_known = false;
       }
       PyList_SET_ITEM(grads, i, grad);  // steals
     }
