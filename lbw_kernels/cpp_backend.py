@@ -137,12 +137,17 @@ def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
     )
 
 
+# (param dtype, grad dtype) pairs the update kernels take besides equal ones: fp32 grads of
+# bf16/fp16 params (torch >= 2.10's grad_dtype; common.h's update_dtypes_supported).
+_MIXED_UPDATE_DTYPES = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+
 def _update_ready(params, grads, exp_avgs, exp_avg_sqs, *_) -> bool:
     """The update ops' entries' check (UpdateLists::kernel_ready), for the traced path: the four
-    lists kernel-ready with one dtype each, and the grads of the params' dtype (a bf16 param may
-    hold fp32 grads, torch >= 2.10's grad_dtype: the reference updates those)."""
+    lists kernel-ready with one dtype each, and the grads of the params' dtype or fp32 grads of
+    bf16/fp16 params (other pairs go to the reference)."""
     return _kernel_ready(True, params, grads, exp_avgs, exp_avg_sqs) and (
-        not params or grads[0].dtype == params[0].dtype)
+        not params or grads[0].dtype == params[0].dtype or (params[0].dtype, grads[0].dtype) in _MIXED_UPDATE_DTYPES)
 
 
 def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:

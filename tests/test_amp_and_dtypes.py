@@ -268,23 +268,33 @@ def _grads_of_another_dtype(backend, gate, dtype, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, backend):
+def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, backend, monkeypatch):
     """torch >= 2.10 lets a bf16/fp16 param hold fp32 grads (``p.grad_dtype = torch.float32``:
     grads accumulated in fp32). Every backend takes them, reading the grad in fp32 (not rounded
-    to the param's dtype): the Triton kernels read them (G_CODE; nothing delegated), the C++
-    ops hand such a param's part to the reference (bitwise its foreach chain). Against the
-    reference: verify's tolerances, and the guard within its telemetry's summing (float64 in
-    the kernels, the grads' fp32 in the reference)."""
+    to the param's dtype): the Triton kernels (G_CODE; nothing delegated) and the C++ kernels
+    (a (param, grad) type pair; nothing left to the reference, and bitwise its foreach chain,
+    as for their other low-precision params). Against the reference: verify's tolerances, and
+    the guard within its telemetry's summing (float64 in the kernels, the grads' fp32 in the
+    reference)."""
     if not hasattr(torch.empty(0), "grad_dtype"):
         pytest.skip("this torch has no grad_dtype (torch < 2.10)")
-    got, opt = _grads_of_another_dtype(backend, gate, dtype)
+    from lbw_kernels import reference
+
+    updated_by_reference = []
+    with monkeypatch.context() as patch:
+        run_update = reference.adamw_
+        patch.setattr(reference, "adamw_", lambda params, grads, *a, **k: (
+            updated_by_reference.append((params[0].dtype, grads[0].dtype)), run_update(params, grads, *a, **k))[1])
+        got, opt = _grads_of_another_dtype(backend, gate, dtype)
     want, ref_opt = _grads_of_another_dtype("reference", gate, dtype)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     for a, b in zip(got, want):
         atol, rtol = PARAM_TOLERANCES[b.dtype]
         assert worst(a, b, 6 * atol, 6 * rtol) is None, worst(a, b, 6 * atol, 6 * rtol)
-    if backend == "cpp":  # (the part of fp32-grad params: the reference's own ops)
-        for a, b in zip(got[:6], want[:6]):
+    if backend in ("cpp", "triton"):
+        assert updated_by_reference == []
+    if backend == "cpp":
+        for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     if backend == "triton":
         from lbw_kernels.triton_kernels import ops

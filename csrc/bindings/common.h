@@ -56,12 +56,20 @@ inline DType dtype_code(const at::Tensor& t, const char* what) {
   }
 }
 
-// The tensors of one update call: one param dtype, states in the math dtype, all dense and
-// contiguous on `device_type`, steps 0-dim float32 on the same device. In two parts, so an
-// op can check tensor i in the loop that reads its pointers (check_update_args is both): on
-// 2000 params x 5 lists, every extra pass over the TensorImpls costs cache misses, not math.
+// Whether the update kernels take grads of `grad` dtype for params of `param` dtype: the
+// params' own, or float32 for bfloat16/float16 params (torch >= 2.10's grad_dtype; the math
+// is float32 either way).
+inline bool update_dtypes_supported(at::ScalarType param, at::ScalarType grad) {
+  return grad == param || (grad == at::kFloat && (param == at::kBFloat16 || param == at::kHalf));
+}
+
+// The tensors of one update call: one param dtype, one grad dtype (update_dtypes_supported),
+// states in the math dtype, all dense and contiguous on `device_type`, steps 0-dim float32 on
+// the same device. In two parts, so an op can check tensor i in the loop that reads its
+// pointers (check_update_args is both): on 2000 params x 5 lists, every extra pass over the
+// TensorImpls costs cache misses, not math.
 struct UpdateCheck {
-  at::ScalarType param_dtype = at::kFloat, state_dtype = at::kFloat;
+  at::ScalarType param_dtype = at::kFloat, grad_dtype = at::kFloat, state_dtype = at::kFloat;
   at::Device device = at::kCPU;
 };
 
@@ -76,6 +84,10 @@ inline UpdateCheck check_update_lists(at::TensorList params, at::TensorList grad
   if (n == 0) return c;
   c.param_dtype = params[0].scalar_type();
   dtype_code(params[0], "params");
+  c.grad_dtype = grads[0].scalar_type();
+  TORCH_CHECK(update_dtypes_supported(c.param_dtype, c.grad_dtype), "lbw: grads[0] must be ", c.param_dtype,
+              " (params[0]'s dtype)", c.param_dtype == at::kBFloat16 || c.param_dtype == at::kHalf ? " or Float" : "",
+              ", got ", c.grad_dtype);
   c.state_dtype = c.param_dtype == at::kDouble ? at::kDouble : at::kFloat;
   c.device = params[0].device();
   TORCH_CHECK(c.device.type() == device_type, "lbw: params must be on ", device_type, ", got ", c.device);
@@ -96,7 +108,7 @@ inline void check_update_at(size_t i, const UpdateCheck& c, at::TensorList param
                 "] must be dense and contiguous");
     TORCH_CHECK(t.numel() == numel, "lbw: ", names[k], "[", i, "] has ", t.numel(), " elements, params[", i, "] ",
                 numel);
-    const auto want = k < 2 ? c.param_dtype : c.state_dtype;
+    const auto want = k == 0 ? c.param_dtype : k == 1 ? c.grad_dtype : c.state_dtype;
     TORCH_CHECK(t.scalar_type() == want, "lbw: ", names[k], "[", i, "] must be ", want, ", got ", t.scalar_type());
   }
   TORCH_CHECK(steps[i].device() == c.device && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,

@@ -56,17 +56,17 @@ at::Tensor telemetry_cpu(at::TensorList grads) {
 
 // Tensor i of each list checked where its pointers are read: one pass over the TensorImpls
 // (each further pass over 5 x 2000 of them costs cache misses, not arithmetic).
-template <class P>
-std::vector<cpu::UpdateRef<P>> update_refs(const UpdateCheck& check, at::TensorList params, at::TensorList grads,
+template <class P, class G>
+std::vector<cpu::UpdateRef<P, G>> update_refs(const UpdateCheck& check, at::TensorList params, at::TensorList grads,
                                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                                            std::vector<int64_t>& numels) {
   using M = typename math_type<P>::type;
-  std::vector<cpu::UpdateRef<P>> refs;
+  std::vector<cpu::UpdateRef<P, G>> refs;
   refs.reserve(params.size());
   numels.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
-    refs.push_back({static_cast<P*>(params[i].data_ptr()), static_cast<const P*>(grads[i].const_data_ptr()),
+    refs.push_back({static_cast<P*>(params[i].data_ptr()), static_cast<const G*>(grads[i].const_data_ptr()),
                     static_cast<M*>(exp_avgs[i].data_ptr()), static_cast<M*>(exp_avg_sqs[i].data_ptr())});
     numels.push_back(params[i].numel());
   }
@@ -87,14 +87,14 @@ std::vector<AdamWCoeffs<M>> advance_steps(at::TensorList steps, double lr, doubl
   return coeffs;
 }
 
-template <class P>
-void run_update(cpu::AdamWFn<P> kernel, const UpdateCheck& check, at::TensorList params, at::TensorList grads,
+template <class P, class G = P>
+void run_update(cpu::AdamWFn<P, G> kernel, const UpdateCheck& check, at::TensorList params, at::TensorList grads,
                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr_t,
                 double beta1, double beta2, double eps, double weight_decay, double grad_sign, bool telemetry,
                 bool mask, at::Tensor& out) {
   using M = typename math_type<P>::type;
   std::vector<int64_t> numels;
-  const auto refs = update_refs<P>(check, params, grads, exp_avgs, exp_avg_sqs, steps, numels);
+  const auto refs = update_refs<P, G>(check, params, grads, exp_avgs, exp_avg_sqs, steps, numels);
   const TablePtr table = chunk_table(std::move(numels));
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   at::Tensor ws;
@@ -130,12 +130,20 @@ std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads
                          beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
     case DType::bf16:
-      run_update<bf16_t>(cpu::kernels().adamw_bf16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                         beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
+      if (check.grad_dtype == at::kFloat)  // (float32 grads: check_update_lists allows them for 16-bit params)
+        run_update<bf16_t, float>(cpu::kernels().adamw_bf16_f32, check, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                  lr_t, beta1, beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
+      else
+        run_update<bf16_t>(cpu::kernels().adamw_bf16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                           beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
     case DType::f16:
-      run_update<f16_t>(cpu::kernels().adamw_f16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
-                        beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
+      if (check.grad_dtype == at::kFloat)
+        run_update<f16_t, float>(cpu::kernels().adamw_f16_f32, check, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                 lr_t, beta1, beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
+      else
+        run_update<f16_t>(cpu::kernels().adamw_f16, check, params, grads, exp_avgs, exp_avg_sqs, steps, lr_t, beta1,
+                          beta2, eps, weight_decay, grad_sign, telemetry, mask, out);
       break;
   }
   return telemetry ? std::optional<at::Tensor>(out) : std::nullopt;

@@ -184,6 +184,7 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   const auto device = params.empty() ? lr_scale.device() : check.device;
   const cuda::Geometry geo = cuda_geometry();
   const int32_t param_code = params.empty() ? 0 : int32_t(dtype_code(params[0], "params"));
+  const int32_t grad_code = params.empty() ? 0 : int32_t(dtype_code(grads[0], "grads"));
   TableKey key{device.index(), geo.chunk, std::vector<TensorEntry>(params.size())};
   for (size_t i = 0; i < params.size(); ++i) {
     check_update_at(i, check, params, grads, exp_avgs, exp_avg_sqs, steps);
@@ -203,6 +204,7 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   u.geo = geo;
   u.opts = at::TensorOptions().dtype(at::kDouble).device(device);
   u.args.param_dtype = DType(param_code);
+  u.args.f32_grads = grad_code != param_code;  // (check_update_lists allows float32 grads of bf16/fp16 params only)
   u.args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
   u.args.lr = lr;
   u.args.beta1 = beta1;

@@ -419,12 +419,12 @@ struct UpdateLists {
   }
 
   // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
-  // per list, grads of the params' (a bf16 param may hold fp32 grads, torch >= 2.10's
-  // grad_dtype: the reference updates those), and the op's own checks then say what else is
-  // wrong.
+  // per list, grads of the params' dtype or fp32 grads of bf16/fp16 params (torch >= 2.10's
+  // grad_dtype; update_dtypes_supported), and the op's own checks then say what else is
+  // wrong. Other pairs (fp32 params with bf16 grads, say) go to the reference.
   bool kernel_ready() const {
     return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true) &&
-           grads.dtype() == params.dtype();
+           lbw::update_dtypes_supported(params.dtype(), grads.dtype());
   }
 };
 

@@ -184,8 +184,8 @@ void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double
   combine_partials(table, ws, out);
 }
 
-template <bool MASK, class P, class M>
-inline void update_elements(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
+template <bool MASK, class P, class G, class M>
+inline void update_elements(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                             int64_t n, const AdamWCoeffs<M>& c, M sign) {
   for (int64_t i = 0; i < n; ++i) {
     M pi = load_as<M>(p[i]), mi = m[i], vi = v[i];
@@ -199,8 +199,8 @@ inline void update_elements(P* __restrict__ p, const P* __restrict__ g, M* __res
   }
 }
 
-template <class P, class M>
-inline void prefetch_update(const P* p, const P* g, const M* m, const M* v) {
+template <class P, class G, class M>
+inline void prefetch_update(const P* p, const G* g, const M* m, const M* v) {
   __builtin_prefetch(p + kPrefetch, 1, 3);
   __builtin_prefetch(g + kPrefetch, 0, 3);
   __builtin_prefetch(m + kPrefetch, 1, 3);
@@ -213,8 +213,8 @@ inline void prefetch_update(const P* p, const P* g, const M* m, const M* v) {
 // roots. It sums in one stream of lanes, not reduce_chunk's kStreams, so its telemetry is the
 // same values added in another order: bitwise repeatable (any threads, any instruction set),
 // yet up to ~1e-15 relative apart from the telemetry pass's for chunks over kStreams * kLanes.
-template <bool MASK, bool TEL, class P, class M>
-void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
+template <bool MASK, bool TEL, class P, class G, class M>
+void update_chunk(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                   int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
   if (!TEL) {
     int64_t i = 0;
@@ -239,8 +239,8 @@ void update_chunk(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
   update_elements<MASK>(p + i, g + i, m + i, v + i, n - i, c, sign);
 }
 
-template <bool MASK, bool TEL, class P>
-void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
+template <bool MASK, bool TEL, class P, class G>
+void adamw_pass(const ChunkTable& table, const UpdateRef<P, G>* ts,
                 const AdamWCoeffs<typename math_type<P>::type>* coeffs, double grad_sign, double* ws,
                 double* out, ParallelFor pf) {
   using M = typename math_type<P>::type;
@@ -248,15 +248,15 @@ void adamw_pass(const ChunkTable& table, const UpdateRef<P>* ts,
   const M sign = M(grad_sign);  // (+-1 times the clipping factor, rounded once to M)
   for_chunks(table, pf, [&](int64_t c) {
     const Chunk& k = chunks[c];
-    const UpdateRef<P>& t = ts[k.tensor];
+    const UpdateRef<P, G>& t = ts[k.tensor];
     update_chunk<MASK, TEL>(t.p + k.begin, t.g + k.begin, t.m + k.begin, t.v + k.begin, k.end - k.begin,
                             coeffs[k.tensor], sign, TEL ? ws + 2 * c : nullptr);
   });
   if (TEL) combine_partials(table, ws, out);
 }
 
-template <class P>
-void adamw(const ChunkTable& table, const UpdateRef<P>* ts, const AdamWCoeffs<typename math_type<P>::type>* coeffs,
+template <class P, class G>
+void adamw(const ChunkTable& table, const UpdateRef<P, G>* ts, const AdamWCoeffs<typename math_type<P>::type>* coeffs,
            double grad_sign, bool mask, bool telemetry, double* ws, double* out, ParallelFor pf) {
   if (!telemetry)
     adamw_pass<false, false>(table, ts, coeffs, grad_sign, ws, out, pf);
@@ -269,8 +269,9 @@ void adamw(const ChunkTable& table, const UpdateRef<P>* ts, const AdamWCoeffs<ty
 }  // namespace
 
 const Kernels& LBW_CPU_KERNELS_FN() {
-  static const Kernels table = {LBW_CPU_ISA_NAME, &telemetry, &adamw<float>, &adamw<double>,
-                                &adamw<bf16_t>, &adamw<f16_t>};
+  static const Kernels table = {LBW_CPU_ISA_NAME, &telemetry, &adamw<float, float>, &adamw<double, double>,
+                                &adamw<bf16_t, bf16_t>, &adamw<f16_t, f16_t>, &adamw<bf16_t, float>,
+                                &adamw<f16_t, float>};
   return table;
 }
 

@@ -53,11 +53,13 @@ struct GradRef {
   DType dtype;
 };
 
-template <class P>
+// G: the grads' type, the params' own or, for bf16/fp16 params, float (torch >= 2.10's
+// grad_dtype); the math is the params' math type either way.
+template <class P, class G = P>
 struct UpdateRef {
   using M = typename math_type<P>::type;
   P* p;
-  const P* g;
+  const G* g;
   M* m;
   M* v;
 };
@@ -75,8 +77,8 @@ void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, in
 //    the math type); with `telemetry` also the rows of the grads as read (before that factor);
 //    `mask`: single_pass's non-finite mask.
 //  `ws` holds 2 doubles per chunk (only read/written when telemetry is computed).
-template <class P>
-using AdamWFn = void (*)(const ChunkTable& table, const UpdateRef<P>* ts,
+template <class P, class G = P>
+using AdamWFn = void (*)(const ChunkTable& table, const UpdateRef<P, G>* ts,
                          const AdamWCoeffs<typename math_type<P>::type>* coeffs, double grad_sign,
                          bool mask, bool telemetry, double* ws, double* out, ParallelFor pf);
 struct Kernels {
@@ -86,6 +88,8 @@ struct Kernels {
   AdamWFn<double> adamw_f64;
   AdamWFn<bf16_t> adamw_bf16;
   AdamWFn<f16_t> adamw_f16;
+  AdamWFn<bf16_t, float> adamw_bf16_f32;  // bf16 params, float32 grads
+  AdamWFn<f16_t, float> adamw_f16_f32;    // fp16 params, float32 grads
 };
 
 const Kernels& kernels_default();

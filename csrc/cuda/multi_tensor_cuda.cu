@@ -189,8 +189,8 @@ __device__ __forceinline__ AdamWCoeffs<M> coeffs_as(const AdamWCoeffs<double>& c
   return AdamWCoeffs<M>{M(c.decay), M(c.w1), M(c.beta2), M(c.w2), M(c.step_size), M(c.bc2_sqrt), M(c.eps)};
 }
 
-template <bool MASK, bool TEL, class P, class M>
-__device__ __forceinline__ void update_one(P& p, P g, M& m, M& v, const AdamWCoeffs<M>& c, M sign, double& sq,
+template <bool MASK, bool TEL, class P, class G, class M>
+__device__ __forceinline__ void update_one(P& p, G g, M& m, M& v, const AdamWCoeffs<M>& c, M sign, double& sq,
                                            double& s) {
   if (TEL) accumulate(sq, s, load_as<double>(g));
   M pm = load_as<M>(p);
@@ -203,23 +203,25 @@ __device__ __forceinline__ void update_one(P& p, P g, M& m, M& v, const AdamWCoe
 
 // One chunk's aligned part, ILP vectors of each stream loaded before any is used (see
 // geometry.h); with ILP 1 the loop is unrolled twice and the compiler schedules the loads.
-template <bool MASK, bool TEL, int THREADS, int ILP, class P, class M>
-__device__ __forceinline__ void update_vectors(P* __restrict__ p, const P* __restrict__ g, M* __restrict__ m,
+template <bool MASK, bool TEL, int THREADS, int ILP, class P, class G, class M>
+__device__ __forceinline__ void update_vectors(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m,
                                                M* __restrict__ v, int64_t nvec, const AdamWCoeffs<M>& k, M sign,
                                                double& sq, double& s) {
-  // V elements per access: 16 bytes of p and g; m and v (fp32/fp64) take 1 or 2 accesses.
+  // V elements per access: 16 bytes of p; g (of p's type or fp32), m and v (fp32/fp64) take
+  // 1 or 2 accesses.
   constexpr int V = 16 / sizeof(P);
   using PV = Vec<P, V>;
+  using GV = Vec<G, V>;
   using MV = Vec<M, V>;
   PV* pv = reinterpret_cast<PV*>(p);
-  const PV* gv = reinterpret_cast<const PV*>(g);
+  const GV* gv = reinterpret_cast<const GV*>(g);
   MV* mv = reinterpret_cast<MV*>(m);
   MV* vv = reinterpret_cast<MV*>(v);
   if constexpr (ILP == 1) {
 #pragma unroll 2
     for (int64_t i = threadIdx.x; i < nvec; i += THREADS) {
       PV pr = pv[i];
-      const PV gr = gv[i];
+      const GV gr = gv[i];
       MV mr = mv[i], vr = vv[i];
 #pragma unroll
       for (int j = 0; j < V; ++j) update_one<MASK, TEL>(pr.x[j], gr.x[j], mr.x[j], vr.x[j], k, sign, sq, s);
@@ -229,7 +231,8 @@ __device__ __forceinline__ void update_vectors(P* __restrict__ p, const P* __res
     }
   } else {
     for (int64_t base = threadIdx.x; base < nvec; base += int64_t(THREADS) * ILP) {
-      PV pr[ILP], gr[ILP];
+      PV pr[ILP];
+      GV gr[ILP];
       MV mr[ILP], vr[ILP];
 #pragma unroll
       for (int u = 0; u < ILP; ++u) {
@@ -257,7 +260,7 @@ __device__ __forceinline__ void update_vectors(P* __restrict__ p, const P* __res
   }
 }
 
-template <class P, bool MASK, bool TEL, int THREADS, int ILP>
+template <class P, class G, bool MASK, bool TEL, int THREADS, int ILP>
 __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __restrict__ tensors,
                                                         const ChunkEntry* __restrict__ chunks, int64_t chunk,
                                                         const AdamWCoeffs<double>* __restrict__ all_coeffs,
@@ -273,7 +276,7 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
   // -1 when maximizing, times max_grad_norm's factor rounded once to M (the reference's order)
   const M sign = (maximize ? M(-1) : M(1)) * (grad_factor != nullptr ? M(*grad_factor) : M(1));
   P* __restrict__ p = static_cast<P*>(t.p) + c.begin;
-  const P* __restrict__ g = static_cast<const P*>(t.g) + c.begin;
+  const G* __restrict__ g = static_cast<const G*>(t.g) + c.begin;
   M* __restrict__ m = static_cast<M*>(t.m) + c.begin;
   M* __restrict__ v = static_cast<M*>(t.v) + c.begin;
   double sq = 0.0, s = 0.0;
@@ -287,30 +290,30 @@ __global__ void __launch_bounds__(THREADS) adamw_kernel(const TensorEntry* __res
   if (TEL) write_partials<THREADS>(sq, s, ws, warp_slots);
 }
 
-template <class P, int THREADS, int ILP>
+template <class P, class G, int THREADS, int ILP>
 void launch_update(const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks, int64_t nchunks,
                    int64_t chunk, const AdamWCoeffs<double>* coeffs, double* ws, bool warp_slots,
                    cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(nchunks));
   if (!a.telemetry)
-    adamw_kernel<P, false, false, THREADS, ILP>
+    adamw_kernel<P, G, false, false, THREADS, ILP>
         <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, a.skip, a.maximize, a.grad_factor, ws, false);
   else if (a.mask_nonfinite)
-    adamw_kernel<P, true, true, THREADS, ILP>
+    adamw_kernel<P, G, true, true, THREADS, ILP>
         <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, a.grad_factor, ws,
                                        warp_slots);
   else
-    adamw_kernel<P, false, true, THREADS, ILP>
+    adamw_kernel<P, G, false, true, THREADS, ILP>
         <<<grid, THREADS, 0, stream>>>(tensors, chunks, chunk, coeffs, nullptr, a.maximize, a.grad_factor, ws,
                                        warp_slots);
 }
 
 // The geometry's instantiation (geometry_supported() was checked).
-template <class P>
+template <class P, class G>
 void launch_update(const Geometry& geo, const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks,
                    int64_t nchunks, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
   const auto run = [&](auto threads, auto ilp) {
-    launch_update<P, decltype(threads)::value, decltype(ilp)::value>(a, tensors, chunks, nchunks, geo.chunk, coeffs,
+    launch_update<P, G, decltype(threads)::value, decltype(ilp)::value>(a, tensors, chunks, nchunks, geo.chunk, coeffs,
                                                                       ws, geo.warp_partials != 0, stream);
   };
   using T256 = std::integral_constant<int, 256>;
@@ -352,10 +355,20 @@ cudaError_t launch_adamw(const Geometry& geo, const AdamWArgs& args, const Tenso
   coeffs_kernel<<<blocks_for(ntensors, 128), 128, 0, stream>>>(tensors, ntensors, args, coeffs);
   if (nchunks > 0) {
     switch (args.param_dtype) {
-      case DType::f32: launch_update<float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::f64: launch_update<double>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::bf16: launch_update<bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::f16: launch_update<f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f32: launch_update<float, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f64: launch_update<double, double>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::bf16:
+        if (args.f32_grads)
+          launch_update<bf16_t, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
+        else
+          launch_update<bf16_t, bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
+        break;
+      case DType::f16:
+        if (args.f32_grads)
+          launch_update<f16_t, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
+        else
+          launch_update<f16_t, f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
+        break;
     }
     if (args.telemetry) {
       if (geo.warp_partials) launch_fold(geo, ws, nchunks, stream);

@@ -32,7 +32,7 @@ struct TensorEntry {
   int64_t first_chunk;  // chunks first_chunk .. first_chunk + nchunks - 1 are this tensor's
   int64_t nchunks;
   int64_t row;          // telemetry row (-1 for a zero-element tensor)
-  int32_t dtype;        // DType of g (and p)
+  int32_t dtype;        // DType of g in a telemetry pass's table, of p in an update's
   int32_t aligned;      // p, g, m, v all 16-byte aligned: vector loads
 };
 
@@ -54,6 +54,8 @@ cudaError_t launch_telemetry(const Geometry& geo, const TensorEntry* tensors, in
 
 struct AdamWArgs {
   DType param_dtype;
+  bool f32_grads;          // bf16/f16 params with float32 grads (torch >= 2.10's grad_dtype); else
+                           // the grads are of param_dtype
   const double* lr_scale;  // device 0-dim float64: lr_t = lr * *lr_scale
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
