@@ -313,8 +313,11 @@ class CppBackend(Backend):
 
     def _group_order(self, group: GroupTensors, parts: List[GroupTensors], got: List[Tensor]) -> Tensor:
         """Rows of a group split by dtype, back in the group's order (split_by_dtype groups
-        tensors by dtype, telemetry wants them as listed). The index is cached per layout."""
-        dtypes = tuple(g.dtype for g in group.grads if g.numel() > 0)
+        tensors by their params' dtype, telemetry wants them as listed). The index is cached per
+        layout. By the params' dtypes, as split_by_dtype: a bf16 param may hold fp32 grads
+        (torch >= 2.10's grad_dtype), and ordering by the grads' dtypes then put one tensor's
+        row against another's element count."""
+        dtypes = tuple(p.dtype for p, g in zip(group.params, group.grads) if g.numel() > 0)
         key = (group.params[0].device, dtypes)
         index = self._orders.get(key)
         if index is None:

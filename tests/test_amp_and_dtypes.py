@@ -308,6 +308,47 @@ def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, b
     assert t["regime"] == r["regime"] and t["grad_ms"] == pytest.approx(r["grad_ms"], rel=1e-6)
 
 
+def _two_param_dtypes_in_one_group(backend, gate, device="cpu"):
+    """The guard's telemetry after 3 calls on one group: a large fp32 param with small grads,
+    then a small bf16 param holding large fp32 grads (``grad_dtype``)."""
+    gen = torch.Generator().manual_seed(4)
+    big = torch.nn.Parameter(torch.randn(1000, generator=gen).to(device))
+    small = torch.nn.Parameter(torch.randn(7, generator=gen).to(device, torch.bfloat16))
+    small.grad_dtype = torch.float32
+    opt = GuardedAdamW([big, small], lr=1e-2, gate=gate, stats_freq=1, backend=backend)
+    for _ in range(3):
+        big.grad = (torch.randn(1000, generator=gen) * 0.01).to(device)
+        small.grad = (torch.randn(7, generator=gen) * 10).to(device)
+        opt.step()
+    return opt.telemetry()
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_rows_in_order(gate, backend):
+    """Backends that split a group by param dtype put the parts' rows back in the group's order;
+    ordered by the grads' dtypes instead (both fp32 here), each row met the other tensor's
+    element count and single_pass's grad_ms came out ~140x too small (the C++ backends, before)."""
+    if not hasattr(torch.empty(0), "grad_dtype"):
+        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
+    got, want = _two_param_dtypes_in_one_group(backend, gate), _two_param_dtypes_in_one_group("reference", gate)
+    assert got["grad_ms"] == pytest.approx(want["grad_ms"], rel=1e-6)
+    assert got["scale"] == want["scale"] and got["regime"] == want["regime"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_rows_in_order(gpu_backend, gate):
+    require_backend(gpu_backend)
+    if not hasattr(torch.empty(0), "grad_dtype"):
+        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
+    got = _two_param_dtypes_in_one_group(gpu_backend, gate, "cuda")
+    want = _two_param_dtypes_in_one_group("reference", gate, "cuda")
+    # (the reference sums its telemetry on the GPU in fp32, the kernels in float64)
+    assert got["grad_ms"] == pytest.approx(want["grad_ms"], rel=1e-5)
+    assert got["regime"] == want["regime"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
