@@ -30,7 +30,8 @@ from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 
 #: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py):
 #: room for 8 optimizers on the exact gate (2 plans each) or 16 on single_pass, beyond which
-#: every call would rebuild (the CUDA backend's table cache also holds 16).
+#: every call would rebuild. (One plan covers every param group of a call; the CUDA backend
+#: needs a table per group and dtype, and its cache holds 64.)
 PLANS = PlanCache(capacity=16)
 
 

@@ -164,13 +164,17 @@ const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const ch
   return t.data_ptr<double>();
 }
 
-// An update pass checked and its table found, not yet launched (update_cuda, exact_step_cuda).
+// An update pass checked, its table found and its workspaces allocated, not yet launched
+// (update_cuda, exact_step_cuda: whatever can fail, an allocation included, fails before the
+// exact gate's decide writes the guard).
 struct PreparedUpdate {
   TablePtr table;
   cuda::AdamWArgs args{};
   cuda::Geometry geo;
   at::TensorOptions opts;  // float64 on the params' device
   cudaStream_t stream = nullptr;
+  at::Tensor coeffs;       // O(tensors): the per-tensor coefficients
+  at::Tensor ws, out;      // with args.telemetry: the chunk partials and the rows
 };
 
 std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -218,6 +222,12 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   u.args.telemetry = telemetry;
   u.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   u.table = table_for(key, device, u.stream);
+  const DeviceTable& table = *u.table;
+  if (telemetry) u.out = new_output({table.nrows, 3}, u.opts);
+  // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
+  const int64_t coeff_doubles = table.ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
+  u.coeffs = new_output({coeff_doubles}, u.opts);
+  if (telemetry) u.ws = telemetry_workspace(u.geo, table, u.opts);
   return u;
 }
 
@@ -225,18 +235,11 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
 std::optional<at::Tensor> launch_update(const PreparedUpdate& u) {
   const c10::cuda::CUDAGuard guard(u.opts.device());
   const DeviceTable& table = *u.table;
-  at::Tensor out;
-  if (u.args.telemetry) out = new_output({table.nrows, 3}, u.opts);
-  // Workspaces are O(tensors + chunks): coefficients, then the chunk partials.
-  const int64_t coeff_doubles = table.ntensors * int64_t(sizeof(AdamWCoeffs<double>) / sizeof(double));
-  at::Tensor coeffs = new_output({coeff_doubles}, u.opts);
-  at::Tensor ws;
-  if (u.args.telemetry) ws = telemetry_workspace(u.geo, table, u.opts);
   check_launch(cuda::launch_adamw(u.geo, u.args, table.tensors(), table.ntensors, table.chunks(), table.nchunks,
-                                  reinterpret_cast<AdamWCoeffs<double>*>(coeffs.data_ptr<double>()),
-                                  u.args.telemetry ? ws.data_ptr<double>() : nullptr,
-                                  u.args.telemetry ? out.data_ptr<double>() : nullptr, u.stream));
-  return u.args.telemetry ? std::optional<at::Tensor>(out) : std::nullopt;
+                                  reinterpret_cast<AdamWCoeffs<double>*>(u.coeffs.data_ptr<double>()),
+                                  u.args.telemetry ? u.ws.data_ptr<double>() : nullptr,
+                                  u.args.telemetry ? u.out.data_ptr<double>() : nullptr, u.stream));
+  return u.args.telemetry ? std::optional<at::Tensor>(u.out) : std::nullopt;
 }
 
 std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -268,7 +271,7 @@ std::optional<at::Tensor> update_cuda(at::TensorList params, at::TensorList grad
 // device waits for, and it comes no sooner. Its rows are the telemetry op's, so the call is
 // bitwise the passes run one by one (CudaBackend's fallback) for any alignment of params,
 // grads and states. Nothing is written but the rows before `decide` returns: an error in the
-// update's checks changes no param, state or guard. `partials`: the telemetry op's rows of
+// update's checks or allocations changes no param, state or guard. `partials`: the telemetry op's rows of
 // these grads, launched already (the optimizer's early telemetry pass), taken instead.
 bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, const at::Tensor& lr_scale, double lr, double beta1, double beta2,
