@@ -10,6 +10,10 @@ from lbw_kernels.reference import adamw_
 from lbw_kernels.verify import PARAM_TOLERANCES, worst
 from gpu_checks import assert_steps_never_sync, kernel_gpu_backends, require_backend
 
+# torch >= 2.10 lets a tensor hold a grad of another dtype (p.grad_dtype = torch.float32)
+needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.empty(0), "grad_dtype"),
+                                      reason="this torch has no grad_dtype (torch < 2.10)")
+
 
 def test_grad_scaler_unscale_then_step():
     torch.manual_seed(0)
@@ -266,6 +270,7 @@ def _grads_of_another_dtype(backend, gate, dtype, device="cpu"):
     return [t.clone() for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])], opt
 
 
+@needs_grad_dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, backend, monkeypatch):
@@ -276,8 +281,6 @@ def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, b
     as for their other low-precision params). Against the reference: verify's tolerances, and
     the guard within its telemetry's summing (float64 in the kernels, the grads' fp32 in the
     reference)."""
-    if not hasattr(torch.empty(0), "grad_dtype"):
-        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
     from lbw_kernels import reference
 
     updated_by_reference = []
@@ -323,25 +326,23 @@ def _two_param_dtypes_in_one_group(backend, gate, device="cpu"):
     return opt.telemetry()
 
 
+@needs_grad_dtype
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_rows_in_order(gate, backend):
     """Backends that split a group by param dtype put the parts' rows back in the group's order;
     ordered by the grads' dtypes instead (both fp32 here), each row met the other tensor's
     element count and single_pass's grad_ms came out ~140x too small (the C++ backends, before)."""
-    if not hasattr(torch.empty(0), "grad_dtype"):
-        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
     got, want = _two_param_dtypes_in_one_group(backend, gate), _two_param_dtypes_in_one_group("reference", gate)
     assert got["grad_ms"] == pytest.approx(want["grad_ms"], rel=1e-6)
     assert got["scale"] == want["scale"] and got["regime"] == want["regime"]
 
 
+@needs_grad_dtype
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_rows_in_order(gpu_backend, gate):
     require_backend(gpu_backend)
-    if not hasattr(torch.empty(0), "grad_dtype"):
-        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
     got = _two_param_dtypes_in_one_group(gpu_backend, gate, "cuda")
     want = _two_param_dtypes_in_one_group("reference", gate, "cuda")
     # (the reference sums its telemetry on the GPU in fp32, the kernels in float64)
@@ -349,13 +350,12 @@ def test_gpu_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_row
     assert got["regime"] == want["regime"]
 
 
+@needs_grad_dtype
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_bf16_params_with_fp32_grads_match_the_reference(gpu_backend, gate):
     require_backend(gpu_backend)
-    if not hasattr(torch.empty(0), "grad_dtype"):
-        pytest.skip("this torch has no grad_dtype (torch < 2.10)")
     got, _ = _grads_of_another_dtype(gpu_backend, gate, torch.bfloat16, "cuda")
     want, _ = _grads_of_another_dtype("reference", gate, torch.bfloat16, "cuda")
     for a, b in zip(got, want):  # (verify's tolerances: the reference sums its telemetry on the GPU in fp32)

@@ -327,6 +327,16 @@ void launch_update(const Geometry& geo, const AdamWArgs& a, const TensorEntry* t
   else run(T256{}, I4{});
 }
 
+// 16-bit params: grads of their own type, or float32 (AdamWArgs::f32_grads).
+template <class P>
+void launch_update_16bit(const Geometry& geo, const AdamWArgs& a, const TensorEntry* tensors, const ChunkEntry* chunks,
+                         int64_t nchunks, const AdamWCoeffs<double>* coeffs, double* ws, cudaStream_t stream) {
+  if (a.f32_grads)
+    launch_update<P, float>(geo, a, tensors, chunks, nchunks, coeffs, ws, stream);
+  else
+    launch_update<P, P>(geo, a, tensors, chunks, nchunks, coeffs, ws, stream);
+}
+
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 }  // namespace
@@ -357,18 +367,8 @@ cudaError_t launch_adamw(const Geometry& geo, const AdamWArgs& args, const Tenso
     switch (args.param_dtype) {
       case DType::f32: launch_update<float, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
       case DType::f64: launch_update<double, double>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
-      case DType::bf16:
-        if (args.f32_grads)
-          launch_update<bf16_t, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
-        else
-          launch_update<bf16_t, bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
-        break;
-      case DType::f16:
-        if (args.f32_grads)
-          launch_update<f16_t, float>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
-        else
-          launch_update<f16_t, f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream);
-        break;
+      case DType::bf16: launch_update_16bit<bf16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
+      case DType::f16: launch_update_16bit<f16_t>(geo, args, tensors, chunks, nchunks, coeffs, ws, stream); break;
     }
     if (args.telemetry) {
       if (geo.warp_partials) launch_fold(geo, ws, nchunks, stream);
