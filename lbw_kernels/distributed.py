@@ -350,7 +350,8 @@ def _gather_order(mesh, dim: int) -> Tuple[object, List[int]]:
 
 def init_state_(optimizer) -> None:
     """Allocate zero AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) for every param of a
-    GuardedAdamW, without a step: DTensor params get DTensor states of the same placements.
+    GuardedAdamW that requires grad, without a step: DTensor params get DTensor states of the
+    same placements.
 
     Use it on a fresh optimizer before ``dcp.load`` so that ``optimizer.state_dict()`` is a
     template with every tensor in place::
@@ -359,10 +360,15 @@ def init_state_(optimizer) -> None:
         sd = {"optim": opt.state_dict()}
         dcp.load(sd, checkpoint_id=path)
         opt.load_state_dict(sd["optim"])
+
+    Frozen params (``requires_grad=False``) get none, as training gives them none (nor does
+    torch.distributed.checkpoint's own state creation): a template with their states would ask
+    the checkpoint for keys it does not hold, and ``dcp.load`` fails on the first one.
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer._state_for(p)
+            if p.requires_grad:
+                optimizer._state_for(p)
 
 
 def called_by_dcp_state_init(max_depth: int = 40) -> bool:

@@ -481,3 +481,34 @@ def test_state_dict_hooks_run_as_on_torch_optim():
     assert events == [("load pre", True, False), ("load post", 2)]
     assert torch.equal(fresh._guard.nan_to_num(), opt._guard.nan_to_num())
     assert torch.equal(fresh.state[fresh_params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+
+
+def test_a_template_from_init_state_loads_a_dcp_checkpoint_with_a_frozen_param(tmp_path, backend):
+    """Fine-tuning with a frozen weight passed to the optimizer (``model.parameters()``):
+    training gives it no state, so the checkpoint has none; init_state_'s template must not
+    ask for one (``dcp.load`` raised 'Missing key in checkpoint state_dict: optim.state.0.step')."""
+    import torch.distributed.checkpoint as dcp
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        m[0].weight.requires_grad_(False)
+        return m, GuardedAdamW(m.parameters(), lr=1e-2, stats_freq=1, backend=backend)
+
+    m, opt = make()
+    for _ in range(3):
+        m(torch.randn(8, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert m[0].weight not in opt.state
+    dcp.save({"model": m.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    m2, opt2 = make()
+    init_state_(opt2)
+    assert m2[0].weight not in opt2.state and len(opt2.state) == 3
+    sd = {"model": m2.state_dict(), "optim": opt2.state_dict()}
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    opt2.load_state_dict(sd["optim"])
+    assert opt2.telemetry() == opt.telemetry()
+    for p, q in zip(m.parameters(), m2.parameters()):
+        if p.requires_grad:
+            assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
