@@ -660,9 +660,16 @@ class GuardedAdamW(torch.optim.Optimizer):
                         "policy": self.guard_config.policy.name, "gate": self.gate}
         # Plain dicts (torch.load(weights_only=True) takes nothing else), with the same tensors.
         out["state"] = {pid: dict(entry) if isinstance(entry, dict) else entry for pid, entry in out["state"].items()}
+        # The policy tag copied too: loads drop the entries that are the live tag or guard
+        # (adopt_installed_state), and a ZeroRedundancyOptimizer checkpoint loaded back from
+        # memory (its consolidation keeps this rank's CPU tensors as they are) would otherwise
+        # lose its copies of the guard and start a fresh one.
+        tag = self._policy_tag.clone()
         for entry in out["state"].values():  # (one entry; every one in a ZeroRedundancyOptimizer's)
             if _GUARD_IN_PARAM_STATE[0] in entry:
                 entry[_GUARD_IN_PARAM_STATE[0]] = guard
+            if _GUARD_IN_PARAM_STATE[1] in entry:
+                entry[_GUARD_IN_PARAM_STATE[1]] = tag
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

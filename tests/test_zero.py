@@ -314,6 +314,28 @@ def test_zero_resumes_on_one_rank(backend, device):
         pool.run(_resume_on_one_rank_worker, backend, device)
 
 
+def _reload_from_memory_worker(rank, backend):
+    """``zero.load_state_dict(zero.state_dict())`` with no save in between (a rollback kept in
+    memory): the consolidated state holds this rank's own CPU tensors, the policy tag among
+    them. Loads drop entries that are the live guard or tag; with the live tag in the
+    checkpoint every copy of the guard was dropped and a fresh guard started (step 5 -> 0)."""
+    kw = dict(lr=1e-2, stats_freq=1, backend=backend)
+    params = whole_model()
+    zero = zero_optimizer(params, **kw)
+    _train(zero, zero.optim, params, scripted_stream()[:5])
+    before = zero.optim.telemetry()
+    zero.consolidate_state_dict(to=0)
+    zero.load_state_dict(zero.state_dict())
+    assert zero.optim.telemetry() == before and before["step"] == 5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_zero_reloads_a_checkpoint_kept_in_memory(backend):
+    require_backend(backend)
+    with Ranks(world=1) as pool:
+        pool.run(_reload_from_memory_worker, backend)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_partitions_decide_as_one_optimizer_over_the_whole_model(ranks, backend):
     """Both gates, stats_freq 1 and 3, both policies, clipping, bucket views: a NaN in one
