@@ -361,13 +361,15 @@ def init_state_(optimizer) -> None:
         dcp.load(sd, checkpoint_id=path)
         opt.load_state_dict(sd["optim"])
 
-    Frozen params (``requires_grad=False``) get none, as training gives them none (nor does
-    torch.distributed.checkpoint's own state creation): a template with their states would ask
-    the checkpoint for keys it does not hold, and ``dcp.load`` fails on the first one.
+    Frozen params (an ``nn.Parameter`` with ``requires_grad=False``) get none, as training
+    gives them none (nor does torch.distributed.checkpoint's own state creation): a template
+    with their states would ask the checkpoint for keys it does not hold, and ``dcp.load``
+    fails on the first one. (Plain tensors get state whatever their ``requires_grad``: code
+    that sets their ``.grad`` itself leaves it False.)
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.requires_grad:
+            if p.requires_grad or not isinstance(p, torch.nn.Parameter):
                 optimizer._state_for(p)
 
 
