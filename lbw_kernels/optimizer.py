@@ -251,7 +251,13 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.pipeline_group = pipeline  # a ProcessGroup or None (pipeline.py)
         # the groups each call's telemetry summary is gathered over, in order (pipeline.py)
         self._summary_groups = tuple(g for g in (zero_ranks, pipeline) if g is not None)
-        self._guard_in_every_state = zero is not None  # zero.py: whichever params a rank owns
+        # Every param state carries the guard where a part of the model's params is this
+        # optimizer's: a ZeroRedundancyOptimizer's partition (zero.py: whichever params a rank
+        # owns) or a pipeline stage (a checkpoint resumed with another split into stages finds
+        # the guard in whichever states a stage now holds; in the first state only, a stage
+        # that now starts at another param asked the checkpoint for a key it does not have).
+        self._zero_partition = zero is not None
+        self._guard_in_every_state = zero is not None or pipeline is not None
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
         first = next((p for g in self.param_groups for p in g["params"]), None)
@@ -277,7 +283,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
     # attributes go with them. Caches (backends, step plan, sharding layout) are rebuilt.
     _PICKLED = ("guard_config", "gate", "backend", "_guard", "_guard_holder", "_policy_tag", "_calls",
-                "_schedule_on_device", "_guard_in_every_state")
+                "_schedule_on_device", "_guard_in_every_state", "_zero_partition")
 
     def __getstate__(self) -> Dict[str, Any]:
         if self.__dict__.get("_summary_groups"):
@@ -296,6 +302,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_summary_groups", ())
         self.__dict__.setdefault("_guard_in_every_state", False)
+        self.__dict__.setdefault("_zero_partition", self._guard_in_every_state)
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
 
     @property
@@ -349,7 +356,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(params, Tensor) and not isinstance(params, Iterable):
             raise TypeError(f"param_group['params'] must be a Tensor or a list of them, got {type(params).__name__}")
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        if self.__dict__.get("_guard_in_every_state") and any(map(is_dtensor, group["params"])):
+        if self.__dict__.get("_zero_partition") and any(map(is_dtensor, group["params"])):
             # (ZeRO's ranks would be gathered over on top of the DTensors' own reduction)
             raise ValueError("param_group['params'] holds DTensors, which a ZeroRedundancyOptimizer does not "
                              "partition: shard them with FSDP2 (fully_shard) instead")
@@ -390,7 +397,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         only the keys the live state has, hence live entries. Runs when a step plan is built
         (new states appear only then), in ``state_dict()`` (states may have been edited) and
         when the guard tensor is replaced; the scan stops at the first param with state. In a
-        ZeroRedundancyOptimizer's local optimizer, in every param state (zero.py)."""
+        ZeroRedundancyOptimizer's local optimizer and on a pipeline stage, in every param state
+        (see __init__)."""
         entries = (self._guard, self._policy_tag)
         if self._guard_in_every_state:
             for p in (p for g in self.param_groups for p in g["params"]):
@@ -665,7 +673,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         # memory (its consolidation keeps this rank's CPU tensors as they are) would otherwise
         # lose its copies of the guard and start a fresh one.
         tag = self._policy_tag.clone()
-        for entry in out["state"].values():  # (one entry; every one in a ZeroRedundancyOptimizer's)
+        for entry in out["state"].values():  # (one entry; every one in a ZeRO partition's or pipeline stage's)
             if _GUARD_IN_PARAM_STATE[0] in entry:
                 entry[_GUARD_IN_PARAM_STATE[0]] = guard
             if _GUARD_IN_PARAM_STATE[1] in entry:
@@ -769,7 +777,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             p = id_map[pid]
             if not isinstance(saved, dict):
                 raise ValueError(f"state_dict state[{pid!r}] must be a dict, got {type(saved).__name__}")
-            if _GUARD_IN_PARAM_STATE[0] in saved:  # (in every state of a ZeroRedundancyOptimizer's: zero.py)
+            if _GUARD_IN_PARAM_STATE[0] in saved:  # (in every state of a ZeRO partition's or pipeline stage's)
                 rider = {"state": saved[_GUARD_IN_PARAM_STATE[0]],
                          "policy": _policy_name(saved.get(_GUARD_IN_PARAM_STATE[1])),
                          "where": f"state_dict['state'][{pid!r}]['{_GUARD_IN_PARAM_STATE[0]}']"}

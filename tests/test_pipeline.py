@@ -210,6 +210,51 @@ def test_a_frozen_stage_does_not_hang_the_checkpoint_api(ranks):
     ranks.run(_frozen_stage_worker)
 
 
+def _stage_module(rank: int, split: int):
+    """The stage of ``rank`` when the model's 4 layers are split after layer ``split``; the
+    other layers are dropped, so the stage's parameter names are the whole model's (as
+    torchtitan splits a model for pipeline parallelism)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3, dtype=torch.float64) for _ in range(4)])
+    keep = range(split) if rank == 0 else range(split, 4)
+    for i in range(4):
+        if i not in keep:
+            model[i] = torch.nn.Identity()
+    return model
+
+
+def _resplit_worker(rank, path):
+    """Saved through torch.distributed.checkpoint with the stages split after layer 2, resumed
+    split after layer 1: stage 1 now starts at layer 1, whose state the checkpoint holds from
+    stage 0. With the guard in its stage's first state only, the new stage 1 asked the
+    checkpoint for 'state.1.weight.lbw_guard' and dcp.load failed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def stage(split):
+        module = _stage_module(rank, split)
+        return module, GuardedAdamW(module.parameters(), lr=1e-2, stats_freq=1, pipeline_group=dist.group.WORLD)
+
+    module, opt = stage(2)
+    gen = torch.Generator().manual_seed(rank)
+    for k in range(4):
+        for p in module.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * (20.0 if k == 2 else 1.0)
+        opt.step()
+    saved = opt.telemetry()
+    dcp.save({"optim": get_optimizer_state_dict(module, opt)}, checkpoint_id=path)
+    module, opt = stage(1)
+    template = {"optim": get_optimizer_state_dict(module, opt)}
+    dcp.load(template, checkpoint_id=path)
+    set_optimizer_state_dict(module, opt, template["optim"])
+    assert opt.telemetry() == saved and saved["step"] == 4
+    same_on_every_rank(opt.telemetry())
+
+
+def test_a_checkpoint_resumes_with_the_stages_split_elsewhere(ranks, tmp_path):
+    ranks.run(_resplit_worker, str(tmp_path))
+
+
 def _refusals_worker(rank):
     import copy
 
