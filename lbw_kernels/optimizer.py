@@ -736,6 +736,17 @@ class GuardedAdamW(torch.optim.Optimizer):
             raise ValueError(error)
         self._apply_loaded(*checked[:4])
 
+    def checked_saved_group(self, saved: Dict[str, Any], params: List[Tensor], gi: int) -> Dict[str, Any]:
+        """A checkpoint's param group ``gi`` over ``params``: this optimizer's defaults, then
+        the saved hyper-parameters, checked (ValueError naming it); nothing changed. Also
+        what a ZeroRedundancyOptimizer's load checks first (zero.py), since ZeRO copies the
+        saved hyper-parameters into its local optimizer's groups itself."""
+        if saved.get("amsgrad", False):
+            raise ValueError(f"state_dict param_groups[{gi}] uses amsgrad, which GuardedAdamW does not")
+        group = {**self.defaults, **saved, "params": params}
+        check_group_hyperparameters(group, f"state_dict param_groups[{gi}]: ")
+        return group
+
     def _checked_state(self, state_dict: Dict[str, Any]):
         """``state_dict`` checked and converted, nothing changed yet: (groups, state, guard, call
         count, whether the guard came from the state_dict)."""
@@ -762,12 +773,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                     f"state_dict param_groups[{gi}] has {len(saved['params'])} params, this "
                     f"optimizer's {len(group['params'])}: it is from another model"
                 )
-            if saved.get("amsgrad", False):
-                raise ValueError(f"state_dict param_groups[{gi}] uses amsgrad, which GuardedAdamW does not")
             id_map.update(zip(saved["params"], group["params"]))
-            new_group = {**self.defaults, **saved, "params": group["params"]}
-            check_group_hyperparameters(new_group, f"state_dict param_groups[{gi}]: ")
-            groups.append(new_group)
+            groups.append(self.checked_saved_group(saved, group["params"], gi))
 
         state = OptimizerState()
         riders: List[Dict[str, Any]] = []

@@ -256,8 +256,26 @@ def _guard_everywhere_worker(rank):
 
     bad = _loaded(later)
     bad["state"][1]["exp_avg"] = torch.zeros(5, dtype=torch.float64)  # (17,) is rank 1's
+    target = zero_optimizer([p.clone().requires_grad_() for p in resumed_from], **kw)
     with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer.load_state_dict: rank 1: .*has shape \(5,\)"):
-        zero_optimizer([p.clone() for p in resumed_from], **kw).load_state_dict(bad)
+        target.load_state_dict(bad)
+    # nothing applied on any rank (ZeRO had installed the saved moments before the check), so
+    # training goes on in step: before, rank 1's next step raised and rank 0 hung in the gather
+    assert not target.optim.state and target.optim._calls == 0
+    params = [p for g in target.param_groups for p in g["params"]]
+    same_on_every_rank(_train(target, target.optim, params, stream[:2]))
+
+    # hyper-parameters a plain GuardedAdamW refuses at load: refused before ZeRO installs
+    # anything (it copies them into the local groups after its post-hook; every step raised)
+    for edit, message in (({"lr": -1.0}, r"param_groups\[0\]: .*lr"), ({"betas": (0.9, 1.5)}, r"param_groups\[0\]: .*beta"),
+                          ({"amsgrad": True}, r"param_groups\[0\] uses amsgrad")):
+        bad = _loaded(later)
+        bad["param_groups"][0].update(edit)
+        target = zero_optimizer([p.clone() for p in resumed_from], **kw)
+        before = {k: v for k, v in target.optim.param_groups[0].items() if k != "params"}
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(bad)
+        assert not target.optim.state and {k: v for k, v in target.optim.param_groups[0].items() if k != "params"} == before
 
 
 def _refusals_worker(rank):
