@@ -804,6 +804,14 @@ class GuardedAdamW(torch.optim.Optimizer):
                         f"state_dict state[{pid!r}][{key!r}] has shape {tuple(saved[key].shape)}, "
                         f"the param {tuple(p.shape)}: it is from another model"
                     )
+                if is_dtensor(p) and not is_dtensor(saved[key]):
+                    # (the global shapes agree; every step would then meet the full tensor
+                    # beside the param's local shard, and raise)
+                    raise ValueError(
+                        f"state_dict state[{pid!r}][{key!r}] is a full tensor and its param a DTensor: load a "
+                        "sharded checkpoint into sharded params (torch.distributed.checkpoint, or "
+                        "get/set_optimizer_state_dict with full_state_dict=True, which shards it)"
+                    )
             step = saved["step"]
             if isinstance(step, Tensor):
                 _check_saved_tensor(step, f"state_dict state[{pid!r}]['step']")

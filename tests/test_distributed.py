@@ -426,6 +426,17 @@ def _refusals_worker(rank):
         opt.step()
     assert torch.equal(p.full_tensor(), torch.ones(4, 3, dtype=torch.float64))
     assert opt.state[p]["step"].item() == 0 if opt.state[p] else True
+    # a one-process checkpoint's full states into DTensor params: refused at load, nothing
+    # changed (the global shapes agree; every step raised after such a load)
+    full = torch.ones(4, 3, dtype=torch.float64, requires_grad=True)
+    one_process = GuardedAdamW([full], backend="reference")
+    full.grad = torch.ones_like(full)
+    one_process.step()
+    r = distribute_tensor(torch.ones(4, 3, dtype=torch.float64), mesh, [Shard(0)])
+    sharded = GuardedAdamW([r], backend="reference")
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is a full tensor and its param a DTensor"):
+        sharded.load_state_dict(one_process.state_dict())
+    assert not sharded.state and sharded.telemetry()["step"] == 0
 
 
 def test_grads_partial_where_the_param_is_sharded_or_not_summed_are_refused(ranks):
