@@ -251,13 +251,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.pipeline_group = pipeline  # a ProcessGroup or None (pipeline.py)
         # the groups each call's telemetry summary is gathered over, in order (pipeline.py)
         self._summary_groups = tuple(g for g in (zero_ranks, pipeline) if g is not None)
-        # Every param state carries the guard where a part of the model's params is this
-        # optimizer's: a ZeroRedundancyOptimizer's partition (zero.py: whichever params a rank
-        # owns) or a pipeline stage (a checkpoint resumed with another split into stages finds
-        # the guard in whichever states a stage now holds; in the first state only, a stage
-        # that now starts at another param asked the checkpoint for a key it does not have).
-        self._zero_partition = zero is not None
-        self._guard_in_every_state = zero is not None or pipeline is not None
+        self._zero_partition = zero is not None  # a ZeroRedundancyOptimizer's local optimizer (zero.py)
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.state = OptimizerState()
         first = next((p for g in self.param_groups for p in g["params"]), None)
@@ -283,7 +277,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
     # attributes go with them. Caches (backends, step plan, sharding layout) are rebuilt.
     _PICKLED = ("guard_config", "gate", "backend", "_guard", "_guard_holder", "_policy_tag", "_calls",
-                "_schedule_on_device", "_guard_in_every_state", "_zero_partition")
+                "_schedule_on_device", "_zero_partition")
 
     def __getstate__(self) -> Dict[str, Any]:
         if self.__dict__.get("_summary_groups"):
@@ -301,8 +295,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_early_recipe", None)
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_summary_groups", ())
-        self.__dict__.setdefault("_guard_in_every_state", False)
-        self.__dict__.setdefault("_zero_partition", self._guard_in_every_state)
+        # (pickles from before _zero_partition said it as "_guard_in_every_state")
+        self.__dict__.setdefault("_zero_partition", self.__dict__.pop("_guard_in_every_state", False))
         self.__dict__.setdefault("_sharded", ShardedTelemetry(self.pipeline_group))
 
     @property
@@ -391,6 +385,15 @@ class GuardedAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
+    @property
+    def _guard_in_every_state(self) -> bool:
+        """Whether every param state carries the guard: where a part of the model's params is
+        this optimizer's, a ZeroRedundancyOptimizer's partition (zero.py: whichever params a rank
+        owns) or a pipeline stage (a checkpoint resumed with another split into stages finds the
+        guard in whichever states a stage now holds; in the first state only, a stage that now
+        starts at another param asked the checkpoint for a key it does not have)."""
+        return self.__dict__.get("_zero_partition", False) or self.__dict__.get("pipeline_group") is not None
+
     def _attach_guard(self) -> None:
         """Keep ``_GUARD_IN_PARAM_STATE`` in the first param state, and there only: the guard
         tensor itself and its policy's tag. torch's unflattening of optimizer state dicts keeps
@@ -398,7 +401,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         (new states appear only then), in ``state_dict()`` (states may have been edited) and
         when the guard tensor is replaced; the scan stops at the first param with state. In a
         ZeroRedundancyOptimizer's local optimizer and on a pipeline stage, in every param state
-        (see __init__)."""
+        (_guard_in_every_state)."""
         entries = (self._guard, self._policy_tag)
         if self._guard_in_every_state:
             for p in (p for g in self.param_groups for p in g["params"]):

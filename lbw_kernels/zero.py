@@ -78,49 +78,47 @@ def zero_device(zero):
 
 
 def adopt_states_after_zero_loads(zero, optimizer, group) -> None:
-    """Register on ``zero`` a hook that checks a checkpoint's param groups before its
-    load_state_dict installs anything (GuardedAdamW.checked_saved_group), and the hook that
-    loads, into ``optimizer`` (its local optimizer), the states
-    ZeroRedundancyOptimizer.load_state_dict has just put in ``optimizer.state``: AdamW's
+    """Register on ``zero`` the hook that loads, into ``optimizer`` (its local optimizer), the
+    states ZeroRedundancyOptimizer.load_state_dict has just put in ``optimizer.state``: AdamW's
     moments and step counts checked and moved to their params' devices and dtypes (ZeRO moves
     0-dim tensors to the CPU), and the guard they carry adopted on every rank of ``group``
     (None: one rank), which makes ZeRO's load_state_dict a collective
     (GuardedAdamW.adopt_installed_state). The hook holds the optimizer weakly (``zero.optim``
-    holds it)."""
+    holds it). The load itself checks the saved param groups first and changes nothing when
+    it fails (_checked_all_or_nothing_loads)."""
     ref = weakref.ref(optimizer)
-
-    def check_groups(_zero, state_dict) -> None:
-        # ZeRO copies the checkpoint's hyper-parameters into the local optimizer's groups
-        # after the post-hook has run: checked here first, before anything is installed
-        # (the same checkpoint on every rank, so every rank raises alike, before any collective)
-        local, groups = ref(), state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if local is not None and isinstance(groups, (list, tuple)):
-            for gi, saved in enumerate(groups):
-                if isinstance(saved, dict):
-                    local.checked_saved_group(saved, [], gi)
 
     def hook(_zero) -> None:
         local = ref()
         if local is not None:
             local.adopt_installed_state(group)
 
-    zero.register_load_state_dict_pre_hook(check_groups)
     zero.register_load_state_dict_post_hook(hook)
-    _restore_on_failed_loads(zero)
+    _checked_all_or_nothing_loads(zero)
 
 
-def _restore_on_failed_loads(zero) -> None:
-    """Make ``zero.load_state_dict`` all or nothing. ZeroRedundancyOptimizer writes the saved
-    states into its local optimizer's ``state`` before its own Optimizer.load_state_dict (and so
-    the hooks above) runs, and replaces its ``param_groups`` and ``state`` before the post-hook:
-    a checkpoint refused there (a state of the wrong shape on one rank, refused on every rank)
-    left the new moments beside the old guard, and that rank's next step raised while the
-    others waited in the guard's gather. On an error the entries as they were are put back:
-    ZeRO replaces per-param state dicts and group lists, it does not edit them in place."""
+def _checked_all_or_nothing_loads(zero) -> None:
+    """Make ``zero.load_state_dict`` check the checkpoint's param groups first and change
+    nothing when it fails.
+
+    ZeRO copies the saved hyper-parameters into its local optimizer's groups itself, after the
+    post-hook: they are checked before the load (GuardedAdamW.checked_saved_group; the same
+    checkpoint on every rank, so every rank raises alike, before any collective). And ZeRO
+    writes the saved states into the local optimizer's ``state`` before its own
+    Optimizer.load_state_dict (and so the post-hook) runs, and replaces its ``param_groups`` and
+    ``state`` before the post-hook: a checkpoint refused there (a state of the wrong shape on
+    one rank, refused on every rank) left the new moments beside the old guard, and that
+    rank's next step raised while the others waited in the guard's gather. On an error the
+    entries as they were are put back: ZeRO replaces per-param state dicts and group lists, it
+    does not edit them in place."""
     load = zero.load_state_dict  # (the bound method of ZeroRedundancyOptimizer)
 
     def load_state_dict(state_dict) -> None:
         local = zero.optim
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        for gi, saved in enumerate(groups if isinstance(groups, (list, tuple)) else ()):
+            if isinstance(saved, dict):
+                local.checked_saved_group(saved, [], gi)
         kept = (dict(local.state), [dict(g) for g in local.param_groups], zero.state, zero.param_groups,
                 [dict(g) for g in zero.param_groups])
         try:
