@@ -47,7 +47,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from lbw_kernels.bench import FLOOR_BYTES_GATED, FLOOR_BYTES_UPDATE, LAYOUTS, copy_bandwidth, layout_numel, make_params
+from lbw_kernels.bench import (
+    FLOOR_BYTES_GATED, FLOOR_BYTES_UPDATE, LAYOUTS, copy_bandwidth, layout_numel, make_params, time_loop,
+)
 
 STEP_PREFIX = "Optimizer.step#"  # torch.optim's record_function around every step()
 # Device-side rows that are the profiler's own (CUPTI buffer requests; seen on the H200 with
@@ -150,24 +152,15 @@ def spans_of(prof) -> tuple:
 
 
 def loop_us(step: Callable[[], None], device: torch.device, steps: int) -> float:
-    """Microseconds per step over ``steps`` steps run back to back after one untimed step whose
-    device work is still queued when the timing starts (so the first timed step's host work
-    overlaps it too, as every later one's overlaps its predecessor's)."""
+    """Microseconds per step over ``steps`` steps run back to back (on CUDA the bench's
+    ``time_loop``: its steps' times add up to the loop's span)."""
     if device.type != "cuda":
         step()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         return (time.perf_counter() - t0) / steps * 1e6
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    step()
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps * 1e3
+    return statistics.fmean(time_loop(step, device, steps)) * 1e3
 
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int = 3) -> List[StepSplit]:

@@ -16,6 +16,13 @@ Columns: ``ms`` (median; on CUDA of CUDA-event timings after warm-up, on CPU of
 (time over the floor: 28 B per parameter, or 32 B where the gradients must be read once more
 before the update, over the copy bandwidth measured in the same run), peak memory (CUDA only)
 and the ratio to torch fused AdamW.
+
+On CUDA each step is timed twice. ``ms``: alone, the device synchronised after it, so the host
+time before its first launch is on the clock (the device idles through it). ``loop ms``: steps
+run back to back, a CUDA event before and after each and one synchronisation at the end, as in
+a training loop whose host runs ahead of the device (the step's host work then overlaps the
+work queued before it, unless the host is the slower of the two: 2000 small tensors). Each has
+its ``x floor`` and ratio to torch fused AdamW, timed the same way.
 """
 
 from __future__ import annotations
@@ -252,6 +259,29 @@ def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, reps: int
     return times
 
 
+def time_loop(fn: Callable[[], None], device: torch.device, steps: int) -> Optional[List[float]]:
+    """Milliseconds per call of ``steps`` calls run back to back: a CUDA event before and after
+    each, one synchronisation after the last. None on CPU, where a call returns when its work
+    is done, so back to back is ``time_fn`` again.
+
+    Each call's events wait behind the work queued before them, so a call's time is the
+    device's from the end of the previous call's work to the end of its own: its own work and
+    any idle gap while the device waits for the host's next launch. One untimed call runs
+    first, its work still queued when the first timed call's host work runs, as every later
+    call's host work runs beside its predecessor's work."""
+    if device.type != "cuda" or steps < 1:
+        return None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    _sync(device)
+    fn()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    events[-1][1].synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def copy_bandwidth(device: torch.device, numel: int, warmup: int = 3, reps: int = 10) -> float:
     """Bytes/s of ``dst.copy_(src)`` on fp32 tensors of ``numel`` elements (read + write).
 
@@ -296,6 +326,12 @@ class Result:
     peak_mib: Optional[float] = None
     step_extra_mib: Optional[float] = None
     vs_fused: Optional[float] = None
+    # CUDA: the same steps run back to back (time_loop), their median, x floor and ratio to
+    # torch fused's loop time; None on CPU.
+    ms_loop: Optional[float] = None
+    ms_loop_all: List[float] = field(default_factory=list)
+    x_floor_loop: Optional[float] = None
+    vs_fused_loop: Optional[float] = None
     error: Optional[str] = None
 
 
@@ -316,6 +352,8 @@ def run_row(row: Row, params: List[torch.Tensor], device: torch.device, warmup: 
             peak = torch.cuda.max_memory_allocated(device)
             res.peak_mib = peak / 2**20
             res.step_extra_mib = (peak - base) / 2**20
+        # Half as many steps as timed alone: rounds pool them, and a lent GPU's minutes are few.
+        res.ms_loop_all = time_loop(step, device, max(3, reps // 2)) or []
     except Exception as err:  # one broken backend must not lose the other rows
         res.error = f"{type(err).__name__}: {err}"
     finally:
@@ -406,6 +444,7 @@ def bench_layout(
                 continue
             pooled = results[i]
             pooled.ms_all += res.ms_all
+            pooled.ms_loop_all += res.ms_loop_all
             pooled.error = pooled.error or res.error
             if res.peak_mib is not None:
                 pooled.peak_mib = max(pooled.peak_mib or 0.0, res.peak_mib)
@@ -417,14 +456,19 @@ def bench_layout(
             res.ms_mean = statistics.fmean(res.ms_all)
         else:
             res.ms = None
+        res.ms_loop = statistics.median(res.ms_loop_all) if res.ms is not None and res.ms_loop_all else None
         if res.ms is not None:
             res.floor_ms = row.bytes_per_param * numel / bandwidth * 1e3
             res.x_floor = res.ms / res.floor_ms
             res.gbps = row.bytes_per_param * numel / (res.ms * 1e-3) / 1e9
-    fused = next((r.ms for r in results if r.name == "torch AdamW fused" and r.ms), None)
+        if res.ms_loop is not None:
+            res.x_floor_loop = res.ms_loop / res.floor_ms
+    fused = next((r for r in results if r.name == "torch AdamW fused" and r.ms), None)
     for r in results:
         if fused and r.ms:
-            r.vs_fused = r.ms / fused
+            r.vs_fused = r.ms / fused.ms
+        if fused and fused.ms_loop and r.ms_loop:
+            r.vs_fused_loop = r.ms_loop / fused.ms_loop
     del params
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -446,14 +490,25 @@ def format_table(table: Dict[str, object]) -> str:
         f"{table['floor_ms_32B']:.2f} ms (32 B)"
     )
     w = max([34] + [len(r["name"]) for r in table["rows"]])  # the name column fits the longest name
-    lines = [head, f"{'row':<{w}} {'ms':>9} {'GB/s':>8} {'x floor':>8} {'vs fused':>9} {'peak MiB':>9}"]
+    # (rows written before the loop columns existed have no such keys)
+    loop = any(r.get("ms_loop") is not None for r in table["rows"])
+    title = f"{'row':<{w}} {'ms':>9} {'GB/s':>8} {'x floor':>8} {'vs fused':>9} {'peak MiB':>9}"
+    if loop:
+        title += f" {'loop ms':>9} {'x floor':>8} {'vs fused':>9}"
+    lines = [head, title]
+
+    def ratio(x: Optional[float]) -> str:
+        return f"{x:8.2f}x" if x else f"{'-':>9}"
+
     for r in table["rows"]:
         if r["ms"] is None:
             lines.append(f"{r['name']:<{w}} ERROR {r['error']}")
             continue
         peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
-        vs = f"{r['vs_fused']:8.2f}x" if r["vs_fused"] else f"{'-':>9}"
-        lines.append(f"{r['name']:<{w}} {r['ms']:9.2f} {r['gbps']:8.1f} {r['x_floor']:8.2f} {vs} {peak}")
+        line = f"{r['name']:<{w}} {r['ms']:9.2f} {r['gbps']:8.1f} {r['x_floor']:8.2f} {ratio(r['vs_fused'])} {peak}"
+        if loop and r.get("ms_loop") is not None:
+            line += f" {r['ms_loop']:9.2f} {r['x_floor_loop']:8.2f} {ratio(r['vs_fused_loop'])}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -500,7 +555,12 @@ def run_bench(
     rows = build_rows(names, gates, stats_freqs)
     tables = [bench_layout(layout, device, rows, warmup, reps, budget_s, progress, rounds) for layout in layouts]
     notes = ["ms_mean in the JSON: the mean over the timed calls, the amortised cost per step where stats_freq > 1"]
-    if device.type != "cuda":
+    if device.type == "cuda":
+        notes.append(
+            "CUDA: ms is each step timed alone (host time before its first launch on the clock); loop ms the "
+            "same steps run back to back, as in a training loop whose host runs ahead (bench.time_loop)"
+        )
+    else:
         notes.append(
             "CPU: ms is the median of time.perf_counter per step (ms_min in the JSON: the fastest); "
             "copy bandwidth from the fastest copy; peak memory not measured on CPU"

@@ -102,6 +102,66 @@ def test_a_row_that_fails_in_any_round_is_reported_failed_and_the_others_timed(t
     assert (out / "bench.png").stat().st_size > 1000
 
 
+def test_loop_timings_are_pooled_over_rounds_and_set_beside_the_alone_ones(tmp_path, monkeypatch, capsys):
+    """On CUDA each row is also timed back to back (bench.time_loop; None on CPU, where a step
+    is synchronous). With a stand-in loop timer on CPU: each row's loop samples of every round
+    are pooled, and its median, x floor and ratio to torch fused's loop median are computed
+    from them, not copied from the alone columns; the printed table grows the loop columns."""
+    # torch fused 1.0 ms each round; the guard 2.0 ms in round 1, 2.5 ms in round 2 (+- 0.25)
+    rounds_of = {}
+
+    def time_loop(fn, device, steps):
+        fn()
+        row = run_row_names[-1]
+        round_ = rounds_of[row] = rounds_of.get(row, 0) + 1
+        base = 1.0 if row == "torch AdamW fused" else 1.5 + 0.5 * round_
+        return [base, base + 0.25, base - 0.25]
+
+    run_row_names = []
+    real_run_row = bench.run_row
+
+    def run_row(row, *args):
+        run_row_names.append(row.name)
+        return real_run_row(row, *args)
+
+    monkeypatch.setattr(bench, "time_loop", time_loop)
+    monkeypatch.setattr(bench, "run_row", run_row)
+    out = tmp_path / "b"
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference", "--stats-freq", "1",
+               "--gate", "exact", "--warmup", "1", "--reps", "3", "--budget", "0.2", "--rounds", "2",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0
+    (table,) = json.loads((out / "bench.json").read_text())["tables"]
+    rows = {r["name"]: r for r in table["rows"]}
+    fused = rows["torch AdamW fused"]
+    assert sorted(fused["ms_loop_all"]) == [0.75, 0.75, 1.0, 1.0, 1.25, 1.25] and fused["ms_loop"] == 1.0
+    guard = rows["guard reference exact sf=1"]
+    # round 1: 2.0 +- 0.25, round 2: 2.5 +- 0.25 -> median of the six samples
+    assert sorted(guard["ms_loop_all"]) == [1.75, 2.0, 2.25, 2.25, 2.5, 2.75]
+    assert guard["ms_loop"] == 2.25 and guard["vs_fused_loop"] == 2.25
+    assert math.isclose(guard["x_floor_loop"], 2.25 / guard["floor_ms"])
+    assert guard["ms"] != guard["ms_loop"] and len(guard["ms_all"]) >= 2  # the alone timings are their own
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("row "))
+    assert "loop ms" in header
+
+
+def test_loop_timing_is_left_out_on_cpu():
+    calls = []
+    assert bench.time_loop(lambda: calls.append(1), torch.device("cpu"), 5) is None and not calls
+
+
+@pytest.mark.gpu
+def test_loop_timing_times_each_of_the_steps_run_back_to_back_on_cuda():
+    calls = []
+
+    def step():  # ~0.1 ms of device work a call, queued without waiting
+        calls.append(1)
+        torch.cuda._sleep(100_000)
+
+    times = bench.time_loop(step, torch.device("cuda"), 7)
+    assert len(calls) == 7 and len(times) == 7 and all(t > 0 for t in times)
+
+
 def _grads(shapes, k, gen):
     gs = [torch.randn(s, generator=gen) + (0.3 if k % 3 == 0 else -0.2) for s in shapes]
     if k in (5, 6):  # a burst: spike, then oscillation
