@@ -14,9 +14,24 @@ PACKAGES = ["lbw_kernels", "lbw_kernels.stress", "lbw_kernels.triton_kernels"]
 PACKAGE_DIR = {"lbw_kernels.triton_kernels": "triton_kernels"}
 
 
+def nvcc_major(nvcc):
+    """The CUDA major version of ``nvcc`` ("release 13.0" in its --version), or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.", out)
+    return found.group(1) if found else None
+
+
 def ext_modules():
     """The C++/CUDA backend ``lbw_kernels._C`` (csrc/), built with ninja against the installed
-    torch. CUDA sources are added when torch has CUDA and nvcc is found (or FORCE_CUDA=1);
+    torch. CUDA sources are added when torch has CUDA and an nvcc of its CUDA major version is
+    found (or FORCE_CUDA=1); another major (PyPI's torch 2.9 is built with CUDA 12.8, a
+    machine's nvcc may be 13.0), which torch's build refuses, builds the CPU kernels alone;
     TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured. Without torch, without
     a compiler, or with LBW_SKIP_BUILD=1 the install goes on pure-Python, saying so in one line.
     """
@@ -65,6 +80,13 @@ def ext_modules():
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc))
+    if with_cuda and not force_cuda:
+        found = nvcc_major(nvcc)
+        if found is not None and found != torch.version.cuda.split(".")[0]:
+            print(f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA {found}, torch was built with "
+                  f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit)",
+                  file=sys.stderr)
+            with_cuda = False
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += ["csrc/bindings/ops_cuda.cpp", "csrc/cuda/multi_tensor_cuda.cu", "csrc/cuda/controller_cuda.cu"]

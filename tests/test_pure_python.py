@@ -81,3 +81,30 @@ def test_setup_without_a_build_says_so_in_one_line(env, reason):
     assert done.stdout.split()[-1] == "lbw-kernels"
     said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
     assert said == [f"lbw-kernels: not building the C++/CUDA extension ({reason}); installing pure-Python"]
+
+
+@pytest.mark.parametrize("nvcc_release, builds_cuda", [("13.0", False), ("12.6", True)])
+def test_setup_builds_the_cpu_kernels_alone_beside_an_nvcc_of_another_cuda_major(tmp_path, nvcc_release, builds_cuda):
+    """A CUDA torch (here one that says CUDA 12.8) beside an nvcc of another major version:
+    torch's build would refuse that nvcc and fail the whole install, so setup.py builds the
+    CPU kernels alone and says why; an nvcc of the same major builds both."""
+    root = Path(__file__).resolve().parents[1]
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n")
+    nvcc.chmod(0o755)
+    # (torch.utils.cpp_extension looks for CUDA_HOME only where torch says it was built with
+    # CUDA, then asks whether a device is there)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\ntorch.version.cuda = '12.8'\ntorch.cuda._is_compiled = lambda: True\n"
+        "torch.cuda.is_available = lambda: False\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LBW_SKIP_BUILD", "CXX", "FORCE_CUDA")}
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
+                          capture_output=True, text=True, check=True, timeout=120)
+    said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
+    if builds_cuda:
+        assert said == ["lbw-kernels: building the C++ extension (CPU + CUDA 8.0;9.0)"], said
+    else:
+        assert said == [f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA 13, torch was built with CUDA 12.8 "
+                        "(set CUDA_HOME to a CUDA 12 toolkit)", "lbw-kernels: building the C++ extension (CPU only)"], said
