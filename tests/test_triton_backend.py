@@ -1338,3 +1338,39 @@ def test_cuda_tensors_are_refused_while_the_interpreter_is_on(monkeypatch):
         select_backend("triton", cuda)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert triton.supports(cuda) and triton.auto_selectable(cuda)
+
+
+@pytest.mark.parametrize("version, refused", [("3.5.1", True), ("3.1.0", True), ("2.3.0", True),
+                                              ("3.6.0", False), ("3.10.2", False), ("3.7.0+git1a2b3c", False)])
+def test_a_triton_older_than_the_oldest_tested_release_is_refused_by_name(version, refused):
+    from lbw_kernels.triton_kernels.backend import check_triton_release
+
+    if not refused:
+        check_triton_release(version)
+        return
+    with pytest.raises(ImportError, match=rf"triton {version} is older than 3\.6, .*pip install 'triton>=3\.6'"):
+        check_triton_release(version)
+
+
+def test_with_an_older_triton_the_backend_is_unavailable_and_says_why():
+    """torch 2.9.1's CUDA wheel pins triton 3.5.1: the registry reports the backend unavailable
+    with the reason (so backend="auto" passes it over), and asking for it by name says why."""
+    import subprocess
+    import sys
+
+    child = ("import triton; triton.__version__ = '3.5.1'\n"
+             "import torch\n"
+             "from lbw_kernels import GuardedAdamW\n"
+             "from lbw_kernels.backends import availability\n"
+             "print(availability()['triton'])\n"
+             "p = torch.ones(3, requires_grad=True); p.grad = torch.ones(3)\n"
+             "try:\n"
+             "    GuardedAdamW([p], backend='triton').step()\n"
+             "except (RuntimeError, ValueError) as err:\n"
+             "    print(type(err).__name__, str(err).replace(chr(10), ' '))\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr
+    reason, refused = done.stdout.strip().splitlines()[-2:]
+    assert "triton 3.5.1 is older than 3.6, the oldest release these kernels are tested with" in reason
+    assert "triton" in refused.split(":")[0] and "triton 3.5.1 is older than 3.6" in refused

@@ -28,9 +28,32 @@ import torch
 from lbw_kernels.backends import Backend
 
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError as err:  # the registry reports this as the reason the backend is unavailable
     raise ImportError(f"triton is not installed ({err}); pip install 'lbw-kernels[triton]'") from err
+
+# The oldest Triton the kernels are tested with (3.6.0: CI's .ci/triton_oldest.sh, and the GPU
+# tests on an H200); setup.py's extras ask for the same. Older releases fail on them (3.1: the
+# interpreter takes no constexpr block sizes, ASTSource no constexprs), and the CUDA wheels of
+# torch < 2.10 pin such a release (torch 2.9.1: triton 3.5.1).
+OLDEST_TRITON = (3, 6)
+
+
+def check_triton_release(version: str) -> None:
+    """ImportError (the registry's reason the backend is unavailable) for a release older than
+    OLDEST_TRITON; development builds ("3.7.0+git...") count as their release."""
+    parts = version.split(".")
+    try:
+        release = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return  # not a release number: let the kernels decide
+    if release < OLDEST_TRITON:
+        oldest = ".".join(map(str, OLDEST_TRITON))
+        raise ImportError(f"triton {version} is older than {oldest}, the oldest release these kernels are tested with "
+                          f"(the CUDA wheels of torch < 2.10 pin such a release); pip install 'triton>={oldest}'")
+
+
+check_triton_release(triton.__version__)
 
 from . import ops
 from .config import interpreting
