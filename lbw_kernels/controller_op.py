@@ -53,14 +53,19 @@ _KERNEL_DEVICES: Optional[frozenset] = None
 def _kernel_devices() -> frozenset:
     """Device types the built extension has the kernel for (none when it is not built)."""
     global _KERNEL_DEVICES
-    if _KERNEL_DEVICES is None:
+    devices = _KERNEL_DEVICES
+    if devices is None:
         try:
             from . import _C, cpp_backend  # noqa: F401  (cpp_backend registers the op's fake impl)
         except ImportError:
-            _KERNEL_DEVICES = frozenset()
+            devices = frozenset()
         else:
-            _KERNEL_DEVICES = frozenset({"cpu", "cuda"} if getattr(_C, "WITH_CUDA", 0) else {"cpu"})
-    return _KERNEL_DEVICES
+            devices = frozenset({"cpu", "cuda"} if getattr(_C, "WITH_CUDA", 0) else {"cpu"})
+        # cached by eager calls only: the dynamo of torch 2.5 and 2.6 writes the global of a
+        # function it inlines into the compiled frame's module, and reads this module's (None)
+        if not torch.compiler.is_compiling():
+            _KERNEL_DEVICES = devices
+    return devices
 
 
 def _kernel_config(guard: Tensor, cfg: reference.GuardConfig, *rows: Optional[Tensor]) -> Optional[Tuple[float, ...]]:

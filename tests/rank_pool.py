@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Callable
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torch_compat import TORCH_VERSION
+
 
 # Worker processes serve a whole test module (starting a Python with torch costs seconds);
 # each test gets its own gloo process group on a fresh port, destroyed even when it fails.
@@ -24,6 +27,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# torch < 2.8 destroys a ProcessGroup's Gloo backend with the GIL held (pytorch/pytorch#154976
+# releases it), and ~ProcessGroupGloo joins Gloo's worker threads, one of which may still be
+# freeing the tensors of the work it just finished, which takes the GIL: the rank then hangs in
+# destroy_process_group. A moment without the GIL before it lets those threads finish.
+_PG_DESTRUCTOR_HOLDS_GIL = TORCH_VERSION < (2, 8)
 
 
 def _worker(rank: int, world: int, tasks, results) -> None:
@@ -39,6 +49,8 @@ def _worker(rank: int, world: int, tasks, results) -> None:
                 fn(rank, *args)
                 dist.barrier()
             finally:
+                if _PG_DESTRUCTOR_HOLDS_GIL:
+                    time.sleep(0.1)
                 dist.destroy_process_group()
             results.put((rank, None))
         except BaseException:  # noqa: BLE001 - reported to the test, which fails with it

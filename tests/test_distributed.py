@@ -19,6 +19,7 @@ from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import get_backend
 from rank_pool import Ranks, assert_close_records, same_on_every_rank, telemetry_row
 from streams import random_stream
+from torch_compat import distribute_same, needs_fsdp2_on_cpu
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -53,9 +54,7 @@ def ranks4():
 
 def shard(t, mesh, placements):
     """``t`` (the same on every rank) as a DTensor, each rank cutting its own shard: no communication."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(t.clone(), mesh, placements, src_data_rank=None)
+    return distribute_same(t, mesh, placements)
 
 
 def counting_all_reduce():
@@ -527,6 +526,7 @@ def _fsdp2_worker(rank, backend, gate):
     same_on_every_rank(ours)
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_fsdp2_fully_shard_matches_one_process(ranks, gate):
     """fully_shard on CPU/gloo, real backward on each rank's half of the batch: the decisions and
@@ -681,6 +681,7 @@ def _dcp_state_dict_api_worker(rank, path, backend, flatten):
     assert_close_records(train(model2, opt2, batches[8:]), straight)
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize("flatten", [False, True])
 def test_dcp_state_dict_api_resumes_the_guard(ranks, tmp_path, flatten):
     ranks.run(_dcp_state_dict_api_worker, str(tmp_path / "ckpt"), cpu_backend(), flatten)

@@ -17,6 +17,7 @@ from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import availability
 from rank_pool import Ranks, assert_close_records, same_on_every_rank, step_with, telemetry_row
 from streams import random_stream
+from torch_compat import distribute_same
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -318,7 +319,7 @@ def _pp_dp_worker(rank, backend, stage_dims):
 
     def sharded(t):
         placements = [Shard(0)] + [Shard(1) if t.ndim == 2 else Replicate()] * (len(stage_dims) - 1)
-        return distribute_tensor(t.clone(), stage_mesh, placements, src_data_rank=None)
+        return distribute_same(t, stage_mesh, placements)
 
     stream = scripted_stream()
     for gate in ("exact", "single_pass"):
