@@ -81,11 +81,10 @@ def ext_modules():
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = force_cuda or (torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc))
     if with_cuda and not force_cuda:
-        found = nvcc_major(nvcc)
-        if found is not None and found != torch.version.cuda.split(".")[0]:
+        found, torch_major = nvcc_major(nvcc), torch.version.cuda.split(".")[0]
+        if found is not None and found != torch_major:
             print(f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA {found}, torch was built with "
-                  f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]} toolkit)",
-                  file=sys.stderr)
+                  f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch_major} toolkit)", file=sys.stderr)
             with_cuda = False
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -33,9 +33,10 @@ except ImportError as err:  # the registry reports this as the reason the backen
     raise ImportError(f"triton is not installed ({err}); pip install 'lbw-kernels[triton]'") from err
 
 # The oldest Triton the kernels are tested with (3.6.0: CI's .ci/triton_oldest.sh, and the GPU
-# tests on an H200); setup.py's extras ask for the same. Older releases fail on them (3.1: the
-# interpreter takes no constexpr block sizes, ASTSource no constexprs), and the CUDA wheels of
-# torch < 2.10 pin such a release (torch 2.9.1: triton 3.5.1).
+# tests on an H200); setup.py's extras ask for the same. 3.1 fails on the kernels (its
+# interpreter takes no constexpr block sizes, its ASTSource no constexprs); 3.5.1 passed the CPU
+# checks but has never run them on a GPU. The CUDA wheels of torch < 2.10 pin such a release
+# (torch 2.9.1: triton 3.5.1; 2.5: 3.1).
 OLDEST_TRITON = (3, 6)
 
 
