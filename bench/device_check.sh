@@ -6,7 +6,7 @@
 # the step's Python path on this host's CPU alone, the torch-free CUDA build (memory floor,
 # test binary), verify. Everything lands in the output folder: one
 # log per phase, bench JSON+PNG per layout, results/ (the JSON under the names bench/results/
-# keeps), tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
+# keeps), targets.md, tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
 #
 #   bash bench/device_check.sh [OUTPUT_FOLDER]      # default: $OUT, else ./device-check
 #
@@ -156,6 +156,8 @@ done
 # (Triton's direct launches, LBW_TRITON_DIRECT_LAUNCH=1, are no longer timed here: on the H200
 # on 2026-11-27 they gained nothing on 2000 tensors; triton_kernels/launch.py.)
 collect_results
+# The issues' targets read off those tables, alone and back to back (bench/targets.py).
+phase targets 20 bash -c '"$0" bench/targets.py "$1"/bench-*/bench.json | tee "$1/targets.md"' "$PY" "$OUT_DIR"
 # Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
 # triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
 # baselines of the same process: the evidence for the defaults. Each entry is

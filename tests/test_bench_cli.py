@@ -382,3 +382,76 @@ def test_step_timeline_runs_on_cpu(tmp_path):
     assert all(r["host"] > 0 and r["busy"] == 0 and r["span"] == r["host"] and r["launch"] is None for r in rows)
     assert all(r["loop_us"] > 0 and r["loop_steps"] == 20 for r in rows)
     assert "guard reference exact sf=1" in done.stdout
+
+
+def _run_targets(*paths) -> list:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "targets.py"
+    done = subprocess.run([sys.executable, str(script), *map(str, paths)], capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def test_targets_judge_each_row_alone_and_back_to_back(tmp_path):
+    """bench/targets.py: the issues' GPU targets on each kernel backend's rows, the ratio taken
+    from the steps timed alone and from those run back to back; a row the run lacks or that
+    failed is said to be so, not judged."""
+
+    def row(name, ms, x_floor, ms_loop=None, x_floor_loop=None, error=None):
+        return dict(name=name, ms=ms, x_floor=x_floor, vs_fused=ms / 10.0, ms_loop=ms_loop, x_floor_loop=x_floor_loop,
+                    vs_fused_loop=None if ms_loop is None else ms_loop / 9.0, error=error)
+
+    tiny = [row("torch AdamW fused", 10.0, 1.36, 9.0, 1.22),
+            row("guard cuda exact sf=1", 8.9, 1.055, 8.5, 1.006),  # over alone, within back to back
+            row("guard cuda single_pass sf=1", 7.7, 1.04, 7.5, 1.01),
+            row("guard triton exact sf=1", 9.4, 1.10, 9.2, 1.09, error="RuntimeError: boom")]
+    many = [row("torch AdamW fused", 8.0, 9.0, 6.0, 6.0),
+            row("guard cuda exact sf=1", 2.1, 2.0, 1.1, 1.05),  # 3.8x alone, 5.5x back to back
+            row("guard cuda single_pass sf=1", 1.6, 1.8, 1.0, 1.0)]
+    env = dict(device="cuda", device_name="NVIDIA H200", git_commit="0123456789abcdef", date="2026-11-28T00:00:00")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(dict(environment=env, backends=["cuda", "triton"], tables=[
+        dict(layout="tinyllama-1.1b", rows=tiny), dict(layout="2000x65536", rows=many)])))
+    lines = _run_targets(path)
+    assert lines[0] == "### bench.json: NVIDIA H200, commit 0123456789, 2026-11-28"
+    assert "| target | row | alone | met | loop | met |" in lines
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.055 x | **no** | 1.006 x | yes |" in lines
+    assert "| exact faster than torch fused | guard cuda exact sf=1 | 0.890 x fused | yes | 0.944 x fused | yes |" in lines
+    assert "| single_pass <= 1.05x floor (28 B) | guard cuda single_pass sf=1 | 1.040 x | yes | 1.010 x | yes |" in lines
+    assert "| exact <= 1.05x floor (32 B) | guard triton exact sf=1 | failed |  | failed |  |" in lines
+    assert "| single_pass <= 1.05x floor (28 B) | guard triton single_pass sf=1 | not run |  | not run |  |" in lines
+    assert "met: 2 of 6 timed alone, 3 of 6 back to back" in lines
+    assert "| exact >= 4x faster than torch fused | guard cuda exact sf=1 | 3.810 x faster | **no** | 5.455 x faster | yes |" \
+        in lines
+    assert "| single_pass >= 4x faster than torch fused | guard cuda single_pass sf=1 | 5.000 x faster | yes | 6.000 x faster | yes |" \
+        in lines
+    # (the file's backends are judged on every layout: triton's rows missing there are said so)
+    assert "| exact >= 4x faster than torch fused | guard triton exact sf=1 | not run |  | not run |  |" in lines
+    assert "met: 1 of 4 timed alone, 2 of 4 back to back" in lines
+    env_cpu = dict(env, device="cpu", device_name="AMD EPYC")
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps(dict(environment=env_cpu, backends=["reference", "cpp"], tables=[dict(
+        layout="gpt2-30m", rows=[row("torch AdamW fused", 20.0, 0.8), row("published sf=1", 180.0, 6.0),
+                                 row("guard cpp exact sf=1", 23.0, 0.9), row("guard cpp single_pass sf=1", 18.0, 0.7),
+                                 row("guard cpp exact sf=10", 25.0, 0.9)])])))
+    lines = _run_targets(cpu)
+    assert "| target | row | alone | met |" in lines  # no loop columns on CPU
+    assert "| exact <= 1.15x torch fused | guard cpp exact sf=1 | 2.300 x fused | **no** |" in lines
+    assert "| exact >= 4x faster than published sf=1 | guard cpp exact sf=1 | 7.826 x faster | yes |" in lines
+    assert "met: 2 of 5 timed alone" in lines
+
+
+def test_targets_of_the_h200_run_on_record():
+    """The verdicts the README quotes for the H200 run of 2026-11-27, read off its JSON."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    lines = _run_targets(results / "nvidia-h200-tinyllama-1.1b-20261127.json",
+                         results / "nvidia-h200-2000x65536-20261127.json")
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.055 x | **no** |" in lines
+    assert "| single_pass <= 1.05x floor (28 B) | guard triton single_pass sf=1 | 1.106 x | **no** |" in lines
+    assert "| exact >= 4x faster than torch fused | guard cuda exact sf=1 | 3.693 x faster | **no** |" in lines
+    assert "| exact >= 4x faster than torch fused | guard triton exact sf=1 | 4.571 x faster | yes |" in lines
+    assert lines.count("met: 2 of 6 timed alone") == 1 and lines.count("met: 2 of 4 timed alone") == 1
