@@ -60,6 +60,30 @@ def require_backend(name: str) -> None:
         pytest.skip(reason)
 
 
+def record_cuda_exact_calls(monkeypatch) -> list:
+    """What each call of the cuda backend's one-call exact step (``_C._adamw_exact_``) gives:
+    ``(taken, early)``, whether it took the call (False: declined, the optimizer then runs the
+    passes one by one) and whether it was handed the rows of an early telemetry pass; an error
+    it raises is recorded as ``(error, early)`` and raised on."""
+    from lbw_kernels import _C
+
+    calls = []
+    real = _C._adamw_exact_
+
+    def recorded(*args):
+        early = len(args) > 14 and args[14] is not None  # (13 update arguments, decide, partials)
+        try:
+            taken = real(*args)
+        except Exception as err:
+            calls.append((err, early))
+            raise
+        calls.append((taken, early))
+        return taken
+
+    monkeypatch.setattr(_C, "_adamw_exact_", recorded)
+    return calls
+
+
 def assert_steps_never_sync(opt: GuardedAdamW, calls: int = 3) -> None:
     """``calls`` steps of ``opt`` (warmed up already) under set_sync_debug_mode("error")."""
     torch.cuda.synchronize()

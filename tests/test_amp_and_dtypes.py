@@ -8,7 +8,7 @@ import torch
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.reference import adamw_
 from lbw_kernels.verify import PARAM_TOLERANCES, worst
-from gpu_checks import assert_steps_never_sync, kernel_gpu_backends, require_backend
+from gpu_checks import assert_steps_never_sync, kernel_gpu_backends, record_cuda_exact_calls, require_backend
 
 # torch >= 2.10 lets a tensor hold a grad of another dtype (p.grad_dtype = torch.float32)
 needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.empty(0), "grad_dtype"),
@@ -252,15 +252,17 @@ def test_a_param_cast_after_the_plan_was_built_keeps_stepping(gate, backend):
         assert worst(a, b, 5 * atol, 5 * rtol) is None, worst(a, b, 5 * atol, 5 * rtol)
 
 
-def _grads_of_another_dtype(backend, gate, dtype, device="cpu"):
+def _grads_of_another_dtype(backend, gate, dtype, device="cpu", one_group=False):
     """Params and states after a stream (a spike on call 4) over three low-precision params in
-    two groups, two of them holding fp32 grads (``grad_dtype``), one its own dtype's."""
+    two groups, two of them holding fp32 grads (``grad_dtype``), one its own dtype's. With
+    ``one_group``: the three in one group, all holding fp32 grads (the cuda backend's one-call
+    exact step takes one group of one param and one grad dtype)."""
     gen = torch.Generator().manual_seed(2)
     shapes = [(5, 7), (4097,), (3,)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
-    for p in params[:2]:
+    for p in params if one_group else params[:2]:
         p.grad_dtype = torch.float32
-    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
+    groups = [{"params": params}] if one_group else [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
     opt = GuardedAdamW(groups, lr=1e-2, gate=gate, stats_freq=1, backend=backend)
     for k in range(6):
         for p in params:
@@ -354,10 +356,15 @@ def test_gpu_a_group_of_two_param_dtypes_with_fp32_grads_keeps_its_telemetry_row
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_bf16_params_with_fp32_grads_match_the_reference(gpu_backend, gate):
+@pytest.mark.parametrize("one_group", [False, True], ids=["two groups", "one group"])
+def test_gpu_bf16_params_with_fp32_grads_match_the_reference(gpu_backend, gate, one_group, monkeypatch):
+    """(With one group, the cuda exact gate runs in its one-call step, which takes every call.)"""
     require_backend(gpu_backend)
-    got, _ = _grads_of_another_dtype(gpu_backend, gate, torch.bfloat16, "cuda")
-    want, _ = _grads_of_another_dtype("reference", gate, torch.bfloat16, "cuda")
+    calls = record_cuda_exact_calls(monkeypatch)
+    got, _ = _grads_of_another_dtype(gpu_backend, gate, torch.bfloat16, "cuda", one_group)
+    if gpu_backend == "cuda" and gate == "exact" and one_group:
+        assert [taken for taken, _ in calls] == [True] * 6, calls
+    want, _ = _grads_of_another_dtype("reference", gate, torch.bfloat16, "cuda", one_group)
     for a, b in zip(got, want):  # (verify's tolerances: the reference sums its telemetry on the GPU in fp32)
         atol, rtol = PARAM_TOLERANCES[b.dtype]
         assert worst(a, b, 6 * atol, 6 * rtol) is None, worst(a, b, 6 * atol, 6 * rtol)

@@ -6,6 +6,7 @@ after it."""
 import pytest
 import torch
 
+from gpu_checks import record_cuda_exact_calls
 from lbw_kernels import GuardedAdamW, optimizer
 from streams import random_stream
 
@@ -167,14 +168,24 @@ def _after_an_early_pass(backend, early_launches, device="cpu", one_group=False)
     return params, opt
 
 
-def _refused_state_leaves_the_guard(backend, early_launches, device="cpu"):
+# How a state is swapped through ``.data`` to one the update refuses: another dtype (the cuda
+# backend's one-call step declines such a call before its checks: the one-by-one path refuses
+# it), or one element short (the one-call step takes the call and refuses it in its checks).
+REFUSED_STATES = {
+    "float64": (lambda good: good.double(), "fp32|float32|Float"),
+    "one element short": (lambda good: good[:-1].clone(), "elements|size|numel|shape"),
+}
+
+
+def _refused_state_leaves_the_guard(backend, early_launches, how, device="cpu"):
     # (one group: the cuda backend's one-call step takes a single group; triton's any)
     params, opt = _after_an_early_pass(backend, early_launches, device, one_group=True)
     guard, calls = opt._guard.clone(), opt._calls
     exp_avg = opt.state[params[1]]["exp_avg"]
     good = exp_avg.data
-    exp_avg.data = good.double()
-    with pytest.raises((TypeError, RuntimeError), match="fp32|float32|Float"):
+    refused, message = REFUSED_STATES[how]
+    exp_avg.data = refused(good)
+    with pytest.raises((TypeError, RuntimeError, ValueError), match=message):
         opt.step()
     assert early_launches[-1] is not None  # (launched before the refusal)
     torch.testing.assert_close(opt._guard, guard, rtol=0, atol=0, equal_nan=True)
@@ -184,13 +195,14 @@ def _refused_state_leaves_the_guard(backend, early_launches, device="cpu"):
     assert opt.telemetry()["step"] == opt._calls == calls + 1
 
 
-def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches):
+@pytest.mark.parametrize("how", list(REFUSED_STATES))
+def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches, how):
     """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to a dtype the
     update refuses: after an early pass, the call raises with the guard and call count as they
     were: the one-call exact steps (triton; cuda on a GPU below) check the update's tensors
     before deciding, and the one-by-one path (reference, cpp) puts the guard back when the
     update refuses them after ``decide``."""
-    _refused_state_leaves_the_guard(backend, early_launches)
+    _refused_state_leaves_the_guard(backend, early_launches, how)
 
 
 def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_launches):
@@ -212,29 +224,49 @@ def test_a_call_that_raises_after_its_early_pass_applies_nothing(backend, early_
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("how", list(REFUSED_STATES))
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
-def test_gpu_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend_name, early_launches):
+def test_gpu_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend_name, how, early_launches,
+                                                                       monkeypatch):
+    """On cuda, the state one element short reaches the one-call exact step with the early
+    rows, which refuses it in its checks, before ``decide``; the float64 one is declined and
+    refused by the passes one by one."""
     from lbw_kernels.backends import availability
 
     if availability()[backend_name] is not None:
         pytest.skip(availability()[backend_name])
-    _refused_state_leaves_the_guard(backend_name, early_launches, "cuda")
+    calls = record_cuda_exact_calls(monkeypatch)
+    _refused_state_leaves_the_guard(backend_name, early_launches, how, "cuda")
+    if backend_name == "cuda":
+        refused = calls[2]  # (calls 1 and 2 built the model; then the refused call; then the good one)
+        if how == "one element short":
+            assert isinstance(refused[0], RuntimeError) and refused[1], calls
+        else:
+            assert refused == (False, True), calls
+        assert calls[3] == (True, True), calls
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend_name", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_early_pass_same_bits_and_no_sync(backend_name, dtype, monkeypatch):
+@pytest.mark.parametrize("one_group", [False, True], ids=["two groups", "one group"])
+def test_gpu_early_pass_same_bits_and_no_sync(backend_name, dtype, one_group, monkeypatch):
     """On the GPU: the early pass is taken, its calls never wait for the device, and the
-    results are bitwise those without it."""
+    results are bitwise those without it. With one group, the cuda backend's one-call exact
+    step takes every call, with the early rows from the second on (two groups: it declines,
+    and the passes run one by one)."""
     from lbw_kernels.backends import availability
 
     if availability()[backend_name] is not None:
         pytest.skip(availability()[backend_name])
     stream = random_stream(8, SHAPES, seed=6, spikes=(3,), flips=(5,), nan_at=(6,))
+    calls = record_cuda_exact_calls(monkeypatch)
     with_early, taken = _run(backend_name, stream, True, monkeypatch, device="cuda", dtype=dtype, no_sync=True,
-                             stats_freq=1)
-    without, _ = _run(backend_name, stream, False, monkeypatch, device="cuda", dtype=dtype, stats_freq=1)
+                             stats_freq=1, one_group=one_group)
+    if backend_name == "cuda":
+        assert calls == ([(True, False)] + [(True, True)] * 7 if one_group else []), calls
+    without, _ = _run(backend_name, stream, False, monkeypatch, device="cuda", dtype=dtype, stats_freq=1,
+                      one_group=one_group)
     assert taken == [False] + [True] * 7
     _assert_same_bits(with_early, without)
 

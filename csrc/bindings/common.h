@@ -182,6 +182,16 @@ inline int64_t check_rows_args(const at::Tensor& guard, const std::optional<at::
 // A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and
 // dtypes on CUDA). Rebuilt only when the key changes, i.e. when storage changes. Table is a
 // shared_ptr, so an entry evicted by another thread stays alive while a caller uses it.
+// How many tables a TableCache keeps (_C.TABLE_CACHE_CAPACITY: the tests that push a step's
+// tables out of it step one more layout than this).
+//
+// A step looks up one table per (param group x dtype) part, plus the grads' telemetry
+// table: with 16 entries, a model with layer-wise learning rates (a group per layer, say
+// 24-48 of them) rebuilt and re-uploaded every table on every call. Stale tables of a layout
+// that changed hold their memory until evicted: O(tensors + chunks) each, ~1 MB for
+// 1.1B parameters in 201 tensors at 16384-element chunks.
+constexpr size_t kTableCacheCapacity = 64;
+
 template <class Key, class Table>
 class TableCache {
  public:
@@ -211,12 +221,7 @@ class TableCache {
     return Table();
   }
 
-  // A step looks up one table per (param group x dtype) part, plus the grads' telemetry
-  // table: with 16 entries, a model with layer-wise learning rates (a group per layer, say
-  // 24-48 of them) rebuilt and re-uploaded every table on every call. Stale tables of a layout
-  // that changed hold their memory until evicted: O(tensors + chunks) each, ~1 MB for
-  // 1.1B parameters in 201 tensors at 16384-element chunks.
-  static constexpr size_t kCapacity = 64;
+  static constexpr size_t kCapacity = kTableCacheCapacity;
   std::mutex mutex_;
   std::list<std::pair<Key, Table>> entries_;
 };

@@ -651,5 +651,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+  PyModule_AddIntConstant(m, "TABLE_CACHE_CAPACITY", long(lbw::kTableCacheCapacity));
   return m;
 }
