@@ -113,6 +113,8 @@ def report(path: Path) -> List[str]:
     """Markdown lines for one bench JSON: a heading naming device, commit and date, then one
     table per layout that has targets (none: a line saying so)."""
     rep = json.loads(path.read_text())
+    if not isinstance(rep, dict) or "environment" not in rep or "tables" not in rep:
+        return [f"### {path.name}: not a bench report (lbw-kernels bench --out writes those)", ""]
     env = rep["environment"]
     device = env.get("device", "?")
     commit = (env.get("git_commit") or "unknown")[:10]

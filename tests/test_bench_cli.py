@@ -455,3 +455,6 @@ def test_targets_of_the_h200_run_on_record():
     assert "| exact >= 4x faster than torch fused | guard cuda exact sf=1 | 3.693 x faster | **no** |" in lines
     assert "| exact >= 4x faster than torch fused | guard triton exact sf=1 | 4.571 x faster | yes |" in lines
     assert lines.count("met: 2 of 6 timed alone") == 1 and lines.count("met: 2 of 4 timed alone") == 1
+    # (the geometry summaries beside them in bench/results/ are not bench reports: said so)
+    lines = _run_targets(results / "nvidia-h200-geometry-20261127.json")
+    assert lines[0] == "### nvidia-h200-geometry-20261127.json: not a bench report (lbw-kernels bench --out writes those)"
