@@ -458,3 +458,22 @@ def test_targets_of_the_h200_run_on_record():
     # (the geometry summaries beside them in bench/results/ are not bench reports: said so)
     lines = _run_targets(results / "nvidia-h200-geometry-20261127.json")
     assert lines[0] == "### nvidia-h200-geometry-20261127.json: not a bench report (lbw-kernels bench --out writes those)"
+
+
+def test_cpu_passes_times_each_pass_beside_fused_adamw():
+    """bench/cpu_passes.py: the exact step, its two passes alone, fused AdamW and torch's own
+    streaming ops, one line each with ms, GB/s and the ratio to fused AdamW (1.000x for it)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_passes.py"
+    out = subprocess.run([sys.executable, str(script), "--layout", "tiny", "--calls", "2"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = dict(re.findall(r"^(\S.*?)\s+([\d.]+\s+[\d.]+\s+[\d.]+)x$", out, flags=re.M))
+    assert set(rows) == {"torch AdamW fused step", "guard cpp exact step", "lbw update op (adamw_)",
+                         "lbw telemetry pass", "torch sum() of the grads", "torch mul_", "torch add_",
+                         "torch addcmul_"}, out
+    assert rows["torch AdamW fused step"].split()[-1] == "1.000"
+    assert all(float(v) > 0 for cols in rows.values() for v in cols.split()), out

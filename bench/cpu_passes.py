@@ -1,0 +1,88 @@
+"""Where a guarded exact step's time goes on a CPU: the C++ kernels' two passes called alone
+(the update op, 28 B per parameter; the telemetry pass, 4 B), the whole step, and fused AdamW,
+beside what the machine's memory gives torch's own streaming ops (in-place ``mul_``, ``add_``,
+``addcmul_``: read and write; ``sum()``: read only). Every call interleaved with the others in
+one process, so a slow minute of a shared machine lands on all of them; medians.
+
+    python bench/cpu_passes.py [--layout gpt2-30m] [--calls 30]
+
+Why: issue 4's CPU targets put the exact gate (telemetry pass + update) within 1.15x of fused
+AdamW and, with stats_freq=10, within 1.02x. When the update alone runs at the machine's
+read-write rate, the exact step is that plus the telemetry pass's read of every gradient
+(rule 1's finite check reads them on every call): this says how far each pass is from what
+the memory gives, so a missed target can be told apart from a slow kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from lbw_kernels import GuardedAdamW
+from lbw_kernels.bench import LAYOUTS, make_params
+
+
+def timings(fns: Dict[str, Callable[[], object]], calls: int, warmup: int = 3) -> Dict[str, List[float]]:
+    """Seconds per call of each function, the functions interleaved call by call."""
+    out: Dict[str, List[float]] = {name: [] for name in fns}
+    for i in range(warmup + calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layout", default="gpt2-30m", choices=sorted(LAYOUTS))
+    ap.add_argument("--calls", type=int, default=30)
+    args = ap.parse_args()
+    import lbw_kernels.cpp_backend  # noqa: F401  (registers torch.ops.lbw)
+
+    shapes = LAYOUTS[args.layout]()
+    cpu = torch.device("cpu")
+    params = make_params(shapes, cpu, seed=0)
+    opt = GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend="cpp", gate="exact", stats_freq=1)
+    opt.step()  # creates the state the ops below update
+    grads = [p.grad for p in params]
+    exp_avgs = [opt.state[p]["exp_avg"] for p in params]
+    exp_avg_sqs = [opt.state[p]["exp_avg_sq"] for p in params]
+    steps = [opt.state[p]["step"] for p in params]
+    scale = torch.ones((), dtype=torch.float64)
+    fused = torch.optim.AdamW(make_params(shapes, cpu, seed=1), lr=1e-4, weight_decay=0.01, fused=True)
+    n = sum(p.numel() for p in params)
+    flat = torch.cat([g.flatten() for g in grads])
+    a, b, c = torch.randn(n), torch.randn(n), torch.randn(n)
+    fns = {
+        "torch AdamW fused step": fused.step,
+        "guard cpp exact step": opt.step,
+        "lbw update op (adamw_)": lambda: torch.ops.lbw.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, scale, 1e-4,
+                                                                0.9, 0.999, 1e-8, 0.01, False, None),
+        "lbw telemetry pass": lambda: torch.ops.lbw.telemetry(grads),
+        "torch sum() of the grads": flat.sum,
+        "torch mul_": lambda: a.mul_(1.0),
+        "torch add_": lambda: a.add_(b, alpha=0.0),
+        "torch addcmul_": lambda: a.addcmul_(b, c, value=0.0),
+    }
+    # Bytes each call moves per parameter (read + written): what its GB/s column counts.
+    moved = {"torch AdamW fused step": 28, "guard cpp exact step": 32, "lbw update op (adamw_)": 28,
+             "lbw telemetry pass": 4, "torch sum() of the grads": 4, "torch mul_": 8, "torch add_": 12,
+             "torch addcmul_": 16}
+    times = timings(fns, args.calls)
+    fused_ms = statistics.median(times["torch AdamW fused step"]) * 1e3
+    print(f"{args.layout}: {len(shapes)} tensors, {n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, "
+          f"{args.calls} calls each, interleaved; medians")
+    print(f"{'':28s} {'ms':>8s} {'GB/s':>7s} {'vs fused':>9s}")
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        print(f"{name:28s} {ms:8.2f} {moved[name] * n / ms / 1e6:7.1f} {ms / fused_ms:8.3f}x")
+
+
+if __name__ == "__main__":
+    main()
