@@ -179,9 +179,6 @@ inline int64_t check_rows_args(const at::Tensor& guard, const std::optional<at::
   return rows;
 }
 
-// A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and
-// dtypes on CUDA). Rebuilt only when the key changes, i.e. when storage changes. Table is a
-// shared_ptr, so an entry evicted by another thread stays alive while a caller uses it.
 // How many tables a TableCache keeps (_C.TABLE_CACHE_CAPACITY: the tests that push a step's
 // tables out of it step one more layout than this).
 //
@@ -192,6 +189,9 @@ inline int64_t check_rows_args(const at::Tensor& guard, const std::optional<at::
 // 1.1B parameters in 201 tensors at 16384-element chunks.
 constexpr size_t kTableCacheCapacity = 64;
 
+// A few recent chunk tables, looked up by key (element counts on CPU; pointers, counts and
+// dtypes on CUDA). Rebuilt only when the key changes, i.e. when storage changes. Table is a
+// shared_ptr, so an entry evicted by another thread stays alive while a caller uses it.
 template <class Key, class Table>
 class TableCache {
  public:
