@@ -9,10 +9,7 @@ from lbw_kernels import GuardedAdamW
 from lbw_kernels.reference import adamw_
 from lbw_kernels.verify import PARAM_TOLERANCES, worst
 from gpu_checks import assert_steps_never_sync, kernel_gpu_backends, record_cuda_exact_calls, require_backend
-
-# torch >= 2.10 lets a tensor hold a grad of another dtype (p.grad_dtype = torch.float32)
-needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.empty(0), "grad_dtype"),
-                                      reason="this torch has no grad_dtype (torch < 2.10)")
+from torch_compat import needs_grad_dtype
 
 
 def test_grad_scaler_unscale_then_step():

@@ -17,9 +17,7 @@ import torch
 from gpu_checks import kernel_gpu_backends, require_backend
 from lbw_kernels import GuardedAdamW, early_telemetry
 from lbw_kernels.verify import PARAM_TOLERANCES, worst
-
-needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.empty(0), "grad_dtype"),
-                                      reason="p.grad_dtype needs torch >= 2.10")
+from torch_compat import needs_grad_dtype
 
 # Elements of the large tensors: several chunks of every backend's geometry there (GPU: Triton
 # 32768, CUDA 16384; CPU: Triton's interpreter 4096, kept small for its speed).

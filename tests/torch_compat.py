@@ -9,6 +9,10 @@ import torch
 
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
+# torch >= 2.10 lets a tensor hold a grad of another dtype (p.grad_dtype = torch.float32).
+needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.empty(0), "grad_dtype"),
+                                      reason="this torch has no grad_dtype (torch < 2.10)")
+
 # torch 2.5's FSDP2 (torch.distributed._composable.fsdp, not yet public as
 # torch.distributed.fsdp.fully_shard) raises "FSDP requires CUDA for streams" on CPU.
 needs_fsdp2_on_cpu = pytest.mark.skipif(
