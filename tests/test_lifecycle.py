@@ -1,4 +1,5 @@
-"""A training run's life, randomised: with the guard off, every backend stays torch.optim.AdamW.
+"""A training run's life, randomised: with the guard off, every backend stays torch.optim.AdamW;
+with it on, every backend stays the reference backend, decision for decision.
 
 The kernel backends keep what a call can reuse (the step plan of which params have grads and
 their states, Triton's plans and the CUDA op's chunk tables keyed by addresses): host time
@@ -9,9 +10,16 @@ floats or tensors; param groups added; a checkpoint saved and loaded into a new 
 params and AdamW states moved to new storage behind the optimizer's back) beside
 torch.optim.AdamW given the same sequence, and compares after every step: a cache that
 outlived what it describes shows up as a difference (or, with a freed address, as garbage).
+
+With the guard on, the twin is the same optimizer on the reference backend, the sequence also
+holds what the guard reacts to (gradients 30x larger, a flipped mean, a NaN or an Inf) and the
+options vary with the seed (policy, stats_freq, max_grad_norm): the early telemetry pass's
+recipes, the tables of the telemetry rows and the guard state carried through checkpoints are
+then in play, and each call's regime, scale and skip count must be the reference's.
 """
 
 import random
+from typing import Optional
 
 import pytest
 import torch
@@ -31,6 +39,9 @@ TOL = 1e-6
 # calls find their cached plans, the state this test is after. "step" reallocates them.
 OPS = ("step_in_place",) * 5 + ("step", "step_not_dense", "some_grads_none", "zero_grad", "lr", "lr_tensor",
                                 "add_group", "checkpoint", "move_param", "move_state")
+# What the guard reacts to (a guarded life only): every grad 30x larger, the mean pushed below 0,
+# one NaN or Inf element.
+GUARD_EVENTS = ("spike", "flip", "nan", "inf")
 
 
 def _close(a, b):
@@ -38,7 +49,26 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=TOL, atol=TOL * scale)
 
 
-def _run(backend: str, gate: str, seed: int, device: str) -> int:
+# The guarded lives' options, one per seed: each policy with telemetry every call and every
+# third call, with clipping and without (single_pass refuses clipping: without it there).
+GUARD_OPTIONS = [
+    dict(policy="lbw", stats_freq=1, max_grad_norm=None),
+    dict(policy="zscore", stats_freq=1, max_grad_norm=1.0),
+    dict(policy="lbw", stats_freq=3, max_grad_norm=1.0),
+    dict(policy="zscore", stats_freq=3, max_grad_norm=None),
+]
+
+
+def guard_options(gate: str, seed: int) -> dict:
+    options = dict(GUARD_OPTIONS[seed])
+    if gate != "exact":
+        options["max_grad_norm"] = None
+    return options
+
+
+def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] = None) -> int:
+    """``guard``: None for a life with the guard off beside torch.optim.AdamW; else the guard's
+    options, for a life beside the reference backend with those options."""
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
 
@@ -48,15 +78,29 @@ def _run(backend: str, gate: str, seed: int, device: str) -> int:
 
     ours, theirs = new_params(SHAPES)
     options = dict(lr=1e-2, weight_decay=0.05)
-    make_ours = lambda groups: GuardedAdamW(groups, **options, auto_enabled=False, gate=gate, backend=backend)  # noqa: E731
-    make_theirs = lambda groups: torch.optim.AdamW(groups, **options, foreach=False)  # noqa: E731
+    if guard is None:
+        make_ours = lambda groups: GuardedAdamW(groups, **options, auto_enabled=False, gate=gate, backend=backend)  # noqa: E731
+        make_theirs = lambda groups: torch.optim.AdamW(groups, **options, foreach=False)  # noqa: E731
+        ops = OPS
+    else:
+        make_ours = lambda groups: GuardedAdamW(groups, **options, **guard, gate=gate, backend=backend)  # noqa: E731
+        make_theirs = lambda groups: GuardedAdamW(groups, **options, **guard, gate=gate, backend="reference")  # noqa: E731
+        ops = OPS + GUARD_EVENTS
     opt, ref = make_ours(ours), make_theirs(theirs)
     added = list(ADDED)
     steps = 0
 
-    def set_grads(which, in_place=False, not_dense=False):
+    def set_grads(which, in_place=False, not_dense=False, event=None):
         for i in which:
-            g = torch.randn(ours[i].shape, generator=gen).to(device)
+            # (a positive mean: the signed mean's sign, and so a flip, means something)
+            g = torch.randn(ours[i].shape, generator=gen) + (0.0 if guard is None else 0.3)
+            if event == "spike":
+                g *= 30
+            elif event == "flip":
+                g -= 1.3
+            elif event in ("nan", "inf") and i == which[-1]:
+                g.view(-1)[rnd.randrange(g.numel())] = float(event)
+            g = g.to(device)
             for p in (ours[i], theirs[i]):
                 if in_place and p.grad is not None:
                     p.grad.copy_(g)
@@ -72,11 +116,22 @@ def _run(backend: str, gate: str, seed: int, device: str) -> int:
         steps += 1
         for a, b in zip(ours, theirs):
             _close(a, b)
+        if guard is not None:
+            got, want = opt.telemetry(), ref.telemetry()
+            assert (got["step"], got["regime"], got["skipped_steps"]) == (want["step"], want["regime"],
+                                                                         want["skipped_steps"]), (steps, got, want)
+            # (the same decisions: the scales differ by the controllers' float64 roundings at most)
+            assert got["scale"] == pytest.approx(want["scale"], rel=1e-12), (steps, got, want)
+            regimes.add(want["regime"])
 
+    regimes = set()
     for _ in range(60):
-        op = rnd.choice(OPS)
+        op = rnd.choice(ops)
         n = len(ours)
-        if op == "step":  # new grad tensors
+        if op in GUARD_EVENTS:  # grads the guard reacts to, written in place
+            set_grads(range(n), in_place=True, event=op)
+            step()
+        elif op == "step":  # new grad tensors
             set_grads(range(n))
             step()
         elif op == "some_grads_none":  # params without a grad this call: no update, no state change
@@ -132,6 +187,8 @@ def _run(backend: str, gate: str, seed: int, device: str) -> int:
             assert sa["step"].item() == sb["step"].item()
         else:
             assert not ref.state.get(b)
+    if guard is not None:
+        assert regimes - {"calm"}, "the guard never left its calm regime: the life tested nothing of it"
     return steps
 
 
@@ -151,3 +208,26 @@ def test_gpu_a_random_training_life_stays_torch_adamw(backend_name, gate, seed):
     if availability()[backend_name] is not None:
         pytest.skip(availability()[backend_name])
     assert _run(backend_name, gate, seed, "cuda") >= 10
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "triton"])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_random_guarded_life_stays_the_reference(backend_name, gate, seed):
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    assert _run(backend_name, gate, seed, "cpu", guard_options(gate, seed)) >= 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_gpu_a_random_guarded_life_stays_the_reference(backend_name, gate, seed):
+    from lbw_kernels.backends import availability
+
+    if availability()[backend_name] is not None:
+        pytest.skip(availability()[backend_name])
+    assert _run(backend_name, gate, seed, "cuda", guard_options(gate, seed)) >= 10
