@@ -175,6 +175,30 @@ def test_eager_entries_compute_what_the_ops_compute(device, dtype):
     assert torch.equal(torch.ops.lbw.telemetry(grads), _C._telemetry(grads))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_cpu_single_pass_telemetry_has_the_telemetry_pass_bits(dtype, maximize):
+    """On CPU both passes sum a chunk's gradients in the same lanes and order
+    (csrc/cpu/kernels_impl.h: reduce_chunk, update_chunk), so single_pass measures the exact
+    gate's bits: sizes of several chunks (16384 elements) with tails, the sums taken before
+    maximize's sign flip, with and without the non-finite mask."""
+    from lbw_kernels import _C
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = (1, 15, 17, 3 * 16384 + 37, 16384)
+    grads = [(torch.randn(n, generator=gen) + 0.1).to(dtype) for n in sizes]
+    want = _C._telemetry(grads)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for mask in (False, True):
+        params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        states = [[torch.zeros(n, dtype=sdt) for n in sizes] for _ in range(2)]
+        steps = [torch.tensor(0.0) for _ in sizes]
+        lr_scale = torch.tensor(1.0, dtype=torch.float64)
+        got = _C._adamw_telemetry_(params, grads, *states, steps, lr_scale, 1e-3, 0.9, 0.999, 1e-8, 0.0, maximize, mask)
+        assert got is not None and got.dtype == want.dtype
+        assert torch.equal(got, want), (mask, (got - want).abs().max())
+
+
 def test_eager_entries_raise_what_the_ops_raise_and_change_nothing():
     from lbw_kernels import _C
 

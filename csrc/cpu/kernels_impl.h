@@ -3,6 +3,7 @@
 // everything here is static (internal linkage) so the copies never mix.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "multi_tensor_cpu.h"
 
@@ -94,6 +95,27 @@ typedef d4 dv;
 inline dv loadv(const float* g) { return load4(g); }
 #endif
 constexpr int kWidth = int(sizeof(dv) / sizeof(double));
+
+// acc + x * x for x widened from float, bf16 or fp16: its square is exact in double (24-bit
+// significands square into 48 bits; no overflow or underflow from float's range), so one
+// fused multiply-add rounds exactly where the multiply then the add does: the same bits, with
+// one instruction instead of two on the adders that the float -> double conversions also
+// keep busy (the telemetry pass on an AVX-512 Zen 4 host was bound by them). A double
+// gradient's square rounds: the multiply then the add, as the scalar accumulate().
+template <class G>
+inline dv add_square(dv acc, dv x) {
+  if constexpr (std::is_same_v<G, double>) {
+    return acc + x * x;
+  } else {
+#if defined(LBW_CPU_AVX512)
+    return dv(_mm512_fmadd_pd(__m512d(x), __m512d(x), __m512d(acc)));
+#elif defined(LBW_CPU_AVX2)
+    return dv(_mm256_fmadd_pd(__m256d(x), __m256d(x), __m256d(acc)));
+#else
+    return acc + x * x;
+#endif
+  }
+}
 template <class G>
 inline dv loadv(const G* g) {
   dv x;
@@ -118,7 +140,7 @@ struct Lanes {
     dv zero = {};
     for (int a = 0; a < kVecs; ++a) {
       const dv x = loadv(g + kWidth * a);
-      sq[a] += x * x;
+      sq[a] = add_square<G>(sq[a], x);
       s[a] += x;
       if (CHECK) zero += x - x;  // stays 0 unless an element is NaN or Inf
     }
@@ -140,32 +162,31 @@ struct Lanes {
   }
 };
 
-// The telemetry pass reads the chunk as kStreams interleaved streams (its quarters), each into
-// its own lanes: one sequential stream per core leaves most of the memory bandwidth unused, as
-// the prefetchers follow each stream separately. The structure is fixed by the chunk length
-// alone, so the bits do not depend on threads or instruction set.
-constexpr int kStreams = 4;
-// Software prefetch, kPrefetch elements ahead of each stream (1 KiB of fp32): one core's
-// hardware prefetchers leave DRAM latency exposed (gpt2-quick, 1 thread: telemetry pass
-// -18%, update -12%). Hints only: prefetching past an array's end never faults, bits unchanged.
+// Software prefetch, kPrefetch elements ahead (1 KiB of fp32), in the update's loop: one
+// core's hardware prefetchers leave DRAM latency exposed (gpt2-quick, 1 thread: the update
+// -12%, the telemetry pass -18% with it). Hints only: prefetching past an array's end never
+// faults, bits unchanged.
 constexpr int64_t kPrefetch = 256;
+// The telemetry pass reads 4 B per element where the update reads and writes 28: it runs
+// further ahead (4 KiB of fp32). Measured on a 2-core AMD EPYC VM with AVX-512 (2026-11-27,
+// gpt2-30m's 148 tensors, variants interleaved in one binary): one stream per chunk with this
+// distance read 11-12% faster than the chunk as 4 interleaved streams (its quarters, each
+// 1 KiB ahead: what this pass did before), and 4 streams 4 KiB ahead 7% slower than that; at
+// the rate of a plain float sum of the same memory in the same binary. (On the earlier Zen 3
+// VM 1, 2, 4 or 8 streams at 1 KiB were within noise of each other, 8 slower.)
+constexpr int64_t kTelemetryPrefetch = 1024;
 
+// One stream of lanes over the chunk, in the order update_chunk's telemetry reads it: the two
+// passes give the same bits (single_pass's telemetry is the exact gate's).
 template <class G>
 void reduce_chunk(const G* __restrict__ g, int64_t n, double* out2) {
-  const int64_t q = n / (kStreams * kLanes) * kLanes;  // elements per stream
-  Lanes lanes[kStreams];
-  for (int64_t i = 0; i < q; i += kLanes)
-    for (int k = 0; k < kStreams; ++k) {
-      __builtin_prefetch(g + k * q + i + kPrefetch, 0, 3);
-      lanes[k].block<false>(g + k * q + i);
-    }
-  int64_t i = kStreams * q;  // what is left: fewer than kStreams * kLanes elements
-  for (; i + kLanes <= n; i += kLanes) lanes[0].block<false>(g + i);
-  double parts[kStreams][2];
-  lanes[0].finish(g + i, n - i, parts[0]);
-  for (int k = 1; k < kStreams; ++k) lanes[k].finish(g, 0, parts[k]);
-  out2[0] = (parts[0][0] + parts[1][0]) + (parts[2][0] + parts[3][0]);
-  out2[1] = (parts[0][1] + parts[1][1]) + (parts[2][1] + parts[3][1]);
+  Lanes lanes;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    __builtin_prefetch(g + i + kTelemetryPrefetch, 0, 3);
+    lanes.block<false>(g + i);
+  }
+  lanes.finish(g + i, n - i, out2);
 }
 
 void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf) {
@@ -210,9 +231,7 @@ inline void prefetch_update(const P* p, const G* g, const M* m, const M* v) {
 // One chunk of the update in one fused loop over p, g, m, v (MASK: single_pass's per-element
 // non-finite mask). TEL: the loop also sums the gradients as read (before maximize's sign
 // flip) into the telemetry lanes; that work hides behind the update's divisions and square
-// roots. It sums in one stream of lanes, not reduce_chunk's kStreams, so its telemetry is the
-// same values added in another order: bitwise repeatable (any threads, any instruction set),
-// yet up to ~1e-15 relative apart from the telemetry pass's for chunks over kStreams * kLanes.
+// roots. The same lanes in the same order as reduce_chunk: the telemetry pass's bits.
 template <bool MASK, bool TEL, class P, class G, class M>
 void update_chunk(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                   int64_t n, const AdamWCoeffs<M> c, M sign, double* out2) {
