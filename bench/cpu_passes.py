@@ -81,7 +81,8 @@ def main() -> None:
     print(f"{'':28s} {'ms':>8s} {'GB/s':>7s} {'vs fused':>9s}")
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
-        print(f"{name:28s} {ms:8.2f} {moved[name] * n / ms / 1e6:7.1f} {ms / fused_ms:8.3f}x")
+        # (4 significant digits: a tiny layout's passes take microseconds, which 2 decimals show as 0.00)
+        print(f"{name:28s} {ms:8.4g} {moved[name] * n / ms / 1e6:7.1f} {ms / fused_ms:8.3f}x")
 
 
 if __name__ == "__main__":
