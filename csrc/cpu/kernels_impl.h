@@ -100,8 +100,9 @@ constexpr int kWidth = int(sizeof(dv) / sizeof(double));
 // significands square into 48 bits; no overflow or underflow from float's range), so one
 // fused multiply-add rounds exactly where the multiply then the add does: the same bits, with
 // one instruction instead of two on the adders that the float -> double conversions also
-// keep busy (the telemetry pass on an AVX-512 Zen 4 host was bound by them). A double
-// gradient's square rounds: the multiply then the add, as the scalar accumulate().
+// keep busy (built for AVX2, the pass over gradients held in cache ran 25-43% faster with it
+// on a 2-core AMD EPYC VM; from DRAM it made no difference). A double gradient's square
+// rounds: the multiply then the add, as the scalar accumulate().
 template <class G>
 inline dv add_square(dv acc, dv x) {
   if constexpr (std::is_same_v<G, double>) {
@@ -169,11 +170,13 @@ struct Lanes {
 constexpr int64_t kPrefetch = 256;
 // The telemetry pass reads 4 B per element where the update reads and writes 28: it runs
 // further ahead (4 KiB of fp32). Measured on a 2-core AMD EPYC VM with AVX-512 (2026-11-27,
-// gpt2-30m's 148 tensors, variants interleaved in one binary): one stream per chunk with this
-// distance read 11-12% faster than the chunk as 4 interleaved streams (its quarters, each
-// 1 KiB ahead: what this pass did before), and 4 streams 4 KiB ahead 7% slower than that; at
-// the rate of a plain float sum of the same memory in the same binary. (On the earlier Zen 3
-// VM 1, 2, 4 or 8 streams at 1 KiB were within noise of each other, 8 slower.)
+// gpt2-30m's 148 tensors from DRAM, variants interleaved in one binary): one stream per chunk
+// at this distance took 20-22% less time than the chunk read as 4 interleaved streams (its
+// quarters, each 1 KiB ahead: what this pass did before) in quiet runs, 7-17% in busier ones
+// (equal in the busiest), 5-8% more than a plain float sum of the same memory; 4 streams at
+// 4 KiB were slower than at 1 KiB (bench/results/cpu-epyc-avx512-2core-passes-gpt2-30m-
+// 20261127.txt). On an earlier AVX2 EPYC VM 1, 2, 4 or 8 streams at 1 KiB were within noise
+// of each other, 8 slower.
 constexpr int64_t kTelemetryPrefetch = 1024;
 
 // One stream of lanes over the chunk, in the order update_chunk's telemetry reads it: the two
