@@ -64,6 +64,10 @@ LBW_HD bf16_t bf16_from_float(float x) {
   return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
+// fp16 <-> float as x86's F16C instructions convert (vcvtph2ps, and vcvtps2ph rounding to
+// nearest even), which the AVX2 and AVX-512 CPU kernels use: every case computed and one
+// selected (selects, not branches, so loops over fp16 vectorise). A NaN keeps its sign and
+// payload (its top bits, going to fp16) and comes out quiet.
 LBW_HD float to_float(f16_t x) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(x.bits));
@@ -71,11 +75,11 @@ LBW_HD float to_float(f16_t x) {
   const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
   const uint32_t exp = (x.bits >> 10) & 0x1fu;
   const uint32_t man = x.bits & 0x3ffu;
-  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));  // Inf / NaN
-  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
-  // zero or subnormal: man * 2^-24, exact in float
-  const float mag = float(man) * 5.9604644775390625e-08f;
-  return sign ? -mag : mag;
+  const uint32_t inf_nan = sign | 0x7f800000u | (man << 13) | (man != 0 ? 0x400000u : 0u);
+  const uint32_t normal = sign | ((exp + 112u) << 23) | (man << 13);
+  // zero or subnormal: man * 2^-24, exact in float, with the sign
+  const uint32_t subnormal = sign | float_bits(float(int32_t(man)) * 5.9604644775390625e-08f);
+  return bits_float(exp == 0x1fu ? inf_nan : exp != 0 ? normal : subnormal);
 #endif
 }
 
@@ -83,20 +87,19 @@ LBW_HD f16_t f16_from_float(float x) {
 #if defined(__CUDA_ARCH__)
   return f16_t{__half_as_ushort(__float2half_rn(x))};
 #else
+  // (no case traps: the kernels are built with -fno-trapping-math)
   const uint32_t u = float_bits(x);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return f16_t{uint16_t(sign | 0x7e00u)};  // NaN
-  if (a >= 0x477ff000u) return f16_t{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: Inf
-  if (a < 0x38800000u) {
-    // below the smallest normal (2^-14): the result is a multiple of 2^-24; adding 0.5 makes
-    // the float addition itself round the dropped bits half to even.
-    const float shifted = bits_float(a) + 0.5f;
-    return f16_t{uint16_t(sign | uint16_t(float_bits(shifted) - 0x3f000000u))};
-  }
+  // below the smallest normal (2^-14): the result is a multiple of 2^-24; adding 0.5 makes
+  // the float addition itself round the dropped bits half to even.
+  const uint32_t subnormal = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
   uint32_t r = a - (uint32_t(127 - 15) << 23);  // rebias the exponent
   r += 0xfffu + ((r >> 13) & 1u);  // round half to even on the dropped 13 bits
-  return f16_t{uint16_t(sign | uint16_t(r >> 13))};
+  const uint32_t bits = a > 0x7f800000u ? 0x7e00u | ((a >> 13) & 0x3ffu)  // NaN
+                        : a >= 0x477ff000u ? 0x7c00u                       // rounds to >= 65520: Inf
+                        : a < 0x38800000u ? subnormal : (r >> 13);
+  return f16_t{uint16_t(sign | bits)};
 #endif
 }
 

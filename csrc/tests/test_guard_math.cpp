@@ -88,10 +88,44 @@ static void test_f16() {
   }
 }
 
+// NaN payloads as x86's F16C converts them, which the AVX2/AVX-512 CPU kernels use.
+static void test_f16_nans() {
+  CHECK(float_bits(to_float(f16_t{0x7c01})) == 0x7fc02000u);  // signalling: quieted, payload kept
+  CHECK(float_bits(to_float(f16_t{0xfe3f})) == 0xffc7e000u);
+  CHECK(f16_from_float(bits_float(0x7f800001u)).bits == 0x7e00);  // payload below fp16's: dropped
+  CHECK(f16_from_float(bits_float(0xffc12345u)).bits == 0xfe09);  // its top 10 bits kept
+}
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+// Every fp16 widened and every float narrowed, against the F16C instructions (where the CPU
+// has them): the scalar conversions are what the baseline CPU kernels store, the instructions
+// what the AVX2/AVX-512 ones store, and every instruction set must store the same bits.
+__attribute__((target("f16c"))) static void test_f16_matches_f16c() {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("f16c")) return;
+  uint64_t wrong = 0;
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const float hw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(int16_t(h))));
+    wrong += float_bits(hw) != float_bits(to_float(f16_t{uint16_t(h)}));
+  }
+  uint32_t u = 0;
+  do {
+    const __m128i hw = _mm_cvtps_ph(_mm_set1_ps(bits_float(u)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    wrong += uint16_t(_mm_extract_epi16(hw, 0)) != f16_from_float(bits_float(u)).bits;
+  } while (++u != 0);
+  CHECK(wrong == 0);
+}
+#else
+static void test_f16_matches_f16c() {}
+#endif
+
 int main() {
   test_coeffs_and_element();
   test_masked();
   test_bf16();
   test_f16();
+  test_f16_nans();
+  test_f16_matches_f16c();
   TEST_MAIN_END
 }
