@@ -535,6 +535,25 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             out += [t for grp in groups for ts in (grp.params, grp.exp_avgs, grp.exp_avg_sqs) for t in ts]
         bits = b"".join(t.detach().double().flatten().numpy().tobytes() for t in out)
         print(f"{dtype} planted={planted}", hashlib.sha1(bits).hexdigest())
+# Every bf16 and fp16 bit pattern as a param (NaNs with every payload, subnormals, +-Inf, the
+# largest finite values), stepped with lr 0 (a round trip through float) and with updates that
+# round, overflow and underflow, their bits compared; a gradient of every pattern read by the
+# telemetry pass. (A sum over many NaNs is NaN, its payload whichever NaN the instruction set's
+# adds and fused multiply-adds let through: the sums' NaNs are compared as NaN.)
+gen = torch.Generator().manual_seed(0)
+nan_as_nan = lambda rows: torch.where(rows.isnan(), torch.full_like(rows, float("nan")), rows)
+for dtype in (torch.bfloat16, torch.float16):
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = [nan_as_nan(lbw_kernels._C._telemetry([every]))]
+    for lr in (0.0, 1e-3, 1e3):
+        p = every.clone()
+        g = (torch.randn(p.numel(), generator=gen) * 1e-2).to(dtype)
+        states = [torch.zeros(p.numel()), torch.full((p.numel(),), 1e-6)]
+        rows = lbw_kernels._C._adamw_telemetry_([p], [g], *[[s] for s in states], [torch.tensor(4.0)], f64(1.0), lr,
+                                                0.9, 0.999, 1e-8, 0.0, False, False)
+        out += [nan_as_nan(rows), p.view(torch.int16)] + states
+    bits = b"".join(t.detach().flatten().numpy().tobytes() for t in out)
+    print(f"{dtype} every bit pattern", hashlib.sha1(bits).hexdigest())
 """
 
 
@@ -542,7 +561,9 @@ def test_every_instruction_set_gives_the_same_bits():
     """LBW_CPU_ISA caps the kernels the extension picks; baseline, AVX2 and AVX-512 builds
     (where this CPU runs them) must agree bit for bit on every kernel, telemetry and update
     alike, so the kernels a CPU without AVX-512 runs are those the rest of the suite checks
-    against the reference here."""
+    against the reference here. Every bf16 and fp16 bit pattern goes through the conversions
+    (the SIMD ones of the AVX2/AVX-512 builds against guard_math.h's scalar ones), NaN payloads
+    included."""
     import os
     import subprocess
     import sys
@@ -555,7 +576,7 @@ def test_every_instruction_set_gives_the_same_bits():
         used, *cases = res.stdout.strip().splitlines()
         outs[used] = cases
     assert "default" in outs  # the cap works: the baseline kernels ran
-    assert len(outs["default"]) == 12
+    assert len(outs["default"]) == 14
     for isa, cases in outs.items():
         differ = [a.rsplit(" ", 1)[0] for a, b in zip(cases, outs["default"]) if a != b]
         assert not differ, f"{isa} differs from the baseline build on: {differ}"

@@ -43,11 +43,12 @@ static const Kernels& pick() {
   const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  const bool fma = __builtin_cpu_supports("fma");
-  if (allow_avx512 && kernels_avx512() != nullptr && fma && __builtin_cpu_supports("avx512f") &&
+  // (F16C: the bf16/fp16 conversions of both builds; every AVX2 CPU has it)
+  const bool fma_f16c = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (allow_avx512 && kernels_avx512() != nullptr && fma_f16c && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return *kernels_avx512();
-  if (allow_avx2 && kernels_avx2() != nullptr && fma && __builtin_cpu_supports("avx2")) return *kernels_avx2();
+  if (allow_avx2 && kernels_avx2() != nullptr && fma_f16c && __builtin_cpu_supports("avx2")) return *kernels_avx2();
 #else
   (void)allow_avx2;
   (void)allow_avx512;

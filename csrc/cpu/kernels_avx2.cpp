@@ -1,5 +1,5 @@
-// The CPU kernels again, for AVX2 + FMA (chosen at run time by kernels() when the CPU has
-// them). Everything the kernels define has internal linkage (static), so nothing compiled
+// The CPU kernels again, for AVX2 + FMA + F16C (chosen at run time by kernels() when the CPU
+// has them). Everything the kernels define has internal linkage (static), so nothing compiled
 // here for AVX2 can be picked by the linker for the baseline path.
 #include "multi_tensor_cpu.h"
 
@@ -11,10 +11,10 @@
 #include <functional>
 #include <vector>
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 #define LBW_CPU_KERNELS_FN kernels_avx2_table
 #define LBW_CPU_ISA_NAME "avx2"

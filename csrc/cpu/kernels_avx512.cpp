@@ -1,6 +1,6 @@
-// The CPU kernels again, for AVX-512 (F, VL, DQ) + FMA (chosen at run time by kernels() when
-// the CPU has them). Everything the kernels define has internal linkage (static), so nothing
-// compiled here for AVX-512 can be picked by the linker for another path.
+// The CPU kernels again, for AVX-512 (F, VL, DQ) + FMA + F16C (chosen at run time by kernels()
+// when the CPU has them). Everything the kernels define has internal linkage (static), so
+// nothing compiled here for AVX-512 can be picked by the linker for another path.
 #include "multi_tensor_cpu.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -11,12 +11,14 @@
 #include <functional>
 #include <vector>
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-// GCC 12's _mm512_cvtps_pd starts from an undefined vector, which it then warns about.
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma,f16c")
+// GCC 12's _mm512_cvtps_pd and _mm512_cvtph_ps start from an undefined vector, which it then
+// warns about.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #define LBW_CPU_KERNELS_FN kernels_avx512_table
 #define LBW_CPU_ISA_NAME "avx512"

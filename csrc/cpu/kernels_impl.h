@@ -52,13 +52,89 @@ void combine_partials(const ChunkTable& table, const double* ws, double* out) {
   }
 }
 
+// bf16/fp16 <-> float, 8 elements at a time: the scalar conversions of guard_math.h (exact
+// widening; rounding to nearest even, NaN quieted with its payload) as AVX2/F16C instructions
+// give them, bit for bit (checked against each other over every fp16 and every float), so
+// every instruction set stores the same bits. Without them the compiler vectorised loops over
+// fp16 with 8-byte vectors or not at all: an fp16 update ran ~10x slower than an fp32 one.
+#if defined(LBW_CPU_AVX2)
+inline __m256 widen8(const bf16_t* s) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+inline __m256 widen8(const f16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
+inline void narrow8(__m256 x, bf16_t* d) {  // bf16_from_float on 8 lanes
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  // |x|'s bits above Inf's: NaN (both sides below 2^31, so the signed compare is the unsigned one)
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, nan);  // each lane < 2^16
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(d),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+inline void narrow8(__m256 x, f16_t* d) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+#if defined(LBW_CPU_AVX512)
+// 16 at a time, so that the update's 64-byte loads of the widened block each read one store
+// (two 32-byte stores under a 64-byte load stall the load: store forwarding fails).
+inline __m512 widen16(const bf16_t* s) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+inline __m512 widen16(const f16_t* s) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))); }
+inline void narrow16(__m512 x, bf16_t* d) {  // bf16_from_float on 16 lanes
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i r = _mm512_mask_blend_epi32(nan, rounded, quiet_nan);  // each lane < 2^16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtepi32_epi16(r));
+}
+inline void narrow16(__m512 x, f16_t* d) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// n (<= kLanes) elements of a param or gradient as float, and back.
+template <class T>
+inline void widen(const T* s, float* d, int64_t n) {
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+#if defined(LBW_CPU_AVX512)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, widen16(s + i));
+#endif
+#if defined(LBW_CPU_AVX2)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, widen8(s + i));
+#endif
+  }
+  for (; i < n; ++i) d[i] = load_as<float>(s[i]);
+}
+template <class T>
+inline void narrow(const float* s, T* d, int64_t n) {
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+#if defined(LBW_CPU_AVX512)
+    for (; i + 16 <= n; i += 16) narrow16(_mm512_loadu_ps(s + i), d + i);
+#endif
+#if defined(LBW_CPU_AVX2)
+    for (; i + 8 <= n; i += 8) narrow8(_mm256_loadu_ps(s + i), d + i);
+#endif
+  }
+  for (; i < n; ++i) store_from(d[i], s[i]);
+}
+
 // Four doubles, as one AVX2 register (two SSE2 registers on the baseline build): the lanes
 // of the telemetry sums are written out so that the compiler cannot reorder them, and every
 // instruction set adds the same numbers in the same order.
 typedef double d4 __attribute__((vector_size(32)));
 typedef float f4 __attribute__((vector_size(16)));
-typedef uint32_t u4 __attribute__((vector_size(16)));
-typedef uint16_t h4 __attribute__((vector_size(8)));
 
 inline d4 load4(const float* g) {
 #if defined(LBW_CPU_AVX2)
@@ -73,17 +149,6 @@ inline d4 load4(const double* g) {
   d4 x;
   std::memcpy(&x, g, sizeof(x));
   return x;
-}
-inline d4 load4(const bf16_t* g) {
-  h4 x;
-  std::memcpy(&x, g, sizeof(x));
-  const u4 bits = __builtin_convertvector(x, u4) << 16;
-  f4 f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return __builtin_convertvector(f, d4);
-}
-inline d4 load4(const f16_t* g) {
-  return d4{double(to_float(g[0])), double(to_float(g[1])), double(to_float(g[2])), double(to_float(g[3]))};
 }
 
 // The widest double vector the build's instruction set has (8 doubles with AVX-512, else 4).
@@ -138,19 +203,25 @@ struct Lanes {
   // Adds one block of kLanes elements; with CHECK, returns whether all of them are finite.
   template <bool CHECK, class G>
   bool block(const G* g) {
-    dv zero = {};
-    for (int a = 0; a < kVecs; ++a) {
-      const dv x = loadv(g + kWidth * a);
-      sq[a] = add_square<G>(sq[a], x);
-      s[a] += x;
-      if (CHECK) zero += x - x;  // stays 0 unless an element is NaN or Inf
+    if constexpr (std::is_same_v<G, bf16_t> || std::is_same_v<G, f16_t>) {
+      float f[kLanes];  // widened exactly: the same sums
+      widen(g, f, kLanes);
+      return block<CHECK>(static_cast<const float*>(f));
+    } else {
+      dv zero = {};
+      for (int a = 0; a < kVecs; ++a) {
+        const dv x = loadv(g + kWidth * a);
+        sq[a] = add_square<G>(sq[a], x);
+        s[a] += x;
+        if (CHECK) zero += x - x;  // stays 0 unless an element is NaN or Inf
+      }
+      if (!CHECK) return true;
+      double z[kWidth];
+      std::memcpy(z, &zero, sizeof(z));
+      double total = 0.0;
+      for (int j = 0; j < kWidth; ++j) total += z[j];
+      return total == 0.0;
     }
-    if (!CHECK) return true;
-    double z[kWidth];
-    std::memcpy(z, &zero, sizeof(z));
-    double total = 0.0;
-    for (int j = 0; j < kWidth; ++j) total += z[j];
-    return total == 0.0;
   }
   template <class G>
   void finish(const G* tail, int64_t n, double* out2) const {
@@ -211,15 +282,29 @@ void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double
 template <bool MASK, class P, class G, class M>
 inline void update_elements(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                             int64_t n, const AdamWCoeffs<M>& c, M sign) {
-  for (int64_t i = 0; i < n; ++i) {
-    M pi = load_as<M>(p[i]), mi = m[i], vi = v[i];
-    if (MASK)
-      adamw_element_masked(pi, load_as<M>(g[i]) * sign, mi, vi, c);
+  if constexpr (!std::is_same_v<P, M> || !std::is_same_v<G, M>) {
+    // bf16/fp16 params or grads (n <= kLanes): widened into float blocks, updated there (a
+    // loop the compiler vectorises as the fp32 one), the params narrowed back.
+    M pf[kLanes], gf[kLanes];
+    widen(p, pf, n);
+    const M* gm = gf;
+    if constexpr (std::is_same_v<G, M>)
+      gm = g;  // (fp32 grads of bf16/fp16 params: read in place)
     else
-      adamw_element(pi, load_as<M>(g[i]) * sign, mi, vi, c);
-    store_from(p[i], pi);
-    m[i] = mi;
-    v[i] = vi;
+      widen(g, gf, n);
+    update_elements<MASK>(pf, gm, m, v, n, c, sign);
+    narrow(static_cast<const M*>(pf), p, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      M pi = p[i], mi = m[i], vi = v[i];
+      if (MASK)
+        adamw_element_masked(pi, g[i] * sign, mi, vi, c);
+      else
+        adamw_element(pi, g[i] * sign, mi, vi, c);
+      p[i] = pi;
+      m[i] = mi;
+      v[i] = vi;
+    }
   }
 }
 
