@@ -155,9 +155,11 @@ inline d4 load4(const double* g) {
 #if defined(LBW_CPU_AVX512)
 typedef double dv __attribute__((vector_size(64)));
 inline dv loadv(const float* g) { return dv(_mm512_cvtps_pd(_mm256_loadu_ps(g))); }
+inline dv loadv(const double* g) { return dv(_mm512_loadu_pd(g)); }
 #else
 typedef d4 dv;
 inline dv loadv(const float* g) { return load4(g); }
+inline dv loadv(const double* g) { return load4(g); }
 #endif
 constexpr int kWidth = int(sizeof(dv) / sizeof(double));
 
