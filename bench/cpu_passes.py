@@ -4,7 +4,11 @@ beside what the machine's memory gives torch's own streaming ops (in-place ``mul
 ``addcmul_``: read and write; ``sum()``: read only). Every call interleaved with the others in
 one process, so a slow minute of a shared machine lands on all of them; medians.
 
-    python bench/cpu_passes.py [--layout gpt2-30m] [--calls 30]
+    python bench/cpu_passes.py [--layout gpt2-30m] [--calls 30] [--dtype bfloat16]
+
+With ``--dtype bfloat16`` or ``float16`` the params and grads are in that dtype (the guard's
+states stay fp32: 22 B per parameter for its update; torch's fused AdamW keeps states in the
+params' dtype: 14 B); torch's streaming ops stay fp32, the machine's rates.
 
 Why: issue 4's CPU targets put the exact gate (telemetry pass + update) within 1.15x of fused
 AdamW and, with stats_freq=10, within 1.02x. When the update alone runs at the machine's
@@ -25,6 +29,8 @@ import torch
 from lbw_kernels import GuardedAdamW
 from lbw_kernels.bench import LAYOUTS, make_params
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def timings(fns: Dict[str, Callable[[], object]], calls: int, warmup: int = 3) -> Dict[str, List[float]]:
     """Seconds per call of each function, the functions interleaved call by call."""
@@ -42,12 +48,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", default="gpt2-30m", choices=sorted(LAYOUTS))
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="params and grads (the guard's AdamW states stay fp32; torch's take the params' dtype)")
     args = ap.parse_args()
     import lbw_kernels.cpp_backend  # noqa: F401  (registers torch.ops.lbw)
 
     shapes = LAYOUTS[args.layout]()
     cpu = torch.device("cpu")
-    params = make_params(shapes, cpu, seed=0)
+    dtype = DTYPES[args.dtype]
+
+    def in_dtype(params):
+        for p in params:
+            p.data, p.grad = p.data.to(dtype), p.grad.to(dtype)
+        return params
+
+    params = in_dtype(make_params(shapes, cpu, seed=0))
     opt = GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend="cpp", gate="exact", stats_freq=1)
     opt.step()  # creates the state the ops below update
     grads = [p.grad for p in params]
@@ -55,10 +70,10 @@ def main() -> None:
     exp_avg_sqs = [opt.state[p]["exp_avg_sq"] for p in params]
     steps = [opt.state[p]["step"] for p in params]
     scale = torch.ones((), dtype=torch.float64)
-    fused = torch.optim.AdamW(make_params(shapes, cpu, seed=1), lr=1e-4, weight_decay=0.01, fused=True)
+    fused = torch.optim.AdamW(in_dtype(make_params(shapes, cpu, seed=1)), lr=1e-4, weight_decay=0.01, fused=True)
     n = sum(p.numel() for p in params)
     flat = torch.cat([g.flatten() for g in grads])
-    a, b, c = torch.randn(n), torch.randn(n), torch.randn(n)
+    a, b, c = torch.randn(n), torch.randn(n), torch.randn(n)  # (fp32: the machine's streaming rates)
     fns = {
         "torch AdamW fused step": fused.step,
         "guard cpp exact step": opt.step,
@@ -70,13 +85,17 @@ def main() -> None:
         "torch add_": lambda: a.add_(b, alpha=0.0),
         "torch addcmul_": lambda: a.addcmul_(b, c, value=0.0),
     }
-    # Bytes each call moves per parameter (read + written): what its GB/s column counts.
-    moved = {"torch AdamW fused step": 28, "guard cpp exact step": 32, "lbw update op (adamw_)": 28,
-             "lbw telemetry pass": 4, "torch sum() of the grads": 4, "torch mul_": 8, "torch add_": 12,
+    # Bytes each call moves per parameter (read + written): what its GB/s column counts. The
+    # guard reads p, g and fp32 m, v and writes p, m, v (and reads g once more on the exact
+    # gate); torch's fused AdamW keeps its states in the params' dtype.
+    e = dtype.itemsize
+    update = 2 * e + 4 + 4 + e + 4 + 4
+    moved = {"torch AdamW fused step": 7 * e, "guard cpp exact step": update + e, "lbw update op (adamw_)": update,
+             "lbw telemetry pass": e, "torch sum() of the grads": e, "torch mul_": 8, "torch add_": 12,
              "torch addcmul_": 16}
     times = timings(fns, args.calls)
     fused_ms = statistics.median(times["torch AdamW fused step"]) * 1e3
-    print(f"{args.layout}: {len(shapes)} tensors, {n / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, "
+    print(f"{args.layout}: {len(shapes)} tensors, {n / 1e6:.1f}M {args.dtype} parameters, {torch.get_num_threads()} threads, "
           f"{args.calls} calls each, interleaved; medians")
     print(f"{'':28s} {'ms':>8s} {'GB/s':>7s} {'vs fused':>9s}")
     for name, ts in times.items():

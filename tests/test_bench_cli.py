@@ -460,17 +460,20 @@ def test_targets_of_the_h200_run_on_record():
     assert lines[0] == "### nvidia-h200-geometry-20261127.json: not a bench report (lbw-kernels bench --out writes those)"
 
 
-def test_cpu_passes_times_each_pass_beside_fused_adamw():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_passes_times_each_pass_beside_fused_adamw(dtype):
     """bench/cpu_passes.py: the exact step, its two passes alone, fused AdamW and torch's own
-    streaming ops, one line each with ms, GB/s and the ratio to fused AdamW (1.000x for it)."""
+    streaming ops, one line each with ms, GB/s and the ratio to fused AdamW (1.000x for it);
+    in fp32 and with bf16 params and grads."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "cpu_passes.py"
-    out = subprocess.run([sys.executable, str(script), "--layout", "tiny", "--calls", "2"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(script), "--layout", "tiny", "--calls", "2", "--dtype", dtype],
+                         capture_output=True, text=True, check=True).stdout
+    assert f" {dtype} parameters" in out, out
     rows = dict(re.findall(r"^(\S.*?)\s+([\d.]+\s+[\d.]+\s+[\d.]+)x$", out, flags=re.M))
     assert set(rows) == {"torch AdamW fused step", "guard cpp exact step", "lbw update op (adamw_)",
                          "lbw telemetry pass", "torch sum() of the grads", "torch mul_", "torch add_",
