@@ -95,8 +95,8 @@ def main() -> None:
              "torch addcmul_": 16}
     times = timings(fns, args.calls)
     fused_ms = statistics.median(times["torch AdamW fused step"]) * 1e3
-    print(f"{args.layout}: {len(shapes)} tensors, {n / 1e6:.1f}M {args.dtype} parameters, {torch.get_num_threads()} threads, "
-          f"{args.calls} calls each, interleaved; medians")
+    print(f"{args.layout}: {len(shapes)} tensors, {n / 1e6:.1f}M {args.dtype} parameters, "
+          f"{torch.get_num_threads()} threads, {args.calls} calls each, interleaved; medians")
     print(f"{'':28s} {'ms':>8s} {'GB/s':>7s} {'vs fused':>9s}")
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3

@@ -198,8 +198,8 @@ def _refused_state_leaves_the_guard(backend, early_launches, how, device="cpu"):
 @pytest.mark.parametrize("how", list(REFUSED_STATES))
 def test_a_state_refused_by_the_update_leaves_the_guard_as_it_was(backend, early_launches, how):
     """A state swapped through ``.data`` (no ``opt.state`` edit: the plan stands) to one the
-    update refuses (another dtype, one element short): after an early pass, the call raises with the guard and call count as they
-    were: the one-call exact steps (triton; cuda on a GPU below) check the update's tensors
+    update refuses (another dtype, one element short): after an early pass, the call raises
+    with the guard and call count as they were: the one-call exact steps (triton; cuda on a GPU below) check the update's tensors
     before deciding, and the one-by-one path (reference, cpp) puts the guard back when the
     update refuses them after ``decide``."""
     _refused_state_leaves_the_guard(backend, early_launches, how)

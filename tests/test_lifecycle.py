@@ -78,13 +78,13 @@ def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] 
 
     ours, theirs = new_params(SHAPES)
     options = dict(lr=1e-2, weight_decay=0.05)
+    guarded = dict(auto_enabled=False, gate=gate) if guard is None else dict(guard, gate=gate)
+    make_ours = lambda groups: GuardedAdamW(groups, **options, **guarded, backend=backend)  # noqa: E731
     if guard is None:
-        make_ours = lambda groups: GuardedAdamW(groups, **options, auto_enabled=False, gate=gate, backend=backend)  # noqa: E731
         make_theirs = lambda groups: torch.optim.AdamW(groups, **options, foreach=False)  # noqa: E731
         ops = OPS
     else:
-        make_ours = lambda groups: GuardedAdamW(groups, **options, **guard, gate=gate, backend=backend)  # noqa: E731
-        make_theirs = lambda groups: GuardedAdamW(groups, **options, **guard, gate=gate, backend="reference")  # noqa: E731
+        make_theirs = lambda groups: GuardedAdamW(groups, **options, **guarded, backend="reference")  # noqa: E731
         ops = OPS + GUARD_EVENTS
     opt, ref = make_ours(ours), make_theirs(theirs)
     added = list(ADDED)
