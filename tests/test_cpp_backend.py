@@ -184,6 +184,17 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.lbw.adamw_([p], [p], [p], [p, p], [s], one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, None)
     with pytest.raises(RuntimeError, match="exp_avgs\\[0\\] must be Float"):
         torch.ops.lbw.adamw_([p], [p], [p.double()], [p], [s], one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, None)
+    # A grad or state of the param's element count but another shape is refused (the kernel
+    # would update it element by element as if it had the param's shape; torch's CPU fused
+    # AdamW takes one silently).
+    for k, name in ((1, "grads"), (2, "exp_avgs"), (3, "exp_avg_sqs")):
+        args = [[p], [p.clone()], [p.clone()], [p.clone()], [s]]
+        args[k] = [p.reshape(2, 2).clone()]
+        with pytest.raises(RuntimeError, match=rf"{name}\[0\] has shape \[2, 2\], params\[0\] \[4\]"):
+            torch.ops.lbw.adamw_(*args, one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, None)
+        with pytest.raises(RuntimeError, match=rf"{name}\[0\] has shape"):
+            torch.ops.lbw.adamw_telemetry_(*args, one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+    assert torch.equal(p, torch.zeros(4))  # nothing written
     with pytest.raises(RuntimeError, match="contiguous"):
         q = torch.zeros(4, 4)
         torch.ops.lbw.telemetry([q.t()])

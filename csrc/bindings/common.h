@@ -99,15 +99,17 @@ inline void check_update_at(size_t i, const UpdateCheck& c, at::TensorList param
                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps) {
   const at::Tensor* ts[4] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]};
   static const char* const names[4] = {"params", "grads", "exp_avgs", "exp_avg_sqs"};
-  const int64_t numel = params[i].numel();
+  const at::IntArrayRef shape = params[i].sizes();
   for (int k = 0; k < 4; ++k) {
     const at::Tensor& t = *ts[k];
     TORCH_CHECK(t.device() == c.device, "lbw: ", names[k], "[", i, "] is on ", t.device(), ", params[0] on ",
                 c.device);
     TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "lbw: ", names[k], "[", i,
                 "] must be dense and contiguous");
-    TORCH_CHECK(t.numel() == numel, "lbw: ", names[k], "[", i, "] has ", t.numel(), " elements, params[", i, "] ",
-                numel);
+    // (the shape, not only the element count: a state of another shape would be updated as if
+    // it were the param's, element by element, and handed back that way)
+    TORCH_CHECK(t.sizes() == shape, "lbw: ", names[k], "[", i, "] has shape ", t.sizes(), ", params[", i, "] ",
+                shape);
     const auto want = k == 0 ? c.param_dtype : k == 1 ? c.grad_dtype : c.state_dtype;
     TORCH_CHECK(t.scalar_type() == want, "lbw: ", names[k], "[", i, "] must be ", want, ", got ", t.scalar_type());
   }
