@@ -119,6 +119,49 @@ def step_other_layouts(n: int, **opt_kwargs) -> None:
     torch.cuda.synchronize()
 
 
+# torch.cuda._sleep cycles (~1.5 s at the H100/H200's ~2 GHz): a side stream held back while the
+# host runs dozens of other optimizers' first steps on the default stream.
+HOLD_BACK_CYCLES = 3_000_000_000
+
+
+def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol: float, **opt_kwargs) -> None:
+    """A step whose tables (or plans) the backend built and cached on the default stream runs
+    next on a side stream held back by a sleep; before the side stream gets to it, ``n_other``
+    optimizers stepping on the default stream push those tables out of the cache and allocate
+    their own. The side stream's launches must still read the tables they were handed: the
+    backend tells the allocator that stream uses them (record_stream), so their blocks are not
+    handed out again before it is done. Without that, the other optimizers' new tables likely
+    take the freed blocks (same small sizes) and the held-back step updates through their
+    addresses. Compared with a twin stepping on the default stream (rtol = atol = 0: bitwise)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(33, 17), (4097,), (5, 3)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = {"lr": 1e-2, "stats_freq": 1, **opt_kwargs}
+    opt, twin_opt = GuardedAdamW(params, **kw), GuardedAdamW(twin, **kw)
+    for p, q in zip(params, twin):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    for call in range(2):
+        for p, q in zip(params, twin):  # in place: the second step finds the first one's tables
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        twin_opt.step()
+        if call == 0:
+            opt.step()  # builds and caches its tables on the default stream
+            continue
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(HOLD_BACK_CYCLES)
+            opt.step()
+        step_other_layouts(n_other, **opt_kwargs)  # (on the default stream, while side sleeps)
+    torch.cuda.synchronize()
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    torch.testing.assert_close(opt._guard, twin_opt._guard, rtol=rtol, atol=atol, equal_nan=True)
+
+
 def assert_graph_replay_matches_eager(
     model: torch.nn.Module, *, rtol: float, atol: float, stats_freq: int = 1, after_capture=None, **opt_kwargs
 ) -> None:

@@ -28,8 +28,8 @@ from lbw_kernels.verify import (
     worst,
 )
 from gpu_checks import (
-    assert_graph_replay_matches_eager, assert_step_never_syncs, device_check_candidates, kernel_gpu_backends,
-    require_backend, step_other_layouts,
+    assert_graph_replay_matches_eager, assert_side_stream_step_survives_eviction, assert_step_never_syncs,
+    device_check_candidates, kernel_gpu_backends, require_backend, step_other_layouts,
 )
 from streams import random_stream
 
@@ -450,6 +450,79 @@ def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, 
     assert all(alive() is not None for alive in plans) == captured
     assert len(ops.PLANS.kept) == (2 if captured else 0)
     del first, others
+
+
+def test_every_tensor_of_a_plan_is_found_for_record_stream(triton_backend):
+    """stream_use.held_tensors walks a plan into its nested layouts and lists: each tensor a
+    cached plan holds (tables, workspaces, the dense buffers of gradients that are not dense)
+    is one a step on another stream must record_stream, or eviction frees it under that
+    stream. On CPU the plans carry no StreamUse (nothing to order)."""
+    from lbw_kernels.triton_kernels.chunk_table import TelemetryLayout, UpdatePlan
+    from lbw_kernels.triton_kernels.stream_use import held_tensors
+
+    ops = _ops()
+    ops.PLANS.clear()
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 3), (7,), (4,))]
+    opt = GuardedAdamW(params, lr=1e-2, backend="triton", gate="exact", stats_freq=1)
+    params[0].grad = torch.randn(5, 1).expand(5, 3)  # not dense: read through a staged buffer
+    params[1].grad, params[2].grad = torch.randn(7), torch.randn(4)
+    opt.step()
+    plans = ops.PLANS.plans()
+    update = next(p for p in plans if isinstance(p, UpdatePlan))
+    layout = next(p for p in plans if isinstance(p, TelemetryLayout))
+    assert layout.staged, "the expanded gradient should be staged"
+    want = [update.tensors, update.hyper, update.lr_ptrs, update.coefs, *(c.table for c in update.updates),
+            update.telemetry.workspace, update.telemetry.counters, update.telemetry.first_chunk,
+            layout.workspace, layout.counters, layout.first_chunk, *(c.table for c in layout.lists),
+            *(buffer for _, buffer in layout.staged)]
+    found = {id(t) for plan in plans for t in held_tensors(plan)}
+    assert all(id(t) in found for t in want)
+    assert all(plan.stream_use is None for plan in plans)
+
+
+def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeypatch):
+    """StreamUse.enter with the CUDA calls stood in for (CPU): a call on the build stream does
+    nothing; the first call on another stream waits for the upload event and records that
+    stream on the plan's device tensors (not its pinned host sources); later calls on it do
+    nothing more; a third stream gets its own wait and records."""
+    from types import SimpleNamespace
+
+    from lbw_kernels.triton_kernels import stream_use
+
+    current = [7]
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record event", stream.id))
+
+    def current_stream(device):
+        return SimpleNamespace(id=current[0], wait_event=lambda event: log.append(("wait", current[0])))
+
+    class Held:
+        def __init__(self, name, is_cuda):
+            self.name, self.is_cuda = name, is_cuda
+
+        def record_stream(self, stream):
+            log.append(("record_stream", self.name, stream.id))
+
+    monkeypatch.setattr(stream_use, "_current_stream_id", lambda device: current[0])
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(stream_use, "held_tensors", lambda plan: [Held("table", True), Held("pinned", False)])
+    use = stream_use.StreamUse(torch.device("cuda", 0))
+    assert log == [("record event", 7)]
+    use.enter(object())  # the build stream
+    assert log == [("record event", 7)]
+    current[0] = 9
+    use.enter(object())
+    use.enter(object())
+    assert log[1:] == [("wait", 9), ("record_stream", "table", 9)]
+    current[0] = 11
+    use.enter(object())
+    current[0] = 7
+    use.enter(object())
+    assert log[3:] == [("wait", 11), ("record_stream", "table", 11)]
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
@@ -1231,6 +1304,16 @@ def test_gpu_captured_step_replays_after_its_plans_leave_the_cache(gate):
         _model("cuda"), rtol=1e-6, atol=1e-7, backend="triton", gate=gate,
         after_capture=lambda: step_other_layouts(ops.PLANS.capacity + 1, backend="triton", gate=gate),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_plans_evicted_while_a_side_stream_still_reads_them(gate):
+    """Plans built on the default stream, used next by a step on a held-back side stream, then
+    evicted (one more optimizer than the cache holds plans): stream_use.py keeps their memory
+    from the default stream's allocations until the side stream is done with it."""
+    ops = _ops()
+    assert_side_stream_step_survives_eviction(ops.PLANS.capacity + 1, rtol=1e-6, atol=1e-7, backend="triton", gate=gate)
 
 
 @pytest.mark.gpu

@@ -101,6 +101,8 @@ class TelemetryLayout:
     # are read from a dense buffer of the layout's own, copied into before each pass: (index of
     # the gradient in the list the layout was built over, buffer). See stage_.
     staged: List[Tuple[int, Tensor]] = field(default_factory=list)
+    # The streams a cached CUDA layout is used on (stream_use.py; set when cached).
+    stream_use: Any = None
 
 
 @dataclass
@@ -120,6 +122,7 @@ class UpdatePlan:
     # Used while a CUDA graph was captured: the graph's replays rewrite hyper with the values
     # of capture time, so eager calls must write their lr whether or not it changed.
     captured: bool = False
+    stream_use: Any = None  # as TelemetryLayout's
 
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:

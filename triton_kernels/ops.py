@@ -26,6 +26,7 @@ from .chunk_table import (
 )
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
+from .stream_use import StreamUse
 from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 
 #: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py):
@@ -48,7 +49,10 @@ def _plan(key, build, device: torch.device):
     not run, so its tables hold nothing until the first replay, and an eager call finding it
     before then would launch from garbage addresses."""
     if not _capturing(device):
-        return PLANS.get(key, build)
+        plan = PLANS.get(key, lambda: _built_on_this_stream(build(), device))
+        if plan.stream_use is not None:
+            plan.stream_use.enter(plan)
+        return plan
     plan = PLANS.get(key, None)
     if plan is None:
         try:
@@ -61,6 +65,13 @@ def _plan(key, build, device: torch.device):
     PLANS.keep(plan)
     if isinstance(plan, UpdatePlan):
         plan.captured = True  # (refresh_hyper: eager calls now write lr every call)
+    return plan
+
+
+def _built_on_this_stream(plan, device: torch.device):
+    # (a CUDA plan to be cached: its stream and an event after its uploads, stream_use.py)
+    if device.type == "cuda":
+        plan.stream_use = StreamUse(device)
     return plan
 
 

@@ -3,6 +3,7 @@
 // csrc/cuda. Nothing here waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -31,6 +32,16 @@ using cuda::TensorEntry;
 struct DeviceTable {
   at::Tensor host;
   at::Tensor device;
+  // The stream the upload was enqueued on, and an event recorded after it (none for a table
+  // built during a capture: it serves that graph alone). Other streams that launched from the
+  // table are in `others` (see use_on).
+  cudaStream_t home = nullptr;
+  cudaEvent_t uploaded = nullptr;
+  mutable std::mutex others_mutex;
+  mutable std::vector<cudaStream_t> others;
+  ~DeviceTable() {
+    if (uploaded != nullptr) cudaEventDestroy(uploaded);  // (released once the event completes)
+  }
   int64_t ntensors = 0;
   int64_t nchunks = 0;
   int64_t nrows = 0;  // telemetry rows: the tensors with elements
@@ -44,7 +55,8 @@ using TablePtr = std::shared_ptr<const DeviceTable>;
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int64_t chunk) {
+TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int64_t chunk, cudaStream_t stream,
+                bool capturing) {
   std::vector<ChunkEntry> chunks;
   int64_t row = 0;
   for (size_t t = 0; t < entries.size(); ++t) {
@@ -64,8 +76,30 @@ TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int6
   std::memcpy(h, entries.data(), entries.size() * sizeof(TensorEntry));
   std::memcpy(h + entries.size() * sizeof(TensorEntry), chunks.data(), chunks.size() * sizeof(ChunkEntry));
   table->device = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(device));
-  table->device.copy_(table->host, /*non_blocking=*/true);
+  table->device.copy_(table->host, /*non_blocking=*/true);  // (on `stream`, the current one)
+  table->home = stream;
+  if (!capturing) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&table->uploaded, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(table->uploaded, stream));
+  }
   return table;
+}
+
+// Before a launch from a cached table on a stream other than the one it was uploaded on (a
+// step on a side stream after one on the default stream): that stream waits for the upload
+// (without it, only the caller's own stream sync orders them), and the allocator is told the
+// stream uses the table's memory (Tensor::record_stream). Without that, a table evicted from
+// the cache returns its block to the upload stream's pool at once, and an allocation there can
+// take and overwrite it while a launch queued on the other stream has yet to read it. Once per
+// table and stream; nothing for a table's own stream. Not during a capture: a captured wait
+// on an event recorded outside it is an error, and tables a graph uses are kept for good.
+void use_on(const DeviceTable& table, const at::Device& device, cudaStream_t stream) {
+  if (stream == table.home) return;
+  std::lock_guard<std::mutex> lock(table.others_mutex);
+  if (std::find(table.others.begin(), table.others.end(), stream) != table.others.end()) return;
+  if (table.uploaded != nullptr) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, table.uploaded, 0));
+  table.device.record_stream(c10::cuda::getStreamFromExternal(stream, device.index()));
+  table.others.push_back(stream);
 }
 
 // The cache key: the device, the chunk size and the entries as a call fills them (pointers,
@@ -103,8 +137,13 @@ TablePtr table_for(const TableKey& key, const at::Device& device, cudaStream_t s
   // these CUDA tensors at exit, after the CUDA runtime and torch's allocator are torn down
   // (seen: a segfault at exit of every process that had used the CUDA backend).
   static auto* cache = new TableCache<TableKey, TablePtr>();
-  auto build = [&] { return upload(key.entries, device, key.chunk); };
-  if (!capturing(stream)) return cache->get(key, build);
+  const bool captured = capturing(stream);
+  auto build = [&] { return upload(key.entries, device, key.chunk, stream, captured); };
+  if (!captured) {
+    TablePtr table = cache->get(key, build);
+    use_on(*table, device, stream);
+    return table;
+  }
   // A table first needed during a capture (no eager step with these tensors before it) is
   // uploaded by a copy the graph records but does not run: it holds nothing until the first
   // replay, so it serves that graph alone and is not cached, where an eager call could find it.

@@ -1,0 +1,72 @@
+"""Cached plans used from more than one CUDA stream.
+
+A plan's tables are uploaded, and its workspaces allocated, on the stream that was current when
+it was built; the caching allocator ties their blocks to that stream. A later call on another
+stream (a step on a side stream after one on the default stream) launches from them there. Two
+things then need saying, once per plan and stream:
+
+* that stream waits for the plan's uploads (an event recorded after the build), which are
+  otherwise ordered before it only by the caller's own stream syncs;
+* the allocator is told that stream uses each of the plan's device tensors
+  (``Tensor.record_stream``): a plan evicted from the cache frees them, and without it their
+  blocks go back to the build stream's pool at once, where an allocation can take and overwrite
+  them while a launch queued on the other stream has yet to read them.
+
+A plan's own stream costs one comparison per call. Not during a capture: a captured wait on an
+event recorded outside the capture is an error, and plans a graph uses are kept for good
+(``PlanCache.keep``). The CUDA backend does the same for its tables (csrc/bindings/ops_cuda.cpp,
+``use_on``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Set
+
+import torch
+from torch import Tensor
+
+
+def _current_stream_id(device: torch.device) -> int:
+    # (the raw handle, read without making a Stream object: this runs every call)
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+class StreamUse:
+    """The build stream of one plan, an event after its uploads, and the other streams that
+    have launched from it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.home = _current_stream_id(device)
+        self.uploaded = torch.cuda.Event()
+        self.uploaded.record(torch.cuda.current_stream(device))
+        self.others: Set[int] = set()
+
+    def enter(self, plan: Any) -> None:
+        """Before a launch from ``plan`` on the current stream of the plan's device."""
+        stream = _current_stream_id(self.device)
+        if stream == self.home or stream in self.others:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.uploaded)
+        for t in held_tensors(plan):
+            if t.is_cuda:  # (not the pinned sources of its uploads)
+                t.record_stream(current)
+        self.others.add(stream)
+
+
+def held_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor ``obj`` holds: itself if it is one, and those of its dataclass fields,
+    lists, tuples and dicts, recursively (a plan, and the layouts and chunk lists in it)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from held_tensors(getattr(obj, f.name))
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from held_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from held_tensors(item)
