@@ -1,6 +1,5 @@
 """Where a guarded exact step's time goes on a CPU: the C++ kernels' two passes called alone
-(the update op, 28 B per parameter; the telemetry pass, 4 B; the finite check that replaces it
-on calls without telemetry, 4 B), the whole step, and fused AdamW,
+(the update op, 28 B per parameter; the telemetry pass, 4 B), the whole step, and fused AdamW,
 beside what the machine's memory gives torch's own streaming ops (in-place ``mul_``, ``add_``,
 ``addcmul_``: read and write; ``sum()``: read only). Every call interleaved with the others in
 one process, so a slow minute of a shared machine lands on all of them; medians.
@@ -13,11 +12,9 @@ params' dtype: 14 B); torch's streaming ops stay fp32, the machine's rates.
 
 Why: issue 4's CPU targets put the exact gate (telemetry pass + update) within 1.15x of fused
 AdamW and, with stats_freq=10, within 1.02x. When the update alone runs at the machine's
-read-write rate, the exact step is that plus one read of every gradient: the telemetry pass,
-or on calls without telemetry rule 1's finite check (every call reads the gradients for it
-before any is applied): this says how far each pass is from what the memory gives, so a
-missed target can be told apart from a slow kernel. The stats_freq=10 step's median is that
-of its calls without telemetry (9 in 10).
+read-write rate, the exact step is that plus the telemetry pass's read of every gradient
+(rule 1's finite check reads them on every call): this says how far each pass is from what
+the memory gives, so a missed target can be told apart from a slow kernel.
 """
 
 from __future__ import annotations
@@ -68,8 +65,6 @@ def main() -> None:
     params = in_dtype(make_params(shapes, cpu, seed=0))
     opt = GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend="cpp", gate="exact", stats_freq=1)
     opt.step()  # creates the state the ops below update
-    opt10 = GuardedAdamW(in_dtype(make_params(shapes, cpu, seed=2)), lr=1e-4, weight_decay=0.01, backend="cpp",
-                         gate="exact", stats_freq=10)
     grads = [p.grad for p in params]
     exp_avgs = [opt.state[p]["exp_avg"] for p in params]
     exp_avg_sqs = [opt.state[p]["exp_avg_sq"] for p in params]
@@ -82,11 +77,9 @@ def main() -> None:
     fns = {
         "torch AdamW fused step": fused.step,
         "guard cpp exact step": opt.step,
-        "guard cpp exact step sf=10": opt10.step,
         "lbw update op (adamw_)": lambda: torch.ops.lbw.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, scale, 1e-4,
                                                                 0.9, 0.999, 1e-8, 0.01, False, None),
         "lbw telemetry pass": lambda: torch.ops.lbw.telemetry(grads),
-        "lbw finite check pass": lambda: torch.ops.lbw.finite_check(grads),
         "torch sum() of the grads": flat.sum,
         "torch mul_": lambda: a.mul_(1.0),
         "torch add_": lambda: a.add_(b, alpha=0.0),
@@ -97,9 +90,8 @@ def main() -> None:
     # gate); torch's fused AdamW keeps its states in the params' dtype.
     e = dtype.itemsize
     update = 2 * e + 4 + 4 + e + 4 + 4
-    moved = {"torch AdamW fused step": 7 * e, "guard cpp exact step": update + e,
-             "guard cpp exact step sf=10": update + e, "lbw update op (adamw_)": update,
-             "lbw telemetry pass": e, "lbw finite check pass": e, "torch sum() of the grads": e, "torch mul_": 8, "torch add_": 12,
+    moved = {"torch AdamW fused step": 7 * e, "guard cpp exact step": update + e, "lbw update op (adamw_)": update,
+             "lbw telemetry pass": e, "torch sum() of the grads": e, "torch mul_": 8, "torch add_": 12,
              "torch addcmul_": 16}
     times = timings(fns, args.calls)
     fused_ms = statistics.median(times["torch AdamW fused step"]) * 1e3

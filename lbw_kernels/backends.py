@@ -99,16 +99,6 @@ class Backend:
         """Exact gate's first pass: partials of ``grads`` (all non-empty)."""
         raise NotImplementedError
 
-    def finite_check(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Optional[Tensor]:
-        """Rule 1's finite check alone, for an exact-gate call that analyzes no telemetry and
-        does not clip: rows of :meth:`telemetry`'s shape whose non-finite flags are its flags
-        (sums not computed: the rows say (0, 0, 0), or (NaN, 0, 1) for a gradient holding NaN
-        or Inf), from a pass cheaper than telemetry's. None where the backend has none (the
-        caller then runs :meth:`telemetry`): only the CPU kernels do, where skipping the sums'
-        float64 arithmetic lets the pass run at the memory's read rate; a GPU telemetry pass is
-        at it already."""
-        return None
-
     def gathered_telemetry(self, grads: Sequence[Tensor], layouts: Sequence[bytes], partials_dtype: torch.dtype) -> Tensor:
         """:meth:`telemetry` of ``grads``: every gradient of the groups whose params' and grads'
         layouts the optimizer gathered as ``layouts`` (``GroupTensors.layout_key``, in the same

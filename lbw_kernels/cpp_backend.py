@@ -49,9 +49,6 @@ def _telemetry_fake(grads):
     return torch.empty((_rows(grads), 3), dtype=torch.float64, device=device)
 
 
-torch.library.register_fake("lbw::finite_check")(_telemetry_fake)  # (the same rows)
-
-
 @torch.library.register_fake("lbw::guard_decide_")
 def _guard_decide_fake(guard, summary, analyze, analyze_host, check_finite, config):
     return None
@@ -159,12 +156,6 @@ def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
     return torch.ops.lbw.telemetry(grads) if _kernel_ready(False, grads) else None
 
 
-def _run_finite_check(grads: Sequence[Tensor]) -> Optional[Tensor]:
-    if not torch.compiler.is_compiling():
-        return _C._finite_check(grads)
-    return torch.ops.lbw.finite_check(grads) if _kernel_ready(False, grads) else None
-
-
 def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
     """The update ops' leading arguments, in schema order; ``last``: skip (adamw_) or mask
     (adamw_telemetry_). (adamw_ takes grad_factor after them.)
@@ -256,10 +247,6 @@ class CppBackend(Backend):
         if rows is None:  # a grad the kernels do not take
             return reference.telemetry_partials(list(grads), partials_dtype)
         return self._as(rows, partials_dtype)
-
-    def finite_check(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Optional[Tensor]:
-        rows = _run_finite_check(grads) if grads else None
-        return None if rows is None else self._as(rows, partials_dtype)
 
     def adamw_(self, groups: Sequence[GroupTensors], *, scale: Tensor, skip: Optional[Tensor],
                grad_factor: Optional[Tensor] = None) -> None:

@@ -570,13 +570,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype, **({"partials": partials} if served else {})):
                 if partials is None and measure and local_grads:
-                    # A call that reads the gradients for rule 1 alone takes the flags of a
-                    # finite-check pass where the backend has a cheaper one than telemetry's
-                    # (the CPU kernels): decide reads nothing else of the rows then.
-                    if check_finite and analyze is False and not clip and not self._summary_groups and inv_scale is None:
-                        partials = backend.finite_check(local_grads, guard.dtype)
-                    if partials is None:
-                        partials = backend.telemetry(local_grads, guard.dtype)
+                    partials = backend.telemetry(local_grads, guard.dtype)
                 # Here decide writes the guard before the update checks its tensors: an update
                 # that refuses them (a state moved through `.data` to one it does not take) must
                 # leave the guard as it was, as the one-call steps do by checking first. Eager

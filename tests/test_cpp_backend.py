@@ -241,42 +241,6 @@ def test_optimizer_matches_reference_over_a_scripted_stream(gate):
         assert worst(sa["exp_avg"], sb["exp_avg"], 1e-6, 1e-5) is None
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_exact_calls_without_telemetry_read_the_grads_through_the_finite_check(clip, monkeypatch):
-    """Exact gate, stats_freq=3: the calls rule 2 analyzes (1, 3, 6) run the telemetry pass,
-    the others rule 1's cheaper finite check (the CPU kernels' finite_check op), whose flags
-    skip a call holding NaN as the reference does; with max_grad_norm every call runs the
-    telemetry (the clipping reads the norm). test_optimizer_matches_reference_over_a_scripted_stream
-    holds the whole decision sequence to the reference's."""
-    from lbw_kernels.cpp_backend import CppBackend
-
-    passes = []
-    for name in ("telemetry", "finite_check"):
-        real = getattr(CppBackend, name)
-        monkeypatch.setattr(CppBackend, name, lambda self, *a, _real=real, _name=name, **k: passes.append(_name) or _real(self, *a, **k))
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((33, 17), (4097,), (5,))]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    kw = dict(lr=1e-2, gate="exact", stats_freq=3, max_grad_norm=clip)
-    opt, ref = GuardedAdamW(params, backend="cpp", **kw), GuardedAdamW(twins, backend="reference", **kw)
-    for call in range(1, 8):
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(p.shape, generator=gen)
-            if call == 5:
-                p.grad[0] = float("nan")
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        got, want = opt.telemetry(), ref.telemetry()
-        assert (got["skipped_steps"], got["regime"], got["step"]) == (want["skipped_steps"], want["regime"], want["step"])
-        assert got["scale"] == pytest.approx(want["scale"], rel=1e-12)
-    assert opt.telemetry()["skipped_steps"] == 1
-    cheap = ["telemetry" if c in (1, 3, 6) else "finite_check" for c in range(1, 8)]
-    assert passes == (["telemetry"] * 7 if clip else cheap)
-    for p, q in zip(params, twins):
-        assert worst(p, q, 2e-6, 2e-6) is None
-
-
 def test_auto_picks_cpp_on_cpu():
     opt = GuardedAdamW([torch.zeros(3, requires_grad=True)])
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
@@ -585,8 +549,7 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     for planted in (None, (0, 0, float("nan")), (1, 2, float("-inf"))):
         problem = make_problem(3, shapes=shapes, dtype=dtype, nonfinite_at=planted)
         problem = [dataclasses.replace(g, beta1=b1) for g, b1 in zip(problem, (0.9, 0.3))]
-        grads = [g for grp in problem for g in grp.grads if g.numel()]
-        out = [cpp.telemetry(grads, torch.float64), cpp.finite_check(grads, torch.float64)]
+        out = [cpp.telemetry([g for grp in problem for g in grp.grads if g.numel()], torch.float64)]
         for mode in ("exact", "single_pass masked", "single_pass"):
             groups = clone_problem(problem)
             if mode == "exact":
@@ -600,14 +563,13 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
 # Every bf16 and fp16 bit pattern as a param (NaNs with every payload, subnormals, +-Inf, the
 # largest finite values), stepped with lr 0 (a round trip through float) and with updates that
 # round, overflow and underflow, their bits compared; a gradient of every pattern read by the
-# telemetry pass and the finite check. (A sum over many NaNs is NaN, its payload whichever NaN
-# the instruction set's adds and fused multiply-adds let through: the sums' NaNs are compared
-# as NaN.)
+# telemetry pass. (A sum over many NaNs is NaN, its payload whichever NaN the instruction set's
+# adds and fused multiply-adds let through: the sums' NaNs are compared as NaN.)
 gen = torch.Generator().manual_seed(0)
 nan_as_nan = lambda rows: torch.where(rows.isnan(), torch.full_like(rows, float("nan")), rows)
 for dtype in (torch.bfloat16, torch.float16):
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    out = [nan_as_nan(lbw_kernels._C._telemetry([every])), lbw_kernels._C._finite_check([every])]
+    out = [nan_as_nan(lbw_kernels._C._telemetry([every]))]
     for lr in (0.0, 1e-3, 1e3):
         p = every.clone()
         g = (torch.randn(p.numel(), generator=gen) * 1e-2).to(dtype)

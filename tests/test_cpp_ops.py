@@ -35,40 +35,6 @@ def test_opcheck_telemetry(device):
     torch.library.opcheck(torch.ops.lbw.telemetry.default, (grads,))
 
 
-def test_opcheck_finite_check():
-    # (finite: opcheck compares outputs without equal_nan, and a flagged row holds NaN)
-    grads = [torch.randn(n) for n in (3, 4097)] + [torch.randn(7).bfloat16(), torch.randn(5).double()]
-    torch.library.opcheck(torch.ops.lbw.finite_check.default, (grads,))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_finite_check_rows_carry_the_telemetry_flags(dtype):
-    """lbw.finite_check (CPU): per non-empty gradient the telemetry pass's non-finite flag
-    (NaN, -Inf, +Inf at a tail, a chunk's last element, the first), with sums (0, 0), or
-    (NaN, 0) where flagged; fp64: the telemetry's own rows (a sum of squares that overflows
-    flags finite values, as in the reference). The eager entry gives the op's rows."""
-    from lbw_kernels import _C
-
-    gen = torch.Generator().manual_seed(3)
-    grads = [torch.randn(n, generator=gen).to(dtype) for n in (40_000, 3, 0, 17, 16_385, 1)]
-    grads[1][2] = float("nan")
-    grads[3][16] = float("-inf")
-    grads[4][16_383] = float("inf")
-    grads[5][0] = 65504.0  # fp16's largest: finite
-    rows = torch.ops.lbw.finite_check(grads)
-    tel = torch.ops.lbw.telemetry(grads)
-    assert rows[:, 2].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0] and torch.equal(rows[:, 2], tel[:, 2])
-    if dtype == torch.float64:
-        torch.testing.assert_close(rows, tel, rtol=0, atol=0, equal_nan=True)
-        huge = [torch.full((9,), 1e200, dtype=dtype)]
-        assert torch.ops.lbw.finite_check(huge)[0, 2] == 1.0 == torch.ops.lbw.telemetry(huge)[0, 2]
-    else:
-        assert torch.equal(torch.isnan(rows[:, 0]), rows[:, 2] == 1.0)
-        assert torch.equal(rows[:, 0].nan_to_num(0.0), torch.zeros(5, dtype=torch.float64))
-        assert torch.equal(rows[:, 1], torch.zeros(5, dtype=torch.float64))
-    torch.testing.assert_close(_C._finite_check(grads), rows, rtol=0, atol=0, equal_nan=True)
-
-
 @pytest.mark.parametrize("device", extension_devices())
 @pytest.mark.parametrize("skip", [None, 0.0, 1.0])
 @pytest.mark.parametrize("factor", [None, 0.3])

@@ -24,10 +24,6 @@ ExactStepFn& cuda_exact_step() {
 TORCH_LIBRARY(lbw, m) {
   // Per non-empty gradient, in order: (sum g^2, sum g, nonfinite 0/1), float64 [T, 3].
   m.def("telemetry(Tensor[] grads) -> Tensor");
-  // Rule 1's finite check alone (CPU): rows of telemetry's shape and flags, without the sums:
-  // (0, 0, 0), or (NaN, 0, 1) for a gradient holding NaN or Inf. The exact gate's calls that
-  // analyze no telemetry and do not clip read the gradients through it.
-  m.def("finite_check(Tensor[] grads) -> Tensor");
   // AdamW with lr = lr * lr_scale (lr_scale: 0-dim float64 on the params' device, the guard's
   // scale). skip (0-dim, non-zero = skip): nothing changes, steps included. grad_factor (0-dim
   // float64 on the params' device; max_grad_norm's clipping): every gradient element is read

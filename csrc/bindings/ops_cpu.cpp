@@ -35,10 +35,7 @@ double scalar_of(const at::Tensor& t, const char* what) {
   return t.item<double>();
 }
 
-using RowsKernel = void (*)(const cpu::ChunkTable&, const cpu::GradRef*, double*, double*, cpu::ParallelFor);
-
-// A pass that reads each gradient into rows [T, 3] (telemetry, finite_check).
-at::Tensor grad_rows_cpu(at::TensorList grads, RowsKernel kernel) {
+at::Tensor telemetry_cpu(at::TensorList grads) {
   // One pass: each grad checked where its pointer and size are read.
   std::vector<int64_t> numels;
   std::vector<cpu::GradRef> refs;
@@ -53,12 +50,9 @@ at::Tensor grad_rows_cpu(at::TensorList grads, RowsKernel kernel) {
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(at::kCPU);
   at::Tensor out = new_output({table->nonempty(), 3}, opts);
   at::Tensor ws = new_output({table->nchunks(), 2}, opts);
-  kernel(*table, refs.data(), ws.data_ptr<double>(), out.data_ptr<double>(), &aten_for);
+  cpu::kernels().telemetry(*table, refs.data(), ws.data_ptr<double>(), out.data_ptr<double>(), &aten_for);
   return out;
 }
-
-at::Tensor telemetry_cpu(at::TensorList grads) { return grad_rows_cpu(grads, cpu::kernels().telemetry); }
-at::Tensor finite_check_cpu(at::TensorList grads) { return grad_rows_cpu(grads, cpu::kernels().finite_check); }
 
 // Tensor i of each list checked where its pointers are read: one pass over the TensorImpls
 // (each further pass over 5 x 2000 of them costs cache misses, not arithmetic).
@@ -219,7 +213,6 @@ at::Tensor summarize_decide_cpu(const at::Tensor& guard, const std::optional<at:
 
 TORCH_LIBRARY_IMPL(lbw, CPU, m) {
   m.impl("telemetry", &lbw::telemetry_cpu);
-  m.impl("finite_check", &lbw::finite_check_cpu);
   m.impl("adamw_", &lbw::adamw_cpu);
   m.impl("adamw_telemetry_", &lbw::adamw_telemetry_cpu);
   m.impl("guard_decide_", &lbw::guard_decide_cpu);

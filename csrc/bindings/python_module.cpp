@@ -594,29 +594,16 @@ PyObject* call_check_update(PyObject*, PyObject* args) {
   Py_RETURN_TRUE;
 }
 
-using RowsOp = c10::TypedOperatorHandle<at::Tensor(at::TensorList)>;
-
-// An op taking the grads alone (telemetry, finite_check); None where the kernels do not take them.
-PyObject* call_rows_op(PyObject* arg, const RowsOp& op) {
+PyObject* call_telemetry(PyObject*, PyObject* arg) {
   BorrowedTensors grads;
   const bool release = releases_gil(arg);
   if (!grads.unpack(arg, "grads", release)) return nullptr;
-  if (!grads.ready(false)) Py_RETURN_NONE;  // (both take mixed dtypes)
+  if (!grads.ready(false)) Py_RETURN_NONE;  // (telemetry takes mixed dtypes)
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lbw::telemetry", "").typed<at::Tensor(at::TensorList)>();
   at::Tensor out;
   if (!run_op(release, [&] { out = op.call(grads.list()); })) return nullptr;
   return THPVariable_Wrap(std::move(out));
-}
-
-PyObject* call_telemetry(PyObject*, PyObject* arg) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lbw::telemetry", "").typed<at::Tensor(at::TensorList)>();
-  return call_rows_op(arg, op);
-}
-
-PyObject* call_finite_check(PyObject*, PyObject* arg) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lbw::finite_check", "").typed<at::Tensor(at::TensorList)>();
-  return call_rows_op(arg, op);
 }
 
 }  // namespace
@@ -637,8 +624,6 @@ static PyMethodDef methods[] = {
      "naming the tensor, or False (nothing checked) where _adamw_ would give False."},
     {"_telemetry", call_telemetry, METH_O,
      "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
-    {"_finite_check", call_finite_check, METH_O,
-     "torch.ops.lbw.finite_check for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
      "(grads per group, whether each group misses a grad, whether all grads are dense, real and floating-point, "
      "each group's layout of params and grads as bytes or None, each group's param object addresses as bytes)."},

@@ -3,7 +3,6 @@
 // everything here is static (internal linkage) so the copies never mix.
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 
 #include "multi_tensor_cpu.h"
@@ -285,71 +284,6 @@ void telemetry(const ChunkTable& table, const GradRef* grads, double* ws, double
   combine_partials(table, ws, out);
 }
 
-// Rule 1's finite check alone, for the exact gate's calls that analyze no telemetry
-// (stats_freq > 1, no clipping): whether a gradient holds NaN or +-Inf, without the
-// telemetry's widening and float64 sums. Rows of the telemetry pass's shape: (0, 0, 0) for a
-// finite gradient, (NaN, 0, 1) for one holding NaN or Inf. Their flags are the telemetry's:
-// the telemetry flags a gradient whose float64 sums are not finite, and from fp32, bf16 or fp16
-// elements those overflow only through a NaN or Inf element. fp64 gradients get the telemetry
-// pass's own rows: their sum of squares overflows above ~1.3e154, which flags the call as the
-// reference does.
-//
-// fp32: x - x is +0 for a finite x and NaN for NaN or +-Inf (no -ffast-math here: the compiler
-// keeps it), summed into 4 independent vectors (the adds never see Inf, so a NaN is the only
-// way the total is not 0). Measured on a 2-core AMD EPYC VM with AVX-512 over gpt2-30m's 31M
-// fp32 gradients from DRAM, variants interleaved: 12-15% less time than the telemetry pass
-// (1.48-1.55 against 1.71-1.76 ms in quiet minutes), and faster than its integer form, exponent
-// bits compared (1.68-1.72 ms with 4 vectors, 1.76-1.81 with 8, 1.71-1.79 as a plain loop the
-// compiler vectorised) or the same float form with 2 vectors (1.61-1.67 ms).
-// bf16 / fp16: exponent bits all ones, as integers (no widening).
-inline bool finite_f32(const float* __restrict__ g, int64_t n) {
-#if defined(LBW_CPU_AVX512)
-  typedef float fv __attribute__((vector_size(64)));
-#else
-  typedef float fv __attribute__((vector_size(32)));
-#endif
-  constexpr int kVec = int(sizeof(fv) / sizeof(float)), kChains = 4;
-  fv z[kChains] = {};
-  int64_t i = 0;
-  for (; i + kChains * kVec <= n; i += kChains * kVec) {
-    for (int c = 0; c < kChains; ++c) {
-      fv x;
-      std::memcpy(&x, g + i + c * kVec, sizeof(fv));
-      z[c] += x - x;
-    }
-  }
-  float total = 0.0f;
-  for (; i < n; ++i) total += g[i] - g[i];
-  for (int c = 1; c < kChains; ++c) z[0] += z[c];
-  for (int j = 0; j < kVec; ++j) total += z[0][j];
-  return total == 0.0f;
-}
-typedef uint16_t __attribute__((may_alias)) bits16;  // (bf16/fp16 elements read as their bits)
-inline bool finite_bits16(const bits16* u, int64_t n, uint16_t exponent) {
-  uint16_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad |= uint16_t((u[i] & exponent) == exponent);
-  return bad == 0;
-}
-
-void finite_check(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf) {
-  const Chunk* chunks = table.chunks.data();
-  for_chunks(table, pf, [&](int64_t c) {
-    const Chunk& k = chunks[c];
-    const GradRef& g = grads[k.tensor];
-    const int64_t n = k.end - k.begin;
-    bool finite = true;
-    switch (g.dtype) {
-      case DType::f32: finite = finite_f32(static_cast<const float*>(g.data) + k.begin, n); break;
-      case DType::f64: reduce_chunk(static_cast<const double*>(g.data) + k.begin, n, ws + 2 * c); return;
-      case DType::bf16: finite = finite_bits16(static_cast<const bits16*>(g.data) + k.begin, n, 0x7f80); break;
-      case DType::f16: finite = finite_bits16(static_cast<const bits16*>(g.data) + k.begin, n, 0x7c00); break;
-    }
-    ws[2 * c] = finite ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-    ws[2 * c + 1] = 0.0;
-  });
-  combine_partials(table, ws, out);
-}
-
 template <bool MASK, class P, class G, class M>
 inline void update_elements(P* __restrict__ p, const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v,
                             int64_t n, const AdamWCoeffs<M>& c, M sign) {
@@ -447,7 +381,7 @@ void adamw(const ChunkTable& table, const UpdateRef<P, G>* ts, const AdamWCoeffs
 }  // namespace
 
 const Kernels& LBW_CPU_KERNELS_FN() {
-  static const Kernels table = {LBW_CPU_ISA_NAME, &telemetry, &finite_check, &adamw<float, float>, &adamw<double, double>,
+  static const Kernels table = {LBW_CPU_ISA_NAME, &telemetry, &adamw<float, float>, &adamw<double, double>,
                                 &adamw<bf16_t, bf16_t>, &adamw<f16_t, f16_t>, &adamw<bf16_t, float>,
                                 &adamw<f16_t, float>};
   return table;

@@ -84,9 +84,6 @@ using AdamWFn = void (*)(const ChunkTable& table, const UpdateRef<P, G>* ts,
 struct Kernels {
   const char* isa;
   void (*telemetry)(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf);
-  // Rows of telemetry's shape with its non-finite flags and no sums: (0, 0, 0), or (NaN, 0, 1)
-  // where a gradient holds NaN or Inf (rule 1 alone).
-  void (*finite_check)(const ChunkTable& table, const GradRef* grads, double* ws, double* out, ParallelFor pf);
   AdamWFn<float> adamw_f32;
   AdamWFn<double> adamw_f64;
   AdamWFn<bf16_t> adamw_bf16;

@@ -7,7 +7,6 @@
 #include <cstring>
 #include <limits>
 #include <random>
-#include <type_traits>
 #include <vector>
 
 #include "../cpu/multi_tensor_cpu.h"
@@ -62,51 +61,6 @@ static void test_telemetry(const Kernels& k) {
   gs[4][kChunk + 7] = std::numeric_limits<float>::infinity();
   k.telemetry(table, refs.data(), ws.data(), out.data(), &serial_for);
   CHECK(out[3 * 3 + 2] == 1.0 && out[3 * 0 + 2] == 0.0);  // row 3 is tensor 4 (tensor 3 is empty)
-}
-
-// Rule 1's finite check alone: for each gradient dtype, each tensor's flag is the telemetry's
-// (a NaN, +Inf or -Inf at a chunk's first or last element, in a tail, or none; `largest`, the
-// largest finite value or for fp64 one whose squares sum without overflow, is finite), the
-// rows (NaN, 0, 1) or (0, 0, 0) (fp64: the telemetry's own rows), under any split of the chunks.
-template <class T>
-static void test_finite_check_of(const Kernels& k, DType dtype, T nan, T inf, T neg_inf, T largest) {
-  std::vector<std::vector<T>> gs;
-  for (int64_t n : kSizes) gs.push_back(std::vector<T>(n, largest));
-  gs[2][4096] = nan;          // the tail of a 4097-element tensor
-  gs[4][kChunk - 1] = inf;    // the last element of a chunk
-  gs[5][0] = neg_inf;         // a first element
-  std::vector<GradRef> refs;
-  for (auto& g : gs) refs.push_back({g.data(), dtype});
-  ChunkTable table;
-  table.build(kSizes);
-  std::vector<double> ws(2 * table.nchunks()), out(3 * table.nonempty()), out2(out.size()), tel(out.size());
-  k.finite_check(table, refs.data(), ws.data(), out.data(), &serial_for);
-  k.finite_check(table, refs.data(), ws.data(), out2.data(), &reversed_pieces);
-  k.telemetry(table, refs.data(), ws.data(), tel.data(), &serial_for);
-  CHECK(std::memcmp(out.data(), out2.data(), out.size() * sizeof(double)) == 0);
-  const double want[5] = {0, 0, 1, 1, 1};  // rows of tensors 0, 1, 2, 4, 5 (3 is empty)
-  for (int64_t row = 0; row < table.nonempty(); ++row) {
-    CHECK(out[3 * row + 2] == want[row] && tel[3 * row + 2] == want[row]);
-    if (dtype == DType::f64) continue;
-    CHECK(want[row] ? std::isnan(out[3 * row]) : out[3 * row] == 0.0);
-    CHECK(out[3 * row + 1] == 0.0);
-  }
-  if constexpr (std::is_same_v<T, double>) {  // the telemetry's rows; overflowing squares of finite values flagged
-    CHECK(std::memcmp(out.data(), tel.data(), out.size() * sizeof(double)) == 0);
-    gs[0].assign(gs[0].size(), T(1e200));
-    k.finite_check(table, refs.data(), ws.data(), out.data(), &serial_for);
-    CHECK(out[2] == 1.0);
-  }
-}
-
-static void test_finite_check(const Kernels& k) {
-  const float fnan = std::numeric_limits<float>::quiet_NaN(), finf = std::numeric_limits<float>::infinity();
-  test_finite_check_of<float>(k, DType::f32, fnan, finf, -finf, std::numeric_limits<float>::max());
-  const double dnan = std::numeric_limits<double>::quiet_NaN(), dinf = std::numeric_limits<double>::infinity();
-  test_finite_check_of<double>(k, DType::f64, dnan, dinf, -dinf, 1e150);
-  // bf16 / fp16 bits: quiet NaN, +Inf, -Inf, the largest finite (negative: the sign bit set)
-  test_finite_check_of<bf16_t>(k, DType::bf16, bf16_t{0x7fc0}, bf16_t{0x7f80}, bf16_t{0xff80}, bf16_t{0xff7f});
-  test_finite_check_of<f16_t>(k, DType::f16, f16_t{0x7e00}, f16_t{0x7c00}, f16_t{0xfc00}, f16_t{0xfbff});
 }
 
 struct Problem {
@@ -187,9 +141,6 @@ static void test_same_on_every_isa() {
       kernels_default().telemetry(table, refs.data(), ws.data(), oa.data(), &serial_for);
       isas[k]->telemetry(table, refs.data(), ws.data(), ob.data(), &serial_for);
       CHECK(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(double)) == 0);
-      kernels_default().finite_check(table, refs.data(), ws.data(), oa.data(), &serial_for);
-      isas[k]->finite_check(table, refs.data(), ws.data(), ob.data(), &serial_for);
-      CHECK(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(double)) == 0);
     }
   }
 }
@@ -199,7 +150,6 @@ int main() {
   const Kernels* isas[2] = {&kernels_default(), &kernels()};
   for (const Kernels* k : isas) {
     test_telemetry(*k);
-    test_finite_check(*k);
     for (double grad_sign : {1.0, -1.0, 0.3, -0.3})
       for (bool mask : {false, true}) test_update(*k, grad_sign, mask);
   }
