@@ -12,7 +12,11 @@ things then need saying, once per plan and stream:
   blocks go back to the build stream's pool at once, where an allocation can take and overwrite
   them while a launch queued on the other stream has yet to read them.
 
-A plan's own stream costs one comparison per call. Not during a capture: a captured wait on an
+A plan's own stream costs one comparison per call. Streams are told apart by their raw
+handles: torch's streams (the default one, its pools) live as long as the process, but an
+external stream destroyed and another created at the same address, or CUDA's per-thread
+default stream (one handle for every thread), would pass for one already handled. Not during
+a capture: a captured wait on an
 event recorded outside the capture is an error, and plans a graph uses are kept for good
 (``PlanCache.keep``). The CUDA backend does the same for its tables (csrc/bindings/ops_cuda.cpp,
 ``use_on``).
@@ -38,7 +42,7 @@ class StreamUse:
 
     def __init__(self, device: torch.device):
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self.home = _current_stream_id(device)
+        self.home = _current_stream_id(self.device)
         self.uploaded = torch.cuda.Event()
         self.uploaded.record(torch.cuda.current_stream(device))
         self.others: Set[int] = set()

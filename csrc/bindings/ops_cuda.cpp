@@ -91,14 +91,19 @@ TablePtr upload(std::vector<TensorEntry> entries, const at::Device& device, int6
 // stream uses the table's memory (Tensor::record_stream). Without that, a table evicted from
 // the cache returns its block to the upload stream's pool at once, and an allocation there can
 // take and overwrite it while a launch queued on the other stream has yet to read it. Once per
-// table and stream; nothing for a table's own stream. Not during a capture: a captured wait
-// on an event recorded outside it is an error, and tables a graph uses are kept for good.
+// table and stream; nothing for a table's own stream. Streams are told apart by raw handle
+// (torch's live as long as the process; an external stream re-created at a freed one's
+// address, or CUDA's per-thread default stream, would pass for one already handled). Not
+// during a capture: a captured wait on an event recorded outside it is an error, and tables a
+// graph uses are kept for good. `stream`: the device's current stream (the callers' launch stream).
 void use_on(const DeviceTable& table, const at::Device& device, cudaStream_t stream) {
   if (stream == table.home) return;
   std::lock_guard<std::mutex> lock(table.others_mutex);
   if (std::find(table.others.begin(), table.others.end(), stream) != table.others.end()) return;
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  TORCH_CHECK(current.stream() == stream, "lbw: use_on expects the device's current stream");
   if (table.uploaded != nullptr) C10_CUDA_CHECK(cudaStreamWaitEvent(stream, table.uploaded, 0));
-  table.device.record_stream(c10::cuda::getStreamFromExternal(stream, device.index()));
+  table.device.record_stream(current);
   table.others.push_back(stream);
 }
 
