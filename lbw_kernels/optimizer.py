@@ -26,6 +26,7 @@ from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
+from .stream_use import StreamUse
 from .subclasses import is_dtensor
 from .zero import (
     adopt_states_after_zero_loads,
@@ -133,6 +134,16 @@ def _sharded_across_ranks(param_groups) -> bool:
 def stream_is_capturing(device: torch.device) -> bool:
     """True while the current CUDA stream is being captured into a graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _device_numels(numels: List[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A step plan's element counts on the guard's device. To a GPU from pinned memory without
+    blocking: a plan rebuilt for a new layout then does not wait for the device (a pageable copy
+    would, behind whatever the stream still has queued)."""
+    host = torch.tensor(numels, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class GuardedAdamW(torch.optim.Optimizer):
@@ -433,11 +444,15 @@ class GuardedAdamW(torch.optim.Optimizer):
             check_not_wrapped_by_deepspeed(self)
             device = _first_device_with_grad(self.param_groups, grads.per_group)
             backend = None if device is None else self._backend_for(device)
-            numels = lambda n: torch.tensor(n, dtype=self._guard.dtype).to(self._guard.device)  # noqa: E731
+            numels = functools.partial(_device_numels, dtype=self._guard.dtype, device=self._guard.device)
             self._plan = StepPlan(key, self.param_groups, grads.per_group, lambda p: dict.get(self.state, p),
                                   self._state_for, numels, runs_subclasses=backend is None or backend.runs_subclasses)
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
+            if self._plan.numels is not None and self._plan.numels.is_cuda and not stream_is_capturing(self._guard.device):
+                self._plan.stream_use = StreamUse(self._guard.device)
+        if self._plan.stream_use is not None and not torch.compiler.is_compiling():
+            self._plan.stream_use.enter((self._plan.numels, self._plan.numel_total))
         return self._plan
 
     # Host bookkeeping runs eagerly under torch.compile (a graph break on each side of the

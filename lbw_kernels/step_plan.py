@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .backends import GroupTensors, nonempty_grads
 from .distributed import check_no_fsdp1_shards
+from .stream_use import StreamUse
 from .subclasses import is_dtensor, is_wrapper, kernel_tensor, views
 from .validation import check_grad, check_params, check_state_entry
 
@@ -154,6 +155,9 @@ class StepPlan:
         self.all_nonempty = self.telemetry_rows == sum(len(gp.params) for gp in self.groups)
         self.numels = device_numels(numels) if numels else None
         self.numel_total = self.numels.sum() if numels else None  # (summarize's, once per plan)
+        # On CUDA, the streams those two are read on (lbw_kernels/stream_use.py; set by the
+        # optimizer): they are freed when a new layout replaces this plan.
+        self.stream_use: Optional[StreamUse] = None
         self.device = self.groups[0].params[0].device if self.groups else None
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None

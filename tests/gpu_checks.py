@@ -104,6 +104,24 @@ def assert_step_never_syncs(model: torch.nn.Module, **opt_kwargs) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def assert_relayout_step_never_syncs(**opt_kwargs) -> None:
+    """A step whose layout changed (a grad set to None: the optimizer's step plan and the
+    backend's tables built anew) does not wait for the device either: the plan's element counts
+    and the tables go up from pinned memory without blocking."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in ((33, 17), (4097,), (5,))]
+    opt = GuardedAdamW(params, lr=1e-3, stats_freq=1, **opt_kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # warm-up: kernels compiled, states created
+    params[-1].grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.telemetry()["step"] == 2
+
+
 def step_other_layouts(n: int, sync: bool = True, **opt_kwargs) -> None:
     """One step each of ``n`` optimizers over ``n`` distinct layouts (fresh tensors): pushes
     every earlier plan or table out of a backend's cache of fewer than ``n`` entries. (Their
@@ -125,7 +143,8 @@ def step_other_layouts(n: int, sync: bool = True, **opt_kwargs) -> None:
 HOLD_BACK_CYCLES = 3_000_000_000
 
 
-def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol: float, **opt_kwargs) -> None:
+def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol: float, relayout: bool = False,
+                                              **opt_kwargs) -> None:
     """A step whose tables (or plans) the backend built and cached on the default stream runs
     next on a side stream held back by a sleep; before the side stream gets to it, ``n_other``
     optimizers stepping on the default stream push those tables out of the cache and allocate
@@ -133,7 +152,10 @@ def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol
     backend tells the allocator that stream uses them (record_stream), so their blocks are not
     handed out again before it is done. Without that, the other optimizers' new tables likely
     take the freed blocks (same small sizes) and the held-back step updates through their
-    addresses. Compared with a twin stepping on the default stream (rtol = atol = 0: bitwise)."""
+    addresses. With ``relayout``, one more step on the side stream, after the last param's
+    grad is set to None, replaces the optimizer's step plan: the element counts on the device
+    that the held-back step reads are freed then (lbw_kernels/stream_use.py covers them too).
+    Compared with a twin stepping on the default stream (rtol = atol = 0: bitwise)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(33, 17), (4097,), (5, 3)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
@@ -159,6 +181,10 @@ def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol
         with torch.cuda.stream(side):
             torch.cuda._sleep(HOLD_BACK_CYCLES)
             opt.step()
+            if relayout:
+                params[-1].grad = twin[-1].grad = None
+                twin_opt.step()  # (on the side stream too: it reads only the twin's own tensors)
+                opt.step()
         step_other_layouts(n_other, sync=False, **opt_kwargs)  # (on the default stream, while side sleeps)
         # The evictions and the new tables' uploads came while the side stream still slept
         # (else nothing here tests the fix: raise HOLD_BACK_CYCLES).

@@ -15,8 +15,8 @@ from lbw_kernels import GuardedAdamW
 from lbw_kernels.backends import GroupTensors, ReferenceBackend, availability, get_backend
 from lbw_kernels.verify import ODD_SIZES, check_backend, clone_problem, make_problem, verify_backend, worst
 from gpu_checks import (
-    assert_graph_replay_matches_eager, assert_side_stream_step_survives_eviction, assert_step_never_syncs,
-    step_other_layouts,
+    assert_graph_replay_matches_eager, assert_relayout_step_never_syncs, assert_side_stream_step_survives_eviction,
+    assert_step_never_syncs, step_other_layouts,
 )
 from streams import random_stream, run
 
@@ -499,6 +499,12 @@ def test_gpu_cuda_step_never_syncs(cuda_backend, gate, policy):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_cuda_step_that_rebuilds_its_plan_never_syncs(cuda_backend, gate):
+    assert_relayout_step_never_syncs(backend="cuda", gate=gate)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("stats_freq", [1, 3])
@@ -525,13 +531,16 @@ def test_gpu_cuda_captured_step_replays_after_its_tables_leave_the_cache(cuda_ba
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_cuda_tables_evicted_while_a_side_stream_still_reads_them(cuda_backend, gate):
+@pytest.mark.parametrize("relayout", [False, True])
+def test_gpu_cuda_tables_evicted_while_a_side_stream_still_reads_them(cuda_backend, gate, relayout):
     """Tables uploaded on the default stream, used next by a step on a held-back side stream,
     then evicted (one more optimizer than the cache holds): ops_cuda.cpp's use_on keeps their
-    memory from the default stream's allocations until the side stream is done with it."""
+    memory from the default stream's allocations until the side stream is done with it; with
+    ``relayout`` the step plan's element counts are replaced too (stream_use.py)."""
     from lbw_kernels import _C
 
-    assert_side_stream_step_survives_eviction(_C.TABLE_CACHE_CAPACITY + 1, rtol=0, atol=0, backend="cuda", gate=gate)
+    assert_side_stream_step_survives_eviction(_C.TABLE_CACHE_CAPACITY + 1, rtol=0, atol=0, relayout=relayout,
+                                              backend="cuda", gate=gate)
 
 
 # Every kernel each instruction set compiles: each dtype, the telemetry pass, the exact gate's

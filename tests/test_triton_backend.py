@@ -9,6 +9,7 @@ CUDA-graph capture and no-sync checks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -28,8 +29,8 @@ from lbw_kernels.verify import (
     worst,
 )
 from gpu_checks import (
-    assert_graph_replay_matches_eager, assert_side_stream_step_survives_eviction, assert_step_never_syncs,
-    device_check_candidates, kernel_gpu_backends, require_backend, step_other_layouts,
+    assert_graph_replay_matches_eager, assert_relayout_step_never_syncs, assert_side_stream_step_survives_eviction,
+    assert_step_never_syncs, device_check_candidates, kernel_gpu_backends, require_backend, step_other_layouts,
 )
 from streams import random_stream
 
@@ -458,7 +459,7 @@ def test_every_tensor_of_a_plan_is_found_for_record_stream(triton_backend):
     is one a step on another stream must record_stream, or eviction frees it under that
     stream. On CPU the plans carry no StreamUse (nothing to order)."""
     from lbw_kernels.triton_kernels.chunk_table import TelemetryLayout, UpdatePlan
-    from lbw_kernels.triton_kernels.stream_use import held_tensors
+    from lbw_kernels.stream_use import held_tensors
 
     ops = _ops()
     ops.PLANS.clear()
@@ -484,10 +485,11 @@ def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeyp
     """StreamUse.enter with the CUDA calls stood in for (CPU): a call on the build stream does
     nothing; the first call on another stream waits for the upload event and records that
     stream on the plan's device tensors (not its pinned host sources); later calls on it do
-    nothing more; a third stream gets its own wait and records."""
+    nothing more; a third stream gets its own wait and records, not while it is captured
+    (then at its first eager call)."""
     from types import SimpleNamespace
 
-    from lbw_kernels.triton_kernels import stream_use
+    from lbw_kernels import stream_use
 
     current = [7]
     log = []
@@ -506,7 +508,10 @@ def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeyp
         def record_stream(self, stream):
             log.append(("record_stream", self.name, stream.id))
 
+    capturing = [False]
     monkeypatch.setattr(stream_use, "_current_stream_id", lambda device: current[0])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(stream_use, "held_tensors", lambda plan: [Held("table", True), Held("pinned", False)])
@@ -519,6 +524,10 @@ def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeyp
     use.enter(object())
     assert log[1:] == [("wait", 9), ("record_stream", "table", 9)]
     current[0] = 11
+    capturing[0] = True  # a capture on stream 11: nothing, and 11 not taken for done
+    use.enter(object())
+    assert log[3:] == []
+    capturing[0] = False
     use.enter(object())
     current[0] = 7
     use.enter(object())
@@ -1252,6 +1261,12 @@ def test_gpu_step_never_syncs(gate, policy):
     assert_step_never_syncs(_model("cuda"), backend="triton", gate=gate, policy=policy)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_step_that_rebuilds_its_plan_never_syncs(gate):
+    assert_relayout_step_never_syncs(backend="triton", gate=gate)
+
+
 def _tensor_hyperparameters() -> dict:
     """lr a CPU tensor (read on the host: no pageable copy to the device), betas, eps and
     weight_decay tensors on the GPU (copied into the plan on the device each call)."""
@@ -1308,12 +1323,15 @@ def test_gpu_captured_step_replays_after_its_plans_leave_the_cache(gate):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gpu_plans_evicted_while_a_side_stream_still_reads_them(gate):
+@pytest.mark.parametrize("relayout", [False, True])
+def test_gpu_plans_evicted_while_a_side_stream_still_reads_them(gate, relayout):
     """Plans built on the default stream, used next by a step on a held-back side stream, then
     evicted (one more optimizer than the cache holds plans): stream_use.py keeps their memory
-    from the default stream's allocations until the side stream is done with it."""
+    from the default stream's allocations until the side stream is done with it; with
+    ``relayout`` the step plan's element counts are replaced too."""
     ops = _ops()
-    assert_side_stream_step_survives_eviction(ops.PLANS.capacity + 1, rtol=1e-6, atol=1e-7, backend="triton", gate=gate)
+    assert_side_stream_step_survives_eviction(ops.PLANS.capacity + 1, rtol=1e-6, atol=1e-7, relayout=relayout,
+                                              backend="triton", gate=gate)
 
 
 @pytest.mark.gpu

@@ -101,7 +101,7 @@ class TelemetryLayout:
     # are read from a dense buffer of the layout's own, copied into before each pass: (index of
     # the gradient in the list the layout was built over, buffer). See stage_.
     staged: List[Tuple[int, Tensor]] = field(default_factory=list)
-    # The streams a cached CUDA layout is used on (stream_use.py; set when cached).
+    # The streams a cached CUDA layout is used on (lbw_kernels/stream_use.py; set when cached).
     stream_use: Any = None
 
 

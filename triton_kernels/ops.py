@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
+from lbw_kernels.stream_use import StreamUse
 
 from .chunk_table import (
     HYPER_FIELDS, PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, stage_,
@@ -26,7 +27,6 @@ from .chunk_table import (
 )
 from .config import geometry
 from .guarded_adamw import guarded_adamw_
-from .stream_use import StreamUse
 from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 
 #: Plans of every optimizer using the Triton backend, keyed by storage (see chunk_table.py):
@@ -69,7 +69,7 @@ def _plan(key, build, device: torch.device):
 
 
 def _built_on_this_stream(plan, device: torch.device):
-    # (a CUDA plan to be cached: its stream and an event after its uploads, stream_use.py)
+    # (a CUDA plan to be cached: its stream and an event after its uploads, lbw_kernels/stream_use.py)
     if device.type == "cuda":
         plan.stream_use = StreamUse(device)
     return plan

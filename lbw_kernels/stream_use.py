@@ -1,25 +1,27 @@
-"""Cached plans used from more than one CUDA stream.
+"""Device tensors kept from call to call, used from more than one CUDA stream.
 
-A plan's tables are uploaded, and its workspaces allocated, on the stream that was current when
-it was built; the caching allocator ties their blocks to that stream. A later call on another
-stream (a step on a side stream after one on the default stream) launches from them there. Two
-things then need saying, once per plan and stream:
+The Triton backend's cached plans (tables uploaded, workspaces allocated) and the optimizer's
+step plan (its element counts on the device) are made on the stream that was current when
+they were built; the caching allocator ties their blocks to that stream. A later call on
+another stream (a step on a side stream after one on the default stream) reads them there.
+Two things then need saying, once per plan and stream:
 
 * that stream waits for the plan's uploads (an event recorded after the build), which are
   otherwise ordered before it only by the caller's own stream syncs;
 * the allocator is told that stream uses each of the plan's device tensors
-  (``Tensor.record_stream``): a plan evicted from the cache frees them, and without it their
-  blocks go back to the build stream's pool at once, where an allocation can take and overwrite
-  them while a launch queued on the other stream has yet to read them.
+  (``Tensor.record_stream``): a plan evicted from the cache (or replaced, when the params'
+  layout changes) frees them, and without it their blocks go back to the build stream's pool
+  at once, where an allocation can take and overwrite them while a launch queued on the other
+  stream has yet to read them.
 
 A plan's own stream costs one comparison per call. Streams are told apart by their raw
 handles: torch's streams (the default one, its pools) live as long as the process, but an
 external stream destroyed and another created at the same address, or CUDA's per-thread
-default stream (one handle for every thread), would pass for one already handled. Not during
-a capture: a captured wait on an
-event recorded outside the capture is an error, and plans a graph uses are kept for good
-(``PlanCache.keep``). The CUDA backend does the same for its tables (csrc/bindings/ops_cuda.cpp,
-``use_on``).
+default stream (one handle for every thread), would pass for one already handled. Nothing is
+done while the stream is captured into a CUDA graph (a captured wait on an event recorded
+outside the capture is an error; plans a graph uses are kept for good, ``PlanCache.keep``);
+the first eager call on that stream does it. The CUDA backend does the same for its tables
+(csrc/bindings/ops_cuda.cpp, ``use_on``).
 """
 
 from __future__ import annotations
@@ -44,17 +46,21 @@ class StreamUse:
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.home = _current_stream_id(self.device)
         self.uploaded = torch.cuda.Event()
-        self.uploaded.record(torch.cuda.current_stream(device))
+        self.uploaded.record(torch.cuda.current_stream(self.device))
         self.others: Set[int] = set()
 
-    def enter(self, plan: Any) -> None:
-        """Before a launch from ``plan`` on the current stream of the plan's device."""
+    def enter(self, held: Any) -> None:
+        """Before a launch that reads ``held`` (a plan, or the tensors made with this StreamUse)
+        on the current stream of its device."""
         stream = _current_stream_id(self.device)
         if stream == self.home or stream in self.others:
             return
+        with torch.cuda.device(self.device):
+            if torch.cuda.is_current_stream_capturing():
+                return
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.uploaded)
-        for t in held_tensors(plan):
+        for t in held_tensors(held):
             if t.is_cuda:  # (not the pinned sources of its uploads)
                 t.record_stream(current)
         self.others.add(stream)
