@@ -194,11 +194,14 @@ done
     "$PY" "$OUT_DIR"
 # Each step split on the device's timeline (bench/step_timeline.py): host prefix before the
 # first kernel, the kernels' own time against the floor, idle gaps between them; TinyLlama
-# (are its rows over 1.05x in the kernels or in host time?) and the many-tensors layout.
+# (are its rows over 1.05x in the kernels or in host time?) and the many-tensors layout. With
+# stats_freq 10 too: on the H200 (2026-11-27) the cuda rows' sf=10 medians (calls without
+# telemetry) were 0.22 ms (exact) and 0.28 ms (single_pass) below their sf=1 ones on
+# TinyLlama, within 1.05x of the floor where sf=1 was not; the Triton rows were not.
 for layout in "${LAYOUTS[@]}"; do
     [[ $layout == gpt2-124m ]] && continue
-    phase "timeline_$layout" 40 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
-        --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
+    phase "timeline_$layout" 60 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
+        --stats-freq 1 --stats-freq 10 --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
 done
 # Where the host time of a step goes (cProfile, torch.profiler op/launch counts per step) on
 # the first layout (TinyLlama: 0.4-0.5 ms of host time before the first launch per step in the

@@ -30,7 +30,7 @@ device waits. The profiler itself adds host time to every op, so prefix and gaps
 against the bench's numbers; busy does not.
 
     python bench/step_timeline.py --layout tinyllama-1.1b [--backend cuda --backend triton]
-        [--gate exact] [--steps 5] [--json timeline.jsonl]
+        [--gate exact] [--stats-freq 1 --stats-freq 10] [--steps 5] [--json timeline.jsonl]
 
 Without a CUDA device it still runs (CPU tensors, ``cpp`` backend): every step is host time.
 """
@@ -213,6 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--layout", default="tinyllama-1.1b", choices=sorted(LAYOUTS))
     ap.add_argument("--backend", action="append", help="repeatable; default: cuda and triton (cpp on CPU)")
     ap.add_argument("--gate", action="append", choices=["exact", "single_pass"])
+    ap.add_argument("--stats-freq", type=int, action="append",
+                    help="repeatable; default 1. With 10 the profiled steps (calls 4-8) are calls without "
+                         "telemetry, as the bench's sf=10 medians")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--loop-steps", type=int, default=20, help="steps timed back to back for the loop column")
     ap.add_argument("--json", help="append one JSON line per row to this file")
@@ -229,9 +232,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    lambda: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True))]
     for backend in backends:
         for gate in args.gate or ["exact", "single_pass"]:
-            candidates.append((f"guard {backend} {gate} sf=1", FLOOR_BYTES_GATED if gate == "exact" else FLOOR_BYTES_UPDATE,
-                               lambda b=backend, g=gate: GuardedAdamW(params, lr=1e-4, weight_decay=0.01, backend=b, gate=g,
-                                                                   stats_freq=1)))
+            for sf in args.stats_freq or [1]:
+                candidates.append((f"guard {backend} {gate} sf={sf}",
+                                   FLOOR_BYTES_GATED if gate == "exact" else FLOOR_BYTES_UPDATE,
+                                   lambda b=backend, g=gate, f=sf: GuardedAdamW(params, lr=1e-4, weight_decay=0.01,
+                                                                             backend=b, gate=g, stats_freq=f)))
     rows = []
     for name, bytes_per_param, make in candidates:
         opt = make()

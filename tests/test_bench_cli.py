@@ -376,9 +376,11 @@ def test_step_timeline_runs_on_cpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "step_timeline.py"
     out = tmp_path / "t.jsonl"
     done = subprocess.run([sys.executable, str(script), "--layout", "tiny", "--steps", "2", "--backend", "reference",
-                           "--gate", "exact", "--json", str(out)], capture_output=True, text=True, check=True)
+                           "--gate", "exact", "--stats-freq", "1", "--stats-freq", "10", "--json", str(out)],
+                          capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["row"] for r in rows] == ["torch AdamW fused", "guard reference exact sf=1"], done.stdout
+    assert [r["row"] for r in rows] == ["torch AdamW fused", "guard reference exact sf=1",
+                                        "guard reference exact sf=10"], done.stdout
     assert all(r["host"] > 0 and r["busy"] == 0 and r["span"] == r["host"] and r["launch"] is None for r in rows)
     assert all(r["loop_us"] > 0 and r["loop_steps"] == 20 for r in rows)
     assert "guard reference exact sf=1" in done.stdout
