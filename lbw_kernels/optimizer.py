@@ -449,7 +449,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                                   self._state_for, numels, runs_subclasses=backend is None or backend.runs_subclasses)
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
-            if self._plan.numels is not None and self._plan.numels.is_cuda and not stream_is_capturing(self._guard.device):
+            numels_on_gpu = self._plan.numels is not None and self._plan.numels.is_cuda
+            if numels_on_gpu and not stream_is_capturing(self._guard.device):
                 self._plan.stream_use = StreamUse(self._guard.device)
         if self._plan.stream_use is not None and not torch.compiler.is_compiling():
             self._plan.stream_use.enter((self._plan.numels, self._plan.numel_total))
