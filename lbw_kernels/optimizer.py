@@ -136,14 +136,18 @@ def stream_is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _device_numels(numels: List[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _device_numels(numels: List[int], *, dtype: torch.dtype, device: torch.device, keep: List[Tensor]) -> Tensor:
     """A step plan's element counts on the guard's device. To a GPU from pinned memory without
     blocking: a plan rebuilt for a new layout then does not wait for the device (a pageable copy
-    would, behind whatever the stream still has queued)."""
+    would, behind whatever the stream still has queued). The pinned source goes to ``keep``,
+    which the plan holds: a plan built while a CUDA graph is captured records the copy into
+    the graph, whose replays read the source again."""
     host = torch.tensor(numels, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    host = host.pin_memory()
+    keep.append(host)
+    return host.to(device, non_blocking=True)
 
 
 class GuardedAdamW(torch.optim.Optimizer):
@@ -444,9 +448,11 @@ class GuardedAdamW(torch.optim.Optimizer):
             check_not_wrapped_by_deepspeed(self)
             device = _first_device_with_grad(self.param_groups, grads.per_group)
             backend = None if device is None else self._backend_for(device)
-            numels = functools.partial(_device_numels, dtype=self._guard.dtype, device=self._guard.device)
+            sources: List[Tensor] = []
+            numels = functools.partial(_device_numels, dtype=self._guard.dtype, device=self._guard.device, keep=sources)
             self._plan = StepPlan(key, self.param_groups, grads.per_group, lambda p: dict.get(self.state, p),
                                   self._state_for, numels, runs_subclasses=backend is None or backend.runs_subclasses)
+            self._plan.pinned_sources = sources  # (see _device_numels)
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
             numels_on_gpu = self._plan.numels is not None and self._plan.numels.is_cuda
