@@ -68,7 +68,7 @@ class StreamUse:
 
 def held_tensors(obj: Any) -> Iterator[Tensor]:
     """Every tensor ``obj`` holds: itself if it is one, and those of its dataclass fields,
-    lists, tuples and dicts, recursively (a plan, and the layouts and chunk lists in it)."""
+    lists and tuples, recursively (a plan, and the layouts and chunk lists in it)."""
     if isinstance(obj, Tensor):
         yield obj
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -76,7 +76,4 @@ def held_tensors(obj: Any) -> Iterator[Tensor]:
             yield from held_tensors(getattr(obj, f.name))
     elif isinstance(obj, (list, tuple)):
         for item in obj:
-            yield from held_tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
             yield from held_tensors(item)
