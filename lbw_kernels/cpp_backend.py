@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
+from .stream_use import KeptCopy
 from .validation import check_update_states, parse_int_overrides
 
 try:
@@ -234,7 +235,7 @@ class CppBackend(Backend):
     def __init__(self) -> None:
         # (device, lengths of the sub-groups' non-empty rows) -> index restoring group order,
         # for the rare group whose params mix dtypes.
-        self._orders: Dict[Tuple, Tensor] = {}
+        self._orders: Dict[Tuple, KeptCopy] = {}
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == self.device_type
@@ -329,9 +330,11 @@ class CppBackend(Backend):
             inverse = [0] * len(concatenated)
             for row, i in enumerate(concatenated):
                 inverse[i] = row
-            index = torch.tensor(inverse, dtype=torch.long).to(key[0])
-            self._orders[key] = index
-        return torch.cat(got).index_select(0, index)
+            host = torch.tensor(inverse, dtype=torch.long)
+            if torch.compiler.is_compiling():  # (a traced step traces the copy; nothing kept)
+                return torch.cat(got).index_select(0, host.to(key[0]))
+            index = self._orders[key] = KeptCopy(host, key[0], "the row order of a param group with several dtypes")
+        return torch.cat(got).index_select(0, index.get())
 
     @staticmethod
     def _lr(scale: Tensor, lr) -> Tuple[Tensor, float]:

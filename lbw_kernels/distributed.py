@@ -66,6 +66,7 @@ from torch import Tensor
 from .backends import GroupTensors
 from .partial_grads import PartialGrads, effective_placements
 from .pipeline import all_gather_single, check_stage_group
+from .stream_use import KeptCopy
 from .subclasses import dtensor_class, is_dtensor, is_plain, kernel_tensor
 
 
@@ -248,11 +249,17 @@ class _Layout:
         return _Layout(rows, index, keep_t, sums, PartialGrads(groups))
 
     def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
-        # Cached per device: a host -> device copy every call would be a sync on some devices.
+        # Cached per device: a host -> device copy every call would cost a launch, and a
+        # pageable one waits for the device. Kept as a KeptCopy: uploaded without blocking, and
+        # a step on another CUDA stream waits for the upload and holds the memory for its reads.
+        # (A traced step traces the copy, as it traces every other op of the call.)
+        if torch.compiler.is_compiling():
+            return t.to(device)
         key = (name, device)
-        if key not in self._cache:
-            self._cache[key] = t.to(device)
-        return self._cache[key]
+        kept = self._cache.get(key)
+        if kept is None:
+            kept = self._cache[key] = KeptCopy(t, device, "a DTensor layout's row map")
+        return kept.get()
 
     def scatter(self, partials: Optional[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The local partials in their global rows, zeros elsewhere and in rows this rank does not count."""

@@ -26,7 +26,7 @@ from .optimizer_state import OptimizerState
 from .pipeline import check_same_options, model_summary, only_rows_analyzed, resolve_pipeline_group, stage_options
 from .policies import resolve_policy
 from .step_plan import CallGrads, StepPlan, check_grads_cheaply, gather_grads, presence_key
-from .stream_use import StreamUse
+from .stream_use import StreamUse, stream_is_capturing, upload
 from .subclasses import is_dtensor
 from .zero import (
     adopt_states_after_zero_loads,
@@ -131,23 +131,12 @@ def _sharded_across_ranks(param_groups) -> bool:
     return any(is_dtensor(p) for group in param_groups for p in group["params"])
 
 
-def stream_is_capturing(device: torch.device) -> bool:
-    """True while the current CUDA stream is being captured into a graph."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _device_numels(numels: List[int], *, dtype: torch.dtype, device: torch.device, keep: List[Tensor]) -> Tensor:
-    """A step plan's element counts on the guard's device. To a GPU from pinned memory without
-    blocking: a plan rebuilt for a new layout then does not wait for the device (a pageable copy
-    would, behind whatever the stream still has queued). The pinned source goes to ``keep``,
-    which the plan holds: a plan built while a CUDA graph is captured records the copy into
-    the graph, whose replays read the source again."""
-    host = torch.tensor(numels, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    host = host.pin_memory()
-    keep.append(host)
-    return host.to(device, non_blocking=True)
+    """A step plan's element counts on the guard's device, uploaded without blocking
+    (stream_use.upload): a plan rebuilt for a new layout then does not wait for the device. The
+    plan holds ``keep``, the pinned source: a plan built while a CUDA graph is captured records
+    the copy into the graph, whose replays read the source again."""
+    return upload(torch.tensor(numels, dtype=dtype), device, keep)
 
 
 class GuardedAdamW(torch.optim.Optimizer):

@@ -1,7 +1,7 @@
 """Device tensors kept from call to call, used from more than one CUDA stream.
 
-The Triton backend's cached plans (tables uploaded, workspaces allocated) and the optimizer's
-step plan (its element counts on the device) are made on the stream that was current when
+The Triton backend's cached plans (tables uploaded, workspaces allocated), the optimizer's
+step plan (its element counts on the device) and the small index tensors of ``KeptCopy`` are made on the stream that was current when
 they were built; the caching allocator ties their blocks to that stream. A later call on
 another stream (a step on a side stream after one on the default stream) reads them there.
 Two things then need saying, once per plan and stream:
@@ -22,15 +22,43 @@ done while the stream is captured into a CUDA graph (a captured wait on an event
 outside the capture is an error; plans a graph uses are kept for good, ``PlanCache.keep``);
 the first eager call on that stream does it. The CUDA backend does the same for its tables
 (csrc/bindings/ops_cuda.cpp, ``use_on``).
+
+The uploads themselves go from pinned memory without blocking (``upload``): a pageable
+host-to-device copy waits for the device, behind whatever the stream still has queued, and
+fails while a CUDA graph is captured. :class:`KeptCopy` is one small host tensor kept on the
+device this way (the DTensor row maps, the C++ backend's row orders).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Set
+from typing import Any, Iterator, List, Optional, Set
 
 import torch
 from torch import Tensor
+
+
+def stream_is_capturing(device: torch.device) -> bool:
+    """True while ``device``'s current CUDA stream is being captured into a graph (that device's,
+    not the current device's: a step on cuda:1 while cuda:0 is current launches on cuda:1's)."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def upload(host: Tensor, device: torch.device, keep: List[Tensor]) -> Tensor:
+    """``host`` (a CPU tensor) on ``device``. To a GPU from pinned memory without blocking; the
+    pinned source goes to ``keep``, which the caller holds as long as the copy: it must outlive
+    the copy, and a copy made while a CUDA graph is captured is recorded into the graph, whose
+    replays read the source again."""
+    if device.type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    keep.append(host)
+    return host.to(device, non_blocking=True)
 
 
 def _current_stream_id(device: torch.device) -> int:
@@ -77,3 +105,29 @@ def held_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             yield from held_tensors(item)
+
+
+class KeptCopy:
+    """One host tensor's copy on a device, kept from call to call and read from whichever stream
+    is current then: ``get()`` before each launch that reads it.
+
+    Not made while the device's stream is captured into a CUDA graph: the copy would be recorded
+    into the graph, not run, and the tensor would hold nothing until the first replay, while
+    later eager calls read it at once. The step needing it raises (``what`` names it), as the
+    Triton backend does for its plans: one eager step with the same tensors before capturing
+    makes every such copy."""
+
+    def __init__(self, host: Tensor, device: torch.device, what: str):
+        if stream_is_capturing(device):
+            raise RuntimeError(
+                f"{what} was first needed while a CUDA graph was being captured; run one step() eagerly "
+                "with the same params and grads before capturing"
+            )
+        self.sources: List[Tensor] = []
+        self.tensor = upload(host, device, self.sources)
+        self.stream_use: Optional[StreamUse] = StreamUse(device) if self.tensor.is_cuda else None
+
+    def get(self) -> Tensor:
+        if self.stream_use is not None and not torch.compiler.is_compiling():
+            self.stream_use.enter(self.tensor)
+        return self.tensor

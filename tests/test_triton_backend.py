@@ -9,7 +9,6 @@ CUDA-graph capture and no-sync checks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 
@@ -429,9 +428,9 @@ def test_plans_a_cuda_graph_captured_outlive_eviction(triton_backend, captured, 
     ops = _ops()
     ops.PLANS.clear()
     monkeypatch.setattr(ops.PLANS, "kept", [])
-    real = ops._capturing
+    real = ops.stream_is_capturing
     capturing = [False]
-    monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0] or real(device))
+    monkeypatch.setattr(ops, "stream_is_capturing", lambda device: capturing[0] or real(device))
 
     def step(n, capture=False):
         p = torch.nn.Parameter(torch.randn(n))
@@ -479,59 +478,6 @@ def test_every_tensor_of_a_plan_is_found_for_record_stream(triton_backend):
     found = {id(t) for plan in plans for t in held_tensors(plan)}
     assert all(id(t) in found for t in want)
     assert all(plan.stream_use is None for plan in plans)
-
-
-def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeypatch):
-    """StreamUse.enter with the CUDA calls stood in for (CPU): a call on the build stream does
-    nothing; the first call on another stream waits for the upload event and records that
-    stream on the plan's device tensors (not its pinned host sources); later calls on it do
-    nothing more; a third stream gets its own wait and records, not while it is captured
-    (then at its first eager call)."""
-    from types import SimpleNamespace
-
-    from lbw_kernels import stream_use
-
-    current = [7]
-    log = []
-
-    class Event:
-        def record(self, stream):
-            log.append(("record event", stream.id))
-
-    def current_stream(device):
-        return SimpleNamespace(id=current[0], wait_event=lambda event: log.append(("wait", current[0])))
-
-    class Held:
-        def __init__(self, name, is_cuda):
-            self.name, self.is_cuda = name, is_cuda
-
-        def record_stream(self, stream):
-            log.append(("record_stream", self.name, stream.id))
-
-    capturing = [False]
-    monkeypatch.setattr(stream_use, "_current_stream_id", lambda device: current[0])
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
-    monkeypatch.setattr(stream_use, "held_tensors", lambda plan: [Held("table", True), Held("pinned", False)])
-    use = stream_use.StreamUse(torch.device("cuda", 0))
-    assert log == [("record event", 7)]
-    use.enter(object())  # the build stream
-    assert log == [("record event", 7)]
-    current[0] = 9
-    use.enter(object())
-    use.enter(object())
-    assert log[1:] == [("wait", 9), ("record_stream", "table", 9)]
-    current[0] = 11
-    capturing[0] = True  # a capture on stream 11: nothing, and 11 not taken for done
-    use.enter(object())
-    assert log[3:] == []
-    capturing[0] = False
-    use.enter(object())
-    current[0] = 7
-    use.enter(object())
-    assert log[3:] == [("wait", 11), ("record_stream", "table", 11)]
 
 
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
@@ -946,7 +892,7 @@ def test_plans_first_needed_during_a_capture_are_kept_for_it_not_cached(triton_b
     ops.PLANS.clear()
     monkeypatch.setattr(ops.PLANS, "kept", [])
     capturing = [True]
-    monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(ops, "stream_is_capturing", lambda device: capturing[0])
     p = torch.nn.Parameter(torch.randn(7))
     opt = GuardedAdamW([p], lr=1e-2, backend="triton", gate="exact", stats_freq=1)
     p.grad = torch.randn(7)
@@ -973,7 +919,7 @@ def test_a_build_that_fails_during_a_capture_says_to_step_eagerly_first(triton_b
     p.grad = torch.randn(7)
     with pytest.raises(RuntimeError, match="not permitted"):  # eagerly: the error as it is
         opt.step()
-    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(ops, "stream_is_capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="run one step\\(\\) eagerly with the same params and grads"):
         opt.step()
 
@@ -996,7 +942,7 @@ def test_eager_calls_after_a_capture_rewrite_an_unchanged_lr(triton_backend, mon
         opt.step()  # eager warm-up
         if backend == "triton":
             capturing = [True]
-            monkeypatch.setattr(ops, "_capturing", lambda device: capturing[0])
+            monkeypatch.setattr(ops, "stream_is_capturing", lambda device: capturing[0])
             opt.step()  # "captured"
             capturing[0] = False
             plan, = [plan for plan in ops.PLANS.plans() if hasattr(plan, "hyper")]

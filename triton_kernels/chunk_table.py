@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from lbw_kernels.stream_use import upload
 from lbw_kernels.validation import check_state_tensors
 
 from .pointers import BF16, DTYPE_CODES, FP16, FP32, FP64
@@ -126,14 +127,9 @@ class UpdatePlan:
 
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:
+    # (without blocking, the plan keeping the pinned source: stream_use.upload)
     host = torch.tensor(list(rows), dtype=dtype).reshape(-1, cols) if rows else torch.zeros((0, cols), dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    # Pinned + non_blocking: the upload does not wait for the device (rebuilds stay sync-free);
-    # the pinned source must outlive the copy, so the plan keeps it.
-    host = host.pin_memory()
-    keep.append(host)
-    return host.to(device, non_blocking=True)
+    return upload(host, device, keep)
 
 
 def _element_order(t: Tensor) -> Optional[Tuple[int, ...]]:

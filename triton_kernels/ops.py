@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
-from lbw_kernels.stream_use import StreamUse
+from lbw_kernels.stream_use import StreamUse, stream_is_capturing
 
 from .chunk_table import (
     HYPER_FIELDS, PlanCache, UpdatePlan, build_telemetry, build_update, exact_telemetry_key, refresh_hyper, stage_,
@@ -36,10 +36,6 @@ from .telemetry import new_partials, telemetry_chunks_, telemetry_partials
 PLANS = PlanCache(capacity=16)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _plan(key, build, device: torch.device):
     """``PLANS.get``; a plan used while the stream is captured into a CUDA graph is kept for good
     (PlanCache.keep): eviction would free memory the graph's replays write.
@@ -48,7 +44,7 @@ def _plan(key, build, device: torch.device):
     for that graph alone, not cached: its uploads and zero-fills are recorded into the graph,
     not run, so its tables hold nothing until the first replay, and an eager call finding it
     before then would launch from garbage addresses."""
-    if not _capturing(device):
+    if not stream_is_capturing(device):
         plan = PLANS.get(key, lambda: _built_on_this_stream(build(), device))
         if plan.stream_use is not None:
             plan.stream_use.enter(plan)

@@ -1,0 +1,132 @@
+"""lbw_kernels/stream_use.py: device tensors kept from call to call and read from several CUDA
+streams (the Triton plans, the step plan's element counts, the DTensor row maps, the C++
+backend's row orders). On CPU, with the CUDA calls stood in for; the GPU tests
+(``*_evicted_while_a_side_stream_still_reads_them``) run the real thing."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lbw_kernels import stream_use
+
+
+def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeypatch):
+    """StreamUse.enter with the CUDA calls stood in for (CPU): a call on the build stream does
+    nothing; the first call on another stream waits for the upload event and records that
+    stream on the plan's device tensors (not its pinned host sources); later calls on it do
+    nothing more; a third stream gets its own wait and records, not while it is captured
+    (then at its first eager call)."""
+    current = [7]
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record event", stream.id))
+
+    def current_stream(device):
+        return SimpleNamespace(id=current[0], wait_event=lambda event: log.append(("wait", current[0])))
+
+    class Held:
+        def __init__(self, name, is_cuda):
+            self.name, self.is_cuda = name, is_cuda
+
+        def record_stream(self, stream):
+            log.append(("record_stream", self.name, stream.id))
+
+    capturing = [False]
+    monkeypatch.setattr(stream_use, "_current_stream_id", lambda device: current[0])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(stream_use, "held_tensors", lambda plan: [Held("table", True), Held("pinned", False)])
+    use = stream_use.StreamUse(torch.device("cuda", 0))
+    assert log == [("record event", 7)]
+    use.enter(object())  # the build stream
+    assert log == [("record event", 7)]
+    current[0] = 9
+    use.enter(object())
+    use.enter(object())
+    assert log[1:] == [("wait", 9), ("record_stream", "table", 9)]
+    current[0] = 11
+    capturing[0] = True  # a capture on stream 11: nothing, and 11 not taken for done
+    use.enter(object())
+    assert log[3:] == []
+    capturing[0] = False
+    use.enter(object())
+    current[0] = 7
+    use.enter(object())
+    assert log[3:] == [("wait", 11), ("record_stream", "table", 11)]
+
+
+def test_a_kept_copy_on_the_cpu_is_the_host_tensor_with_nothing_to_order():
+    host = torch.tensor([2, 0, 1])
+    kept = stream_use.KeptCopy(host, torch.device("cpu"), "the test's index")
+    assert kept.stream_use is None and kept.sources == []
+    assert torch.equal(kept.get(), host)
+
+
+def test_a_kept_copy_is_ordered_on_every_read_and_never_made_during_a_capture(monkeypatch):
+    """On a GPU (stood in for): the upload goes through stream_use.upload (pinned, without
+    blocking, the source kept with the copy), a StreamUse is made after it, and every get()
+    enters it with the copy (nothing while torch.compile traces); made while the device's
+    stream is captured, it raises naming what needed it, before any upload."""
+    log = []
+
+    def upload(host, device, keep):
+        log.append(("upload", device.type))
+        keep.append("pinned source")
+        return SimpleNamespace(is_cuda=True, values=host)
+
+    class Use:
+        def __init__(self, device):
+            log.append(("stream use", device.type))
+
+        def enter(self, held):
+            log.append(("enter", held.values.tolist()))
+
+    capturing = [True]
+    monkeypatch.setattr(stream_use, "upload", upload)
+    monkeypatch.setattr(stream_use, "StreamUse", Use)
+    monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: capturing[0])
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="the test's row map was first needed while a CUDA graph"):
+        stream_use.KeptCopy(torch.tensor([1, 0]), cuda, "the test's row map")
+    assert log == []
+    capturing[0] = False
+    kept = stream_use.KeptCopy(torch.tensor([1, 0]), cuda, "the test's row map")
+    assert log == [("upload", "cuda"), ("stream use", "cuda")] and kept.sources == ["pinned source"]
+    kept.get()
+    kept.get()
+    assert log[2:] == [("enter", [1, 0])] * 2
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    kept.get()
+    assert len(log) == 4
+
+
+def test_a_capture_is_asked_of_the_params_device_not_the_current_one(monkeypatch):
+    """stream_is_capturing(cuda:1) while cuda:0 is current asks cuda:1's current stream (a step
+    launches there), switching devices only then."""
+    current = [0]
+    capturing_on = {1}
+    switched = []
+
+    @contextlib.contextmanager
+    def device(d):
+        before = current[0]
+        current[0] = d.index
+        switched.append(d.index)
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current[0] in capturing_on)
+    assert stream_use.stream_is_capturing(torch.device("cuda", 1))
+    assert not stream_use.stream_is_capturing(torch.device("cuda", 0))
+    assert switched == [1]
+    assert not stream_use.stream_is_capturing(torch.device("cpu"))
