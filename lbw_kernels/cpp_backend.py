@@ -207,7 +207,7 @@ def _named(error: RuntimeError, part: GroupTensors, group: GroupTensors, gi: int
 def _parts(groups: Sequence[GroupTensors]) -> Tuple[List[List[GroupTensors]], bool]:
     """Each group's parts (one op call each: split_by_dtype), and whether their states were all
     checked here. Each op checks its own part before writing it, so with several parts all are
-    checked first (_C._check_update_, ~25 ns a tensor; the Python check for parts the kernels
+    checked first (_C._check_update_, ~40 ns a param; the Python check for parts the kernels
     do not take): a later part refused (a state moved through `.data` to a tensor the kernels
     refuse) then leaves the earlier ones as they were. (Eagerly: a compiled step's ops are
     traced.)"""
