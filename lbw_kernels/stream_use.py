@@ -1,9 +1,10 @@
 """Device tensors kept from call to call, used from more than one CUDA stream.
 
 The Triton backend's cached plans (tables uploaded, workspaces allocated), the optimizer's
-step plan (its element counts on the device) and the small index tensors of ``KeptCopy`` are made on the stream that was current when
-they were built; the caching allocator ties their blocks to that stream. A later call on
-another stream (a step on a side stream after one on the default stream) reads them there.
+step plan (its element counts on the device) and the small index tensors of ``KeptCopy`` are
+made on the stream that was current when they were built; the caching allocator ties their
+blocks to that stream. A later call on another stream (a step on a side stream after one on
+the default stream) reads them there.
 Two things then need saying, once per plan and stream:
 
 * that stream waits for the plan's uploads (an event recorded after the build), which are
