@@ -192,6 +192,20 @@ done
 # The candidates beside the defaults in one table (tune_table.md).
 [[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
     "$PY" "$OUT_DIR"
+# The guard's steps and torch fused AdamW (capturable=True) captured in CUDA graphs, each timed
+# call one replay (lbw-kernels bench --graphs only): what a training loop that captures its
+# optimizer step gets, with no host time per step; beside the eager rows above, how much of
+# each row's distance to its target is host time. TinyLlama and the many-tensors layout,
+# the issues' targets read off them too (the "captured" column of targets.md). (Not in a dry
+# run without CUDA: bench refuses --graphs there.)
+"$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null && for layout in "${LAYOUTS[@]}"; do
+    [[ $layout == gpt2-124m ]] && continue
+    phase "bench_graphs_$layout" 45 "$PY" -m lbw_kernels bench --layout "$layout" "${BENCH_BACKENDS[@]}" \
+        --graphs only --stats-freq 1 --rounds 2 --reps 20 --budget 1.5 --no-plot --out "$OUT_DIR/bench-$layout-graphs"
+done
+collect_results
+compgen -G "$OUT_DIR/bench-*-graphs/bench.json" >/dev/null && phase targets_graphs 20 bash -c \
+    '"$0" bench/targets.py "$1"/bench-*-graphs/bench.json | tee -a "$1/targets.md"' "$PY" "$OUT_DIR"
 # Each step split on the device's timeline (bench/step_timeline.py): host prefix before the
 # first kernel, the kernels' own time against the floor, idle gaps between them; TinyLlama
 # (are its rows over 1.05x in the kernels or in host time?) and the many-tensors layout. With

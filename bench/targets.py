@@ -16,6 +16,9 @@ On CPU (issue 4, backend cpp, GPT-2 124M or its 30M scaling): exact gate <= 1.15
 single_pass <= 1.0x, exact with stats_freq=10 <= 1.02x, and each gate >= 4x faster than the
 published procedure with telemetry every call.
 
+Rows captured in a CUDA graph (``bench --graphs add|only``: the row's name plus " (CUDA graph)")
+are judged in a third column, "captured", against torch fused AdamW captured the same way.
+
 A ratio is the bench's own (x floor: the row's time over its bytes at the copy bandwidth
 measured in the same run; vs fused: over torch fused AdamW's time in the same run), so rows
 of files from different devices are never compared with each other.
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 KERNEL_BACKENDS = ("cuda", "triton")
+GRAPH_SUFFIX = " (CUDA graph)"  # lbw_kernels.bench.GRAPH_SUFFIX (this script reads JSON alone, no torch)
 CPU_LAYOUTS = ("gpt2-124m", "gpt2-30m")  # issue 4: "GPT-2 124M shapes (or scaled to about 30M)"
 
 
@@ -56,11 +60,13 @@ def _field(name: str) -> Callable[[dict, dict, bool], Optional[float]]:
 
 
 def _faster_than(baseline: str) -> Callable[[dict, dict, bool], Optional[float]]:
-    """How many times faster than the ``baseline`` row of the same table."""
+    """How many times faster than the ``baseline`` row of the same table (a captured row: than
+    the baseline's captured twin)."""
 
     def value(row: dict, table: dict, loop: bool) -> Optional[float]:
         key = "ms_loop" if loop else "ms"
-        base = next((r for r in table["rows"] if r["name"] == baseline), None)
+        name = baseline + (GRAPH_SUFFIX if row.get("graph") else "")
+        base = next((r for r in table["rows"] if r["name"] == name), None)
         if base is None or base.get(key) is None or row.get(key) is None:
             return None
         return base[key] / row[key]
@@ -127,26 +133,29 @@ def report(path: Path) -> List[str]:
             continue
         tables += 1
         rows = {r["name"]: r for r in table["rows"]}
-        loop = any(r.get("ms_loop") is not None for r in table["rows"])
+        captured = any(r.get("graph") for r in table["rows"])
+        # (a table of captured rows alone, bench --graphs only, gets the captured column alone)
+        eager = not captured or any(t.row in rows for t in targets)
+        loop = eager and any(r.get("ms_loop") is not None and not r.get("graph") for r in table["rows"])
+        # columns: (title, how the row is found and timed)
+        columns = ([("alone", "", False)] if eager else []) + ([("loop", "", True)] if loop else []) + (
+            [("captured", GRAPH_SUFFIX, False)] if captured else [])
         lines.append(f"{table['layout']}:")
         lines.append("")
-        head = "| target | row | alone | met |" + (" loop | met |" if loop else "")
+        head = "| target | row |" + "".join(f" {title} | met |" for title, _, _ in columns)
         lines += [head, "|" + "---|" * head.count(" |")]
-        counts = [0, 0, 0]  # targets, met alone, met back to back
+        met = [0] * len(columns)
         for t in targets:
-            row = rows.get(t.row)
-            alone = _cell(t, row, table, False)
-            line = f"| {t.text} | {t.row} | {alone} |"
-            counts[0] += 1
-            counts[1] += alone.endswith("yes")
-            if loop:
-                cell = _cell(t, row, table, True)
+            line = f"| {t.text} | {t.row} |"
+            for i, (_, suffix, on_loop) in enumerate(columns):
+                cell = _cell(t, rows.get(t.row + suffix), table, on_loop)
                 line += f" {cell} |"
-                counts[2] += cell.endswith("yes")
+                met[i] += cell.endswith("yes")
             lines.append(line)
         lines.append("")
-        lines.append(f"met: {counts[1]} of {counts[0]} timed alone" + (f", {counts[2]} of {counts[0]} back to back"
-                                                                       if loop else ""))
+        words = {"alone": "timed alone", "loop": "back to back", "captured": "captured in a CUDA graph"}
+        lines.append("met: " + ", ".join(f"{n} of {len(targets)} {words[title]}"
+                                         for n, (title, _, _) in zip(met, columns)))
         lines.append("")
     if not tables:
         lines += [f"(no targets for device {device!r}, layouts "

@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,11 +108,21 @@ class Row:
     backend: Optional[str] = None
     gate: Optional[str] = None
     stats_freq: Optional[int] = None
+    graph: bool = False  # the step captured in a CUDA graph, each timed call one replay (_captured)
 
 
-def _torch_adamw(fused: bool, clip: bool):
+# Rows of steps captured in a CUDA graph are named as their eager twins plus this.
+GRAPH_SUFFIX = " (CUDA graph)"
+# Who can be captured and is timed that way: the kernel backends (the reference backend can be
+# captured too, but its step is 5-50x theirs: not what a captured run would choose).
+GRAPH_BACKENDS = ("cuda", "triton")
+GRAPH_MODES = ("off", "add", "only")  # build_rows(graphs=...), bench --graphs
+
+
+def _torch_adamw(fused: bool, clip: bool, capturable: bool = False):
     def make(params):
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused, foreach=not fused)
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused, foreach=not fused,
+                                capturable=capturable)
 
         def step():
             if clip:
@@ -149,6 +160,34 @@ def _guarded(backend: str, gate: str, stats_freq: int, skip_nonfinite: bool = Tr
     return make
 
 
+def _captured(make):
+    """``make``'s step captured in a CUDA graph, as a training loop that captures its optimizer
+    step runs it: three eager steps on a side stream first (capture needs the state created and
+    the kernels compiled, off the capturing stream), then one step captured; each call of the
+    returned step replays it. Its time is the device's work with no host work per step beyond
+    the replay's launch: the eager rows' ms less their host time before the first launch."""
+
+    def make_captured(params):
+        step = make(params)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+
+        def replay():
+            graph.replay()
+
+        replay.step = step  # (the optimizer, whose state the graph reads and writes, lives as long)
+        return replay
+
+    return make_captured
+
+
 def usable_backends(device: torch.device, include: Optional[Sequence[str]] = None) -> Tuple[List[str], Dict[str, str]]:
     """Backends that ``availability()`` reports and that run on ``device``; and why others are left out.
 
@@ -176,11 +215,35 @@ def usable_backends(device: torch.device, include: Optional[Sequence[str]] = Non
     return names, skipped
 
 
+def graph_rows(backends: Sequence[str], gates: Sequence[str], stats_freqs: Sequence[int]) -> List[Row]:
+    """Captured twins (GRAPH_SUFFIX) of torch fused AdamW (``capturable=True``) and of the
+    kernel backends' guard rows. (A captured step with stats_freq > 1 reads every call's
+    telemetry and follows rule 2's schedule on the device: optimizer._telemetry_due.)"""
+    rows = [Row("torch AdamW fused" + GRAPH_SUFFIX, "baseline", FLOOR_BYTES_UPDATE,
+                _captured(_torch_adamw(True, False, capturable=True)), graph=True)]
+    for backend in (b for b in backends if b in GRAPH_BACKENDS):
+        for gate in gates:
+            for sf in stats_freqs:
+                nominal = FLOOR_BYTES_GATED if gate == "exact" else FLOOR_BYTES_UPDATE
+                rows.append(Row(f"guard {backend} {gate} sf={sf}" + GRAPH_SUFFIX, "guard", nominal,
+                                _captured(_guarded(backend, gate, sf)), backend=backend, gate=gate, stats_freq=sf,
+                                graph=True))
+    return rows
+
+
 def build_rows(
     backends: Sequence[str],
     gates: Sequence[str] = ("exact", "single_pass"),
     stats_freqs: Sequence[int] = (1, 10),
+    graphs: str = "off",
 ) -> List[Row]:
+    """The rows of a table. ``graphs``: "off", "add" (graph_rows after the eager ones) or
+    "only" (torch fused AdamW eager, as the reference for what capture saves, and graph_rows)."""
+    if graphs not in GRAPH_MODES:
+        raise ValueError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {graphs!r}")
+    if graphs == "only":
+        return [Row("torch AdamW fused", "baseline", FLOOR_BYTES_UPDATE, _torch_adamw(True, False))] + graph_rows(
+            backends, gates, stats_freqs)
     rows = [
         Row("torch AdamW foreach", "baseline", FLOOR_BYTES_UPDATE, _torch_adamw(False, False)),
         Row("torch AdamW fused", "baseline", FLOOR_BYTES_UPDATE, _torch_adamw(True, False)),
@@ -221,7 +284,7 @@ def build_rows(
                             stats_freq=sf,
                         )
                     )
-    return rows
+    return rows + (graph_rows(backends, gates, stats_freqs) if graphs == "add" else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,6 +377,7 @@ class Result:
     gate: Optional[str]
     stats_freq: Optional[int]
     bytes_per_param: float
+    graph: bool = False
     ms: Optional[float] = None
     ms_min: Optional[float] = None
     # With stats_freq > 1 the median is a call without telemetry; the mean over the timed calls
@@ -336,7 +400,7 @@ class Result:
 
 
 def run_row(row: Row, params: List[torch.Tensor], device: torch.device, warmup: int, reps: int, budget_s: float) -> Result:
-    res = Result(row.name, row.kind, row.backend, row.gate, row.stats_freq, row.bytes_per_param)
+    res = Result(row.name, row.kind, row.backend, row.gate, row.stats_freq, row.bytes_per_param, row.graph)
     try:
         step = row.make(params)
         step()  # first call: allocates state (and compiles kernels) outside the measurement
@@ -463,8 +527,11 @@ def bench_layout(
             res.gbps = row.bytes_per_param * numel / (res.ms * 1e-3) / 1e9
         if res.ms_loop is not None:
             res.x_floor_loop = res.ms_loop / res.floor_ms
-    fused = next((r for r in results if r.name == "torch AdamW fused" and r.ms), None)
+    # (a captured row beside captured torch fused AdamW: both without host time per step)
+    fused_of = {graph: next((r for r in results if r.name == "torch AdamW fused" + (GRAPH_SUFFIX if graph else "")
+                             and r.ms), None) for graph in (False, True)}
     for r in results:
+        fused = fused_of[r.graph]
         if fused and r.ms:
             r.vs_fused = r.ms / fused.ms
         if fused and fused.ms_loop and r.ms_loop:
@@ -550,9 +617,12 @@ def run_bench(
     budget_s: float = 3.0,
     progress: Optional[Callable[[str], None]] = None,
     rounds: int = 1,
+    graphs: str = "off",
 ) -> Dict[str, object]:
+    if graphs != "off" and device.type != "cuda":
+        raise ValueError(f"graphs={graphs!r}: steps are captured in CUDA graphs on a CUDA device only, got {device}")
     names, skipped = usable_backends(device, backends)
-    rows = build_rows(names, gates, stats_freqs)
+    rows = build_rows(names, gates, stats_freqs, graphs)
     tables = [bench_layout(layout, device, rows, warmup, reps, budget_s, progress, rounds) for layout in layouts]
     notes = ["ms_mean in the JSON: the mean over the timed calls, the amortised cost per step where stats_freq > 1"]
     if device.type == "cuda":
@@ -560,6 +630,11 @@ def run_bench(
             "CUDA: ms is each step timed alone (host time before its first launch on the clock); loop ms the "
             "same steps run back to back, as in a training loop whose host runs ahead (bench.time_loop)"
         )
+        if graphs != "off":
+            notes.append(
+                f"rows named '...{GRAPH_SUFFIX}': the step captured in a CUDA graph after 3 eager steps, each call one "
+                "replay; their vs fused is against torch fused AdamW (capturable=True) captured the same way"
+            )
     else:
         notes.append(
             "CPU: ms is the median of time.perf_counter per step (ms_min in the JSON: the fastest); "
@@ -601,6 +676,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per row at most")
     p.add_argument("--rounds", type=int, default=None,
                    help="run the rows this many times and pool the samples (default: CUDA 1, CPU 3 with --quick, else 2)")
+    p.add_argument("--graphs", choices=GRAPH_MODES, default="off",
+                   help="CUDA: also time the kernel backends' steps and torch fused AdamW captured in CUDA graphs "
+                        "(add), or only those beside eager torch fused (only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="lbw-runs/bench", help="folder for bench.json and bench.png")
     p.add_argument("--no-plot", action="store_true")
@@ -609,6 +687,11 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    graphs = getattr(args, "graphs", "off")
+    if graphs != "off" and device.type != "cuda":
+        print(f"lbw-kernels bench: --graphs {graphs} needs a CUDA device (steps are captured in CUDA graphs); "
+              f"device is {device}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     layouts = args.layout or default_layouts(device, args.quick)
@@ -621,7 +704,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = run_bench(
         layouts, device, backends=args.backend, gates=args.gate or ("exact", "single_pass"),
-        stats_freqs=args.stats_freq or (1, 10), warmup=warmup, reps=reps, budget_s=budget, rounds=rounds,
+        stats_freqs=args.stats_freq or (1, 10), warmup=warmup, reps=reps, budget_s=budget, rounds=rounds, graphs=graphs,
         progress=lambda msg: print(f"  timing {msg}", flush=True),
     )
     env = report["environment"]
