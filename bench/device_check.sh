@@ -200,8 +200,8 @@ done
 # run without CUDA: bench refuses --graphs there.)
 "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null && for layout in "${LAYOUTS[@]}"; do
     [[ $layout == gpt2-124m ]] && continue
-    phase "bench_graphs_$layout" 45 "$PY" -m lbw_kernels bench --layout "$layout" "${BENCH_BACKENDS[@]}" \
-        --graphs only --stats-freq 1 --rounds 2 --reps 20 --budget 1.5 --no-plot --out "$OUT_DIR/bench-$layout-graphs"
+    phase "bench_graphs_$layout" 40 "$PY" -m lbw_kernels bench --layout "$layout" "${BENCH_BACKENDS[@]}" \
+        --graphs only --stats-freq 1 --rounds 1 --reps 20 --budget 1 --no-plot --out "$OUT_DIR/bench-$layout-graphs"
 done
 collect_results
 compgen -G "$OUT_DIR/bench-*-graphs/bench.json" >/dev/null && phase targets_graphs 20 bash -c \

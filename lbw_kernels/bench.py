@@ -176,8 +176,23 @@ def _captured(make):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        before = torch.cuda.current_stream()
+        failed = []  # what the captured step raised, if it did
+        try:
+            with torch.cuda.graph(graph):
+                try:
+                    step()
+                except BaseException as err:
+                    failed.append(err)
+                    raise
+        except BaseException:
+            # Ending a capture the step broke raises again, hiding the step's own error, and
+            # leaves the capture stream current: the row reports the step's error and the
+            # next rows run on the stream they had.
+            torch.cuda.set_stream(before)
+            if failed:
+                raise failed[0]
+            raise
 
         def replay():
             graph.replay()

@@ -252,11 +252,12 @@ class _Layout:
         # Cached per device: a host -> device copy every call would cost a launch, and a
         # pageable one waits for the device. Kept as a KeptCopy: uploaded without blocking, and
         # a step on another CUDA stream waits for the upload and holds the memory for its reads.
-        # (A traced step traces the copy, as it traces every other op of the call.)
-        if torch.compiler.is_compiling():
-            return t.to(device)
+        # A traced step reads the copy an eager call made (as it read the cached tensor before),
+        # and traces the copy only where none has been made yet.
         key = (name, device)
         kept = self._cache.get(key)
+        if torch.compiler.is_compiling():
+            return kept.tensor if kept is not None else t.to(device)
         if kept is None:
             kept = self._cache[key] = KeptCopy(t, device, "a DTensor layout's row map")
         return kept.get()

@@ -122,7 +122,9 @@ class KeptCopy:
         if stream_is_capturing(device):
             raise RuntimeError(
                 f"{what} was first needed while a CUDA graph was being captured; run one step() eagerly "
-                "with the same params and grads before capturing"
+                "with the same params and grads before capturing, one that reads telemetry (a captured "
+                "step reads it every call; with stats_freq > 1 and skip_nonfinite=False an eager call "
+                "off rule 2's schedule reads none)"
             )
         self.sources: List[Tensor] = []
         self.tensor = upload(host, device, self.sources)

@@ -209,7 +209,7 @@ def assert_graph_replay_matches_eager(
     opt = GuardedAdamW(model.parameters(), **kw)
     twin_opt = GuardedAdamW(twin.parameters(), **kw)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    grads = [[torch.randn(p.shape, device="cuda", generator=gen) * (30 if k + 1 in spikes else 1)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen, dtype=p.dtype) * (30 if k + 1 in spikes else 1)
               for p in model.parameters()] for k in range(6)]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -99,21 +99,31 @@ def test_captured_rows_are_set_beside_captured_fused_adamw(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_captured_rows_time_a_replayed_step():
-    """On CUDA: every captured row of a small layout times (no error), and the captured guard
-    step replays: the params move with each timed call."""
-    from lbw_kernels.bench import graph_rows
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_captured_rows_time_the_eager_step_replayed(backend):
+    """On CUDA: the captured rows of a small layout time without error, and a row's replay is
+    its eager step: after make (3 eager warm-up steps) and one replay, the params equal those
+    of an eager twin after 4 steps (torch fused AdamW's captured row too)."""
+    from lbw_kernels.bench import _guarded, _torch_adamw, graph_rows
 
     device = torch.device("cuda")
-    rows = graph_rows(["cuda", "triton"], ("exact", "single_pass"), (1,))
+    if backend not in usable_backends(device, [backend])[0]:
+        pytest.skip(f"backend {backend} is not usable here")
+    rows = graph_rows([backend], ("exact", "single_pass"), (1,))
     table = bench.bench_layout("tiny", device, rows, warmup=1, reps=3, budget_s=1.0)
     assert all(r["error"] is None and r["ms"] > 0 and r["graph"] for r in table["rows"]), table["rows"]
-    params = bench.make_params(LAYOUTS["tiny"](), device)
-    replay = rows[1].make(params)
-    before = [p.clone() for p in params]
-    replay()
-    torch.cuda.synchronize()
-    assert any(not torch.equal(a, b) for a, b in zip(params, before) if a.numel())
+    eager = [_torch_adamw(True, False, capturable=True)] + [_guarded(backend, g, 1) for g in ("exact", "single_pass")]
+    for row, make_eager in zip(rows, eager):
+        params, twin = (bench.make_params(LAYOUTS["tiny"](), device) for _ in range(2))
+        replay, step = row.make(params), make_eager(twin)
+        replay()
+        for _ in range(4):
+            step()
+        torch.cuda.synchronize()
+        for a, b in zip(params, twin):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{row.name}: {m}")
+        assert any(not torch.equal(a, b) for a, b in zip(params, bench.make_params(LAYOUTS["tiny"](), device))
+                   if a.numel()), f"{row.name}: the params did not move"
 
 
 def test_triton_not_timed_through_the_interpreter_on_cpu():

@@ -516,6 +516,15 @@ def test_gpu_cuda_graph_capture_replays_like_eager(cuda_backend, gate, policy, s
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_captured_group_of_two_param_dtypes_replays_like_eager(cuda_backend):
+    """single_pass telemetry of a group mixing dtypes puts its rows back in the group's order
+    with an index the eager warm-up step uploads (stream_use.KeptCopy); the captured step
+    reads it: bitwise the eager twin."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4).double()).cuda()
+    assert_graph_replay_matches_eager(model, rtol=0, atol=0, backend="cuda", gate="single_pass")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 def test_gpu_cuda_captured_step_replays_after_its_tables_leave_the_cache(cuda_backend, gate):
     """Other optimizers' layouts push the captured step's tables out of the extension's cache

@@ -1,7 +1,9 @@
 """lbw_kernels/stream_use.py: device tensors kept from call to call and read from several CUDA
 streams (the Triton plans, the step plan's element counts, the DTensor row maps, the C++
-backend's row orders). On CPU, with the CUDA calls stood in for; the GPU tests
-(``*_evicted_while_a_side_stream_still_reads_them``) run the real thing."""
+backend's row orders). On CPU, with the CUDA calls stood in for. On a GPU:
+``*_evicted_while_a_side_stream_still_reads_them`` (the Triton plans, the CUDA tables, the step
+plan's counts) and test_gpu_cuda_captured_group_of_two_param_dtypes_replays_like_eager (a
+KeptCopy read by a captured step); no GPU test covers the DTensor row maps."""
 
 from __future__ import annotations
 
@@ -130,3 +132,82 @@ def test_a_capture_is_asked_of_the_params_device_not_the_current_one(monkeypatch
     assert not stream_use.stream_is_capturing(torch.device("cuda", 0))
     assert switched == [1]
     assert not stream_use.stream_is_capturing(torch.device("cpu"))
+
+
+def test_upload_goes_from_pinned_memory_without_blocking_and_keeps_its_source(monkeypatch):
+    """To a GPU (its calls stood in for): pinned first, the pinned tensor kept, the copy
+    non_blocking; to the CPU a plain copy and nothing kept."""
+    calls = []
+    real_to = torch.Tensor.to
+
+    def pin_memory(self):
+        calls.append("pin")
+        pinned = self.clone()
+        pinned.pinned = True
+        return pinned
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            calls.append(("to", getattr(self, "pinned", False), kwargs.get("non_blocking", False)))
+            return "device copy"
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    keep = []
+    host = torch.tensor([3, 1])
+    assert stream_use.upload(host, torch.device("cuda", 0), keep) == "device copy"
+    assert calls == ["pin", ("to", True, True)]
+    assert len(keep) == 1 and getattr(keep[0], "pinned", False) and torch.equal(keep[0], host)
+    calls.clear()
+    keep.clear()
+    assert torch.equal(stream_use.upload(host, torch.device("cpu"), keep), host)
+    assert calls == [] and keep == []
+
+
+def test_the_dtensor_row_maps_are_kept_copies(monkeypatch):
+    """distributed._Layout's row maps go through KeptCopy: one per (map, device), the same tensor
+    on every call; made during a capture, the error names them; a traced step reads the copy an
+    eager call made, and traces a copy (keeping nothing) where none was made."""
+    from lbw_kernels.distributed import _Layout
+
+    layout = _Layout(rows=3, index=torch.tensor([0, 2]), keep=None, sums=[], partial=None)
+    cpu = torch.device("cpu")
+    first = layout._on("index", layout.index, cpu)
+    assert torch.equal(first, layout.index) and layout._on("index", layout.index, cpu) is first
+    assert isinstance(layout._cache[("index", cpu)], stream_use.KeptCopy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layout._on("index", layout.index, cpu) is first
+    traced = layout._on("keep", torch.tensor([True, False, True]), cpu)
+    assert traced.tolist() == [True, False, True] and ("keep", cpu) not in layout._cache
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="a DTensor layout's row map was first needed while a CUDA graph"):
+        layout._on("keep", torch.tensor([True, False, True]), cpu)
+
+
+def test_the_row_order_of_a_group_mixing_dtypes_is_a_kept_copy(monkeypatch):
+    """cpp_backend's row order for a group whose params mix dtypes (single_pass telemetry) is a
+    KeptCopy, one per dtype pattern; one first needed during a capture raises naming it."""
+    from lbw_kernels import GuardedAdamW
+    from lbw_kernels.backends import get_backend
+
+    backend = get_backend("cpp")
+    if not backend.supports(torch.device("cpu")):
+        pytest.skip("needs the C++ extension")
+
+    def step(dtypes):
+        params = [torch.nn.Parameter(torch.randn(5, dtype=dt)) for dt in dtypes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        GuardedAdamW(params, lr=1e-2, backend="cpp", gate="single_pass", stats_freq=1).step()
+
+    key = (torch.device("cpu"), (torch.float32, torch.float64, torch.float32))
+    backend._orders.pop(key, None)
+    step(key[1])
+    assert isinstance(backend._orders[key], stream_use.KeptCopy)
+    key = (torch.device("cpu"), (torch.float64, torch.float32, torch.float64, torch.float32))
+    backend._orders.pop(key, None)
+    monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="the row order of a param group with several dtypes was first needed"):
+        step(key[1])
