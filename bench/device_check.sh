@@ -13,9 +13,11 @@
 # Each phase runs under its own time limit, and all of them under LBW_CHECK_BUDGET seconds
 # (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
 # recorded and the next one runs. The exit status is non-zero when any phase failed.
-# Order: the timing targets come before the long test phase, so a hanging test cannot cost
-# the numbers; then the other layouts, the candidates, the host-time phases, the CUDA build and
-# verify (results already on record last). Every phase's output is kept either way.
+# Order: TinyLlama's timing targets come before the long test phase, so a hanging test cannot
+# cost the numbers; then 2000 x 65,536 and the targets' verdicts; then what says whether a
+# row's distance to its target is host time (the steps captured in CUDA graphs, the timelines,
+# the host profiles); then the tuning candidates, GPT-2's layout (no target of its own), the
+# CUDA build and verify (results already on record last). Every phase's output is kept either way.
 # LBW_CHECK_ARCHIVE=FILE.tgz: after every phase, the whole folder is packed into FILE (and
 # summary.txt and results/*.json copied beside it): for hosts that return only a few files,
 # and so that a kill from outside still leaves everything up to the last finished phase.
@@ -151,47 +153,16 @@ LAYOUTS=(${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536})
 bench_layout "${LAYOUTS[0]}" 90
 phase tests_gpu 240 "$PY" -m pytest -m gpu ${LBW_CHECK_TESTS:-tests} -q -rs "${PYTEST_TIMEOUT[@]}"
 for layout in "${LAYOUTS[@]:1}"; do
-    bench_layout "$layout" 60
+    [[ $layout != gpt2-124m ]] && bench_layout "$layout" 60
 done
 # (Triton's direct launches, LBW_TRITON_DIRECT_LAUNCH=1, are no longer timed here: on the H200
 # on 2026-11-27 they gained nothing on 2000 tensors; triton_kernels/launch.py.)
 collect_results
 # The issues' targets read off those tables, alone and back to back (bench/targets.py).
 phase targets 20 bash -c '"$0" bench/targets.py "$1"/bench-*/bench.json | tee "$1/targets.md"' "$PY" "$OUT_DIR"
-# Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
-# triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
-# baselines of the same process: the evidence for the defaults. Each entry is
-# BACKEND:GEOMETRY, or BACKEND:LBW_NAME=VALUE for another switch; output in tune-N/ (not
-# results/), listed in tune.txt; LBW_CHECK_TUNE="" skips them. (Earlier candidates and what
-# they gave: bench/results/nvidia-h200-cuda-geometry-20261126.json,
-# ...-triton-geometry-20261126.json, ...-geometry-20261127.json. 512 x 2 at the default chunk
-# came within 1% of the default in two runs, chunk 65536 against 16384 in three; CUDA's
-# warp_partials 1-2% slower; Triton's chunk (16384, 8192) changed nothing; maxnreg=64 slower on
-# both gates; num_stages=3 3% faster on single_pass and 0.3% slower on the exact gate, block 512
-# with telemetry_fold 4 2% faster and 2% slower; single_pass_num_stages=4 not timed yet.)
-# Below: pipelining in the single_pass update alone, the exact gate's kernels as the default's
-# (their rows: a noise control); if single_pass gains >= 1% again, it becomes that kernel's
-# default in triton_kernels/config.py. Then both backends without the exact gate's early
-# telemetry pass (lbw_kernels/early_telemetry.py): the same run's baseline for what launching
-# it first gains.
-TUNE_DEFAULT="triton:single_pass_num_stages=3 cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
-i=0
-for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
-    i=$((i + 1))
-    backend=${entry%%:*}
-    setting=${entry#*:}
-    if [[ $setting == LBW_* ]]; then
-        var=${setting%%=*} value=${setting#*=}
-    else
-        var=LBW_$(echo "$backend" | tr a-z A-Z)_GEOMETRY value=$setting
-    fi
-    echo "tune_$i $backend $var=$value" >>"$OUT_DIR/tune.txt"
-    phase "tune_$i" 45 env "$var=$value" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
-        --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
-done
-# The candidates beside the defaults in one table (tune_table.md).
-[[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
-    "$PY" "$OUT_DIR"
+# Phases in the order of what they answer, so that a run squeezed by its budget loses the least:
+# the targets (above), then whether the distance to them is host time (captured steps, the
+# timeline, the host profiles), then the tuning candidates, GPT-2's layout, the CUDA build.
 # The guard's steps and torch fused AdamW (capturable=True) captured in CUDA graphs, each timed
 # call one replay (lbw-kernels bench --graphs only): what a training loop that captures its
 # optimizer step gets, with no host time per step; beside the eager rows above, how much of
@@ -228,6 +199,46 @@ done
 phase "profile_host_${LAYOUTS[0]}" 60 "$PY" bench/profile_step.py --layout "${LAYOUTS[0]}" --steps 20 --top 12
 phase host_stub 60 env TRITON_INTERPRET=1 "$PY" bench/profile_step.py --stub-triton-kernels --layout "${LAYOUTS[0]}" \
     --steps 200 --top 0
+# Launch geometry candidates on the first layout (cuda: LBW_CUDA_GEOMETRY, csrc/cuda/geometry.h;
+# triton: LBW_TRITON_GEOMETRY, triton_kernels/config.py), the backend's rows beside the
+# baselines of the same process: the evidence for the defaults. Each entry is
+# BACKEND:GEOMETRY, or BACKEND:LBW_NAME=VALUE for another switch; output in tune-N/ (not
+# results/), listed in tune.txt; LBW_CHECK_TUNE="" skips them. (Earlier candidates and what
+# they gave: bench/results/nvidia-h200-cuda-geometry-20261126.json,
+# ...-triton-geometry-20261126.json, ...-geometry-20261127.json. 512 x 2 at the default chunk
+# came within 1% of the default in two runs, chunk 65536 against 16384 in three; CUDA's
+# warp_partials 1-2% slower; Triton's chunk (16384, 8192) changed nothing; maxnreg=64 slower on
+# both gates; num_stages=3 3% faster on single_pass and 0.3% slower on the exact gate, block 512
+# with telemetry_fold 4 2% faster and 2% slower; single_pass_num_stages=4 not timed yet.)
+# Below: pipelining in the single_pass update alone, the exact gate's kernels as the default's
+# (their rows: a noise control); if single_pass gains >= 1% again, it becomes that kernel's
+# default in triton_kernels/config.py. Then both backends without the exact gate's early
+# telemetry pass (lbw_kernels/early_telemetry.py): the same run's baseline for what launching
+# it first gains.
+TUNE_DEFAULT="triton:single_pass_num_stages=3 cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
+i=0
+for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
+    i=$((i + 1))
+    backend=${entry%%:*}
+    setting=${entry#*:}
+    if [[ $setting == LBW_* ]]; then
+        var=${setting%%=*} value=${setting#*=}
+    else
+        var=LBW_$(echo "$backend" | tr a-z A-Z)_GEOMETRY value=$setting
+    fi
+    echo "tune_$i $backend $var=$value" >>"$OUT_DIR/tune.txt"
+    phase "tune_$i" 45 env "$var=$value" "$PY" -m lbw_kernels bench --layout "${LAYOUTS[0]}" \
+        --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
+done
+# The candidates beside the defaults in one table (tune_table.md).
+[[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
+    "$PY" "$OUT_DIR"
+# GPT-2 124M (no target of its own: the layout between the two above) after the phases that
+# answer the targets, so a squeezed run loses it first.
+for layout in "${LAYOUTS[@]:1}"; do
+    [[ $layout == gpt2-124m ]] && bench_layout "$layout" 60
+done
+collect_results
 # The torch-free CUDA build (csrc + tests + bench/memory_floor.cu): the update and telemetry
 # kernels, every launch geometry, beside plain kernels that move the same bytes with no math
 # (memory_floor.jsonl: whether 4-read/3-write traffic itself can come within 1.05x of a copy).
