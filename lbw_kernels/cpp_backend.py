@@ -333,7 +333,9 @@ class CppBackend(Backend):
             host = torch.tensor(inverse, dtype=torch.long)
             if torch.compiler.is_compiling():  # (a traced step traces the copy; nothing kept)
                 return torch.cat(got).index_select(0, host.to(key[0]))
-            index = self._orders[key] = KeptCopy(host, key[0], "the row order of a param group with several dtypes")
+            index = KeptCopy(host, key[0], "the row order of a param group with several dtypes")
+            if not index.graph_only:  # (one made during a capture serves that graph alone)
+                self._orders[key] = index
         return torch.cat(got).index_select(0, index.get())
 
     @staticmethod

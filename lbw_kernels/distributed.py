@@ -259,7 +259,9 @@ class _Layout:
         if torch.compiler.is_compiling():
             return kept.tensor if kept is not None else t.to(device)
         if kept is None:
-            kept = self._cache[key] = KeptCopy(t, device, "a DTensor layout's row map")
+            kept = KeptCopy(t, device, "a DTensor layout's row map")
+            if not kept.graph_only:  # (one made during a capture serves that graph alone)
+                self._cache[key] = kept
         return kept.get()
 
     def scatter(self, partials: Optional[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -108,27 +108,40 @@ def held_tensors(obj: Any) -> Iterator[Tensor]:
             yield from held_tensors(item)
 
 
+# KeptCopy objects made while a CUDA graph was captured: that graph's replays read them (and
+# their pinned sources) for as long as it lives, which no one here can tell: kept for good, as
+# the CUDA backend keeps the tables it builds during a capture (ops_cuda.cpp, keep).
+GRAPH_ONLY: List["KeptCopy"] = []
+
+
 class KeptCopy:
     """One host tensor's copy on a device, kept from call to call and read from whichever stream
     is current then: ``get()`` before each launch that reads it.
 
-    Not made while the device's stream is captured into a CUDA graph: the copy would be recorded
-    into the graph, not run, and the tensor would hold nothing until the first replay, while
-    later eager calls read it at once. The step needing it raises (``what`` names it), as the
-    Triton backend does for its plans: one eager step with the same tensors before capturing
-    makes every such copy."""
+    Made while the device's stream is captured into a CUDA graph, the copy is recorded into the
+    graph, not run: the tensor holds nothing until the first replay. Such a copy
+    (``graph_only``) serves that graph alone: kept for good (GRAPH_ONLY) and not cached by its
+    callers, so an eager call makes its own, as the GPU backends do with the tables they build
+    during a capture. A capture that refuses the upload (pinning host memory) raises naming
+    ``what``: one eager step with the same tensors before capturing makes the copy outside it."""
 
     def __init__(self, host: Tensor, device: torch.device, what: str):
-        if stream_is_capturing(device):
-            raise RuntimeError(
-                f"{what} was first needed while a CUDA graph was being captured; run one step() eagerly "
-                "with the same params and grads before capturing, one that reads telemetry (a captured "
-                "step reads it every call; with stats_freq > 1 and skip_nonfinite=False an eager call "
-                "off rule 2's schedule reads none)"
-            )
         self.sources: List[Tensor] = []
-        self.tensor = upload(host, device, self.sources)
-        self.stream_use: Optional[StreamUse] = StreamUse(device) if self.tensor.is_cuda else None
+        self.graph_only = stream_is_capturing(device)
+        self.stream_use: Optional[StreamUse] = None
+        if not self.graph_only:
+            self.tensor = upload(host, device, self.sources)
+            if self.tensor.is_cuda:
+                self.stream_use = StreamUse(device)
+            return
+        try:
+            self.tensor = upload(host, device, self.sources)
+        except Exception as err:
+            raise RuntimeError(
+                f"{what} could not be made while a CUDA graph was being captured ({err}); run one step() "
+                "eagerly with the same params and grads before capturing"
+            ) from err
+        GRAPH_ONLY.append(self)
 
     def get(self) -> Tensor:
         if self.stream_use is not None and not torch.compiler.is_compiling():

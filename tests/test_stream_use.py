@@ -72,14 +72,18 @@ def test_a_kept_copy_on_the_cpu_is_the_host_tensor_with_nothing_to_order():
     assert torch.equal(kept.get(), host)
 
 
-def test_a_kept_copy_is_ordered_on_every_read_and_never_made_during_a_capture(monkeypatch):
+def test_a_kept_copy_is_ordered_on_every_read_and_one_made_during_a_capture_serves_that_graph(monkeypatch):
     """On a GPU (stood in for): the upload goes through stream_use.upload (pinned, without
     blocking, the source kept with the copy), a StreamUse is made after it, and every get()
-    enters it with the copy (nothing while torch.compile traces); made while the device's
-    stream is captured, it raises naming what needed it, before any upload."""
+    enters it with the copy (nothing while torch.compile traces). Made while the device's stream
+    is captured: uploaded (recorded into the graph), no StreamUse, kept for good in GRAPH_ONLY
+    and marked graph_only; a capture that refuses the upload raises naming what needed it."""
     log = []
+    refuse = [False]
 
     def upload(host, device, keep):
+        if refuse[0]:
+            raise RuntimeError("operation not permitted when stream is capturing")
         log.append(("upload", device.type))
         keep.append("pinned source")
         return SimpleNamespace(is_cuda=True, values=host)
@@ -95,12 +99,21 @@ def test_a_kept_copy_is_ordered_on_every_read_and_never_made_during_a_capture(mo
     monkeypatch.setattr(stream_use, "upload", upload)
     monkeypatch.setattr(stream_use, "StreamUse", Use)
     monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
     cuda = torch.device("cuda", 0)
-    with pytest.raises(RuntimeError, match="the test's row map was first needed while a CUDA graph"):
+    captured = stream_use.KeptCopy(torch.tensor([1, 0]), cuda, "the test's row map")
+    assert captured.graph_only and captured.stream_use is None and stream_use.GRAPH_ONLY == [captured]
+    assert log == [("upload", "cuda")] and captured.sources == ["pinned source"]
+    captured.get()
+    assert log == [("upload", "cuda")]
+    refuse[0] = True
+    with pytest.raises(RuntimeError, match="the test's row map could not be made while a CUDA graph was being "
+                                           "captured \\(operation not permitted.*run one step\\(\\) eagerly"):
         stream_use.KeptCopy(torch.tensor([1, 0]), cuda, "the test's row map")
-    assert log == []
-    capturing[0] = False
+    refuse[0] = capturing[0] = False
+    log.clear()
     kept = stream_use.KeptCopy(torch.tensor([1, 0]), cuda, "the test's row map")
+    assert not kept.graph_only and stream_use.GRAPH_ONLY == [captured]
     assert log == [("upload", "cuda"), ("stream use", "cuda")] and kept.sources == ["pinned source"]
     kept.get()
     kept.get()
@@ -167,47 +180,59 @@ def test_upload_goes_from_pinned_memory_without_blocking_and_keeps_its_source(mo
 
 def test_the_dtensor_row_maps_are_kept_copies(monkeypatch):
     """distributed._Layout's row maps go through KeptCopy: one per (map, device), the same tensor
-    on every call; made during a capture, the error names them; a traced step reads the copy an
-    eager call made, and traces a copy (keeping nothing) where none was made."""
+    on every call; one made during a capture serves that graph alone (not cached: the next
+    eager call makes its own); a traced step reads the copy an eager call made, and traces a
+    copy (keeping nothing) where none was made."""
     from lbw_kernels.distributed import _Layout
 
-    layout = _Layout(rows=3, index=torch.tensor([0, 2]), keep=None, sums=[], partial=None)
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
+    layout = _Layout(rows=3, index=torch.tensor([0, 2]), keep=torch.tensor([True, False, True]), sums=[],
+                     partial=None)
     cpu = torch.device("cpu")
     first = layout._on("index", layout.index, cpu)
     assert torch.equal(first, layout.index) and layout._on("index", layout.index, cpu) is first
     assert isinstance(layout._cache[("index", cpu)], stream_use.KeptCopy)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert layout._on("index", layout.index, cpu) is first
-    traced = layout._on("keep", torch.tensor([True, False, True]), cpu)
+    traced = layout._on("keep", layout.keep, cpu)
     assert traced.tolist() == [True, False, True] and ("keep", cpu) not in layout._cache
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: True)
-    with pytest.raises(RuntimeError, match="a DTensor layout's row map was first needed while a CUDA graph"):
-        layout._on("keep", torch.tensor([True, False, True]), cpu)
+    assert layout._on("keep", layout.keep, cpu).tolist() == [True, False, True]
+    (captured,) = stream_use.GRAPH_ONLY
+    assert captured.graph_only and ("keep", cpu) not in layout._cache
+    monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: False)
+    layout._on("keep", layout.keep, cpu)
+    eager = layout._cache[("keep", cpu)]
+    assert eager is not captured and not eager.graph_only and stream_use.GRAPH_ONLY == [captured]
 
 
 def test_the_row_order_of_a_group_mixing_dtypes_is_a_kept_copy(monkeypatch):
     """cpp_backend's row order for a group whose params mix dtypes (single_pass telemetry) is a
-    KeptCopy, one per dtype pattern; one first needed during a capture raises naming it."""
+    KeptCopy, one per dtype pattern; one made during a capture serves that step alone (not
+    cached), and the step's telemetry rows still come back in the group's order."""
     from lbw_kernels import GuardedAdamW
     from lbw_kernels.backends import get_backend
 
     backend = get_backend("cpp")
     if not backend.supports(torch.device("cpu")):
         pytest.skip("needs the C++ extension")
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
 
     def step(dtypes):
-        params = [torch.nn.Parameter(torch.randn(5, dtype=dt)) for dt in dtypes]
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, dtype=dt) * (i + 1)) for i, dt in enumerate(dtypes)]
         for p in params:
-            p.grad = torch.randn_like(p)
-        GuardedAdamW(params, lr=1e-2, backend="cpp", gate="single_pass", stats_freq=1).step()
+            p.grad = torch.randn_like(p) * (1 + 10 * (p.dtype == torch.float64))
+        opt = GuardedAdamW(params, lr=1e-2, backend="cpp", gate="single_pass", stats_freq=1)
+        opt.step()
+        return opt.telemetry()["grad_ms"]
 
     key = (torch.device("cpu"), (torch.float32, torch.float64, torch.float32))
     backend._orders.pop(key, None)
-    step(key[1])
-    assert isinstance(backend._orders[key], stream_use.KeptCopy)
-    key = (torch.device("cpu"), (torch.float64, torch.float32, torch.float64, torch.float32))
-    backend._orders.pop(key, None)
+    eager = step(key[1])
+    assert isinstance(backend._orders[key], stream_use.KeptCopy) and not backend._orders[key].graph_only
+    backend._orders.pop(key)
     monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: True)
-    with pytest.raises(RuntimeError, match="the row order of a param group with several dtypes was first needed"):
-        step(key[1])
+    assert step(key[1]) == eager  # (the max of the rows' mean squares: the fp64 row's, in its place)
+    assert key not in backend._orders and len(stream_use.GRAPH_ONLY) == 1
