@@ -212,10 +212,16 @@ phase host_stub 60 env TRITON_INTERPRET=1 "$PY" bench/profile_step.py --stub-tri
 # with telemetry_fold 4 2% faster and 2% slower; single_pass_num_stages=4 not timed yet.)
 # Below: pipelining in the single_pass update alone, the exact gate's kernels as the default's
 # (their rows: a noise control); if single_pass gains >= 1% again, it becomes that kernel's
-# default in triton_kernels/config.py. Then both backends without the exact gate's early
+# default in triton_kernels/config.py. Then the same with telemetry_fold=8: at block 1024 x 4
+# warps each thread holds 8 elements, so one float64 pair per thread accumulates them, as the
+# CUDA kernels' per-thread sums do (fold 1 holds 8 pairs a thread; the single_pass kernel's 138
+# registers give 384 threads per SM against the CUDA kernel's 1024: bench/triton_registers.py),
+# beside the first candidate it says what the fold adds (the exact gate's telemetry pass folds
+# too: its rows say what it costs there). Then both backends without the exact gate's early
 # telemetry pass (lbw_kernels/early_telemetry.py): the same run's baseline for what launching
 # it first gains.
-TUNE_DEFAULT="triton:single_pass_num_stages=3 cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
+TUNE_DEFAULT="triton:single_pass_num_stages=3 triton:single_pass_num_stages=3,telemetry_fold=8
+cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
 i=0
 for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
     i=$((i + 1))
