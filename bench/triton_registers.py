@@ -31,7 +31,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 
 from lbw_kernels.triton_kernels.chunk_table import COEF_COLS, TENSOR_COLS  # noqa: E402
-from lbw_kernels.triton_kernels.config import GPU, _overridden  # noqa: E402
+from lbw_kernels.triton_kernels.config import GPU, _overridden, pass_stages  # noqa: E402
 from lbw_kernels.triton_kernels.guarded_adamw import _guarded_adamw_kernel  # noqa: E402
 from lbw_kernels.triton_kernels.pointers import BF16, FP32  # noqa: E402
 from lbw_kernels.triton_kernels.telemetry import _telemetry_chunks_kernel  # noqa: E402
@@ -107,7 +107,8 @@ def main() -> None:
             for name, tel, skip in (("update (exact)", False, True), ("update+telemetry (single_pass)", True, False)):
                 consts = dict(P_CODE=code, G_CODE=code, ALIGNED=True, TELEMETRY=tel, MASK_NONFINITE=tel, HAS_SKIP=skip,
                               TENSOR_COLS_=TENSOR_COLS, COEF_COLS_=COEF_COLS, CHUNK=geo.chunk, BLOCK=geo.block,
-                              FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block, STAGES=geo.num_stages)
+                              FOLD=geo.telemetry_fold, RBLOCK=geo.reduce_block,
+                              STAGES=pass_stages(geo, single_pass=tel))  # (as guarded_adamw_ launches)
                 rows.append((f"{name} {dtype}", compile_kernel(_guarded_adamw_kernel, UPDATE_TYPES, consts, args.arch,
                                                               geo.num_warps, geo.maxnreg if tel else 0)))
         consts = dict(G_CODE=FP32, ALIGNED=True, CHUNK=geo.chunk, BLOCK=geo.block, FOLD=geo.telemetry_fold,
