@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
-from .stream_use import KeptCopy
+from .stream_use import KeptCopy, kept_copy
 from .validation import check_update_states, parse_int_overrides
 
 try:
@@ -320,23 +320,18 @@ class CppBackend(Backend):
         row against another's element count."""
         dtypes = tuple(p.dtype for p, g in zip(group.params, group.grads) if g.numel() > 0)
         key = (group.params[0].device, dtypes)
-        index = self._orders.get(key)
-        if index is None:
+
+        def inverse_order() -> Tensor:
             order = sorted(set(dtypes), key=str)  # split_by_dtype's order
-            position = {}
-            for dt in order:
-                position[dt] = [i for i, d in enumerate(dtypes) if d == dt]
-            concatenated = [i for dt in order for i in position[dt]]
+            concatenated = [i for dt in order for i, d in enumerate(dtypes) if d == dt]
             inverse = [0] * len(concatenated)
             for row, i in enumerate(concatenated):
                 inverse[i] = row
-            host = torch.tensor(inverse, dtype=torch.long)
-            if torch.compiler.is_compiling():  # (a traced step traces the copy; nothing kept)
-                return torch.cat(got).index_select(0, host.to(key[0]))
-            index = KeptCopy(host, key[0], "the row order of a param group with several dtypes")
-            if not index.graph_only:  # (one made during a capture serves that graph alone)
-                self._orders[key] = index
-        return torch.cat(got).index_select(0, index.get())
+            return torch.tensor(inverse, dtype=torch.long)
+
+        index = kept_copy(self._orders, key, inverse_order, key[0],
+                          "the row order of a param group with several dtypes")
+        return torch.cat(got).index_select(0, index)
 
     @staticmethod
     def _lr(scale: Tensor, lr) -> Tuple[Tensor, float]:

@@ -66,7 +66,7 @@ from torch import Tensor
 from .backends import GroupTensors
 from .partial_grads import PartialGrads, effective_placements
 from .pipeline import all_gather_single, check_stage_group
-from .stream_use import KeptCopy
+from .stream_use import kept_copy
 from .subclasses import dtensor_class, is_dtensor, is_plain, kernel_tensor
 
 
@@ -249,20 +249,9 @@ class _Layout:
         return _Layout(rows, index, keep_t, sums, PartialGrads(groups))
 
     def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
-        # Cached per device: a host -> device copy every call would cost a launch, and a
-        # pageable one waits for the device. Kept as a KeptCopy: uploaded without blocking, and
-        # a step on another CUDA stream waits for the upload and holds the memory for its reads.
-        # A traced step reads the copy an eager call made (as it read the cached tensor before),
-        # and traces the copy only where none has been made yet.
-        key = (name, device)
-        kept = self._cache.get(key)
-        if torch.compiler.is_compiling():
-            return kept.tensor if kept is not None else t.to(device)
-        if kept is None:
-            kept = KeptCopy(t, device, "a DTensor layout's row map")
-            if not kept.graph_only:  # (one made during a capture serves that graph alone)
-                self._cache[key] = kept
-        return kept.get()
+        # Cached per device (stream_use.kept_copy): a host -> device copy every call would cost a
+        # launch, and a pageable one waits for the device.
+        return kept_copy(self._cache, (name, device), lambda: t, device, "a DTensor layout's row map")
 
     def scatter(self, partials: Optional[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The local partials in their global rows, zeros elsewhere and in rows this rank does not count."""

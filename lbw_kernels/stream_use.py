@@ -33,7 +33,7 @@ device this way (the DTensor row maps, the C++ backend's row orders).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, List, Optional, Set
+from typing import Any, Callable, Iterator, List, Optional, Set
 
 import torch
 from torch import Tensor
@@ -84,9 +84,8 @@ class StreamUse:
         stream = _current_stream_id(self.device)
         if stream == self.home or stream in self.others:
             return
-        with torch.cuda.device(self.device):
-            if torch.cuda.is_current_stream_capturing():
-                return
+        if stream_is_capturing(self.device):
+            return
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.uploaded)
         for t in held_tensors(held):
@@ -128,22 +127,37 @@ class KeptCopy:
     def __init__(self, host: Tensor, device: torch.device, what: str):
         self.sources: List[Tensor] = []
         self.graph_only = stream_is_capturing(device)
-        self.stream_use: Optional[StreamUse] = None
-        if not self.graph_only:
-            self.tensor = upload(host, device, self.sources)
-            if self.tensor.is_cuda:
-                self.stream_use = StreamUse(device)
-            return
         try:
             self.tensor = upload(host, device, self.sources)
         except Exception as err:
+            if not self.graph_only:
+                raise
             raise RuntimeError(
                 f"{what} could not be made while a CUDA graph was being captured ({err}); run one step() "
                 "eagerly with the same params and grads before capturing"
             ) from err
-        GRAPH_ONLY.append(self)
+        self.stream_use: Optional[StreamUse] = (
+            StreamUse(device) if self.tensor.is_cuda and not self.graph_only else None
+        )
+        if self.graph_only:
+            GRAPH_ONLY.append(self)
 
     def get(self) -> Tensor:
         if self.stream_use is not None and not torch.compiler.is_compiling():
             self.stream_use.enter(self.tensor)
         return self.tensor
+
+
+def kept_copy(cache: dict, key: Any, host: Callable[[], Tensor], device: torch.device, what: str) -> Tensor:
+    """``cache[key]``'s device tensor, read for the current stream; made from ``host()`` (called
+    only then) where there is none, and cached unless made during a capture (KeptCopy). A
+    traced step (torch.compile) reads what an eager call cached, and traces a plain copy,
+    keeping nothing, where there is none."""
+    kept = cache.get(key)
+    if torch.compiler.is_compiling():
+        return kept.tensor if kept is not None else host().to(device)
+    if kept is None:
+        kept = KeptCopy(host(), device, what)
+        if not kept.graph_only:  # (one made during a capture serves that graph alone)
+            cache[key] = kept
+    return kept.get()

@@ -42,6 +42,7 @@ def test_a_plan_used_on_another_stream_is_ordered_after_its_uploads_once(monkeyp
     capturing = [False]
     monkeypatch.setattr(stream_use, "_current_stream_id", lambda device: current[0])
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
