@@ -151,7 +151,9 @@ bench_layout() {
 # first: it carries the issue's headline targets.
 LAYOUTS=(${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536})
 bench_layout "${LAYOUTS[0]}" 90
-phase tests_gpu 240 "$PY" -m pytest -m gpu ${LBW_CHECK_TESTS:-tests} -q -rs "${PYTEST_TIMEOUT[@]}"
+# -v: one line per test as it ends, so a phase cut by its limit still says which passed (with
+# -q pytest's summary comes only at the end); the slowest tests' times, for the next budget.
+phase tests_gpu 240 "$PY" -m pytest -m gpu ${LBW_CHECK_TESTS:-tests} -v -rfEs --durations=20 "${PYTEST_TIMEOUT[@]}"
 for layout in "${LAYOUTS[@]:1}"; do
     [[ $layout != gpt2-124m ]] && bench_layout "$layout" 60
 done

@@ -167,6 +167,11 @@ def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol
     opt, twin_opt = GuardedAdamW(params, **kw), GuardedAdamW(twin, **kw)
     for p, q in zip(params, twin):
         p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    # The grad dropped for the relayout is the test's own tensor, made on the default stream and
+    # read by the held-back step: held here until the end, or its block would go back to the
+    # default stream's pool at once and the evicting steps could overwrite it (a failure that
+    # would look like one of the backend's own).
+    dropped = params[-1].grad
     for call in range(2):
         for p, q in zip(params, twin):  # in place: the second step finds the first one's tables
             g = torch.randn(p.shape, device="cuda", generator=gen)
@@ -190,6 +195,7 @@ def assert_side_stream_step_survives_eviction(n_other: int, *, rtol: float, atol
         # (else nothing here tests the fix: raise HOLD_BACK_CYCLES).
         assert not side.query(), "the side stream finished before the evicting steps were queued"
     torch.cuda.synchronize()
+    del dropped
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     torch.testing.assert_close(opt._guard, twin_opt._guard, rtol=rtol, atol=atol, equal_nan=True)

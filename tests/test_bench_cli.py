@@ -248,7 +248,8 @@ def test_loop_timing_times_each_of_the_steps_run_back_to_back_on_cuda():
         torch.cuda._sleep(100_000)
 
     times = bench.time_loop(step, torch.device("cuda"), 7)
-    assert len(calls) == 7 and len(times) == 7 and all(t > 0 for t in times)
+    # one untimed call first (its work still queued when the first timed call's host work runs)
+    assert len(calls) == 8 and len(times) == 7 and all(t > 0 for t in times)
 
 
 def _grads(shapes, k, gen):

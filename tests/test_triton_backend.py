@@ -1304,11 +1304,21 @@ def test_gpu_compiled_training_step_runs(name, gate, mode):
         o.step()
         return loss
 
+    # A fresh dynamo per case: the 8 cases share train_step's code object (and the no_grad
+    # wrapper's), one cache entry each, and at dynamo's recompile limit (8) a later case would
+    # silently run eagerly and compare eager with eager.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(train_step, mode=mode)
     for _ in range(6):
         compiled(model, opt)
         train_step(twin, twin_opt)
     torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] > 0, dict(counters["stats"])
+    # (whether reduce-overhead recorded CUDA graphs for the step's segments: in the log)
+    print("cudagraph_skips:", dict(counters["inductor"]).get("cudagraph_skips", 0))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert opt.telemetry()["step"] == twin_opt.telemetry()["step"] == 6
