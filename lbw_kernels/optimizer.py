@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from . import stream_use
 from .backends import Backend, get_backend, select_backend
 from .controller_op import summary_decide_
 from .distributed import ShardedTelemetry, called_by_dcp_state_init, check_no_fsdp1_shards
@@ -429,7 +430,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(self.state, OptimizerState):  # assigned from outside
             self.state = OptimizerState(self.state)
         seen_state, seen_edits = self._state_seen
-        if (self._plan is None or self._plan.key != key or seen_state is not self.state
+        if (self._plan is None or self._plan.graph_only or self._plan.key != key or seen_state is not self.state
                 or seen_edits != self.state.edits or not self._plan.views_current()):
             # The backend first: one that cannot run on the params' device (a model moved after
             # construction, as optimizers allow; TRITON_INTERPRET unset) raises before the plan
@@ -445,7 +446,16 @@ class GuardedAdamW(torch.optim.Optimizer):
             self._attach_guard()
             self._state_seen = (self.state, self.state.edits)  # (a reference: an id could be reused)
             numels_on_gpu = self._plan.numels is not None and self._plan.numels.is_cuda
-            if numels_on_gpu and not stream_is_capturing(self._guard.device):
+            if stream_is_capturing(self._guard.device):
+                # Built during a CUDA graph capture (no eager step with this layout before it):
+                # its element counts were uploaded by a copy the graph records but does not run,
+                # and hold nothing until the first replay. The plan serves that graph alone: the
+                # next call builds its own (as the backends do with tables built during a
+                # capture), and the graph's uploads are kept for good (not the plan: it holds
+                # the params and states).
+                self._plan.graph_only = True
+                stream_use.GRAPH_ONLY.append((self._plan.numels, self._plan.numel_total, self._plan.pinned_sources))
+            elif numels_on_gpu:
                 self._plan.stream_use = StreamUse(self._guard.device)
         if self._plan.stream_use is not None and not torch.compiler.is_compiling():
             self._plan.stream_use.enter((self._plan.numels, self._plan.numel_total))

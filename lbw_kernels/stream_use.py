@@ -107,10 +107,11 @@ def held_tensors(obj: Any) -> Iterator[Tensor]:
             yield from held_tensors(item)
 
 
-# KeptCopy objects made while a CUDA graph was captured: that graph's replays read them (and
-# their pinned sources) for as long as it lives, which no one here can tell: kept for good, as
-# the CUDA backend keeps the tables it builds during a capture (ops_cuda.cpp, keep).
-GRAPH_ONLY: List["KeptCopy"] = []
+# What was uploaded while a CUDA graph was captured (KeptCopy objects; the device tensors and
+# pinned sources of a step plan built then, optimizer._plan_for): that graph's replays read
+# them for as long as it lives, which no one here can tell: kept for good, as the CUDA backend
+# keeps the tables it builds during a capture (ops_cuda.cpp, keep).
+GRAPH_ONLY: List[Any] = []
 
 
 class KeptCopy:

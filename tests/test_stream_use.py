@@ -237,3 +237,41 @@ def test_the_row_order_of_a_group_mixing_dtypes_is_a_kept_copy(monkeypatch):
     monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: True)
     assert step(key[1]) == eager  # (the max of the rows' mean squares: the fp64 row's, in its place)
     assert key not in backend._orders and len(stream_use.GRAPH_ONLY) == 1
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_step_plan_built_during_a_capture_serves_that_graph_alone(monkeypatch, gate):
+    """A step plan first built while a CUDA graph is captured (no eager step with that layout
+    before it) has element counts the graph's recorded upload fills only at its first replay:
+    the next call builds its own plan, and the captured plan's device tensors and pinned
+    sources (not the plan: it holds the params and states) are kept for good. Stood in on CPU:
+    the optimizer is told its stream captures for one call; the steps still match a twin's."""
+    from lbw_kernels import GuardedAdamW, optimizer
+
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7,), (3, 5))]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, backend="reference", gate=gate, stats_freq=1)
+    opt, twin_opt = GuardedAdamW(params, **kw), GuardedAdamW(twin, **kw)
+    capturing = [False]
+    monkeypatch.setattr(optimizer, "stream_is_capturing", lambda device: capturing[0])
+    plans = []
+    for call in range(4):
+        for p, q in zip(params, twin):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        capturing[0] = call == 1  # (call 0 built a plan eagerly; call 1 sees a new layout)
+        if call == 1:
+            params[0].grad = twin[0].grad = None
+        opt.step()
+        twin_opt.step()
+        plans.append(opt._plan)
+    eager, captured, after, kept = plans
+    assert not eager.graph_only and captured.graph_only and captured is not eager
+    assert after is not captured and not after.graph_only and kept is after  # rebuilt once, then cached
+    # (the twin's plan of call 1 too: it is told the same)
+    assert [kept for kept in stream_use.GRAPH_ONLY if kept[0] is captured.numels] == [
+        (captured.numels, captured.numel_total, captured.pinned_sources)] and len(stream_use.GRAPH_ONLY) == 2
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
