@@ -114,6 +114,13 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FORCE_CUDA="${FORCE_CUDA:-1}"
+# The system's g++ where CXX is not set. On the lent GPU image (2026-11-28) the build otherwise
+# compiled and linked with /opt/gcc/bin/g++, and the extension carried its own static copy of
+# libstdc++: an error message that formats a number (a TORCH_CHECK naming "exp_avg_sqs[0]")
+# then crashed the process inside ostream's number formatting (the process's other libstdc++
+# owns the locale), taking the test session with it; built by /usr/bin/g++, the same sources
+# raise their errors (the extension_errors phase checks that).
+if [[ -z "${CXX:-}" && -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++; fi
 # A crash prints the Python stack of every thread (segfaults at exit were seen once).
 export PYTHONFAULTHANDLER=1
 
@@ -122,6 +129,7 @@ export PYTHONFAULTHANDLER=1
     echo "commit    ${LBW_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | grep -q . && echo '(with uncommitted changes)')}"
     echo "gpu       $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo none)"
     echo "arch list ${TORCH_CUDA_ARCH_LIST:-unset}"
+    echo "c++       ${CXX:-c++}: $("${CXX:-c++}" --version 2>/dev/null | head -1)"
 } | tee "$OUT_DIR/machine.txt"
 
 if [[ "${LBW_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
@@ -130,6 +138,19 @@ else
     phase install 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 phase info 30 "$PY" -m lbw_kernels info
+# An error raised by the extension reaches Python as itself (see CXX above), not as a crash.
+phase extension_errors 30 "$PY" -c '
+import torch
+from lbw_kernels import _C
+z = torch.zeros
+try:
+    _C._check_update_([z(4)], [z(4)], [z(4)], [z(3)], [z(())])
+except RuntimeError as err:
+    assert "exp_avg_sqs[0]" in str(err), err
+    print("raised as itself:", err)
+else:
+    raise SystemExit("a state of the wrong shape was not refused")
+'
 # pytest-timeout (when installed) ends one hanging test instead of the whole phase.
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 90)

@@ -351,6 +351,23 @@ def test_gpu_cuda_exact_call_stops_where_decide_raises(cuda_backend):
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_exact_call_converts_a_factor_decide_returns_in_another_dtype(cuda_backend):
+    """decide has written the guard when it returns the update's gradient factor: a factor in
+    float32 (a decide of one's own) is converted, not refused with the guard moved and no
+    update; the update is the one a float64 factor of the same value gives."""
+    outs = []
+    for dtype in (torch.float32, torch.float64, None):  # (None: no factor, to see that it acted)
+        group = make_problem(4, shapes=((5,), (4099,)), device="cuda", n_groups=1)[0]
+        scale = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+        factor = None if dtype is None else torch.tensor(0.25, dtype=dtype, device="cuda")
+        assert cuda_backend.exact_step_([group], group.grads, scale=scale, skip=None, partials_dtype=torch.float64,
+                                        decide=lambda rows: factor) is True
+        outs.append([*group.params, *group.exp_avgs, *group.exp_avg_sqs, *group.steps])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    assert not torch.equal(outs[0][2], outs[2][2])  # exp_avg of the first param: the factor was read
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_telemetry_bitwise_repeatable(cuda_backend):
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(n, device="cuda", generator=gen) for n in (3, 1 << 20, 65537)]

@@ -123,7 +123,15 @@ struct TableKey {
 
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  if (err != cudaSuccess) {
+    // (e.g. the legacy default stream while another stream captures in global mode) Cleared,
+    // so that the next launch's cudaGetLastError does not report it as a failed launch.
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "lbw: cannot tell whether the current CUDA stream is being captured (cudaStreamIsCapturing: ",
+                cudaGetErrorString(err), ")");
+  }
+  return status == cudaStreamCaptureStatusActive;
 }
 
 // A CUDA graph captured with a table keeps its device pointer: such tables must outlive any
@@ -327,8 +335,18 @@ bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const at::Tensor rows = partials.has_value() ? *partials : telemetry_cuda(grads);
   auto u = prepare_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
                           weight_decay, maximize, skip, std::nullopt, false, false);
-  const std::optional<at::Tensor> factor = decide(rows);
-  if (factor.has_value()) u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
+  std::optional<at::Tensor> factor = decide(rows);
+  // decide has written the guard: from here nothing refuses what can be made to serve. A factor
+  // of another dtype or device (a decide computing it in float32) is converted, on the stream,
+  // rather than refused with the guard moved and no update; one of several elements is a broken
+  // decide. (The conversion is kept alive until the update is enqueued.)
+  if (factor.has_value()) {
+    TORCH_CHECK(factor->numel() == 1, "lbw: decide must return None or a one-element gradient factor, got ",
+                factor->numel(), " elements");
+    if (factor->scalar_type() != at::kDouble || factor->device() != u->opts.device())
+      factor = factor->to(u->opts.device(), at::kDouble);
+    u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
+  }
   launch_update(*u);
   return true;
 }
