@@ -27,6 +27,30 @@ def nvcc_major(nvcc):
     return found.group(1) if found else None
 
 
+def static_libstdcxx_warning(library, cxx):
+    """A warning when the built extension ``library`` (a Linux shared object) loads no shared
+    libstdc++: its compiler ``cxx`` linked a static copy, beside the one torch loads, and an
+    error message that formats a number then crashed the process (ostream's number formatting
+    meets the other copy's locale: seen with a lent GPU image's /opt/gcc/bin/g++, 2026-11-28).
+    None when it does load it, or where readelf cannot tell."""
+    import shutil
+    import subprocess
+    import sys
+
+    readelf = shutil.which("readelf")
+    if readelf is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        out = subprocess.run([readelf, "-d", library], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "(NEEDED)" not in out or "libstdc++" in out:
+        return None
+    return (f"lbw-kernels: WARNING: {library} does not load the shared libstdc++ (its compiler, {cxx}, linked a "
+            "static copy beside the one torch loads): an error the extension raises may crash the process. "
+            "Rebuild with the system compiler: CXX=/usr/bin/g++ pip install --no-build-isolation -e .")
+
+
 def ext_modules():
     """The C++/CUDA backend ``lbw_kernels._C`` (csrc/), built with ninja against the installed
     torch. CUDA sources are added when torch has CUDA and an nvcc of its CUDA major version is
@@ -107,7 +131,16 @@ def ext_modules():
         py_limited_api=False,
     )
     print(f"lbw-kernels: building the C++ extension ({'CPU + CUDA ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else 'CPU only'})", file=sys.stderr)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class build_ext(base):
+        def run(self):
+            super().run()
+            for built in self.extensions:
+                warning = static_libstdcxx_warning(self.get_ext_fullpath(built.name), cxx)
+                if warning:
+                    print(warning, file=sys.stderr)
+
     return [ext], {"build_ext": build_ext}
 
 

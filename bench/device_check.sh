@@ -114,13 +114,18 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FORCE_CUDA="${FORCE_CUDA:-1}"
-# The system's g++ where CXX is not set. On the lent GPU image (2026-11-28) the build otherwise
-# compiled and linked with /opt/gcc/bin/g++, and the extension carried its own static copy of
-# libstdc++: an error message that formats a number (a TORCH_CHECK naming "exp_avg_sqs[0]")
-# then crashed the process inside ostream's number formatting (the process's other libstdc++
-# owns the locale), taking the test session with it; built by /usr/bin/g++, the same sources
-# raise their errors (the extension_errors phase checks that).
-if [[ -z "${CXX:-}" && -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++; fi
+# The system's g++ (LBW_CHECK_CXX names another). The lent GPU image (2026-11-28) sets
+# CXX=/opt/gcc/bin/g++ (and CC=/opt/gcc/bin/gcc, nvcc's host compiler, which stays), and the
+# extension it built carried its own static copy of libstdc++: an error message that formats a
+# number (a TORCH_CHECK naming "exp_avg_sqs[0]") then crashed the process inside ostream's
+# number formatting (the process's other libstdc++ owns the locale), taking the test session
+# with it. Built with CXX=/usr/bin/g++, the same sources raise their errors (the
+# extension_errors phase checks that).
+if [[ -n "${LBW_CHECK_CXX:-}" ]]; then
+    export CXX="$LBW_CHECK_CXX"
+elif [[ -x /usr/bin/g++ ]]; then
+    export CXX=/usr/bin/g++
+fi
 # A crash prints the Python stack of every thread (segfaults at exit were seen once).
 export PYTHONFAULTHANDLER=1
 

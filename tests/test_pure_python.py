@@ -108,3 +108,43 @@ def test_setup_builds_the_cpu_kernels_alone_beside_an_nvcc_of_another_cuda_major
     else:
         assert said == [f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA 13, torch was built with CUDA 12.8 "
                         "(set CUDA_HOME to a CUDA 12 toolkit)", "lbw-kernels: building the C++ extension (CPU only)"], said
+
+
+def _setup_function(name: str):
+    """A function of setup.py, without running setup.py (which installs when run)."""
+    import ast
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_setup_warns_when_the_extension_carries_its_own_libstdcxx(tmp_path, static):
+    """setup.py's check after building: a shared object that loads the shared libstdc++ passes;
+    one linked with a static copy (as a lent GPU image's /opt/gcc/bin/g++ linked the extension,
+    whose error messages then crashed the process) gets a warning that says how to rebuild."""
+    import shutil
+
+    cxx = shutil.which("g++")
+    if cxx is None or shutil.which("readelf") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs g++ and readelf on Linux")
+    src = tmp_path / "lib.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n'
+                   'extern "C" int digits(unsigned long n) { std::ostringstream s; s << n; return int(s.str().size()); }\n')
+    lib = tmp_path / "lib.so"
+    subprocess.run([cxx, "-shared", "-fPIC", *(["-static-libstdc++"] if static else []), str(src), "-o", str(lib)],
+                   check=True, capture_output=True, timeout=120)
+    warning = _setup_function("static_libstdcxx_warning")(str(lib), "the-compiler")
+    if static:
+        assert warning is not None and "the-compiler" in warning and "CXX=/usr/bin/g++" in warning
+    else:
+        assert warning is None
+    try:  # the extension as built here loads the shared one
+        from lbw_kernels import _C
+    except ImportError:
+        return
+    assert _setup_function("static_libstdcxx_warning")(_C.__file__, cxx) is None
