@@ -221,6 +221,35 @@ def test_eager_entries_raise_what_the_ops_raise_and_change_nothing():
     assert _C._adamw_(*(tuple(a) for a in args[:5]), *args[5:], None) is True
 
 
+@pytest.mark.parametrize("device", extension_devices())
+@pytest.mark.parametrize("which", ["lr_scale", "skip", "grad_factor"])
+@pytest.mark.parametrize("bad", ["float32", "other device", "two elements"])
+def test_update_scalars_are_checked_alike_on_every_device(device, which, bad):
+    """lr_scale, skip and grad_factor: one float64 element on the params' device (the schemas'
+    words), refused alike by the CPU and CUDA ops, on a call that skips too (skip=1 beside a bad
+    lr_scale or factor), and before anything changes."""
+    from lbw_kernels import _C
+
+    if bad == "other device" and device == "cpu":
+        pytest.skip("the other device is a GPU's (a meta tensor would send the op to its fake impl)")
+    args = list(_update_args(device))
+    one = dict(lr_scale=args[5], skip=torch.tensor(1.0, dtype=torch.float64, device=device),
+               grad_factor=torch.tensor(0.5, dtype=torch.float64, device=device))
+    one[which] = {"float32": one[which].float(), "other device": one[which].cpu(),
+                  "two elements": one[which].expand(2).clone()}[bad]
+    args[5] = one["lr_scale"]
+    before = _clone_args(args)
+    for call in (torch.ops.lbw.adamw_, _C._adamw_):
+        with pytest.raises(RuntimeError, match=f"lbw: {which} must be a 0-dim float64 tensor on {device}"):
+            call(*args, one["skip"], one["grad_factor"])
+    if which != "skip":  # (the single_pass op takes no skip, nor a factor)
+        if which == "lr_scale":
+            with pytest.raises(RuntimeError, match=f"lbw: lr_scale must be a 0-dim float64 tensor on {device}"):
+                torch.ops.lbw.adamw_telemetry_(*args, True)
+    for xs, ys in zip(args[:5], before[:5]):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
 def test_gather_grads_reads_each_grad_once_with_the_flags():
     from lbw_kernels import _C
 

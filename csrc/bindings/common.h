@@ -38,6 +38,14 @@ using ExactStepFn = bool (*)(at::TensorList params, at::TensorList grads, at::Te
                              const std::optional<at::Tensor>& partials);
 ExactStepFn& cuda_exact_step();
 
+// The update ops' one-element inputs (lr_scale, skip, grad_factor): float64 on the params'
+// device, alike on CPU and CUDA (the CUDA kernels read them through a double pointer; the
+// schemas in ops.cpp say so), checked before anything is written, on a skipped call too.
+inline void check_scalar(const at::Tensor& t, const at::Device& device, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device() == device && t.scalar_type() == at::kDouble, "lbw: ", what,
+              " must be a 0-dim float64 tensor on ", device, ", got ", t.scalar_type(), " on ", t.device());
+}
+
 inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
   if (poison_outputs().load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -31,8 +31,8 @@ void aten_for(int64_t begin, int64_t end, const std::function<void(int64_t, int6
 }
 
 double scalar_of(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "lbw: ", what, " must be a 0-dim CPU tensor");
-  return t.item<double>();
+  check_scalar(t, at::Device(at::kCPU), what);
+  return *t.const_data_ptr<double>();
 }
 
 at::Tensor telemetry_cpu(at::TensorList grads) {
@@ -110,11 +110,11 @@ void run_update(cpu::AdamWFn<P, G> kernel, const UpdateCheck& check, at::TensorL
 
 std::optional<at::Tensor> update_cpu(at::TensorList params, at::TensorList grads,
                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                     at::TensorList steps, const at::Tensor& lr_scale, double lr,
+                                     at::TensorList steps, double lr_scale, double lr,
                                      double beta1, double beta2, double eps, double weight_decay,
                                      bool maximize, double grad_factor, bool telemetry, bool mask) {
   const UpdateCheck check = check_update_lists(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
-  const double lr_t = lr * scalar_of(lr_scale, "lr_scale");
+  const double lr_t = lr * lr_scale;
   const double grad_sign = (maximize ? -1.0 : 1.0) * grad_factor;
   at::Tensor out;  // (run_update fills it when telemetry is asked for)
   if (params.empty())
@@ -153,21 +153,24 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& lr_scale, double lr,
                double beta1, double beta2, double eps, double weight_decay, bool maximize,
                const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& grad_factor) {
+  // (every argument checked, a skipped call's too: the CUDA op's checks)
+  const double scale = scalar_of(lr_scale, "lr_scale");
+  const double factor = grad_factor.has_value() ? scalar_of(*grad_factor, "grad_factor") : 1.0;
   // Exact gate, rule 1: a skipped call changes nothing, not even the step counts.
   if (skip.has_value() && scalar_of(*skip, "skip") != 0.0) {
     check_update_args(params, grads, exp_avgs, exp_avg_sqs, steps, at::kCPU);
     return;
   }
-  update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps, weight_decay,
-             maximize, grad_factor.has_value() ? scalar_of(*grad_factor, "grad_factor") : 1.0, false, false);
+  update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, scale, lr, beta1, beta2, eps, weight_decay, maximize,
+             factor, false, false);
 }
 
 at::Tensor adamw_telemetry_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList steps,
                                const at::Tensor& lr_scale, double lr, double beta1, double beta2,
                                double eps, double weight_decay, bool maximize, bool mask_nonfinite) {
-  return *update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, lr_scale, lr, beta1, beta2, eps,
-                     weight_decay, maximize, 1.0, true, mask_nonfinite);
+  return *update_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, scalar_of(lr_scale, "lr_scale"), lr, beta1, beta2,
+                     eps, weight_decay, maximize, 1.0, true, mask_nonfinite);
 }
 
 // exp, log and sqrt exactly as the reference computes them on CPU: torch's own kernels on a

@@ -211,8 +211,7 @@ at::Tensor telemetry_cuda(at::TensorList grads) {
 }
 
 const double* scalar_ptr(const at::Tensor& t, const at::Device& device, const char* what) {
-  TORCH_CHECK(t.numel() == 1 && t.device() == device && t.scalar_type() == at::kDouble, "lbw: ", what,
-              " must be a 0-dim float64 tensor on ", device, ", got ", t.scalar_type(), " on ", t.device());
+  check_scalar(t, device, what);
   return t.data_ptr<double>();
 }
 
@@ -254,6 +253,10 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
     e.dtype = param_code;
     e.aligned = aligned16(e.p) && aligned16(e.g) && aligned16(e.m) && aligned16(e.v);
   }
+  // (the scalars too when there are no params, as on CPU)
+  const double* lr_scale_ptr = scalar_ptr(lr_scale, device, "lr_scale");
+  const double* skip_ptr = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
+  const double* factor_ptr = grad_factor.has_value() ? scalar_ptr(*grad_factor, device, "grad_factor") : nullptr;
   if (params.empty()) return std::nullopt;
   const c10::cuda::CUDAGuard guard(device);
   PreparedUpdate u;
@@ -261,15 +264,15 @@ std::optional<PreparedUpdate> prepare_update(at::TensorList params, at::TensorLi
   u.opts = at::TensorOptions().dtype(at::kDouble).device(device);
   u.args.param_dtype = DType(param_code);
   u.args.f32_grads = grad_code != param_code;  // (check_update_lists allows float32 grads of bf16/fp16 params only)
-  u.args.lr_scale = scalar_ptr(lr_scale, device, "lr_scale");
+  u.args.lr_scale = lr_scale_ptr;
   u.args.lr = lr;
   u.args.beta1 = beta1;
   u.args.beta2 = beta2;
   u.args.eps = eps;
   u.args.weight_decay = weight_decay;
   u.args.maximize = maximize;
-  u.args.skip = skip.has_value() ? scalar_ptr(*skip, device, "skip") : nullptr;
-  u.args.grad_factor = grad_factor.has_value() ? scalar_ptr(*grad_factor, device, "grad_factor") : nullptr;
+  u.args.skip = skip_ptr;
+  u.args.grad_factor = factor_ptr;
   u.args.mask_nonfinite = mask;
   u.args.telemetry = telemetry;
   u.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
