@@ -28,27 +28,15 @@ def nvcc_major(nvcc):
 
 
 def static_libstdcxx_warning(library, cxx):
-    """A warning when the built extension ``library`` (a Linux shared object) loads no shared
-    libstdc++: its compiler ``cxx`` linked a static copy, beside the one torch loads, and an
-    error message that formats a number then crashed the process (ostream's number formatting
-    meets the other copy's locale: seen with a lent GPU image's /opt/gcc/bin/g++, 2026-11-28).
-    None when it does load it, or where readelf cannot tell."""
-    import shutil
-    import subprocess
-    import sys
+    """lbw_kernels/build_check.py's check of the built extension, loaded by path (the package
+    is not importable while it is being built)."""
+    import importlib.util
+    from pathlib import Path
 
-    readelf = shutil.which("readelf")
-    if readelf is None or not sys.platform.startswith("linux"):
-        return None
-    try:
-        out = subprocess.run([readelf, "-d", library], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if "(NEEDED)" not in out or "libstdc++" in out:
-        return None
-    return (f"lbw-kernels: WARNING: {library} does not load the shared libstdc++ (its compiler, {cxx}, linked a "
-            "static copy beside the one torch loads): an error the extension raises may crash the process. "
-            "Rebuild with the system compiler: CXX=/usr/bin/g++ pip install --no-build-isolation -e .")
+    spec = importlib.util.spec_from_file_location("lbw_build_check", Path(__file__).parent / "lbw_kernels" / "build_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.static_libstdcxx_warning(library, cxx)
 
 
 def ext_modules():

@@ -41,6 +41,11 @@ def _info(args: argparse.Namespace) -> int:
         from . import _C
 
         print(f"extension   lbw_kernels._C: CPU kernels {_C._cpu_isa()}, CUDA kernels {'built' if _C.WITH_CUDA else 'not built'}")
+        from .build_check import static_libstdcxx_warning
+
+        warning = static_libstdcxx_warning(_C.__file__)
+        if warning:
+            print(warning)
     except ImportError as err:
         print(f"extension   lbw_kernels._C not built ({err})")
     print("backends:")

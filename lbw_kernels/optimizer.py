@@ -454,7 +454,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 # capture), and the graph's uploads are kept for good (not the plan: it holds
                 # the params and states).
                 self._plan.graph_only = True
-                stream_use.GRAPH_ONLY.append((self._plan.numels, self._plan.numel_total, self._plan.pinned_sources))
+                if self._plan.numels is not None:
+                    stream_use.GRAPH_ONLY.append((self._plan.numels, self._plan.numel_total, self._plan.pinned_sources))
             elif numels_on_gpu:
                 self._plan.stream_use = StreamUse(self._guard.device)
         if self._plan.stream_use is not None and not torch.compiler.is_compiling():

@@ -242,6 +242,9 @@ def test_update_scalars_are_checked_alike_on_every_device(device, which, bad):
     for call in (torch.ops.lbw.adamw_, _C._adamw_):
         with pytest.raises(RuntimeError, match=f"lbw: {which} must be a 0-dim float64 tensor on {device}"):
             call(*args, one["skip"], one["grad_factor"])
+        if which != "skip":  # and on a call that would update
+            with pytest.raises(RuntimeError, match=f"lbw: {which} must be a 0-dim float64 tensor on {device}"):
+                call(*args, None, one["grad_factor"])
     if which != "skip":  # (the single_pass op takes no skip, nor a factor)
         if which == "lr_scale":
             with pytest.raises(RuntimeError, match=f"lbw: lr_scale must be a 0-dim float64 tensor on {device}"):

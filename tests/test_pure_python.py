@@ -117,17 +117,21 @@ def _setup_function(name: str):
     path = Path(__file__).resolve().parents[1] / "setup.py"
     tree = ast.parse(path.read_text())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace: dict = {}
+    namespace: dict = {"__file__": str(path)}
     exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
     return namespace[name]
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_setup_warns_when_the_extension_carries_its_own_libstdcxx(tmp_path, static):
-    """setup.py's check after building: a shared object that loads the shared libstdc++ passes;
-    one linked with a static copy (as a lent GPU image's /opt/gcc/bin/g++ linked the extension,
-    whose error messages then crashed the process) gets a warning that says how to rebuild."""
+def test_a_build_whose_extension_carries_its_own_libstdcxx_is_warned_of(tmp_path, static):
+    """lbw_kernels/build_check.py, which setup.py runs after building (loading the file by path)
+    and `lbw-kernels info` on the extension it loaded: a shared object that loads the shared
+    libstdc++ passes; one linked with a static copy (as a lent GPU image's /opt/gcc/bin/g++
+    linked the extension, whose error messages then crashed the process) gets a warning that
+    says how to rebuild."""
     import shutil
+
+    from lbw_kernels.build_check import static_libstdcxx_warning
 
     cxx = shutil.which("g++")
     if cxx is None or shutil.which("readelf") is None or not sys.platform.startswith("linux"):
@@ -138,7 +142,8 @@ def test_setup_warns_when_the_extension_carries_its_own_libstdcxx(tmp_path, stat
     lib = tmp_path / "lib.so"
     subprocess.run([cxx, "-shared", "-fPIC", *(["-static-libstdc++"] if static else []), str(src), "-o", str(lib)],
                    check=True, capture_output=True, timeout=120)
-    warning = _setup_function("static_libstdcxx_warning")(str(lib), "the-compiler")
+    warning = static_libstdcxx_warning(str(lib), "the-compiler")
+    assert _setup_function("static_libstdcxx_warning")(str(lib), "the-compiler") == warning
     if static:
         assert warning is not None and "the-compiler" in warning and "CXX=/usr/bin/g++" in warning
     else:
@@ -147,4 +152,19 @@ def test_setup_warns_when_the_extension_carries_its_own_libstdcxx(tmp_path, stat
         from lbw_kernels import _C
     except ImportError:
         return
-    assert _setup_function("static_libstdcxx_warning")(_C.__file__, cxx) is None
+    assert static_libstdcxx_warning(_C.__file__) is None
+
+
+def test_info_says_when_the_extension_carries_its_own_libstdcxx(monkeypatch, capsys):
+    """pip shows a successful build's output only with -v: `lbw-kernels info` repeats the
+    warning for the extension it loaded."""
+    from lbw_kernels import build_check, cli
+
+    try:
+        from lbw_kernels import _C
+    except ImportError:
+        pytest.skip("the extension is not built")
+    asked = []
+    monkeypatch.setattr(build_check, "static_libstdcxx_warning", lambda library: asked.append(library) or "WARN-LINE")
+    assert cli._info(None) == 0
+    assert asked == [_C.__file__] and "WARN-LINE" in capsys.readouterr().out.splitlines()
