@@ -382,6 +382,14 @@ class GuardedAdamW(torch.optim.Optimizer):
         return self._backends[device]
 
     def _state_for(self, p: Tensor) -> Dict[str, Tensor]:
+        if not dict.get(self.state, p) and stream_is_capturing(p.device):
+            # A state made inside a capture would be zeroed by every replay (its fill is
+            # recorded): AdamW's moments and step count reset on each step, silently. The first
+            # param without one raises, before its entry is made, so no state is.
+            raise RuntimeError(
+                f"GuardedAdamW: a param of shape {tuple(p.shape)} has no optimizer state yet, and a state made "
+                "while a CUDA graph is captured would be reset by every replay; run one step() eagerly with "
+                "these params (a warm-up on a side stream) before capturing")
         state = self.state.adopt_entry(p)
         if not state:
             dtype = ref.state_tensor_dtype(p.dtype)

@@ -275,3 +275,35 @@ def test_a_step_plan_built_during_a_capture_serves_that_graph_alone(monkeypatch,
         (captured.numels, captured.numel_total, captured.pinned_sources)] and len(stream_use.GRAPH_ONLY) == 2
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_first_step_captured_is_refused_before_any_state_is_made(monkeypatch, backend):
+    """A state made while a CUDA graph is captured would be zeroed again by every replay (its
+    fill is recorded), resetting AdamW's moments and step count each step: the capture of a
+    step whose params have no state yet raises, saying to step eagerly first, and makes none;
+    an eager step then runs as usual, and a later captured one is taken. Stood in on CPU."""
+    from lbw_kernels import GuardedAdamW, optimizer
+    from lbw_kernels.backends import availability
+
+    if availability()[backend] is not None:
+        pytest.skip(f"{backend}: {availability()[backend]}")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7,), (3, 5))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = GuardedAdamW(params, lr=1e-2, backend=backend, stats_freq=1)
+    before = [p.detach().clone() for p in params]
+    guard = opt._guard.clone()
+    capturing = [True]
+    monkeypatch.setattr(optimizer, "stream_is_capturing", lambda device: capturing[0])
+    with pytest.raises(RuntimeError, match=r"shape \(7,\) has no optimizer state yet.*run one step\(\) eagerly"):
+        opt.step()
+    assert len(opt.state) == 0 and opt._plan is None
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    torch.testing.assert_close(opt._guard, guard, rtol=0, atol=0, equal_nan=True)
+    capturing[0] = False
+    opt.step()
+    capturing[0] = True
+    opt.step()  # (states made: a captured step is taken)
+    assert opt.telemetry()["step"] == 2 and all(not torch.equal(p, b) for p, b in zip(params, before))

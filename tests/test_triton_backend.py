@@ -1282,6 +1282,26 @@ def test_gpu_plans_evicted_while_a_side_stream_still_reads_them(gate, relayout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", kernel_gpu_backends())
+def test_gpu_capturing_a_first_step_is_refused_and_makes_no_state(name):
+    """A step whose params have no optimizer state cannot be captured: the states' zero fill
+    would be recorded and every replay would reset AdamW's moments and step count. It raises
+    inside the capture, makes no state, and an eager step after it runs as usual."""
+    require_backend(name)
+    model = _model("cuda")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = GuardedAdamW(model.parameters(), lr=1e-2, backend=name)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="has no optimizer state yet"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert len(opt.state) == 0
+    opt.step()
+    assert opt.telemetry()["step"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", kernel_gpu_backends())
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_gpu_compiled_training_step_runs(name, gate, mode):
