@@ -271,7 +271,7 @@ def test_a_step_plan_built_during_a_capture_serves_that_graph_alone(monkeypatch,
     assert not eager.graph_only and captured.graph_only and captured is not eager
     assert after is not captured and not after.graph_only and kept is after  # rebuilt once, then cached
     # (the twin's plan of call 1 too: it is told the same)
-    assert [kept for kept in stream_use.GRAPH_ONLY if kept[0] is captured.numels] == [
+    assert [entry for entry in stream_use.GRAPH_ONLY if entry[0] is captured.numels] == [
         (captured.numels, captured.numel_total, captured.pinned_sources)] and len(stream_use.GRAPH_ONLY) == 2
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
