@@ -340,14 +340,12 @@ bool exact_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                           weight_decay, maximize, skip, std::nullopt, false, false);
   std::optional<at::Tensor> factor = decide(rows);
   // decide has written the guard: from here nothing refuses what can be made to serve. A factor
-  // of another dtype or device (a decide computing it in float32) is converted, on the stream,
-  // rather than refused with the guard moved and no update; one of several elements is a broken
-  // decide. (The conversion is kept alive until the update is enqueued.)
+  // of another dtype or device (a decide computing it in float32) is converted on the stream
+  // (`to` returns the factor itself where it is float64 on the device already) rather than
+  // refused with the guard moved and no update; one of several elements is a broken decide,
+  // which scalar_ptr refuses. (The conversion is kept alive until the update is enqueued.)
   if (factor.has_value()) {
-    TORCH_CHECK(factor->numel() == 1, "lbw: decide must return None or a one-element gradient factor, got ",
-                factor->numel(), " elements");
-    if (factor->scalar_type() != at::kDouble || factor->device() != u->opts.device())
-      factor = factor->to(u->opts.device(), at::kDouble);
+    if (factor->numel() == 1) factor = factor->to(u->opts.device(), at::kDouble);
     u->args.grad_factor = scalar_ptr(*factor, u->opts.device(), "grad_factor");
   }
   launch_update(*u);
