@@ -282,6 +282,11 @@ register_lazy_backend("cuda", "lbw_kernels.cpp_backend", "CudaBackend")
 register_lazy_backend("triton", "lbw_kernels.triton_kernels.backend", "TritonBackend")
 
 
+def registered_names() -> List[str]:
+    """Every backend name ``get_backend`` knows: the built-in ones and those registered."""
+    return list(_FACTORIES)
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises RuntimeError saying why when it is unavailable."""
     if name in _INSTANCES:

@@ -675,6 +675,8 @@ def default_layouts(device: torch.device, quick: bool) -> List[str]:
 
 
 def add_parser(subparsers) -> None:
+    from . import cli_args
+
     p = subparsers.add_parser(
         "bench",
         help="time one optimizer step: our backends beside torch AdamW and the published procedure",
@@ -682,19 +684,20 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--quick", action="store_true", help="one small layout, fewer repetitions (CPU: gpt2-quick, CUDA: gpt2-124m)")
     p.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout to time (repeatable); default: by device")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--backend", action="append", help="only this backend (repeatable); default: every available one")
+    p.add_argument("--device", type=cli_args.device, default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--backend", action="append", type=cli_args.backend,
+                   help="only this backend (repeatable); default: every available one")
     p.add_argument("--gate", action="append", choices=["exact", "single_pass"], help="default: both")
-    p.add_argument("--stats-freq", action="append", type=int, help="default: 1 and 10")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--budget", type=float, default=None, help="seconds of timing per row at most")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--stats-freq", action="append", type=cli_args.int_at_least(1), help="default: 1 and 10")
+    p.add_argument("--warmup", type=cli_args.int_at_least(0), default=None)
+    p.add_argument("--reps", type=cli_args.int_at_least(1), default=None)
+    p.add_argument("--budget", type=cli_args.positive_float, default=None, help="seconds of timing per row at most")
+    p.add_argument("--rounds", type=cli_args.int_at_least(1), default=None,
                    help="run the rows this many times and pool the samples (default: CUDA 1, CPU 3 with --quick, else 2)")
     p.add_argument("--graphs", choices=GRAPH_MODES, default="off",
                    help="CUDA: also time the kernel backends' steps and torch fused AdamW captured in CUDA graphs "
                         "(add), or only those beside eager torch fused (only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=cli_args.int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="lbw-runs/bench", help="folder for bench.json and bench.png")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=main)

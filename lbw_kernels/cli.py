@@ -93,6 +93,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import cli_args
+
     parser = argparse.ArgumentParser(prog="lbw-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices, and which backends are built (and why not)")
@@ -100,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify", help="check every available backend against the float64 reference; non-zero exit on a mismatch"
     )
-    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
-    p.add_argument("--seeds", type=int, default=3, help="random problems per dtype (default 3)")
-    p.add_argument("--show", type=int, default=5, help="mismatches printed per backend (default 5)")
+    p.add_argument("--backend", action="append", type=cli_args.backend, help="only this backend (repeatable)")
+    p.add_argument("--seeds", type=cli_args.int_at_least(1), default=3, help="random problems per dtype (default 3)")
+    p.add_argument("--show", type=cli_args.int_at_least(0), default=5, help="mismatches printed per backend (default 5)")
     p.set_defaults(func=_verify)
     for module in _COMMAND_MODULES:
         __import__(module, fromlist=["add_parser"]).add_parser(sub)

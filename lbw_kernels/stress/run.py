@@ -331,11 +331,9 @@ def format_pivot(runs: Sequence[RunResult]) -> str:
     return "\n".join(out)
 
 
-def _floats(text: str) -> List[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def add_parser(subparsers) -> None:
+    from .. import cli_args
+
     p = subparsers.add_parser(
         "stress",
         help="train a small byte-level transformer at rising learning rates: AdamW, clipping and the guard",
@@ -350,24 +348,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mode", choices=["pretrain", "finetune", "both"], default="finetune",
                    help="finetune (default: the paper's setting), pretrain from scratch, or both")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--lrs", default=None,
+    p.add_argument("--lrs", type=cli_args.positive_floats, default=None,
                    help=f"comma list of peak learning rates (default: base-lr x {DEFAULT_LR_MULTS})")
-    p.add_argument("--base-lr", type=float, default=DEFAULT_BASE_LR,
+    p.add_argument("--base-lr", type=cli_args.positive_float, default=DEFAULT_BASE_LR,
                    help="a good LR: the grid's first point and the finetune base model's LR")
     for name in ("d_model", "layers", "heads", "ctx", "batch", "steps", "base_steps",
                  "max_train_bytes", "max_val_bytes", "val_windows", "eval_every"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset")
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warm-up")
+        p.add_argument("--" + name.replace("_", "-"), type=cli_args.int_at_least(1), default=None,
+                       help="overrides the preset")
+    p.add_argument("--warmup", type=cli_args.fraction, default=0.05, help="fraction of steps of linear warm-up")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="every arm (the guard's default)")
-    p.add_argument("--spike-factor", type=float, default=1.2,
+    p.add_argument("--weight-decay", type=cli_args.non_negative_float, default=0.01,
+                   help="every arm (the guard's default)")
+    p.add_argument("--spike-factor", type=cli_args.positive_float, default=1.2,
                    help="a spike: train loss above this x the median of the previous 20 steps")
-    p.add_argument("--backend", default="auto", help="GuardedAdamW backend for the guard arms")
-    p.add_argument("--seeds", default="0",
+    p.add_argument("--backend", type=cli_args.backend_or_auto, default="auto",
+                   help="GuardedAdamW backend for the guard arms")
+    p.add_argument("--seeds", type=cli_args.whole_numbers, default=[0],
                    help="comma list of seeds; each seeds the init, the base model and the batch order (default 0)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python stdlib's sources)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=cli_args.device, default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--threads", type=cli_args.int_at_least(1), default=None,
                    help="torch CPU threads (default: 1 for --quick on CPU, else torch's default)")
     p.add_argument("--out", default="lbw-runs/stress", help="folder for stress.json, PNGs and the cached base model")
     p.add_argument("--trace", action="store_true",
@@ -390,8 +391,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    lrs = _floats(args.lrs) if args.lrs else [args.base_lr * m for m in DEFAULT_LR_MULTS]
+    seeds = args.seeds
+    lrs = args.lrs or [args.base_lr * m for m in DEFAULT_LR_MULTS]
     modes = ["pretrain", "finetune"] if args.mode == "both" else [args.mode]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads

@@ -1,0 +1,110 @@
+"""Argument types of the command line (``info``, ``verify``, ``bench``, ``stress``).
+
+Each turns a value the command cannot use (0 repetitions, a learning rate that is not a
+number, a device this machine does not have) into argparse's usage error, which names the
+option, before anything runs: a typo must not run a different experiment (a backend name that
+is not one timed no guard row and exited 0) nor end in a traceback from deep inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, List
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def positive_floats(text: str) -> List[float]:
+    """A comma list of numbers > 0 (at least one)."""
+    values = [positive_float(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one number")
+    return values
+
+
+def whole_numbers(text: str) -> List[int]:
+    """A comma list of whole numbers (at least one)."""
+    values = [_int(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one whole number")
+    return values
+
+
+def backend(text: str) -> str:
+    """A backend name that is registered (lbw_kernels.backends), built or not: whether it runs
+    here is the command's to say."""
+    from .backends import registered_names
+
+    if text not in registered_names():
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known: {', '.join(registered_names())}")
+    return text
+
+
+def backend_or_auto(text: str) -> str:
+    return text if text == "auto" else backend(text)
+
+
+def device(text: str) -> str:
+    """A device torch knows and this machine has: ``cpu``, or ``cuda``/``cuda:N`` with a
+    visible CUDA device of that index."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: cpu or cuda")
+    return text
