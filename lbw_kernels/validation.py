@@ -18,16 +18,20 @@ AMSGRAD_REFUSED = "amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp
 
 def plain_number(value: Any) -> Any:
     """A numpy scalar (``np.float32(3e-4)``, ``np.int64(10)``: torch.optim takes them) as the
-    Python number it holds, so configs and checkpoints hold plain numbers; anything else as is."""
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+    Python number it holds, so configs and checkpoints hold plain numbers; anything else as is.
+    (By exact type: ``np.float64`` is a subclass of ``float``, yet torch.load(weights_only=True)
+    refuses it.)"""
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float) and hasattr(value, "item"):
         return value.item()
     return value
 
 
 def _number(name: str, value: Any, read_tensor: bool = True) -> float:
-    """``value`` as a float, checked to be a real number (not NaN). A one-element tensor is
-    read only with ``read_tensor`` (construction, loading); ``step()`` checks its type alone,
-    as reading it would wait for the device, and returns 0.0 for it."""
+    """``value`` as a float, checked to be a real number (not NaN). A one-element tensor off the
+    CPU is read only with ``read_tensor`` (construction, loading); ``step()`` checks its type
+    alone, as reading it would wait for the device, and returns 0.0 for it. A CPU tensor is
+    host memory, read always: an edit in place (``lr.fill_(-1.0)``) is then refused by the next
+    ``step()`` as the same value assigned as a float is."""
     if type(value) is float:  # the common case, first (step() checks every group every call)
         if math.isnan(value):
             raise ValueError(f"{name} must not be NaN")
@@ -39,9 +43,9 @@ def _number(name: str, value: Any, read_tensor: bool = True) -> float:
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         if value.device.type == "meta":  # (its device is known without reading the value)
             raise ValueError(f"{name} is a meta tensor: it holds no value")
-        if not read_tensor:
+        if not read_tensor and value.device.type != "cpu":
             return 0.0
-        value = value.item()  # construction time, not step(): a sync here is harmless
+        value = value.item()  # (construction or loading, where a sync is harmless; or a CPU tensor)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -53,7 +57,7 @@ def _number(name: str, value: Any, read_tensor: bool = True) -> float:
 def check_group_hyperparameters(group: Dict[str, Any], where: str = "", read_tensors: bool = True) -> None:
     """lr, betas, eps, weight_decay, maximize of one param group; messages start with ``where``
     (``"param_groups[1]: "``). ``read_tensors=False`` (every ``step()``: a group may have been
-    edited since it was added) checks a tensor's type, not its value."""
+    edited since it was added) checks a device tensor's type, not its value (``_number``)."""
 
     def number(name: str, value: Any) -> float:
         return _number(where + name, value, read_tensors)

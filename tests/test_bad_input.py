@@ -181,6 +181,41 @@ def test_bad_hyperparameter_edited_into_a_group_changes_nothing(backend, gate, k
     assert opt.telemetry()["step"] == opt._calls == 2
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize(
+    "key, fill, error, match",
+    [
+        ("lr", -1.0, ValueError, r"param_groups\[1\]: lr must be >= 0, got -1.0"),
+        ("lr", float("nan"), ValueError, r"param_groups\[1\]: lr must not be NaN"),
+        ("eps", float("nan"), ValueError, r"param_groups\[1\]: eps must not be NaN"),
+        ("weight_decay", -0.5, ValueError, r"param_groups\[1\]: weight_decay must be >= 0"),
+        ("betas", 1.0, ValueError, r"param_groups\[1\]: betas\[0\] must be in \[0, 1\)"),
+    ],
+)
+def test_a_cpu_tensor_hyperparameter_edited_in_place_is_checked_at_the_next_step(backend, gate, key, fill, error,
+                                                                                 match):
+    """A CPU tensor is host memory: step() reads it (no device to wait for), so ``fill_`` of a
+    value that assigning as a float would be refused is refused too, before anything changes.
+    (A GPU tensor is not read at step(): its type alone is checked.)"""
+    opt, a, b = _two_group_optimizer(backend, gate)
+    value = torch.tensor(opt.param_groups[1][key][0] if key == "betas" else opt.param_groups[1][key],
+                         dtype=torch.float64)
+    good = value.item()
+    if key == "betas":
+        opt.param_groups[1]["betas"] = (value, opt.param_groups[1]["betas"][1])
+    else:
+        opt.param_groups[1][key] = value
+    opt.step()  # the tensor taken while it holds a good value
+    value.fill_(fill)
+    before = _snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+    value.fill_(good)
+    opt.step()  # and the optimizer goes on
+    assert opt.telemetry()["step"] == opt._calls == 3
+
+
 def test_a_group_edit_that_is_valid_passes_the_step_check(backend):
     """The per-call check takes what add_param_group takes: numpy scalars, a 0-dim tensor lr,
     int hyper-parameters, a betas list, and leaves the numbers as the user wrote them."""
@@ -292,12 +327,17 @@ def test_numpy_scalars_are_taken_as_torch_optim_takes_them():
     stored as Python numbers, so the guard's config in a checkpoint loads with weights_only."""
     np = pytest.importorskip("numpy")
     q = torch.nn.Parameter(p(4))
-    opt = GuardedAdamW([q], lr=np.float32(1e-3), betas=(np.float32(0.9), 0.999), stats_freq=np.int64(4),
-                       min_scale=np.float32(0.25))
-    opt.add_param_group({"params": [torch.nn.Parameter(p(2))], "weight_decay": np.float32(0.5)})
+    # (np.float64 is a subclass of float, which a check for float alone lets through; np.logspace
+    # gives them)
+    opt = GuardedAdamW([q], lr=np.float32(1e-3), betas=(np.float32(0.9), np.float64(0.999)), stats_freq=np.int64(4),
+                       min_scale=np.float32(0.25), max_grad_norm=np.float64(1.0), eps=np.float64(1e-8))
+    opt.add_param_group({"params": [torch.nn.Parameter(p(2))], "weight_decay": np.float32(0.5),
+                         "lr": np.logspace(-4, -2, 3)[0]})
     assert type(opt.param_groups[0]["lr"]) is float and type(opt.param_groups[0]["betas"][0]) is float
-    assert type(opt.param_groups[1]["weight_decay"]) is float
+    assert type(opt.param_groups[0]["betas"][1]) is float and type(opt.param_groups[0]["eps"]) is float
+    assert type(opt.param_groups[1]["weight_decay"]) is float and type(opt.param_groups[1]["lr"]) is float
     assert type(opt.guard_config.stats_freq) is int and type(opt.guard_config.min_scale) is float
+    assert type(opt.guard_config.max_grad_norm) is float
     q.grad = torch.ones(4)
     opt.step()
     import io
