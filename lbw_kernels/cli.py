@@ -20,7 +20,7 @@ def _info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .backends import availability
+    from .backends import availability, get_backend
 
     print(f"lbw_kernels {__version__}")
     print(f"python      {platform.python_version()} ({sys.executable})")
@@ -50,8 +50,17 @@ def _info(args: argparse.Namespace) -> int:
         print(f"extension   lbw_kernels._C not built ({err})")
     print("backends:")
     backends = availability()  # (constructing the cuda backend applies LBW_CUDA_GEOMETRY)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name, reason in backends.items():
-        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is not None:
+            print(f"  {name:<10} unavailable: {reason}")
+            continue
+        # (built is not enough: Triton takes CPU tensors only through its interpreter)
+        backend = get_backend(name)
+        runs_on = [d.type if backend.auto_selectable(d) else f"{d.type} (emulated: by name only, never 'auto')"
+                   for d in devices if backend.supports(d)]
+        where = ", ".join(runs_on) if runs_on else f"no device here ({backend.device_hint(devices[-1])})"
+        print(f"  {name:<10} available, runs on {where}")
     if backends["cuda"] is None:
         from . import _C
 

@@ -1,5 +1,6 @@
 """The verify harness catches wrong backends; `info` and `verify` run from the command line."""
 
+import os
 import subprocess
 import sys
 
@@ -132,9 +133,24 @@ def test_the_cli_takes_a_registered_backend_and_cuda_only_where_there_is_one(cap
     assert cli.build_parser().parse_args(["bench", "--device", "cpu"]).device == "cpu"
 
 
+def test_info_says_where_triton_runs_on_a_machine_without_cuda():
+    """Built is not enough: on CPU, Triton takes tensors only through its interpreter, which
+    must be on from the start; info says so rather than 'available' alone."""
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA: Triton runs there")
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    off = subprocess.run([sys.executable, "-m", "lbw_kernels", "info"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert "triton     available, runs on no device here (Triton runs CPU tensors only through its interpreter" in off
+    on = subprocess.run([sys.executable, "-m", "lbw_kernels", "info"], capture_output=True, text=True, check=True,
+                        env={**env, "TRITON_INTERPRET": "1"}).stdout
+    assert "triton     available, runs on cpu (emulated: by name only, never 'auto')" in on
+
+
 def test_info_and_verify_from_the_shell():
     info = subprocess.run([sys.executable, "-m", "lbw_kernels", "info"], capture_output=True, text=True, check=True)
-    for line in ("torch", "backends:", "reference  available"):
+    for line in ("torch", "backends:", "reference  available, runs on cpu"):
         assert line in info.stdout
     verify = subprocess.run(
         [sys.executable, "-m", "lbw_kernels", "verify", "--backend", "reference", "--seeds", "1"],
