@@ -687,6 +687,58 @@ def test_dcp_state_dict_api_resumes_the_guard(ranks, tmp_path, flatten):
     ranks.run(_dcp_state_dict_api_worker, str(tmp_path / "ckpt"), cpu_backend(), flatten)
 
 
+def _migration_worker(rank, path, backend):
+    """An FSDP2 run moves its DCP checkpoint from torch.optim.AdamW to GuardedAdamW and back
+    (README): each template asks for keys the other optimizer's checkpoint lacks (the guard's
+    entry in the first param's state; AdamW's amsgrad, foreach, ... in the groups), so the load
+    is partial; AdamW's state moves over whole and the guard starts fresh."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def sharded_model():
+        return fully_shard(_mlp(), mesh=mesh)
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            _loss(model, x[rank], y[rank]).backward()
+            opt.step()
+
+    def moved(src_model, src_opt, dst_model, dst_opt, where):
+        dcp.save({"optim": get_optimizer_state_dict(src_model, src_opt)}, checkpoint_id=where)
+        state = {"optim": get_optimizer_state_dict(dst_model, dst_opt)}
+        dcp.load(state, checkpoint_id=where, planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_optimizer_state_dict(dst_model, dst_opt, state["optim"])
+        for p, q in zip(src_model.parameters(), dst_model.parameters()):
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(_local(src_opt.state[p][key]), _local(dst_opt.state[q][key])), key
+
+    batches = _batches(6)
+    torch_model, guard_model = sharded_model(), sharded_model()
+    adamw = torch.optim.AdamW(torch_model.parameters(), lr=1e-2)
+    train(torch_model, adamw, batches[:3])
+    guard = GuardedAdamW(guard_model.parameters(), lr=1e-2, backend=backend, stats_freq=1)
+    moved(torch_model, adamw, guard_model, guard, path + "-adamw")
+    assert guard.telemetry()["step"] == 0  # a fresh guard over AdamW's moments
+    train(guard_model, guard, batches[3:])
+    assert guard.telemetry()["step"] == 3 and guard.telemetry()["skipped_steps"] == 1
+    # (a model without grads: DCP's template makes no AdamW state for an optimizer whose params have them)
+    back_model = sharded_model()
+    back = torch.optim.AdamW(back_model.parameters(), lr=1e-2)
+    moved(guard_model, guard, back_model, back, path + "-guard")
+    train(back_model, back, batches[:1])  # and AdamW goes on from there
+
+
+@needs_fsdp2_on_cpu
+def test_a_dcp_checkpoint_moves_between_torch_adamw_and_the_guard(ranks, tmp_path):
+    ranks.run(_migration_worker, str(tmp_path / "ckpt"), cpu_backend())
+
+
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
