@@ -676,6 +676,7 @@ def default_layouts(device: torch.device, quick: bool) -> List[str]:
 
 def add_parser(subparsers) -> None:
     from . import cli_args
+    from .backends import BACKEND_NAMES  # (the ones usable_backends times)
 
     p = subparsers.add_parser(
         "bench",
@@ -685,7 +686,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="one small layout, fewer repetitions (CPU: gpt2-quick, CUDA: gpt2-124m)")
     p.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout to time (repeatable); default: by device")
     p.add_argument("--device", type=cli_args.device, default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--backend", action="append", type=cli_args.backend,
+    p.add_argument("--backend", action="append", choices=BACKEND_NAMES,
                    help="only this backend (repeatable); default: every available one")
     p.add_argument("--gate", action="append", choices=["exact", "single_pass"], help="default: both")
     p.add_argument("--stats-freq", action="append", type=cli_args.int_at_least(1), help="default: 1 and 10")
@@ -710,6 +711,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"lbw-kernels bench: --graphs {graphs} needs a CUDA device (steps are captured in CUDA graphs); "
               f"device is {device}", file=sys.stderr)
         return 2
+    if args.backend:
+        named, left_out = usable_backends(device, args.backend)
+        if not named:  # (else the run would time the baselines alone and exit 0)
+            for name, why in left_out.items():
+                print(f"lbw-kernels bench: backend {name} left out: {why}", file=sys.stderr)
+            print(f"lbw-kernels bench: none of the backends named runs on {device}; nothing to time", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     layouts = args.layout or default_layouts(device, args.quick)

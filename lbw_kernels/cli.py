@@ -86,6 +86,7 @@ def _verify(args: argparse.Namespace) -> int:
     for name in names:
         if status.get(name) is not None:
             print(f"{name:<10} SKIPPED   {status[name]}")
+            failed |= bool(args.backend)  # (named, so asked for: not verified is a failure)
             continue
         backend = get_backend(name)
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

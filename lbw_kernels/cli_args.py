@@ -78,8 +78,8 @@ def whole_numbers(text: str) -> List[int]:
 
 
 def backend(text: str) -> str:
-    """A backend name that is registered (lbw_kernels.backends), built or not: whether it runs
-    here is the command's to say."""
+    """A backend name that is registered (lbw_kernels.backends), built or not (verify says
+    which are not); bench times the built-in ones alone (its choices)."""
     from .backends import registered_names
 
     if text not in registered_names():
@@ -106,5 +106,5 @@ def device(text: str) -> str:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text}: cpu or cuda")
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: cpu, cuda or cuda:N")
     return text

@@ -731,7 +731,9 @@ def _migration_worker(rank, path, backend):
     back_model = sharded_model()
     back = torch.optim.AdamW(back_model.parameters(), lr=1e-2)
     moved(guard_model, guard, back_model, back, path + "-guard")
+    steps = [back.state[p]["step"].item() for p in back_model.parameters()]
     train(back_model, back, batches[:1])  # and AdamW goes on from there
+    assert [back.state[p]["step"].item() for p in back_model.parameters()] == [s + 1 for s in steps]
 
 
 @needs_fsdp2_on_cpu

@@ -88,12 +88,13 @@ BAD_ARGUMENTS = [
     (["verify", "--backend", "cpq"], "--backend", "unknown backend 'cpq'"),
     (["verify", "--seeds", "0"], "--seeds", "must be >= 1"),
     (["verify", "--show", "-1"], "--show", "must be >= 0"),
-    (["bench", "--backend", "cpq"], "--backend", "unknown backend 'cpq'"),
+    (["bench", "--backend", "cpq"], "--backend", "invalid choice: 'cpq'"),
     (["bench", "--reps", "0"], "--reps", "must be >= 1"),
     (["bench", "--rounds", "x"], "--rounds", "not a whole number"),
     (["bench", "--budget", "0"], "--budget", "must be > 0"),
     (["bench", "--stats-freq", "0"], "--stats-freq", "must be >= 1"),
     (["bench", "--device", "gpu"], "--device", "not a device: 'gpu'"),
+    (["bench", "--device", "mps"], "--device", "unsupported device 'mps'"),
     (["stress", "--steps", "0"], "--steps", "must be >= 1"),
     (["stress", "--lrs", "abc"], "--lrs", "not a number: 'abc'"),
     (["stress", "--lrs", "1e-3,-1"], "--lrs", "must be > 0"),
@@ -131,6 +132,24 @@ def test_the_cli_takes_a_registered_backend_and_cuda_only_where_there_is_one(cap
             cli.build_parser().parse_args(["bench", "--device", "cuda"])
         assert "no CUDA device is visible here" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["bench", "--device", "cpu"]).device == "cpu"
+
+
+def test_bench_with_no_named_backend_that_runs_here_times_nothing_and_fails(tmp_path, capsys):
+    """Not the baselines alone and exit 0: a tuning script's missing rows must show."""
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA: the cuda backend may run")
+    rc = cli.main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "cuda", "--no-plot",
+                   "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "none of the backends named runs on cpu" in err and "backend cuda left out" in err, err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_verify_of_a_named_backend_that_is_not_built_fails(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA: the cuda backend may be built")
+    assert cli.main(["verify", "--backend", "cuda"]) == 1
+    assert "cuda       SKIPPED" in capsys.readouterr().out
 
 
 def test_info_says_where_triton_runs_on_a_machine_without_cuda():
