@@ -565,11 +565,16 @@ def bench_layout(
     }
 
 
+def _count(n: int) -> str:
+    # (the tiny layout's 10,342 params read "0.0M")
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def format_table(table: Dict[str, object]) -> str:
     head = (
-        f"{table['layout']}: {table['tensors']} tensors, {table['params'] / 1e6:.1f}M params; "
-        f"copy {table['copy_gbps']:.1f} GB/s; floor {table['floor_ms_28B']:.2f} ms (28 B) / "
-        f"{table['floor_ms_32B']:.2f} ms (32 B)"
+        f"{table['layout']}: {table['tensors']} tensors, {_count(table['params'])} params; "
+        f"copy {table['copy_gbps']:.1f} GB/s; floor {table['floor_ms_28B']:.3g} ms (28 B) / "
+        f"{table['floor_ms_32B']:.3g} ms (32 B)"
     )
     w = max([34] + [len(r["name"]) for r in table["rows"]])  # the name column fits the longest name
     # (rows written before the loop columns existed have no such keys)
@@ -612,7 +617,7 @@ def plot_tables(tables: Sequence[Dict[str, object]], path: Path, title: str) -> 
         ax.axvline(table["floor_ms_28B"], color="k", ls="--", lw=1, label="floor 28 B")
         ax.axvline(table["floor_ms_32B"], color="k", ls=":", lw=1, label="floor 32 B")
         ax.set_xlabel("ms per step (median)")
-        ax.set_title(f"{table['layout']} ({table['params'] / 1e6:.0f}M params)")
+        ax.set_title(f"{table['layout']} ({_count(table['params'])} params)")
         ax.legend(loc="lower right", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(title, fontsize=10)
@@ -639,7 +644,9 @@ def run_bench(
     names, skipped = usable_backends(device, backends)
     rows = build_rows(names, gates, stats_freqs, graphs)
     tables = [bench_layout(layout, device, rows, warmup, reps, budget_s, progress, rounds) for layout in layouts]
-    notes = ["ms_mean in the JSON: the mean over the timed calls, the amortised cost per step where stats_freq > 1"]
+    notes = ["ms_mean in the JSON: the mean over the timed calls; where stats_freq > 1, the amortised cost per "
+             "step only when the timed calls span whole multiples of stats_freq (reps a multiple of it, and no "
+             "row cut short by the time budget: see each row's ms_all)"]
     if device.type == "cuda":
         notes.append(
             "CUDA: ms is each step timed alone (host time before its first launch on the clock); loop ms the "

@@ -55,6 +55,40 @@ def test_finetune_writes_json_pngs_and_flags_divergence(tmp_path, corpus, capsys
     # A second run with the same base config reuses the cached base model.
     assert main(argv[:-len(TINY)] + TINY + ["--no-plot"]) == 0
     assert [b["cached"] for b in read_report(out)["base_models"]] == [True]
+    # The base model's loss is measured on the run's own validation windows (4 here), as every
+    # run's is; it used 64 whatever --val-windows said.
+    assert report["base_models"][0]["val_loss"] == _val_loss_of(report, report["base_models"][0]["path"], corpus)
+
+
+def _val_loss_of(report, state_path, corpus_path):
+    import torch
+
+    from lbw_kernels.stress.corpus import load_corpus, val_offsets
+    from lbw_kernels.stress.model import ByteTransformer, ModelConfig
+    from lbw_kernels.stress.run import evaluate
+
+    m = report["model"]
+    model = ByteTransformer(ModelConfig(m["d_model"], m["layers"], m["heads"], m["ctx"]))
+    model.load_state_dict(torch.load(state_path, weights_only=True)["state_dict"])
+    corpus = load_corpus(str(corpus_path), report["corpus"]["train_bytes"], report["corpus"]["val_bytes"])
+    windows = val_offsets(len(corpus.val), m["ctx"], report["settings"]["val_windows"])
+    assert report["settings"]["val_windows"] == 4
+    return evaluate(model, corpus.val, windows, torch.device("cpu"), report["settings"]["batch"])
+
+
+def test_the_perplexity_table_of_a_diverged_run_stays_readable():
+    """exp() of a diverged loss (up to 700) printed in full was a ~60-300 digit cell."""
+    from lbw_kernels.stress.run import RunResult, format_pivot
+
+    def run(arm, loss, seed=0):
+        return RunResult(mode="pretrain", arm=arm, lr=1e-3, seed=seed, final_val_loss=loss, val_ppl=math.exp(loss),
+                         diverged=loss > math.log(256), spikes=0, max_train_loss=loss, wall_s=1.0, steps_done=1,
+                         train_loss=[loss], val_curve=[[1, loss]])
+
+    text = format_pivot([run("adamw", 138.0), run("guard-exact", 1.5), run("adamw", 139.0, seed=1),
+                         run("guard-exact", 1.6, seed=1)])
+    assert all(len(line) < 60 for line in text.splitlines()[1:]), text  # (the rows, under their title)
+    assert "1.6e+60 (1.5e+60)D" in text and "4.717 (0.47) " in text
 
 
 def test_pretrain_mode_two_seeds(tmp_path, corpus, capsys):

@@ -303,6 +303,11 @@ def format_table(runs: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def _ppl(value: float, decimals: int) -> str:
+    # (a diverged run's perplexity, exp of a loss up to 700, would print ~300 digits)
+    return f"{value:.{decimals}f}" if value < 1e5 else f"{value:.1e}"
+
+
 def format_pivot(runs: Sequence[RunResult]) -> str:
     """Validation perplexity, arms x learning rates, per mode: the mean over seeds (with the
     spread, max - min, when there are several); D = diverged in at least one seed."""
@@ -323,9 +328,9 @@ def format_pivot(runs: Sequence[RunResult]) -> str:
                     cells.append(" " * width)
                     continue
                 ppl = [x.val_ppl for x in cell]
-                text = f"{sum(ppl) / len(ppl):.3f}"
+                text = _ppl(sum(ppl) / len(ppl), 3)
                 if n_seeds > 1:
-                    text += f" ({max(ppl) - min(ppl):.2f})"
+                    text += f" ({_ppl(max(ppl) - min(ppl), 2)})"
                 cells.append(f"{text:>{width - 1}}{'D' if any(x.diverged for x in cell) else ' '}")
             out.append(f"{arm:<18}" + "".join(cells))
     return "\n".join(out)
@@ -435,6 +440,11 @@ def main(args: argparse.Namespace) -> int:
             if mode == "finetune":
                 bar.set_postfix_str(f"base model seed {seed}")
                 init_state, info = base_model(cfg, corpus, base_settings, args.base_lr, seed, device, out, bar)
+                # Its loss on this run's validation windows, as every run's (the base model's own
+                # record uses 64, and a cached one may come from a run with other settings).
+                base = ByteTransformer(cfg)
+                base.load_state_dict(init_state)
+                info["val_loss"] = evaluate(base.to(device), corpus.val, val_offs, device, settings.batch)
                 base_infos.append(info)
             else:
                 torch.manual_seed(seed)
