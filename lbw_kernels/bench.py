@@ -618,6 +618,8 @@ def plot_tables(tables: Sequence[Dict[str, object]], path: Path, title: str) -> 
         ax.axvline(table["floor_ms_32B"], color="k", ls=":", lw=1, label="floor 32 B")
         ax.set_xlabel("ms per step (median)")
         ax.set_title(f"{table['layout']} ({_count(table['params'])} params)")
+        for kind in dict.fromkeys(r["kind"] for r in rows):  # (the bars' colours, beside the floors)
+            ax.barh([], [], color=colors[kind], label=kind)
         ax.legend(loc="lower right", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(title, fontsize=10)

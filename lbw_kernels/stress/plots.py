@@ -43,6 +43,10 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
 
     runs = report["runs"]
     env = report["environment"]
+    # One colour per arm in every figure (by the order arms first appear in the report): the
+    # loss curves and the guard's scale plot fewer arms than the LR sweep.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {arm: palette[i % len(palette)] for i, arm in enumerate(dict.fromkeys(r["arm"] for r in runs))}
     caption = f"{report['model']['params'] / 1e6:.2f}M-param byte transformer, {env['device_name']}"
     written = []
     for mode in dict.fromkeys(r["mode"] for r in runs):
@@ -60,7 +64,7 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
             # The mean over seeds as the line; each seed as a faint point when there are several.
             ys = [sum(clipped(r["final_val_loss"]) for r in mine if r["lr"] == lr)
                   / sum(1 for r in mine if r["lr"] == lr) for lr in lrs]
-            line, = ax.plot(lrs, ys, marker="o", label=arm)
+            line, = ax.plot(lrs, ys, marker="o", label=arm, color=color[arm])
             if len({r["seed"] for r in mine}) > 1:
                 ax.scatter([r["lr"] for r in mine], [clipped(r["final_val_loss"]) for r in mine],
                            s=12, alpha=0.35, color=line.get_color())
@@ -70,13 +74,14 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         if any(r["diverged"] or r["final_val_loss"] > 0.8 * LN256 for r in rs):
             ax.axhline(LN256, color="k", ls=":", lw=1, label="ln 256 (diverged above)")
         ax.set_xscale("log")
-        written.append(_finish(fig, ax, "peak learning rate", "final validation loss (nats/byte)",
+        written.append(_finish(fig, ax, "peak learning rate", "final validation loss (nats/byte; shown at most 2 ln 256)",
                                f"{mode}: validation loss vs LR (x = diverged)\n{caption}",
                                out / f"val_loss_vs_lr_{mode}.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for r in at_top:
-            ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2)
+            ax.plot(range(1, len(r["train_loss"]) + 1), _smooth(r["train_loss"]), label=r["arm"], lw=1.2,
+                    color=color[r["arm"]])
         written.append(_finish(fig, ax, "step", "training loss (10-step mean)",
                                f"{mode}: loss curves at peak LR {top:.1e} (seed {first_seed})\n{caption}",
                                out / f"loss_curves_{mode}.png"))
@@ -85,7 +90,7 @@ def plot_all(report: Dict, out: Path) -> List[Path]:
         if guard:
             fig, ax = plt.subplots(figsize=(6.5, 4.2))
             for r in guard:
-                ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2)
+                ax.plot(range(1, len(r["scale"]) + 1), r["scale"], label=r["arm"], lw=1.2, color=color[r["arm"]])
             ax.set_ylim(0, 1.05)
             written.append(_finish(fig, ax, "step", "guard scale (LR multiplier)",
                                    f"{mode}: guard scale over time at peak LR {top:.1e} (seed {first_seed})\n{caption}",

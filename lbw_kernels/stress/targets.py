@@ -71,7 +71,7 @@ def format_targets(rows: Sequence[dict]) -> str:
         return "-" if x is None else f"{100 * x:+.1f}%"
 
     lines = ["targets (mean val loss over seeds): at lr* vs AdamW (<= +1%); share of AdamW's excess "
-             "removed at 10x / 30x lr* (>= 50%), c = no worse than clip; P = no worse than the published rules "
+             "removed at 10x / 30x lr* (>= 50%), c = no worse than clip (? = no clip arm ran); P = no worse than the published rules "
              "(same gate) at every LR"]
     lines.append(f"{'mode':<9} {'arm':<20} {'lr*':>8} {'at lr*':>8} {'10x':>10} {'30x':>10}  P")
     for r in rows:
@@ -81,7 +81,7 @@ def format_targets(rows: Sequence[dict]) -> str:
             if c is None or c["excess_removed"] is None:
                 cells.append(f"{'-':>10}")
             else:
-                flag = "c" if c["no_worse_than_clip"] else " "
+                flag = {True: "c", False: " ", None: "?"}[c["no_worse_than_clip"]]
                 cells.append(f"{100 * c['excess_removed']:>8.0f}%{flag}")
         p = {True: "yes", False: "no", None: "-"}[r["no_worse_than_published_everywhere"]]
         lines.append(f"{r['mode']:<9} {r['arm']:<20} {r['best_lr']:8.1e} {pct(r['at_best_vs_adamw']):>8} "
