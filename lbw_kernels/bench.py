@@ -628,6 +628,10 @@ def plot_tables(tables: Sequence[Dict[str, object]], path: Path, title: str) -> 
     plt.close(fig)
 
 
+class NothingToTime(ValueError):
+    """The backends named to time (``--backend``) run nowhere here."""
+
+
 def run_bench(
     layouts: Sequence[str],
     device: torch.device,
@@ -644,6 +648,9 @@ def run_bench(
     if graphs != "off" and device.type != "cuda":
         raise ValueError(f"graphs={graphs!r}: steps are captured in CUDA graphs on a CUDA device only, got {device}")
     names, skipped = usable_backends(device, backends)
+    if backends and not names:  # (else the baselines alone would be timed, as if that were asked)
+        why = "; ".join(f"backend {name} left out: {reason}" for name, reason in skipped.items())
+        raise NothingToTime(f"none of the backends named runs on {device}, nothing to time ({why})")
     rows = build_rows(names, gates, stats_freqs, graphs)
     tables = [bench_layout(layout, device, rows, warmup, reps, budget_s, progress, rounds) for layout in layouts]
     notes = ["ms_mean in the JSON: the mean over the timed calls; where stats_freq > 1, the amortised cost per "
@@ -720,13 +727,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"lbw-kernels bench: --graphs {graphs} needs a CUDA device (steps are captured in CUDA graphs); "
               f"device is {device}", file=sys.stderr)
         return 2
-    if args.backend:
-        named, left_out = usable_backends(device, args.backend)
-        if not named:  # (else the run would time the baselines alone and exit 0)
-            for name, why in left_out.items():
-                print(f"lbw-kernels bench: backend {name} left out: {why}", file=sys.stderr)
-            print(f"lbw-kernels bench: none of the backends named runs on {device}; nothing to time", file=sys.stderr)
-            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     layouts = args.layout or default_layouts(device, args.quick)
@@ -737,11 +737,15 @@ def main(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if device.type == "cuda" else 3 if args.quick else 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = run_bench(
-        layouts, device, backends=args.backend, gates=args.gate or ("exact", "single_pass"),
-        stats_freqs=args.stats_freq or (1, 10), warmup=warmup, reps=reps, budget_s=budget, rounds=rounds, graphs=graphs,
-        progress=lambda msg: print(f"  timing {msg}", flush=True),
-    )
+    try:
+        report = run_bench(
+            layouts, device, backends=args.backend, gates=args.gate or ("exact", "single_pass"),
+            stats_freqs=args.stats_freq or (1, 10), warmup=warmup, reps=reps, budget_s=budget, rounds=rounds,
+            graphs=graphs, progress=lambda msg: print(f"  timing {msg}", flush=True),
+        )
+    except NothingToTime as err:
+        print(f"lbw-kernels bench: {err}", file=sys.stderr)
+        return 2
     env = report["environment"]
     print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, commit {str(env['git_commit'])[:10]}")
     for name, why in report["skipped_backends"].items():

@@ -16,6 +16,12 @@ from typing import List, Optional
 _COMMAND_MODULES: List[str] = ["lbw_kernels.bench", "lbw_kernels.stress"]
 
 
+def _devices_here() -> list:
+    import torch
+
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -50,7 +56,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"extension   lbw_kernels._C not built ({err})")
     print("backends:")
     backends = availability()  # (constructing the cuda backend applies LBW_CUDA_GEOMETRY)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = _devices_here()
     for name, reason in backends.items():
         if reason is not None:
             print(f"  {name:<10} unavailable: {reason}")
@@ -89,8 +95,7 @@ def _verify(args: argparse.Namespace) -> int:
             failed |= bool(args.backend)  # (named, so asked for: not verified is a failure)
             continue
         backend = get_backend(name)
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-        for device in devices:
+        for device in _devices_here():
             if not backend.supports(device):
                 continue
             failures = verify_backend(backend, device=device, seeds=args.seeds)
