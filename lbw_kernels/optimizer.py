@@ -168,9 +168,9 @@ class GuardedAdamW(torch.optim.Optimizer):
     ``max_grad_norm``: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` inside the
     step, from the telemetry's own norm (exact gate only: the norm must be known before the
     update). The update reads every gradient times ``min(1, max_grad_norm / (norm + 1e-6))``;
-    the guard reads the gradients before clipping (``telemetry()["grad_norm"]``, of the latest
-    call the guard analysed, is the norm ``clip_grad_norm_`` returns); ``.grad`` is left
-    unclipped.
+    the guard reads the gradients before clipping. ``last_grad_norm`` is the norm
+    ``clip_grad_norm_`` would have returned in the latest call (for logging); ``.grad`` is
+    left unclipped.
 
     ``pipeline_group``: under pipeline parallelism, the ranks holding the other stages (a
     ProcessGroup or a 1-D DeviceMesh, e.g. torchtitan's ``world_mesh["pp"]``); each call's
@@ -271,6 +271,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._plan: Optional[StepPlan] = None  # who takes part in a call, and their state
         self._state_seen = (None, 0)  # (self.state, its edit count) when the plan was built
         self._early_recipe: Optional[Recipe] = None  # what the next exact call may launch first (early_telemetry.py)
+        self._grad_norm: Optional[Tensor] = None  # each call's norm with max_grad_norm (last_grad_norm)
         self._sharded = ShardedTelemetry(self.pipeline_group)  # DTensor params: local shards, partials across ranks
         for group in self._summary_groups:  # (a collective: every part builds its optimizer)
             what = "pipeline_group" if group is pipeline else "ZeroRedundancyOptimizer"
@@ -298,6 +299,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_state_seen", (None, 0))
         self.__dict__.setdefault("_early_recipe", None)
+        self.__dict__.setdefault("_grad_norm", None)
         self.__dict__.setdefault("pipeline_group", None)
         self.__dict__.setdefault("_summary_groups", ())
         # (pickles from before _zero_partition said it as "_guard_in_every_state")
@@ -501,15 +503,25 @@ class GuardedAdamW(torch.optim.Optimizer):
         # frame would become constants that dynamo guards on (a recompile per layout).
         self._call_layouts = grads.layouts
         plan = self._plan_for(grads)
-        if not plan.groups:
-            return plan, None, grads.per_group, state_init, early
-        device = plan.groups[0].params[0].device
-        if device != plan.device or device != self._guard.device:  # moved after construction
+        device = plan.groups[0].params[0].device if plan.groups else None
+        if device is not None and (device != plan.device or device != self._guard.device):  # moved after construction
             self._guard = self._guard.to(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
+        if self.guard_config.max_grad_norm is not None:
+            self._keep_grad_norm_buffer()
+        if device is None:
+            return plan, None, grads.per_group, state_init, early
         return plan, self._backend_for(device), grads.per_group, state_init, early
+
+    def _keep_grad_norm_buffer(self) -> None:
+        """The 0-dim tensor each call writes its norm into (last_grad_norm), beside the guard:
+        made before the step is traced or captured, so that a compiled step or a graph replay
+        writes into it as an eager step does."""
+        out, guard = self._grad_norm, self._guard
+        if out is None or out.device != guard.device or out.dtype != guard.dtype:
+            self._grad_norm = torch.full((), float("nan"), dtype=guard.dtype, device=guard.device)
 
     @_run_eagerly
     def _count_call(self) -> None:
@@ -533,6 +545,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 return loss
             if not self._summary_groups:
                 self._guard[ref.CALLS] += 1
+                if self.guard_config.max_grad_norm is not None:
+                    self._grad_norm.zero_()  # (clip_grad_norm_'s norm of no gradients)
             else:  # the other parts gather this call's summary
                 self._decide_without_grads()
             self._count_call()
@@ -559,6 +573,9 @@ class GuardedAdamW(torch.optim.Optimizer):
         served = early is not None and measure and early.serves(plan, backend)
         local_grads = early.rows if served else plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
+        norm_out = self._grad_norm if clip else None
+        if cfg.max_grad_norm is not None and not clip and not state_init:
+            self._grad_norm.zero_()  # only 0-element gradients: clip_grad_norm_'s norm of them
 
         def decide(partials: Optional[Tensor]) -> Optional[Tensor]:
             """Rules 1-4 on this call's telemetry rows; returns the factor the update multiplies
@@ -578,7 +595,10 @@ class GuardedAdamW(torch.optim.Optimizer):
                 analyze_now = only_rows_analyzed(analyze, rows_total)
             factor = None
             if clip:  # from the whole model's norm: after the DTensor reduction, over every stage
-                norm = summary[2] if summary is not None else ref.rows_norm(partials)
+                if summary is not None:
+                    norm = norm_out.copy_(summary[2])
+                else:
+                    norm = ref.rows_norm(partials, out=norm_out)
                 factor = ref.clip_factor(norm, cfg.max_grad_norm)
             if inv_scale is not None:  # the update unscales as it reads
                 factor = inv_scale if factor is None else factor * inv_scale
@@ -639,6 +659,8 @@ class GuardedAdamW(torch.optim.Optimizer):
         summary, rows_total = model_summary(self._summary_groups, None, None, None, cfg.use_max_rms, guard.dtype,
                                             guard.device)
         analyze = only_rows_analyzed(self._telemetry_due(guard.device, guard), rows_total)
+        if cfg.max_grad_norm is not None:  # (the norm the other parts clip by: last_grad_norm)
+            self._grad_norm.copy_(summary[2])
         # (the controller the stages with gradients run: the kernel unless backend="reference")
         summary_decide_(guard, summary, analyze=analyze, check_finite=cfg.skip_nonfinite, cfg=cfg,
                         use_kernel=self.backend != "reference")
@@ -661,6 +683,21 @@ class GuardedAdamW(torch.optim.Optimizer):
         return cfg.is_telemetry_call(self._calls + 1)
 
     # ------------------------------------------------------------------ telemetry
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """With ``max_grad_norm``: the norm ``clip_grad_norm_`` would have returned in the latest
+        call, for logging every step: the gradients' global L2 norm before clipping
+        (GradScaler's unscaled one; under DDP/FSDP2 and with ``pipeline_group``, the whole
+        model's), NaN or Inf for non-finite gradients, 0 for a call without gradients, NaN
+        before the first call. A copy, a 0-dim tensor on the params' device in the guard's
+        dtype (float64), taken without waiting for the device (``float()`` waits, as on
+        ``clip_grad_norm_``'s). None without ``max_grad_norm``. Not part of ``state_dict()``."""
+        if self.guard_config.max_grad_norm is None:
+            return None
+        if self._grad_norm is None:  # (no step yet)
+            self._keep_grad_norm_buffer()
+        return self._grad_norm.clone()
+
     def telemetry(self) -> Dict[str, Any]:
         """The guard's state as Python numbers. The one method that waits for the device.
 

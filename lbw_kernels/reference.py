@@ -161,9 +161,12 @@ def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool, numel_total: 
 CLIP_EPS = 1e-6
 
 
-def rows_norm(partials: Optional[Tensor]) -> Optional[Tensor]:
-    """Global L2 norm of the gradients whose telemetry rows are ``partials`` [T, 3] (None: no rows)."""
-    return None if partials is None else partials[:, 0].sum().sqrt()
+def rows_norm(partials: Optional[Tensor], out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Global L2 norm of the gradients whose telemetry rows are ``partials`` [T, 3] (None: no
+    rows), written into ``out`` (0-dim, the rows' dtype) when given."""
+    if partials is None:
+        return None
+    return torch.sqrt(partials[:, 0].sum(), out=out) if out is not None else partials[:, 0].sum().sqrt()
 
 
 def clip_factor(grad_norm: Optional[Tensor], max_norm: float) -> Optional[Tensor]:

@@ -246,4 +246,6 @@ def assert_graph_replay_matches_eager(
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     # NaN slots (a policy's unused ones) compare equal; rtol=atol=0 means bitwise
     torch.testing.assert_close(opt._guard, twin_opt._guard, rtol=rtol, atol=atol, equal_nan=True)
+    if opt.guard_config.max_grad_norm is not None:  # (the last replay's norm, written into the eager step's tensor)
+        torch.testing.assert_close(opt.last_grad_norm, twin_opt.last_grad_norm, rtol=rtol, atol=atol)
     assert opt.telemetry()["scale"] < 1

@@ -103,7 +103,8 @@ class Ranks:
 
 
 # ------------------------------------------------------------------------------ comparisons
-RECORD = ("scale", "regime", "skipped_steps", "grad_ms", "ratio", "signed_mean", "grad_norm", "step")
+# (last_grad_norm: max_grad_norm's norm of each call, None without it)
+RECORD = ("scale", "regime", "skipped_steps", "grad_ms", "ratio", "signed_mean", "grad_norm", "step", "last_grad_norm")
 
 
 def same_on_every_rank(value) -> None:
@@ -126,6 +127,8 @@ def assert_close_records(ours, theirs) -> None:
 
 def telemetry_row(opt) -> tuple:
     t = opt.telemetry()
+    norm = opt.last_grad_norm
+    t["last_grad_norm"] = None if norm is None else float(norm)
     return tuple(t[k] for k in RECORD)
 
 

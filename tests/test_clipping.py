@@ -123,6 +123,40 @@ def test_guard_reads_unclipped_gradients_and_scales_the_clipped_update(backend, 
     assert expected > 10 * MAX_NORM and t["grad_norm"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("auto_enabled, stats_freq", [(True, 1), (True, 3), (False, 1)])
+def test_last_grad_norm_is_each_calls_norm_as_clip_grad_norm_returns_it(backend, auto_enabled, stats_freq):
+    """For logging every step: after each call, the norm of its gradients before clipping, on
+    calls the guard does not analyse (stats_freq=3) and with the guard off too (where
+    ``telemetry()["grad_norm"]`` stays NaN); Inf for a call with an Inf gradient (skipped), as
+    clip_grad_norm_ returns; NaN before the first call; each value a copy later calls leave
+    alone. Within 1e-6 of the float64 norm (the reference sums fp32 gradients in fp32)."""
+    params = new_params(torch.float32)
+    opt = GuardedAdamW(params, lr=1e-2, max_grad_norm=MAX_NORM, auto_enabled=auto_enabled, stats_freq=stats_freq,
+                       backend=backend)
+    first = opt.last_grad_norm
+    assert first.shape == () and first.dtype == opt._guard.dtype and first.device == params[0].device
+    assert math.isnan(float(first))
+    stream = grad_stream(6, torch.float32)
+    stream[4][2][7] = float("inf")
+    seen, expected = [], []
+    for grads in stream:
+        feed(params, grads)
+        opt.step()
+        seen.append(opt.last_grad_norm)
+        expected.append(math.sqrt(sum(float(g.double().square().sum()) for g in grads)))
+    assert opt.telemetry()["skipped_steps"] == 1 and math.isinf(float(seen[4]))
+    assert [float(n) for n in seen] == pytest.approx(expected, rel=1e-6)
+    assert len({float(n) for n in seen}) == len(seen)  # (every call's own value)
+    assert math.isnan(float(first))
+    # Calls without gradient elements: clip_grad_norm_'s norm of them, 0 (not the last call's)
+    for grads in ([None] * len(params), [g if g.numel() == 0 else None for g in stream[0]]):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        assert float(opt.last_grad_norm) == 0.0
+    assert GuardedAdamW(new_params(torch.float32), backend=backend).last_grad_norm is None
+
+
 def test_gradients_are_left_as_they_are(backend):
     """The update reads each gradient times the factor; ``.grad`` keeps the unclipped values
     (clip_grad_norm_ would have scaled them in place: README, Use)."""
@@ -171,6 +205,8 @@ def test_compiled_step_equals_eager(backend):
         feed(compiled, grads)
         opt.step()
         step()
+        # (the compiled step writes each call's norm too: into the tensor made before tracing)
+        assert float(opt_c.last_grad_norm) == pytest.approx(float(opt.last_grad_norm), rel=1e-12)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(opt._guard, opt_c._guard, rtol=1e-12, atol=0, equal_nan=True)

@@ -299,7 +299,7 @@ def _float8_like_worker(rank, backend):
             q.grad = shard(g, mesh, [Shard(0)])
         opt.step()
         ref.step()
-        assert telemetry_row(opt) == telemetry_row(ref)
+        assert repr(telemetry_row(opt)) == repr(telemetry_row(ref))  # (bits; the NaN call's norm is NaN)
     for p, q in zip(params, ref_params):
         assert torch.equal(p._local_tensor._tensor, q.to_local())
         assert torch.equal(opt.state[p]["exp_avg"].to_local(), ref.state[q]["exp_avg"].to_local())

@@ -60,6 +60,8 @@ def test_readme_use_example_runs_and_documents_the_telemetry_keys(capsys):
     documented = _documented_keys(code)
     assert documented == list(telemetry), f"README shows {documented}, telemetry() returns {list(telemetry)}"
     assert telemetry["policy"] == "zscore" and math.isfinite(telemetry["scale"])
+    # the norm the example logs is the last call's: with stats_freq=1, the one the guard analysed
+    assert float(scope["grad_norm"]) == pytest.approx(telemetry["grad_norm"], rel=1e-12) and telemetry["grad_norm"] > 0
     printed = capsys.readouterr().out.count("'policy': 'zscore'")
     assert printed == sum(1 for step in range(len(loader)) if step % 100 == 0)  # the example's schedule
 
