@@ -283,7 +283,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     # torch.optim.Optimizer pickles defaults, state and param_groups only; the guard's own
     # attributes go with them. Caches (backends, step plan, sharding layout) are rebuilt.
     _PICKLED = ("guard_config", "gate", "backend", "_guard", "_guard_holder", "_policy_tag", "_calls",
-                "_schedule_on_device", "_zero_partition")
+                "_schedule_on_device", "_zero_partition", "_grad_norm")
 
     def __getstate__(self) -> Dict[str, Any]:
         if self.__dict__.get("_summary_groups"):
@@ -579,8 +579,9 @@ class GuardedAdamW(torch.optim.Optimizer):
 
         def decide(partials: Optional[Tensor]) -> Optional[Tensor]:
             """Rules 1-4 on this call's telemetry rows; returns the factor the update multiplies
-            the gradients by (max_grad_norm; a fresh tensor each call: torch.compile would take one
-            kept on the optimizer for a constant and drop the writes to it), else None."""
+            the gradients by (max_grad_norm; a fresh tensor each call), else None. The norm it
+            is computed from goes into ``norm_out`` (last_grad_norm), a tensor made eagerly
+            before any trace or capture, which compiled steps and graph replays write too."""
             if state_init:
                 return None
             if measure:
@@ -625,7 +626,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 # that refuses them (a state moved through `.data` to one it does not take) must
                 # leave the guard as it was, as the one-call steps do by checking first. Eager
                 # calls (a traced step keeps no try); the copy is a few dozen float64.
+                # (last_grad_norm's too: a refused call leaves the latest call's norm)
                 kept = None if torch.compiler.is_compiling() else guard.clone()
+                kept_norm = None if kept is None or norm_out is None else norm_out.clone()
                 factor = decide(partials)
                 try:
                     # (grad_factor only when clipping: a backend registered from outside without it works unclipped)
@@ -633,6 +636,8 @@ class GuardedAdamW(torch.optim.Optimizer):
                 except BaseException:
                     if kept is not None:
                         guard.copy_(kept)
+                    if kept_norm is not None:
+                        norm_out.copy_(kept_norm)
                     raise
             # Eager calls only (a compiled step writes no attribute, nor launches early). A recipe
             # that served this call holds: kept, with the layouts the backend's tables were first
@@ -689,9 +694,13 @@ class GuardedAdamW(torch.optim.Optimizer):
         call, for logging every step: the gradients' global L2 norm before clipping
         (GradScaler's unscaled one; under DDP/FSDP2 and with ``pipeline_group``, the whole
         model's), NaN or Inf for non-finite gradients, 0 for a call without gradients, NaN
-        before the first call. A copy, a 0-dim tensor on the params' device in the guard's
-        dtype (float64), taken without waiting for the device (``float()`` waits, as on
-        ``clip_grad_norm_``'s). None without ``max_grad_norm``. Not part of ``state_dict()``."""
+        before the first call; a call that raised leaves it as it was, and so does an
+        iteration GradScaler skips without calling ``step()`` (its own path: sharded params,
+        pipeline stages). A copy, a 0-dim tensor in the guard's dtype (float64) on the guard's
+        device (the params', as of the latest call with gradients), taken without waiting for
+        the device (``float()`` waits, as on ``clip_grad_norm_``'s). None without
+        ``max_grad_norm``. Copies and pickles of the optimizer keep it; ``state_dict()`` does
+        not hold it, so ``load_state_dict`` leaves it as it was."""
         if self.guard_config.max_grad_norm is None:
             return None
         if self._grad_norm is None:  # (no step yet)

@@ -370,7 +370,8 @@ def _moved_state_model(backend, gate, moved_group, one_group, device="cpu"):
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(7,), (33, 65), (5,), (129,)]]
     groups = [{"params": params}] if one_group else [{"params": params[:2], "weight_decay": 0.1},
                                                     {"params": params[2:], "weight_decay": 0.0}]
-    opt = GuardedAdamW(groups, lr=0.05, backend=backend, gate=gate)
+    # (the exact gate clips too: last_grad_norm is written before the update refuses)
+    opt = GuardedAdamW(groups, lr=0.05, backend=backend, gate=gate, max_grad_norm=1.0 if gate == "exact" else None)
     for q in params:
         q.grad = torch.randn(q.shape, device=device)
     opt.step()
@@ -379,8 +380,9 @@ def _moved_state_model(backend, gate, moved_group, one_group, device="cpu"):
 
 
 def _everything(params, opt):
+    norm = [] if opt.last_grad_norm is None else [opt.last_grad_norm]
     return [t.clone() for q in params for t in (q, *(opt.state[q][k] for k in ("exp_avg", "exp_avg_sq", "step")))] + [
-        opt._guard.clone()]
+        opt._guard.clone()] + norm
 
 
 def _moved_state_is_refused(backend, gate, moved, layout, device="cpu"):
@@ -390,6 +392,8 @@ def _moved_state_is_refused(backend, gate, moved, layout, device="cpu"):
     tensor = opt.state[moved_param][key]
     good = tensor.data
     before, calls = _everything(params, opt), opt._calls
+    for q in params:  # (another norm than the last call's)
+        q.grad = q.grad * 3
     tensor.data = move(good)
     with pytest.raises(error, match=rf"the step's group {group}, param 1\['{key}'\] {says}"):
         opt.step()

@@ -11,6 +11,7 @@ in it: within 1e-5 of each tensor's largest value (a factor off by 1e-4 fails; a
 ~2e-7).
 """
 
+import copy
 import math
 
 import pytest
@@ -147,13 +148,18 @@ def test_last_grad_norm_is_each_calls_norm_as_clip_grad_norm_returns_it(backend,
     assert opt.telemetry()["skipped_steps"] == 1 and math.isinf(float(seen[4]))
     assert [float(n) for n in seen] == pytest.approx(expected, rel=1e-6)
     assert len({float(n) for n in seen}) == len(seen)  # (every call's own value)
+    assert float(copy.deepcopy(opt).last_grad_norm) == float(seen[-1])  # (copies and pickles keep it)
     assert math.isnan(float(first))
-    # Calls without gradient elements: clip_grad_norm_'s norm of them, 0 (not the last call's)
-    for grads in ([None] * len(params), [g if g.numel() == 0 else None for g in stream[0]]):
+    # Calls without gradient elements, each after a call with a norm: clip_grad_norm_'s norm of
+    # them, 0 (not the last call's)
+    for grads in ([g if g.numel() == 0 else None for g in stream[0]], [None] * len(params)):
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
         assert float(opt.last_grad_norm) == 0.0
+        feed(params, stream[0])
+        opt.step()
+        assert float(opt.last_grad_norm) == pytest.approx(expected[0], rel=1e-6)
     assert GuardedAdamW(new_params(torch.float32), backend=backend).last_grad_norm is None
 
 
