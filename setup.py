@@ -44,7 +44,7 @@ def ext_modules():
     torch. CUDA sources are added when torch has CUDA and an nvcc of its CUDA major version is
     found (or FORCE_CUDA=1); another major (PyPI's torch 2.9 is built with CUDA 12.8, a
     machine's nvcc may be 13.0), which torch's build refuses, builds the CPU kernels alone;
-    TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured. Without torch, without
+    TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX") and MAX_JOBS are honoured. Without torch, without
     a compiler, or with LBW_SKIP_BUILD=1 the install goes on pure-Python, saying so in one line.
     """
     import os
@@ -99,7 +99,9 @@ def ext_modules():
                   f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch_major} toolkit)", file=sys.stderr)
             with_cuda = False
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # sm_80 and sm_90 code, and sm_90's PTX, which the driver compiles for newer GPUs
+        # (Blackwell): without it the extension would hold no kernel image they can run
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += ["csrc/bindings/ops_cuda.cpp", "csrc/cuda/multi_tensor_cuda.cu", "csrc/cuda/controller_cuda.cu"]
         define_macros.append(("LBW_WITH_CUDA", None))
         make = cpp_extension.CUDAExtension

@@ -143,8 +143,8 @@ LBW_HD double sqrt_(double x) {
 #endif
 }
 
-// Fused multiply-add, rounded once: torch's CPU and CUDA kernels use it for lerp and addcmul,
-// so the reference (run through those kernels) rounds this way too.
+// Fused multiply-add, rounded once, as torch's lerp kernels (CPU and CUDA) and its CPU addcmul
+// round (see adamw_element for where the reference's ops round otherwise).
 LBW_HD float fma_(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return fmaf(a, b, c);
@@ -200,9 +200,14 @@ LBW_HD AdamWCoeffs<M> adamw_coeffs(double lr, double beta1, double beta2, double
 // One element, in place:
 //   p *= 1 - lr*wd;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g
 //   p += step_size * m / (sqrt(v)/sqrt(bc2) + eps)
-// The operation order and the fused multiply-adds follow torch's kernels for the reference's
-// ops (lerp picks its formula by the weight and rounds once; addcmul is fma(value*a, b, self)),
-// so in the same precision the kernels round the way the reference and torch.optim.AdamW do.
+// The operation order and the fused multiply-adds follow torch's CPU kernels for the
+// reference's ops (lerp picks its formula by the weight and rounds once; CPU addcmul is
+// fma(value*a, b, self)), so on the CPU m and v are bitwise the reference's. Not bitwise it:
+// torch's CUDA addcmul rounds fma(value, a*b, self), so on the GPU v may differ from the
+// reference's by an ulp; and the last line is torch.optim.AdamW's addcdiv (p + step_size*m/denom)
+// where the reference folds the step size into denom (p + m/(denom/step_size)), so p may differ
+// by an ulp on either device. The tests compare with the reference within tolerances written
+// for that; the CPU and CUDA kernels are bitwise each other's (GPU: test_gpu_cuda_update_has_the_cpu_kernels_bits).
 template <class M>
 LBW_HD void adamw_element(M& p, M g, M& m, M& v, const AdamWCoeffs<M>& c) {
   p = p * c.decay;

@@ -104,7 +104,7 @@ def test_setup_builds_the_cpu_kernels_alone_beside_an_nvcc_of_another_cuda_major
                           capture_output=True, text=True, check=True, timeout=120)
     said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
     if builds_cuda:
-        assert said == ["lbw-kernels: building the C++ extension (CPU + CUDA 8.0;9.0)"], said
+        assert said == ["lbw-kernels: building the C++ extension (CPU + CUDA 8.0;9.0+PTX)"], said
     else:
         assert said == [f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA 13, torch was built with CUDA 12.8 "
                         "(set CUDA_HOME to a CUDA 12 toolkit)", "lbw-kernels: building the C++ extension (CPU only)"], said

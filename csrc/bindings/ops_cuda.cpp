@@ -178,7 +178,12 @@ at::Tensor telemetry_workspace(const cuda::Geometry& geo, const DeviceTable& tab
   return new_output({std::max<int64_t>(cuda::telemetry_workspace_doubles(geo, table.nchunks), 2)}, opts);
 }
 
-void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err)); }
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err != cudaErrorNoKernelImageForDevice,
+              "lbw: CUDA launch failed: the extension holds no kernel this GPU can run (built for other architectures: "
+              "rebuild with TORCH_CUDA_ARCH_LIST naming this GPU's, or \"...+PTX\"; or use backend='triton')");
+  TORCH_CHECK(err == cudaSuccess, "lbw: CUDA launch failed: ", cudaGetErrorString(err));
+}
 
 // The telemetry op's pass over its table: its [nrows, 3] rows, the device guard of `opts`'
 // device set by the caller.
