@@ -7,7 +7,8 @@ TRITON_INTERPRET=1, under which nothing compiles:
 
 prints one line per compiled variant, then for the sm_90 PTX of the fp32 single_pass update
 ``pipelined-loads N`` (16-byte cp.async copies of the num_stages=3 variant: Triton pipelined
-its loop), ``fma-instructions N`` (0: config.COMPILE_OPTIONS turns contraction off) and ``vector-access
+its loop), ``fma-instructions N`` (the update's explicit tl.fma calls alone: config.COMPILE_OPTIONS turns
+contraction off) and ``vector-access
 LOADS STORES`` (16-byte global loads and stores); tests/test_triton_backend.py checks all three.
 """
 

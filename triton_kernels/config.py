@@ -84,11 +84,13 @@ GPU = Geometry(block=1024, chunk=32768, num_warps=4, reduce_block=128, tensors_p
 INTERPRETER = Geometry(block=2048, chunk=4096, num_warps=4, reduce_block=4, tensors_per_program=64)
 
 
-# Compile options of every launch. No floating-point contraction (a*b+c rounded twice, no
-# FMA): the GPU then computes what the CPU tests verify, since the interpreter (numpy) does not
+# Compile options of every launch. No implicit floating-point contraction (a*b+c rounded twice):
+# the GPU then computes what the CPU tests verify, since the interpreter (numpy) does not
 # contract either, and the numbers do not change with Triton's default, which 3.9 announces will
-# flip in 3.10. The kernels move ~28 B per ~15 flops, so the extra instructions should hide
-# behind memory (not yet measured on a GPU).
+# flip in 3.10. Where the reference's ops round once (torch's lerp and CPU addcmul), the update
+# says so with tl.fma (guarded_adamw._adamw_block): the only fmas in the PTX. The kernels move
+# ~28 B per ~15 flops, so the extra instructions should hide behind memory (not yet measured on
+# a GPU).
 COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 

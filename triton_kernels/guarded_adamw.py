@@ -6,8 +6,8 @@ of :mod:`.coefficients` (``c``) and ``g`` the gradient times ``c.sign`` (-1 when
 times the step's clipping factor when it clips)::
 
     p  = p * c.decay                                   decay = 1 - lr*scale*wd
-    m  = lerp(m, g, 1 - beta1)                         torch.lerp's two-sided formula
-    v  = v * beta2 + (1 - beta2) * g * g
+    m  = lerp(m, g, 1 - beta1)                         torch.lerp's two-sided formula, one rounding
+    v  = fma((1 - beta2) * g, g, v * beta2)            torch's CPU addcmul, one rounding
     p  = p + (m * c.step_size) / (sqrt(v) / c.bc2_sqrt + eps)   step_size = -lr*scale/bc1
 
 Leaving elements untouched (rules 1 and 6): the exact gate's ``skip`` turns every store off
@@ -64,9 +64,15 @@ def _adamw_block(
         acc_sq, acc_sum = accumulate_telemetry(g_raw, acc_sq, acc_sum, BLOCK, FOLD)
     p = p_raw.to(tl.float32)
     g = g_raw.to(tl.float32) * sign
-    # torch.lerp: self + w*(end - self) for w < 0.5, else end - (end - self)*(1 - w).
-    m_new = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
-    v_new = v * beta2 + one_minus_beta2 * g * g
+    # torch.lerp: self + w*(end - self) for w < 0.5, else end - (end - self)*(1 - w), each
+    # rounded once (an fma, as torch's lerp kernels and csrc/guard_math.h round it); and
+    # addcmul's v*beta2 + ((1 - beta2)*g)*g with one rounding of the sum, as torch's CPU kernel
+    # and guard_math.h. With fp fusion off these are the kernel's only fmas: written out, so
+    # the update has the C++/CUDA kernels' bits (tests: the same bits as cpp under the
+    # interpreter where it rounds tl.fma once; cuda's on a GPU).
+    d = g - m
+    m_new = tl.where(one_minus_beta1 < 0.5, tl.fma(one_minus_beta1, d, m), tl.fma(-d, 1.0 - one_minus_beta1, g))
+    v_new = tl.fma(one_minus_beta2 * g, g, v * beta2)
     denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
     p_new = p * decay + tl.div_rn(m_new * step_size, denom)
     if MASK_NONFINITE:
