@@ -10,6 +10,12 @@
 #include <cstdint>
 #include <cstring>
 
+// Fast math would round where this file does not say (contractions, approximate division and
+// square root) and give other bits than the CPU kernels and the reference: refuse the flags.
+#if defined(__USE_FAST_MATH__) || defined(__FAST_MATH__)
+#error "guard_math.h: build without nvcc --use_fast_math / -ffast-math: the kernels' rounding is part of what they promise"
+#endif
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

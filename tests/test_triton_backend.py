@@ -1435,7 +1435,8 @@ def test_geometry_override_for_tuning_runs(monkeypatch):
     monkeypatch.setenv("LBW_TRITON_GEOMETRY", "block=1024, num_warps=4")
     geo = config.geometry()
     assert (geo.block, geo.num_warps, geo.chunk) == (1024, 4, config.GPU.chunk)
-    for bad in ("block=1000", "chunk=3000", "warps=4", "block=-2", "num_warps=3"):
+    for bad in ("block=1000", "chunk=3000", "warps=4", "block=-2", "num_warps=3", "num_warps=0", "chunk=0",
+                "reduce_block=100", "tensors_per_program=3"):
         monkeypatch.setenv("LBW_TRITON_GEOMETRY", bad)
         with pytest.raises(ValueError, match="LBW_TRITON_GEOMETRY"):
             config.geometry()

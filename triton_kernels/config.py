@@ -127,13 +127,18 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     """``base`` with the ``name=value`` pairs of ``spec`` (comma-separated) applied, checked."""
     geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
     fold = geo.telemetry_fold
-    if (geo.block & (geo.block - 1) or geo.chunk % geo.block or geo.num_warps & (geo.num_warps - 1)
-            or fold & (fold - 1) or fold > geo.block or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)
+    def power_of_two(n: int) -> bool:
+        return n > 0 and not n & (n - 1)
+
+    # (tl.arange takes powers of two: block, reduce_block and tensors_per_program are its lengths)
+    if (not all(map(power_of_two, (geo.block, geo.num_warps, fold, geo.reduce_block, geo.tensors_per_program)))
+            or geo.chunk < geo.block or geo.chunk % geo.block or fold > geo.block
+            or not (geo.maxnreg == 0 or 24 <= geo.maxnreg <= 255)
             or not 1 <= geo.num_stages <= 8 or not 0 <= geo.single_pass_num_stages <= 8):
         raise ValueError(
-            "LBW_TRITON_GEOMETRY: block, num_warps and telemetry_fold must be powers of two, chunk a multiple "
-            f"of block, telemetry_fold at most block, maxnreg 0 (none) or 24 to 255, num_stages 1 to 8, "
-            f"single_pass_num_stages 0 (num_stages) to 8, got {geo}"
+            "LBW_TRITON_GEOMETRY: block, num_warps, telemetry_fold, reduce_block and tensors_per_program must be "
+            "powers of two, chunk a positive multiple of block, telemetry_fold at most block, maxnreg 0 (none) or "
+            f"24 to 255, num_stages 1 to 8, single_pass_num_stages 0 (num_stages) to 8, got {geo}"
         )
     return geo
 

@@ -1,7 +1,9 @@
 """Telemetry partials: per gradient tensor ``(sum g^2, sum g, nonfinite)`` in float64.
 
 Deterministic, with no floating-point atomics, so the same gradients give bitwise the same
-partials, in one launch per dtype (and alignment: chunk_table.ChunkList):
+partials from the same kernel variant (the sums' association follows the layout Triton picks:
+a gradient's 16-byte alignment, the geometry and the Triton version can change their bits),
+in one launch per dtype (and alignment: chunk_table.ChunkList):
 
 1. each program (one chunk of ``CHUNK`` elements; :func:`_telemetry_chunks_kernel`, or the
    fused AdamW kernel as it reads the gradients for the update in single_pass) writes the
