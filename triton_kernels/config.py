@@ -127,6 +127,7 @@ def _overridden(base: Geometry, spec: str) -> Geometry:
     """``base`` with the ``name=value`` pairs of ``spec`` (comma-separated) applied, checked."""
     geo = replace(base, **parse_int_overrides("LBW_TRITON_GEOMETRY", spec, {f.name for f in fields(Geometry)}))
     fold = geo.telemetry_fold
+
     def power_of_two(n: int) -> bool:
         return n > 0 and not n & (n - 1)
 
