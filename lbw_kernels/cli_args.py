@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, List
+from typing import Callable, List, TypeVar
+
+T = TypeVar("T")
 
 
 def _int(text: str) -> int:
@@ -61,20 +63,21 @@ def fraction(text: str) -> float:
     return value
 
 
+def _comma_list(text: str, item: Callable[[str], T], what: str) -> List[T]:
+    values = [item(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"needs at least one {what}")
+    return values
+
+
 def positive_floats(text: str) -> List[float]:
     """A comma list of numbers > 0 (at least one)."""
-    values = [positive_float(x.strip()) for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one number")
-    return values
+    return _comma_list(text, positive_float, "number")
 
 
 def whole_numbers(text: str) -> List[int]:
     """A comma list of whole numbers (at least one)."""
-    values = [_int(x.strip()) for x in text.split(",") if x.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one whole number")
-    return values
+    return _comma_list(text, _int, "whole number")
 
 
 def backend(text: str) -> str:

@@ -164,9 +164,7 @@ CLIP_EPS = 1e-6
 def rows_norm(partials: Optional[Tensor], out: Optional[Tensor] = None) -> Optional[Tensor]:
     """Global L2 norm of the gradients whose telemetry rows are ``partials`` [T, 3] (None: no
     rows), written into ``out`` (0-dim, the rows' dtype) when given."""
-    if partials is None:
-        return None
-    return torch.sqrt(partials[:, 0].sum(), out=out) if out is not None else partials[:, 0].sum().sqrt()
+    return None if partials is None else torch.sqrt(partials[:, 0].sum(), out=out)
 
 
 def clip_factor(grad_norm: Optional[Tensor], max_norm: float) -> Optional[Tensor]:
