@@ -689,7 +689,7 @@ def test_dcp_state_dict_api_resumes_the_guard(ranks, tmp_path, flatten):
 
 def _migration_worker(rank, path, backend):
     """An FSDP2 run moves its DCP checkpoint from torch.optim.AdamW to GuardedAdamW and back
-    (README): each template asks for keys the other optimizer's checkpoint lacks (the guard's
+    (docs/distributed.md): each template asks for keys the other optimizer's checkpoint lacks (the guard's
     entry in the first param's state; AdamW's amsgrad, foreach, ... in the groups), so the load
     is partial; AdamW's state moves over whole and the guard starts fresh."""
     import torch.distributed.checkpoint as dcp
