@@ -6,13 +6,20 @@
 # the step's Python path on this host's CPU alone, the torch-free CUDA build (memory floor,
 # test binary), verify. Everything lands in the output folder: one
 # log per phase, bench JSON+PNG per layout, results/ (the JSON under the names bench/results/
-# keeps), targets.md, tune-N/, tune_table.md and summary.txt with each phase's exit status and time.
+# keeps), targets.md (targets-eager.md then targets-graphs.md), timeline.txt and timeline.jsonl
+# (timeline-<layout>.*, one layout after the other), tune-N/, tune.txt, tune_table.md and
+# summary.txt with each phase's exit status and time. Each file is written afresh by the phase
+# that makes it (the combined ones rebuilt from their parts), so a rerun into the same folder
+# replaces what it reruns instead of mixing two runs in one file.
 #
 #   bash bench/device_check.sh [OUTPUT_FOLDER]      # default: $OUT, else ./device-check
 #
-# Each phase runs under its own time limit, and all of them under LBW_CHECK_BUDGET seconds
-# (default 450: under 8 minutes on an H100 with margin); a phase that fails or times out is
-# recorded and the next one runs. The exit status is non-zero when any phase failed.
+# Each phase runs under its own time limit, and all of them under LBW_CHECK_BUDGET whole
+# seconds (default 450: under 8 minutes on an H100 with margin; anything else is refused,
+# exit 2, before any phase runs); a phase's limit leaves room for timeout's 10 s between
+# SIGTERM and SIGKILL, so no phase ends past the budget. A phase that fails or times out is
+# recorded and the next one runs ("TIMED OUT or KILLED": rc 137, a SIGKILL, from timeout or
+# from the kernel's OOM killer alike). The exit status is non-zero when any phase failed.
 # Order: TinyLlama's timing targets come before the long test phase, so a hanging test cannot
 # cost the numbers; then 2000 x 65,536 and the targets' verdicts; then what says whether a
 # row's distance to its target is host time (the steps captured in CUDA graphs, the timelines,
@@ -24,11 +31,25 @@
 # Knobs for a dry run elsewhere: LBW_CHECK_SKIP_INSTALL=1, LBW_CHECK_LAYOUTS="gpt2-quick",
 # LBW_CHECK_BENCH_BACKENDS="cpp".
 # For a second, shorter run in the same lease (after a fix): LBW_CHECK_SKIP="bench_* tune_*"
-# (phases whose names match one of these patterns are recorded as skipped, not run) and
+# (phases whose names match one of these patterns, separated by spaces or newlines, are
+# recorded as skipped, not run; the targets phase then fails unless the folder holds the bench
+# JSON of a first run) and
 # LBW_CHECK_TESTS="tests/test_x.py" (what tests_gpu runs instead of every GPU test).
 # LBW_COMMIT=<sha>: the commit to record where the checkout's .git is not its tree's (the
 # device tool's copy of a working tree kept the session's first .git).
 set -u
+
+# Checked before anything runs: inside phase() a budget that is not a number is an arithmetic
+# error, which skipped every phase without a line in summary.txt and still exited 0.
+BUDGET="${LBW_CHECK_BUDGET:-450}"
+if [[ ! $BUDGET =~ ^[0-9]+$ ]]; then
+    echo "LBW_CHECK_BUDGET must be whole seconds, got '$BUDGET'" >&2
+    exit 2
+fi
+BUDGET=$((10#$BUDGET))  # (a leading 0 would read as octal in the arithmetic below)
+# Split on spaces, tabs and newlines alike (read -d '': up to a NUL there is none of, so read
+# returns 1 at the end of its input: harmless without set -e), no file globbing.
+read -d '' -ra SKIP_PATTERNS <<<"${LBW_CHECK_SKIP:-}"
 
 OUT_DIR="${1:-${OUT:-./device-check}}"
 mkdir -p "$OUT_DIR"
@@ -37,26 +58,27 @@ cd "$(dirname "$0")/.."
 
 # The Python that holds torch: python3 on the GPU machines (a bare `python` may not exist).
 PY="${PYTHON:-python3}"
-BUDGET="${LBW_CHECK_BUDGET:-450}"
 START=$(date +%s)
 SUMMARY="$OUT_DIR/summary.txt"
 FAILED=0
 : >"$SUMMARY"
+KILL_AFTER=10  # timeout's grace between SIGTERM and SIGKILL, part of a phase's worst case
 
 # phase NAME LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S seconds (less when the
 # overall budget is nearly spent), output to NAME.log, one line in summary.txt.
 phase() {
     local name=$1 limit=$2
     shift 2
-    local pattern patterns
-    read -ra patterns <<<"${LBW_CHECK_SKIP:-}"  # (read: split on spaces, no file globbing)
-    for pattern in "${patterns[@]}"; do
+    local pattern
+    for pattern in "${SKIP_PATTERNS[@]}"; do
         if [[ $name == $pattern ]]; then  # (unquoted on the right: a pattern)
             echo "$name SKIPPED (LBW_CHECK_SKIP)" | tee -a "$SUMMARY"
             return
         fi
     done
-    local left=$((BUDGET - ($(date +%s) - START)))
+    # A command that ignores SIGTERM runs KILL_AFTER seconds past its limit: taken off here,
+    # so that even then the phase ends within the budget.
+    local left=$((BUDGET - ($(date +%s) - START) - KILL_AFTER))
     ((limit > left)) && limit=$left
     if ((limit < 10)); then
         echo "$name SKIPPED (overall budget of ${BUDGET}s spent)" | tee -a "$SUMMARY"
@@ -64,10 +86,12 @@ phase() {
         return
     fi
     local t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    timeout --kill-after=$KILL_AFTER "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
     local verdict=ok
-    ((rc == 124 || rc == 137)) && verdict="TIMED OUT"
+    ((rc == 124)) && verdict="TIMED OUT"
+    # 137 is SIGKILL: timeout's, after the grace, or the OOM killer's; the rc cannot tell which.
+    ((rc == 137)) && verdict="TIMED OUT or KILLED"
     ((rc != 0 && rc != 124 && rc != 137)) && verdict=FAILED
     # pytest's 5: nothing collected (no GPU-marked tests yet): recorded, not a failure.
     if [[ $rc == 5 && $name == tests_* ]]; then verdict="NO TESTS COLLECTED"; rc=0; fi
@@ -94,6 +118,41 @@ for src in sorted(out.glob("bench-*/bench.json")):
         print(f"results: {dst}")
 PY
 }
+
+# concat DEST FILE...: DEST rebuilt from those of the FILEs that exist, in order (the
+# combined files other instructions read, each part written afresh by its own phase).
+concat() {
+    local dest=$1 part
+    shift
+    for part; do
+        [[ -f $part ]] && cat "$part"
+    done >"$dest"
+    return 0
+}
+
+# targets_md KIND PY OUT_DIR: bench/targets.py on the eager (KIND eager) or captured (graphs)
+# bench JSON of OUT_DIR, its Markdown to targets-KIND.md. Run as a phase (bash -c), so the
+# script's exit status is the phase's (pipefail); no JSON at all fails with a line saying so
+# rather than passing an unmatched glob on as a file name (which left an empty targets.md
+# beside "targets ok").
+targets_md() {
+    set -o pipefail
+    shopt -s nullglob
+    local kind=$1 py=$2 out=$3 json reports=()
+    for json in "$out"/bench-*/bench.json; do
+        # (bench-*-graphs/: the captured rows, judged by the graphs phase alone)
+        case $json in
+            */bench-*-graphs/bench.json) [[ $kind == graphs ]] && reports+=("$json") ;;
+            *) [[ $kind == eager ]] && reports+=("$json") ;;
+        esac
+    done
+    if ((${#reports[@]} == 0)); then
+        echo "targets ($kind): no bench JSON in $out (no bench phase left one)" >&2
+        return 1
+    fi
+    "$py" bench/targets.py "${reports[@]}" | tee "$out/targets-$kind.md"
+}
+export -f targets_md
 
 snapshot() {
     [[ -z "${LBW_CHECK_ARCHIVE:-}" ]] && return
@@ -193,7 +252,8 @@ done
 # on 2026-11-27 they gained nothing on 2000 tensors; triton_kernels/launch.py.)
 collect_results
 # The issues' targets read off those tables, alone and back to back (bench/targets.py).
-phase targets 20 bash -c '"$0" bench/targets.py "$1"/bench-*/bench.json | tee "$1/targets.md"' "$PY" "$OUT_DIR"
+phase targets 20 bash -c 'targets_md eager "$@"' _ "$PY" "$OUT_DIR"
+concat "$OUT_DIR/targets.md" "$OUT_DIR"/targets-{eager,graphs}.md
 # Phases in the order of what they answer, so that a run squeezed by its budget loses the least:
 # the targets (above), then whether the distance to them is host time (captured steps, the
 # timeline, the host profiles), then the tuning candidates, GPT-2's layout, the CUDA build.
@@ -209,19 +269,28 @@ phase targets 20 bash -c '"$0" bench/targets.py "$1"/bench-*/bench.json | tee "$
         --graphs only --stats-freq 1 --rounds 1 --reps 20 --budget 1 --no-plot --out "$OUT_DIR/bench-$layout-graphs"
 done
 collect_results
-compgen -G "$OUT_DIR/bench-*-graphs/bench.json" >/dev/null && phase targets_graphs 20 bash -c \
-    '"$0" bench/targets.py "$1"/bench-*-graphs/bench.json | tee -a "$1/targets.md"' "$PY" "$OUT_DIR"
+if compgen -G "$OUT_DIR/bench-*-graphs/bench.json" >/dev/null; then
+    phase targets_graphs 20 bash -c 'targets_md graphs "$@"' _ "$PY" "$OUT_DIR"
+    concat "$OUT_DIR/targets.md" "$OUT_DIR"/targets-{eager,graphs}.md
+fi
 # Each step split on the device's timeline (bench/step_timeline.py): host prefix before the
 # first kernel, the kernels' own time against the floor, idle gaps between them; TinyLlama
 # (are its rows over 1.05x in the kernels or in host time?) and the many-tensors layout. With
 # stats_freq 10 too: on the H200 (2026-11-27) the cuda rows' sf=10 medians (calls without
 # telemetry) were 0.22 ms (exact) and 0.28 ms (single_pass) below their sf=1 ones on
 # TinyLlama, within 1.05x of the floor where sf=1 was not; the Triton rows were not.
+# One pair of files per layout (step_timeline.py --json appends: its file is removed first),
+# then timeline.txt / timeline.jsonl rebuilt from them.
+TIMELINES=()
 for layout in "${LAYOUTS[@]}"; do
     [[ $layout == gpt2-124m ]] && continue
-    phase "timeline_$layout" 60 bash -c 'set -o pipefail; "$0" bench/step_timeline.py --layout "$1" --steps 5 \
-        --stats-freq 1 --stats-freq 10 --json "$2/timeline.jsonl" | tee -a "$2/timeline.txt"' "$PY" "$layout" "$OUT_DIR"
+    TIMELINES+=("$OUT_DIR/timeline-$layout")
+    phase "timeline_$layout" 60 bash -c 'set -o pipefail; rm -f "$2.jsonl"; "$0" bench/step_timeline.py --layout "$1" \
+        --steps 5 --stats-freq 1 --stats-freq 10 --json "$2.jsonl" | tee "$2.txt"' "$PY" "$layout" \
+        "$OUT_DIR/timeline-$layout"
 done
+concat "$OUT_DIR/timeline.txt" "${TIMELINES[@]/%/.txt}"
+concat "$OUT_DIR/timeline.jsonl" "${TIMELINES[@]/%/.jsonl}"
 # Where the host time of a step goes (cProfile, torch.profiler op/launch counts per step) on
 # the first layout (TinyLlama: 0.4-0.5 ms of host time before the first launch per step in the
 # 2026-11-27 run; the 2000-tensor layout's profile is in bench/results/, twice). Then the same
@@ -257,6 +326,7 @@ phase host_stub 60 env TRITON_INTERPRET=1 "$PY" bench/profile_step.py --stub-tri
 TUNE_DEFAULT="triton:single_pass_num_stages=3 triton:single_pass_num_stages=3,telemetry_fold=8
 cuda:LBW_EARLY_TELEMETRY=0 triton:LBW_EARLY_TELEMETRY=0"
 i=0
+: >"$OUT_DIR/tune.txt"  # (this run's entries only: tune_table.py reads every line)
 for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
     i=$((i + 1))
     backend=${entry%%:*}
@@ -271,8 +341,8 @@ for entry in ${LBW_CHECK_TUNE-$TUNE_DEFAULT}; do
         --backend "$backend" --stats-freq 1 --reps 10 --budget 1 --no-plot --out "$OUT_DIR/tune-$i"
 done
 # The candidates beside the defaults in one table (tune_table.md).
-[[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c '"$0" bench/tune_table.py "$1" | tee "$1/tune_table.md"' \
-    "$PY" "$OUT_DIR"
+[[ -s "$OUT_DIR/tune.txt" ]] && phase tune_table 20 bash -c 'set -o pipefail; "$0" bench/tune_table.py "$1" \
+    | tee "$1/tune_table.md"' "$PY" "$OUT_DIR"
 # GPT-2 124M (no target of its own: the layout between the two above) after the phases that
 # answer the targets, so a squeezed run loses it first.
 for layout in "${LAYOUTS[@]:1}"; do

@@ -5,6 +5,9 @@ with x floor and the ratio to torch fused AdamW timed in the same process. Proce
 run differ by ~1%, so the ratio to the same-process fused baseline is what compares them.
 
     python bench/tune_table.py DEVICE_CHECK_FOLDER        # a Markdown table on stdout
+
+Where torch fused AdamW failed or is missing in a process, that process's ratios are "-". A
+tune.txt or bench JSON that cannot be read stops the script with exit status 1, naming the file.
 """
 
 from __future__ import annotations
@@ -13,24 +16,35 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def _table(report_path: Path) -> dict:
-    return json.loads(report_path.read_text())["tables"][0]
+    """The report's first table; ValueError naming the file where it is not readable as one."""
+    try:
+        return json.loads(report_path.read_text())["tables"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{report_path}: not a readable bench report ({type(err).__name__}: {err})") from err
 
 
-def _fused_ms(table: dict) -> float:
-    return next(r["ms"] for r in table["rows"] if r["name"] == "torch AdamW fused")
+def _fused_ms(table: dict) -> Optional[float]:
+    """torch fused AdamW's ms in ``table``; None where the row is missing or failed (its ms None)."""
+    return next((r.get("ms") for r in table["rows"] if r["name"] == "torch AdamW fused"), None)
 
 
 def candidates(folder: Path) -> list:
     """(label, backend, table) for the default and every tune entry listed in tune.txt."""
     entries = []
-    for line in (folder / "tune.txt").read_text().splitlines():
-        name, backend, setting = line.split(maxsplit=2)
+    listing = folder / "tune.txt"
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        try:
+            name, backend, setting = line.split(maxsplit=2)
+            # A geometry by its fields; another switch (LBW_EARLY_TELEMETRY=0) as set
+            variable, value = setting.split("=", 1)
+        except ValueError:
+            raise ValueError(
+                f"{listing}: line {number}: expected 'tune_N BACKEND VARIABLE=VALUE', got {line!r}") from None
         report = folder / name.replace("tune_", "tune-") / "bench.json"
-        # A geometry by its fields; another switch (LBW_EARLY_TELEMETRY=0) as set
-        variable, value = setting.split("=", 1)
         label = value if variable == f"LBW_{backend.upper()}_GEOMETRY" else setting
         if report.exists():
             entries.append((label, backend, _table(report)))
@@ -57,8 +71,9 @@ def render(entries: list) -> str:
                 row = next((r for r in table["rows"] if r["name"] == name), None)
                 if row is None or row.get("error"):
                     continue
-                ratio = row["ms"] / _fused_ms(table)
-                lines.append(f"| {backend} | {name} | {label} | {row['ms']:.3f} | {row['x_floor']:.3f} | {ratio:.3f} |")
+                fused = _fused_ms(table)
+                ratio = f"{row['ms'] / fused:.3f}" if fused else "-"  # (no baseline in that process)
+                lines.append(f"| {backend} | {name} | {label} | {row['ms']:.3f} | {row['x_floor']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -66,7 +81,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     args = ap.parse_args()
-    entries = candidates(args.folder)
+    try:
+        entries = candidates(args.folder)
+    except (OSError, ValueError) as err:
+        sys.exit(f"tune_table.py: {err}")
     if not entries:
         sys.exit(f"no tune entries in {args.folder / 'tune.txt'}")
     print(render(entries))

@@ -14,8 +14,8 @@ process, on the same tensors, beside its baselines:
 Columns: ``ms`` (median; on CUDA of CUDA-event timings after warm-up, on CPU of
 ``time.perf_counter``), ``GB/s`` (the row's nominal bytes per parameter / time), ``x floor``
 (time over the floor: 28 B per parameter, or 32 B where the gradients must be read once more
-before the update, over the copy bandwidth measured in the same run), peak memory (CUDA only)
-and the ratio to torch fused AdamW.
+before the update, over the copy bandwidth measured in the same run: ``copy_bandwidth``), peak
+memory (CUDA only) and the ratio to torch fused AdamW.
 
 On CUDA each step is timed twice. ``ms``: alone, the device synchronised after it, so the host
 time before its first launch is on the clock (the device idles through it). ``loop ms``: steps
@@ -361,14 +361,31 @@ def time_loop(fn: Callable[[], None], device: torch.device, steps: int) -> Optio
 
 
 def copy_bandwidth(device: torch.device, numel: int, warmup: int = 3, reps: int = 10) -> float:
-    """Bytes/s of ``dst.copy_(src)`` on fp32 tensors of ``numel`` elements (read + write).
+    """Bytes/s the memory system streams on fp32 tensors of ``numel`` elements: the floor's rate.
+
+    On CUDA, ``dst.copy_(src)`` counted as 8 B per element (read + write). On CPU, the higher of
+    that and an in-place ``dst.add_(src)`` counted as 12 B (reads both, writes dst): a CPU cache
+    reads a line before a store fills it (write-allocate), so a copy into a separate buffer
+    moves 12 B per element while counted as 8, and the copy alone understated the memory ~1.6x
+    (the floor came out above what fused AdamW, which writes in place, reaches: x floor < 1). An
+    in-place stream hides no such read (the line it writes was read anyway). A GPU writes whole
+    sectors without reading them first: the copy alone.
 
     The fastest repetition, not the median: the floor is what the memory system can do, and on a
     shared machine the median of a copy measures the neighbours as much as the memory."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = min(time_fn(lambda: dst.copy_(src), device, warmup, reps, budget_s=5.0))
-    return 2 * 4 * numel / (ms * 1e-3)
+    rates = [_fastest_rate(lambda: dst.copy_(src), 2 * 4 * numel, device, warmup, reps)]
+    if device.type == "cpu":
+        # (dst holds src's values after the copy: finite, and finite after a few more adds)
+        rates.append(_fastest_rate(lambda: dst.add_(src), 3 * 4 * numel, device, warmup, reps))
+    return max(rates)
+
+
+def _fastest_rate(fn: Callable[[], None], nbytes: int, device: torch.device, warmup: int, reps: int) -> float:
+    """Bytes/s of ``fn``, which moves ``nbytes``, in its fastest repetition."""
+    ms = min(time_fn(fn, device, warmup, reps, budget_s=5.0))
+    return nbytes / (ms * 1e-3)
 
 
 def make_params(shapes: Sequence[Shape], device: torch.device, seed: int = 0) -> List[torch.Tensor]:
@@ -453,16 +470,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    # LBW_COMMIT: what to record where the checkout's git metadata is not its tree's (a working
-    # tree copied to a lent GPU machine kept an older .git).
-    commit = os.environ.get("LBW_COMMIT") or None
-    try:
-        commit = commit or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, dirty = _git_state()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -483,12 +491,44 @@ def environment(device: torch.device) -> Dict[str, object]:
         "triton": triton_version,
         "python": platform.python_version(),
         "git_commit": commit,
+        # True: the code that ran is not git_commit's (a kept result must not name it as such);
+        # None: not known (LBW_COMMIT given, or no git here)
+        "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # launch geometries overridden for a tuning run (None: the defaults)
         "cuda_geometry": os.environ.get("LBW_CUDA_GEOMETRY") or None,
         "triton_geometry": os.environ.get("LBW_TRITON_GEOMETRY") or None,
         "triton_direct_launch": os.environ.get("LBW_TRITON_DIRECT_LAUNCH") == "1",
+        # Every switch of this package and of Triton as set (LBW_EARLY_TELEMETRY, LBW_POISON,
+        # TRITON_INTERPRET, ...): they change timings, and a tuning run differs from a default
+        # one by them alone.
+        "lbw_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LBW_", "TRITON_"))},
     }
+
+
+def _git_state() -> Tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the checkout holding this file: ``git rev-parse HEAD`` and whether
+    ``git status --porcelain`` lists anything. LBW_COMMIT, where set, is the commit, and dirty is
+    then unknown (None): it is what to record where the checkout's git metadata is not its
+    tree's (a working tree copied to a lent GPU machine kept an older .git). None for what git
+    cannot tell (not installed, not a checkout)."""
+    given = os.environ.get("LBW_COMMIT") or None
+    if given:
+        return given, None
+    head, status = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
+    commit = head.strip() if head else None
+    dirty = None if status is None else bool(status.strip())
+    return commit or None, dirty
+
+
+def _git(*args: str) -> Optional[str]:
+    """stdout of ``git ARGS`` in this file's folder; None where git fails or is missing."""
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def bench_layout(
@@ -669,7 +709,13 @@ def run_bench(
     else:
         notes.append(
             "CPU: ms is the median of time.perf_counter per step (ms_min in the JSON: the fastest); "
-            "copy bandwidth from the fastest copy; peak memory not measured on CPU"
+            "peak memory not measured on CPU"
+        )
+        notes.append(
+            "CPU: copy bandwidth (copy_gbps, the floor's rate) is the higher of copy_ counted as 8 B per element "
+            "and an in-place add_ counted as 12 B, each its fastest repetition: a copy into a separate buffer "
+            "also reads each destination line first (write-allocate), so alone it understates the memory's rate "
+            "(bench.copy_bandwidth)"
         )
     return {
         "environment": environment(device),
@@ -759,10 +805,27 @@ def main(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {json_path}")
     if not args.no_plot:
-        png = out / "bench.png"
-        plot_tables(report["tables"], png, f"{env['device_name']} - torch {env['torch']}")
-        print(f"wrote {png}")
+        _plot(report, out / "bench.png")
     failed = [r["name"] for t in report["tables"] for r in t["rows"] if r["error"]]
     if failed:
         print(f"rows that failed: {', '.join(failed)}")
-    return 1 if failed else 0
+    # A backend named but left out (Triton failed to import on a GPU machine) is a run that did
+    # not time what it was asked to: not exit 0, which a device check would record as "ok".
+    missing = [name for name in dict.fromkeys(args.backend or []) if name not in report["backends"]]
+    if missing:
+        print(f"backends named but not timed: {', '.join(missing)} (the reasons above)")
+    return 1 if failed or missing else 0
+
+
+def _plot(report: Dict[str, object], png: Path) -> None:
+    """bench.png of the report's tables. matplotlib is an extra: without it the PNG is said to be
+    left out and the command goes on (the JSON, already written, holds every number)."""
+    env = report["environment"]
+    try:
+        plot_tables(report["tables"], png, f"{env['device_name']} - torch {env['torch']}")
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "matplotlib":
+            raise
+        print(f"{png} not written: matplotlib is not installed (pip install matplotlib)")
+        return
+    print(f"wrote {png}")

@@ -191,6 +191,119 @@ def test_a_row_that_fails_in_any_round_is_reported_failed_and_the_others_timed(t
     assert (out / "bench.png").stat().st_size > 1000
 
 
+def test_bench_fails_when_a_named_backend_is_left_out_after_writing_the_json(tmp_path, monkeypatch, capsys):
+    """A GPU run whose Triton failed to import times cuda alone: the command still writes the
+    JSON (the rows it did time) and says why, but exits 1, so a device check does not record
+    the phase "ok". (usable_backends stands in for that machine.)"""
+    left_out = {"triton": "import failed: no module named triton"}
+    monkeypatch.setattr(bench, "usable_backends", lambda device, include=None: (["reference"], left_out))
+    out = tmp_path / "b"
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference", "--backend", "triton",
+               "--gate", "exact", "--stats-freq", "1", "--warmup", "0", "--reps", "3", "--budget", "0.1",
+               "--rounds", "1", "--no-plot", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 1, printed
+    report = json.loads((out / "bench.json").read_text())
+    assert report["backends"] == ["reference"] and "triton" in report["skipped_backends"]
+    assert all(r["error"] is None for r in report["tables"][0]["rows"])
+    assert "backend triton left out: import failed" in printed
+    assert "backends named but not timed: triton" in printed
+    # every backend named was timed: 0, as before
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference", "--gate", "exact",
+               "--stats-freq", "1", "--warmup", "0", "--reps", "3", "--budget", "0.1", "--rounds", "1",
+               "--no-plot", "--out", str(out)])
+    assert rc == 0
+
+
+def test_bench_without_matplotlib_writes_the_json_and_says_the_png_is_left_out(tmp_path, monkeypatch, capsys):
+    """matplotlib is an extra: its absence costs the PNG only, not the command's exit status."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (import matplotlib raises ModuleNotFoundError)
+    out = tmp_path / "b"
+    rc = main(["bench", "--layout", "tiny", "--device", "cpu", "--backend", "reference", "--gate", "exact",
+               "--stats-freq", "1", "--warmup", "0", "--reps", "3", "--budget", "0.1", "--rounds", "1",
+               "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert (out / "bench.json").exists() and not (out / "bench.png").exists()
+    assert f"{out / 'bench.png'} not written: matplotlib is not installed" in printed
+
+
+def test_environment_records_a_modified_tree_and_the_switches_that_change_timings(monkeypatch):
+    """git_dirty: whether ``git status --porcelain`` lists anything (None where LBW_COMMIT names
+    the commit, or git cannot tell); lbw_env: every LBW_* and TRITON_* variable as set."""
+    import subprocess
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LBW_COMMIT", raising=False)
+    monkeypatch.setenv("LBW_EARLY_TELEMETRY", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LBWX_NOT_OURS", "1")
+    env = bench.environment(cpu)
+    assert env["lbw_env"]["LBW_EARLY_TELEMETRY"] == "0" and env["lbw_env"]["TRITON_INTERPRET"] == "1"
+    assert "LBWX_NOT_OURS" not in env["lbw_env"]
+    assert env["git_dirty"] in (True, False, None)
+
+    real_run = subprocess.run
+
+    def git_state(listing, rc=0):
+        """git as a checkout whose status lists ``listing`` (rc 128: not a checkout) would answer."""
+        def run(cmd, **kwargs):
+            if cmd[0] != "git":
+                return real_run(cmd, **kwargs)
+            out = "0123456789abcdef\n" if cmd[1] == "rev-parse" else listing
+            return subprocess.CompletedProcess(cmd, rc, stdout=out if rc == 0 else "", stderr="")
+
+        monkeypatch.setattr(subprocess, "run", run)
+        env = bench.environment(cpu)
+        return env["git_commit"], env["git_dirty"]
+
+    assert git_state(" M lbw_kernels/bench.py\n") == ("0123456789abcdef", True)
+    assert git_state("") == ("0123456789abcdef", False)
+    assert git_state("", rc=128) == (None, None)
+    monkeypatch.setenv("LBW_COMMIT", "feedface")
+    assert git_state(" M x\n") == ("feedface", None)
+
+
+@pytest.mark.parametrize("copy_ms, add_ms", [(2.0, 1.0), (1.0, 2.0)])
+def test_cpu_copy_bandwidth_is_the_faster_of_copy_and_in_place_add(monkeypatch, copy_ms, add_ms):
+    """On CPU a copy into a separate buffer also reads each destination line (write-allocate),
+    so the floor's rate is the higher of copy_ counted at 8 B per element and an in-place add_
+    at 12 B. A stand-in timer gives each its time (told apart by the bytes it is counted at):
+    no timing threshold to flake."""
+    numel = 1024
+    ms_of = {8 * numel: copy_ms, 12 * numel: add_ms}
+    counted = []
+
+    def fastest_rate(fn, nbytes, device, warmup, reps):
+        fn()  # (runs on the real tensors)
+        counted.append(nbytes)
+        return nbytes / (ms_of[nbytes] * 1e-3)
+
+    monkeypatch.setattr(bench, "_fastest_rate", fastest_rate)
+    rate = bench.copy_bandwidth(torch.device("cpu"), numel)
+    assert sorted(counted) == [8 * numel, 12 * numel]
+    assert rate == max(8 * numel / (copy_ms * 1e-3), 12 * numel / (add_ms * 1e-3))
+
+
+def test_cpu_copy_bandwidth_is_at_least_the_copy_alone(monkeypatch):
+    """The real measurement: positive, finite, and never below what its own copy_ reached (the
+    same call's parts: a separately timed copy can land anywhere on a shared machine)."""
+    rates = []
+    real = bench._fastest_rate
+
+    def fastest_rate(fn, nbytes, device, warmup, reps):
+        rates.append((nbytes, real(fn, nbytes, device, warmup, reps)))
+        return rates[-1][1]
+
+    monkeypatch.setattr(bench, "_fastest_rate", fastest_rate)
+    numel = 1 << 20
+    rate = bench.copy_bandwidth(torch.device("cpu"), numel, warmup=1, reps=3)
+    copy_rate = dict(rates)[8 * numel]
+    assert math.isfinite(rate) and rate >= copy_rate > 0 and rate == max(r for _, r in rates)
+
+
 def test_loop_timings_are_pooled_over_rounds_and_set_beside_the_alone_ones(tmp_path, monkeypatch, capsys):
     """On CUDA each row is also timed back to back (bench.time_loop; None on CPU, where a step
     is synchronous). With a stand-in loop timer on CPU: each row's loop samples of every round
@@ -313,6 +426,48 @@ def test_device_check_script_parses_and_its_geometry_candidates_exist():
             pass  # (ValueError for a geometry without kernels)
 
 
+def _device_check(out, **env):
+    """bench/device_check.sh into ``out`` with ``env`` over a copy of this environment whose own
+    LBW_CHECK_* settings are dropped; the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    from gpu_checks import DEVICE_CHECK
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LBW_CHECK_")}
+    return subprocess.run(["bash", str(DEVICE_CHECK), str(out)], env=dict(base, PYTHON=sys.executable, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("budget", ["450s", "7.5", "abc", "-5"])
+def test_device_check_refuses_a_budget_that_is_not_whole_seconds(tmp_path, budget):
+    """Inside a phase such a budget was an arithmetic error that skipped every phase without a
+    line and exited 0: refused before anything runs, exit 2, naming the variable."""
+    done = _device_check(tmp_path / "dc", LBW_CHECK_BUDGET=budget, LBW_CHECK_SKIP_INSTALL="1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"LBW_CHECK_BUDGET must be whole seconds, got '{budget}'" in done.stderr
+    assert not (tmp_path / "dc").exists()  # (no phase ran, nothing written)
+
+
+def test_device_check_targets_phase_fails_without_bench_json(tmp_path):
+    """A second run on a fresh folder with the bench phases skipped has no tables to judge: the
+    targets phase says so and fails (it was "ok" beside an empty targets.md). Every other phase
+    is skipped, the patterns split over spaces and newlines alike (a newline ended the list)."""
+    skip = ("info extension_errors bench_*\ntests_* timeline_* profile_host_*\n"
+            "host_stub tune_*  csrc_cuda_*\tmemory_floor verify")
+    out = tmp_path / "dc"
+    done = _device_check(out, LBW_CHECK_SKIP_INSTALL="1", LBW_CHECK_LAYOUTS="gpt2-quick",
+                         LBW_CHECK_BENCH_BACKENDS="cpp", LBW_CHECK_TUNE="", LBW_CHECK_SKIP=skip)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert done.returncode == 1, done.stdout + done.stderr
+    ran = [line for line in summary if "SKIPPED" not in line and not line.startswith("total ")]
+    assert len(ran) == 1 and ran[0].startswith("targets FAILED rc=1"), summary
+    assert "verify SKIPPED (LBW_CHECK_SKIP)" in summary and "host_stub SKIPPED (LBW_CHECK_SKIP)" in summary
+    assert "no bench JSON" in (out / "targets.log").read_text()
+    assert (out / "targets.md").read_text() == ""
+
+
 def test_triton_registers_reports_every_kernel_of_a_geometry():
     """bench/triton_registers.py (registers and occupancy of the Triton kernels, no GPU):
     compiles for sm_90 and reads ptxas's count; needs the CUDA toolkit's ptxas."""
@@ -383,6 +538,42 @@ def test_tune_table_puts_each_candidate_beside_the_default(tmp_path):
     assert "| cuda | guard cuda exact sf=1 | chunk=8192 (no result) | - | - | - |" in lines
     assert "| cuda | guard cuda exact sf=1 | LBW_EARLY_TELEMETRY=0 | 9.100 | 1.090 | 0.919 |" in lines
     assert not any("triton" in line for line in lines)  # only the tuned backends
+
+
+def test_tune_table_shows_no_ratio_where_fused_adamw_failed_and_fails_on_unreadable_input(tmp_path):
+    """A process whose torch fused AdamW failed (ms None) or is missing gives "-" for its
+    ratios, not a crash; a bench JSON or tune.txt that cannot be read exits 1 naming it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def report(fused, guard_ms):
+        rows = [dict(name="guard cuda exact sf=1", kind="guard", backend="cuda", ms=guard_ms, x_floor=1.1, error=None)]
+        if fused is not None:
+            rows.insert(0, dict(name="torch AdamW fused", kind="baseline", backend=None, **fused))
+        return json.dumps({"tables": [{"layout": "tinyllama-1.1b", "rows": rows}]})
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "tune_table.py"
+    (tmp_path / "bench-tinyllama-1.1b").mkdir()
+    (tmp_path / "bench-tinyllama-1.1b" / "bench.json").write_text(
+        report(dict(ms=None, x_floor=None, error="RuntimeError: boom"), 9.0))
+    (tmp_path / "tune-1").mkdir()
+    (tmp_path / "tune-1" / "bench.json").write_text(report(None, 8.8))
+    (tmp_path / "tune-2").mkdir()
+    (tmp_path / "tune-2" / "bench.json").write_text(report(dict(ms=10.0, x_floor=1.3, error=None), 8.0))
+    (tmp_path / "tune.txt").write_text("tune_1 cuda LBW_CUDA_GEOMETRY=chunk=8192\ntune_2 cuda LBW_EARLY_TELEMETRY=0\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| cuda | guard cuda exact sf=1 | default | 9.000 | 1.100 | - |" in lines
+    assert "| cuda | guard cuda exact sf=1 | chunk=8192 | 8.800 | 1.100 | - |" in lines
+    assert "| cuda | guard cuda exact sf=1 | LBW_EARLY_TELEMETRY=0 | 8.000 | 1.100 | 0.800 |" in lines
+    (tmp_path / "tune-2" / "bench.json").write_text('{"tables": ')
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and "tune-2/bench.json: not a readable bench report" in done.stderr, done.stderr
+    (tmp_path / "tune.txt").write_text("tune_1 cuda\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and "tune.txt: line 1: expected 'tune_N BACKEND VARIABLE=VALUE'" in done.stderr
 
 
 def test_profile_step_measures_the_triton_host_path_without_launching():
@@ -561,11 +752,12 @@ def test_targets_judge_captured_rows_against_captured_fused_adamw(tmp_path):
             "1.004 x | yes |") in lines
     assert "| single_pass <= 1.05x floor (28 B) | guard cuda single_pass sf=1 | not run |  | not run |  | not run |  |" \
         in lines
-    assert "met: 0 of 3 timed alone, 0 of 3 back to back, 1 of 3 captured in a CUDA graph" in lines
+    # (triton, not in the file's backends, is judged too: left out, not met)
+    assert "met: 0 of 6 timed alone, 0 of 6 back to back, 1 of 6 captured in a CUDA graph" in lines
     assert "| target | row | captured | met |" in lines  # the graph-only table
     assert "| exact >= 4x faster than torch fused | guard cuda exact sf=1 | 2.182 x faster | **no** |" in lines
     assert "| single_pass >= 4x faster than torch fused | guard cuda single_pass sf=1 | 4.800 x faster | yes |" in lines
-    assert "met: 1 of 2 captured in a CUDA graph" in lines
+    assert "met: 1 of 4 captured in a CUDA graph" in lines
 
 
 def test_targets_of_the_h200_run_on_record():
@@ -583,6 +775,106 @@ def test_targets_of_the_h200_run_on_record():
     # (the geometry summaries beside them in bench/results/ are not bench reports: said so)
     lines = _run_targets(results / "nvidia-h200-geometry-20261127.json")
     assert lines[0] == "### nvidia-h200-geometry-20261127.json: not a bench report (lbw-kernels bench --out writes those)"
+
+
+def _bench_json(path, rows, layout="tinyllama-1.1b", device="cuda", backends=("cuda", "triton"), skipped=None):
+    """A bench report of one table for bench/targets.py; ``rows``: (name, ms, x_floor, vs_fused)."""
+    env = dict(device=device, device_name="NVIDIA H200", git_commit="0123456789abcdef", date="2026-11-28T00:00:00")
+    path.write_text(json.dumps(dict(
+        environment=env, backends=list(backends), skipped_backends=skipped or {}, tables=[dict(layout=layout, rows=[
+            dict(name=n, ms=ms, x_floor=xf, vs_fused=vf, error=None) for n, ms, xf, vf in rows])])))
+    return path
+
+
+def test_targets_faster_than_fused_is_not_met_at_a_tie(tmp_path):
+    """The target "exact faster than torch fused": 1.000x the fused time is as fast, not faster."""
+    rows = [("torch AdamW fused", 10.0, 1.36, 1.0), ("guard cuda exact sf=1", 10.0, 1.04, 1.0),
+            ("guard triton exact sf=1", 9.99, 1.04, 0.999)]
+    lines = _run_targets(_bench_json(tmp_path / "tie.json", rows))
+    assert "| exact faster than torch fused | guard cuda exact sf=1 | 1.000 x fused | **no** |" in lines
+    assert "| exact faster than torch fused | guard triton exact sf=1 | 0.999 x fused | yes |" in lines
+    # (the floor targets keep their <=: 1.05x exactly is met)
+    rows = [("torch AdamW fused", 10.0, 1.36, 1.0), ("guard cuda exact sf=1", 9.0, 1.05, 0.9)]
+    lines = _run_targets(_bench_json(tmp_path / "floor.json", rows))
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.050 x | yes |" in lines
+
+
+def test_targets_call_a_ratio_no_timing_can_give_invalid(tmp_path):
+    """NaN, infinite, zero or negative ratios are "invalid", never met (-inf passed a <= limit);
+    a row timed at 0 ms is invalid too, not a ZeroDivisionError."""
+    rows = [("torch AdamW fused", 10.0, 1.36, 1.0), ("guard cuda exact sf=1", float("nan"), float("nan"), float("nan")),
+            ("guard cuda single_pass sf=1", 8.0, float("-inf"), 0.8), ("guard triton exact sf=1", 9.0, 0.0, 0.9),
+            ("guard triton single_pass sf=1", 9.0, float("inf"), 0.9)]
+    lines = _run_targets(_bench_json(tmp_path / "bad.json", rows))
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | nan x | invalid |" in lines
+    assert "| single_pass <= 1.05x floor (28 B) | guard cuda single_pass sf=1 | -inf x | invalid |" in lines
+    assert "| exact <= 1.05x floor (32 B) | guard triton exact sf=1 | 0.000 x | invalid |" in lines
+    assert "| single_pass <= 1.05x floor (28 B) | guard triton single_pass sf=1 | inf x | invalid |" in lines
+    assert "met: 1 of 6 timed alone" in lines  # (triton exact's 0.9 x fused alone)
+    rows = [("torch AdamW fused", 8.0, 9.0, 1.0), ("guard cuda exact sf=1", 0.0, 0.0, 0.0),
+            ("guard cuda single_pass sf=1", 1.0, 1.0, 0.125), ("guard triton exact sf=1", -2.0, 1.0, 0.125)]
+    lines = _run_targets(_bench_json(tmp_path / "zero.json", rows, layout="2000x65536"))
+    assert "| exact >= 4x faster than torch fused | guard cuda exact sf=1 | nan x faster | invalid |" in lines
+    assert "| exact >= 4x faster than torch fused | guard triton exact sf=1 | nan x faster | invalid |" in lines
+    assert "| single_pass >= 4x faster than torch fused | guard cuda single_pass sf=1 | 8.000 x faster | yes |" in lines
+
+
+def test_targets_read_a_device_with_an_index_as_its_type(tmp_path):
+    """bench --device cuda:0 records "cuda:0": the CUDA targets all the same."""
+    rows = [("torch AdamW fused", 10.0, 1.36, 1.0), ("guard cuda exact sf=1", 9.0, 1.04, 0.9)]
+    lines = _run_targets(_bench_json(tmp_path / "cuda0.json", rows, device="cuda:0"))
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.040 x | yes |" in lines
+    assert not any(line.startswith("(no targets") for line in lines)
+
+
+def test_targets_judge_the_expected_backends_the_run_left_out(tmp_path):
+    """On CUDA both kernel backends are judged whatever the file timed: one left out (Triton
+    that failed to import) is "not run" with the file's reason, and counts as not met; on CPU
+    the cpp backend likewise."""
+    rows = [("torch AdamW fused", 10.0, 1.36, 1.0), ("guard cuda exact sf=1", 9.0, 1.04, 0.9),
+            ("guard cuda single_pass sf=1", 8.0, 1.04, 0.8)]
+    path = _bench_json(tmp_path / "no_triton.json", rows, backends=["cuda"],
+                       skipped={"triton": "import failed: a|b"})
+    lines = _run_targets(path)
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.040 x | yes |" in lines
+    assert ("| exact faster than torch fused | guard triton exact sf=1 | not run (left out: import failed: a\\|b) |  |"
+            in lines)
+    assert "met: 3 of 6 timed alone" in lines
+    # No reason in the file: said left out all the same.
+    lines = _run_targets(_bench_json(tmp_path / "no_reason.json", rows, backends=["cuda"]))
+    assert "| single_pass <= 1.05x floor (28 B) | guard triton single_pass sf=1 | not run (left out) |  |" in lines
+    cpu_rows = [("torch AdamW fused", 20.0, 0.8, 1.0), ("published sf=1", 180.0, 6.0, 9.0)]
+    path = _bench_json(tmp_path / "no_cpp.json", cpu_rows, layout="gpt2-30m", device="cpu", backends=["reference"],
+                       skipped={"cpp": "the C++ extension is not built"})
+    lines = _run_targets(path)
+    assert ("| exact <= 1.15x torch fused | guard cpp exact sf=1 | "
+            "not run (left out: the C++ extension is not built) |  |") in lines
+    assert "met: 0 of 5 timed alone" in lines
+
+
+def test_targets_exit_non_zero_on_a_file_it_cannot_read_and_judge_the_others(tmp_path):
+    """A missing or broken file (device_check's glob matched nothing, a truncated JSON) is said
+    to be so and fails the exit status; the readable files are still judged; no file at all is
+    a usage error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "targets.py"
+    good = _bench_json(tmp_path / "good.json", [("torch AdamW fused", 10.0, 1.36, 1.0),
+                                                ("guard cuda exact sf=1", 9.0, 1.04, 0.9)])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"environment": ')
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.json"), str(broken), str(good)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("### missing.json: cannot be read (FileNotFoundError") for line in lines)
+    assert any(line.startswith("### broken.json: cannot be read (JSONDecodeError") for line in lines)
+    assert "| exact <= 1.05x floor (32 B) | guard cuda exact sf=1 | 1.040 x | yes |" in lines
+    assert "missing.json" in done.stderr and "broken.json" in done.stderr
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 2 and "reports" in done.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
