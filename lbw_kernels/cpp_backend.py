@@ -6,9 +6,13 @@ the per-element math of ``csrc/guard_math.h`` (shared by the CPU and CUDA kernel
 accumulated in float64 with a fixed partition into chunks, so it is bitwise repeatable for any
 number of threads.
 
-fp64 params run through the same kernels in float64. Tensors the kernels do not take
-(non-contiguous or sparse layouts) go to the reference implementation for their group, which
-computes the same thing.
+fp64 params run through the same kernels in float64. The kernels walk each tensor as a flat
+array, so they take any dense layout (contiguous, channels_last, a transpose: element_order.py),
+summing a grad in its memory order. An update part (one group's params of one dtype) where a
+param's grad or states hold their elements in another order than the param, or a tensor is not
+dense (expanded, gapped), goes to the reference implementation, which computes the same thing;
+the telemetry of such a grad is still the kernels' (float64, any number of threads), read
+through a contiguous copy of it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, GroupTensors, split_by_dtype
+from .element_order import element_order
 from .stream_use import KeptCopy, kept_copy
 from .validation import check_update_states, parse_int_overrides
 
@@ -129,10 +134,10 @@ def _apply_cuda_geometry_override() -> None:
 # on the 2-core VM). While torch.compile traces, torch.ops.lbw (the graph must see the ops and
 # their declared mutations), after the same check in Python.
 def _kernel_ready(uniform: bool, *lists: Sequence[Tensor]) -> bool:
-    """Whether the kernels take every tensor of these lists (dense, contiguous, kernel dtype;
+    """Whether the kernels take every tensor of these lists (dense in some order, kernel dtype;
     with ``uniform``, one dtype per list): the entries' check, for the traced path."""
     return all(
-        t.layout == torch.strided and t.is_contiguous() and t.dtype in _KERNEL_DTYPES
+        t.layout == torch.strided and element_order(t) is not None and t.dtype in _KERNEL_DTYPES
         and (not uniform or t.dtype == ts[0].dtype)
         for ts in lists for t in ts
     )
@@ -145,16 +150,30 @@ _MIXED_UPDATE_DTYPES = {(torch.bfloat16, torch.float32), (torch.float16, torch.f
 
 def _update_ready(params, grads, exp_avgs, exp_avg_sqs, *_) -> bool:
     """The update ops' entries' check (UpdateLists::kernel_ready), for the traced path: the four
-    lists kernel-ready with one dtype each, and the grads of the params' dtype or fp32 grads of
-    bf16/fp16 params (other pairs go to the reference)."""
+    lists kernel-ready with one dtype each, the grads of the params' dtype or fp32 grads of
+    bf16/fp16 params (other pairs go to the reference), and each param's grad and states in
+    its element order."""
     return _kernel_ready(True, params, grads, exp_avgs, exp_avg_sqs) and (
-        not params or grads[0].dtype == params[0].dtype or (params[0].dtype, grads[0].dtype) in _MIXED_UPDATE_DTYPES)
+        not params or grads[0].dtype == params[0].dtype or (params[0].dtype, grads[0].dtype) in _MIXED_UPDATE_DTYPES
+    ) and all(len({element_order(t) for t in four}) == 1 for four in zip(params, grads, exp_avgs, exp_avg_sqs))
 
 
 def _run_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
     if not torch.compiler.is_compiling():
         return _C._telemetry(grads)
     return torch.ops.lbw.telemetry(grads) if _kernel_ready(False, grads) else None
+
+
+def _kernel_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
+    """The kernels' telemetry rows of ``grads`` (non-empty list); a grad that is not dense (an
+    expanded one, a slice with a step: torch takes any .grad of the param's shape) is read
+    through a contiguous copy of itself, so one such grad does not send every grad's sums to the
+    reference's float32 ops, whose bits depend on the thread count. None when the kernels
+    still do not take them (a dtype they have no code for)."""
+    rows = _run_telemetry(grads)
+    if rows is None:
+        rows = _run_telemetry([g if element_order(g) is not None else g.contiguous() for g in grads])
+    return rows
 
 
 def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
@@ -244,7 +263,7 @@ class CppBackend(Backend):
     def telemetry(self, grads: Sequence[Tensor], partials_dtype: torch.dtype) -> Tensor:
         if not grads:
             return torch.zeros((0, 3), dtype=partials_dtype)
-        rows = _run_telemetry(grads)
+        rows = _kernel_telemetry(grads)
         if rows is None:  # a grad the kernels do not take
             return reference.telemetry_partials(list(grads), partials_dtype)
         return self._as(rows, partials_dtype)
@@ -299,11 +318,13 @@ class CppBackend(Backend):
         if part.params and not checked:
             _check_states(part, group, gi)
         grads = [g for g in part.grads if g.numel() > 0]
-        rows = (
-            reference.telemetry_partials(grads, torch.float64)
-            if grads
-            else torch.zeros((0, 3), dtype=torch.float64, device=lr_scale.device)
-        )
+        rows = _kernel_telemetry(grads) if grads else None
+        if rows is None:
+            rows = (
+                reference.telemetry_partials(grads, torch.float64)
+                if grads
+                else torch.zeros((0, 3), dtype=torch.float64, device=lr_scale.device)
+            )
         if part.params:
             reference.adamw_(
                 part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps,

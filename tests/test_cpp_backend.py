@@ -163,20 +163,87 @@ def test_mixed_dtypes_in_one_group_keep_telemetry_order(cpp):
     assert worst(got, want, 1e-10, 1e-9) is None
 
 
-def test_non_contiguous_params_fall_back_to_the_reference(cpp):
+def _transposed_problem():
+    """A group whose first param, grad and states are transposed views (strides (1, 6)): dense,
+    one element order, not contiguous."""
     problem = make_problem(8, shapes=((6, 5), (9,)), n_groups=1)
     group = problem[0]
-    group.params[0] = group.params[0].t()  # a transposed view: not contiguous
-    group.grads[0] = group.grads[0].t()
-    group.exp_avgs[0] = group.exp_avgs[0].t()
-    group.exp_avg_sqs[0] = group.exp_avg_sqs[0].t()
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs"):
+        getattr(group, name)[0] = getattr(group, name)[0].t()
+    assert not group.params[0].is_contiguous()
+    return problem
+
+
+def _no_reference_update(monkeypatch):
+    """Make the reference's update, the fallback for parts the kernels do not take, fail."""
+    from lbw_kernels import cpp_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the part went to the reference")
+
+    monkeypatch.setattr(cpp_backend.reference, "adamw_", refuse)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_transposed_params_are_updated_by_the_kernels(cpp, gate, monkeypatch):
+    """A param with its grad and states in one order other than the contiguous one (a transpose,
+    channels_last) is walked as the flat array it is: the kernels update it (the reference, the
+    fallback, allocates param-sized temporaries every call), with the reference's result."""
+    problem = _transposed_problem()
     actual, expected = clone_problem(problem), clone_problem(problem)
-    assert not actual[0].params[0].is_contiguous()
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    ReferenceBackend().adamw_(expected, scale=scale, skip=None)
+    _no_reference_update(monkeypatch)
+    if gate == "exact":
+        cpp.adamw_(actual, scale=scale, skip=None)
+    else:
+        cpp.adamw_telemetry_(actual, scale=scale, mask_nonfinite=True, partials_dtype=torch.float64)
+    for x, y in zip(actual[0].params, expected[0].params):
+        assert worst(x, y, 2.5e-7, 2.5e-7) is None
+
+
+@pytest.mark.parametrize("which", ["grads", "exp_avgs", "exp_avg_sqs"])
+def test_a_grad_or_state_in_another_order_than_its_param_goes_to_the_reference(cpp, which):
+    """The update walks p, g, m, v side by side: one of them in another element order (a
+    contiguous grad of a transposed param) would pair the wrong elements, so that part goes to
+    the reference, and the op itself refuses it, naming the tensor."""
+    problem = _transposed_problem()
+    getattr(problem[0], which)[0] = getattr(problem[0], which)[0].contiguous()
+    actual, expected = clone_problem(problem), clone_problem(problem)
     scale = torch.tensor(0.5, dtype=torch.float64)
     cpp.adamw_(actual, scale=scale, skip=None)
     ReferenceBackend().adamw_(expected, scale=scale, skip=None)
     for x, y in zip(actual[0].params, expected[0].params):
         assert worst(x, y, 2.5e-7, 2.5e-7) is None
+    g = problem[0]
+    one = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=rf"{which}\[0\] has strides \[6, 1\], params\[0\] \[1, 5\]"):
+        torch.ops.lbw.adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, one, 1e-3, 0.9, 0.999, 1e-8,
+                             0.0, False, None)
+
+
+def test_a_grad_that_is_not_dense_keeps_every_rows_kernel_sums(cpp):
+    """Telemetry over a list holding one grad that is not dense (a slice with a step): that grad
+    is read through a contiguous copy, so every row is still the kernels' float64 sum, the same
+    bits for any number of threads, and the other grads' rows are those they have without it
+    (the whole list used to go to the reference's float32 ops)."""
+    gen = torch.Generator().manual_seed(11)
+    plain = [torch.randn(70001, generator=gen), torch.randn(4, 3, 5, 7, generator=gen).to(
+        memory_format=torch.channels_last)]
+    gapped = torch.randn(6, 20, generator=gen)[:, ::2]
+    threads = torch.get_num_threads()
+    rows = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            rows[n] = cpp.telemetry(plain + [gapped], torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(rows[1], rows[2])
+    assert torch.equal(rows[1][:2], cpp.telemetry(plain, torch.float64))
+    assert torch.equal(rows[1][2:], cpp.telemetry([gapped.contiguous()], torch.float64))
+    want = torch.tensor([[gapped.double().square().sum(), gapped.double().sum(), 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(rows[1][2:], want, rtol=1e-12, atol=0)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -198,9 +265,9 @@ def test_bad_arguments_raise_clear_errors():
         with pytest.raises(RuntimeError, match=rf"{name}\[0\] has shape"):
             torch.ops.lbw.adamw_telemetry_(*args, one, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
     assert torch.equal(p, torch.zeros(4))  # nothing written
-    with pytest.raises(RuntimeError, match="contiguous"):
-        q = torch.zeros(4, 4)
-        torch.ops.lbw.telemetry([q.t()])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be dense"):  # (a transpose is: walked in memory order)
+        q = torch.zeros(4, 8)
+        torch.ops.lbw.telemetry([q[:, ::2]])
     with pytest.raises(RuntimeError, match="grads must be float32"):
         torch.ops.lbw.telemetry([torch.zeros(3, dtype=torch.int32)])
 

@@ -1,8 +1,9 @@
 """The kernel backends on paths the other tests' small problems miss: tensors of several chunks
 that are misaligned views (the kernels' unaligned variants, with fp32 grads of bf16/fp16
 params), grads that are not dense (gapped, expanded; the Triton backend reads them through a
-dense copy), and the exact gate's early telemetry pass over multi-chunk grads. On the GPU these
-are where a wrong alignment hint or a reduction over several programs of one tensor would
+dense copy), params dense in another order than the contiguous one (channels_last, a
+transpose: walked as flat arrays), and the exact gate's early telemetry pass over multi-chunk
+grads. On the GPU these are where a wrong alignment hint or a reduction over several programs of one tensor would
 show; Triton's interpreter ignores alignment, so the CPU runs check the results and the GPU
 runs check the kernels. (From a review of the Triton changes since the last GPU run.)
 
@@ -69,6 +70,29 @@ def _grads_not_dense(backend, gate, device, steps=4):
     return [p.detach().clone() for p in params], opt
 
 
+def _permuted_layouts(backend, gate, device, steps=4):
+    """Params dense in another order of their dims than the contiguous one (a channels_last
+    conv weight of several chunks, a transposed matrix) with grads in the same order (autograd
+    gives a param's grad its layout, and the states are zeros_like it), and a plain one; a
+    spike on the third call. The kernels walk them as flat arrays: one order, any order."""
+    gen = torch.Generator().manual_seed(8)
+    params = [
+        torch.nn.Parameter(torch.randn(8, 9, 11, BIG[device] // 792, generator=gen).to(device).to(
+            memory_format=torch.channels_last)),
+        torch.nn.Parameter(torch.randn(9, 40, generator=gen).to(device).t()),
+        torch.nn.Parameter(torch.randn(3, generator=gen).to(device)),
+    ]
+    assert not params[0].is_contiguous() and not params[1].is_contiguous()
+    opt = GuardedAdamW(params, lr=1e-2, backend=backend, gate=gate, stats_freq=1)
+    for k in range(steps):
+        for p in params:
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen) * (20.0 if k == 2 else 1.0))
+        opt.step()
+    for p in params:
+        assert opt.state[p]["exp_avg"].stride() == p.stride() == p.grad.stride()
+    return [t.detach().clone() for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])], opt
+
+
 def _assert_matches_reference(got, want):
     (tensors, opt), (ref_tensors, ref_opt) = got, want
     for a, b in zip(tensors, ref_tensors):
@@ -133,6 +157,11 @@ def test_gapped_and_expanded_multichunk_grads(backend, gate):
     _assert_matches_reference(_grads_not_dense(backend, gate, "cpu"), _grads_not_dense("reference", gate, "cpu"))
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_channels_last_and_transposed_multichunk_params(backend, gate):
+    _assert_matches_reference(_permuted_layouts(backend, gate, "cpu"), _permuted_layouts("reference", gate, "cpu"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_early_pass_over_multichunk_grads_same_bits(backend, dtype, monkeypatch):
     _assert_early_pass_same_bits(backend, "cpu", dtype, monkeypatch)
@@ -171,6 +200,14 @@ def test_gpu_gapped_and_expanded_multichunk_grads(gpu_backend, geometry, gate, m
     if geometry:
         monkeypatch.setenv("LBW_TRITON_GEOMETRY", geometry)
     _assert_matches_reference(_grads_not_dense(gpu_backend, gate, "cuda"), _grads_not_dense("reference", gate, "cuda"))
+
+
+@pytest.mark.parametrize("gpu_backend, geometry, gate", _gpu_cases(["exact", "single_pass"]))
+def test_gpu_channels_last_and_transposed_multichunk_params(gpu_backend, geometry, gate, monkeypatch):
+    require_backend(gpu_backend)
+    if geometry:
+        monkeypatch.setenv("LBW_TRITON_GEOMETRY", geometry)
+    _assert_matches_reference(_permuted_layouts(gpu_backend, gate, "cuda"), _permuted_layouts("reference", gate, "cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

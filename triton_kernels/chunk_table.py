@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from lbw_kernels.element_order import element_order
 from lbw_kernels.stream_use import upload
 from lbw_kernels.validation import check_state_tensors
 
@@ -132,27 +133,12 @@ def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: tor
     return upload(host, device, keep)
 
 
-def _element_order(t: Tensor) -> Optional[Tuple[int, ...]]:
-    """The strides of ``t``'s dims of size > 1 when its elements fill ``numel()`` consecutive
-    slots (a contiguous tensor, or a permutation of one: channels_last, a transpose), else None.
-    Two such tensors of one shape with equal orders hold element i of one where the other
-    holds it: what a kernel walking p, g, m, v as flat arrays needs. (Size-1 dims' strides say
-    nothing about the order: a (1, n) grad with strides (1, 1) is as contiguous as the param.)"""
-    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1), reverse=True)
-    expected = 1
-    for st, sz in reversed(dims):
-        if st != expected:
-            return None
-        expected *= sz
-    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
-
-
 def _telemetry_source(g: Tensor, index: int, staged: List[Tuple[int, Tensor]]) -> Tensor:
     """What the telemetry kernel reads for gradient ``g`` (``index`` in the list the layout is
     built over): ``g`` itself when dense in any order, else a dense buffer, recorded in
     ``staged``, that stage_ fills before each pass. torch lets a .grad be any tensor of the
     param's shape (an expanded one, a slice with a step); the sums do not depend on the order."""
-    if _element_order(g) is not None:
+    if element_order(g) is not None:
         return g
     buffer = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     staged.append((index, buffer))
@@ -388,7 +374,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             n = p.numel()
             flat += 1
             g_code = _code(g.dtype, "gradient")
-            orders = {_element_order(t) for t in (p, g, m, v)}  # (None: not dense)
+            orders = {element_order(t) for t in (p, g, m, v)}  # (None: not dense)
             if (code == FP64 or (g_code != code and (code, g_code) not in UPDATE_GRAD_CODES)
                     or None in orders or len(orders) > 1):
                 delegated_idx.append(ti)

@@ -71,9 +71,27 @@ inline bool update_dtypes_supported(at::ScalarType param, at::ScalarType grad) {
   return grad == param || (grad == at::kFloat && (param == at::kBFloat16 || param == at::kHalf));
 }
 
+// Whether the kernels can walk `t` as a flat array: its elements fill numel() consecutive
+// slots from data_ptr() (contiguous, or a permutation of that: channels_last, a transpose;
+// lbw_kernels/element_order.py). torch keeps the flag: no pass over the strides.
+inline bool walkable(const at::Tensor& t) {
+  return t.layout() == at::kStrided && (t.is_contiguous() || t.is_non_overlapping_and_dense());
+}
+
+// Whether walkable `a` and `b` hold element i in the same slot: equal strides on every dim
+// of size > 1 (a size-1 dim's stride says nothing about the order), same shape. The update
+// walks p, g, m, v side by side.
+inline bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return a.sizes() == b.sizes();
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d) || (a.size(d) > 1 && a.stride(d) != b.stride(d))) return false;
+  return true;
+}
+
 // The tensors of one update call: one param dtype, one grad dtype (update_dtypes_supported),
-// states in the math dtype, all dense and contiguous on `device_type`, steps 0-dim float32 on
-// the same device. In two parts, so an op can check tensor i in the loop that reads its
+// states in the math dtype, all walkable on `device_type` with each param's grad and states
+// in the param's element order, steps 0-dim float32 on the same device. In two parts, so an op can check tensor i in the loop that reads its
 // pointers (check_update_args is both): on 2000 params x 5 lists, every extra pass over the
 // TensorImpls costs cache misses, not math.
 struct UpdateCheck {
@@ -112,12 +130,14 @@ inline void check_update_at(size_t i, const UpdateCheck& c, at::TensorList param
     const at::Tensor& t = *ts[k];
     TORCH_CHECK(t.device() == c.device, "lbw: ", names[k], "[", i, "] is on ", t.device(), ", params[0] on ",
                 c.device);
-    TORCH_CHECK(t.layout() == at::kStrided && t.is_contiguous(), "lbw: ", names[k], "[", i,
-                "] must be dense and contiguous");
+    TORCH_CHECK(walkable(t), "lbw: ", names[k], "[", i,
+                "] must be dense (its elements in numel() consecutive slots, in any order of its dims)");
     // (the shape, not only the element count: a state of another shape would be updated as if
     // it were the param's, element by element, and handed back that way)
     TORCH_CHECK(t.sizes() == shape, "lbw: ", names[k], "[", i, "] has shape ", t.sizes(), ", params[", i, "] ",
                 shape);
+    TORCH_CHECK(k == 0 || same_element_order(t, params[i]), "lbw: ", names[k], "[", i, "] has strides ", t.strides(),
+                ", params[", i, "] ", params[i].strides(), ": the update walks them side by side, in one element order");
     const auto want = k == 0 ? c.param_dtype : k == 1 ? c.grad_dtype : c.state_dtype;
     TORCH_CHECK(t.scalar_type() == want, "lbw: ", names[k], "[", i, "] must be ", want, ", got ", t.scalar_type());
   }
@@ -131,13 +151,14 @@ inline void check_update_args(at::TensorList params, at::TensorList grads, at::T
   for (size_t i = 0; i < params.size(); ++i) check_update_at(i, c, params, grads, exp_avgs, exp_avg_sqs, steps);
 }
 
-// Grad i: on the device of grads[0] (of `device_type`), dense, contiguous, a kernel dtype
-// (returned).
+// Grad i: on the device of grads[0] (of `device_type`), walkable (its sums then run in its
+// memory order), a kernel dtype (returned).
 inline DType check_grad_at(size_t i, at::TensorList grads, at::DeviceType device_type) {
   const at::Tensor& g = grads[i];
   TORCH_CHECK(g.device().type() == device_type && g.device() == grads[0].device(), "lbw: grads[", i, "] is on ",
               g.device(), ", expected ", grads[0].device());
-  TORCH_CHECK(g.layout() == at::kStrided && g.is_contiguous(), "lbw: grads[", i, "] must be dense and contiguous");
+  TORCH_CHECK(walkable(g), "lbw: grads[", i,
+              "] must be dense (its elements in numel() consecutive slots, in any order of its dims)");
   return dtype_code(g, "grads");
 }
 

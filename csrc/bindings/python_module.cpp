@@ -6,6 +6,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -285,11 +286,12 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
 // ops leave version counters alone). torch.compile keeps calling torch.ops.lbw.*.
 namespace {
 
-// What the kernels take: dense (strided), contiguous, float32/float64/bfloat16/float16. The
-// backend sends anything else to the reference.
+// What the kernels take: walkable (common.h: contiguous, or dense in another order of its dims,
+// as channels_last), float32/float64/bfloat16/float16. The backend sends anything else to the
+// reference.
 bool kernel_ready(const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  return t.layout() == at::kStrided && t.is_contiguous() &&
+  return lbw::walkable(t) &&
          (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf);
 }
 
@@ -339,6 +341,7 @@ class BorrowedTensors {
       const at::Tensor& t = THPVariable_Unpack(item);
       if (i == 0) first_ = t.scalar_type();
       ready_ = ready_ && kernel_ready(t);
+      contiguous_ = contiguous_ && t.is_contiguous();
       uniform_ = uniform_ && t.scalar_type() == first_;
       tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
     }
@@ -351,11 +354,13 @@ class BorrowedTensors {
   bool ready(bool uniform) const { return ready_ && (uniform_ || !uniform); }
   // The first tensor's dtype (Undefined for an empty list).
   at::ScalarType dtype() const { return first_; }
+  // Whether every tensor is contiguous (the common case: then no element order to compare).
+  bool contiguous() const { return contiguous_; }
 
  private:
   std::vector<PyObject*> held_;
   std::vector<at::Tensor> tensors_;
-  bool ready_ = true, uniform_ = true;
+  bool ready_ = true, uniform_ = true, contiguous_ = true;
   at::ScalarType first_ = at::ScalarType::Undefined;
 };
 
@@ -420,11 +425,22 @@ struct UpdateLists {
 
   // Whether the kernels take the call: every tensor of the four lists kernel_ready, one dtype
   // per list, grads of the params' dtype or fp32 grads of bf16/fp16 params (torch >= 2.10's
-  // grad_dtype; update_dtypes_supported), and the op's own checks then say what else is
-  // wrong. Other pairs (fp32 params with bf16 grads, say) go to the reference.
+  // grad_dtype; update_dtypes_supported), each param's grad and states in its element order
+  // (checked only where some tensor is not contiguous), and the op's own checks then say what
+  // else is wrong. Other pairs (fp32 params with bf16 grads, say) and a grad or state in another
+  // order than its param go to the reference.
   bool kernel_ready() const {
-    return params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true) &&
-           lbw::update_dtypes_supported(params.dtype(), grads.dtype());
+    if (!(params.ready(true) && grads.ready(true) && exp_avgs.ready(true) && exp_avg_sqs.ready(true) &&
+          lbw::update_dtypes_supported(params.dtype(), grads.dtype())))
+      return false;
+    if (params.contiguous() && grads.contiguous() && exp_avgs.contiguous() && exp_avg_sqs.contiguous()) return true;
+    const at::TensorList p = params.list(), g = grads.list(), m = exp_avgs.list(), v = exp_avg_sqs.list();
+    const size_t n = std::min({p.size(), g.size(), m.size(), v.size()});  // (other lengths: the op refuses)
+    for (size_t i = 0; i < n; ++i)
+      if (!lbw::same_element_order(g[i], p[i]) || !lbw::same_element_order(m[i], p[i]) ||
+          !lbw::same_element_order(v[i], p[i]))
+        return false;
+    return true;
   }
 };
 
@@ -611,7 +627,8 @@ PyObject* call_telemetry(PyObject*, PyObject* arg) {
 static PyMethodDef methods[] = {
     {"_adamw_", call_adamw, METH_VARARGS,
      "torch.ops.lbw.adamw_ for eager callers (positional arguments); True, or False without doing anything "
-     "when a tensor is not dense, contiguous and of a kernel dtype, or a list mixes dtypes."},
+     "when a tensor is not dense and of a kernel dtype, a grad or state is in another element order than its "
+     "param, or a list mixes dtypes."},
     {"_adamw_telemetry_", call_adamw_telemetry, METH_VARARGS,
      "torch.ops.lbw.adamw_telemetry_ for eager callers (positional arguments); None (nothing done) where "
      "_adamw_ gives False."},
@@ -623,7 +640,7 @@ static PyMethodDef methods[] = {
      "The checks of torch.ops.lbw.adamw_ alone on (params, grads, exp_avgs, exp_avg_sqs, steps): True, an error "
      "naming the tensor, or False (nothing checked) where _adamw_ would give False."},
     {"_telemetry", call_telemetry, METH_O,
-     "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense, contiguous and of a kernel dtype."},
+     "torch.ops.lbw.telemetry for eager callers; None when a grad is not dense and of a kernel dtype."},
     {"_gather_grads", gather_grads, METH_O,
      "(grads per group, whether each group misses a grad, whether all grads are dense, real and floating-point, "
      "each group's layout of params and grads as bytes or None, each group's param object addresses as bytes)."},
