@@ -46,7 +46,11 @@ def _info(args: argparse.Namespace) -> int:
     try:
         from . import _C
 
-        print(f"extension   lbw_kernels._C: CPU kernels {_C._cpu_isa()}, CUDA kernels {'built' if _C.WITH_CUDA else 'not built'}")
+        try:
+            isa = _C._cpu_isa()
+        except RuntimeError as err:  # an LBW_CPU_ISA that names no instruction set
+            isa = f"refused ({err})"
+        print(f"extension   lbw_kernels._C: CPU kernels {isa}, CUDA kernels {'built' if _C.WITH_CUDA else 'not built'}")
         from .build_check import static_libstdcxx_warning
 
         warning = static_libstdcxx_warning(_C.__file__)

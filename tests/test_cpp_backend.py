@@ -684,6 +684,45 @@ for dtype in (torch.bfloat16, torch.float16):
 """
 
 
+@pytest.mark.parametrize("cap", ["AVX512", "avx512f", "bogus"])
+def test_an_unknown_instruction_set_cap_is_refused(cap):
+    """LBW_CPU_ISA names default, avx2 or avx512: anything else (a typo, upper case) raises,
+    naming the variable, where it used to pick the baseline kernels without a word; info says
+    so too. Empty counts as unset (the best the CPU has)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from lbw_kernels import GuardedAdamW, _C
+from lbw_kernels.cli import main
+main(["info"])
+p = torch.nn.Parameter(torch.ones(4))
+p.grad = torch.ones(4)
+try:
+    GuardedAdamW([p], backend="cpp").step()
+except RuntimeError as err:
+    print("step refused:", err)
+else:
+    print("step ran")
+"""
+    ran = {}
+    for value in (cap, "", None):
+        env = {k: v for k, v in os.environ.items() if k != "LBW_CPU_ISA"}
+        if value is not None:
+            env["LBW_CPU_ISA"] = value
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        ran[value] = res.stdout
+    assert f"step refused: LBW_CPU_ISA must be default, avx2 or avx512 (or unset: the best the CPU has), got '{cap}'" \
+        in ran[cap], ran[cap]
+    assert "CPU kernels refused (LBW_CPU_ISA must be" in ran[cap], ran[cap]
+    assert "step ran" in ran[""] and "step ran" in ran[None]
+    isa_line = [line for line in ran[None].splitlines() if "CPU kernels" in line]
+    assert isa_line and isa_line == [line for line in ran[""].splitlines() if "CPU kernels" in line]
+
+
 def test_every_instruction_set_gives_the_same_bits():
     """LBW_CPU_ISA caps the kernels the extension picks; baseline, AVX2 and AVX-512 builds
     (where this CPU runs them) must agree bit for bit on every kernel, telemetry and update

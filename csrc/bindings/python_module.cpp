@@ -48,7 +48,12 @@ static PyObject* cuda_geometry(PyObject*, PyObject* args) {
   return Py_BuildValue("(iiLi)", old.threads, old.ilp, static_cast<long long>(old.chunk), old.warp_partials);
 }
 
-static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(lbw::cpu::kernels().isa); }
+// (RuntimeError for an LBW_CPU_ISA that names no instruction set: dispatch.cpp)
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(lbw::cpu::kernels().isa);
+  END_HANDLE_TH_ERRORS
+}
 
 // A tensor's dtype code for a layout key, flagged when the tensor is not contiguous: its strides
 // then follow in the key's appendix (strides_appendix). A Triton plan walks p, g, m, v as flat

@@ -1,7 +1,8 @@
 // Chunk tables and the choice of instruction set (compiled for the baseline ISA only).
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "multi_tensor_cpu.h"
 
@@ -37,10 +38,17 @@ void serial_for(int64_t begin, int64_t end, const std::function<void(int64_t, in
   if (begin < end) body(begin, end);
 }
 
+// LBW_CPU_ISA caps the instruction set: unset or empty, no cap; "default", "avx2" or
+// "avx512". Anything else (a typo, "AVX512", "avx512f") is refused rather than read as the
+// baseline: the slowest kernels, chosen without a word, look like a performance bug.
 static const Kernels& pick() {
-  const char* cap = std::getenv("LBW_CPU_ISA");
-  const bool allow_avx2 = cap == nullptr || std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "avx512") == 0;
-  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
+  const char* env = std::getenv("LBW_CPU_ISA");
+  const std::string cap = env == nullptr ? "" : env;
+  if (!cap.empty() && cap != "default" && cap != "avx2" && cap != "avx512")
+    throw std::invalid_argument("LBW_CPU_ISA must be default, avx2 or avx512 (or unset: the best the CPU has), got '" +
+                                cap + "'");
+  const bool allow_avx2 = cap.empty() || cap == "avx2" || cap == "avx512";
+  const bool allow_avx512 = cap.empty() || cap == "avx512";
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   // (F16C: the bf16/fp16 conversions of both builds; every AVX2 CPU has it)
@@ -56,6 +64,8 @@ static const Kernels& pick() {
   return kernels_default();
 }
 
+// (A refused LBW_CPU_ISA throws from every call: a static whose initialiser throws is tried
+// again on the next call.)
 const Kernels& kernels() {
   static const Kernels& chosen = pick();
   return chosen;
