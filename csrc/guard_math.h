@@ -208,7 +208,10 @@ LBW_HD AdamWCoeffs<M> adamw_coeffs(double lr, double beta1, double beta2, double
 //   p += step_size * m / (sqrt(v)/sqrt(bc2) + eps)
 // The operation order and the fused multiply-adds follow torch's CPU kernels for the
 // reference's ops (lerp picks its formula by the weight and rounds once; CPU addcmul is
-// fma(value*a, b, self)), so on the CPU m and v are bitwise the reference's. Not bitwise it:
+// fma(value*a, b, self)), so on the CPU m and v are bitwise the reference's where torch's own
+// CPU kernels fuse them too: its AVX2 and AVX-512 builds. (Its baseline build, picked on a CPU
+// without AVX2 or by ATEN_CPU_CAPABILITY=default, rounds twice: m and v then differ from the
+// reference by an ulp or a few, while this file's kernels keep their bits on every ISA.) Not bitwise it:
 // torch's CUDA addcmul rounds fma(value, a*b, self), so on the GPU v may differ from the
 // reference's by an ulp; and the last line is torch.optim.AdamW's addcdiv (p + step_size*m/denom)
 // where the reference folds the step size into denom (p + m/(denom/step_size)), so p may differ

@@ -295,7 +295,9 @@ def test_low_precision_params_with_fp32_grads_match_the_reference(dtype, gate, b
         assert worst(a, b, 6 * atol, 6 * rtol) is None, worst(a, b, 6 * atol, 6 * rtol)
     if backend in ("cpp", "triton"):
         assert updated_by_reference == []
-    if backend == "cpp":
+    # (bitwise where torch's CPU lerp/addcmul, the reference's, are fused multiply-adds as the
+    # kernels' are: not in torch's baseline build, csrc/guard_math.h)
+    if backend == "cpp" and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     if backend == "triton":
