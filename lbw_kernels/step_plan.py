@@ -48,8 +48,10 @@ class CallGrads(NamedTuple):
     # Per group, its params' and grads' addresses, sizes and dtypes as read on the way (bytes;
     # GroupTensors.layout_key), or None (read in Python, or a param that is not a plain tensor).
     layouts: Tuple[Optional[bytes], ...]
-    # Per group, which objects its params list holds (their ids, as bytes from the extension,
-    # else a tuple): a param replaced in place in the list rebuilds the plan.
+    # Per group, which objects its params list holds, with their element counts and dtypes
+    # (3 int64 per param as bytes from the extension: id, numel, dtype code; else a tuple of
+    # triples): a param replaced in place in the list, or resized or cast through ``.data``
+    # (the plan's element counts and its split by dtype would be stale), rebuilds the plan.
     identities: Tuple[Any, ...]
     # Which grads are tensor subclasses, and of which type (empty when none): a grad that turns
     # into one (a wrapper, whose address is not its elements') rebuilds the plan, which then
@@ -64,7 +66,7 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     missing = tuple(any(g is None for g in grads) for grads in per_group)
     kinds = {(g.layout, g.dtype) for grads in per_group for g in grads if g is not None}
     dense_real = all(layout == torch.strided and dtype.is_floating_point for layout, dtype in kinds)
-    identities = tuple(tuple(map(id, group["params"])) for group in param_groups)
+    identities = tuple(tuple((id(p), p.numel(), p.dtype) for p in group["params"]) for group in param_groups)
     every = (g for grads in per_group for g in grads)
     subclasses = tuple((k, type(g)) for k, g in enumerate(every) if g is not None and type(g) not in _PLAIN)
     return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities, subclasses)
@@ -88,8 +90,9 @@ gather_grads = _gather_function()
 
 def presence_key(grads: CallGrads) -> tuple:
     """What a plan depends on: each group's params (the objects its list holds: a param replaced
-    in the list, ``param_groups[0]["params"][3] = new``, must be the one updated), which of
-    them have a grad, and which grads are tensor subclasses."""
+    in the list, ``param_groups[0]["params"][3] = new``, must be the one updated; and their
+    element counts and dtypes, which ``.data`` can change under the same object), which of them
+    have a grad, and which grads are tensor subclasses."""
     return tuple(
         (ids, tuple(g is not None for g in per) if missing else None)
         for ids, per, missing in zip(grads.identities, grads.per_group, grads.missing)
@@ -246,10 +249,30 @@ def _check_taking_part(param_groups: Sequence[dict], selected: Sequence[Tuple[in
              for gi, positions in selected for pi in positions]
     check_params(named)
     check_no_fsdp1_shards(named)
+    owners: Dict[Any, str] = {}
     for where, p in named:
         state = existing_state(p)
         if state:
             check_state_entry(p, state, f"opt.state[{where}]")
+            _check_own_state_tensors(state, f"opt.state[{where}]", owners)
+
+
+def _check_own_state_tensors(state: Dict[str, Tensor], where: str, owners: Dict[Any, str]) -> None:
+    """Each param's step, exp_avg and exp_avg_sq are tensors of its own (a hand-built state
+    could share one step count among params): the kernels advance each step and compute its
+    bias corrections in one pass, so a shared count would give each param another t than the
+    final one torch.optim.AdamW's separate passes use, and two updates of one moment would race
+    on the CPU's threads. ``owners``: what the params checked so far hold, by address (plain
+    tensors) or object."""
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        t = state[key]
+        if t.numel() == 0:
+            continue
+        addr = t.data_ptr() if type(t) in _PLAIN else id(t)
+        other = owners.setdefault(addr, f"{where}[{key!r}]")
+        if other != f"{where}[{key!r}]":
+            raise ValueError(f"{where}[{key!r}] shares its memory with {other}: each param's AdamW state "
+                             "holds tensors of its own")
 
 
 def _check_addressable(param_groups: Sequence[dict], grads_per_group, selected: Sequence[Tuple[int, List[int]]],

@@ -282,3 +282,73 @@ def test_beta1_at_most_one_half_equals_torch_adamw(betas, backend):
     for a, b in zip(ours, theirs):
         close(a, b, TOL[torch.float32])
         close(opt.state[a]["exp_avg"], ref.state[b]["exp_avg"], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("change", ["resized", "grown from empty"])
+def test_a_param_resized_through_data_is_followed(backend, gate, change):
+    """A param given new storage of another size through ``.data`` (its moments moved with it,
+    as a model surgery does) under the same Parameter object: the step plan's element counts
+    are rebuilt, so the telemetry divides by the new counts (DESIGN.md rule 2: mean(g^2) per
+    tensor) and the update is torch's. (A stale plan divided by the old counts; one grown
+    from 0 elements had a telemetry row more than its counts, and every call raised.)"""
+    size = {"resized": 8, "grown from empty": 6}[change]
+    runs = []
+    for opt_class in (GuardedAdamW, torch.optim.AdamW):
+        p = torch.nn.Parameter(torch.zeros(0) if change == "grown from empty" else torch.ones(3))
+        q = torch.nn.Parameter(torch.full((5,), 0.5))
+        # (the guard on, reading telemetry every call, with thresholds no reading crosses: the
+        # scale stays 1, so the update is AdamW's)
+        kwargs = dict(backend=backend, gate=gate, stats_freq=1, stress_threshold=1e9,
+                      spike_threshold=1e9) if opt_class is GuardedAdamW else {}
+        opt = opt_class([q, p], lr=1e-2, **kwargs)
+        p.grad, q.grad = torch.full_like(p, 2.0), torch.full_like(q, 2.0)
+        opt.step()
+        p.data = torch.linspace(-1, 1, size)
+        state = opt.state[p]
+        state["exp_avg"].data = torch.zeros(size)
+        state["exp_avg_sq"].data = torch.zeros(size)
+        telemetry = []
+        for k in range(3):
+            p.grad = torch.full((size,), 2.0 + k)
+            q.grad = torch.full((5,), 1.0)
+            opt.step()
+            if opt_class is GuardedAdamW:
+                telemetry.append(opt.telemetry())
+        runs.append((p.detach().clone(), q.detach().clone(), telemetry))
+    (p_ours, q_ours, telemetry), (p_torch, q_torch, _) = runs
+    torch.testing.assert_close(p_ours, p_torch, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q_ours, q_torch, rtol=1e-6, atol=1e-6)
+    for k, t in enumerate(telemetry):  # (max over tensors of mean(g^2); the signed mean of all)
+        assert t["scale"] == 1.0 and t["regime"] == "calm", (k, t)
+        assert t["grad_ms"] == pytest.approx((2.0 + k) ** 2, rel=1e-6), (k, t)
+        assert t["signed_mean"] == pytest.approx(((2.0 + k) * size + 5.0) / (size + 5), rel=1e-6), (k, t)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_param_cast_through_data_is_updated_as_its_new_dtype(backend, gate):
+    """A float32 param cast to bfloat16 in place (``p.data = p.data.bfloat16()``, its fp32
+    moments kept) after a step: the plan's split by dtype is rebuilt, so it is updated as a
+    bf16 param (math in fp32, rounded once), bitwise as by an optimizer built after the cast
+    from the same state. (A stale plan kept it in the fp32 param's part, which went to the
+    reference's bf16 foreach ops: several roundings a step.)"""
+    def run(rebuild):
+        gen = torch.Generator().manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(1000, generator=gen))
+        q = torch.nn.Parameter(torch.full((5,), 0.5))
+        opt = GuardedAdamW([q, p], lr=3e-3, backend=backend, gate=gate, stats_freq=1)  # (fp32 first)
+        p.grad, q.grad = torch.randn(1000, generator=gen), torch.full_like(q, 2.0)
+        opt.step()
+        p.data = p.data.bfloat16()
+        if rebuild:
+            saved = opt.state_dict()
+            opt = GuardedAdamW([q, p], lr=3e-3, backend=backend, gate=gate, stats_freq=1)
+            opt.load_state_dict(saved)
+        for k in range(3):
+            p.grad = torch.randn(1000, generator=gen).bfloat16()
+            q.grad = torch.full((5,), 1.0)
+            opt.step()
+        return p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()
+
+    for a, b in zip(run(rebuild=False), run(rebuild=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -322,6 +322,34 @@ def test_state_edited_by_hand_is_checked_before_the_step_uses_it(backend, edit, 
     assert opt.telemetry()["step"] == opt._calls == 1
 
 
+@pytest.mark.parametrize("share", ["a step count", "a moment", "exp_avg as exp_avg_sq"])
+def test_state_tensors_shared_between_params_are_refused(backend, share):
+    """A hand-built state that shares a tensor between params (one step count for all, say) is
+    refused by name before anything changes: the kernels advance each step and compute its bias
+    corrections in one pass, so a shared count would give each param another t than
+    torch.optim.AdamW's final one, and two updates of one moment would race."""
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = GuardedAdamW([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.randn(3), torch.randn(3)
+    opt.step()
+    sa, sb = opt.state[a], opt.state[b]
+    if share == "a step count":
+        sb["step"] = sa["step"]
+        match = r"opt.state\[param_groups\[0\]\['params'\]\[1\]\]\['step'\] shares its memory with " \
+                r"opt.state\[param_groups\[0\]\['params'\]\[0\]\]\['step'\]"
+    elif share == "a moment":
+        sb["exp_avg_sq"] = sa["exp_avg"]
+        match = r"\[1\]\]\['exp_avg_sq'\] shares its memory with .*\[0\]\]\['exp_avg'\]"
+    else:
+        sb["exp_avg_sq"] = sb["exp_avg"]
+        match = r"\[1\]\]\['exp_avg_sq'\] shares its memory with .*\[1\]\]\['exp_avg'\]"
+    before = [t.clone() for t in (a, b, sa["exp_avg"], sa["step"])]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, (a, b, sa["exp_avg"], sa["step"])))
+    assert opt.telemetry()["step"] == 1
+
+
 def test_numpy_scalars_are_taken_as_torch_optim_takes_them():
     """A config holding numpy numbers is common (np.linspace schedules, yaml loaders); they are
     stored as Python numbers, so the guard's config in a checkpoint loads with weights_only."""

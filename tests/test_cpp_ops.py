@@ -263,8 +263,10 @@ def test_gather_grads_reads_each_grad_once_with_the_flags():
     d = torch.zeros(2).as_subclass(Tagged).requires_grad_()
     a.grad, c.grad, d.grad = torch.ones(3), torch.ones(3), torch.ones(2)
     per_group, missing, dense_real, layouts, identities, subclass_grads = _C._gather_grads([[a, b, c], [c, d]])
-    assert array.array("q", identities[0]).tolist() == [id(a), id(b), id(c)]  # the objects the list holds
-    assert array.array("q", identities[1]).tolist() == [id(c), id(d)]
+    # the objects the list holds, with their element counts and dtypes
+    f32 = 6  # (c10::ScalarType::Float)
+    assert array.array("q", identities[0]).tolist() == [id(a), 3, f32, id(b), 3, f32, id(c), 3, f32]
+    assert array.array("q", identities[1]).tolist() == [id(c), 3, f32, id(d), 2, f32]
     assert per_group[0][0] is a.grad and per_group[0][1] is None and per_group[0][2] is c.grad
     assert per_group[1][0] is c.grad and torch.equal(per_group[1][1], d.grad)
     assert missing == (True, False) and dense_real is True and subclass_grads == b""
@@ -404,7 +406,9 @@ def test_gather_grads_in_cpp_matches_the_python_fallback():
     assert fast.dense_real is slow.dense_real is True
     assert all(a is b for x, y in zip(fast.per_group, slow.per_group) for a, b in zip(x, y))
     assert slow.layouts == (None, None, None) and all(isinstance(b, bytes) for b in fast.layouts)
-    assert [array.array("q", b).tolist() for b in fast.identities] == [list(ids) for ids in slow.identities]
+    codes = {torch.float32: 6}  # (c10::ScalarType)
+    assert [array.array("q", b).tolist() for b in fast.identities] == [
+        [x for i, n, dt in ids for x in (i, n, codes[dt])] for ids in slow.identities]
     params[2].grad = torch.ones(4).to_sparse()
     assert step_plan.gather_grads(groups).dense_real is step_plan._gather_grads_python(groups).dense_real is False
 

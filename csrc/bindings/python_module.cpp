@@ -151,8 +151,10 @@ static bool grad_read_directly(PyTypeObject* type) {
 // params and grads as read on the way, as bytes (GroupTensors.layout_key: 6 int64 per param,
 // its address, numel and layout_code, then its grad's, code -1 for no grad; the strides of
 // those that are not contiguous after the rows), or None when a param is not a plain tensor or
-// nn.Parameter or a grad is a tensor subclass; and per group which objects its list holds (their addresses, as bytes: the step
-// plan's key sees a param replaced in its list). ~20 ns per param, against ~0.4 us for the
+// nn.Parameter or a grad is a tensor subclass; and per group which objects its list holds, with
+// their element counts and dtypes (3 int64 per param, as bytes: the step plan's key sees a
+// param replaced in its list, and one resized or cast in place through .data, which leaves the
+// plan's element counts or its split by dtype stale). ~20 ns per param, against ~0.4 us for the
 // three Python passes it replaces. Params that are not plain tensors or nn.Parameters have no
 // layout here (a wrapper subclass's address is not its elements'); their .grad is read in C++
 // where grad_read_directly says it is the same, else asked through getattr (subclasses may
@@ -186,7 +188,7 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
     PyObject** items = PySequence_Fast_ITEMS(params);
     PyObject* grads = PyList_New(n);
     PyObject* layout = PyBytes_FromStringAndSize(nullptr, 6 * n * Py_ssize_t(sizeof(int64_t)));
-    PyObject* ids = PyBytes_FromStringAndSize(nullptr, n * Py_ssize_t(sizeof(PyObject*)));
+    PyObject* ids = PyBytes_FromStringAndSize(nullptr, 3 * n * Py_ssize_t(sizeof(int64_t)));
     if (grads == nullptr || layout == nullptr || ids == nullptr) {
       Py_XDECREF(grads);
       Py_XDECREF(layout);
@@ -194,7 +196,19 @@ static PyObject* gather_grads(PyObject*, PyObject* arg) {
       Py_DECREF(params);
       return fail();
     }
-    if (n > 0) std::memcpy(PyBytes_AS_STRING(ids), items, size_t(n) * sizeof(PyObject*));
+    auto* member = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(ids));
+    for (Py_ssize_t i = 0; i < n; ++i, member += 3) {
+      member[0] = int64_t(reinterpret_cast<uintptr_t>(items[i]));
+      member[1] = member[2] = -1;  // (not a tensor, or one whose size cannot be read)
+      if (THPVariable_Check(items[i])) {
+        try {
+          const at::Tensor& p = THPVariable_Unpack(items[i]);
+          member[1] = p.numel();
+          member[2] = int64_t(p.scalar_type());
+        } catch (const std::exception&) {
+        }
+      }
+    }
     PyTuple_SET_ITEM(identities, gi, ids);  // steals
     auto* row = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(layout));
     std::vector<int64_t> appendix;
