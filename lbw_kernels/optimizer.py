@@ -348,7 +348,7 @@ class GuardedAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
+        group = dict(param_group)  # (checked as a copy: the caller's dict takes the result at the end)
         if "params" not in group:
             raise ValueError("param_group has no 'params' entry")
         params = group["params"]
@@ -375,6 +375,12 @@ class GuardedAdamW(torch.optim.Optimizer):
         check_params(named, held)
         check_no_fsdp1_shards(named)
         super().add_param_group(group)
+        # torch.optim keeps the caller's dict as the group (and writes its defaults into it), so
+        # that edits through it (a layer-wise learning rate tool's) apply: the checked entries go
+        # into it only now, so that a group refused above (here or by torch) leaves it as it was
+        param_group.clear()
+        param_group.update(group)
+        self.param_groups[-1] = param_group
         self._plan = None
 
     # ------------------------------------------------------------------ step
@@ -733,20 +739,40 @@ class GuardedAdamW(torch.optim.Optimizer):
         }
 
     # ------------------------------------------------------------------ checkpoints
+    @_run_eagerly
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim.AdamW's state_dict plus ``"guard"``: the guard's state (call count
         included), policy, options and gate. The guard's state and policy name are also in the
         first param state, as in ``opt.state`` (``"lbw_guard"``; ``"lbw_guard_policy"``, the
         name's ASCII bytes as a uint8 tensor), so checkpoints made through
         torch.distributed.checkpoint.state_dict.get_optimizer_state_dict, which keeps only
-        ``"state"`` and ``"param_groups"``, resume the guard too."""
+        ``"state"`` and ``"param_groups"``, resume the guard too.
+
+        torch.optim.Optimizer's hooks run as there: the pre-hooks first, the post-hooks in
+        order on the complete dict (``"guard"`` and the copies in the param states included),
+        a dict a post-hook returns taking the place of the one it was given."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self._attach_guard()
-        out = super().state_dict()
+        # torch.optim.Optimizer.state_dict's packing (a param as its position in the groups, the
+        # first where it is listed twice), without its post-hooks: they run below, once the
+        # dict is complete. The states as plain dicts (torch.load(weights_only=True) takes
+        # nothing else), with the same tensors.
+        mappings: Dict[int, int] = {}
+        packed_groups = []
+        start = 0
+        for g in self.param_groups:
+            mappings.update((id(p), i) for i, p in enumerate(g["params"], start) if id(p) not in mappings)
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = [mappings[id(p)] for p in g["params"]]
+            packed_groups.append(packed)
+            start += len(packed["params"])
+        packed_state = {(mappings[id(p)] if isinstance(p, Tensor) else p): dict(entry) if isinstance(entry, dict)
+                        else entry for p, entry in self.state.items()}
+        out = {"state": packed_state, "param_groups": packed_groups}
         guard = self._guard.clone()  # both copies: this call's values, not the live tensor
         out["guard"] = {"state": guard, "config": asdict(self.guard_config),
                         "policy": self.guard_config.policy.name, "gate": self.gate}
-        # Plain dicts (torch.load(weights_only=True) takes nothing else), with the same tensors.
-        out["state"] = {pid: dict(entry) if isinstance(entry, dict) else entry for pid, entry in out["state"].items()}
         # The policy tag copied too: loads drop the entries that are the live tag or guard
         # (adopt_installed_state), and a ZeroRedundancyOptimizer checkpoint loaded back from
         # memory (its consolidation keeps this rank's CPU tensors as they are) would otherwise
@@ -757,6 +783,10 @@ class GuardedAdamW(torch.optim.Optimizer):
                 entry[_GUARD_IN_PARAM_STATE[0]] = guard
             if _GUARD_IN_PARAM_STATE[1] in entry:
                 entry[_GUARD_IN_PARAM_STATE[1]] = tag
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -853,7 +883,10 @@ class GuardedAdamW(torch.optim.Optimizer):
                     f"optimizer's {len(group['params'])}: it is from another model"
                 )
             id_map.update(zip(saved["params"], group["params"]))
-            groups.append(self.checked_saved_group(saved, group["params"], gi))
+            checked = self.checked_saved_group(saved, group["params"], gi)
+            if "param_names" in group and "param_names" not in checked:  # (kept, as torch's update_group keeps them)
+                checked["param_names"] = group["param_names"]
+            groups.append(checked)
 
         state = OptimizerState()
         riders: List[Dict[str, Any]] = []
@@ -872,6 +905,13 @@ class GuardedAdamW(torch.optim.Optimizer):
                         not riders or rider["state"] is not riders[-1]["state"] or rider["policy"] != riders[-1]["policy"]):
                     riders.append(rider)  # (one tensor in many states: compared once)
             keys = set(saved) - set(_GUARD_IN_PARAM_STATE)
+            if not keys:
+                # No AdamW state yet, as torch.optim.AdamW loads it: a lookup on torch's
+                # defaultdict state (``opt.state[p]``) saves one, and torch.distributed.checkpoint's
+                # set_optimizer_state_dict (flatten_optimizer_state_dict=True) makes one for every
+                # param that requires grad. Kept empty; the param's first step with a grad fills it.
+                state[p] = state.adopt({})
+                continue
             if keys != set(_STATE_KEYS):
                 raise ValueError(
                     f"state_dict state[{pid!r}] has keys {sorted(keys)}, expected {sorted(_STATE_KEYS)}"

@@ -6,8 +6,9 @@ their states, Triton's plans and the CUDA op's chunk tables keyed by addresses):
 that would otherwise dominate steps of many small tensors. This drives one optimizer through
 a random sequence of what training code does between steps (grads set to None for some
 params, zeroed in place or reallocated, given as views with gaps; learning rates changed, as
-floats or tensors; param groups added; a checkpoint saved and loaded into a new optimizer;
-params and AdamW states moved to new storage behind the optimizer's back) beside
+floats or tensors; param groups added; a checkpoint saved and loaded into a new optimizer,
+with the empty state a lookup gives a param that never has a gradient; params and AdamW states
+moved to new storage behind the optimizer's back) beside
 torch.optim.AdamW given the same sequence, and compares after every step: a cache that
 outlived what it describes shows up as a difference (or, with a freed address, as garbage).
 
@@ -77,6 +78,9 @@ def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] 
         return ([torch.nn.Parameter(v.to(device)) for v in vals], [torch.nn.Parameter(v.to(device)) for v in vals])
 
     ours, theirs = new_params(SHAPES)
+    # A param that never has a gradient (an unused branch): the lookups of logging code make
+    # its state an empty dict on torch's defaultdict, which the checkpoints then hold.
+    (unused,), (unused_twin,) = new_params([(3,)])
     options = dict(lr=1e-2, weight_decay=0.05)
     guarded = dict(auto_enabled=False, gate=gate) if guard is None else dict(guard, gate=gate)
     make_ours = lambda groups: GuardedAdamW(groups, **options, **guarded, backend=backend)  # noqa: E731
@@ -86,7 +90,7 @@ def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] 
     else:
         make_theirs = lambda groups: GuardedAdamW(groups, **options, **guarded, backend="reference")  # noqa: E731
         ops = OPS + GUARD_EVENTS
-    opt, ref = make_ours(ours), make_theirs(theirs)
+    opt, ref = make_ours([unused] + ours), make_theirs([unused_twin] + theirs)
     added = list(ADDED)
     steps = 0
 
@@ -168,6 +172,7 @@ def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] 
             opt.add_param_group(dict(params=mine, **group))
             ref.add_param_group(dict(params=twins, **group))
         elif op == "checkpoint":  # saved, then loaded into a fresh optimizer over the same params
+            assert "exp_avg" not in opt.state[unused] and "exp_avg" not in ref.state[unused_twin]
             sd, ref_sd = opt.state_dict(), ref.state_dict()
             opt = make_ours([{"params": g["params"]} for g in opt.param_groups])
             ref = make_theirs([{"params": g["params"]} for g in ref.param_groups])
@@ -184,6 +189,7 @@ def _run(backend: str, gate: str, seed: int, device: str, guard: Optional[dict] 
                     state[key].data = state[key].data.clone()
     set_grads(range(len(ours)))
     step()
+    assert not opt.state.get(unused) and not ref.state.get(unused_twin) and torch.equal(unused, unused_twin)
     for a, b in zip(ours, theirs):
         if opt.state.get(a):
             sa, sb = opt.state[a], ref.state[b]

@@ -108,3 +108,51 @@ def test_a_param_replaced_in_its_group_list_is_the_one_updated(backend, gate):
     for a, b in zip(ours_p, ref_p):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert ours.state[ours_p[-1]]["step"].item() == 2
+
+
+def test_param_groups_are_the_callers_dicts_as_in_torch_optim():
+    """torch.optim keeps the dicts it is given as its param groups (writing the defaults into
+    them), so code that holds them (a layer-wise learning-rate tool) edits the optimizer's
+    groups through them. The checks run on a copy: a refused group leaves the dict as it was."""
+    import numpy as np
+
+    def life(cls, **kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, dtype=torch.float64)) for _ in range(3)]
+        first = {"params": params[:2], "lr": 0.1}
+        opt = cls([first], lr=1e-2, **kw)
+        added = {"params": (p for p in params[2:]), "lr": np.float64(0.05), "betas": (np.float64(0.8), 0.99)}
+        opt.add_param_group(added)
+        assert opt.param_groups[0] is first and opt.param_groups[1] is added
+        assert first["weight_decay"] == added["weight_decay"] == 0.01 and added["params"] == params[2:]
+        for step in range(3):
+            if step == 1:  # through the caller's dicts
+                first["lr"] = 0.5
+                added["betas"] = (0.7, 0.9)
+            gen = torch.Generator().manual_seed(step)
+            for q in params:
+                q.grad = torch.randn(5, generator=gen, dtype=torch.float64)
+            opt.step()
+        return params, added
+
+    ours, added = life(GuardedAdamW, backend="cpp", auto_enabled=False)
+    theirs, _ = life(torch.optim.AdamW, foreach=False)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert type(added["lr"]) is float  # the normalised entries (numpy scalars as Python numbers)
+
+    opt = GuardedAdamW([torch.zeros(3)], backend="cpp")
+    refused = [
+        {"params": [torch.zeros(2)], "lr": -1.0, "betas": (np.float64(0.9), 0.999)},  # by GuardedAdamW's checks
+        {"params": [("w", torch.zeros(2))]},  # by torch's: names in one group but not the others
+        {"params": [torch.zeros(2, requires_grad=True) * 2]},  # by torch's: not a leaf
+    ]
+    for bad in refused:
+        before = dict(bad)
+        with pytest.raises(ValueError):
+            opt.add_param_group(bad)
+        assert list(bad) == list(before) and all(bad[k] is before[k] for k in before)
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError):
+        GuardedAdamW([refused[0]])
+    assert list(refused[0]) == ["params", "lr", "betas"]

@@ -329,6 +329,136 @@ def test_torch_adamw_checkpoint_migrates_and_training_continues():
     assert guarded.telemetry()["regime"] == "calm"
 
 
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_an_empty_param_state_loads_as_no_state_yet(gate, backend):
+    """A param that has had no gradient has no AdamW state; a lookup on torch's defaultdict
+    state (``opt.state[p]``, as logging code does) makes an empty one, which state_dict() saves
+    as ``{}``. torch.optim.AdamW loads that as "no state yet", and so does GuardedAdamW: the
+    param's first step with a gradient creates its state, as without the load."""
+    stream = random_stream(10, SHAPES, seed=2, spikes=(7,))
+    for grads in stream[:4]:
+        grads[2] = None  # the last param has no gradient in the first 4 calls
+    kw = dict(lr=1e-2, stats_freq=2, gate=gate, backend=backend)
+    record = ("scale", "regime", "grad_ms", "step")
+    params = model()
+    opt = GuardedAdamW(groups(params), **kw)
+    run(opt, params, stream[:3])
+    assert "exp_avg" not in opt.state[params[2]]  # (the lookup makes the empty entry)
+    saved_params = [p.clone() for p in params]
+    saved = through_bytes(opt.state_dict())
+    assert saved["state"][2] == {}
+    straight = run(opt, params, stream[3:], record)
+
+    opt2 = GuardedAdamW(groups(saved_params), **kw)
+    opt2.load_state_dict(saved)
+    assert dict.get(opt2.state, saved_params[2]) == {}  # kept, as torch.optim.AdamW keeps it
+    assert run(opt2, saved_params, stream[3:], record) == straight
+    for a, b in zip(params, saved_params):
+        assert torch.equal(a, b)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[a][key], opt2.state[b][key])
+
+    # the guard's copies alone in an entry without AdamW state still carry the guard
+    riders_only = copy.deepcopy(saved)
+    del riders_only["guard"]
+    riders_only["state"][2] = {k: riders_only["state"][0].pop(k) for k in ("lbw_guard", "lbw_guard_policy")}
+    opt3 = GuardedAdamW(groups(model()), **kw)
+    opt3.load_state_dict(riders_only)
+    assert _same_guard(opt3._guard, saved["guard"]["state"])
+    assert not dict.get(opt3.state, opt3.param_groups[1]["params"][1])
+
+    # the same where ZeroRedundancyOptimizer.load_state_dict puts the states in itself (zero.py)
+    zero_params = model()
+    installed = GuardedAdamW(groups(zero_params), **kw)
+    for pid, p in enumerate(zero_params):
+        installed.state[p] = copy.deepcopy(saved["state"][pid])
+    installed.adopt_installed_state()
+    assert _same_guard(installed._guard, saved["guard"]["state"]) and dict.get(installed.state, zero_params[2]) == {}
+
+
+def test_a_torch_adamw_checkpoint_with_an_empty_param_state_loads():
+    params = model()
+    theirs = [p.clone() for p in params]
+    adamw = torch.optim.AdamW(groups(theirs), lr=1e-2)
+    stream = random_stream(5, SHAPES, seed=6)
+    for grads in stream[:2]:
+        run_adamw(adamw, theirs[:2], grads[:2])  # the last param has no gradient yet
+    assert not adamw.state[theirs[2]]
+    saved = through_bytes(adamw.state_dict())
+    assert saved["state"][2] == {}
+    ours = [p.clone() for p in theirs]
+    opt = GuardedAdamW(groups(ours), lr=1e-2, auto_enabled=False)
+    opt.load_state_dict(saved)
+    for grads in stream[2:]:
+        run_adamw(adamw, theirs, grads)
+    run(opt, ours, stream[2:])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert opt.state[ours[2]]["step"].item() == adamw.state[theirs[2]]["step"].item() == 3
+
+
+def test_a_flattened_dcp_checkpoint_with_a_param_without_state_loads(backend):
+    """torch.distributed.checkpoint's set_optimizer_state_dict with
+    flatten_optimizer_state_dict=True (torchtitan's setting) makes ``state[fqn] = {}`` for every
+    param that requires grad and has no state (an unused branch, an expert no token reached):
+    it loads as into torch.optim.AdamW, and the guard resumes. (One process: these functions
+    need no process group.)"""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 2), "unused": torch.nn.Linear(4, 2)})
+        return m, GuardedAdamW(m.parameters(), lr=1e-2, stats_freq=1, backend=backend)
+
+    def train(m, opt, calls, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(calls):
+            m["used"](torch.randn(8, 4, generator=gen)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    m, opt = make()
+    train(m, opt, 3, seed=1)
+    saved = get_optimizer_state_dict(m, opt, options=options)
+    m2, opt2 = make()
+    train(m2, opt2, 1, seed=2)  # (the load unflattens into the keys the live states have)
+    m2.load_state_dict(m.state_dict())
+    set_optimizer_state_dict(m2, opt2, saved, options=options)
+    assert opt2.telemetry() == opt.telemetry()
+    for (name, p), q in zip(m.named_parameters(), m2.parameters()):
+        if name.startswith("used"):
+            assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+        else:
+            assert not opt2.state.get(q)
+    train(m, opt, 2, seed=3)
+    train(m2, opt2, 2, seed=3)
+    assert opt2.telemetry() == opt.telemetry()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+
+
+def test_a_load_keeps_the_param_names_when_the_checkpoint_has_none():
+    """As torch.optim.Optimizer.load_state_dict: the live groups' ``param_names`` stay when the
+    checkpoint's groups have none (one saved by an optimizer built from ``parameters()``); the
+    checkpoint's replace them when it has them."""
+    m = torch.nn.Linear(3, 2)
+    plain = torch.optim.AdamW(m.parameters()).state_dict()
+    named = torch.optim.AdamW(m.named_parameters()).state_dict()
+    named["param_groups"][0]["param_names"] = ["w", "b"]
+    for saved, names in ((plain, ["weight", "bias"]), (named, ["w", "b"])):
+        got = []
+        for cls in (torch.optim.AdamW, GuardedAdamW):
+            opt = cls(m.named_parameters())
+            opt.load_state_dict(saved)
+            got.append((opt.param_groups[0].get("param_names"), opt.state_dict()["param_groups"][0].get("param_names")))
+        assert got == [(names, names)] * 2, (names, got)
+
+
 def run_adamw(opt, params, grads):
     for p, g in zip(params, grads):
         p.grad = g.clone()
@@ -439,6 +569,9 @@ def test_measured_guard_slots_may_be_nan():
         (lambda sd, pid: sd["state"].__setitem__(99, sd["state"][pid]), "state for param id 99, which no group lists"),
         (lambda sd, pid: sd["state"][pid].__setitem__("max_exp_avg_sq", sd["state"][pid]["exp_avg_sq"]),
          r"state\[\d+\] has keys \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\]"),
+        # (an empty entry is "no state yet"; a partial one is not)
+        (lambda sd, pid: sd["state"].__setitem__(pid, {"step": sd["state"][pid]["step"]}),
+         r"state\[\d+\] has keys \['step'\]"),
         # (the guard's copy in the first param's state goes too, so that the entry itself is read)
         (lambda sd, pid: (sd["state"][0].pop("lbw_guard"), sd["guard"].__setitem__("state", [1.0] * 9)),
          r"state_dict\['guard'\]\['state'\] must be a tensor of \d+ values"),
@@ -481,6 +614,53 @@ def test_state_dict_hooks_run_as_on_torch_optim():
     assert events == [("load pre", True, False), ("load post", 2)]
     assert torch.equal(fresh._guard.nan_to_num(), opt._guard.nan_to_num())
     assert torch.equal(fresh.state[fresh_params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+
+
+def test_state_dict_post_hooks_see_the_complete_dict_and_what_they_return_is_returned():
+    """torch.optim runs the post-hooks last, in order, on the dict state_dict() returns: they
+    see ``"guard"`` and the guard's copies in the param states (copies: an edit in place leaves
+    the optimizer's guard alone), may drop or replace entries, and a dict one returns is the one
+    passed on and returned. Copies of the optimizer still work (torch carries no hooks over)."""
+    import pickle
+
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(2, SHAPES))
+    live = opt._guard.clone()
+    events, seen = [], {}
+    opt.register_state_dict_pre_hook(lambda o: events.append("pre"))
+
+    def drop_the_guard(o, sd):  # e.g. an export that keeps AdamW's state only
+        events.append("post 1")
+        seen.update(keys=sorted(sd), rider=sd["state"][0]["lbw_guard"])
+        assert torch.equal(sd["state"][0]["lbw_guard"], sd["guard"]["state"])
+        del sd["guard"]
+        for entry in sd["state"].values():
+            entry.pop("lbw_guard", None), entry.pop("lbw_guard_policy", None)
+
+    replaced = {}
+
+    def replace(o, sd):
+        events.append("post 2")
+        replaced.update(state=sd["state"], param_groups=sd["param_groups"], note="replaced")
+        return replaced
+
+    opt.register_state_dict_post_hook(drop_the_guard)
+    opt.register_state_dict_post_hook(replace)
+    out = opt.state_dict()
+    assert out is replaced and events == ["pre", "post 1", "post 2"]
+    assert seen["keys"] == ["guard", "param_groups", "state"] and seen["rider"] is not opt._guard
+    assert "guard" not in out and not any("lbw_guard" in entry for entry in out["state"].values())
+    seen["rider"].fill_(0.5)
+    assert torch.equal(opt._guard.nan_to_num(), live.nan_to_num())
+    # what the hooks made is what loads: AdamW's state, the guard fresh
+    fresh_params = model()
+    fresh = GuardedAdamW(groups(fresh_params))
+    fresh.load_state_dict(out)
+    assert fresh.telemetry()["step"] == 0
+    assert torch.equal(fresh.state[fresh_params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert _same_guard(copied.state_dict()["guard"]["state"], live)
 
 
 def test_a_template_from_init_state_loads_a_dcp_checkpoint_with_a_frozen_param(tmp_path, backend):
