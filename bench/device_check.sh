@@ -20,8 +20,8 @@
 # SIGTERM and SIGKILL, so no phase ends past the budget. A phase that fails or times out is
 # recorded and the next one runs ("TIMED OUT or KILLED": rc 137, a SIGKILL, from timeout or
 # from the kernel's OOM killer alike). The exit status is non-zero when any phase failed.
-# Order: TinyLlama's timing targets come before the long test phase, so a hanging test cannot
-# cost the numbers; then 2000 x 65,536 and the targets' verdicts; then what says whether a
+# Order: the timing targets (TinyLlama, then 2000 x 65,536, and their verdicts) come before the
+# long test phases, so a hanging test cannot cost the numbers; then the tests; then what says whether a
 # row's distance to its target is host time (the steps captured in CUDA graphs, the timelines,
 # the host profiles); then the tuning candidates, GPT-2's layout (no target of its own), the
 # CUDA build and verify (results already on record last). Every phase's output is kept either way.
@@ -236,15 +236,9 @@ bench_layout() {
 # first: it carries the issue's headline targets.
 LAYOUTS=(${LBW_CHECK_LAYOUTS:-tinyllama-1.1b gpt2-124m 2000x65536})
 bench_layout "${LAYOUTS[0]}" 90
-# -v: one line per test as it ends, so a phase cut by its limit still says which passed (with
-# -q pytest's summary comes only at the end); the slowest tests' times, for the next budget.
-# The 8 compiled training steps (inductor compiles forward, backward and step: the slowest
-# cases; 6 of the 8 new since the last GPU run) run in a phase of their own after the others
-# (where LBW_CHECK_TESTS leaves one of the two with nothing to run, it records "NO TESTS
-# COLLECTED").
-GPU_TESTS=(-m gpu ${LBW_CHECK_TESTS:-tests} -v -rfEs --durations=20 "${PYTEST_TIMEOUT[@]}")
-phase tests_gpu 200 "$PY" -m pytest "${GPU_TESTS[@]}" -k "not test_gpu_compiled_training_step_runs"
-phase tests_gpu_compiled 90 "$PY" -m pytest "${GPU_TESTS[@]}" -k test_gpu_compiled_training_step_runs
+# Then the many-tensors layout, also before the tests: with 295+ GPU tests (200 + 90 s of
+# limits) after install (~150 s), a run that waited for them could lose this layout's numbers
+# to the budget, and they are the other target.
 for layout in "${LAYOUTS[@]:1}"; do
     [[ $layout != gpt2-124m ]] && bench_layout "$layout" 60
 done
@@ -254,8 +248,17 @@ collect_results
 # The issues' targets read off those tables, alone and back to back (bench/targets.py).
 phase targets 20 bash -c 'targets_md eager "$@"' _ "$PY" "$OUT_DIR"
 concat "$OUT_DIR/targets.md" "$OUT_DIR"/targets-{eager,graphs}.md
+# -v: one line per test as it ends, so a phase cut by its limit still says which passed (with
+# -q pytest's summary comes only at the end); the slowest tests' times, for the next budget.
+# The 8 compiled training steps (inductor compiles forward, backward and step: the slowest
+# cases; 6 of the 8 new since the last GPU run) run in a phase of their own after the others
+# (where LBW_CHECK_TESTS leaves one of the two with nothing to run, it records "NO TESTS
+# COLLECTED").
+GPU_TESTS=(-m gpu ${LBW_CHECK_TESTS:-tests} -v -rfEs --durations=20 "${PYTEST_TIMEOUT[@]}")
+phase tests_gpu 200 "$PY" -m pytest "${GPU_TESTS[@]}" -k "not test_gpu_compiled_training_step_runs"
+phase tests_gpu_compiled 90 "$PY" -m pytest "${GPU_TESTS[@]}" -k test_gpu_compiled_training_step_runs
 # Phases in the order of what they answer, so that a run squeezed by its budget loses the least:
-# the targets (above), then whether the distance to them is host time (captured steps, the
+# the targets and the tests (above), then whether the distance to them is host time (captured steps, the
 # timeline, the host profiles), then the tuning candidates, GPT-2's layout, the CUDA build.
 # The guard's steps and torch fused AdamW (capturable=True) captured in CUDA graphs, each timed
 # call one replay (lbw-kernels bench --graphs only): what a training loop that captures its

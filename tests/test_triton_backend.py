@@ -469,9 +469,11 @@ def test_plan_cache_evicts_the_least_recently_used_plan_of_any_kind():
 def test_exact_telemetry_layout_is_built_over_what_its_key_describes(triton_backend):
     """The exact gate's telemetry layout is keyed by the params' and grads' gathered layouts, so
     it is built over the gradients those determine (nonempty_grads), not over the list an
-    optimizer's stale plan passes (a param emptied through ``.data`` after the plan was built
-    leaves its empty grad in that list): the stale call raises, and a fresh optimizer over the
-    same tensors then finds a layout of its own rows and matches the reference."""
+    optimizer's plan passes. A param emptied through ``.data`` after the first step: the
+    optimizer's plan, keyed by the params' element counts too, is rebuilt and refuses the
+    state of 5 elements it finds for the emptied param (before, the stale plan passed the
+    call on, and the update's check refused it); a fresh optimizer over the same tensors then
+    finds a layout of its own rows and matches the reference."""
     torch.manual_seed(0)
     a, p = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5))
     kw = dict(lr=1e-2, gate="exact", stats_freq=1)
@@ -480,8 +482,8 @@ def test_exact_telemetry_layout_is_built_over_what_its_key_describes(triton_back
     stale.step()
     p.data, p.grad = torch.empty(0), torch.empty(0)
     a.grad = torch.tensor([1.0, 2.0, 3.0])
-    # (refused by the update's check of the states against their params, before decide)
-    with pytest.raises(ValueError, match=r"param 1\['exp_avg'\] has shape \(5,\) on cpu, its param \(0,\)"):
+    with pytest.raises(ValueError, match=r"opt.state\[param_groups\[0\]\['params'\]\[1\]\]\['exp_avg'\] has "
+                                         r"shape \(5,\) on cpu, its param \(0,\)"):
         stale.step()
     a_ref, p_ref = (torch.nn.Parameter(t.detach().clone()) for t in (a, p))
     a_ref.grad, p_ref.grad = a.grad.clone(), p.grad.clone()
