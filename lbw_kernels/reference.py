@@ -369,7 +369,12 @@ def adamw_(
     # Per-tensor coefficients are computed in lr's dtype (float64 but on MPS), as
     # torch.optim.AdamW computes them in Python floats, then rounded once to the math dtype.
     # A skipped first call leaves step at 0; clamping keeps the unused coefficients finite.
-    step = torch.stack(list(steps)).to(lr.dtype).clamp_min(1)
+    steps = list(steps)
+    try:
+        step = torch.stack(steps)
+    except RuntimeError:  # one-element steps of several shapes ([1] beside 0-dim: the checks take any)
+        step = torch.stack([s.reshape(()) for s in steps])
+    step = step.to(lr.dtype).clamp_min(1)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step).sqrt().to(md)
     step_size = (-lr / bias_correction1).to(md).unbind()

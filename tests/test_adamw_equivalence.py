@@ -352,3 +352,26 @@ def test_a_param_cast_through_data_is_updated_as_its_new_dtype(backend, gate):
 
     for a, b in zip(run(rebuild=False), run(rebuild=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_step_count_of_shape_one_is_taken(backend, gate):
+    """A state's step of shape [1] (a hand-built or converted state: the checks take any
+    one-element float32 step) beside 0-dim ones: every backend updates as torch.optim.AdamW,
+    the float64 params included (which the Triton backend hands to the reference, whose stack
+    of the step counts raised halfway through the call, the counts already advanced)."""
+    runs = []
+    for opt_class in (GuardedAdamW, torch.optim.AdamW):
+        dtypes = (torch.float32, torch.float64, torch.float64)
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=dt)) for dt in dtypes]
+        kwargs = dict(backend=backend, gate=gate, auto_enabled=False) if opt_class is GuardedAdamW else {}
+        opt = opt_class(params, lr=1e-2, **kwargs)
+        for k in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 1.0 + k)
+            opt.step()
+            if k == 0:  # (one of the two float64 params': the reference stacks their counts)
+                opt.state[params[1]]["step"] = opt.state[params[1]]["step"].reshape(1).clone()
+        runs.append([p.detach().clone() for p in params] + [opt.state[p]["step"] for p in params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -152,14 +152,14 @@ def test_fp32_grads_of_misaligned_multichunk_low_precision_params(backend, gate,
                               _fp32_grads_of_offset_params("reference", gate, dtype, "cpu"))
 
 
-@pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_gapped_and_expanded_multichunk_grads(backend, gate):
-    _assert_matches_reference(_grads_not_dense(backend, gate, "cpu"), _grads_not_dense("reference", gate, "cpu"))
+# grads that are not dense (gapped, expanded); params dense in another order (channels_last, a transpose)
+LAYOUT_CASES = [_grads_not_dense, _permuted_layouts]
 
 
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
-def test_channels_last_and_transposed_multichunk_params(backend, gate):
-    _assert_matches_reference(_permuted_layouts(backend, gate, "cpu"), _permuted_layouts("reference", gate, "cpu"))
+def test_multichunk_tensors_in_other_layouts(backend, gate, case):
+    _assert_matches_reference(case(backend, gate, "cpu"), case("reference", gate, "cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -194,20 +194,13 @@ def test_gpu_fp32_grads_of_misaligned_multichunk_low_precision_params(gpu_backen
                               _fp32_grads_of_offset_params("reference", gate, dtype, "cuda"))
 
 
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("gpu_backend, geometry, gate", _gpu_cases(["exact", "single_pass"]))
-def test_gpu_gapped_and_expanded_multichunk_grads(gpu_backend, geometry, gate, monkeypatch):
+def test_gpu_multichunk_tensors_in_other_layouts(gpu_backend, geometry, gate, case, monkeypatch):
     require_backend(gpu_backend)
     if geometry:
         monkeypatch.setenv("LBW_TRITON_GEOMETRY", geometry)
-    _assert_matches_reference(_grads_not_dense(gpu_backend, gate, "cuda"), _grads_not_dense("reference", gate, "cuda"))
-
-
-@pytest.mark.parametrize("gpu_backend, geometry, gate", _gpu_cases(["exact", "single_pass"]))
-def test_gpu_channels_last_and_transposed_multichunk_params(gpu_backend, geometry, gate, monkeypatch):
-    require_backend(gpu_backend)
-    if geometry:
-        monkeypatch.setenv("LBW_TRITON_GEOMETRY", geometry)
-    _assert_matches_reference(_permuted_layouts(gpu_backend, gate, "cuda"), _permuted_layouts("reference", gate, "cuda"))
+    _assert_matches_reference(case(gpu_backend, gate, "cuda"), case("reference", gate, "cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

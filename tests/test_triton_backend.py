@@ -941,9 +941,10 @@ def test_tensor_hyperparameters_edited_in_place_are_seen(triton_backend, name):
 
 def test_cpu_tensor_hyperparameters_of_gpu_params_are_read_on_the_host(triton_backend):
     """With GPU params a CPU-tensor hyper-parameter is read on the host each call (no sync, and
-    no pageable copy, which a CUDA graph capture refuses): its value, not its address, keys the
-    plan, so an in-place edit rebuilds it. With CPU params the same tensor is on the plan's
-    device: keyed by address and copied on the device each call. (Keys only: no GPU here.)"""
+    no pageable copy, which a CUDA graph capture refuses), as a float is: not in the plan's key
+    (refresh_hyper writes its value when it changed), so an in-place edit rebuilds nothing.
+    With CPU params the same tensor is on the plan's device: keyed by address and copied on
+    the device each call. (Keys only: no GPU here.)"""
     from lbw_kernels.triton_kernels.chunk_table import read_on_host, update_key
 
     tensors = [[torch.randn(3)] for _ in range(4)] + [[torch.zeros(())]]  # p, g, m, v, step
@@ -957,8 +958,73 @@ def test_cpu_tensor_hyperparameters_of_gpu_params_are_read_on_the_host(triton_ba
     assert read_on_host(beta1, cuda) and not read_on_host(beta1, cpu) and read_on_host(0.9, cpu)
     before = {d: key(d) for d in ("cuda", "cpu")}
     beta1.fill_(0.5)
-    assert key("cuda") != before["cuda"]  # keyed by the value it holds
+    assert key("cuda") == before["cuda"]  # read on the host: refresh_hyper writes the new value
     assert key("cpu") == before["cpu"]  # keyed by address; refresh_hyper copies the new value
+    assert key("cuda")[3][:2] == ("host", "host") and key("cpu")[3][1][0] == "tensor"
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_scheduled_float_hyperparameters_are_written_not_rebuilt(triton_backend, gate):
+    """lr, betas, eps and weight_decay given as floats and changed every call (OneCycleLR cycles
+    beta1 with the lr on every step; a weight-decay schedule): the plan is built once and its
+    hyper table rewritten where a value changed (refresh_hyper), where every change used to
+    build and upload a new plan and push other optimizers' plans out of the cache; each call
+    updates with its own values, as the reference does."""
+    ops = _ops()
+    out = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(12)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (33, 5)]
+        opt = GuardedAdamW(params, lr=1e-2, backend=backend, gate=gate, stats_freq=1)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        builds = []
+        for k in range(5):
+            group = opt.param_groups[0]
+            group["lr"], group["betas"] = 1e-2 * (1 + k), (0.95 - 0.05 * k, 0.99 + 0.001 * k)
+            group["eps"], group["weight_decay"] = 1e-8 * 10 ** k, 0.01 * k
+            for p in params:
+                p.grad.copy_(torch.randn(p.shape))
+            opt.step()
+            builds.append(ops.PLANS.builds)
+        out[backend] = ([p.detach().clone() for p in params], builds)
+    (got, builds), (want, _) = out["triton"], out["reference"]
+    assert builds[1:] == [builds[0]] * 4, builds  # (the first call builds what it needs)
+    for a, b in zip(got, want):
+        assert worst(a, b, *PARAM_TOLERANCES[torch.float32]) is None
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_a_delegated_params_state_reshaped_through_data_is_refused_before_any_write(triton_backend, gate):
+    """An fp64 param (updated by the reference, delegated) whose exp_avg is reshaped in place
+    through ``.data`` keeps its address, numel and dtype, so the update plan is found again:
+    its states are checked every call before the kernels write, so the call is refused whole
+    (the reference's foreach ops used to refuse it after the fp32 param was updated)."""
+    a = torch.nn.Parameter(torch.randn(4, 6))
+    b = torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    opt = GuardedAdamW([a, b], lr=1e-2, backend="triton", gate=gate, stats_freq=1)
+    a.grad, b.grad = torch.randn(4, 6), torch.randn(4, 6, dtype=torch.float64)
+    opt.step()
+    opt.state[b]["exp_avg"].data = opt.state[b]["exp_avg"].data.view(24)
+    before = [t.clone() for t in (a, b, opt.state[a]["step"], opt.state[a]["exp_avg"], opt._guard)]
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] has shape \(24,\) on cpu, its param \(4, 6\)"):
+        opt.step()
+    after = (a, b, opt.state[a]["step"], opt.state[a]["exp_avg"], opt._guard)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_an_update_plan_refuses_a_tensor_on_another_device(triton_backend):
+    """A param moved through ``.data`` with its states (an offload library's way) keeps its
+    Parameter, so the optimizer's device check, made on the first param, does not see it: the
+    plan's build names it rather than hand another device's addresses to a launch. (A meta
+    tensor stands in for the other device.)"""
+    from lbw_kernels.triton_kernels.chunk_table import build_update
+
+    tensors = [[torch.randn(3), torch.randn(4, device="meta")] for _ in range(4)]  # p, g, m, v
+    tensors.append([torch.zeros(()), torch.zeros((), device="meta")])  # steps: the second param's moved too
+    group = GroupTensors(*tensors, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
+    with pytest.raises(ValueError, match=r"group 0 param 1: its param is on meta, the step's params on cpu"):
+        build_update([group], 4096, torch.device("cpu"))
 
 
 def test_plans_first_needed_during_a_capture_are_kept_for_it_not_cached(triton_backend, monkeypatch):

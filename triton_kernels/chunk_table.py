@@ -113,7 +113,9 @@ class UpdatePlan:
     n_tensors: int
     hyper: Tensor  # [n_groups, GROUP_COLS] float64
     lr_ptrs: Tensor  # [n_groups] int64: where each group's lr (float64) is read
-    lr_floats: List[Optional[float]]  # lr last written to hyper when read on the host (None: a device tensor)
+    # Per group, per hyper-parameter column (LR .. WEIGHT_DECAY): the float last written to hyper
+    # when read on the host (None: a device tensor, read or copied on the device)
+    host_floats: List[List[Optional[float]]]
     copies: List[Tuple[int, int]]  # (group, column): device tensors copied into hyper each call
     copy_slots: List[Tensor]  # the 0-dim views of hyper they are copied into (made once)
     coefs: Tensor  # [N, COEF_COLS] float32
@@ -187,10 +189,10 @@ def read_on_host(value: Any, device: torch.device) -> bool:
     return not isinstance(value, Tensor) or (value.device.type == "cpu" and device.type != "cpu")
 
 
-def _hyper_key(value: Any, device: torch.device) -> Any:
+def _hyper_key(value: Tensor, device: torch.device) -> Any:
     # A device tensor by its address, never by its value (reading it would sync, and an
     # in-place edit keeps the key: its value is copied each call instead).
-    return float(value) if read_on_host(value, device) else ("tensor", value.data_ptr(), value.dtype, value.device)
+    return ("tensor", value.data_ptr(), value.dtype, value.device)
 
 
 def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple[tuple, tuple]:
@@ -199,11 +201,11 @@ def update_key(groups: Sequence[Any], chunk: int, device: torch.device) -> Tuple
     kind: List[Any] = [device, "update", chunk]
     layout: List[Any] = []
     for g in groups:
-        lr = g.lr
-        # lr read on the host is rewritten with fill_ when it changes (refresh_hyper): not keyed.
-        lr_key = "host" if read_on_host(lr, device) else _hyper_key(lr, device)
-        kind.append((lr_key, _hyper_key(g.beta1, device), _hyper_key(g.beta2, device), _hyper_key(g.eps, device),
-                     _hyper_key(g.weight_decay, device), g.maximize))
+        # Hyper-parameters read on the host are rewritten with fill_ when they change
+        # (refresh_hyper), not keyed: a schedule of lr, betas (OneCycleLR cycles beta1 every
+        # step), eps or weight_decay would otherwise build and upload a plan every call.
+        kind.append(tuple("host" if read_on_host(v, device) else _hyper_key(v, device)
+                          for v in (getattr(g, name) for name in HYPER_FIELDS.values())) + (g.maximize,))
         # The params and grads as the optimizer gathered them this call, when it did (every
         # param of the group: the sub-list with grads follows from it), else read here.
         gathered = g.layout_key
@@ -368,6 +370,12 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             code = _code(p.dtype, "param")
             if g.shape != p.shape:
                 raise TypeError(f"group {gi} param {ti}: grad {g.dtype}{tuple(g.shape)} does not match param {p.dtype}{tuple(p.shape)}")
+            # (a param moved through `.data` with its states, as an offload library does, keeps
+            # its Parameter: the optimizer's checks saw the first param's device; a launch on
+            # this one would be handed another device's addresses)
+            for what, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", s)):
+                if t.device != device:
+                    raise ValueError(f"group {gi} param {ti}: its {what} is on {t.device}, the step's params on {device}")
             # The states as the update finds them: a key of new addresses (state moved through
             # `.data`) may bring a tensor of another shape, which the kernel would write past.
             check_state_tensors(p, m, v, s, f"the state of the step's group {gi}, param {ti}")
@@ -397,19 +405,18 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
             delegated.append((gi, delegated_idx))
 
     hyper = _upload(group_rows, GROUP_COLS, torch.float64, device, keep)
-    lr_ptrs, lr_floats, copies = [], [], []
+    lr_ptrs, host_floats, copies = [], [], []
     for gi, group in enumerate(groups):
         lr = group.lr
         slot = hyper.data_ptr() + gi * GROUP_COLS * hyper.element_size()
+        host_floats.append([float(getattr(group, name)) if read_on_host(getattr(group, name), device) else None
+                            for name in HYPER_FIELDS.values()])
         if read_on_host(lr, device):
             lr_ptrs.append(slot)
-            lr_floats.append(float(lr))
         elif lr.dtype == torch.float64 and lr.device == device and lr.numel() == 1:
             lr_ptrs.append(lr.data_ptr())  # read in place: a scheduler's fill_ is seen on the device
-            lr_floats.append(None)
         else:
             lr_ptrs.append(slot)  # another dtype: copied into the slot each call
-            lr_floats.append(None)
             copies.append((gi, LR))
         copies += [(gi, col) for col in (BETA1, BETA2, EPS, WEIGHT_DECAY)
                    if not read_on_host(getattr(group, HYPER_FIELDS[col]), device)]
@@ -420,7 +427,7 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
         n_tensors=len(tensor_rows),
         hyper=hyper,
         lr_ptrs=_upload([[a] for a in lr_ptrs], 1, torch.int64, device, keep).reshape(-1),
-        lr_floats=lr_floats,
+        host_floats=host_floats,
         copies=copies,
         copy_slots=[hyper[gi, col] for gi, col in copies],
         coefs=torch.empty((len(tensor_rows), COEF_COLS), dtype=torch.float32, device=device),
@@ -432,16 +439,18 @@ def build_update(groups: Sequence[Any], chunk: int, device: torch.device) -> Upd
 
 
 def refresh_hyper(plan: UpdatePlan, groups: Sequence[Any]) -> None:
-    """Bring ``plan.hyper`` up to date with the groups: an lr read on the host is written with
-    ``fill_`` (a kernel with the value as argument: no host sync) when it changed, or every
-    call once a CUDA graph has captured the plan (its replays write their own), one small
-    launch each; tensors on the device are copied device to device, all in one launch."""
-    for gi, last in enumerate(plan.lr_floats):
-        if last is not None:
-            lr = float(groups[gi].lr)
-            if lr != last or plan.captured:
-                plan.hyper[gi, LR].fill_(lr)
-                plan.lr_floats[gi] = lr
+    """Bring ``plan.hyper`` up to date with the groups: a hyper-parameter read on the host is
+    written with ``fill_`` (a kernel with the value as argument: no host sync) when it changed,
+    or every call once a CUDA graph has captured the plan (its replays write their own), one
+    small launch each; tensors on the device are copied device to device, all in one launch."""
+    for gi, lasts in enumerate(plan.host_floats):
+        for col, name in HYPER_FIELDS.items():  # (lasts is indexed by column, as hyper's rows)
+            last = lasts[col]
+            if last is not None:
+                value = float(getattr(groups[gi], name))
+                if value != last or plan.captured:
+                    plan.hyper[gi, col].fill_(value)
+                    lasts[col] = value
     if plan.copies:
         sources = [getattr(groups[gi], HYPER_FIELDS[col]) for gi, col in plan.copies]  # (0-dim)
         torch._foreach_copy_(plan.copy_slots, sources, non_blocking=True)

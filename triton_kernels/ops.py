@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lbw_kernels import reference
 from lbw_kernels.backends import GroupTensors, nonempty_grads
+from lbw_kernels.validation import check_state_tensors
 from lbw_kernels.stream_use import StreamUse, stream_is_capturing
 
 from .chunk_table import (
@@ -118,8 +119,22 @@ def _update_plan(groups: Sequence[GroupTensors]):
     device = groups[0].params[0].device
     chunk = geometry().chunk
     plan = _plan(update_key(groups, chunk, device), lambda: build_update(groups, chunk, device), device)
+    _check_delegated(plan, groups)
     refresh_hyper(plan, groups)
     return plan, device
+
+
+def _check_delegated(plan, groups: Sequence[GroupTensors]) -> None:
+    """The delegated params' states, every call, before the kernels write anything: the plan's
+    key holds a state's address, numel and dtype, not its shape, so a state reshaped in place
+    through ``.data`` finds the plan, and the reference's foreach ops would refuse it halfway
+    through the call, after the kernels' params were updated. (The kernels' own params walk
+    flat arrays: a shape is not what they read.)"""
+    for gi, delegated in plan.delegated:
+        g = groups[gi]
+        for i in delegated:
+            check_state_tensors(g.params[i], g.exp_avgs[i], g.exp_avg_sqs[i], g.steps[i],
+                                f"the state of the step's group {gi}, param {i}")
 
 
 def _update(plan, device: torch.device, groups: Sequence[GroupTensors], scale: Tensor, skip: Optional[Tensor],
