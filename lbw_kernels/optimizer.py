@@ -931,6 +931,19 @@ class GuardedAdamW(torch.optim.Optimizer):
                         "sharded checkpoint into sharded params (torch.distributed.checkpoint, or "
                         "get/set_optimizer_state_dict with full_state_dict=True, which shards it)"
                     )
+                if is_dtensor(saved[key]) and (
+                        not is_dtensor(p) or saved[key].device_mesh != p.device_mesh
+                        or tuple(saved[key].placements) != tuple(p.placements)):
+                    # (the global shapes agree, the local shards may not: every rank whose shard
+                    # differs would refuse it in its step, some only, after or before a collective;
+                    # the same checkpoint on every rank is refused here on every rank alike)
+                    spec = ("a plain tensor" if not is_dtensor(p) else
+                            f"a DTensor on {p.device_mesh} with placements {tuple(p.placements)}")
+                    raise ValueError(
+                        f"state_dict state[{pid!r}][{key!r}] is a DTensor on {saved[key].device_mesh} with placements "
+                        f"{tuple(saved[key].placements)}, its param {spec}: load a checkpoint sharded as the params "
+                        "are (torch.distributed.checkpoint reshards a saved one into the load template's placements)"
+                    )
             step = saved["step"]
             if isinstance(step, Tensor):
                 _check_saved_tensor(step, f"state_dict state[{pid!r}]['step']")

@@ -10,6 +10,7 @@ import torch
 
 from . import reference as ref
 from .reference import GuardConfig, state_tensor_dtype
+from .subclasses import is_dtensor
 
 SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATES = ("exact", "single_pass")
@@ -227,6 +228,14 @@ def check_state_entry(p: torch.Tensor, state: Mapping[str, Any], where: str) -> 
             raise ValueError(
                 f"{where}[{key!r}] has shape {tuple(t.shape)} on {t.device}, its param {tuple(p.shape)} on {p.device}"
             )
+        # DTensors: the same global shape may hold other local shards (the update's own check
+        # would find that only on the ranks whose shards differ, some after a collective)
+        dtensors = is_dtensor(p), is_dtensor(t)
+        if any(dtensors) and (not all(dtensors) or t.device_mesh != p.device_mesh
+                              or tuple(t.placements) != tuple(p.placements)):
+            kind = [f"a DTensor on {x.device_mesh} with placements {tuple(x.placements)}" if d else "a plain tensor"
+                    for x, d in ((t, dtensors[1]), (p, dtensors[0]))]
+            raise ValueError(f"{where}[{key!r}] is {kind[0]}, its param {kind[1]}")
     step = state["step"]
     if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.float32
             and step.device == p.device):

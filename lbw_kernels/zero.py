@@ -57,7 +57,19 @@ def building_zero(max_depth: int = 8):
 
 def zero_group(zero, pipeline_group) -> Optional[object]:
     """The process group over which the local optimizer that ``zero`` builds combines its
-    telemetry (None for one rank: nothing to combine)."""
+    telemetry (None for one rank: nothing to combine). Refuses the keywords that ZeRO would copy
+    into its param groups where its state_dict() could not save them (the same keywords on
+    every rank: every rank raises alike)."""
+    policy = getattr(zero, "defaults", {}).get("policy")
+    if policy is not None and not isinstance(policy, str):
+        # (ZeRO's defaults are its keywords; a partial's are not among them)
+        raise ValueError(
+            f"policy={policy!r} cannot be given through ZeroRedundancyOptimizer's keywords: it copies every "
+            "keyword argument into its param_groups, and its consolidated state_dict() would hold the policy "
+            "object, which torch.load(weights_only=True) refuses. Pass a policy name (policy=\"zscore\"), or "
+            "bind the instance to the class: optimizer_class=functools.partial(GuardedAdamW, "
+            "policy=ZScorePolicy(...))"
+        )
     if pipeline_group is not None:
         # ZeroRedundancyOptimizer copies every keyword into its param groups, which its
         # state_dict() returns: a ProcessGroup there cannot be saved
@@ -91,13 +103,15 @@ def adopt_states_after_zero_loads(zero, optimizer, group) -> None:
     def hook(_zero) -> None:
         local = ref()
         if local is not None:
+            hook_ran[0] = True  # (this load's outcome is gathered in there: agree_on_loaded_guard)
             local.adopt_installed_state(group)
 
+    hook_ran = [False]
     zero.register_load_state_dict_post_hook(hook)
-    _checked_all_or_nothing_loads(zero)
+    _checked_all_or_nothing_loads(zero, group, hook_ran)
 
 
-def _checked_all_or_nothing_loads(zero) -> None:
+def _checked_all_or_nothing_loads(zero, group=None, hook_ran=None) -> None:
     """Make ``zero.load_state_dict`` check the checkpoint's param groups first and change
     nothing when it fails.
 
@@ -110,32 +124,67 @@ def _checked_all_or_nothing_loads(zero) -> None:
     one rank, refused on every rank) left the new moments beside the old guard, and that
     rank's next step raised while the others waited in the guard's gather. On an error the
     entries as they were are put back: ZeRO replaces per-param state dicts and group lists, it
-    does not edit them in place."""
+    does not edit them in place.
+
+    The saved states must be dicts (``{}``: no state yet) or None, checked first on every rank:
+    ZeRO's install loop reads one only on the rank that owns its param, and an entry it could not
+    read raised there alone, while the others waited in the post-hook's gather. A None owned by
+    this rank (_check_owned_entries), and any other error that ZeRO's own load raises before
+    the post-hook (``hook_ran``, set by it), are gathered over ``group``, as the post-hook gathers
+    its outcome (agree_on_loaded_guard), so that every rank raises them."""
     load = zero.load_state_dict  # (the bound method of ZeroRedundancyOptimizer)
 
     def load_state_dict(state_dict) -> None:
         local = zero.optim
+        states = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(states, dict):
+            raise ValueError(f"state_dict['state'] must be a dict, got {type(states).__name__}")
+        for index, entry in states.items():
+            if not isinstance(entry, dict) and entry is not None:  # (None: see _check_owned_entries)
+                raise ValueError(f"state_dict['state'][{index!r}] must be a dict (empty: no state yet), got "
+                                 f"{type(entry).__name__}")
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         for gi, saved in enumerate(groups if isinstance(groups, (list, tuple)) else ()):
             if isinstance(saved, dict):
                 local.checked_saved_group(saved, [], gi)
         kept = (dict(local.state), [dict(g) for g in local.param_groups], zero.state, zero.param_groups,
                 [dict(g) for g in zero.param_groups])
+        if hook_ran is not None:
+            hook_ran[0] = False
         try:
+            _check_owned_entries(zero, states)
             load(state_dict)
-        except BaseException:
+        except BaseException as err:
             local_state, local_groups, zero.state, zero.param_groups, zero_groups = kept
             local.state.clear()
             local.state.update(local_state)
-            for group, old in zip(local.param_groups, local_groups):
-                group.clear()
-                group.update(old)
-            for group, old in zip(zero.param_groups, zero_groups):
-                group.clear()
-                group.update(old)
+            for live, old in zip(local.param_groups, local_groups):
+                live.clear()
+                live.update(old)
+            for live, old in zip(zero.param_groups, zero_groups):
+                live.clear()
+                live.update(old)
+            if group is not None and hook_ran is not None and not hook_ran[0] and isinstance(err, Exception):
+                # raised before the post-hook's gather, perhaps on this rank only: the others
+                # wait there for this rank's outcome (raises on every rank, naming this one's)
+                agree_on_loaded_guard(group, None, f"{type(err).__name__}: {err}", local._guard)
             raise
 
     zero.load_state_dict = load_state_dict
+
+
+def _check_owned_entries(zero, states: dict) -> None:
+    """A None entry is what ZeroRedundancyOptimizer.load_state_dict writes into the dict it loads
+    for each param another rank owns (a dict loaded once already holds them), and it never
+    reads those: taken there. Where this rank owns the param, ZeRO would fail reading it, on
+    this rank alone: refused here instead, inside the load's try, whose error path gathers it
+    so that every rank raises. (ZeRO's own index and partition maps, as its load reads them.)"""
+    for index, entry in states.items():
+        if entry is None and zero._param_to_rank[zero._index_to_param[index]] == zero.rank:
+            raise ValueError(
+                f"state_dict['state'][{index!r}] is None where this rank owns its param: a dict (empty: no state "
+                "yet) is needed (ZeroRedundancyOptimizer.load_state_dict writes None for the params other ranks "
+                "own into the dict it loads: a dict loaded under another partition holds them)")
 
 
 def agree_on_loaded_guard(group, checked: Optional[tuple], error: Optional[str], guard):

@@ -442,6 +442,55 @@ def test_grads_partial_where_the_param_is_sharded_or_not_summed_are_refused(rank
     ranks.run(_refusals_worker)
 
 
+def _other_placements_worker(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for shape in ((4, 3), (1,)):  # (1,): rank 1's shard is empty, rank 0's local shapes agree
+        replicated = shard(torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+                           mesh, [Replicate()])
+        source = GuardedAdamW([replicated], lr=1e-2, backend="reference")
+        replicated.grad = shard(torch.ones(shape, dtype=torch.float64), mesh, [Replicate()])
+        source.step()
+        p = shard(torch.ones(shape, dtype=torch.float64), mesh, [Shard(0)])
+        opt = GuardedAdamW([p], lr=1e-2, backend="reference")
+        p.grad = shard(torch.full(shape, 0.5, dtype=torch.float64), mesh, [Shard(0)])
+        opt.step()
+
+        def unchanged(before=(p.to_local().clone(), opt.telemetry(),
+                              {k: v.to_local().clone() for k, v in opt.state[p].items() if k.startswith("exp_avg")})):
+            assert torch.equal(p.to_local(), before[0]) and opt.telemetry() == before[1], shape
+            assert all(opt.state[p][k].placements == (Shard(0),) and torch.equal(opt.state[p][k].to_local(), v)
+                       for k, v in before[2].items()), shape
+
+        # a checkpoint of Replicate moments into Shard(0) params: refused at load on every rank,
+        # nothing changed (the global shapes agree; the steps refused it on some ranks only)
+        with pytest.raises(ValueError, match=r"state_dict state\[0\]\['exp_avg'\] is a DTensor on .* with "
+                                             r"placements \(Replicate\(\),\), its param a DTensor on .* with "
+                                             r"placements \(Shard\(dim=0\),\)"):
+            opt.load_state_dict(source.state_dict())
+        unchanged()
+        # the same moments (or a full tensor) put into opt.state by hand: refused as the step
+        # plan is built, on every rank, before the decision's all_reduce
+        moment = opt.state[p]["exp_avg"]
+        for swapped, message in ((source.state[replicated]["exp_avg"].clone(), r"is a DTensor on .* with placements "
+                                  r"\(Replicate\(\),\), its param a DTensor on .* with placements \(Shard\(dim=0\),\)"),
+                                 (torch.zeros(shape, dtype=torch.float64), "is a plain tensor, its param a DTensor")):
+            opt.state[p]["exp_avg"] = swapped
+            with pytest.raises(ValueError, match=r"opt.state\[param_groups\[0\]\['params'\]\[0\]\]\['exp_avg'\] "
+                                                 + message):
+                opt.step()
+            opt.state[p]["exp_avg"] = moment
+            unchanged()
+        opt.step()  # (and the ranks are still in step)
+        same_on_every_rank(telemetry_row(opt))
+
+
+def test_moments_placed_otherwise_than_their_params_are_refused_on_every_rank(ranks):
+    ranks.run(_other_placements_worker, timeout=60)
+
+
 def _fsdp1_worker(rank):
     from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -299,6 +299,113 @@ def _refusals_worker(rank):
             GuardedAdamW([torch.ones(3), torch.ones(2)]).load_state_dict(sd)
 
 
+class _Unreadable(dict):
+    """A saved state that ZeRO's own load fails to copy (on the rank that owns its param only)."""
+
+    def items(self):
+        raise RuntimeError("this entry cannot be read")
+
+
+def _broken_state_entries_worker(rank):
+    """State entries that ZeRO's own load reads on the owning rank only, before its post-hook's
+    gather: a None where the rank owns the param (None is what that load writes into the
+    caller's dict for the params another rank owns: a dict loaded once loads again), and any
+    other error raised inside ZeRO's load before the gather (an entry it cannot copy), are
+    raised on every rank; a value that is not a dict is refused by every rank first; nothing
+    changed. Before, the owner alone raised and the other rank waited in the gather
+    (a 5 s group timeout here, so that a regression fails fast)."""
+    from datetime import timedelta
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=5))
+    kw = dict(lr=1e-2, stats_freq=1, backend="reference", process_group=group)
+    stream = scripted_stream(14)[:6]
+    params = [p.requires_grad_() for p in whole_model()]
+    zero = zero_optimizer(params, **kw)
+    _train(zero, zero.optim, params, stream[:3])
+    saved = _saved(zero)
+    target = zero_optimizer([p.detach().clone().requires_grad_() for p in whole_model()], **kw)
+    _train(target, target.optim, [p for g in target.param_groups for p in g["params"]], stream[:1])
+    local = target.optim
+    before = ({p: dict(s) for p, s in local.state.items()}, repr(local.telemetry()), local._guard.clone())
+
+    def unchanged():  # (the same state tensors, not edited: the steps since are the first's)
+        assert local.state.keys() == before[0].keys() and repr(local.telemetry()) == before[1]
+        assert all(s.keys() == before[0][p].keys() and all(s[k] is before[0][p][k] for k in s)
+                   for p, s in local.state.items())
+        assert torch.equal(local._guard, before[2]) and all(s["step"].item() == 1 for s in local.state.values())
+
+    bad = _loaded(saved)
+    bad["state"][NAN_PARAM] = None  # (17,): rank 1's
+    with pytest.raises(ValueError, match=r"rank 1: ValueError: state_dict\['state'\]\[1\] is None where this rank "
+                                         r"owns its param"):
+        target.load_state_dict(bad)
+    unchanged()
+    bad = _loaded(saved)
+    bad["state"][NAN_PARAM] = 3  # (not a dict: refused by every rank before ZeRO reads anything)
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\] must be a dict \(empty: no state yet\), "
+                                         r"got int"):
+        target.load_state_dict(bad)
+    unchanged()
+    bad = _loaded(saved)
+    bad["state"][NAN_PARAM] = _Unreadable(bad["state"][NAN_PARAM])
+    with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer.load_state_dict: rank 1: RuntimeError: this "
+                                         r"entry cannot be read"):
+        target.load_state_dict(bad)  # (rank 1 had installed (6, 5)'s saved state before it)
+    unchanged()
+    # a dict loaded once already (ZeRO wrote None for the params other ranks own) loads again
+    twice = _loaded(saved)
+    target.load_state_dict(twice)
+    assert any(entry is None for entry in twice["state"].values())
+    target.load_state_dict(twice)
+    # an empty entry loads as "no state yet"
+    good = _loaded(saved)
+    good["state"][NAN_PARAM] = {}
+    target.load_state_dict(good)
+    assert local._calls == 3
+    if rank == 1:
+        assert dict.get(local.state, target.param_groups[0]["params"][NAN_PARAM]) == {}
+    same_on_every_rank(_train(target, local, [p for g in target.param_groups for p in g["params"]], stream[3:]))
+
+
+def _policy_instance_worker(rank):
+    """A policy instance among ZeroRedundancyOptimizer's keywords would land in its param groups,
+    and its checkpoints would not torch.load(weights_only=True): refused, naming the workaround,
+    which works (the instance bound to the class with functools.partial), as a policy name does."""
+    import functools
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from lbw_kernels.policies import ZScorePolicy
+
+    with pytest.raises(ValueError, match=r"optimizer_class=functools.partial\(GuardedAdamW, policy=ZScorePolicy"):
+        zero_optimizer(whole_model(), lr=1e-2, policy=ZScorePolicy(z_threshold=2.0))
+    kw = dict(lr=1e-2, stats_freq=1, backend="reference")
+    stream = scripted_stream(14)[:8]
+    bound = functools.partial(GuardedAdamW, policy=ZScorePolicy(z_threshold=2.0))
+    for make, policy in ((lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=bound, **kw), ZScorePolicy(z_threshold=2.0)),
+                         (lambda ps: zero_optimizer(ps, policy="zscore", **kw), ZScorePolicy())):
+        params = [p.requires_grad_() for p in whole_model()]
+        zero = make(params)
+        local = zero.optim
+        # built by ZeRO all the same (its frame found through the partial): one decision
+        assert local._zero_partition and local._summary_groups and local.guard_config.policy == policy
+        assert all(isinstance(g.get("policy", ""), str) for g in zero.param_groups + local.param_groups)
+        full = whole_model()
+        whole = GuardedAdamW(full, policy=policy, **kw)
+        expected = _train(whole, whole, full, stream)
+        assert_close_records(_train(zero, local, params, stream[:4]), expected[:4])
+        saved = _saved(zero)
+        resumed_from = [p.detach().clone().requires_grad_() for p in params]
+        rest = _train(zero, local, params, stream[4:])
+        assert_close_records(rest, expected[4:])
+        again = make(resumed_from)
+        again.load_state_dict(_loaded(saved))  # (weights_only=True)
+        assert again.optim.guard_config.policy == policy
+        resumed = _train(again, again.optim, resumed_from, stream[4:])
+        assert repr(resumed) == repr(rest)  # (bitwise; zscore's ratio slot is NaN, which == would not take)
+        assert all(torch.equal(p, q) for p, q in zip(resumed_from, params))
+
+
 def _resume_on_one_rank_worker(rank, backend, device):
     """One rank (on the GPU: ``device`` "cuda"): ZeroRedundancyOptimizer.load_state_dict moves
     0-dim states (the step counts) to the CPU; the local optimizer takes them back to the params'
@@ -385,6 +492,14 @@ def test_grad_scaler_over_zero_skips_every_rank_together(ranks):
 
 def test_zero_refusals(ranks):
     ranks.run(_refusals_worker)
+
+
+def test_broken_state_entries_are_raised_on_every_rank(ranks):
+    ranks.run(_broken_state_entries_worker, timeout=90)
+
+
+def test_policy_instances_go_through_a_partial_not_zeros_keywords(ranks):
+    ranks.run(_policy_instance_worker, timeout=90)
 
 
 def test_deepspeed_optimizer_wrappers_are_refused(monkeypatch):
