@@ -254,9 +254,17 @@ concat "$OUT_DIR/targets.md" "$OUT_DIR"/targets-{eager,graphs}.md
 # cases; 6 of the 8 new since the last GPU run) run in a phase of their own after the others
 # (where LBW_CHECK_TESTS leaves one of the two with nothing to run, it records "NO TESTS
 # COLLECTED").
+# Tests that have never run on a GPU first (tests/gpu_tests_run_before.txt lists those that
+# have; tests/conftest.py orders by it): a phase cut by the budget then loses tests that passed
+# before. The ids that pass go to gpu_tests_passed.txt, to add to that list after the run.
+# (The compiled steps: 60-150 s estimated, 6 of the 8 never run; 150 s, the budget permitting.)
+export LBW_GPU_TESTS_RUN_BEFORE="$PWD/tests/gpu_tests_run_before.txt"
 GPU_TESTS=(-m gpu ${LBW_CHECK_TESTS:-tests} -v -rfEs --durations=20 "${PYTEST_TIMEOUT[@]}")
 phase tests_gpu 200 "$PY" -m pytest "${GPU_TESTS[@]}" -k "not test_gpu_compiled_training_step_runs"
-phase tests_gpu_compiled 90 "$PY" -m pytest "${GPU_TESTS[@]}" -k test_gpu_compiled_training_step_runs
+phase tests_gpu_compiled 150 "$PY" -m pytest "${GPU_TESTS[@]}" -k test_gpu_compiled_training_step_runs
+# (-v prints "<node id> PASSED" as each ends)
+cat "$OUT_DIR"/tests_gpu.log "$OUT_DIR"/tests_gpu_compiled.log 2>/dev/null | sed -nE 's/^([^ ]+::[^ ]+) PASSED.*/\1/p' |
+    sort -u >"$OUT_DIR/gpu_tests_passed.txt"
 # Phases in the order of what they answer, so that a run squeezed by its budget loses the least:
 # the targets and the tests (above), then whether the distance to them is host time (captured steps, the
 # timeline, the host profiles), then the tuning candidates, GPT-2's layout, the CUDA build.

@@ -470,10 +470,17 @@ class GuardedAdamW(torch.optim.Optimizer):
                 # capture), and the graph's uploads are kept for good (not the plan: it holds
                 # the params and states).
                 self._plan.graph_only = True
-                if self._plan.numels is not None:
-                    stream_use.GRAPH_ONLY.append((self._plan.numels, self._plan.numel_total, self._plan.pinned_sources))
             elif numels_on_gpu:
                 self._plan.stream_use = StreamUse(self._guard.device)
+        if not self._plan.kept_for_graphs and stream_is_capturing(self._guard.device):
+            # A graph reads the plan's element counts (summarize_decide_'s) on every replay: kept
+            # for good, the plan built during this capture or one built eagerly before it, which a
+            # later eager call may replace (a grad set to None, a group added) and so free. Not the
+            # plan itself: it holds the params and states. (The backends keep their tables the
+            # same way: ops_cuda.cpp's keep, triton_kernels/ops.py's PLANS.keep.)
+            self._plan.kept_for_graphs = True
+            if self._plan.numels is not None:
+                stream_use.GRAPH_ONLY.append((self._plan.numels, self._plan.numel_total, self._plan.pinned_sources))
         if self._plan.stream_use is not None and not torch.compiler.is_compiling():
             self._plan.stream_use.enter((self._plan.numels, self._plan.numel_total))
         return self._plan

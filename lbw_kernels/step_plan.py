@@ -163,6 +163,7 @@ class StepPlan:
         self.stream_use: Optional[StreamUse] = None
         self.pinned_sources: List[Tensor] = []  # (the host side of those uploads, kept: the optimizer's)
         self.graph_only = False  # built during a CUDA graph capture: serves that graph alone (the optimizer's)
+        self.kept_for_graphs = False  # its device tensors kept for good: a graph captured it (the optimizer's)
         self.device = self.groups[0].params[0].device if self.groups else None
         self.has_dtensor = any(is_dtensor(p) for gp in self.groups for p in gp.params) or any(
             is_dtensor(g) for grads in grads_per_group for g in grads if g is not None

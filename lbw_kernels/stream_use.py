@@ -107,10 +107,10 @@ def held_tensors(obj: Any) -> Iterator[Tensor]:
             yield from held_tensors(item)
 
 
-# What was uploaded while a CUDA graph was captured (KeptCopy objects; the device tensors and
-# pinned sources of a step plan built then, optimizer._plan_for): that graph's replays read
-# them for as long as it lives, which no one here can tell: kept for good, as the CUDA backend
-# keeps the tables it builds during a capture (ops_cuda.cpp, keep).
+# What a CUDA graph's capture uploaded or read (KeptCopy objects; the device tensors and pinned
+# sources of a step plan, optimizer._plan_for): that graph's replays read them for as long as
+# it lives, which no one here can tell: kept for good, as the CUDA backend keeps the tables
+# its captures use (ops_cuda.cpp, keep).
 GRAPH_ONLY: List[Any] = []
 
 
@@ -126,6 +126,7 @@ class KeptCopy:
     ``what``: one eager step with the same tensors before capturing makes the copy outside it."""
 
     def __init__(self, host: Tensor, device: torch.device, what: str):
+        self.device = device
         self.sources: List[Tensor] = []
         self.graph_only = stream_is_capturing(device)
         try:
@@ -142,9 +143,15 @@ class KeptCopy:
         )
         if self.graph_only:
             GRAPH_ONLY.append(self)
+        self.kept_for_graphs = self.graph_only
 
     def get(self) -> Tensor:
         if self.stream_use is not None and not torch.compiler.is_compiling():
+            if not self.kept_for_graphs and stream_is_capturing(self.device):
+                # made eagerly, read by a graph being captured: its caller's cache may let it go
+                # (evicted, or its layout gone) while the graph replays it: kept for good
+                self.kept_for_graphs = True
+                GRAPH_ONLY.append(self)
             self.stream_use.enter(self.tensor)
         return self.tensor
 

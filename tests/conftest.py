@@ -13,9 +13,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _run_before(path: str) -> set:
+    """The test ids listed in ``path`` (tests/gpu_tests_run_before.txt: one per line, # comments)."""
+    with open(path, encoding="utf-8") as f:
+        return {line.strip() for line in f if line.strip() and not line.startswith("#")}
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``@pytest.mark.gpu`` skip, with the reason, where there is no CUDA device."""
+    """Tests marked ``@pytest.mark.gpu`` skip, with the reason, where there is no CUDA device.
+
+    LBW_GPU_TESTS_RUN_BEFORE=FILE (bench/device_check.sh sets it): the tests FILE lists (those
+    that have run on a GPU) run after the others, each part in its own order, so that a GPU run
+    cut short by its time budget loses tests that have passed before, not ones that never ran."""
+    listed = os.environ.get("LBW_GPU_TESTS_RUN_BEFORE")
+    if listed:
+        before = _run_before(listed)
+        items.sort(key=lambda item: item.nodeid in before)  # (stable)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -277,6 +277,50 @@ def test_a_step_plan_built_during_a_capture_serves_that_graph_alone(monkeypatch,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_plan_built_eagerly_and_captured_keeps_its_device_tensors(monkeypatch):
+    """A graph captured from a plan an eager call built reads its element counts on every
+    replay, and a later eager call that changes the layout (a grad set to None) replaces the
+    plan: its device tensors are kept for good once a capture has used them (once, however
+    many captures), as those of a plan built during a capture are. Stood in on CPU."""
+    from lbw_kernels import GuardedAdamW, optimizer
+
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7,), (3, 5))]
+    opt = GuardedAdamW(params, lr=1e-2, backend="reference", stats_freq=1)
+    capturing = [False]
+    monkeypatch.setattr(optimizer, "stream_is_capturing", lambda device: capturing[0])
+    plans = []
+    for call, capture in enumerate((False, True, True, False)):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if call == 3:
+            params[0].grad = None  # a new layout: the eager call replaces the captured plan
+        capturing[0] = capture
+        opt.step()
+        plans.append(opt._plan)
+    eager, captured, again, after = plans
+    assert captured is eager is again and not eager.graph_only and after is not eager
+    assert stream_use.GRAPH_ONLY == [(eager.numels, eager.numel_total, eager.pinned_sources)]
+
+
+def test_a_kept_copy_made_eagerly_is_kept_once_a_capture_reads_it(monkeypatch):
+    """A KeptCopy (a DTensor row map, a mixed group's row order) made eagerly and read while a
+    graph is captured goes to GRAPH_ONLY, once: its cache may drop it later while the graph
+    still replays it. Stood in on CPU, as above."""
+    capturing = [False]
+    monkeypatch.setattr(stream_use, "upload", lambda host, device, keep: SimpleNamespace(is_cuda=True, values=host))
+    monkeypatch.setattr(stream_use, "StreamUse", lambda device: SimpleNamespace(enter=lambda held: None))
+    monkeypatch.setattr(stream_use, "stream_is_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(stream_use, "GRAPH_ONLY", [])
+    kept = stream_use.KeptCopy(torch.tensor([1, 0]), torch.device("cuda", 0), "the test's row map")
+    kept.get()
+    assert stream_use.GRAPH_ONLY == []
+    capturing[0] = True
+    kept.get()
+    kept.get()
+    assert stream_use.GRAPH_ONLY == [kept]
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_a_first_step_captured_is_refused_before_any_state_is_made(monkeypatch, backend):
     """A state made while a CUDA graph is captured would be zeroed again by every replay (its

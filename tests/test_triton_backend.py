@@ -1438,6 +1438,10 @@ def test_gpu_capturing_a_first_step_is_refused_and_makes_no_state(name):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt = GuardedAdamW(model.parameters(), lr=1e-2, backend=name)
+    # (step()'s eager bookkeeping is wrapped by torch._dynamo's disable, whose first use imports
+    # torch._dynamo: not inside the capture, when this test runs first in its process)
+    import torch._dynamo  # noqa: F401
+
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="has no optimizer state yet"):
         with torch.cuda.graph(graph):
