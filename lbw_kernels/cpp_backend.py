@@ -176,22 +176,30 @@ def _kernel_telemetry(grads: Sequence[Tensor]) -> Optional[Tensor]:
     return rows
 
 
-def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> tuple:
+def _update_args(part: GroupTensors, lr_scale: Tensor, lr: float, last) -> Optional[tuple]:
     """The update ops' leading arguments, in schema order; ``last``: skip (adamw_) or mask
     (adamw_telemetry_). (adamw_ takes grad_factor after them.)
 
-    The schema takes betas, eps and weight_decay as floats: a group's one-element tensors
-    (torch.optim's tensor betas) are read here. Eagerly that is what the direct entry's
-    argument conversion would do; while torch.compile traces, the read breaks the graph there
-    (a traced op cannot take a tensor for a float), and a GPU tensor costs a sync either way."""
-    hyper = [float(x) if isinstance(x, Tensor) else x for x in (part.beta1, part.beta2, part.eps, part.weight_decay)]
+    The schema takes betas, eps and weight_decay as floats: a group's one-element CPU tensors
+    (torch.optim's tensor betas) are read here, with no sync. Eagerly that is what the direct
+    entry's argument conversion would do; while torch.compile traces, the read breaks the graph
+    there (a traced op cannot take a tensor for a float). None where one of them is a tensor on
+    another device (a GPU tensor): reading it would wait for the device on every step (and fail
+    a CUDA graph's capture), so such a part goes to the reference's ops, which read it there."""
+    values = (part.beta1, part.beta2, part.eps, part.weight_decay)
+    if any(isinstance(x, Tensor) and x.device.type != "cpu" for x in values):
+        return None
+    hyper = [float(x) if isinstance(x, Tensor) else x for x in values]
     return (part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.steps, lr_scale, lr, *hyper,
             part.maximize, last)
 
 
 def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[Tensor],
                grad_factor: Optional[Tensor] = None) -> bool:
-    args = _update_args(part, lr_scale, lr, skip) + (grad_factor,)
+    args = _update_args(part, lr_scale, lr, skip)
+    if args is None:
+        return False
+    args += (grad_factor,)
     if not torch.compiler.is_compiling():
         return _C._adamw_(*args)
     if not _update_ready(*args):
@@ -202,6 +210,8 @@ def _run_adamw(part: GroupTensors, lr_scale: Tensor, lr: float, skip: Optional[T
 
 def _run_adamw_telemetry(part: GroupTensors, lr_scale: Tensor, lr: float, mask: bool) -> Optional[Tensor]:
     args = _update_args(part, lr_scale, lr, mask)
+    if args is None:
+        return None
     if not torch.compiler.is_compiling():
         return _C._adamw_telemetry_(*args)
     return torch.ops.lbw.adamw_telemetry_(*args) if _update_ready(*args) else None
@@ -400,7 +410,10 @@ class CudaBackend(CppBackend):
         if isinstance(group.lr, Tensor) or (group.param_dtypes is not None and len(group.param_dtypes) > 1):
             return False
         lr_scale, lr = self._lr(scale, group.lr)
+        args = _update_args(group, lr_scale, lr, skip)
+        if args is None:  # (a GPU tensor among betas, eps, weight_decay: the reference updates)
+            return False
         try:
-            return _C._adamw_exact_(*_update_args(group, lr_scale, lr, skip), decide, partials)
+            return _C._adamw_exact_(*args, decide, partials)
         except RuntimeError as err:
             raise _named(err, group, group, 0)

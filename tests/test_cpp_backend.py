@@ -246,6 +246,26 @@ def test_a_grad_that_is_not_dense_keeps_every_rows_kernel_sums(cpp):
     torch.testing.assert_close(rows[1][2:], want, rtol=1e-12, atol=0)
 
 
+def test_a_hyperparameter_tensor_on_another_device_goes_to_the_reference():
+    """The kernels take betas, eps and weight_decay as numbers: a CPU tensor is read on the host,
+    one on another device (a GPU's; meta stands in for it here) would cost a sync on every step
+    and fail a CUDA graph's capture, so the ops are not called (False/None: the caller runs the
+    reference's ops, which read it on its device) and nothing is written."""
+    from lbw_kernels import cpp_backend
+
+    problem = make_problem(3, shapes=((4,), (5,)), n_groups=1)
+    part = problem[0]
+    before = [p.clone() for p in part.params]
+    scale = torch.tensor(1.0, dtype=torch.float64)
+    part.beta1 = torch.tensor(0.9)  # (a CPU tensor: taken)
+    assert cpp_backend._update_args(part, scale, 1e-3, None)[7] == pytest.approx(0.9)
+    part.eps = torch.tensor(1e-8, device="meta")
+    assert cpp_backend._update_args(part, scale, 1e-3, None) is None
+    assert cpp_backend._run_adamw(part, scale, 1e-3, None) is False
+    assert cpp_backend._run_adamw_telemetry(part, scale, 1e-3, True) is None
+    assert all(torch.equal(a, b) for a, b in zip(part.params, before))
+
+
 def test_bad_arguments_raise_clear_errors():
     p = torch.zeros(4)
     s = torch.tensor(0.0)
