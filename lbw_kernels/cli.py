@@ -99,9 +99,13 @@ def _verify(args: argparse.Namespace) -> int:
             failed |= bool(args.backend)  # (named, so asked for: not verified is a failure)
             continue
         backend = get_backend(name)
-        for device in _devices_here():
-            if not backend.supports(device):
-                continue
+        devices = [device for device in _devices_here() if backend.supports(device)]
+        if not devices:  # (Triton with TRITON_INTERPRET=0 and no GPU, a CUDA build without one)
+            print(f"{name:<10} SKIPPED   runs on none of this machine's devices "
+                  f"({', '.join(map(str, _devices_here()))})")
+            failed |= bool(args.backend)
+            continue
+        for device in devices:
             failures = verify_backend(backend, device=device, seeds=args.seeds)
             verdict = "OK" if not failures else f"FAILED ({len(failures)} mismatches)"
             print(f"{name:<10} {str(device):<6} {verdict}")

@@ -209,3 +209,50 @@ def test_multi_step_stream_catches_truncating_bf16_stores():
     finally:
         _FACTORIES.pop("truncating")
         _INSTANCES.pop("truncating", None)
+
+
+def test_the_multi_step_stream_checks_the_zscore_controller_and_catches_a_nan_scale(monkeypatch):
+    """verify's multi-step stream runs both policies (the kernel backends decide each in their
+    own controller kernel): a zscore controller given a wrong option (a cut of 0.1 per unit of
+    z over the threshold, against 0.5) is a mismatch, as is a backend whose telemetry reports a
+    NaN scale (``abs(nan - x) > tol`` is False: such a check let it pass)."""
+    import dataclasses
+
+    from lbw_kernels import controller_op, optimizer
+    from lbw_kernels.policies import ZScorePolicy
+    from lbw_kernels.verify import check_optimizer_stream
+
+    assert check_optimizer_stream("cpp", torch.float32, policy="zscore") == []
+    real = controller_op.controller_config
+
+    def wrong_cut(cfg):  # (the kernel's config; the reference reads the policy object)
+        if isinstance(cfg.policy, ZScorePolicy):
+            cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, cut_per_z=0.1))
+        return real(cfg)
+
+    monkeypatch.setattr(controller_op, "controller_config", wrong_cut)
+    mismatches = check_optimizer_stream("cpp", torch.float32, policy="zscore")
+    assert any("policy=zscore" in m.what and "scale" in m.what for m in mismatches), mismatches
+    monkeypatch.setattr(controller_op, "controller_config", real)
+    telemetry = optimizer.GuardedAdamW.telemetry
+
+    def nan_scale(self):
+        out = telemetry(self)
+        return {**out, "scale": float("nan")} if self.backend == "cpp" else out
+
+    monkeypatch.setattr(optimizer.GuardedAdamW, "telemetry", nan_scale)
+    assert any("scale after call 1" in m.what for m in check_optimizer_stream("cpp", torch.float32))
+
+
+def test_verify_says_when_a_backend_runs_on_no_device_here():
+    """A backend that is built but runs on none of this machine's devices (Triton without its
+    interpreter and no GPU) was skipped without a word, and verify exited 0 with nothing
+    checked; now it says so, and a named one fails."""
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA: Triton runs there")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-m", "lbw_kernels", "verify", "--backend", "triton", "--seeds", "1"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "triton     SKIPPED   runs on none of this machine's devices (cpu)" in res.stdout
