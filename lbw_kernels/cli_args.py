@@ -67,17 +67,40 @@ def _comma_list(text: str, item: Callable[[str], T], what: str) -> List[T]:
     values = [item(x.strip()) for x in text.split(",") if x.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"needs at least one {what}")
+    # A repeated value would run the same experiment twice and count it as two independent
+    # ones (stress averages over seeds): refused rather than silently dropped.
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise argparse.ArgumentTypeError(f"duplicate value {value!r} in {text!r}")
+        seen.add(value)
     return values
 
 
 def positive_floats(text: str) -> List[float]:
-    """A comma list of numbers > 0 (at least one)."""
+    """A comma list of distinct numbers > 0 (at least one)."""
     return _comma_list(text, positive_float, "number")
 
 
 def whole_numbers(text: str) -> List[int]:
-    """A comma list of whole numbers (at least one)."""
+    """A comma list of distinct whole numbers (at least one)."""
     return _comma_list(text, _int, "whole number")
+
+
+# torch.manual_seed takes a signed 64-bit seed, and stress seeds its base model with seed + 1000.
+MAX_SEED = 2**63 - 1000
+
+
+def seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1000), got {value}")
+    return value
+
+
+def seeds(text: str) -> List[int]:
+    """A comma list of distinct seeds, each in [0, 2**63 - 1000) (at least one)."""
+    return _comma_list(text, seed, "seed")
 
 
 def backend(text: str) -> str:

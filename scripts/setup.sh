@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs lbw-kernels and what it needs into the current Python, on a fresh machine or a
 # user's GPU machine alike. A torch that is already importable is kept (a CUDA build stays);
-# only where there is none is the CPU build torch==2.13.0 installed.
+# only where there is none is torch==2.13.0 installed (the CPU wheel where pip is pointed at
+# one, as on the CI machines; PyPI's default for Linux is its CUDA build, several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -354,7 +354,7 @@ def add_parser(subparsers) -> None:
                    help="finetune (default: the paper's setting), pretrain from scratch, or both")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma list of {', '.join(ARMS)}")
     p.add_argument("--lrs", type=cli_args.positive_floats, default=None,
-                   help=f"comma list of peak learning rates (default: base-lr x {DEFAULT_LR_MULTS})")
+                   help=f"comma list of distinct peak learning rates (default: base-lr x {DEFAULT_LR_MULTS})")
     p.add_argument("--base-lr", type=cli_args.positive_float, default=DEFAULT_BASE_LR,
                    help="a good LR: the grid's first point and the finetune base model's LR")
     for name in ("d_model", "layers", "heads", "ctx", "batch", "steps", "base_steps",
@@ -369,8 +369,8 @@ def add_parser(subparsers) -> None:
                    help="a spike: train loss above this x the median of the previous 20 steps")
     p.add_argument("--backend", type=cli_args.backend_or_auto, default="auto",
                    help="GuardedAdamW backend for the guard arms")
-    p.add_argument("--seeds", type=cli_args.whole_numbers, default=[0],
-                   help="comma list of seeds; each seeds the init, the base model and the batch order (default 0)")
+    p.add_argument("--seeds", type=cli_args.seeds, default=[0],
+                   help="comma list of distinct seeds in [0, 2**63 - 1000); each seeds the init, the base model and the batch order (default 0)")
     p.add_argument("--corpus", default=None, help="text file or folder (default: the Python stdlib's sources)")
     p.add_argument("--device", type=cli_args.device, default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--threads", type=cli_args.int_at_least(1), default=None,
@@ -383,9 +383,51 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _NoBar:
+    """What the loop asks of a tqdm bar, doing nothing: --no-progress, or tqdm (an extra) missing."""
 
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, disable: bool):
+    """A tqdm bar, or a :class:`_NoBar` when disabled or when tqdm (the ``[plots]`` extra) is not
+    installed: the command runs without it."""
+    if disable:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "tqdm":
+            raise
+        print("no progress bar: tqdm is not installed (pip install tqdm)")
+        return _NoBar()
+    return tqdm(total=total, desc="stress", unit="step", dynamic_ncols=True)
+
+
+def _plots(report: Dict, out: Path) -> None:
+    """The PNGs of the report. matplotlib is an extra: without it they are said to be left out and
+    the command goes on (stress.json, already written, holds every number), as bench does."""
+    from .plots import plot_all
+
+    try:
+        paths = plot_all(report, out)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "matplotlib":
+            raise
+        print(f"PNGs not written to {out}: matplotlib is not installed (pip install matplotlib)")
+        return
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def main(args: argparse.Namespace) -> int:
     from ..bench import environment
 
     preset = dict(PRESETS[args.preset])
@@ -396,6 +438,10 @@ def main(args: argparse.Namespace) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not arms:
+        raise SystemExit(f"--arms: needs at least one arm; choose from {list(ARMS)}")
+    if preset["d_model"] % preset["heads"]:
+        raise SystemExit(f"--d-model ({preset['d_model']}) must be a multiple of --heads ({preset['heads']})")
     seeds = args.seeds
     lrs = args.lrs or [args.base_lr * m for m in DEFAULT_LR_MULTS]
     modes = ["pretrain", "finetune"] if args.mode == "both" else [args.mode]
@@ -406,6 +452,15 @@ def main(args: argparse.Namespace) -> int:
         # each parallel op waits for a descheduled thread: measured on 2 busy cores, 1 thread
         # took 146-169 s for the quick grid, 2 threads 711 s.
         threads = 1
+    if any(ARMS[a]["kind"] == "guard" for a in arms):
+        # train() selects it per guard run; one that cannot run here must stop the command
+        # now, not after the base model and the AdamW arms have trained.
+        from ..backends import select_backend
+
+        try:
+            select_backend(args.backend, device)
+        except (ValueError, RuntimeError) as err:
+            raise SystemExit(f"--backend {args.backend}: {err}")
     if threads:
         torch.set_num_threads(threads)
     out = Path(args.out)
@@ -414,6 +469,12 @@ def main(args: argparse.Namespace) -> int:
         corpus = load_corpus(args.corpus, preset["max_train_bytes"], preset["max_val_bytes"])
     except FileNotFoundError as err:
         raise SystemExit(f"lbw-kernels stress: {err}")
+    except ValueError as err:
+        raise SystemExit(f"--corpus {args.corpus}: {err}")
+    for split, data in (("training", corpus.train), ("validation", corpus.val)):
+        if len(data) <= preset["ctx"] + 1:
+            raise SystemExit(f"--corpus {corpus.source}: its {split} split has {len(data)} bytes, "
+                             f"needs more than --ctx + 1 = {preset['ctx'] + 1}")
 
     cfg = ModelConfig(preset["d_model"], preset["layers"], preset["heads"], preset["ctx"])
     settings = TrainSettings(
@@ -431,7 +492,7 @@ def main(args: argparse.Namespace) -> int:
     total = len(modes) * len(seeds) * len(arms) * len(lrs) * settings.steps
     if "finetune" in modes:
         total += len(seeds) * base_settings.steps
-    bar = tqdm(total=total, desc="stress", unit="step", disable=args.no_progress, dynamic_ncols=True)
+    bar = _progress_bar(total, args.no_progress)
     runs: List[RunResult] = []
     started = time.perf_counter()
     base_infos = []
@@ -491,8 +552,5 @@ def main(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(report, indent=1, allow_nan=True))
     print(f"\ntotal {elapsed:.0f} s; wrote {json_path}")
     if not args.no_plot:
-        from .plots import plot_all
-
-        for path in plot_all(report, out):
-            print(f"wrote {path}")
+        _plots(report, out)
     return 0
