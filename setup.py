@@ -48,6 +48,7 @@ def ext_modules():
     a compiler, or with LBW_SKIP_BUILD=1 the install goes on pure-Python, saying so in one line.
     """
     import os
+    import shlex
     import shutil
     import sys
     from pathlib import Path
@@ -63,9 +64,18 @@ def ext_modules():
         from torch.utils import cpp_extension
     except ImportError:
         return skip("torch is not importable at build time; use pip install --no-build-isolation")
+    # The torch pip would otherwise replace (install_requires' lower bound) to satisfy this
+    # package: a CUDA build of several GB over the user's own torch. Refused, with the reason.
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+        sys.exit(f"lbw-kernels needs torch >= 2.5 (DTensor support reads torch.distributed.tensor); this "
+                 f"Python has torch {torch.__version__}, which pip would replace: upgrade it yourself first")
     cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
+    compiler = shlex.split(cxx)[0] if cxx.strip() else "c++"  # (CXX="ccache g++": the first word runs)
+    if shutil.which(compiler) is None:
         return skip(f"no C++ compiler ({cxx!r} not found)")
+    # The ninja that setup.sh installs sits beside this Python, on PATH only in an activated venv
+    # (PYTHON=.venv/bin/python): without it torch builds serially and MAX_JOBS does nothing.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     root = Path(__file__).parent
     sources = [
         "csrc/bindings/ops.cpp",
@@ -91,6 +101,8 @@ def ext_modules():
     define_macros = []
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    if force_cuda and torch.version.cuda is None:
+        sys.exit(f"lbw-kernels: FORCE_CUDA=1 needs a CUDA build of torch; this one is {torch.__version__} (CPU)")
     with_cuda = force_cuda or (torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc))
     if with_cuda and not force_cuda:
         found, torch_major = nvcc_major(nvcc), torch.version.cuda.split(".")[0]
