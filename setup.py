@@ -27,6 +27,19 @@ def nvcc_major(nvcc):
     return found.group(1) if found else None
 
 
+def record_build(decision):
+    """``decision`` (what was built, or why not) into lbw_kernels/_build_info.py, which ``lbw-kernels
+    info`` and the cuda backend's error print: pip shows a build's own output only with -v, so
+    the line this script prints would otherwise never reach the user. (Generated; not in git.)"""
+    from pathlib import Path
+
+    target = Path(__file__).parent / "lbw_kernels" / "_build_info.py"
+    try:
+        target.write_text(f"# written by setup.py at build time\nBUILD = {decision!r}\n", encoding="utf-8")
+    except OSError:  # (a read-only source tree: info then says nothing more)
+        pass
+
+
 def static_libstdcxx_warning(library, cxx):
     """lbw_kernels/build_check.py's check of the built extension, loaded by path (the package
     is not importable while it is being built)."""
@@ -55,6 +68,7 @@ def ext_modules():
 
     def skip(reason):
         print(f"lbw-kernels: not building the C++/CUDA extension ({reason}); installing pure-Python", file=sys.stderr)
+        record_build(f"not built: {reason}")
         return [], {}
 
     if os.environ.get("LBW_SKIP_BUILD", "0") == "1":
@@ -99,6 +113,7 @@ def ext_modules():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     define_macros = []
+    cpu_only = None  # (why the CUDA kernels are left out where torch has CUDA)
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     if force_cuda and torch.version.cuda is None:
@@ -107,8 +122,9 @@ def ext_modules():
     if with_cuda and not force_cuda:
         found, torch_major = nvcc_major(nvcc), torch.version.cuda.split(".")[0]
         if found is not None and found != torch_major:
-            print(f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA {found}, torch was built with "
-                  f"CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch_major} toolkit)", file=sys.stderr)
+            cpu_only = (f"CPU kernels only: {nvcc} is CUDA {found}, torch was built with CUDA {torch.version.cuda} "
+                        f"(set CUDA_HOME to a CUDA {torch_major} toolkit)")
+            print(f"lbw-kernels: building the {cpu_only}", file=sys.stderr)
             with_cuda = False
     if with_cuda:
         # sm_80 and sm_90 code, and sm_90's PTX, which the driver compiles for newer GPUs
@@ -132,7 +148,12 @@ def ext_modules():
         extra_link_args=link_flags,
         py_limited_api=False,
     )
-    print(f"lbw-kernels: building the C++ extension ({'CPU + CUDA ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else 'CPU only'})", file=sys.stderr)
+    built = "CPU + CUDA " + os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else "CPU only"
+    print(f"lbw-kernels: building the C++ extension ({built})", file=sys.stderr)
+    if not with_cuda and not cpu_only:  # (why no CUDA kernels)
+        cpu_only = (f"CPU only (torch {torch.__version__} is a build without CUDA)" if torch.version.cuda is None
+                    else f"CPU only (torch has CUDA {torch.version.cuda}; no nvcc found: set CUDA_HOME)")
+    record_build(f"built: {cpu_only or built}")
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 
     class build_ext(base):

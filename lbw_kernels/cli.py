@@ -58,6 +58,12 @@ def _info(args: argparse.Namespace) -> int:
             print(warning)
     except ImportError as err:
         print(f"extension   lbw_kernels._C not built ({err})")
+    try:  # (what setup.py decided, and why: pip shows its output only with -v)
+        from ._build_info import BUILD
+
+        print(f"build       {BUILD}")
+    except ImportError:
+        pass
     print("backends:")
     backends = availability()  # (constructing the cuda backend applies LBW_CUDA_GEOMETRY)
     devices = _devices_here()

@@ -385,10 +385,12 @@ class CudaBackend(CppBackend):
 
     def __init__(self) -> None:
         if not getattr(_C, "WITH_CUDA", 0):
-            raise RuntimeError(
-                "lbw_kernels._C was not built with CUDA kernels (built against a torch without "
-                "CUDA, or nvcc not found; rebuild with FORCE_CUDA=1 on a CUDA machine)"
-            )
+            try:
+                from ._build_info import BUILD  # (setup.py's decision, with its reason)
+            except ImportError:
+                BUILD = "built against a torch without CUDA, or nvcc not found"
+            raise RuntimeError(f"lbw_kernels._C was not built with CUDA kernels ({BUILD}); rebuild on a "
+                               "CUDA machine with a CUDA torch and an nvcc of its CUDA major")
         _apply_cuda_geometry_override()
         super().__init__()
 

@@ -68,19 +68,38 @@ def test_without_the_extension_triton_matches_the_reference(child_report):
     assert child_report["triton stream"] == {"torch.float32": [], "torch.bfloat16": []}
 
 
+def _setup_copy(tmp_path: Path) -> Path:
+    """setup.py and what ``--name`` reads, in a folder of their own: setup.py records its
+    decision in lbw_kernels/_build_info.py, which the repository's own must not get from a test."""
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "src"
+    (copy / "lbw_kernels").mkdir(parents=True)
+    for name in ("setup.py", "README.md", "lbw_kernels/build_check.py"):
+        (copy / name).write_text((root / name).read_text())
+    return copy
+
+
+def _recorded(copy: Path) -> str:
+    namespace: dict = {}
+    exec((copy / "lbw_kernels" / "_build_info.py").read_text(), namespace)
+    return namespace["BUILD"]
+
+
 @pytest.mark.parametrize(
     "env, reason",
     [({"LBW_SKIP_BUILD": "1"}, "LBW_SKIP_BUILD=1"), ({"CXX": "no-such-compiler"}, "no C++ compiler ('no-such-compiler' not found)")],
 )
-def test_setup_without_a_build_says_so_in_one_line(env, reason):
-    """setup.py decides at its start; ``--name`` runs that decision without installing anything."""
-    root = Path(__file__).resolve().parents[1]
+def test_setup_without_a_build_says_so_in_one_line(env, reason, tmp_path):
+    """setup.py decides at its start; ``--name`` runs that decision without installing anything.
+    The decision is also recorded for ``lbw-kernels info`` (pip shows the line only with -v)."""
+    copy = _setup_copy(tmp_path)
     env = {**{k: v for k, v in os.environ.items() if k not in ("LBW_SKIP_BUILD", "CXX")}, **env}
-    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=copy, env=env,
                           capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.split()[-1] == "lbw-kernels"
     said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
     assert said == [f"lbw-kernels: not building the C++/CUDA extension ({reason}); installing pure-Python"]
+    assert _recorded(copy) == f"not built: {reason}"
 
 
 @pytest.mark.parametrize("nvcc_release, builds_cuda", [("13.0", False), ("12.6", True)])
@@ -88,7 +107,7 @@ def test_setup_builds_the_cpu_kernels_alone_beside_an_nvcc_of_another_cuda_major
     """A CUDA torch (here one that says CUDA 12.8) beside an nvcc of another major version:
     torch's build would refuse that nvcc and fail the whole install, so setup.py builds the
     CPU kernels alone and says why; an nvcc of the same major builds both."""
-    root = Path(__file__).resolve().parents[1]
+    copy = _setup_copy(tmp_path)
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1'\n")
@@ -100,14 +119,16 @@ def test_setup_builds_the_cpu_kernels_alone_beside_an_nvcc_of_another_cuda_major
         "torch.cuda.is_available = lambda: False\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LBW_SKIP_BUILD", "CXX", "FORCE_CUDA")}
     env.update(CUDA_HOME=str(tmp_path / "cuda"), PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env,
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=copy, env=env,
                           capture_output=True, text=True, check=True, timeout=120)
     said = [line for line in done.stderr.splitlines() if line.startswith("lbw-kernels:")]
     if builds_cuda:
         assert said == ["lbw-kernels: building the C++ extension (CPU + CUDA 8.0;9.0+PTX)"], said
+        assert _recorded(copy) == "built: CPU + CUDA 8.0;9.0+PTX"
     else:
-        assert said == [f"lbw-kernels: building the CPU kernels only: {nvcc} is CUDA 13, torch was built with CUDA 12.8 "
-                        "(set CUDA_HOME to a CUDA 12 toolkit)", "lbw-kernels: building the C++ extension (CPU only)"], said
+        why = f"CPU kernels only: {nvcc} is CUDA 13, torch was built with CUDA 12.8 (set CUDA_HOME to a CUDA 12 toolkit)"
+        assert said == [f"lbw-kernels: building the {why}", "lbw-kernels: building the C++ extension (CPU only)"], said
+        assert _recorded(copy) == f"built: {why}"
 
 
 def _setup_function(name: str):

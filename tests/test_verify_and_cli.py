@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,6 +173,15 @@ def test_info_and_verify_from_the_shell():
     info = subprocess.run([sys.executable, "-m", "lbw_kernels", "info"], capture_output=True, text=True, check=True)
     for line in ("torch", "backends:", "reference  available, runs on cpu"):
         assert line in info.stdout
+    # setup.py's decision on the extension, and why (an install records it; a checkout run in
+    # place has none)
+    import lbw_kernels
+
+    recorded = Path(lbw_kernels.__file__).with_name("_build_info.py")
+    if recorded.exists():
+        namespace: dict = {}
+        exec(recorded.read_text(), namespace)
+        assert f"build       {namespace['BUILD']}" in info.stdout
     verify = subprocess.run(
         [sys.executable, "-m", "lbw_kernels", "verify", "--backend", "reference", "--seeds", "1"],
         capture_output=True, text=True,
