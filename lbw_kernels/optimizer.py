@@ -9,6 +9,7 @@ controller (``reference.guard_decide``); see ``DESIGN.md`` for the rules.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 import inspect
 from copy import deepcopy
 from dataclasses import asdict
@@ -45,6 +46,7 @@ from .validation import (
     check_guard_config,
     check_guard_values,
     check_params,
+    dtensor_spec_differs,
     plain_hyperparameters,
     plain_number,
 )
@@ -758,25 +760,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         torch.optim.Optimizer's hooks run as there: the pre-hooks first, the post-hooks in
         order on the complete dict (``"guard"`` and the copies in the param states included),
         a dict a post-hook returns taking the place of the one it was given."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
         self._attach_guard()
-        # torch.optim.Optimizer.state_dict's packing (a param as its position in the groups, the
-        # first where it is listed twice), without its post-hooks: they run below, once the
-        # dict is complete. The states as plain dicts (torch.load(weights_only=True) takes
-        # nothing else), with the same tensors.
-        mappings: Dict[int, int] = {}
-        packed_groups = []
-        start = 0
-        for g in self.param_groups:
-            mappings.update((id(p), i) for i, p in enumerate(g["params"], start) if id(p) not in mappings)
-            packed = {k: v for k, v in g.items() if k != "params"}
-            packed["params"] = [mappings[id(p)] for p in g["params"]]
-            packed_groups.append(packed)
-            start += len(packed["params"])
-        packed_state = {(mappings[id(p)] if isinstance(p, Tensor) else p): dict(entry) if isinstance(entry, dict)
-                        else entry for p, entry in self.state.items()}
-        out = {"state": packed_state, "param_groups": packed_groups}
+        # torch.optim.Optimizer.state_dict's packing and pre-hooks, without its post-hooks: they
+        # run below, once the dict is complete
+        post_hooks, self._optimizer_state_dict_post_hooks = self._optimizer_state_dict_post_hooks, OrderedDict()
+        try:
+            out = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
+        # Plain dicts (torch.load(weights_only=True) takes nothing else), with the same tensors.
+        out["state"] = {pid: dict(entry) if isinstance(entry, dict) else entry for pid, entry in out["state"].items()}
         guard = self._guard.clone()  # both copies: this call's values, not the live tensor
         out["guard"] = {"state": guard, "config": asdict(self.guard_config),
                         "policy": self.guard_config.policy.name, "gate": self.gate}
@@ -938,17 +931,11 @@ class GuardedAdamW(torch.optim.Optimizer):
                         "sharded checkpoint into sharded params (torch.distributed.checkpoint, or "
                         "get/set_optimizer_state_dict with full_state_dict=True, which shards it)"
                     )
-                if is_dtensor(saved[key]) and (
-                        not is_dtensor(p) or saved[key].device_mesh != p.device_mesh
-                        or tuple(saved[key].placements) != tuple(p.placements)):
-                    # (the global shapes agree, the local shards may not: every rank whose shard
-                    # differs would refuse it in its step, some only, after or before a collective;
-                    # the same checkpoint on every rank is refused here on every rank alike)
-                    spec = ("a plain tensor" if not is_dtensor(p) else
-                            f"a DTensor on {p.device_mesh} with placements {tuple(p.placements)}")
+                # (the same checkpoint on every rank is refused here on every rank alike)
+                differs = dtensor_spec_differs(saved[key], p) if is_dtensor(saved[key]) else None
+                if differs:
                     raise ValueError(
-                        f"state_dict state[{pid!r}][{key!r}] is a DTensor on {saved[key].device_mesh} with placements "
-                        f"{tuple(saved[key].placements)}, its param {spec}: load a checkpoint sharded as the params "
+                        f"state_dict state[{pid!r}][{key!r}] {differs}: load a checkpoint sharded as the params "
                         "are (torch.distributed.checkpoint reshards a saved one into the load template's placements)"
                     )
             step = saved["step"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Collection, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -210,6 +210,22 @@ def check_grad(p: torch.Tensor, group_index: int, param_index: int) -> None:
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
+def dtensor_spec_differs(t: torch.Tensor, p: torch.Tensor) -> Optional[str]:
+    """Where state ``t`` and its param ``p`` are not DTensors of one mesh and placements (or one
+    of them is not a DTensor): both, said ("is ..., its param ..."); else None. The same global
+    shape may hold other local shards, which the update's own check would find only on the
+    ranks whose shards differ, some after a collective."""
+    dt, dp = is_dtensor(t), is_dtensor(p)
+    if not (dt or dp) or (dt and dp and t.device_mesh == p.device_mesh
+                          and tuple(t.placements) == tuple(p.placements)):
+        return None
+
+    def spec(x: torch.Tensor, d: bool) -> str:
+        return f"a DTensor on {x.device_mesh} with placements {tuple(x.placements)}" if d else "a plain tensor"
+
+    return f"is {spec(t, dt)}, its param {spec(p, dp)}"
+
+
 def check_state_entry(p: torch.Tensor, state: Mapping[str, Any], where: str) -> None:
     """An existing AdamW state of ``p`` (``where``: how to find it, ``"opt.state[...]"``), perhaps
     edited by hand since it was made: the tensors the kernels will read and write in place.
@@ -228,14 +244,9 @@ def check_state_entry(p: torch.Tensor, state: Mapping[str, Any], where: str) -> 
             raise ValueError(
                 f"{where}[{key!r}] has shape {tuple(t.shape)} on {t.device}, its param {tuple(p.shape)} on {p.device}"
             )
-        # DTensors: the same global shape may hold other local shards (the update's own check
-        # would find that only on the ranks whose shards differ, some after a collective)
-        dtensors = is_dtensor(p), is_dtensor(t)
-        if any(dtensors) and (not all(dtensors) or t.device_mesh != p.device_mesh
-                              or tuple(t.placements) != tuple(p.placements)):
-            kind = [f"a DTensor on {x.device_mesh} with placements {tuple(x.placements)}" if d else "a plain tensor"
-                    for x, d in ((t, dtensors[1]), (p, dtensors[0]))]
-            raise ValueError(f"{where}[{key!r}] is {kind[0]}, its param {kind[1]}")
+        differs = dtensor_spec_differs(t, p)
+        if differs:
+            raise ValueError(f"{where}[{key!r}] {differs}")
     step = state["step"]
     if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.float32
             and step.device == p.device):
