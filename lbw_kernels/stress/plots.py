@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-LN256 = math.log(256)
+from .targets import LN256
 
 
 def _smooth(xs: List[float], k: int = 10) -> List[float]:

@@ -29,10 +29,8 @@ import torch
 from ..policies import ZScorePolicy
 from .corpus import Corpus, batch_offsets, load_corpus, val_offsets, windows
 from .model import ByteTransformer, ModelConfig
-from .targets import format_targets, policy_targets
+from .targets import LN256, format_targets, policy_targets
 from .zclip import ZClip
-
-LN256 = math.log(256)
 
 # Arm name -> (optimizer kind, options). All guard arms read telemetry every call
 # (stats_freq=1) but the one named -sf10, which runs the published default. guard-* arms run
