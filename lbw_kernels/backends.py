@@ -99,6 +99,12 @@ class Backend:
         """Exact gate's first pass: partials of ``grads`` (all non-empty)."""
         raise NotImplementedError
 
+    def scaled_telemetry(self, grads: Sequence[Tensor], inv_scale: Tensor, partials_dtype: torch.dtype) -> Tensor:
+        """:meth:`telemetry` of gradients still scaled by ``1/inv_scale`` (GradScaler's fused
+        path): the same rows, summed so that the scale cannot overflow them. By default
+        :meth:`telemetry`: float64 sums of float32-range values do not overflow."""
+        return self.telemetry(grads, partials_dtype)
+
     def gathered_telemetry(self, grads: Sequence[Tensor], layouts: Sequence[bytes], partials_dtype: torch.dtype) -> Tensor:
         """:meth:`telemetry` of ``grads``: every gradient of the groups whose params' and grads'
         layouts the optimizer gathered as ``layouts`` (``GroupTensors.layout_key``, in the same
@@ -221,6 +227,10 @@ class ReferenceBackend(Backend):
 
     def telemetry(self, grads, partials_dtype):
         return reference.telemetry_partials(grads, partials_dtype)
+
+    def scaled_telemetry(self, grads, inv_scale, partials_dtype):
+        # (fp32 sums: those of squares of scaled gradients overflow where the gradients do not)
+        return reference.scaled_telemetry_partials(grads, inv_scale, partials_dtype)
 
     def adamw_(self, groups, *, scale, skip, grad_factor=None):
         check_update_states(groups)  # (all groups before the first is written)

@@ -636,7 +636,8 @@ class GuardedAdamW(torch.optim.Optimizer):
             if not backend.exact_step_(groups, local_grads if measure else [], decide=decide, scale=scale, skip=skip,
                                        partials_dtype=guard.dtype, **({"partials": partials} if served else {})):
                 if partials is None and measure and local_grads:
-                    partials = backend.telemetry(local_grads, guard.dtype)
+                    partials = (backend.telemetry(local_grads, guard.dtype) if inv_scale is None
+                                else backend.scaled_telemetry(local_grads, inv_scale, guard.dtype))
                 # Here decide writes the guard before the update checks its tensors: an update
                 # that refuses them (a state moved through `.data` to one it does not take) must
                 # leave the guard as it was, as the one-call steps do by checking first. Eager

@@ -4,7 +4,8 @@ A policy is controller math only: it reads one finite telemetry reading (``x``, 
 mean, the global gradient norm) and the guard state, and returns the slots it changes and a
 regime. It runs as branch-free tensor ops on the device like the published rules, is bounded
 the same way (scale in ``[min_scale, 1]``, a bounded change per call), and changes no kernel.
-Rule 1 (a non-finite call is skipped and cuts the scale by 0.7) is the same for every policy.
+Rule 1 (with ``skip_nonfinite``, a non-finite call is skipped and, when ``auto_enabled``, cuts the
+scale to ``max(min_scale, 0.7 * scale)``) is the same for every policy.
 
 Why another policy: measured with ``lbw-kernels stress --trace`` (docs/policies.md), the
 published rules act on a quarter to a half of all calls of a healthy run. Their statistic, the

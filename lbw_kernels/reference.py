@@ -132,11 +132,38 @@ def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float
     float64 and are verified against this function run on float64 copies.
     Grads must be non-empty tensors; the optimizer leaves zero-element ones out.
     """
-    pairs = [_sums(g, dtype) for g in grads]
+    return _rows([_sums(g, dtype) for g in grads], dtype)
+
+
+def _rows(pairs: Sequence[Tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+    """``[T, 3]`` rows from each gradient's ``(sum g^2, sum g)``: the flag from both sums."""
     sumsq = torch.stack([q for q, _ in pairs])
     sums = torch.stack([s for _, s in pairs])
     nonfinite = (~torch.isfinite(sums) | ~torch.isfinite(sumsq)).to(dtype)
     return torch.stack([sumsq, sums, nonfinite], dim=1)
+
+
+def scaled_telemetry_partials(grads: Sequence[Tensor], inv_scale: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """:func:`telemetry_partials` of gradients still scaled by ``1/inv_scale`` (GradScaler's
+    fused path hands them over so), without the scale's overflow: the squares of fp32 gradients
+    scaled by 2**64 overflow the fp32 sums however small the gradients, and GradScaler, whose
+    scale doubles every growth interval while the scaled gradients stay finite, gets there in a
+    long run. Each gradient is read times ``inv_scale`` as GradScaler's own ``unscale_`` writes
+    it (in its dtype; fp16 in float32, which ``unscale_`` refuses), one temporary of one gradient
+    at a time, and its sums are scaled back in ``dtype`` (fp64 gradients are summed as they are:
+    their squares cannot overflow at a float32 scale). So these are the rows of the scaled
+    gradients, which the caller unscales (:func:`unscale_partials`); with a power-of-two scale,
+    bitwise the rows of the gradients ``unscale_`` would have written."""
+    inv32 = inv_scale.to(torch.float32)
+    back = inv_scale.to(dtype).reciprocal()
+    pairs = []
+    for g in grads:
+        if g.dtype == torch.float64:
+            pairs.append(_sums(g, dtype))
+        else:
+            sumsq, total = _sums((g.to(torch.float32) if g.dtype == torch.float16 else g) * inv32, dtype)
+            pairs.append((sumsq * back * back, total * back))
+    return _rows(pairs, dtype)
 
 
 def summarize(partials: Tensor, numels: Tensor, use_max_rms: bool, numel_total: Optional[Tensor] = None) -> Tensor:

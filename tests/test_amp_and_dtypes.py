@@ -2,6 +2,8 @@
 path the exact gate takes: _step_supports_amp_scaling); fp16/bf16 params with fp32 state and
 fp32 math."""
 
+import math
+
 import pytest
 import torch
 
@@ -57,11 +59,11 @@ class ScalersOwnPath(GuardedAdamW):
     _step_supports_amp_scaling = False
 
 
-def _scaled_training(cls, backend, options, overflow_at=(4, 9), spike_at=(6,)):
+def _scaled_training(cls, backend, options, overflow_at=(4, 9), spike_at=(6,), init_scale=2.0**10):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
     opt = cls(model.parameters(), lr=1e-2, backend=backend, **options)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     for i in range(12):
         opt.zero_grad()
@@ -97,6 +99,25 @@ def test_grad_scalers_fused_path_equals_its_own_path(backend, options):
         assert t["scale"] < 1  # the spike was cut
     assert fused[2].get_scale() == own[2].get_scale()
     assert all(torch.isfinite(p).all() for p in fused[0].parameters())
+
+
+@pytest.mark.parametrize("options", [dict(stats_freq=1), dict(stats_freq=1, skip_nonfinite=False, max_grad_norm=0.5)],
+                         ids=["sf1", "clip-no-finite-check"])
+def test_grad_scalers_fused_path_at_a_scale_whose_squares_overflow_float32(backend, options):
+    """A scale GradScaler reaches after ~45 growth intervals without an overflow (2**62; it
+    never backs off while the scaled gradients stay finite): the squares of the still-scaled
+    float32 gradients overflow float32, which the reference sums in. Its telemetry must not
+    read those sums as a non-finite gradient (a skipped call on every call), nor clip by an
+    infinite norm (a factor of 0): the same bits as GradScaler's own path at the same scale."""
+    fused = _scaled_training(GuardedAdamW, backend, options, overflow_at=(), init_scale=2.0**62)
+    own = _scaled_training(ScalersOwnPath, backend, options, overflow_at=(), init_scale=2.0**62)
+    for p, q in zip(fused[0].parameters(), own[0].parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(fused[1]._guard.nan_to_num(7.0), own[1]._guard.nan_to_num(7.0))
+    t = fused[1].telemetry()
+    assert t["skipped_steps"] == 0 and t["regime"] != "nonfinite" and math.isfinite(t["grad_norm"])
+    if "max_grad_norm" in options:
+        assert math.isfinite(fused[1].last_grad_norm.item())
 
 
 def test_fused_path_unscales_fp16_gradients_in_the_update(backend):
