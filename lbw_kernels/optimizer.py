@@ -531,12 +531,20 @@ class GuardedAdamW(torch.optim.Optimizer):
         return plan, self._backend_for(device), grads.per_group, state_init, early
 
     def _keep_grad_norm_buffer(self) -> None:
-        """The 0-dim tensor each call writes its norm into (last_grad_norm), beside the guard:
-        made before the step is traced or captured, so that a compiled step or a graph replay
-        writes into it as an eager step does."""
+        """The one-element tensor each call writes its norm into (last_grad_norm), beside the
+        guard: made before the step is traced or captured, so that a compiled step or a graph
+        replay writes into it as an eager step does. 1-D, not 0-dim: torch 2.13's compiler
+        drops in-place writes to a 0-dim float64 tensor that is a graph input (unless it held
+        NaN when traced), so a compiled step left the previous call's norm where a call without
+        gradients writes 0 (tests/test_clipping.py). Steps write through ``_norm_view()``."""
         out, guard = self._grad_norm, self._guard
-        if out is None or out.device != guard.device or out.dtype != guard.dtype:
-            self._grad_norm = torch.full((), float("nan"), dtype=guard.dtype, device=guard.device)
+        if out is None or out.device != guard.device or out.dtype != guard.dtype or out.dim() != 1:
+            self._grad_norm = torch.full((1,), float("nan"), dtype=guard.dtype, device=guard.device)
+
+    def _norm_view(self) -> Tensor:
+        """The norm buffer as the 0-dim tensor ``clip_grad_norm_`` returns; made inside the step,
+        so that a traced step writes through a view of its 1-D input."""
+        return self._grad_norm.view(())
 
     @_run_eagerly
     def _count_call(self) -> None:
@@ -588,7 +596,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         served = early is not None and measure and early.serves(plan, backend)
         local_grads = early.rows if served else plan.telemetry_grads(groups)
         scale = guard[ref.SCALE]
-        norm_out = self._grad_norm if clip else None
+        norm_out = self._norm_view() if clip else None
         if cfg.max_grad_norm is not None and not clip and not state_init:
             self._grad_norm.zero_()  # only 0-element gradients: clip_grad_norm_'s norm of them
 
@@ -721,7 +729,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             return None
         if self._grad_norm is None:  # (no step yet)
             self._keep_grad_norm_buffer()
-        return self._grad_norm.clone()
+        return self._norm_view().clone()
 
     def telemetry(self) -> Dict[str, Any]:
         """The guard's state as Python numbers. The one method that waits for the device.

@@ -218,6 +218,26 @@ def test_compiled_step_equals_eager(backend):
     torch.testing.assert_close(opt._guard, opt_c._guard, rtol=1e-12, atol=0, equal_nan=True)
 
 
+def test_compiled_step_writes_each_calls_norm_with_or_without_gradients(backend):
+    """Calls with gradients, then none at all, alternately: last_grad_norm is each call's norm,
+    then 0 (clip_grad_norm_'s of no gradients), in a compiled step as in an eager one. (torch
+    2.13's compiler dropped in-place writes to a 0-dim float64 tensor that is a graph input,
+    except where it held NaN when traced: the compiled step kept the previous call's norm.)"""
+    params = new_params(torch.float32)
+    opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, max_grad_norm=MAX_NORM, backend=backend)
+    step = torch.compile(opt.step, backend="aot_eager")
+    for grads in grad_stream(3, torch.float32):
+        feed(params, grads)
+        step()
+        want = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))
+        assert float(opt.last_grad_norm) == pytest.approx(float(want), rel=1e-6)
+        for p in params:
+            p.grad = None
+        step()
+        assert float(opt.last_grad_norm) == 0.0
+    assert opt.last_grad_norm.dim() == 0 and opt.last_grad_norm.dtype == torch.float64
+
+
 def test_options_are_kept_in_state_dict_and_checkpoints_resume():
     params = new_params(torch.float32)
     opt = GuardedAdamW(params, lr=1e-2, max_grad_norm=MAX_NORM, backend="reference")
