@@ -353,7 +353,9 @@ def init_state_(optimizer) -> None:
     same placements.
 
     Use it on a fresh optimizer before ``dcp.load`` so that ``optimizer.state_dict()`` is a
-    template with every tensor in place::
+    template with every tensor in place, and before ``dcp.save`` where some trainable param may
+    not have had a gradient yet, so that the checkpoint holds every state the template asks
+    for (the zero state it adds is the one the param's first gradient would make)::
 
         init_state_(opt)
         sd = {"optim": opt.state_dict()}

@@ -993,9 +993,12 @@ class GuardedAdamW(torch.optim.Optimizer):
         if not isinstance(saved_guard, Tensor) or saved_guard.numel() != size:
             raise ValueError(f"{where} must be a tensor of {size} values")
         _check_saved_tensor(saved_guard, where)
+        if saved_guard.dtype not in (torch.float32, torch.float64):  # (MPS keeps float32 guards)
+            raise ValueError(f"{where} must be float32 or float64, got {saved_guard.dtype}: a guard cast to a half "
+                             "precision no longer holds the run's counts (whole only up to 2048 in float16)")
         guard = saved_guard.to(self._guard.device, self._guard.dtype, copy=True).reshape(-1)
         values = guard.tolist()  # loading a checkpoint may wait for the device
-        check_guard_values(values, where)
+        check_guard_values(values, where, policy)
         return groups, state, guard, int(values[ref.CALLS]), True
 
 

@@ -19,6 +19,7 @@ validation loss at a good one.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .validation import _number
+from .validation import _number, check_count
 
 # ZScorePolicy's own slots, appended to the shared ones.
 LOG_NORM_MEAN = ref.STATE_SIZE  # EMA of ln(grad norm)
@@ -92,6 +93,13 @@ class ZScorePolicy:
         def number(name):
             return _number(f"ZScorePolicy.{name}", getattr(self, name))
 
+        # numpy numbers (a config read with numpy) become Python ones, as GuardedAdamW's own
+        # arguments do: the fields ride in every checkpoint, which torch.load(weights_only=True)
+        # refuses to unpickle with numpy scalars in it.
+        for name in ("ema_decay", "z_threshold", "sd_floor", "cut_per_z", "max_cut", "growth"):
+            object.__setattr__(self, name, number(name))
+        if isinstance(self.window, numbers.Integral) and not isinstance(self.window, bool):
+            object.__setattr__(self, "window", int(self.window))
         if not 0.0 < number("ema_decay") < 1.0:
             raise ValueError(f"ZScorePolicy.ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("z_threshold", "sd_floor", "cut_per_z"):
@@ -107,6 +115,20 @@ class ZScorePolicy:
             raise TypeError(f"ZScorePolicy.window must be an int, got {type(self.window).__name__}")
         if self.window < 0:
             raise ValueError(f"ZScorePolicy.window must be >= 0, got {self.window}")
+
+    def check_slots(self, values: Sequence[float], where: str) -> None:
+        """A loaded state's own slots are ones a run can reach (validation.check_guard_values):
+        finite statistics (the policy reads finite norms only) with a variance >= 0 (a negative
+        one made sd and every later z NaN: the policy never cut again), and the latest hot
+        call's number and the norms seen whole, among the analysed calls. (z is shown, never read.)"""
+        analysed = values[ref.ANALYZED]
+        mean, var = values[LOG_NORM_MEAN], values[LOG_NORM_VAR]
+        if not math.isfinite(mean):
+            raise ValueError(f"{where} holds a log_norm_mean of {mean!r}: not finite")
+        if not (math.isfinite(var) and var >= 0):
+            raise ValueError(f"{where} holds a log_norm_var of {var!r}: not a finite number >= 0")
+        check_count(values[LAST_HOT], "last_hot_call", where, analysed, "analysed-call count")
+        check_count(values[SEEN], "norms_seen", where, analysed, "analysed-call count")
 
     def telemetry(self, state: Tensor) -> dict:
         mean, var, z, last_hot, _ = state[LOG_NORM_MEAN:].tolist()

@@ -240,6 +240,9 @@ class LBWPolicy:
     def telemetry(self, state: Tensor) -> dict:
         return {}
 
+    def check_slots(self, values: Sequence[float], where: str) -> None:
+        """A loaded state's own slots (validation.check_guard_values): none here."""
+
     def analyze(self, state: Sequence[Tensor], x: Tensor, sign: Tensor, norm: Tensor, cfg: "GuardConfig"):
         """Rules 3-4 on one finite telemetry reading -> ({slot: new value}, regime code)."""
         scale = state[SCALE]

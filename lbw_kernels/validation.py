@@ -305,24 +305,37 @@ def _check_update_function():
 _CHECK_UPDATE = _check_update_function()
 
 
-def check_guard_values(values: List[float], where: str) -> None:
+def check_count(value: float, name: str, where: str, at_most: Optional[float] = None,
+                bound: str = "") -> None:
+    """A guard slot that counts (calls, or a call's number): a whole number from 0 to 2**53
+    (float64's whole numbers, beyond which +1 no longer counts), at most ``at_most``."""
+    if not (math.isfinite(value) and 0 <= value <= 2.0**53 and value == int(value)):
+        raise ValueError(f"{where} holds a {name} of {value!r}: not an int >= 0 (and <= 2**53)")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{where} holds a {name} of {value!r}: above the {bound} ({at_most!r})")
+
+
+def check_guard_values(values: List[float], where: str, policy: Any = None) -> None:
     """A loaded guard state (``values``: its slots, reference.py's layout) is one the rules can
     reach: a scale in (0, 1] (a NaN or negative one would poison or reverse every update that
-    follows), whole non-negative counts, a known regime, a skip flag of 0 or 1. The measured
-    slots (EMA, grad_ms, ...) may be NaN: with skip_nonfinite=False a NaN gradient reaches them."""
+    follows), whole non-negative counts (the analysed and skipped calls among the calls), a
+    known regime, a skip flag of 0 or 1, and ``policy``'s own slots as its ``check_slots``
+    says. The measured slots (EMA, grad_ms, ...) may be NaN: with skip_nonfinite=False a NaN
+    gradient reaches them."""
     scale = values[ref.SCALE]
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"{where} holds a scale of {scale!r}: not in (0, 1]")
-    for name, slot in (("call count", ref.CALLS), ("analysed-call count", ref.ANALYZED),
-                       ("skipped-call count", ref.SKIPPED)):
-        value = values[slot]
-        if not (math.isfinite(value) and value >= 0 and value == int(value)):
-            raise ValueError(f"{where} holds a {name} of {value!r}: not an int >= 0")
+    calls = values[ref.CALLS]
+    check_count(calls, "call count", where)
+    check_count(values[ref.ANALYZED], "analysed-call count", where, calls, "call count")
+    check_count(values[ref.SKIPPED], "skipped-call count", where, calls, "call count")
     regime = values[ref.REGIME]
     if regime not in range(len(ref.REGIMES)):
         raise ValueError(f"{where} holds a regime code of {regime!r}: not one of 0..{len(ref.REGIMES) - 1}")
     if values[ref.SKIP] not in (0.0, 1.0):
         raise ValueError(f"{where} holds a skip flag of {values[ref.SKIP]!r}: not 0 or 1")
+    if policy is not None:
+        policy.check_slots(values, where)
 
 
 def parse_int_overrides(variable: str, spec: str, names: Collection[str]) -> Dict[str, int]:

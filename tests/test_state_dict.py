@@ -471,10 +471,12 @@ def _refused(opt, state_dict, match):
         opt.load_state_dict(state_dict)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"]
-    assert torch.equal(after["guard"]["state"], before["guard"]["state"])
+    # (NaN slots: a zscore guard's ratio, which it never measures)
+    assert torch.equal(after["guard"]["state"].nan_to_num(7.0), before["guard"]["state"].nan_to_num(7.0))
     for k in before["state"]:
         for key, value in before["state"][k].items():
-            same = torch.equal(after["state"][k][key], value) if isinstance(value, torch.Tensor) else after["state"][k][key] == value
+            same = (torch.equal(after["state"][k][key].nan_to_num(7.0), value.nan_to_num(7.0))
+                    if isinstance(value, torch.Tensor) else after["state"][k][key] == value)
             assert same, (k, key)
 
 
@@ -522,6 +524,9 @@ def test_state_dict_of_another_model_is_refused_and_nothing_changes():
         (ref.ANALYZED, 1.5, "analysed-call count"),
         (ref.REGIME, 99.0, "regime code of 99.0"),
         (ref.SKIP, 0.5, "skip flag"),
+        (ref.CALLS, 1e300, "call count of 1e"),  # (whole, but past float64's whole numbers: 2**53)
+        (ref.ANALYZED, 1e6, "analysed-call count of 1000000.0: above the call count"),
+        (ref.SKIPPED, 1e6, "skipped-call count of 1000000.0: above the call count"),
     ],
 )
 def test_guard_values_no_run_can_reach_are_refused(slot, value, match):
@@ -533,6 +538,64 @@ def test_guard_values_no_run_can_reach_are_refused(slot, value, match):
     bad = opt.state_dict()
     bad["guard"]["state"][slot] = value
     _refused(opt, bad, match)
+
+
+@pytest.mark.parametrize(
+    "slot, value, match",
+    [
+        ("LOG_NORM_VAR", -1.0, "log_norm_var of -1.0"),
+        ("LOG_NORM_VAR", float("nan"), "log_norm_var of nan"),
+        ("LOG_NORM_MEAN", float("inf"), "log_norm_mean of inf"),
+        ("LAST_HOT", -2.5, "last_hot_call of -2.5"),
+        ("LAST_HOT", 1e6, "last_hot_call of 1000000.0"),
+        ("SEEN", -7.0, "norms_seen of -7.0"),
+        ("SEEN", 0.5, "norms_seen of 0.5"),
+    ],
+)
+def test_zscore_slots_no_run_can_reach_are_refused(slot, value, match):
+    """The zscore policy's own slots: a negative variance made its z and sd NaN for good (the
+    policy then never cut again), and counts that are not whole or beyond the analysed calls
+    were taken as they came."""
+    from lbw_kernels import policies
+
+    params = model()
+    opt = GuardedAdamW(groups(params), policy="zscore", stats_freq=1)
+    run(opt, params, random_stream(4, SHAPES))
+    bad = opt.state_dict()
+    bad["guard"]["state"][getattr(policies, slot)] = value
+    _refused(opt, bad, match)
+
+
+def test_a_guard_saved_in_half_precision_is_refused():
+    """A checkpoint cast to float16 or bfloat16 for storage: its counts above 2048 (256) are no
+    longer the run's, and its EMA has 3 digits; the guard must be float32 or float64."""
+    params = model()
+    opt = GuardedAdamW(groups(params))
+    run(opt, params, random_stream(2, SHAPES))
+    for dtype in (torch.float16, torch.bfloat16):
+        bad = opt.state_dict()
+        bad["guard"]["state"] = bad["guard"]["state"].to(dtype)
+        bad["state"][0]["lbw_guard"] = bad["guard"]["state"]
+        _refused(opt, bad, f"float32 or float64, got {dtype}")
+
+
+def test_a_zscore_policy_of_numpy_numbers_saves_a_weights_only_checkpoint():
+    """numpy numbers (a config read with numpy) become Python numbers in the policy, as the
+    optimizer's own arguments do: the policy's fields ride in every checkpoint, which
+    torch.load(weights_only=True) refuses to unpickle with numpy scalars in it."""
+    np = pytest.importorskip("numpy")
+    from lbw_kernels.policies import ZScorePolicy
+
+    policy = ZScorePolicy(z_threshold=np.float64(3.0), window=np.int64(2), growth=np.float32(0.5))
+    assert (type(policy.z_threshold), type(policy.window), type(policy.growth)) == (float, int, float)
+    assert policy == ZScorePolicy(z_threshold=3.0, window=2, growth=0.5)
+    params = model()
+    opt = GuardedAdamW(groups(params), policy=policy)
+    run(opt, params, random_stream(2, SHAPES))
+    loaded = through_bytes(opt.state_dict())  # (torch.load with weights_only=True)
+    fresh = GuardedAdamW(groups(model()), policy=policy)
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh._guard.nan_to_num(7.0), opt._guard.nan_to_num(7.0))
 
 
 def test_measured_guard_slots_may_be_nan():
@@ -692,3 +755,44 @@ def test_a_template_from_init_state_loads_a_dcp_checkpoint_with_a_frozen_param(t
     for p, q in zip(m.parameters(), m2.parameters()):
         if p.requires_grad:
             assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_init_state_before_dcp_save_makes_a_checkpoint_that_resumes_a_model_with_an_unused_branch(tmp_path, backend):
+    """A trainable branch that got no gradient before the save (unused so far) has no AdamW
+    state, so a checkpoint of opt.state_dict() holds none for it, while init_state_'s template
+    asks for one: dcp.load raised 'Missing key in checkpoint state_dict'. init_state_ before the
+    save too (zero state where a param has none: what its first gradient would make) gives a
+    checkpoint the template matches, and a run that took it goes on bitwise as one that did not."""
+    import torch.distributed.checkpoint as dcp
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 2)})
+        return m, GuardedAdamW(m.parameters(), lr=1e-2, stats_freq=1, backend=backend)
+
+    def train(m, opt, calls, seed, unused_too):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(calls):
+            x = torch.randn(8, 4, generator=gen)
+            loss = m["used"](x).square().sum() + (m["unused"](x).sum() if unused_too else 0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    (m, opt), (control, control_opt) = make(), make()
+    train(m, opt, 3, 1, False)
+    train(control, control_opt, 3, 1, False)
+    assert m["unused"].weight not in opt.state
+    init_state_(opt)
+    dcp.save({"model": m.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    m2, opt2 = make()
+    init_state_(opt2)
+    sd = {"model": m2.state_dict(), "optim": opt2.state_dict()}
+    dcp.load(sd, checkpoint_id=str(tmp_path))  # (the default planner: every key it asks for is there)
+    m2.load_state_dict(sd["model"])
+    opt2.load_state_dict(sd["optim"])
+    for run_ in ((m, opt), (control, control_opt), (m2, opt2)):
+        train(*run_, 3, 2, True)
+    for p, q, r in zip(m.parameters(), control.parameters(), m2.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert opt.telemetry() == control_opt.telemetry() == opt2.telemetry()
