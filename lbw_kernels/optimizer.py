@@ -520,7 +520,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         plan = self._plan_for(grads)
         device = plan.groups[0].params[0].device if plan.groups else None
         if device is not None and (device != plan.device or device != self._guard.device):  # moved after construction
-            self._guard = self._guard.to(device)
+            self._guard = self._guard_on(device)
             self._attach_guard()
             self._plan = None
             plan = self._plan_for(grads)
@@ -529,6 +529,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         if device is None:
             return plan, None, grads.per_group, state_init, early
         return plan, self._backend_for(device), grads.per_group, state_init, early
+
+    def _guard_on(self, device: torch.device) -> Tensor:
+        """The guard moved to ``device`` (the params moved after construction). One made on the
+        meta device (an optimizer made before the model's params were materialised: to_empty,
+        deferred initialisation) holds no history, and no values to copy: it is made afresh,
+        and the host's call count with it (steps on meta tensors are not the run's)."""
+        if self._guard.device.type != "meta":
+            return self._guard.to(device)
+        self._calls = 0
+        return ref.new_guard_state(device, self.guard_config.policy)
 
     def _keep_grad_norm_buffer(self) -> None:
         """The one-element tensor each call writes its norm into (last_grad_norm), beside the
@@ -742,6 +752,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         ``log_norm_sd``, ``last_hot_call``). ``ratio`` is the published analyzer's: NaN under other policies.
         """
         policy = self.guard_config.policy
+        if self._guard.device.type == "meta":
+            raise RuntimeError("telemetry(): the guard is on the meta device, as the params were when the optimizer "
+                               "was made; it moves to the params' device at the first step() after they are "
+                               "materialised (to_empty)")
         v = self._guard.tolist()
         return {
             "policy": policy.name,

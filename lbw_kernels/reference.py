@@ -395,7 +395,9 @@ def adamw_(
         g = [torch.where(a, x, 0) for a, x in zip(apply, g)]
 
     advance = 1.0 if skip is None else (skip == 0).to(torch.float32)
-    torch._foreach_add_(list(steps), advance)
+    # (a tensor once per step count: foreach's one-tensor overload reads it on the host, which
+    # a meta tensor, stepped by memory-estimation and tracing tools, cannot do)
+    torch._foreach_add_(list(steps), advance if skip is None else [advance] * len(steps))
     # Per-tensor coefficients are computed in lr's dtype (float64 but on MPS), as
     # torch.optim.AdamW computes them in Python floats, then rounded once to the math dtype.
     # A skipped first call leaves step at 0; clamping keeps the unused coefficients finite.

@@ -9,6 +9,7 @@ from typing import Any, Collection, Dict, Iterable, List, Mapping, Optional, Seq
 import torch
 
 from . import reference as ref
+from .element_order import element_order
 from .reference import GuardConfig, state_tensor_dtype
 from .subclasses import is_dtensor
 
@@ -157,6 +158,7 @@ def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple
     part in a call (they may have been put into a group's list since)."""
     first = next(iter(held), None)
     seen: Dict[int, str] = {}
+    spans: List[Tuple[int, int, int, str]] = []  # (start, end, listing index, where) of dense plain params
     for where, p in named:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where} must be a Tensor, got {type(p).__name__}")
@@ -173,6 +175,13 @@ def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple
             # racing with themselves on the multi-threaded CPU backend)
             raise ValueError(f"{where} is {seen[id(p)]} again: list each param once")
         seen[id(p)] = where
+        if type(p) in _PLAIN and p.device.type != "meta" and p.numel() > 1:
+            if any(size > 1 and stride == 0 for size, stride in zip(p.shape, p.stride())):
+                raise ValueError(f"{where} has elements that share memory (expanded: stride 0); an update "
+                                 "writes each element: give the param memory of its own (.contiguous())")
+            if p.is_contiguous() or element_order(p) is not None:  # (dense: it fills its span)
+                start = p.data_ptr()
+                spans.append((start, start + p.numel() * p.element_size(), len(seen), where))
         if first is None:
             first = (where, p)
         elif p.device != first[1].device:
@@ -180,6 +189,27 @@ def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple
                 f"params are on mixed devices: {where} is on {p.device}, {first[0]} on {first[1].device}; "
                 "one GuardedAdamW takes one decision per call, so its params share one device"
             )
+    _check_disjoint(spans)
+
+
+# (the extension's THPVariable_CheckExact: a subclass's address need not be its elements')
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _check_disjoint(spans: List[Tuple[int, int, int, str]]) -> None:
+    """Distinct params over the same memory (a tie made through ``.data``, overlapping views of
+    one buffer): each has its own gradient and state, so a call would update those elements
+    twice (torch.optim.AdamW in turn; the kernels at once, racing on the CPU's threads). Dense
+    params fill their spans, so overlapping spans share elements; views of one buffer side by
+    side (a flat master buffer split per param) do not. (Params that are not dense, strided
+    slices, are left out: their spans may interleave without sharing an element.)"""
+    spans = sorted(spans)
+    for (_, end, i, where), (start, _, j, other) in zip(spans, spans[1:]):
+        if start < end:
+            later, earlier = (where, other) if i > j else (other, where)
+            raise ValueError(f"{later} shares memory with {earlier}: one update per call would write those "
+                             "elements twice; tie them as one Parameter (module_b.weight = module_a.weight) "
+                             "or give each its own memory")
 
 
 def plain_hyperparameters(group: Dict[str, Any]) -> None:

@@ -455,3 +455,99 @@ def test_gpu_state_moved_through_data_is_refused_before_anything_changes(backend
     if availability()[backend_name] is not None:
         pytest.skip(availability()[backend_name])
     _moved_state_is_refused(backend_name, gate, moved, "two groups, the second moved", "cuda")
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("tie", ["the same storage", "overlapping views"])
+def test_params_over_one_memory_are_refused_by_name_before_anything_changes(backend, gate, tie):
+    """Two Parameters over the same elements (a tie made through ``.data``): each has its own
+    gradient and AdamW state, so one call updates the elements twice, which torch.optim.AdamW
+    does in turn and the multi-threaded kernels did at once (results changed from run to run).
+    Refused, naming both, as a param listed twice is. Views of one buffer that do not overlap
+    (a flat master buffer split per param) are params of their own and are taken."""
+    base = torch.randn(10)
+    q = torch.nn.Parameter(torch.randn(4))
+    a = torch.nn.Parameter(base[:6])
+    b = torch.nn.Parameter(a.data if tie == "the same storage" else base[4:])
+    split = [torch.nn.Parameter(t) for t in torch.randn(12).split([5, 7])]
+    match = r"param_groups\[0\]\['params'\]\[2\] shares memory with param_groups\[0\]\['params'\]\[1\]"
+    with pytest.raises(ValueError, match=match):
+        GuardedAdamW([q, a, b], lr=0.1, backend=backend, gate=gate)
+    opt = GuardedAdamW([q, a], lr=0.1, backend=backend, gate=gate, stats_freq=1)
+    for t in (q, a):
+        t.grad = torch.randn_like(t)
+    opt.step()
+    opt.param_groups[0]["params"].append(b)  # (put into the list behind add_param_group's back)
+    for t in (q, a, b):
+        t.grad = torch.randn_like(t)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+    flat = GuardedAdamW(split, lr=0.1, backend=backend, gate=gate)
+    for t in split:
+        t.grad = torch.randn_like(t)
+    flat.step()
+    assert flat.telemetry()["step"] == 1
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_an_expanded_param_is_refused_by_name_before_anything_changes(backend, gate):
+    """A param whose elements share memory (expand: stride 0), which no update can write one by
+    one: torch's own error came from inside the update, naming nothing, after the other params
+    had their weight decay (or, on Triton, their whole update) and the guard its call."""
+    q = torch.nn.Parameter(torch.randn(3))
+    e = torch.nn.Parameter(torch.randn(5, 1).expand(5, 4))
+    match = r"param_groups\[0\]\['params'\]\[1\] has elements that share memory"
+    with pytest.raises(ValueError, match=match):
+        GuardedAdamW([q, e], lr=0.1, backend=backend, gate=gate)
+    opt = GuardedAdamW([q], lr=0.1, backend=backend, gate=gate, stats_freq=1)
+    q.grad = torch.randn(3)
+    opt.step()
+    opt.param_groups[0]["params"].append(e)
+    q.grad, e.grad = torch.randn(3), torch.randn(5, 4)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _unchanged(before, _snapshot(opt))
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] has elements that share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(1).expand(3))]})
+
+
+def test_an_optimizer_made_on_meta_params_steps_once_they_are_materialised():
+    """The deferred-initialisation flow (a model built on the meta device, the optimizer made,
+    then to_empty with the Parameter objects kept): the guard made on meta holds no history and
+    cannot be copied off it; it is made afresh on the params' device, as torch.optim.AdamW's
+    state is made at the first step."""
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.device("meta"):
+            m = torch.nn.Linear(4, 4)
+        opt = GuardedAdamW(m.parameters(), lr=1e-2, stats_freq=1, max_grad_norm=1.0)
+        weight = m.weight
+        m.to_empty(device="cpu")
+        m.reset_parameters()
+        assert m.weight is weight
+        for _ in range(2):
+            m(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        t = opt.telemetry()
+        assert t["step"] == 2 and opt._guard.device.type == "cpu" and float(opt.state[weight]["step"]) == 2
+        assert torch.isfinite(opt.last_grad_norm)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_meta_params_step_on_the_reference_backend(gate):
+    """Memory estimation and tracing tools step optimizers on meta tensors: the reference (and
+    auto, which picks it there) steps them as torch.optim.AdamW does, making meta state; it read
+    its skip flag as a Python number and raised."""
+    for name in ("reference", "auto"):
+        w = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+        opt = GuardedAdamW([w], backend=name, gate=gate, stats_freq=1)
+        for _ in range(2):
+            w.grad = torch.empty(4, 4, device="meta")
+            opt.step()
+        assert opt.state[w]["exp_avg"].device.type == "meta" and opt.state[w]["step"].device.type == "meta"
