@@ -249,7 +249,12 @@ class GuardedAdamW(torch.optim.Optimizer):
                 get_backend(backend)
             except RuntimeError as err:
                 raise ValueError(f"backend={backend!r}: {err}") from err
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        # AdamW's keys too, its switches as given (they change nothing here): torch.optim.AdamW
+        # fills a loaded group's missing keys from its own defaults, so without them an
+        # AdamW(fused=True) that loads our checkpoint would step unfused; zero_grad reads foreach.
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
+                        decoupled_weight_decay=True)
         plain_hyperparameters(defaults)
         check_group_hyperparameters(defaults)
         self.guard_config = config

@@ -16,6 +16,7 @@ from .subclasses import is_dtensor
 SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATES = ("exact", "single_pass")
 AMSGRAD_REFUSED = "amsgrad=True is not supported: GuardedAdamW keeps AdamW's exp_avg and exp_avg_sq only"
+DIFFERENTIABLE_REFUSED = "differentiable=True is not supported: the guarded step updates in place without autograd"
 
 
 def plain_number(value: Any) -> Any:
@@ -84,6 +85,10 @@ def check_group_hyperparameters(group: Dict[str, Any], where: str = "", read_ten
         raise TypeError(f"{where}maximize must be a bool, got {type(group['maximize']).__name__}")
     if group.get("amsgrad", False):
         raise ValueError(where + AMSGRAD_REFUSED)
+    if group.get("differentiable", False):
+        raise ValueError(where + DIFFERENTIABLE_REFUSED)
+    if group.get("decoupled_weight_decay", True) is not True:
+        raise ValueError(f"{where}decoupled_weight_decay must be True: AdamW's weight decay is decoupled")
 
 
 def check_groups_at_step(param_groups) -> None:
@@ -97,7 +102,8 @@ def check_groups_at_step(param_groups) -> None:
         if (type(lr) is float and type(eps) is float and type(wd) is float and type(betas) is tuple
                 and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
                 and lr >= 0.0 and eps >= 0.0 and wd >= 0.0 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
-                and type(group["maximize"]) is bool and not group.get("amsgrad", False)):
+                and type(group["maximize"]) is bool and not group.get("amsgrad", False)
+                and not group.get("differentiable", False) and group.get("decoupled_weight_decay", True) is True):
             continue
         check_group_hyperparameters(group, f"param_groups[{gi}]: ", read_tensors=False)
 
@@ -114,7 +120,7 @@ def check_adamw_switches(amsgrad, foreach, capturable, differentiable, fused) ->
     if amsgrad:
         raise ValueError(AMSGRAD_REFUSED)
     if differentiable:
-        raise ValueError("differentiable=True is not supported: the guarded step updates in place without autograd")
+        raise ValueError(DIFFERENTIABLE_REFUSED)
 
 
 def check_guard_config(cfg: GuardConfig, gate: str) -> None:
