@@ -1614,3 +1614,39 @@ def test_with_an_older_triton_the_backend_is_unavailable_and_says_why():
     reason, refused = done.stdout.strip().splitlines()[-2:]
     assert "triton 3.5.1 is older than 3.6, the oldest release these kernels are tested with" in reason
     assert "triton" in refused.split(":")[0] and "triton 3.5.1 is older than 3.6" in refused
+
+
+def test_the_plan_cache_stays_whole_under_threads():
+    """One PlanCache serves every Triton optimizer of the process: optimizers stepped in
+    threads look plans up at once. Without a lock, a lookup that moved an entry while another
+    thread evicted raised KeyError or 'dictionary changed size during iteration', and the size
+    count drifted from the entries, after which every build raised (min() of nothing) for the
+    rest of the process. 4 threads, 3 kinds each, capacity 4, a switch every microsecond."""
+    import sys
+    import threading
+
+    from lbw_kernels.triton_kernels.chunk_table import PlanCache
+
+    cache, errors = PlanCache(capacity=4), []
+
+    def work(t):
+        try:
+            for i in range(3000):
+                key = ((t, i % 3), (b"x%d" % (i % 7),))
+                if cache.get(key, lambda: ("plan", key)) != ("plan", key):
+                    errors.append(("another key's plan", key))
+        except Exception as e:  # noqa: BLE001 (what the test reports)
+            errors.append(repr(e))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert cache._size == sum(len(entries) for entries in cache._plans.values()) <= 4

@@ -16,6 +16,7 @@ counter (the chunks of it done so far in a pass; see telemetry.py).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from operator import methodcaller
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -229,6 +230,11 @@ class PlanCache:
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
+        # One cache serves every Triton optimizer of the process, and optimizers stepped in
+        # threads look plans up at once: each lookup, build and eviction holds the lock (without
+        # it a lookup that moved an entry while another thread evicted raised, and the size count
+        # drifted from the entries for good). Reentrant: a build may look another plan up.
+        self._lock = threading.RLock()
         # kind -> [[layout, plan, last use]], most recently used first
         self._plans: Dict[tuple, List[list]] = {}
         self._size = 0
@@ -239,6 +245,10 @@ class PlanCache:
     def get(self, key: Tuple[tuple, tuple], build) -> Any:
         """The plan of ``key``; ``build()`` makes (and caches) it when there is none, and
         ``build=None`` returns None instead."""
+        with self._lock:
+            return self._get(key, build)
+
+    def _get(self, key: Tuple[tuple, tuple], build) -> Any:
         kind, layout = key
         self._clock += 1
         entries = self._plans.get(kind)
@@ -273,16 +283,19 @@ class PlanCache:
         a launch from it replays from its tables' and workspaces' addresses (the CUDA backend
         keeps its captured tables the same way: csrc/bindings/ops_cuda.cpp). Grows with the
         layouts ever captured (graphs re-recorded for new shapes add theirs), not with calls."""
-        if not any(kept is plan for kept in self.kept):
-            self.kept.append(plan)
+        with self._lock:
+            if not any(kept is plan for kept in self.kept):
+                self.kept.append(plan)
 
     def plans(self) -> List[Any]:
         """Every cached plan (tests inspect their workspaces)."""
-        return [entry[1] for entries in self._plans.values() for entry in entries]
+        with self._lock:
+            return [entry[1] for entries in self._plans.values() for entry in entries]
 
     def clear(self) -> None:
-        self._plans.clear()
-        self._size = 0
+        with self._lock:
+            self._plans.clear()
+            self._size = 0
 
 
 # ---------------------------------------------------------------------------------------
