@@ -358,7 +358,7 @@ class CppBackend(Backend):
             inverse = [0] * len(concatenated)
             for row, i in enumerate(concatenated):
                 inverse[i] = row
-            return torch.tensor(inverse, dtype=torch.long)
+            return torch.tensor(inverse, dtype=torch.long, device="cpu")
 
         index = kept_copy(self._orders, key, inverse_order, key[0],
                           "the row order of a param group with several dtypes")

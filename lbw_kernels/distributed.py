@@ -244,8 +244,8 @@ class _Layout:
                 row_ranks.append(_ranks_of(mesh))
                 rows += 1
         sums = _MeshSum.cover(meshes, row_ranks)
-        index = None if len(local_rows) == rows else torch.tensor(local_rows, dtype=torch.long)
-        keep_t = None if all(keep) else torch.tensor(keep, dtype=torch.bool).reshape(-1, 1)
+        index = None if len(local_rows) == rows else torch.tensor(local_rows, dtype=torch.long, device="cpu")
+        keep_t = None if all(keep) else torch.tensor(keep, dtype=torch.bool, device="cpu").reshape(-1, 1)
         return _Layout(rows, index, keep_t, sums, PartialGrads(groups))
 
     def _on(self, name: str, t: Tensor, device: torch.device) -> Tensor:
@@ -318,7 +318,7 @@ class _MeshSum:
         sets = list(dict.fromkeys(_ranks_of(m) for m in meshes))
         return [
             _MeshSum(s, [m for m in meshes if _ranks_of(m) == s],
-                     torch.tensor([r == s for r in row_ranks], dtype=torch.bool).reshape(-1, 1))
+                     torch.tensor([r == s for r in row_ranks], dtype=torch.bool, device="cpu").reshape(-1, 1))
             for s in sets
         ]
 

@@ -60,7 +60,7 @@ _GUARD_IN_PARAM_STATE = ("lbw_guard", "lbw_guard_policy")
 
 
 def _policy_tag(name: str) -> Tensor:
-    return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
+    return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8, device="cpu")
 
 
 def _policy_name(tag: Any) -> Optional[str]:
@@ -139,7 +139,7 @@ def _device_numels(numels: List[int], *, dtype: torch.dtype, device: torch.devic
     (stream_use.upload): a plan rebuilt for a new layout then does not wait for the device. The
     plan holds ``keep``, the pinned source: a plan built while a CUDA graph is captured records
     the copy into the graph, whose replays read the source again."""
-    return upload(torch.tensor(numels, dtype=dtype), device, keep)
+    return upload(torch.tensor(numels, dtype=dtype, device="cpu"), device, keep)
 
 
 class GuardedAdamW(torch.optim.Optimizer):
@@ -975,7 +975,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state_dict state[{pid!r}]['step'] must be a number or a tensor, got {type(step).__name__}")
             dtype = ref.state_tensor_dtype(p.dtype)
             state[p] = state.adopt({
-                "step": torch.as_tensor(saved["step"]).to(p.device, torch.float32, copy=True).reshape(()),
+                # (a number made a tensor on the CPU, not on torch's default device)
+                "step": (step if isinstance(step, Tensor) else torch.tensor(step, device="cpu")).to(
+                    p.device, torch.float32, copy=True).reshape(()),
                 "exp_avg": saved["exp_avg"].to(p.device, dtype, copy=True),
                 "exp_avg_sq": saved["exp_avg_sq"].to(p.device, dtype, copy=True),
             })

@@ -400,3 +400,32 @@ def test_a_step_count_of_shape_one_is_taken(backend, gate):
         runs.append([p.detach().clone() for p in params] + [opt.state[p]["step"] for p in params])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+@pytest.mark.parametrize("policy", ["lbw", "zscore"])
+def test_a_default_device_other_than_the_params_changes_nothing(backend, gate, policy):
+    """torch.set_default_device (a model built on cuda by default; meta here, which no tensor
+    of the step can live on) set before the optimizer is made and while it steps: the
+    optimizer's own host tensors (element counts, row orders, Triton's tables, the policy tag
+    that rides in checkpoints) were made on the default device, so the first step raised on
+    meta, and on CUDA would pin a CUDA tensor. Bitwise the steps made without it."""
+    def run_(default_device):
+        params, again_params = model_params(torch.float32), model_params(torch.float32)
+        with torch.device(default_device):
+            opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, backend=backend, gate=gate, policy=policy,
+                               max_grad_norm=1.0 if gate == "exact" else None)
+            gen = torch.Generator().manual_seed(3)
+            for _ in range(3):
+                for q in params:
+                    q.grad = torch.randn(q.shape, generator=gen, device="cpu")
+                opt.step()
+            saved = opt.state_dict()
+            again = GuardedAdamW(again_params, lr=1e-2, backend=backend, gate=gate, policy=policy)
+            again.load_state_dict(saved)
+        return params, opt
+
+    plain, opt = run_("cpu")
+    other, opt_other = run_("meta")
+    assert all(torch.equal(a, b) for a, b in zip(plain, other))
+    assert torch.equal(opt._guard.nan_to_num(7.0), opt_other._guard.nan_to_num(7.0))

@@ -132,7 +132,8 @@ class UpdatePlan:
 
 def _upload(rows: Sequence[Sequence], cols: int, dtype: torch.dtype, device: torch.device, keep: list) -> Tensor:
     # (without blocking, the plan keeping the pinned source: stream_use.upload)
-    host = torch.tensor(list(rows), dtype=dtype).reshape(-1, cols) if rows else torch.zeros((0, cols), dtype=dtype)
+    host = (torch.tensor(list(rows), dtype=dtype, device="cpu").reshape(-1, cols) if rows
+            else torch.zeros((0, cols), dtype=dtype, device="cpu"))
     return upload(host, device, keep)
 
 
