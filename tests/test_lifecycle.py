@@ -242,3 +242,49 @@ def test_gpu_a_random_guarded_life_stays_the_reference(backend_name, gate, seed)
     if availability()[backend_name] is not None:
         pytest.skip(availability()[backend_name])
     assert _run(backend_name, gate, seed, "cuda", guard_options(gate, seed)) >= 10
+
+
+_SHARED_SHAPES = [(30, 7), (17,), (500,)]
+
+
+def _shared_run(backend):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in _SHARED_SHAPES]
+    return params, GuardedAdamW(params, lr=1e-2, backend=backend, stats_freq=3)
+
+
+def _shared_steps(params, opt, seed, calls):
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(calls):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * (1 + 8 * (k == 1))  # (a spike the guard cuts on)
+        opt.step()
+
+
+def _shared_child(params, opt):
+    torch.set_num_threads(1)
+    _shared_steps(params, opt, 1, 2)
+
+
+def test_an_optimizer_shared_with_another_process_keeps_the_schedule(backend):
+    """The shared-optimizer pattern (A3C): params, AdamW state and the guard in shared memory,
+    a child process stepping the same optimizer (torch.multiprocessing sends its tensors as
+    shared memory). Rule 2's schedule followed the parent's own count of its calls, which the
+    child's calls did not advance: telemetry came on other calls than in one process. A CPU
+    guard in shared memory is read for the schedule (reading CPU memory waits for nothing)."""
+    import torch.multiprocessing as tmp
+
+    params, opt = _shared_run(backend)
+    _shared_steps(params, opt, 0, 2)
+    for p in params:
+        p.share_memory_()
+    one, one_opt = _shared_run(backend)
+    for seed, calls in ((0, 2), (1, 2), (2, 3)):
+        _shared_steps(one, one_opt, seed, calls)
+    child = tmp.get_context("spawn").Process(target=_shared_child, args=(params, opt))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    _shared_steps(params, opt, 2, 3)
+    assert opt.telemetry() == one_opt.telemetry()
+    assert all(torch.equal(p, q) for p, q in zip(params, one))
