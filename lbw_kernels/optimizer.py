@@ -724,7 +724,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         self._schedule_on_device = self._schedule_on_device or stream_is_capturing(device)
         if self._schedule_on_device:
             return cfg.telemetry_due(guard[ref.CALLS])
-        if guard.device.type == "cpu" and guard.is_shared():
+        if guard.device.type == "cpu" and guard.untyped_storage().is_shared():  # (0.1 us; is_shared() 0.8)
             # Shared with another process (torch.multiprocessing; the shared-optimizer pattern):
             # its calls advance the guard's count, not this process's. CPU memory: no wait.
             return cfg.is_telemetry_call(int(guard[ref.CALLS]) + 1)
