@@ -3,7 +3,7 @@
     from lbw_kernels import GuardedAdamW          # or: from lbw_kernels import Guard
     opt = GuardedAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 
-See README.md and DESIGN.md for the guard's rules; ``python -m lbw_kernels info`` for what is built.
+See README.md ("The guard, in brief") and lbw_kernels/reference.py for the guard's rules; ``python -m lbw_kernels info`` for what is built.
 """
 
 from .backends import Backend, GroupTensors, availability, get_backend, register_backend
