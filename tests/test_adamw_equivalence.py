@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lbw_kernels import GuardedAdamW
+from gpu_checks import kernel_gpu_backends, require_backend
 
 # float64: the same math in another rounding order; float32: a few ulps over 50 steps.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
@@ -402,6 +403,25 @@ def test_a_step_count_of_shape_one_is_taken(backend, gate):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _steps_under_a_default_device(backend, gate, policy, default_device, device):
+    """Three steps, a state_dict and its load, with ``default_device`` as torch's default
+    device, on params on ``device``: the params and the guard."""
+    params = [p.to(device) for p in model_params(torch.float32)]
+    again_params = [p.to(device) for p in model_params(torch.float32)]
+    with torch.device(default_device):
+        opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, backend=backend, gate=gate, policy=policy,
+                           max_grad_norm=1.0 if gate == "exact" else None)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen, device="cpu").to(device)
+            opt.step()
+        saved = opt.state_dict()
+        again = GuardedAdamW(again_params, lr=1e-2, backend=backend, gate=gate, policy=policy)
+        again.load_state_dict(saved)
+    return params, opt._guard
+
+
 @pytest.mark.parametrize("gate", ["exact", "single_pass"])
 @pytest.mark.parametrize("policy", ["lbw", "zscore"])
 def test_a_default_device_other_than_the_params_changes_nothing(backend, gate, policy):
@@ -410,22 +430,21 @@ def test_a_default_device_other_than_the_params_changes_nothing(backend, gate, p
     optimizer's own host tensors (element counts, row orders, Triton's tables, the policy tag
     that rides in checkpoints) were made on the default device, so the first step raised on
     meta, and on CUDA would pin a CUDA tensor. Bitwise the steps made without it."""
-    def run_(default_device):
-        params, again_params = model_params(torch.float32), model_params(torch.float32)
-        with torch.device(default_device):
-            opt = GuardedAdamW(params, lr=1e-2, stats_freq=1, backend=backend, gate=gate, policy=policy,
-                               max_grad_norm=1.0 if gate == "exact" else None)
-            gen = torch.Generator().manual_seed(3)
-            for _ in range(3):
-                for q in params:
-                    q.grad = torch.randn(q.shape, generator=gen, device="cpu")
-                opt.step()
-            saved = opt.state_dict()
-            again = GuardedAdamW(again_params, lr=1e-2, backend=backend, gate=gate, policy=policy)
-            again.load_state_dict(saved)
-        return params, opt
-
-    plain, opt = run_("cpu")
-    other, opt_other = run_("meta")
+    plain, guard = _steps_under_a_default_device(backend, gate, policy, "cpu", "cpu")
+    other, other_guard = _steps_under_a_default_device(backend, gate, policy, "meta", "cpu")
     assert all(torch.equal(a, b) for a, b in zip(plain, other))
-    assert torch.equal(opt._guard.nan_to_num(7.0), opt_other._guard.nan_to_num(7.0))
+    assert torch.equal(guard.nan_to_num(7.0), other_guard.nan_to_num(7.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", kernel_gpu_backends())
+@pytest.mark.parametrize("gate", ["exact", "single_pass"])
+def test_gpu_cuda_as_the_default_device_changes_nothing(gpu_backend, gate):
+    """The common case: torch.set_default_device("cuda") with the model on the GPU. The host
+    sources of the tables and element counts were made on the GPU, which their pinned upload
+    refuses."""
+    require_backend(gpu_backend)
+    plain, guard = _steps_under_a_default_device(gpu_backend, gate, "lbw", "cpu", "cuda")
+    other, other_guard = _steps_under_a_default_device(gpu_backend, gate, "lbw", "cuda", "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(plain, other))
+    assert torch.equal(guard.nan_to_num(7.0), other_guard.nan_to_num(7.0))
