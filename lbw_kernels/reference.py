@@ -124,8 +124,9 @@ def telemetry_partials(grads: Sequence[Tensor], dtype: torch.dtype = torch.float
 
     ``nonfinite`` is 1.0 when one of the two sums is NaN or Inf, else 0.0: a NaN or Inf element
     makes one so. (So do finite gradients whose sum of squares overflows: above 3.4e38 for
-    fp32/fp16/bf16 here, where it is summed in fp32, so |g| beyond ~1.8e19 skips the call as if
-    a gradient were Inf; the kernels sum those in float64 and do not. fp64 sums overflow above
+    fp32/fp16/bf16 here, where it is summed in fp32, so a tensor's L2 norm beyond ~1.8e19 skips
+    the call as if a gradient were Inf; the kernels sum those in float64 and do not. Squares
+    below fp32's range, every |g| under ~1e-23, sum to 0 here and not in the kernels. fp64 sums overflow above
     ~1.3e154 everywhere, and the kernels flag that as this function does.)
     Sums accumulate in the gradients' precision (fp32 for fp16/bf16): relative error ~1e-6 on
     fp32 tensors of millions of elements, none on float64. The kernel backends accumulate in
