@@ -249,12 +249,9 @@ class GuardedAdamW(torch.optim.Optimizer):
                 get_backend(backend)
             except RuntimeError as err:
                 raise ValueError(f"backend={backend!r}: {err}") from err
-        # AdamW's keys too, its switches as given (they change nothing here): torch.optim.AdamW
-        # fills a loaded group's missing keys from its own defaults, so without them an
-        # AdamW(fused=True) that loads our checkpoint would step unfused; zero_grad reads foreach.
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
-                        foreach=foreach, capturable=capturable, differentiable=False, fused=fused,
-                        decoupled_weight_decay=True)
+        # (Not AdamW's switch keys: a group key is a key of every DCP checkpoint's template, so
+        # adding them would refuse the checkpoints saved without them.)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         plain_hyperparameters(defaults)
         check_group_hyperparameters(defaults)
         self.guard_config = config
@@ -512,7 +509,10 @@ class GuardedAdamW(torch.optim.Optimizer):
         state_init = not self.state and called_by_dcp_state_init()
         early = None
         if (eager and self._early_recipe is not None and self.gate == "exact" and self.state
-                and reads_every_call(self.guard_config) and not stream_is_capturing(self._guard.device)):
+                and reads_every_call(self.guard_config) and not stream_is_capturing(self._guard.device)
+                # (still-scaled gradients, GradScaler's fused path: a backend that sums them in
+                # their precision reads them through scaled_telemetry, in the call)
+                and (getattr(self, "grad_scale", None) is None or self._early_recipe.backend.telemetry_in_float64)):
             early = launch(self._early_recipe, grads, self._guard.dtype)
         if getattr(self, "found_inf", None) is not None:
             # GradScaler's fused path: a call it finds overflowed changes nothing, the call count
@@ -534,6 +534,16 @@ class GuardedAdamW(torch.optim.Optimizer):
         if device is None:
             return plan, None, grads.per_group, state_init, early
         return plan, self._backend_for(device), grads.per_group, state_init, early
+
+    def _guard_off_meta(self) -> None:
+        """A guard made on meta, once the params are materialised (before the first step:
+        state_dict, load_state_dict), made afresh on their device (_guard_on)."""
+        if self._guard.device.type != "meta":
+            return
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is not None and first.device.type != "meta":
+            self._guard = self._guard_on(first.device)
+            self._attach_guard()
 
     def _guard_on(self, device: torch.device) -> Tensor:
         """The guard moved to ``device`` (the params moved after construction). One made on the
@@ -792,6 +802,7 @@ class GuardedAdamW(torch.optim.Optimizer):
         torch.optim.Optimizer's hooks run as there: the pre-hooks first, the post-hooks in
         order on the complete dict (``"guard"`` and the copies in the param states included),
         a dict a post-hook returns taking the place of the one it was given."""
+        self._guard_off_meta()
         self._attach_guard()
         # torch.optim.Optimizer.state_dict's packing and pre-hooks, without its post-hooks: they
         # run below, once the dict is complete
@@ -835,6 +846,7 @@ class GuardedAdamW(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._guard_off_meta()  # (the loaded guard goes to the live one's device)
         self._apply_loaded(*self._checked_state(state_dict)[:4])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -118,15 +118,14 @@ class ZScorePolicy:
 
     def check_slots(self, values: Sequence[float], where: str) -> None:
         """A loaded state's own slots are ones a run can reach (validation.check_guard_values):
-        finite statistics (the policy reads finite norms only) with a variance >= 0 (a negative
-        one made sd and every later z NaN: the policy never cut again), and the latest hot
-        call's number and the norms seen whole, among the analysed calls. (z is shown, never read.)"""
+        a variance that is not negative (a negative one made sd and every later z NaN: the
+        policy never cut again), and the latest hot call's number and the norms seen whole,
+        among the analysed calls. (The statistics may be inf or NaN: with skip_nonfinite=False
+        an Inf norm reaches them. z is shown, never read.)"""
         analysed = values[ref.ANALYZED]
-        mean, var = values[LOG_NORM_MEAN], values[LOG_NORM_VAR]
-        if not math.isfinite(mean):
-            raise ValueError(f"{where} holds a log_norm_mean of {mean!r}: not finite")
-        if not (math.isfinite(var) and var >= 0):
-            raise ValueError(f"{where} holds a log_norm_var of {var!r}: not a finite number >= 0")
+        var = values[LOG_NORM_VAR]
+        if var < 0:
+            raise ValueError(f"{where} holds a log_norm_var of {var!r}: a variance is not negative")
         check_count(values[LAST_HOT], "last_hot_call", where, analysed, "analysed-call count")
         check_count(values[SEEN], "norms_seen", where, analysed, "analysed-call count")
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from .backends import GroupTensors, nonempty_grads
 from .distributed import check_no_fsdp1_shards
 from .stream_use import StreamUse
-from .subclasses import is_dtensor, is_wrapper, kernel_tensor, views
+from .subclasses import _PLAIN, is_dtensor, is_wrapper, kernel_tensor, views
 from .validation import check_grad, check_params, check_state_entry
 
 
@@ -71,8 +71,6 @@ def _gather_grads_python(param_groups: Sequence[dict]) -> CallGrads:
     subclasses = tuple((k, type(g)) for k, g in enumerate(every) if g is not None and type(g) not in _PLAIN)
     return CallGrads(per_group, missing, dense_real, (None,) * len(per_group), identities, subclasses)
 
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (the extension's THPVariable_CheckExact)
 
 
 def _gather_function():

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN = (Tensor, torch.nn.Parameter)  # (the extension's THPVariable_CheckExact: a subclass's address need not be its elements')
 
 
 def dtensor_class() -> Optional[type]:

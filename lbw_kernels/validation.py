@@ -11,7 +11,7 @@ import torch
 from . import reference as ref
 from .element_order import element_order
 from .reference import GuardConfig, state_tensor_dtype
-from .subclasses import is_dtensor
+from .subclasses import _PLAIN, is_dtensor
 
 SUPPORTED_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATES = ("exact", "single_pass")
@@ -87,8 +87,6 @@ def check_group_hyperparameters(group: Dict[str, Any], where: str = "", read_ten
         raise ValueError(where + AMSGRAD_REFUSED)
     if group.get("differentiable", False):
         raise ValueError(where + DIFFERENTIABLE_REFUSED)
-    if group.get("decoupled_weight_decay", True) is not True:
-        raise ValueError(f"{where}decoupled_weight_decay must be True: AdamW's weight decay is decoupled")
 
 
 def check_groups_at_step(param_groups) -> None:
@@ -103,7 +101,7 @@ def check_groups_at_step(param_groups) -> None:
                 and len(betas) == 2 and type(betas[0]) is float and type(betas[1]) is float
                 and lr >= 0.0 and eps >= 0.0 and wd >= 0.0 and 0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0
                 and type(group["maximize"]) is bool and not group.get("amsgrad", False)
-                and not group.get("differentiable", False) and group.get("decoupled_weight_decay", True) is True):
+                and not group.get("differentiable", False)):
             continue
         check_group_hyperparameters(group, f"param_groups[{gi}]: ", read_tensors=False)
 
@@ -181,12 +179,15 @@ def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple
             # racing with themselves on the multi-threaded CPU backend)
             raise ValueError(f"{where} is {seen[id(p)]} again: list each param once")
         seen[id(p)] = where
-        if type(p) in _PLAIN and p.device.type != "meta" and p.numel() > 1:
+        # (strided plain tensors with storage: mkldnn, nested, lazy or XLA tensors have no
+        # strides or address to read here)
+        if (type(p) in _PLAIN and p.layout == torch.strided and not p.is_nested and p.device.type != "meta"
+                and p.numel() > 1):
             if any(size > 1 and stride == 0 for size, stride in zip(p.shape, p.stride())):
                 raise ValueError(f"{where} has elements that share memory (expanded: stride 0); an update "
                                  "writes each element: give the param memory of its own (.contiguous())")
-            if p.is_contiguous() or element_order(p) is not None:  # (dense: it fills its span)
-                start = p.data_ptr()
+            start = _address(p)
+            if start and (p.is_contiguous() or element_order(p) is not None):  # (dense: it fills its span)
                 spans.append((start, start + p.numel() * p.element_size(), len(seen), where))
         if first is None:
             first = (where, p)
@@ -198,8 +199,12 @@ def check_params(named: Iterable[Tuple[str, torch.Tensor]], held: Iterable[Tuple
     _check_disjoint(spans)
 
 
-# (the extension's THPVariable_CheckExact: a subclass's address need not be its elements')
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+def _address(p: torch.Tensor) -> int:
+    """``p``'s first element's address, 0 where it has none to give (a device without one)."""
+    try:
+        return p.data_ptr()
+    except RuntimeError:
+        return 0
 
 
 def _check_disjoint(spans: List[Tuple[int, int, int, str]]) -> None:

@@ -59,14 +59,14 @@ class ScalersOwnPath(GuardedAdamW):
     _step_supports_amp_scaling = False
 
 
-def _scaled_training(cls, backend, options, overflow_at=(4, 9), spike_at=(6,), init_scale=2.0**10):
+def _scaled_training(cls, backend, options, overflow_at=(4, 9), spike_at=(6,), init_scale=2.0**10, set_to_none=True):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
     opt = cls(model.parameters(), lr=1e-2, backend=backend, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     for i in range(12):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         factor = float("inf") if i in overflow_at else 30.0 if i in spike_at else 1.0
         loss = torch.nn.functional.mse_loss(model(x), y) * factor
         scaler.scale(loss).backward()
@@ -101,16 +101,19 @@ def test_grad_scalers_fused_path_equals_its_own_path(backend, options):
     assert all(torch.isfinite(p).all() for p in fused[0].parameters())
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["new grads", "grads kept"])
 @pytest.mark.parametrize("options", [dict(stats_freq=1), dict(stats_freq=1, skip_nonfinite=False, max_grad_norm=0.5)],
                          ids=["sf1", "clip-no-finite-check"])
-def test_grad_scalers_fused_path_at_a_scale_whose_squares_overflow_float32(backend, options):
+def test_grad_scalers_fused_path_at_a_scale_whose_squares_overflow_float32(backend, options, set_to_none):
     """A scale GradScaler reaches after ~45 growth intervals without an overflow (2**62; it
     never backs off while the scaled gradients stay finite): the squares of the still-scaled
     float32 gradients overflow float32, which the reference sums in. Its telemetry must not
     read those sums as a non-finite gradient (a skipped call on every call), nor clip by an
-    infinite norm (a factor of 0): the same bits as GradScaler's own path at the same scale."""
-    fused = _scaled_training(GuardedAdamW, backend, options, overflow_at=(), init_scale=2.0**62)
-    own = _scaled_training(ScalersOwnPath, backend, options, overflow_at=(), init_scale=2.0**62)
+    infinite norm (a factor of 0): the same bits as GradScaler's own path at the same scale.
+    With the grads kept in place (zero_grad(set_to_none=False)) the exact gate's early
+    telemetry pass serves the calls, and must not read them in fp32 either."""
+    fused = _scaled_training(GuardedAdamW, backend, options, overflow_at=(), init_scale=2.0**62, set_to_none=set_to_none)
+    own = _scaled_training(ScalersOwnPath, backend, options, overflow_at=(), init_scale=2.0**62, set_to_none=set_to_none)
     for p, q in zip(fused[0].parameters(), own[0].parameters()):
         assert torch.equal(p, q)
     assert torch.equal(fused[1]._guard.nan_to_num(7.0), own[1]._guard.nan_to_num(7.0))

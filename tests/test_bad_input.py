@@ -528,6 +528,11 @@ def test_an_optimizer_made_on_meta_params_steps_once_they_are_materialised():
         m.to_empty(device="cpu")
         m.reset_parameters()
         assert m.weight is weight
+        # (a resume before the first step: the state_dict and load of a template, as
+        # init_state_ and dcp.load make them)
+        template = opt.state_dict()
+        opt.load_state_dict(template)
+        assert template["guard"]["state"].device.type == "cpu"
         for _ in range(2):
             m(torch.randn(2, 4)).sum().backward()
             opt.step()
